@@ -1,0 +1,390 @@
+#!/usr/bin/env bash
+# A local single-node Apache Kafka broker (KRaft, combined broker+controller) run
+# from Maven Central jars on the machine's Java 17: no Docker needed.
+#
+#   scripts/kafka/broker.sh start     fetch the jars if missing, format a fresh data
+#                                     dir, start the broker, wait until it answers
+#   scripts/kafka/broker.sh stop      stop it and delete its data dir
+#   scripts/kafka/broker.sh status    exit 0 if it runs and answers, 3 if not running
+#   scripts/kafka/broker.sh address   print its bootstrap address (host:port)
+#   scripts/kafka/broker.sh fetch     only fetch the jars into the cache
+#
+# Use it by hand:
+#   scripts/kafka/broker.sh start
+#   export KAFKA_BOOTSTRAP_SERVERS="$(scripts/kafka/broker.sh address)"
+#   cargo test --workspace --all-features -- --include-ignored
+#   scripts/kafka/broker.sh stop
+#
+# Environment (all optional):
+#   SAGA_CACHE_DIR              jar cache root (default: ${XDG_CACHE_HOME:-~/.cache}/saga-rs);
+#                               jars live in $SAGA_CACHE_DIR/kafka-<version>/libs
+#   SAGA_KAFKA_STATE_DIR        pid/address/data-dir records (default: <repo>/.cache/kafka-broker)
+#   SAGA_KAFKA_READY_TIMEOUT    seconds to wait for the broker to answer (default: 90)
+#   SAGA_KAFKA_HEAP_OPTS        broker JVM heap (default: -Xms256m -Xmx768m)
+#   SAGA_KAFKA_KEEP_DATA=1      keep the data dir (and its broker.log) on stop
+#
+# Readiness is decided by asking the broker: kafka_probe.py sends ApiVersions and
+# a Metadata request over the Kafka protocol and requires the answer to list this
+# broker and an active controller. The broker's log is only read to report a failure.
+set -euo pipefail
+
+SCRIPT_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+REPO_ROOT="$(cd "$SCRIPT_DIR/../.." && pwd)"
+POM="$SCRIPT_DIR/pom.xml"
+PROBE="$SCRIPT_DIR/kafka_probe.py"
+
+KAFKA_VERSION="$(sed -n 's:.*<kafka.version>\(.*\)</kafka.version>.*:\1:p' "$POM" | head -n1)"
+[[ -n "$KAFKA_VERSION" ]] || { echo "broker.sh: cannot read <kafka.version> from $POM" >&2; exit 1; }
+CACHE_ROOT="${SAGA_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/saga-rs}"
+KAFKA_HOME_CACHE="$CACHE_ROOT/kafka-$KAFKA_VERSION"
+LIBS_DIR="$KAFKA_HOME_CACHE/libs"
+STATE_DIR="${SAGA_KAFKA_STATE_DIR:-$REPO_ROOT/.cache/kafka-broker}"
+STATE_FILE="$STATE_DIR/broker.env"
+READY_TIMEOUT="${SAGA_KAFKA_READY_TIMEOUT:-90}"
+STOP_TIMEOUT=30
+HEAP_OPTS="${SAGA_KAFKA_HEAP_OPTS:--Xms256m -Xmx768m}"
+# Short-lived tool JVMs (storage format): start fast, stay small.
+TOOL_JVM_OPTS=(-Xmx256m -XX:+UseSerialGC -XX:TieredStopAtLevel=1 -Djava.awt.headless=true)
+DATA_PREFIX="saga-kafka."
+
+log() { echo "[broker.sh] $*" >&2; }
+die() { echo "[broker.sh] ERROR: $*" >&2; exit 1; }
+
+need() {
+  command -v "$1" >/dev/null 2>&1 || die "'$1' is required but not on PATH ($2)"
+}
+
+now() { date +%s; }
+
+pom_digest() { sha256sum "$POM" | cut -d' ' -f1; }
+
+# Fetch the jars into $LIBS_DIR unless a complete copy made from this very pom is
+# there already. The copy is made in a temp dir and renamed, so an interrupted
+# fetch never leaves a half-filled libs dir behind.
+ensure_libs() {
+  local digest stamp="$LIBS_DIR/.complete"
+  digest="$(pom_digest)"
+  if [[ -f "$stamp" && "$(cat "$stamp")" == "$digest" ]]; then
+    return 0
+  fi
+  need mvn "Maven 3 fetches the Kafka jars from Maven Central"
+  need java "Java 17+ runs the broker"
+  mkdir -p "$KAFKA_HOME_CACHE"
+  local lock="$KAFKA_HOME_CACHE/.fetch.lock"
+  exec 9>"$lock"
+  if command -v flock >/dev/null 2>&1; then flock 9; fi
+  # Another process may have completed the fetch while we waited for the lock.
+  if [[ -f "$stamp" && "$(cat "$stamp")" == "$digest" ]]; then
+    exec 9>&-
+    return 0
+  fi
+  local t0 tmp mvn_log
+  t0="$(now)"
+  tmp="$(mktemp -d "$KAFKA_HOME_CACHE/libs.tmp.XXXXXX")"
+  mvn_log="$tmp.mvn.log"
+  log "fetching Kafka $KAFKA_VERSION jars from Maven Central into $LIBS_DIR (once; cached)"
+  if ! mvn -B -q -f "$POM" dependency:copy-dependencies \
+      -DoutputDirectory="$tmp" -DincludeScope=runtime >"$mvn_log" 2>&1; then
+    tail -n 40 "$mvn_log" >&2 || true
+    rm -rf "$tmp" "$mvn_log"
+    exec 9>&-
+    die "mvn dependency:copy-dependencies failed (see above)"
+  fi
+  rm -f "$mvn_log"
+  ls "$tmp"/kafka_2.13-*.jar >/dev/null 2>&1 || { rm -rf "$tmp"; exec 9>&-; die "no kafka_2.13 jar was fetched"; }
+  echo "$digest" >"$tmp/.complete"
+  rm -rf "$LIBS_DIR"
+  mv "$tmp" "$LIBS_DIR"
+  exec 9>&-
+  log "fetched $(find "$LIBS_DIR" -name '*.jar' | wc -l) jars in $(( $(now) - t0 ))s"
+}
+
+# --- state -------------------------------------------------------------------
+
+BROKER_PID="" BOOTSTRAP="" DATA_DIR=""
+
+load_state() {
+  BROKER_PID="" BOOTSTRAP="" DATA_DIR=""
+  [[ -f "$STATE_FILE" ]] || return 1
+  local key value
+  while IFS='=' read -r key value; do
+    case "$key" in
+      pid) BROKER_PID="$value" ;;
+      bootstrap) BOOTSTRAP="$value" ;;
+      data_dir) DATA_DIR="$value" ;;
+    esac
+  done <"$STATE_FILE"
+  return 0
+}
+
+save_state() {
+  mkdir -p "$STATE_DIR"
+  printf 'pid=%s\nbootstrap=%s\ndata_dir=%s\n' "$BROKER_PID" "$BOOTSTRAP" "$DATA_DIR" >"$STATE_FILE.tmp"
+  mv "$STATE_FILE.tmp" "$STATE_FILE"
+}
+
+# True if $1 is a live process that is our broker (not a recycled pid).
+is_our_broker() {
+  local pid="$1" data_dir="$2"
+  [[ -n "$pid" && -n "$data_dir" ]] || return 1
+  kill -0 "$pid" 2>/dev/null || return 1
+  local cmdline
+  cmdline="$(tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null)" || return 1
+  [[ "$cmdline" == *kafka.Kafka* && "$cmdline" == *"$data_dir"* ]]
+}
+
+probe_ready() { python3 "$PROBE" ready "$1" 2>/dev/null; }
+
+remove_data_dir() {
+  local dir="$1"
+  # Only ever delete a dir this script made.
+  if [[ -n "$dir" && "$(basename "$dir")" == "$DATA_PREFIX"* && -d "$dir" ]]; then
+    if [[ "${SAGA_KAFKA_KEEP_DATA:-0}" == "1" ]]; then
+      log "keeping data dir $dir (SAGA_KAFKA_KEEP_DATA=1)"
+    else
+      rm -rf "$dir"
+    fi
+  fi
+}
+
+# Stop the process $1 (our broker): SIGTERM (controlled shutdown), then SIGKILL.
+kill_broker() {
+  local pid="$1" data_dir="$2" waited=0
+  is_our_broker "$pid" "$data_dir" || return 0
+  kill -TERM "$pid" 2>/dev/null || true
+  while is_our_broker "$pid" "$data_dir"; do
+    if (( waited >= STOP_TIMEOUT * 10 )); then
+      log "broker (pid $pid) still running after ${STOP_TIMEOUT}s; sending SIGKILL"
+      kill -KILL "$pid" 2>/dev/null || true
+      sleep 0.5
+      break
+    fi
+    sleep 0.1
+    waited=$((waited + 1))
+  done
+}
+
+print_log_tail() {
+  local file="$1"
+  if [[ -f "$file" ]]; then
+    echo "----- last 60 lines of the broker log ($file) -----" >&2
+    tail -n 60 "$file" >&2 || true
+    echo "----- end of broker log -----" >&2
+  fi
+}
+
+# --- server config -------------------------------------------------------------
+
+write_config() {
+  local dir="$1" port="$2" cport="$3"
+  cat >"$dir/server.properties" <<EOF
+# Written by scripts/kafka/broker.sh for a throwaway single-node test broker.
+process.roles=broker,controller
+node.id=1
+controller.quorum.bootstrap.servers=127.0.0.1:$cport
+listeners=PLAINTEXT://127.0.0.1:$port,CONTROLLER://127.0.0.1:$cport
+advertised.listeners=PLAINTEXT://127.0.0.1:$port
+inter.broker.listener.name=PLAINTEXT
+controller.listener.names=CONTROLLER
+listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT
+log.dirs=$dir/kraft-logs
+
+# A single node: every internal topic has one replica.
+offsets.topic.replication.factor=1
+transaction.state.log.replication.factor=1
+transaction.state.log.min.isr=1
+share.coordinator.state.topic.replication.factor=1
+share.coordinator.state.topic.min.isr=1
+default.replication.factor=1
+min.insync.replicas=1
+# Fewer partitions for the internal topics: their first use (first consumer
+# group, first transactional producer) is then faster; a test broker needs no more.
+offsets.topic.num.partitions=3
+transaction.state.log.num.partitions=3
+
+group.initial.rebalance.delay.ms=0
+auto.create.topics.enable=true
+num.partitions=3
+delete.topic.enable=true
+
+# Small thread pools: the machine is shared with cargo builds.
+num.network.threads=2
+num.io.threads=4
+background.threads=4
+num.recovery.threads.per.data.dir=1
+log.cleaner.threads=1
+EOF
+
+  cat >"$dir/log4j2.properties" <<'EOF'
+# Broker log: stdout, which broker.sh sends to broker.log in the data dir.
+status = warn
+appender.stdout.type = Console
+appender.stdout.name = STDOUT
+appender.stdout.layout.type = PatternLayout
+appender.stdout.layout.pattern = [%d] %p %m (%c)%n
+rootLogger.level = INFO
+rootLogger.appenderRefs = stdout
+rootLogger.appenderRef.stdout.ref = STDOUT
+logger.request.name = kafka.request.logger
+logger.request.level = WARN
+EOF
+}
+
+# One attempt: fresh data dir and ports, format, launch, wait. Returns 0 when
+# ready, 2 when the broker died of a port clash (worth another try), 1 otherwise.
+start_once() {
+  local deadline="$1" ports port cport cluster_id
+  mapfile -t ports < <(python3 "$PROBE" free-ports 2)
+  port="${ports[0]}" cport="${ports[1]}"
+  cluster_id="$(python3 "$PROBE" cluster-id)"
+  DATA_DIR="$(mktemp -d "${TMPDIR:-/tmp}/${DATA_PREFIX}XXXXXX")"
+  BOOTSTRAP="127.0.0.1:$port"
+  BROKER_PID=""
+  write_config "$DATA_DIR" "$port" "$cport"
+  local broker_log="$DATA_DIR/broker.log"
+
+  if ! java "${TOOL_JVM_OPTS[@]}" -Dlog4j2.configurationFile="$DATA_DIR/log4j2.properties" \
+      -cp "$LIBS_DIR/*" kafka.tools.StorageTool format --standalone \
+      -t "$cluster_id" -c "$DATA_DIR/server.properties" >"$DATA_DIR/format.log" 2>&1; then
+    print_log_tail "$DATA_DIR/format.log"
+    remove_data_dir "$DATA_DIR"
+    return 1
+  fi
+
+  # setsid: the broker gets its own session, so a ctrl-c in the terminal reaches
+  # the caller (whose trap runs `stop`), not the broker directly.
+  # shellcheck disable=SC2086 # HEAP_OPTS is a list of JVM flags
+  setsid java $HEAP_OPTS -server -XX:+UseG1GC -XX:MaxGCPauseMillis=20 \
+    -XX:InitiatingHeapOccupancyPercent=35 -XX:+ExplicitGCInvokesConcurrent \
+    -XX:MaxMetaspaceSize=256m -XX:+ExitOnOutOfMemoryError -Djava.awt.headless=true \
+    -Dlog4j2.configurationFile="$DATA_DIR/log4j2.properties" \
+    -Dkafka.logs.dir="$DATA_DIR" \
+    -cp "$LIBS_DIR/*" kafka.Kafka "$DATA_DIR/server.properties" \
+    </dev/null >"$broker_log" 2>&1 &
+  BROKER_PID=$!
+  save_state
+
+  while :; do
+    if ! kill -0 "$BROKER_PID" 2>/dev/null; then
+      if grep -q 'Address already in use' "$broker_log" 2>/dev/null; then
+        log "port clash on $BOOTSTRAP or 127.0.0.1:$cport; retrying with other ports"
+        remove_data_dir "$DATA_DIR"
+        rm -f "$STATE_FILE"
+        return 2
+      fi
+      echo "[broker.sh] ERROR: the Kafka broker exited before it was ready" >&2
+      print_log_tail "$broker_log"
+      remove_data_dir "$DATA_DIR"
+      rm -f "$STATE_FILE"
+      return 1
+    fi
+    if probe_ready "$BOOTSTRAP" >/dev/null; then
+      return 0
+    fi
+    if (( $(now) >= deadline )); then
+      echo "[broker.sh] ERROR: the Kafka broker at $BOOTSTRAP did not answer a metadata request within ${READY_TIMEOUT}s" >&2
+      python3 "$PROBE" ready "$BOOTSTRAP" || true
+      print_log_tail "$broker_log"
+      kill_broker "$BROKER_PID" "$DATA_DIR"
+      remove_data_dir "$DATA_DIR"
+      rm -f "$STATE_FILE"
+      return 1
+    fi
+    sleep 0.5
+  done
+}
+
+announce() {
+  echo "Kafka broker is ready at $BOOTSTRAP"
+  echo "export KAFKA_BOOTSTRAP_SERVERS=$BOOTSTRAP"
+}
+
+cmd_start() {
+  need java "Java 17+ runs the broker"
+  need python3 "it picks free ports and asks the broker for its metadata"
+  need setsid "util-linux"
+  if load_state; then
+    if is_our_broker "$BROKER_PID" "$DATA_DIR"; then
+      if probe_ready "$BOOTSTRAP" >/dev/null; then
+        log "already running (pid $BROKER_PID, data dir $DATA_DIR)"
+        announce
+        return 0
+      fi
+      log "a broker from an earlier start (pid $BROKER_PID) does not answer; stopping it"
+      kill_broker "$BROKER_PID" "$DATA_DIR"
+    fi
+    remove_data_dir "$DATA_DIR"
+    rm -f "$STATE_FILE"
+  fi
+
+  ensure_libs
+
+  local t0 deadline attempt rc
+  t0="$(now)"
+  deadline=$(( t0 + READY_TIMEOUT ))
+  for attempt in 1 2 3; do
+    rc=0
+    start_once "$deadline" || rc=$?
+    case "$rc" in
+      0)
+        log "pid $BROKER_PID, data dir $DATA_DIR, answered after $(( $(now) - t0 ))s"
+        announce
+        return 0
+        ;;
+      2) continue ;;
+      *) exit 1 ;;
+    esac
+  done
+  die "could not find free ports for the broker after $attempt tries"
+}
+
+cmd_stop() {
+  if ! load_state; then
+    log "no broker recorded in $STATE_DIR; nothing to stop"
+    return 0
+  fi
+  if is_our_broker "$BROKER_PID" "$DATA_DIR"; then
+    log "stopping Kafka broker (pid $BROKER_PID, $BOOTSTRAP)"
+    kill_broker "$BROKER_PID" "$DATA_DIR"
+  else
+    log "broker (pid ${BROKER_PID:-?}) was not running"
+  fi
+  remove_data_dir "$DATA_DIR"
+  rm -f "$STATE_FILE"
+  log "stopped"
+}
+
+cmd_status() {
+  if ! load_state || ! is_our_broker "$BROKER_PID" "$DATA_DIR"; then
+    echo "Kafka broker is not running"
+    return 3
+  fi
+  local info
+  if info="$(probe_ready "$BOOTSTRAP")"; then
+    echo "Kafka broker is running at $BOOTSTRAP (pid $BROKER_PID, data dir $DATA_DIR): $info"
+    echo "export KAFKA_BOOTSTRAP_SERVERS=$BOOTSTRAP"
+    return 0
+  fi
+  echo "Kafka broker (pid $BROKER_PID) is running but does not answer at $BOOTSTRAP"
+  return 1
+}
+
+cmd_address() {
+  if load_state && is_our_broker "$BROKER_PID" "$DATA_DIR"; then
+    echo "$BOOTSTRAP"
+    return 0
+  fi
+  die "no running broker recorded in $STATE_DIR (run: $0 start)"
+}
+
+case "${1:-}" in
+  start) cmd_start ;;
+  stop) cmd_stop ;;
+  status) cmd_status ;;
+  address) cmd_address ;;
+  fetch) ensure_libs; echo "$LIBS_DIR" ;;
+  *)
+    sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed '$d' | sed 's/^# \{0,1\}//' >&2
+    exit 2
+    ;;
+esac

@@ -1,0 +1,149 @@
+#!/usr/bin/env python3
+"""Small helpers for scripts/kafka/broker.sh (standard library only).
+
+  kafka_probe.py free-ports N        print N free TCP ports on 127.0.0.1, one a line
+  kafka_probe.py cluster-id          print a random KRaft cluster id (base64url UUID)
+  kafka_probe.py ready HOST:PORT     ask the broker for its metadata; exit 0 and print
+                                     a summary if it lists at least one broker and an
+                                     active controller, exit 1 otherwise
+
+`ready` speaks the Kafka wire protocol directly (ApiVersions v0, then a Metadata
+request of a non-flexible version the broker supports), so polling for readiness
+does not start a JVM each time.
+"""
+
+import base64
+import os
+import socket
+import struct
+import sys
+
+API_METADATA = 3
+API_VERSIONS = 18
+CLIENT_ID = b"saga-rs-broker-probe"
+
+
+def free_ports(n):
+    socks, ports = [], []
+    try:
+        for _ in range(n):
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            s.bind(("127.0.0.1", 0))
+            socks.append(s)  # keep bound so the N ports are distinct
+            ports.append(s.getsockname()[1])
+    finally:
+        for s in socks:
+            s.close()
+    return ports
+
+
+def cluster_id():
+    while True:
+        raw = os.urandom(16)
+        # Uuid.ZERO_UUID and Uuid.METADATA_TOPIC_ID (0...01) are reserved.
+        if int.from_bytes(raw, "big") > 1:
+            return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+class Reader:
+    def __init__(self, buf):
+        self.buf, self.pos = buf, 0
+
+    def take(self, fmt):
+        (v,) = struct.unpack_from(fmt, self.buf, self.pos)
+        self.pos += struct.calcsize(fmt)
+        return v
+
+    def string(self, nullable=False):
+        n = self.take(">h")
+        if n < 0:
+            if nullable:
+                return None
+            raise ValueError("null string")
+        s = self.buf[self.pos : self.pos + n].decode()
+        self.pos += n
+        return s
+
+
+def recv_exact(sock, n):
+    out = b""
+    while len(out) < n:
+        chunk = sock.recv(n - len(out))
+        if not chunk:
+            raise ConnectionError("connection closed by broker")
+        out += chunk
+    return out
+
+
+def request(sock, api_key, version, corr, body):
+    # Request header v1: api_key, api_version, correlation_id, client_id.
+    header = struct.pack(">hhih", api_key, version, corr, len(CLIENT_ID)) + CLIENT_ID
+    msg = header + body
+    sock.sendall(struct.pack(">i", len(msg)) + msg)
+    size = struct.unpack(">i", recv_exact(sock, 4))[0]
+    r = Reader(recv_exact(sock, size))
+    if r.take(">i") != corr:
+        raise ValueError("correlation id mismatch")
+    return r
+
+
+def ready(addr, timeout=5.0):
+    host, _, port = addr.rpartition(":")
+    with socket.create_connection((host, int(port)), timeout=timeout) as sock:
+        sock.settimeout(timeout)
+        # ApiVersions v0 is answered by every broker version.
+        r = request(sock, API_VERSIONS, 0, 1, b"")
+        err = r.take(">h")
+        if err != 0:
+            raise ValueError("ApiVersions error code %d" % err)
+        ranges = {}
+        for _ in range(r.take(">i")):
+            key, lo, hi = r.take(">h"), r.take(">h"), r.take(">h")
+            ranges[key] = (lo, hi)
+        lo, hi = ranges.get(API_METADATA, (0, -1))
+        # Versions 4..8 share the non-flexible layout handled here.
+        version = min(hi, 8)
+        if version < max(lo, 4):
+            raise ValueError("no usable Metadata version in %d..%d" % (lo, hi))
+        body = struct.pack(">i?", -1, False)  # all topics, no auto-creation
+        if version >= 8:
+            body += struct.pack(">??", False, False)
+        r = request(sock, API_METADATA, version, 2, body)
+        r.take(">i")  # throttle_time_ms
+        brokers = []
+        for _ in range(r.take(">i")):
+            node, bhost, bport = r.take(">i"), r.string(), r.take(">i")
+            r.string(nullable=True)  # rack
+            brokers.append("%d@%s:%d" % (node, bhost, bport))
+        cluster = r.string(nullable=True)
+        controller = r.take(">i")
+        if not brokers or controller < 0:
+            raise ValueError("not ready: brokers=%s controller=%d" % (brokers, controller))
+        return "cluster=%s controller=%d brokers=%s metadata_v%d" % (
+            cluster,
+            controller,
+            ",".join(brokers),
+            version,
+        )
+
+
+def main(argv):
+    if len(argv) == 3 and argv[1] == "free-ports":
+        print("\n".join(str(p) for p in free_ports(int(argv[2]))))
+        return 0
+    if len(argv) == 2 and argv[1] == "cluster-id":
+        print(cluster_id())
+        return 0
+    if len(argv) == 3 and argv[1] == "ready":
+        try:
+            print(ready(argv[2]))
+            return 0
+        except (OSError, ValueError, struct.error) as e:
+            print("not ready: %s" % e, file=sys.stderr)
+            return 1
+    print(__doc__, file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))

@@ -1,0 +1,165 @@
+#!/usr/bin/env bash
+# The one test command of this repository (README and .ci/run call it):
+#
+#   scripts/test.sh
+#
+# It checks formatting, lints, docs and runs every test, including the ones that
+# need a real Kafka broker (`#[ignore = "needs Kafka: ..."]`, run here with
+# --include-ignored, so none of them passes by being skipped).
+#
+# Kafka: if KAFKA_BOOTSTRAP_SERVERS is set, the tests use that broker. Otherwise
+# this script starts a local single-node broker from Maven Central jars
+# (scripts/kafka/broker.sh; needs Java 17+, Maven 3 and python3) and stops it
+# when it exits, also on failure or ctrl-c. A broker that `scripts/kafka/broker.sh
+# start` already runs for this checkout is used and left running.
+#
+# Every phase runs even if an earlier one failed, so one run reports everything;
+# the script exits non-zero if any phase failed.
+set -euo pipefail
+shopt -s extglob
+
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+BROKER="scripts/kafka/broker.sh"
+
+now_us() {
+  if [[ -n "${EPOCHREALTIME:-}" ]]; then
+    local t="${EPOCHREALTIME/[.,]/}"
+    echo "$((10#$t))"
+  else
+    echo "$(( $(date +%s) * 1000000 ))"
+  fi
+}
+
+# seconds since $1 (microseconds), with one decimal
+since() {
+  local d=$(( ($(now_us) - $1) / 100000 ))
+  printf '%d.%ds' $((d / 10)) $((d % 10))
+}
+
+T_START="$(now_us)"
+SUMMARY=()
+FAILED=()
+STARTED_BROKER=0
+TEST_LOG="$(mktemp "${TMPDIR:-/tmp}/saga-test-output.XXXXXX")"
+
+# Run one phase: `phase NAME command...`; records its time and result.
+phase() {
+  local name="$1" t0 rc=0
+  shift
+  echo
+  echo "==> [$name] $*"
+  t0="$(now_us)"
+  "$@" || rc=$?
+  local took
+  took="$(since "$t0")"
+  if ((rc == 0)); then
+    SUMMARY+=("$(printf '  ok      %8s  %s' "$took" "$name")")
+    echo "==> [$name] ok in $took"
+  else
+    SUMMARY+=("$(printf '  FAILED  %8s  %s (exit %d)' "$took" "$name" "$rc")")
+    FAILED+=("$name")
+    echo "==> [$name] FAILED (exit $rc) after $took"
+  fi
+}
+
+# cargo test, with its output also kept to count the results at the end.
+cargo_test() {
+  cargo test "$@" 2>&1 | tee -a "$TEST_LOG"
+}
+
+# Sum the libtest "test result:" lines of all cargo test runs.
+test_totals() {
+  sed 's/\x1b\[[0-9;]*m//g' "$TEST_LOG" | awk '
+    /^test result: / {
+      for (i = 1; i <= NF; i++) {
+        if ($(i+1) ~ /^passed/) p += $i
+        if ($(i+1) ~ /^failed/) f += $i
+        if ($(i+1) ~ /^ignored/) g += $i
+      }
+      n++
+    }
+    END { printf "%d %d %d %d\n", p, f, g, n }'
+}
+
+cleanup() {
+  local rc=$?
+  trap - EXIT INT TERM
+  if ((STARTED_BROKER)); then
+    echo
+    echo "==> stopping the Kafka broker started for this run"
+    "$BROKER" stop || true
+  fi
+  echo
+  echo "==> summary"
+  if ((${#SUMMARY[@]})); then
+    printf '%s\n' "${SUMMARY[@]}"
+  fi
+  if [[ -s "$TEST_LOG" ]]; then
+    local passed failed ignored runs
+    read -r passed failed ignored runs < <(test_totals)
+    echo "  test binaries run: $runs, ignored (not run): $ignored"
+    echo "tests: $passed passed, $failed failed"
+  fi
+  rm -f "$TEST_LOG"
+  echo "total: $(since "$T_START")"
+  if ((${#FAILED[@]})); then
+    echo "scripts/test.sh: FAILED: ${FAILED[*]}"
+    ((rc != 0)) || rc=1
+  elif ((rc != 0)); then
+    echo "scripts/test.sh: FAILED (exit $rc)"
+  else
+    echo "scripts/test.sh: all checks passed"
+  fi
+  exit "$rc"
+}
+trap cleanup EXIT
+trap 'echo "scripts/test.sh: interrupted" >&2; exit 130' INT
+trap 'echo "scripts/test.sh: terminated" >&2; exit 143' TERM
+
+echo "==> tools"
+version() {
+  local out
+  if out="$("$@" 2>&1)"; then
+    out="${out%%$'\n'*}"
+    echo "  ${out//$'\e'\[*([0-9;])m/}"
+  else
+    echo "  $*: not available"
+  fi
+}
+version rustc --version
+version cargo --version
+version cargo fmt --version
+version cargo clippy --version
+if [[ -z "${KAFKA_BOOTSTRAP_SERVERS:-}" ]]; then
+  version java -version
+  version mvn -B --version
+  version python3 --version
+fi
+
+export RUST_BACKTRACE="${RUST_BACKTRACE:-1}"
+
+if [[ -n "${KAFKA_BOOTSTRAP_SERVERS:-}" ]]; then
+  echo
+  echo "==> using the Kafka broker at KAFKA_BOOTSTRAP_SERVERS=$KAFKA_BOOTSTRAP_SERVERS"
+elif "$BROKER" status >/dev/null 2>&1; then
+  KAFKA_BOOTSTRAP_SERVERS="$("$BROKER" address)"
+  echo
+  echo "==> using the Kafka broker already started by $BROKER at $KAFKA_BOOTSTRAP_SERVERS (left running)"
+else
+  # Set before starting, so that an interrupted start is cleaned up too.
+  STARTED_BROKER=1
+  phase kafka-broker "$BROKER" start
+  if ((${#FAILED[@]})); then
+    echo "scripts/test.sh: the Kafka broker did not start; the tests that need it cannot run" >&2
+    exit 1
+  fi
+  KAFKA_BOOTSTRAP_SERVERS="$("$BROKER" address)"
+fi
+export KAFKA_BOOTSTRAP_SERVERS
+
+phase fmt cargo fmt --all -- --check
+phase clippy cargo clippy --workspace --all-targets --all-features -- -D warnings
+phase doc env RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --all-features
+# Doc tests first, so that the output ends with the main test run.
+phase doctest cargo_test --workspace --doc --all-features
+phase test cargo_test --workspace --all-targets --all-features -- --include-ignored
