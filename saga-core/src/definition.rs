@@ -1,0 +1,658 @@
+//! What users write: saga definitions built from steps.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use serde_json::Value;
+
+use crate::error::SagaError;
+use crate::ids::{SagaId, Timestamp};
+use crate::retry::{Classify, ErrorClass, RetryPolicy};
+
+/// The bounds saga data must meet: it is persisted as JSON and cloned per step.
+pub trait SagaData: Serialize + DeserializeOwned + Clone + Send + Sync + 'static {}
+impl<T: Serialize + DeserializeOwned + Clone + Send + Sync + 'static> SagaData for T {}
+
+/// Where a step stands relative to the point of no return.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StepKind {
+    /// Undone by its compensation if a later step fails (the default).
+    Compensatable,
+    /// The point of no return: once it succeeds the saga only goes forward.
+    /// If it fails, the steps before it are compensated.
+    Pivot,
+    /// After the pivot: retried forward, never compensated, dead-lettered
+    /// (and the saga parked) when retries run out.
+    Retriable,
+}
+
+impl fmt::Display for StepKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            StepKind::Compensatable => "compensatable",
+            StepKind::Pivot => "pivot",
+            StepKind::Retriable => "retriable",
+        })
+    }
+}
+
+/// A step's failure, as returned by a local step or a reply handler.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StepError {
+    /// Retryable or permanent.
+    pub class: ErrorClass,
+    /// What went wrong, for humans (it becomes the saga's failure reason).
+    pub message: String,
+}
+
+impl StepError {
+    /// A failure that may go away on retry.
+    pub fn retryable(message: impl Into<String>) -> Self {
+        Self {
+            class: ErrorClass::Retryable,
+            message: message.into(),
+        }
+    }
+
+    /// A failure that retrying cannot fix (a business rule said no).
+    pub fn permanent(message: impl Into<String>) -> Self {
+        Self {
+            class: ErrorClass::Permanent,
+            message: message.into(),
+        }
+    }
+}
+
+impl Classify for StepError {
+    fn class(&self) -> ErrorClass {
+        self.class
+    }
+}
+
+impl fmt::Display for StepError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for StepError {}
+
+/// What a step's code sees: the saga data, its id, the time, and a way to
+/// publish events.
+///
+/// Changes to the data and emitted events are kept only if the step
+/// succeeds; a failing step leaves the saga as it was.
+pub struct StepContext<'a, D> {
+    pub(crate) data: &'a mut D,
+    pub(crate) saga_id: &'a SagaId,
+    pub(crate) now: Timestamp,
+    pub(crate) failure: Option<&'a str>,
+    pub(crate) emitted: &'a mut Vec<(String, Result<Value, serde_json::Error>)>,
+}
+
+impl<D> StepContext<'_, D> {
+    /// The saga data.
+    pub fn data(&self) -> &D {
+        self.data
+    }
+
+    /// The saga data, to change it.
+    pub fn data_mut(&mut self) -> &mut D {
+        self.data
+    }
+
+    /// The saga's id.
+    pub fn saga_id(&self) -> &SagaId {
+        self.saga_id
+    }
+
+    /// The time the driver handed to the engine for this transition.
+    pub fn now(&self) -> Timestamp {
+        self.now
+    }
+
+    /// While compensating: why the saga is being compensated.
+    pub fn failure_reason(&self) -> Option<&str> {
+        self.failure
+    }
+
+    /// Publishes `event` on `channel`, keyed by the saga id, when the step
+    /// succeeds. A command sent this way is fire-and-forget (no reply).
+    pub fn emit<E: Serialize>(&mut self, channel: impl Into<String>, event: &E) {
+        self.emitted
+            .push((channel.into(), serde_json::to_value(event)));
+    }
+}
+
+type LocalFn<D> = Arc<dyn Fn(&mut StepContext<'_, D>) -> Result<(), StepError> + Send + Sync>;
+type CommandFn<D> = Arc<dyn Fn(&D) -> Result<Value, serde_json::Error> + Send + Sync>;
+type ReplyFn<D> = Arc<
+    dyn Fn(&mut StepContext<'_, D>, Value) -> Result<Result<(), StepError>, serde_json::Error>
+        + Send
+        + Sync,
+>;
+
+/// How one direction (forward or compensation) of a step is carried out.
+pub(crate) enum Action<D> {
+    /// Code run inside the orchestrator.
+    Local(LocalFn<D>),
+    /// A command to a participant and the handling of its reply.
+    Remote {
+        channel: String,
+        reply_to: Option<String>,
+        /// `None` until the builder's `.command(..)` is called; `build()` rejects that.
+        command: Option<CommandFn<D>>,
+        on_reply: ReplyFn<D>,
+    },
+}
+
+impl<D> Clone for Action<D> {
+    fn clone(&self) -> Self {
+        match self {
+            Action::Local(f) => Action::Local(f.clone()),
+            Action::Remote {
+                channel,
+                reply_to,
+                command,
+                on_reply,
+            } => Action::Remote {
+                channel: channel.clone(),
+                reply_to: reply_to.clone(),
+                command: command.clone(),
+                on_reply: on_reply.clone(),
+            },
+        }
+    }
+}
+
+impl<D> Action<D> {
+    pub(crate) fn channel(&self) -> Option<&str> {
+        match self {
+            Action::Local(_) => None,
+            Action::Remote { channel, .. } => Some(channel),
+        }
+    }
+}
+
+fn accept_any<D>() -> ReplyFn<D> {
+    Arc::new(|_, _| Ok(Ok(())))
+}
+
+fn typed_reply<D, R, F>(f: F) -> ReplyFn<D>
+where
+    R: DeserializeOwned,
+    F: Fn(&mut StepContext<'_, D>, R) -> Result<(), StepError> + Send + Sync + 'static,
+{
+    Arc::new(move |ctx, value| {
+        let reply: R = serde_json::from_value(value)?;
+        Ok(f(ctx, reply))
+    })
+}
+
+fn typed_command<D, C, F>(f: F) -> CommandFn<D>
+where
+    C: Serialize,
+    F: Fn(&D) -> C + Send + Sync + 'static,
+{
+    Arc::new(move |d| serde_json::to_value(f(d)))
+}
+
+/// One step of a saga: an action, an optional compensation, a retry policy,
+/// a per-attempt timeout and a [`StepKind`].
+///
+/// ```
+/// use std::time::Duration;
+/// use saga_core::{RetryPolicy, Step, StepError};
+/// # #[derive(Clone, serde::Serialize, serde::Deserialize)]
+/// # struct Order { items: u32, reserved: bool }
+/// # #[derive(serde::Serialize)] struct Reserve { items: u32 }
+/// # #[derive(serde::Serialize)] struct Release { items: u32 }
+/// # #[derive(serde::Deserialize)] struct Reserved { ok: bool }
+///
+/// let reserve = Step::remote("reserve-stock", "inventory.requests")
+///     .command(|order: &Order| Reserve { items: order.items })
+///     .on_reply(|ctx, reply: Reserved| {
+///         if reply.ok { ctx.data_mut().reserved = true; Ok(()) }
+///         else { Err(StepError::permanent("Not enough stock")) }
+///     })
+///     .compensate_remote("inventory.requests", |order: &Order| Release { items: order.items })
+///     .retry(RetryPolicy::exponential(Duration::from_millis(200), 2.0).with_max_attempts(5))
+///     .timeout(Duration::from_secs(5));
+/// # let _ = reserve;
+/// ```
+pub struct Step<D> {
+    pub(crate) name: String,
+    pub(crate) kind: StepKind,
+    pub(crate) forward: Option<Action<D>>,
+    pub(crate) compensation: Option<Action<D>>,
+    pub(crate) retry: RetryPolicy,
+    pub(crate) compensation_retry: RetryPolicy,
+    pub(crate) timeout: Option<Duration>,
+}
+
+impl<D> Clone for Step<D> {
+    fn clone(&self) -> Self {
+        Self {
+            name: self.name.clone(),
+            kind: self.kind,
+            forward: self.forward.clone(),
+            compensation: self.compensation.clone(),
+            retry: self.retry.clone(),
+            compensation_retry: self.compensation_retry.clone(),
+            timeout: self.timeout,
+        }
+    }
+}
+
+impl<D> fmt::Debug for Step<D> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Step")
+            .field("name", &self.name)
+            .field("kind", &self.kind)
+            .field("remote", &self.forward.as_ref().and_then(Action::channel))
+            .field("compensated", &self.compensation.is_some())
+            .field("retry", &self.retry)
+            .field("timeout", &self.timeout)
+            .finish()
+    }
+}
+
+impl<D: SagaData> Step<D> {
+    fn new(name: impl Into<String>, forward: Option<Action<D>>) -> Self {
+        Self {
+            name: name.into(),
+            kind: StepKind::Compensatable,
+            forward,
+            compensation: None,
+            retry: RetryPolicy::default(),
+            compensation_retry: RetryPolicy::default(),
+            timeout: None,
+        }
+    }
+
+    /// A step run as code inside the orchestrator.
+    ///
+    /// The function must be deterministic and free of outside side effects
+    /// (use a remote step for those): it may run again after a crash.
+    pub fn local<F>(name: impl Into<String>, action: F) -> Self
+    where
+        F: Fn(&mut StepContext<'_, D>) -> Result<(), StepError> + Send + Sync + 'static,
+    {
+        Self::new(name, Some(Action::Local(Arc::new(action))))
+    }
+
+    /// A step carried out by a participant: a command sent on `channel`,
+    /// and a reply folded back into the data. Set the command with
+    /// [`Step::command`] and the reply handling with [`Step::on_reply`].
+    ///
+    /// Replies go to `<saga name>.replies` unless [`Step::reply_to`] says otherwise.
+    pub fn remote(name: impl Into<String>, channel: impl Into<String>) -> Self {
+        Self::new(name, None).with_remote_channel(channel.into())
+    }
+
+    fn with_remote_channel(mut self, channel: String) -> Self {
+        self.forward = Some(Action::Remote {
+            channel,
+            reply_to: None,
+            command: None,
+            on_reply: accept_any(),
+        });
+        self
+    }
+
+    /// The command a remote step sends, built from the saga data.
+    pub fn command<C, F>(mut self, f: F) -> Self
+    where
+        C: Serialize,
+        F: Fn(&D) -> C + Send + Sync + 'static,
+    {
+        if let Some(Action::Remote { command, .. }) = &mut self.forward {
+            *command = Some(typed_command(f));
+        }
+        self
+    }
+
+    /// How a successful reply is folded into the saga data. Returning an
+    /// error fails the step (retried if retryable, per the retry policy).
+    ///
+    /// Without it, any successful reply completes the step.
+    pub fn on_reply<R, F>(mut self, f: F) -> Self
+    where
+        R: DeserializeOwned,
+        F: Fn(&mut StepContext<'_, D>, R) -> Result<(), StepError> + Send + Sync + 'static,
+    {
+        if let Some(Action::Remote { on_reply, .. }) = &mut self.forward {
+            *on_reply = typed_reply(f);
+        }
+        self
+    }
+
+    /// The channel the participant replies on (default `<saga name>.replies`).
+    pub fn reply_to(mut self, channel: impl Into<String>) -> Self {
+        let channel = channel.into();
+        if let Some(Action::Remote { reply_to, .. }) = &mut self.forward {
+            *reply_to = Some(channel.clone());
+        }
+        if let Some(Action::Remote { reply_to, .. }) = &mut self.compensation {
+            *reply_to = Some(channel);
+        }
+        self
+    }
+
+    /// Undoes the step with local code.
+    pub fn compensate_local<F>(mut self, f: F) -> Self
+    where
+        F: Fn(&mut StepContext<'_, D>) -> Result<(), StepError> + Send + Sync + 'static,
+    {
+        self.compensation = Some(Action::Local(Arc::new(f)));
+        self
+    }
+
+    /// Undoes the step with a command to a participant on `channel`; any
+    /// successful reply completes the compensation.
+    pub fn compensate_remote<C, F>(mut self, channel: impl Into<String>, command: F) -> Self
+    where
+        C: Serialize,
+        F: Fn(&D) -> C + Send + Sync + 'static,
+    {
+        let reply_to = match &self.forward {
+            Some(Action::Remote { reply_to, .. }) => reply_to.clone(),
+            _ => None,
+        };
+        self.compensation = Some(Action::Remote {
+            channel: channel.into(),
+            reply_to,
+            command: Some(typed_command(command)),
+            on_reply: accept_any(),
+        });
+        self
+    }
+
+    /// Sets the step's kind.
+    pub fn kind(mut self, kind: StepKind) -> Self {
+        self.kind = kind;
+        self
+    }
+
+    /// Makes this step the pivot (point of no return).
+    pub fn pivot(self) -> Self {
+        self.kind(StepKind::Pivot)
+    }
+
+    /// Makes this step retriable (after the pivot: forward recovery only).
+    pub fn retriable(self) -> Self {
+        self.kind(StepKind::Retriable)
+    }
+
+    /// The retry policy of the step's action.
+    pub fn retry(mut self, policy: RetryPolicy) -> Self {
+        self.retry = policy;
+        self
+    }
+
+    /// The retry policy of the step's compensation.
+    pub fn compensation_retry(mut self, policy: RetryPolicy) -> Self {
+        self.compensation_retry = policy;
+        self
+    }
+
+    /// The deadline of each attempt of a remote step (or its compensation):
+    /// with no reply by then, the attempt counts as a retryable failure.
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = Some(timeout);
+        self
+    }
+
+    /// The step's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The step's kind.
+    pub fn step_kind(&self) -> StepKind {
+        self.kind
+    }
+
+    /// Whether the step's action is carried out by a participant.
+    pub fn is_remote(&self) -> bool {
+        matches!(self.forward, Some(Action::Remote { .. }))
+    }
+
+    /// Whether the step has a compensation.
+    pub fn has_compensation(&self) -> bool {
+        self.compensation.is_some()
+    }
+}
+
+/// A saga type: a name and its steps, validated.
+///
+/// Build one with [`SagaDefinition::builder`]. A definition is cheap to
+/// clone and is shared by every instance of the saga type.
+pub struct SagaDefinition<D> {
+    pub(crate) inner: Arc<DefinitionInner<D>>,
+}
+
+pub(crate) struct DefinitionInner<D> {
+    pub(crate) name: String,
+    pub(crate) steps: Vec<Step<D>>,
+    pub(crate) reply_channel: String,
+    pub(crate) dead_letter_channel: String,
+    pub(crate) timeout: Option<Duration>,
+}
+
+impl<D> Clone for SagaDefinition<D> {
+    fn clone(&self) -> Self {
+        Self {
+            inner: self.inner.clone(),
+        }
+    }
+}
+
+impl<D> fmt::Debug for SagaDefinition<D> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SagaDefinition")
+            .field("name", &self.inner.name)
+            .field("steps", &self.inner.steps)
+            .field("reply_channel", &self.inner.reply_channel)
+            .field("dead_letter_channel", &self.inner.dead_letter_channel)
+            .field("timeout", &self.inner.timeout)
+            .finish()
+    }
+}
+
+impl<D: SagaData> SagaDefinition<D> {
+    /// Starts a definition named `name` (the saga type, e.g. `"order"`).
+    pub fn builder(name: impl Into<String>) -> SagaBuilder<D> {
+        let name = name.into();
+        SagaBuilder {
+            reply_channel: format!("{name}.replies"),
+            dead_letter_channel: format!("{name}.dlq"),
+            name,
+            steps: Vec::new(),
+            timeout: None,
+        }
+    }
+
+    /// The saga type's name.
+    pub fn name(&self) -> &str {
+        &self.inner.name
+    }
+
+    /// The steps, in forward order.
+    pub fn steps(&self) -> &[Step<D>] {
+        &self.inner.steps
+    }
+
+    /// The default channel participants reply on.
+    pub fn reply_channel(&self) -> &str {
+        &self.inner.reply_channel
+    }
+
+    /// The channel dead letters of this saga go to.
+    pub fn dead_letter_channel(&self) -> &str {
+        &self.inner.dead_letter_channel
+    }
+
+    /// Every channel replies to this saga's commands arrive on.
+    pub fn reply_channels(&self) -> Vec<String> {
+        let mut out = vec![self.inner.reply_channel.clone()];
+        for step in &self.inner.steps {
+            for action in [&step.forward, &step.compensation].into_iter().flatten() {
+                if let Action::Remote {
+                    reply_to: Some(ch), ..
+                } = action
+                {
+                    if !out.contains(ch) {
+                        out.push(ch.clone());
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// Every channel this saga sends commands on.
+    pub fn command_channels(&self) -> Vec<String> {
+        let mut out: Vec<String> = Vec::new();
+        for step in &self.inner.steps {
+            for action in [&step.forward, &step.compensation].into_iter().flatten() {
+                if let Some(ch) = action.channel() {
+                    if !out.iter().any(|c| c == ch) {
+                        out.push(ch.to_owned());
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    pub(crate) fn step_index(&self, name: &str) -> Option<usize> {
+        self.inner.steps.iter().position(|s| s.name == name)
+    }
+}
+
+/// Builds a [`SagaDefinition`]; [`SagaBuilder::build`] validates it.
+pub struct SagaBuilder<D> {
+    name: String,
+    steps: Vec<Step<D>>,
+    reply_channel: String,
+    dead_letter_channel: String,
+    timeout: Option<Duration>,
+}
+
+impl<D: SagaData> SagaBuilder<D> {
+    /// Appends a step.
+    pub fn step(mut self, step: Step<D>) -> Self {
+        self.steps.push(step);
+        self
+    }
+
+    /// The default channel participants reply on (default `<name>.replies`).
+    pub fn reply_channel(mut self, channel: impl Into<String>) -> Self {
+        self.reply_channel = channel.into();
+        self
+    }
+
+    /// The channel dead letters go to (default `<name>.dlq`).
+    pub fn dead_letter_channel(mut self, channel: impl Into<String>) -> Self {
+        self.dead_letter_channel = channel.into();
+        self
+    }
+
+    /// A deadline for the whole saga: if it has not passed its point of no
+    /// return by then, the current step is abandoned and the saga compensated.
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = Some(timeout);
+        self
+    }
+
+    /// Validates and builds the definition.
+    ///
+    /// Fails with [`SagaError::EmptyDefinition`], [`SagaError::MultiplePivots`],
+    /// [`SagaError::StepOrder`], [`SagaError::DuplicateStep`],
+    /// [`SagaError::IncompleteStep`] or [`SagaError::InvalidPolicy`].
+    pub fn build(mut self) -> Result<SagaDefinition<D>, SagaError> {
+        let saga = self.name.clone();
+        if self.steps.is_empty() {
+            return Err(SagaError::EmptyDefinition { saga });
+        }
+        let mut pivot: Option<&str> = None;
+        let mut no_return: Option<&str> = None;
+        for (i, step) in self.steps.iter().enumerate() {
+            if self.steps[..i].iter().any(|s| s.name == step.name) {
+                return Err(SagaError::DuplicateStep {
+                    saga,
+                    step: step.name.clone(),
+                });
+            }
+            if let Some(Action::Remote { command: None, .. }) = &step.forward {
+                {
+                    return Err(SagaError::IncompleteStep {
+                        saga,
+                        step: step.name.clone(),
+                    });
+                }
+            }
+            step.retry.validate()?;
+            step.compensation_retry.validate()?;
+            match step.kind {
+                StepKind::Pivot => {
+                    if let Some(first) = pivot {
+                        return Err(SagaError::MultiplePivots {
+                            saga,
+                            first: first.to_owned(),
+                            second: step.name.clone(),
+                        });
+                    }
+                    if let Some(after) = no_return {
+                        return Err(SagaError::StepOrder {
+                            saga,
+                            step: step.name.clone(),
+                            kind: step.kind.to_string(),
+                            after: after.to_owned(),
+                        });
+                    }
+                    pivot = Some(&step.name);
+                    no_return = Some(&step.name);
+                }
+                StepKind::Compensatable => {
+                    if let Some(after) = no_return {
+                        return Err(SagaError::StepOrder {
+                            saga,
+                            step: step.name.clone(),
+                            kind: step.kind.to_string(),
+                            after: after.to_owned(),
+                        });
+                    }
+                }
+                StepKind::Retriable => {
+                    no_return.get_or_insert(&step.name);
+                }
+            }
+        }
+        // Remote actions without an explicit reply channel use the saga's.
+        for step in &mut self.steps {
+            for action in [&mut step.forward, &mut step.compensation]
+                .into_iter()
+                .flatten()
+            {
+                if let Action::Remote { reply_to, .. } = action {
+                    reply_to.get_or_insert_with(|| self.reply_channel.clone());
+                }
+            }
+        }
+        Ok(SagaDefinition {
+            inner: Arc::new(DefinitionInner {
+                name: self.name,
+                steps: self.steps,
+                reply_channel: self.reply_channel,
+                dead_letter_channel: self.dead_letter_channel,
+                timeout: self.timeout,
+            }),
+        })
+    }
+}

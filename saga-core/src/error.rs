@@ -1,0 +1,163 @@
+//! The crate's error type.
+
+use crate::ids::{MessageId, SagaId};
+
+/// Everything that can go wrong in the engine and the in-memory runtime.
+///
+/// Errors name what was wrong and with which saga, step or message.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SagaError {
+    /// A saga definition has no steps.
+    #[error("saga definition `{saga}` has no steps")]
+    EmptyDefinition {
+        /// The saga type's name.
+        saga: String,
+    },
+    /// A saga definition has more than one pivot step.
+    #[error("saga definition `{saga}` has two pivot steps: `{first}` and `{second}`")]
+    MultiplePivots {
+        /// The saga type's name.
+        saga: String,
+        /// The first pivot.
+        first: String,
+        /// The second pivot.
+        second: String,
+    },
+    /// Steps are not in the order compensatable*, pivot?, retriable*.
+    #[error("saga definition `{saga}`: step `{step}` is {kind} but comes after the point of no return `{after}`; only retriable steps may follow a pivot or a retriable step")]
+    StepOrder {
+        /// The saga type's name.
+        saga: String,
+        /// The misplaced step.
+        step: String,
+        /// The misplaced step's kind.
+        kind: String,
+        /// The pivot or retriable step it follows.
+        after: String,
+    },
+    /// Two steps share a name.
+    #[error("saga definition `{saga}` has two steps named `{step}`")]
+    DuplicateStep {
+        /// The saga type's name.
+        saga: String,
+        /// The repeated name.
+        step: String,
+    },
+    /// A remote step was built without a command.
+    #[error("saga definition `{saga}`: remote step `{step}` has no command (call `.command(..)`)")]
+    IncompleteStep {
+        /// The saga type's name.
+        saga: String,
+        /// The step missing its command.
+        step: String,
+    },
+    /// A retry policy has an invalid field.
+    #[error("invalid retry policy: {reason}")]
+    InvalidPolicy {
+        /// What is wrong.
+        reason: String,
+    },
+    /// A message names a saga that does not exist.
+    #[error("no saga instance `{saga_id}` (message `{message_id}`)")]
+    UnknownSaga {
+        /// The saga id the message carried.
+        saga_id: SagaId,
+        /// The message.
+        message_id: MessageId,
+    },
+    /// A saga with this id was already started.
+    #[error("saga `{saga_id}` already exists")]
+    AlreadyExists {
+        /// The saga id.
+        saga_id: SagaId,
+    },
+    /// A message was addressed to a different saga type or instance.
+    #[error("message `{message_id}` is for saga type `{found}`, not `{expected}`")]
+    WrongSaga {
+        /// The saga type that received it.
+        expected: String,
+        /// The saga type it names.
+        found: String,
+        /// The message.
+        message_id: MessageId,
+    },
+    /// A message is not of the kind expected here (e.g. a command given as a reply).
+    #[error("message `{message_id}` is a {found}, expected a {expected}")]
+    WrongMessageKind {
+        /// The message.
+        message_id: MessageId,
+        /// The kind expected.
+        expected: &'static str,
+        /// The kind found.
+        found: &'static str,
+    },
+    /// A reply names a step the saga definition does not have.
+    #[error("saga `{saga_id}` has no step `{step}` (message `{message_id}`)")]
+    UnknownStep {
+        /// The saga id.
+        saga_id: SagaId,
+        /// The step named by the message.
+        step: String,
+        /// The message.
+        message_id: MessageId,
+    },
+    /// A payload could not be decoded into the expected type.
+    #[error("saga `{saga_id}`, step `{step}`: cannot decode {what}: {source}")]
+    Decode {
+        /// The saga id.
+        saga_id: SagaId,
+        /// The step.
+        step: String,
+        /// What was being decoded (e.g. "reply").
+        what: &'static str,
+        /// The decoder's error.
+        #[source]
+        source: serde_json::Error,
+    },
+    /// A value could not be encoded.
+    #[error("saga `{saga_id}`: cannot encode {what}: {source}")]
+    Encode {
+        /// The saga id.
+        saga_id: SagaId,
+        /// What was being encoded (e.g. "command of step `reserve`").
+        what: String,
+        /// The encoder's error.
+        #[source]
+        source: serde_json::Error,
+    },
+    /// An operator action does not apply in the saga's current state.
+    #[error("saga `{saga_id}`: cannot {action} while {status}")]
+    InvalidAction {
+        /// The saga id.
+        saga_id: SagaId,
+        /// The action attempted.
+        action: String,
+        /// The saga's status.
+        status: String,
+    },
+    /// A stored saga instance could not be read back.
+    #[error("stored saga `{saga_id}` is corrupt: {source}")]
+    CorruptState {
+        /// The saga id.
+        saga_id: SagaId,
+        /// The decoder's error.
+        #[source]
+        source: serde_json::Error,
+    },
+    /// The runtime is shutting down or was dropped.
+    #[error("the runtime is shut down")]
+    Shutdown,
+    /// Waiting for a saga to reach a state took longer than allowed.
+    #[error("timed out waiting for saga `{saga_id}`")]
+    WaitTimeout {
+        /// The saga id.
+        saga_id: SagaId,
+    },
+    /// An error from a transport or store outside the engine.
+    #[error("transport error: {0}")]
+    Transport(String),
+}
+
+/// Shorthand for results with [`SagaError`].
+pub type Result<T, E = SagaError> = std::result::Result<T, E>;

@@ -1,0 +1,252 @@
+//! A saga instance: a plain, serializable value.
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+use crate::ids::{SagaId, Timestamp};
+use crate::message::{Envelope, Phase};
+
+/// Where a saga instance stands.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "status", rename_all = "snake_case")]
+pub enum SagaStatus {
+    /// Running its steps forward.
+    Running,
+    /// Undoing the steps that took effect, in reverse order.
+    Compensating,
+    /// Every step succeeded (final).
+    Completed,
+    /// A step failed and every step that took effect was compensated (final).
+    Compensated,
+    /// Stopped for an operator: retries of a step after the point of no
+    /// return or of a compensation ran out, or the pivot's outcome is
+    /// unknown. A dead letter says why. Resume it with an
+    /// [`OperatorAction`](crate::OperatorAction).
+    Parked {
+        /// Why the saga is parked.
+        reason: String,
+    },
+}
+
+impl SagaStatus {
+    /// Whether the saga has finished for good (completed or compensated).
+    pub fn is_final(&self) -> bool {
+        matches!(self, SagaStatus::Completed | SagaStatus::Compensated)
+    }
+
+    /// Whether the saga is done for now: final or parked.
+    pub fn is_settled(&self) -> bool {
+        self.is_final() || matches!(self, SagaStatus::Parked { .. })
+    }
+
+    /// A short name: `running`, `compensating`, `completed`, `compensated`, `parked`.
+    pub fn name(&self) -> &'static str {
+        match self {
+            SagaStatus::Running => "running",
+            SagaStatus::Compensating => "compensating",
+            SagaStatus::Completed => "completed",
+            SagaStatus::Compensated => "compensated",
+            SagaStatus::Parked { .. } => "parked",
+        }
+    }
+}
+
+impl fmt::Display for SagaStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            SagaStatus::Parked { reason } => write!(f, "parked: {reason}"),
+            other => f.write_str(other.name()),
+        }
+    }
+}
+
+/// What is known of one step of one saga instance.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StepState {
+    /// Not started.
+    Pending,
+    /// Started, not finished (waiting for a reply or a retry).
+    Running,
+    /// Took effect.
+    Succeeded,
+    /// Failed definitively: took no effect.
+    Failed,
+    /// Gave up without knowing whether it took effect (timed out): it is
+    /// compensated as if it had (compensations must tolerate that).
+    Indeterminate,
+    /// Its compensation is running.
+    Compensating,
+    /// Its compensation succeeded (or there was nothing to undo).
+    Compensated,
+    /// An operator skipped it.
+    Skipped,
+}
+
+impl StepState {
+    /// Whether the step (may have) taken effect and not been undone.
+    pub fn needs_compensation(self) -> bool {
+        matches!(
+            self,
+            StepState::Succeeded | StepState::Indeterminate | StepState::Compensating
+        )
+    }
+}
+
+/// Per-step bookkeeping of a saga instance.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StepRecord {
+    /// The step's name.
+    pub name: String,
+    /// Where it stands.
+    pub state: StepState,
+    /// Attempts of the action so far.
+    pub attempts: u32,
+    /// When the first attempt of the action started.
+    pub first_attempt_at: Option<Timestamp>,
+    /// Attempts of the compensation so far.
+    pub compensation_attempts: u32,
+    /// When the first attempt of the compensation started.
+    pub first_compensation_at: Option<Timestamp>,
+    /// The last error seen, if any.
+    pub last_error: Option<String>,
+}
+
+/// A timer's identity within its saga instance.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct TimerId(pub String);
+
+impl fmt::Display for TimerId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// What a timer is for.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum TimerKind {
+    /// The deadline of one attempt of a remote step or compensation.
+    AttemptDeadline {
+        /// The step's index.
+        step: usize,
+        /// Action or compensation.
+        phase: Phase,
+        /// The attempt it bounds.
+        attempt: u32,
+    },
+    /// The end of a retry backoff: the next attempt starts.
+    Backoff {
+        /// The step's index.
+        step: usize,
+        /// Action or compensation.
+        phase: Phase,
+    },
+    /// The deadline of the whole saga.
+    SagaDeadline,
+}
+
+/// A persisted timer: part of the saga instance, re-armed after a restart.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Timer {
+    /// Unique within the saga instance.
+    pub id: TimerId,
+    /// When it fires.
+    pub fire_at: Timestamp,
+    /// What it is for.
+    pub kind: TimerKind,
+}
+
+/// The command a saga waits on a reply for.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Awaiting {
+    /// The step's index.
+    pub step: usize,
+    /// Action or compensation.
+    pub phase: Phase,
+    /// The attempt sent.
+    pub attempt: u32,
+    /// The command as sent (kept for the dead letter if it comes to that).
+    pub command: Envelope,
+}
+
+/// One line of a saga's history: what happened, when.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HistoryEntry {
+    /// When.
+    pub at: Timestamp,
+    /// The saga's status after it.
+    pub status: String,
+    /// What happened.
+    pub what: String,
+}
+
+/// The most history entries kept per instance (older ones are dropped).
+pub const MAX_HISTORY: usize = 256;
+
+/// One saga instance: the user's data plus the engine's bookkeeping.
+///
+/// A plain value: serialize it to persist it, deserialize it to resume.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SagaInstance<D> {
+    /// The instance's id.
+    pub id: SagaId,
+    /// The saga type's name.
+    pub saga: String,
+    /// The user's saga data.
+    pub data: D,
+    /// Where it stands.
+    pub status: SagaStatus,
+    /// Forward or compensating (kept while parked, to resume the right way).
+    pub phase: Phase,
+    /// The index of the step being run or compensated.
+    pub cursor: usize,
+    /// One record per step of the definition.
+    pub steps: Vec<StepRecord>,
+    /// The command waiting on a reply, if any.
+    pub awaiting: Option<Awaiting>,
+    /// Armed timers.
+    pub timers: Vec<Timer>,
+    /// Why the saga is compensating or parked.
+    pub failure: Option<String>,
+    /// How many events the saga has emitted (gives event ids).
+    pub event_seq: u64,
+    /// Bumped on every transition (optimistic concurrency for stores).
+    pub version: u64,
+    /// When it started.
+    pub created_at: Timestamp,
+    /// When it last changed.
+    pub updated_at: Timestamp,
+    /// What happened, oldest first (at most [`MAX_HISTORY`] entries).
+    pub history: Vec<HistoryEntry>,
+}
+
+impl<D> SagaInstance<D> {
+    /// The earliest armed timer, if any.
+    pub fn next_timer(&self) -> Option<&Timer> {
+        self.timers.iter().min_by_key(|t| t.fire_at)
+    }
+
+    /// The armed timer with this id, if any.
+    pub fn timer(&self, id: &TimerId) -> Option<&Timer> {
+        self.timers.iter().find(|t| &t.id == id)
+    }
+
+    /// The record of the step named `name`.
+    pub fn step(&self, name: &str) -> Option<&StepRecord> {
+        self.steps.iter().find(|s| s.name == name)
+    }
+
+    pub(crate) fn record(&mut self, at: Timestamp, what: String) {
+        if self.history.len() >= MAX_HISTORY {
+            self.history.remove(0);
+        }
+        self.history.push(HistoryEntry {
+            at,
+            status: self.status.name().to_owned(),
+            what,
+        });
+    }
+}

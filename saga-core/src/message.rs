@@ -1,0 +1,208 @@
+//! What travels over channels: commands, replies, events and dead letters.
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::ids::{MessageId, SagaId, Timestamp};
+use crate::retry::ErrorClass;
+
+/// What a message is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MessageKind {
+    /// An instruction to a participant (a step's action or its compensation).
+    Command,
+    /// A participant's answer to a command.
+    Reply,
+    /// A fact published for anyone (projections, other services).
+    Event,
+}
+
+impl MessageKind {
+    /// The kind's name, as used in error messages.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MessageKind::Command => "command",
+            MessageKind::Reply => "reply",
+            MessageKind::Event => "event",
+        }
+    }
+}
+
+/// Whether a command runs a step forward or compensates it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Phase {
+    /// The step's action.
+    Forward,
+    /// The step's compensation.
+    Compensation,
+}
+
+impl Phase {
+    /// `"forward"` or `"compensation"`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Phase::Forward => "forward",
+            Phase::Compensation => "compensation",
+        }
+    }
+}
+
+/// How a participant's reply turned out.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "status", rename_all = "snake_case")]
+pub enum ReplyOutcome {
+    /// The command took effect; the payload is the participant's reply.
+    Success,
+    /// The command failed and took no effect.
+    Failure {
+        /// Whether the orchestrator may try the command again.
+        class: ErrorClass,
+        /// The participant's error, for humans.
+        error: String,
+    },
+}
+
+/// One message on a channel, with the metadata the engine and runtimes need.
+///
+/// The payload is the user's typed value, serialized as JSON.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Envelope {
+    /// Unique per logical message; a message produced again keeps its id.
+    pub id: MessageId,
+    /// The channel (topic) the message is sent to.
+    pub channel: String,
+    /// The saga this message belongs to; also the partition key.
+    pub saga_id: SagaId,
+    /// The saga type's name.
+    pub saga: String,
+    /// Command, reply or event.
+    pub kind: MessageKind,
+    /// The step this message belongs to, for commands and replies.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub step: Option<String>,
+    /// Forward or compensation, for commands and replies.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<Phase>,
+    /// The attempt number (1-based) of the command this is or answers.
+    #[serde(default)]
+    pub attempt: u32,
+    /// Where a participant sends its reply; `None` for fire-and-forget commands.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reply_to: Option<String>,
+    /// For replies: success or failure.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub outcome: Option<ReplyOutcome>,
+    /// When the message was created.
+    pub timestamp: Timestamp,
+    /// The user's payload.
+    pub payload: Value,
+}
+
+impl Envelope {
+    /// The partition key: the saga id.
+    pub fn key(&self) -> &str {
+        self.saga_id.as_str()
+    }
+
+    /// Serializes the envelope to JSON bytes.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        // An Envelope holds only strings, numbers and a `Value`: it always serializes.
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+
+    /// Parses an envelope from JSON bytes.
+    pub fn from_bytes(bytes: &[u8]) -> Result<Self, serde_json::Error> {
+        serde_json::from_slice(bytes)
+    }
+
+    /// Builds the reply to this command, sent to its `reply_to` channel.
+    ///
+    /// Returns `None` for a fire-and-forget command (no `reply_to`).
+    pub fn reply(&self, outcome: ReplyOutcome, payload: Value, now: Timestamp) -> Option<Envelope> {
+        let reply_to = self.reply_to.clone()?;
+        Some(Envelope {
+            id: MessageId::new(format!("{}/reply", self.id)),
+            channel: reply_to,
+            saga_id: self.saga_id.clone(),
+            saga: self.saga.clone(),
+            kind: MessageKind::Reply,
+            step: self.step.clone(),
+            phase: self.phase,
+            attempt: self.attempt,
+            reply_to: None,
+            outcome: Some(outcome),
+            timestamp: now,
+            payload,
+        })
+    }
+
+    /// An event for `saga_id` on `channel`.
+    pub fn event(
+        id: MessageId,
+        channel: impl Into<String>,
+        saga_id: SagaId,
+        saga: impl Into<String>,
+        payload: Value,
+        now: Timestamp,
+    ) -> Envelope {
+        Envelope {
+            id,
+            channel: channel.into(),
+            saga_id,
+            saga: saga.into(),
+            kind: MessageKind::Event,
+            step: None,
+            phase: None,
+            attempt: 0,
+            reply_to: None,
+            outcome: None,
+            timestamp: now,
+            payload,
+        }
+    }
+}
+
+/// A message that could not be processed, with why, parked for an operator.
+///
+/// Written to a dead-letter channel; never dropped.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct DeadLetter {
+    /// The dead letter's own id (derived from the original message's id).
+    pub id: MessageId,
+    /// The dead-letter channel it is written to.
+    pub channel: String,
+    /// Who gave up: the saga type or participant name.
+    pub source: String,
+    /// The message as it was received or would have been sent.
+    pub original: Envelope,
+    /// When the last attempt failed.
+    pub failure_timestamp: Timestamp,
+    /// How many attempts were made.
+    pub retry_count: u32,
+    /// Why it was dead-lettered (e.g. "max retries reached (3 attempts)").
+    pub reason: String,
+    /// The error of the last attempt.
+    pub last_error: String,
+}
+
+impl DeadLetter {
+    /// The dead letter wrapped as an event envelope on its channel, keyed by
+    /// the original message's saga id.
+    pub fn to_envelope(&self) -> Envelope {
+        Envelope::event(
+            self.id.clone(),
+            self.channel.clone(),
+            self.original.saga_id.clone(),
+            self.original.saga.clone(),
+            serde_json::to_value(self).unwrap_or(Value::Null),
+            self.failure_timestamp,
+        )
+    }
+
+    /// Reads a dead letter back from an envelope made by [`DeadLetter::to_envelope`].
+    pub fn from_envelope(envelope: &Envelope) -> Result<Self, serde_json::Error> {
+        serde_json::from_value(envelope.payload.clone())
+    }
+}
