@@ -132,6 +132,10 @@ pub use participant::{
 };
 pub use retry::{Classify, ErrorClass, GiveUpReason, Jitter, RetryDecision, RetryPolicy};
 mod memory;
+mod mermaid;
 mod observe;
 pub use memory::{Clock, InMemoryRuntime, MemoryBackend, SagaHandle, DEFAULT_PARTITIONS};
 pub use observe::{record_attempt, record_dead_letters, record_step_latency, record_transition};
+#[cfg(feature = "testing")]
+#[cfg_attr(docsrs, doc(cfg(feature = "testing")))]
+pub mod testing;
