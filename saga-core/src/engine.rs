@@ -337,7 +337,7 @@ impl<D: SagaData> Machine<'_, D> {
                 };
                 let name = self.step_name(i);
                 let env = Envelope {
-                    id: MessageId::new(format!("{}/{}/{}", self.inst.id, name, phase.as_str())),
+                    id: Envelope::command_id(&self.inst.id, &name, phase),
                     channel: channel.clone(),
                     saga_id: self.inst.id.clone(),
                     saga: self.inst.saga.clone(),
@@ -586,7 +586,7 @@ impl<D: SagaData> Machine<'_, D> {
     fn local_envelope(&self, i: usize, phase: Phase) -> Envelope {
         let name = self.step_name(i);
         Envelope {
-            id: MessageId::new(format!("{}/{}/{}", self.inst.id, name, phase.as_str())),
+            id: Envelope::command_id(&self.inst.id, &name, phase),
             channel: format!("{}.local", self.inst.saga),
             saga_id: self.inst.id.clone(),
             saga: self.inst.saga.clone(),
@@ -691,7 +691,13 @@ impl<D: SagaData> Machine<'_, D> {
                     class,
                     message: error,
                 };
-                if let Flow::Continue = self.failed(i, phase, err, false) {
+                // A retryable failure says nothing of other deliveries of the
+                // same command (a redelivered copy may have succeeded): if
+                // this is the last attempt, the outcome is unknown. A
+                // permanent failure is cached by the participant's ledger, so
+                // no copy took effect.
+                let unknown = class == crate::retry::ErrorClass::Retryable;
+                if let Flow::Continue = self.failed(i, phase, err, unknown) {
                     self.drive();
                 }
             }

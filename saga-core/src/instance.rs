@@ -73,8 +73,10 @@ pub enum StepState {
     Succeeded,
     /// Failed definitively: took no effect.
     Failed,
-    /// Gave up without knowing whether it took effect (timed out): it is
-    /// compensated as if it had (compensations must tolerate that).
+    /// Gave up without knowing whether it took effect (the last attempt of a
+    /// remote step timed out or failed with a retryable error): it is
+    /// compensated as if it had, so compensations must tolerate "nothing to
+    /// undo". A pivot in this state parks the saga.
     Indeterminate,
     /// Its compensation is running.
     Compensating,

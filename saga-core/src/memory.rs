@@ -418,6 +418,30 @@ impl<D: SagaData> SagaHandle<D> {
             .collect()
     }
 
+    /// Hands a reply to its saga now, as a worker would, but returns what
+    /// goes wrong as a typed error ([`SagaError::UnknownSaga`],
+    /// [`SagaError::Decode`], …) instead of dead-lettering the message.
+    pub fn deliver(&self, reply: Envelope) -> Result<Handled, SagaError> {
+        let mut st = self.backend.lock();
+        let id = reply.saga_id.clone();
+        let inst: SagaInstance<D> =
+            MemoryBackend::load(&st, self.def.name(), &id)?.ok_or_else(|| {
+                SagaError::UnknownSaga {
+                    saga_id: id.clone(),
+                    message_id: reply.id.clone(),
+                }
+            })?;
+        let t = self
+            .def
+            .handle(&inst, Input::Reply(reply), self.clock.now())?;
+        if t.handled == Handled::Applied {
+            self.backend.apply(&mut st, Some(&inst), &t)?;
+        }
+        drop(st);
+        self.backend.shared.notify.notify_waiters();
+        Ok(t.handled)
+    }
+
     /// Applies an operator action to parked saga `id`.
     pub fn operate(&self, id: &SagaId, action: OperatorAction) -> Result<(), SagaError> {
         let mut st = self.backend.lock();

@@ -101,6 +101,15 @@ pub struct Envelope {
 }
 
 impl Envelope {
+    /// The message id of the command of `step` of saga `saga_id` in `phase`.
+    ///
+    /// Stable across attempts and redeliveries, so participants deduplicate
+    /// on it; a participant that handles a compensation also recognises the
+    /// forward command of the same step by it.
+    pub fn command_id(saga_id: &SagaId, step: &str, phase: Phase) -> MessageId {
+        MessageId::new(format!("{saga_id}/{step}/{}", phase.as_str()))
+    }
+
     /// The partition key: the saga id.
     pub fn key(&self) -> &str {
         self.saga_id.as_str()

@@ -302,6 +302,36 @@ impl ParticipantLedger {
         self.retries.values().map(|r| r.next_attempt_at).min()
     }
 
+    /// Once a compensation arrives, the forward command of the same step must
+    /// never take effect, even if a copy of it shows up later (a redelivery
+    /// overtaken by the compensation): record it as handled with a permanent
+    /// failure, and drop any retry of it.
+    fn fence_forward(&mut self, command: &Envelope, now: Timestamp) {
+        let (Some(Phase::Compensation), Some(step)) = (command.phase, command.step.as_deref())
+        else {
+            return;
+        };
+        let forward_id = Envelope::command_id(&command.saga_id, step, Phase::Forward);
+        if self.handled.contains_key(&forward_id) {
+            return;
+        }
+        let pending = self.retries.remove(&forward_id);
+        let forward = pending.map(|p| p.command).unwrap_or_else(|| Envelope {
+            id: forward_id.clone(),
+            phase: Some(Phase::Forward),
+            ..command.clone()
+        });
+        let reply = forward.reply(
+            ReplyOutcome::Failure {
+                class: ErrorClass::Permanent,
+                error: "compensated before it took effect".into(),
+            },
+            Value::Null,
+            now,
+        );
+        self.handled.insert(forward_id, reply);
+    }
+
     /// Records the outcome of attempt `attempt` of `command` and returns
     /// the effects to carry out (replies, events, dead letters). A
     /// retryable failure with retries left is recorded as a
@@ -321,6 +351,7 @@ impl ParticipantLedger {
             .retries
             .get(&command.id)
             .map_or(now, |r| r.first_attempt_at);
+        self.fence_forward(command, now);
         let mut effects = Vec::new();
         match result {
             AttemptResult::Replied { reply, events } => {

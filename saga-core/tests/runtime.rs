@@ -1,0 +1,295 @@
+//! The in-memory runtime on tokio's paused (virtual) clock: crash and
+//! restart with sagas waiting on timers, redelivered commands, participant
+//! retries and dead letters, projections.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use saga_core::testing::{Scripted, ScriptedParticipant};
+use saga_core::*;
+use serde_json::{json, Value};
+
+fn call_saga(backoff: Duration) -> SagaDefinition<Value> {
+    SagaDefinition::<Value>::builder("job")
+        .step(
+            Step::remote("call", "svc.requests")
+                .command(|d: &Value| d.clone())
+                .on_reply(|ctx, r: Value| {
+                    ctx.data_mut()["reply"] = r;
+                    ctx.emit("job.events", &json!({"type": "CALLED"}));
+                    Ok(())
+                })
+                .retry(RetryPolicy::fixed(backoff).with_max_attempts(5))
+                .timeout(Duration::from_secs(60)),
+        )
+        .build()
+        .unwrap()
+}
+
+async fn until(what: &str, mut f: impl FnMut() -> bool) {
+    tokio::time::timeout(Duration::from_secs(600), async {
+        while !f() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("timed out waiting for {what}"));
+}
+
+#[tokio::test(start_paused = true)]
+async fn sagas_waiting_on_backoff_timers_resume_after_a_crash() {
+    let backend = MemoryBackend::new();
+    let clock = Clock::system();
+    // No participant yet: every first attempt times out (10 s) and each saga
+    // then waits 30 s on a persisted backoff timer.
+    let runtime = InMemoryRuntime::with_clock(backend.clone(), clock);
+    let jobs = runtime.saga(call_saga(Duration::from_secs(30)));
+    let ids: Vec<SagaId> = (0..20)
+        .map(|i| jobs.start(format!("job-{i}"), json!({"n": i})).unwrap())
+        .collect();
+    until("every saga waiting on a backoff", || {
+        ids.iter().all(|id| {
+            jobs.get(id)
+                .unwrap()
+                .unwrap()
+                .timers
+                .iter()
+                .any(|t| matches!(t.kind, TimerKind::Backoff { .. }))
+        })
+    })
+    .await;
+    let crash_at = clock.now();
+    drop(runtime); // crash: workers stop between two atomic sections
+
+    // A new runtime over the same backend, now with the participant.
+    let participant = ScriptedParticipant::new(Scripted::Reply(json!("ok")));
+    let runtime = InMemoryRuntime::with_clock(backend.clone(), clock);
+    runtime.participant(
+        "svc.requests",
+        ParticipantPolicy::new("svc"),
+        participant.clone(),
+    );
+    let jobs = runtime.saga(call_saga(Duration::from_secs(30)));
+    for id in &ids {
+        let done = jobs
+            .wait_settled(id, Duration::from_secs(120))
+            .await
+            .unwrap();
+        assert_eq!(done.status, SagaStatus::Completed, "{id}");
+        assert_eq!(done.data["reply"], json!("ok"));
+        assert_eq!(
+            done.steps[0].attempts, 2,
+            "{id}: one timed-out attempt, one retry"
+        );
+    }
+    // The retries fired at their persisted times, not at restart.
+    let elapsed = clock.now().saturating_since(crash_at);
+    assert!(
+        elapsed >= Duration::from_secs(25),
+        "timers fired early: {elapsed:?} after the crash"
+    );
+    // Both attempts of each command reached the participant; it acted once.
+    assert_eq!(backend.messages("svc.requests").len(), 40);
+    assert_eq!(
+        participant.received().len(),
+        20,
+        "each command handled once"
+    );
+    assert_eq!(
+        backend.messages("job.events").len(),
+        20,
+        "one event per saga"
+    );
+    runtime.shutdown().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn redelivered_commands_and_replies_are_applied_once() {
+    let backend = MemoryBackend::new();
+    backend.duplicate_deliveries("svc.requests", true);
+    backend.duplicate_deliveries("job.replies", true);
+    let participant = ScriptedParticipant::new(Scripted::Reply(json!("ok")));
+    let runtime = InMemoryRuntime::new(backend.clone());
+    runtime.participant(
+        "svc.requests",
+        ParticipantPolicy::new("svc"),
+        participant.clone(),
+    );
+    let jobs = runtime.saga(call_saga(Duration::from_secs(1)));
+    for i in 0..10 {
+        let id = jobs.start(format!("dup-{i}"), json!({})).unwrap();
+        assert_eq!(
+            jobs.wait_settled(&id, Duration::from_secs(60))
+                .await
+                .unwrap()
+                .status,
+            SagaStatus::Completed
+        );
+    }
+    until("all duplicates consumed", || {
+        backend.lag("svc", "svc.requests") == 0 && backend.lag("job", "job.replies") == 0
+    })
+    .await;
+    assert_eq!(
+        backend.messages("svc.requests").len(),
+        20,
+        "every command was delivered twice"
+    );
+    assert_eq!(participant.received().len(), 10, "but handled once");
+    assert_eq!(
+        backend.messages("job.events").len(),
+        10,
+        "and every saga moved on once"
+    );
+    runtime.shutdown().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn participant_retries_with_backoff_then_dead_letters_with_metadata() {
+    let backend = MemoryBackend::new();
+    let clock = Clock::system();
+    let email = ScriptedParticipant::new(Scripted::Retryable("500 Internal Server Error".into()))
+        .then(Scripted::Hang)
+        .then(Scripted::Retryable("503 Service Unavailable".into()));
+    let runtime = InMemoryRuntime::with_clock(backend.clone(), clock);
+    let policy = ParticipantPolicy::new("notifications")
+        .retry(RetryPolicy::exponential(Duration::from_secs(2), 2.0).with_max_attempts(3))
+        .timeout(Duration::from_secs(5))
+        .dead_letter_channel("notifications.dlq");
+    runtime.participant("notifications.requests", policy, email.clone());
+    let start = clock.now();
+    backend.publish(Envelope {
+        id: MessageId::new("mail-1"),
+        channel: "notifications.requests".into(),
+        saga_id: SagaId::new("order-3"),
+        saga: "order".into(),
+        kind: MessageKind::Command,
+        step: None,
+        phase: None,
+        attempt: 1,
+        reply_to: None,
+        outcome: None,
+        timestamp: start,
+        payload: json!({"to": "c-42"}),
+    });
+    until("the dead letter", || {
+        !backend.dead_letters("notifications.dlq").is_empty()
+    })
+    .await;
+    let dead = &backend.dead_letters("notifications.dlq")[0];
+    assert_eq!(dead.retry_count, 3);
+    assert_eq!(dead.original.id.as_str(), "mail-1");
+    assert_eq!(dead.original.payload, json!({"to": "c-42"}));
+    assert_eq!(dead.last_error, "500 Internal Server Error");
+    assert!(dead.reason.contains("max retries"), "{}", dead.reason);
+    assert_eq!(dead.source, "notifications");
+    // 5 s timeout + 2 s + fail + 4 s + fail = 11 s of virtual time.
+    let took = dead.failure_timestamp.saturating_since(start);
+    assert!(
+        took >= Duration::from_secs(11) && took < Duration::from_secs(12),
+        "{took:?}"
+    );
+    assert_eq!(email.received().len(), 3);
+    runtime.shutdown().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_poison_command_is_dead_lettered_and_does_not_block_the_partition() {
+    #[derive(serde::Deserialize)]
+    struct Strict {
+        #[allow(dead_code)]
+        amount: u64,
+    }
+    struct Typed(Arc<Mutex<u32>>);
+    #[async_trait::async_trait]
+    impl Participant for Typed {
+        type Command = Strict;
+        type Reply = ();
+        type Error = StepError;
+        async fn handle(&self, _: Strict, _: &mut ParticipantContext) -> Result<(), StepError> {
+            *self.0.lock().unwrap() += 1;
+            Ok(())
+        }
+    }
+    let backend = MemoryBackend::with_partitions(1);
+    let runtime = InMemoryRuntime::new(backend.clone());
+    let count = Arc::new(Mutex::new(0));
+    runtime.participant("pay", ParticipantPolicy::new("pay"), Typed(count.clone()));
+    for (id, payload) in [("bad", json!("garbage")), ("good", json!({"amount": 5}))] {
+        backend.publish(Envelope::event(
+            MessageId::new(id),
+            "pay",
+            SagaId::new(id),
+            "x",
+            payload,
+            Timestamp::EPOCH,
+        ))
+    }
+    // Events on a command channel are not commands: both are dead-lettered.
+    until("both handled", || backend.lag("pay", "pay") == 0).await;
+    assert_eq!(backend.dead_letters("pay.dlq").len(), 2);
+    let mut cmd = Envelope::event(
+        MessageId::new("c-bad"),
+        "pay",
+        SagaId::new("a"),
+        "x",
+        json!("garbage"),
+        Timestamp::EPOCH,
+    );
+    cmd.kind = MessageKind::Command;
+    backend.publish(cmd.clone());
+    cmd.id = MessageId::new("c-good");
+    cmd.payload = json!({"amount": 5});
+    backend.publish(cmd);
+    until("the good command", || *count.lock().unwrap() == 1).await;
+    let dead = backend.dead_letters("pay.dlq");
+    assert_eq!(dead.len(), 3);
+    assert!(
+        dead[2].last_error.contains("cannot decode command `c-bad`"),
+        "{}",
+        dead[2].last_error
+    );
+    assert_eq!(dead[2].reason, "permanent error");
+    runtime.shutdown().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn projections_see_every_event_in_order_per_saga() {
+    let backend = MemoryBackend::new();
+    let runtime = InMemoryRuntime::new(backend.clone());
+    runtime.participant(
+        "svc.requests",
+        ParticipantPolicy::new("svc"),
+        ScriptedParticipant::new(Scripted::Reply(json!(1))),
+    );
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let sink = seen.clone();
+    runtime.projection("audit", &["job.events"], move |e| {
+        sink.lock().unwrap().push(e.saga_id.clone())
+    });
+    let jobs = runtime.saga(call_saga(Duration::from_secs(1)));
+    for i in 0..30 {
+        jobs.start(format!("p-{i}"), json!({})).unwrap();
+    }
+    until("30 events projected", || seen.lock().unwrap().len() == 30).await;
+    let mut ids = seen.lock().unwrap().clone();
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids.len(), 30);
+    assert_eq!(backend.lag("audit", "job.events"), 0);
+    runtime.shutdown().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn starting_the_same_saga_twice_is_rejected() {
+    let runtime = InMemoryRuntime::new(MemoryBackend::new());
+    let jobs = runtime.saga(call_saga(Duration::from_secs(1)));
+    jobs.start("once", json!({})).unwrap();
+    let err = jobs.start("once", json!({})).unwrap_err();
+    assert!(matches!(err, SagaError::AlreadyExists { .. }), "{err}");
+    assert_eq!(
+        runtime.backend().messages("svc.requests").len(),
+        1,
+        "the second start sent nothing"
+    );
+}
