@@ -1,0 +1,93 @@
+//! The crate's error type.
+
+use saga_core::{SagaError, SagaId};
+
+/// Everything that can go wrong in the Kafka runtime.
+///
+/// Errors say what was being done and with which saga, topic or transactional id.
+/// A [`Error::Transaction`] from [`KafkaSagaHandle::start`](crate::KafkaSagaHandle::start)
+/// means nothing was written (the transaction was aborted): the caller may retry
+/// (an HTTP handler maps it to a 5xx).
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// A configuration value is missing or invalid.
+    #[error("invalid Kafka configuration `{key}`: {reason}")]
+    Config {
+        /// The setting (property or environment variable) at fault.
+        key: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// A Kafka client (producer, consumer, admin) could not be created or used.
+    #[error("Kafka client error while {what}: {source}")]
+    Client {
+        /// What the runtime was doing.
+        what: String,
+        /// The client's error.
+        #[source]
+        source: Box<rdkafka::error::KafkaError>,
+    },
+    /// Creating or checking a topic failed.
+    #[error("topic `{topic}`: {reason}")]
+    Topic {
+        /// The topic.
+        topic: String,
+        /// What went wrong.
+        reason: String,
+    },
+    /// The broker did not take a transaction after bounded retries; it was
+    /// aborted, so none of its messages became visible.
+    #[error("transaction of `{transactional_id}` failed while {what} (aborted, nothing was written): {source}")]
+    Transaction {
+        /// The producer's transactional id.
+        transactional_id: String,
+        /// The step of the transaction that failed.
+        what: String,
+        /// The last client error.
+        #[source]
+        source: Box<rdkafka::error::KafkaError>,
+    },
+    /// A record read from a topic could not be decoded.
+    #[error("corrupt record in `{topic}` [{partition}] at offset {offset}: {reason}")]
+    CorruptRecord {
+        /// The topic.
+        topic: String,
+        /// The partition.
+        partition: i32,
+        /// The offset.
+        offset: i64,
+        /// Why it could not be read.
+        reason: String,
+    },
+    /// An error from the saga engine (e.g. the saga already exists).
+    #[error(transparent)]
+    Saga(Box<SagaError>),
+    /// Waiting for a saga to settle took longer than allowed.
+    #[error("timed out waiting for saga `{saga_id}` to settle")]
+    WaitTimeout {
+        /// The saga.
+        saga_id: SagaId,
+    },
+    /// The runtime (or the worker serving this request) is shut down.
+    #[error("the Kafka runtime is shut down")]
+    Shutdown,
+}
+
+/// Shorthand for results with [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl From<SagaError> for Error {
+    fn from(e: SagaError) -> Self {
+        Error::Saga(Box::new(e))
+    }
+}
+
+impl Error {
+    pub(crate) fn client(what: impl Into<String>, source: rdkafka::error::KafkaError) -> Self {
+        Error::Client {
+            what: what.into(),
+            source: Box::new(source),
+        }
+    }
+}

@@ -1,0 +1,76 @@
+//! Projections: plain event consumers (analytics, read models).
+
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
+use rdkafka::message::Message;
+use rdkafka::{Offset, TopicPartitionList};
+use saga_core::Envelope;
+
+use crate::config::KafkaConfig;
+use crate::error::{Error, Result};
+use crate::worker::{WorkerHandle, RUN};
+
+pub(crate) fn spawn<F>(
+    cfg: Arc<KafkaConfig>,
+    group: &str,
+    channels: &[&str],
+    mut handler: F,
+) -> Result<WorkerHandle>
+where
+    F: FnMut(&Envelope) + Send + 'static,
+{
+    let consumer: BaseConsumer = cfg
+        .consumer_config(group)
+        .create()
+        .map_err(|e| Error::client(format!("creating the consumer of group `{group}`"), e))?;
+    consumer
+        .subscribe(channels)
+        .map_err(|e| Error::client(format!("subscribing to {channels:?}"), e))?;
+    let stop = Arc::new(AtomicU8::new(RUN));
+    let flag = stop.clone();
+    let group = group.to_owned();
+    let thread = std::thread::Builder::new()
+        .name(format!("saga-kafka-projection-{group}"))
+        .spawn(move || {
+            let mut tpl = TopicPartitionList::new();
+            let mut last = Instant::now();
+            while flag.load(Ordering::SeqCst) == RUN {
+                match consumer.poll(Duration::from_millis(50)) {
+                    Some(Ok(m)) => {
+                        match Envelope::from_bytes(m.payload().unwrap_or(&[])) {
+                            Ok(env) => handler(&env),
+                            Err(e) => tracing::warn!(group = %group, topic = m.topic(), offset = m.offset(), error = %e, "not an envelope: skipped"),
+                        }
+                        let _ = tpl.add_partition_offset(
+                            m.topic(),
+                            m.partition(),
+                            Offset::Offset(m.offset() + 1),
+                        );
+                    }
+                    Some(Err(e)) => tracing::warn!(group = %group, error = %e, "consumer error"),
+                    None => {}
+                }
+                if tpl.count() > 0 && last.elapsed() >= cfg.batch_timeout {
+                    if let Err(e) = consumer.commit(&tpl, CommitMode::Sync) {
+                        tracing::warn!(group = %group, error = %e, "offset commit failed");
+                    }
+                    tpl = TopicPartitionList::new();
+                    last = Instant::now();
+                }
+            }
+            if tpl.count() > 0 {
+                let _ = consumer.commit(&tpl, CommitMode::Sync);
+            }
+        })
+        .map_err(|e| Error::Config {
+            key: "thread".into(),
+            reason: format!("cannot spawn a projection thread: {e}"),
+        })?;
+    Ok(WorkerHandle {
+        stop,
+        thread: Some(thread),
+    })
+}
