@@ -1,0 +1,137 @@
+//! The engine's own cost: pure-core transitions, and sagas end to end on the
+//! in-memory runtime. `cargo bench -p saga-core --bench engine`.
+
+use std::time::Duration;
+
+use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
+use saga_core::testing::{Scripted, ScriptedParticipant};
+use saga_core::*;
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+#[derive(Clone, Serialize, Deserialize)]
+struct Order {
+    id: u64,
+    items: Vec<(String, u32, u64)>,
+    status: String,
+}
+
+fn order_saga() -> SagaDefinition<Order> {
+    SagaDefinition::<Order>::builder("order")
+        .step(
+            Step::<Order>::local("create", |ctx| {
+                ctx.data_mut().status = "PENDING".into();
+                ctx.emit("orders.events", &json!({"type": "ORDER_CREATED"}));
+                Ok(())
+            })
+            .compensate_local(|ctx| {
+                ctx.data_mut().status = "CANCELLED".into();
+                Ok(())
+            }),
+        )
+        .step(
+            Step::remote("reserve", "inventory.requests")
+                .command(|o: &Order| json!({"action": "RESERVE", "items": o.items}))
+                .on_reply(|_, _: serde_json::Value| Ok(()))
+                .timeout(Duration::from_secs(5))
+                .pivot(),
+        )
+        .step(
+            Step::<Order>::local("confirm", |ctx| {
+                ctx.data_mut().status = "CONFIRMED".into();
+                ctx.emit("orders.events", &json!({"type": "ORDER_CONFIRMED"}));
+                Ok(())
+            })
+            .retriable(),
+        )
+        .build()
+        .expect("valid saga")
+}
+
+fn order(id: u64) -> Order {
+    Order {
+        id,
+        items: vec![
+            ("LAPTOP-001".into(), 1, 99_999),
+            ("MOUSE-001".into(), 2, 2_999),
+        ],
+        status: String::new(),
+    }
+}
+
+fn pure_core(c: &mut Criterion) {
+    let def = order_saga();
+    let now = Timestamp::from_millis(1_700_000_000_000);
+    let mut g = c.benchmark_group("pure_core");
+    g.throughput(Throughput::Elements(1));
+    g.bench_function("start_and_complete_one_saga", |b| {
+        let mut n = 0u64;
+        b.iter(|| {
+            n += 1;
+            let t = def
+                .start(SagaId::new(format!("o-{n}")), order(n), now)
+                .unwrap();
+            let cmd = t.effects.iter().find_map(|e| match e {
+                Effect::Send(env) if env.kind == MessageKind::Command => Some(env),
+                _ => None,
+            });
+            let reply = cmd
+                .unwrap()
+                .reply(ReplyOutcome::Success, json!({"status": "RESERVED"}), now)
+                .unwrap();
+            let done = def.handle(&t.instance, Input::Reply(reply), now).unwrap();
+            assert_eq!(done.instance.status, SagaStatus::Completed);
+        })
+    });
+    g.bench_function("serialize_and_restore_instance", |b| {
+        let t = def.start(SagaId::new("o-1"), order(1), now).unwrap();
+        b.iter(|| {
+            let bytes = serde_json::to_vec(&t.instance).unwrap();
+            let back: SagaInstance<Order> = serde_json::from_slice(&bytes).unwrap();
+            back
+        })
+    });
+    g.finish();
+}
+
+fn in_memory_runtime(c: &mut Criterion) {
+    const SAGAS: u64 = 500;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let mut g = c.benchmark_group("in_memory_runtime");
+    g.throughput(Throughput::Elements(SAGAS));
+    g.sample_size(10);
+    g.bench_function("500_sagas_end_to_end", |b| {
+        b.iter_batched(
+            || (),
+            |()| {
+                rt.block_on(async {
+                    let runtime = InMemoryRuntime::new(MemoryBackend::new());
+                    runtime.participant(
+                        "inventory.requests",
+                        ParticipantPolicy::new("inventory"),
+                        ScriptedParticipant::new(Scripted::Reply(json!({"status": "RESERVED"}))),
+                    );
+                    let orders = runtime.saga(order_saga());
+                    let ids: Vec<SagaId> = (0..SAGAS)
+                        .map(|i| orders.start(format!("o-{i}"), order(i)).unwrap())
+                        .collect();
+                    for id in &ids {
+                        orders
+                            .wait_settled(id, Duration::from_secs(60))
+                            .await
+                            .unwrap();
+                    }
+                    runtime.shutdown().await;
+                })
+            },
+            BatchSize::PerIteration,
+        )
+    });
+    g.finish();
+}
+
+criterion_group!(benches, pure_core, in_memory_runtime);
+criterion_main!(benches);
