@@ -128,6 +128,9 @@ pub(crate) const KILL: u8 = 2;
 
 type Producer_ = ThreadedProducer<DefaultProducerContext>;
 
+/// The longest a worker waits in `poll` before checking requests and stop flags.
+const IDLE_POLL: Duration = Duration::from_millis(20);
+
 struct Core<P> {
     proc: P,
     cfg: Arc<KafkaConfig>,
@@ -625,11 +628,16 @@ fn run<P: Processor>(core: &Arc<Mutex<Core<P>>>, consumer: &BaseConsumer<Ctx<P>>
                 c.run_request(req);
             }
         }
-        let deadline = Instant::now() + timeout;
+        // The batch's clock starts with its first message or timer.
+        let mut deadline: Option<Instant> = None;
         loop {
             let wait = {
                 let c = lock(core);
-                let mut wait = deadline.saturating_duration_since(Instant::now());
+                let mut wait = match deadline {
+                    Some(d) => d.saturating_duration_since(Instant::now()),
+                    None => timeout,
+                }
+                .min(IDLE_POLL);
                 if let Some(at) = c.proc.next_due() {
                     let ms = at.as_millis().saturating_sub(Timestamp::now().as_millis());
                     wait = wait.min(Duration::from_millis(ms));
@@ -658,8 +666,19 @@ fn run<P: Processor>(core: &Arc<Mutex<Core<P>>>, consumer: &BaseConsumer<Ctx<P>>
             }
             let mut c = lock(core);
             c.run_due();
-            if c.count >= max || Instant::now() >= deadline || stop.load(Ordering::SeqCst) != RUN {
+            let busy = c.in_txn || c.failed.is_some() || !c.batch_start.is_empty();
+            if busy && deadline.is_none() {
+                deadline = Some(Instant::now() + timeout);
+            }
+            let expired = deadline.is_some_and(|d| Instant::now() >= d);
+            if c.count >= max || expired || stop.load(Ordering::SeqCst) != RUN {
                 break;
+            }
+            if !busy {
+                // Idle: serve requests without waiting for a batch.
+                while let Some(req) = c.proc.take_request() {
+                    c.run_request(req);
+                }
             }
         }
         if stop.load(Ordering::SeqCst) == KILL {
