@@ -1,0 +1,351 @@
+//! The HTTP API (axum): orders, inventory, analytics, the DLQ processor,
+//! Prometheus metrics and health.
+//!
+//! Every error is JSON: `{"error": "...", "field": "items[0].quantity"}`;
+//! 4xx when the request is wrong, 503 with `"retryable": true` and a
+//! `Retry-After` header when the runtime could not take the write (nothing
+//! was written: the client may retry).
+
+use std::sync::{Arc, OnceLock};
+
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use crate::dlq::DlqError;
+use crate::order::{OrderRequest, OrderView};
+use crate::system::{PlaceError, System};
+
+/// The largest request body accepted.
+pub const MAX_BODY_BYTES: usize = 16 * 1024;
+
+/// An error answer.
+#[derive(Debug)]
+pub struct ApiError {
+    /// The status.
+    pub status: StatusCode,
+    /// What was wrong.
+    pub error: String,
+    /// Which field, if one.
+    pub field: Option<String>,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, error: impl Into<String>) -> Self {
+        Self {
+            status,
+            error: error.into(),
+            field: None,
+        }
+    }
+
+    fn not_found(what: impl Into<String>) -> Self {
+        Self::new(StatusCode::NOT_FOUND, what)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let retryable = self.status.is_server_error();
+        let mut body = json!({ "error": self.error });
+        if let Some(f) = self.field {
+            body["field"] = Value::String(f);
+        }
+        if retryable {
+            body["retryable"] = Value::Bool(true);
+        }
+        let mut res = (self.status, Json(body)).into_response();
+        if self.status == StatusCode::SERVICE_UNAVAILABLE {
+            res.headers_mut()
+                .insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
+        }
+        res
+    }
+}
+
+type ApiResult<T> = Result<T, ApiError>;
+
+fn body_error(rejection: BytesRejection) -> ApiError {
+    if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("request body too large: at most {MAX_BODY_BYTES} bytes"),
+        )
+    } else {
+        ApiError::new(
+            rejection.status(),
+            format!("cannot read the request body: {}", rejection.body_text()),
+        )
+    }
+}
+
+fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> ApiResult<T> {
+    serde_json::from_slice(body).map_err(|e| {
+        let what = match e.classify() {
+            serde_json::error::Category::Data => "invalid request",
+            _ => "invalid JSON",
+        };
+        ApiError::new(StatusCode::BAD_REQUEST, format!("{what}: {e}"))
+    })
+}
+
+/// The process-wide Prometheus recorder (installed once).
+pub fn metrics_handle() -> PrometheusHandle {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            let recorder = PrometheusBuilder::new().build_recorder();
+            let handle = recorder.handle();
+            if metrics::set_global_recorder(recorder).is_err() {
+                tracing::warn!("a metrics recorder was already installed; /metrics shows only what this one sees");
+            }
+            handle
+        })
+        .clone()
+}
+
+/// The API over `system`.
+pub fn router(system: Arc<System>) -> Router {
+    let _ = metrics_handle();
+    Router::new()
+        .route("/health", get(health))
+        .route("/metrics", get(metrics_text))
+        .route("/orders", post(create_order).get(list_orders))
+        .route("/orders/{id}", get(get_order))
+        .route("/orders/{id}/timeline", get(get_timeline))
+        .route("/inventory", get(list_inventory))
+        .route("/inventory/{sku}", get(get_inventory))
+        .route("/analytics", get(analytics))
+        .route("/dlq", get(list_dlq))
+        .route("/dlq/archive", get(dlq_archive))
+        .route("/dlq/{id}", get(get_dlq))
+        .route("/dlq/{id}/retry", post(dlq_retry))
+        .route("/dlq/{id}/discard", post(dlq_discard))
+        .route("/dlq/{id}/alert", post(dlq_alert))
+        .route("/dlq/{id}/sms", post(dlq_sms))
+        .fallback(|| async { ApiError::not_found("no such endpoint") })
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .with_state(system)
+}
+
+async fn health(State(s): State<Arc<System>>) -> Json<Value> {
+    Json(json!({ "status": "ok", "runtime": s.platform.name() }))
+}
+
+async fn metrics_text(State(s): State<Arc<System>>) -> impl IntoResponse {
+    let handle = metrics_handle();
+    metrics::gauge!("ecommerce_dlq_open").set(s.dlq.open_count() as f64);
+    for (group, channel, lag) in s.platform.lag() {
+        metrics::gauge!("ecommerce_consumer_lag", "group" => group, "channel" => channel)
+            .set(lag as f64);
+    }
+    let a = s.analytics.summary();
+    metrics::gauge!("ecommerce_orders", "status" => "created").set(a.orders_created as f64);
+    metrics::gauge!("ecommerce_orders", "status" => "confirmed").set(a.orders_confirmed as f64);
+    metrics::gauge!("ecommerce_orders", "status" => "cancelled").set(a.orders_cancelled as f64);
+    handle.run_upkeep();
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        handle.render(),
+    )
+}
+
+async fn create_order(
+    State(s): State<Arc<System>>,
+    body: Result<Bytes, BytesRejection>,
+) -> ApiResult<Response> {
+    let body = body.map_err(body_error)?;
+    let req: OrderRequest = parse_json(&body)?;
+    match s.place_order(&req) {
+        Ok(order) => {
+            let location = format!("/orders/{}", order.order_id);
+            let body = json!({
+                "order_id": order.order_id,
+                "status": order.status,
+                "total": order.total,
+            });
+            Ok((
+                StatusCode::ACCEPTED,
+                [(header::LOCATION, location)],
+                Json(body),
+            )
+                .into_response())
+        }
+        Err(PlaceError::Invalid(inv)) => Err(ApiError {
+            status: StatusCode::UNPROCESSABLE_ENTITY,
+            error: format!("{}: {}", inv.field, inv.message),
+            field: Some(inv.field),
+        }),
+        Err(PlaceError::Unavailable(msg)) => {
+            Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, msg))
+        }
+    }
+}
+
+fn storage_error(e: saga::SagaError) -> ApiError {
+    ApiError::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        format!("cannot read the order store: {e}"),
+    )
+}
+
+async fn list_orders(State(s): State<Arc<System>>) -> ApiResult<Json<Value>> {
+    let orders = s.platform.orders().map_err(storage_error)?;
+    let list: Vec<Value> = orders
+        .into_iter()
+        .map(|o| {
+            json!({
+                "order_id": o.data.order_id,
+                "status": o.data.status,
+                "total": o.data.total,
+                "saga_status": o.status.name(),
+            })
+        })
+        .collect();
+    Ok(Json(json!({ "orders": list })))
+}
+
+async fn get_order(
+    State(s): State<Arc<System>>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<OrderView>> {
+    match s.platform.order(&id).map_err(storage_error)? {
+        Some(inst) => Ok(Json(inst.into())),
+        None => Err(ApiError::not_found(format!("no order `{id}`"))),
+    }
+}
+
+async fn get_timeline(
+    State(s): State<Arc<System>>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<Value>> {
+    let lines = crate::timeline::of(&s, &id);
+    if lines.is_empty() {
+        return Err(ApiError::not_found(format!("no order `{id}`")));
+    }
+    Ok(Json(json!({ "order_id": id, "timeline": lines })))
+}
+
+async fn list_inventory(State(s): State<Arc<System>>) -> Json<Value> {
+    Json(json!({ "stock": s.inventory.levels() }))
+}
+
+async fn get_inventory(
+    State(s): State<Arc<System>>,
+    Path(sku): Path<String>,
+) -> ApiResult<Json<Value>> {
+    s.inventory
+        .level(&sku)
+        .map(|l| Json(json!(l)))
+        .ok_or_else(|| ApiError::not_found(format!("unknown SKU `{sku}`")))
+}
+
+async fn analytics(State(s): State<Arc<System>>) -> Json<Value> {
+    Json(json!(s.analytics.summary()))
+}
+
+async fn list_dlq(State(s): State<Arc<System>>) -> Json<Value> {
+    Json(json!({ "open": s.dlq.open_count(), "entries": s.dlq.list() }))
+}
+
+async fn dlq_archive(State(s): State<Arc<System>>) -> Json<Value> {
+    Json(json!({ "archive": s.dlq.archive(), "alerts": s.dlq.alerts() }))
+}
+
+async fn get_dlq(State(s): State<Arc<System>>, Path(id): Path<String>) -> ApiResult<Json<Value>> {
+    s.dlq
+        .get(&id)
+        .map(|e| Json(json!(e)))
+        .ok_or_else(|| ApiError::not_found(format!("no dead letter `{id}`")))
+}
+
+/// The body of the DLQ actions (all fields optional; the body may be empty).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DlqActionBody {
+    /// Who acts (else the `X-Operator` header, else "anonymous").
+    operator: Option<String>,
+    /// A note for the archive.
+    note: Option<String>,
+    /// For retry: the corrected payload to send instead of the original.
+    payload: Option<Value>,
+}
+
+fn action_body(
+    headers: &HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> ApiResult<(DlqActionBody, String)> {
+    let body = body.map_err(body_error)?;
+    let parsed: DlqActionBody = if body.iter().all(u8::is_ascii_whitespace) {
+        DlqActionBody::default()
+    } else {
+        parse_json(&body)?
+    };
+    let operator = parsed
+        .operator
+        .clone()
+        .or_else(|| {
+            headers
+                .get("x-operator")
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned)
+        })
+        .unwrap_or_else(|| "anonymous".into());
+    Ok((parsed, operator))
+}
+
+fn dlq_result(r: Result<crate::dlq::ArchiveEntry, DlqError>) -> ApiResult<Json<Value>> {
+    match r {
+        Ok(entry) => Ok(Json(json!(entry))),
+        Err(DlqError::NotFound(m)) => Err(ApiError::not_found(m)),
+        Err(DlqError::Closed(m)) => Err(ApiError::new(StatusCode::CONFLICT, m)),
+        Err(DlqError::Invalid(m)) => Err(ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, m)),
+    }
+}
+
+async fn dlq_retry(
+    State(s): State<Arc<System>>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> ApiResult<Json<Value>> {
+    let (b, who) = action_body(&headers, body)?;
+    dlq_result(s.dlq.retry(&id, b.payload, &who))
+}
+
+async fn dlq_discard(
+    State(s): State<Arc<System>>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> ApiResult<Json<Value>> {
+    let (b, who) = action_body(&headers, body)?;
+    dlq_result(s.dlq.discard(&id, &who, b.note.as_deref().unwrap_or("")))
+}
+
+async fn dlq_alert(
+    State(s): State<Arc<System>>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> ApiResult<Json<Value>> {
+    let (b, who) = action_body(&headers, body)?;
+    dlq_result(s.dlq.alert(&id, &who, b.note.as_deref().unwrap_or("")))
+}
+
+async fn dlq_sms(
+    State(s): State<Arc<System>>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> ApiResult<Json<Value>> {
+    let (_, who) = action_body(&headers, body)?;
+    dlq_result(s.dlq.sms(&id, &who))
+}

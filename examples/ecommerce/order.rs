@@ -1,0 +1,538 @@
+//! The order service: the saga orchestrator.
+//!
+//! The `order` saga, step by step:
+//!
+//! | step | kind | does | undone by |
+//! |---|---|---|---|
+//! | `cancellation-notice` | compensatable | nothing | asking `notifications.requests` for the ORDER_CANCELLED email |
+//! | `create-order` | compensatable | PENDING, `ORDER_CREATED` | CANCELLED with the reason, `ORDER_CANCELLED` |
+//! | `reserve-inventory` | **pivot** | `RESERVE` → `inventory.requests`, reply on `inventory.responses` | — |
+//! | `confirm-order` | retriable | CONFIRMED, `ORDER_CONFIRMED` | never |
+//! | `notify-confirmation` | retriable | asking `notifications.requests` for the ORDER_CONFIRMED email | never |
+//!
+//! `INSUFFICIENT_STOCK` fails the pivot with a permanent error whose message
+//! carries the numbers, so the compensations cancel the order with that
+//! reason and send the cancellation email. Once the stock is reserved the
+//! saga only goes forward: a failed email never cancels a confirmed order.
+//!
+//! Why the notifications are remote steps rather than fire-and-forget
+//! commands: `StepContext::emit` publishes an *event* envelope, and the
+//! participant runtime refuses anything that is not a command (it would
+//! dead-letter every request). So the saga sends real commands and folds
+//! the answer (`SENT`, or `FAILED` from the notification service's
+//! dead-letter hook) into the order. The cancellation email is the
+//! compensation of a first, empty step because saga-core has no "on
+//! compensated" hook; it runs after `create-order`'s compensation has put
+//! the reason in the order.
+
+use std::time::Duration;
+
+use rust_decimal::Decimal;
+use saga::{
+    RetryPolicy, SagaDefinition, SagaError, SagaInstance, SagaStatus, Step, StepContext, StepError,
+    Timestamp,
+};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::messages::{
+    InventoryCommand, InventoryReply, NotificationKind, NotificationReply, NotificationRequest,
+    OrderEvent, OrderItem, INVENTORY_REQUESTS, INVENTORY_RESPONSES, NOTIFICATIONS_REQUESTS,
+    NOTIFICATIONS_RESPONSES, ORDERS_DLQ, ORDERS_EVENTS,
+};
+
+/// The saga type's name.
+pub const SAGA: &str = "order";
+
+/// An order's business status.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum OrderStatus {
+    /// Accepted, stock not yet reserved.
+    Pending,
+    /// Stock reserved: the order will be fulfilled.
+    Confirmed,
+    /// Refused (not enough stock …): see the reason.
+    Cancelled,
+}
+
+impl OrderStatus {
+    /// `PENDING`, `CONFIRMED` or `CANCELLED`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OrderStatus::Pending => "PENDING",
+            OrderStatus::Confirmed => "CONFIRMED",
+            OrderStatus::Cancelled => "CANCELLED",
+        }
+    }
+}
+
+/// One change of an order's status.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StatusChange {
+    /// When.
+    pub at: Timestamp,
+    /// The new status.
+    pub status: OrderStatus,
+    /// Why.
+    pub note: String,
+}
+
+/// What became of the customer's email, as the saga learnt it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NotificationOutcome {
+    /// `ORDER_CONFIRMED` or `ORDER_CANCELLED`.
+    pub notification: String,
+    /// `SENT` or `FAILED` (then the request is in `notifications.dlq`).
+    pub status: String,
+    /// Attempts made.
+    pub attempts: u32,
+    /// The last error, if it failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+}
+
+/// The saga data: the order.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Order {
+    /// Its id (also the saga id and the message key).
+    pub order_id: String,
+    /// Who ordered.
+    pub customer_id: String,
+    /// What.
+    pub items: Vec<OrderItem>,
+    /// Sum of the lines, exact.
+    pub total: Decimal,
+    /// PENDING, CONFIRMED or CANCELLED.
+    pub status: OrderStatus,
+    /// Why it was cancelled.
+    pub reason: Option<String>,
+    /// Every status change.
+    pub transitions: Vec<StatusChange>,
+    /// The email's fate, once known.
+    pub notification: Option<NotificationOutcome>,
+}
+
+impl Order {
+    /// A new PENDING order; the total is the sum of the lines.
+    pub fn new(order_id: String, customer_id: String, items: Vec<OrderItem>) -> Self {
+        let total = items.iter().map(OrderItem::line_total).sum::<Decimal>();
+        Self {
+            order_id,
+            customer_id,
+            items,
+            total: total.round_dp(2),
+            status: OrderStatus::Pending,
+            reason: None,
+            transitions: Vec::new(),
+            notification: None,
+        }
+    }
+
+    fn set_status(&mut self, at: Timestamp, status: OrderStatus, note: impl Into<String>) {
+        self.status = status;
+        self.transitions.push(StatusChange {
+            at,
+            status,
+            note: note.into(),
+        });
+    }
+
+    fn notification(&self, kind: NotificationKind) -> NotificationRequest {
+        NotificationRequest {
+            kind,
+            order_id: self.order_id.clone(),
+            customer_id: self.customer_id.clone(),
+            email: email_of(&self.customer_id),
+            total: self.total,
+            reason: self.reason.clone(),
+        }
+    }
+}
+
+/// The (fake) email address of a customer.
+pub fn email_of(customer_id: &str) -> String {
+    format!("{customer_id}@example.com")
+}
+
+/// A short category for a cancellation reason, for analytics.
+pub fn reason_code(reason: &str) -> &'static str {
+    if reason.contains("stock") {
+        "stock"
+    } else if reason.contains("Unknown SKU") {
+        "unknown_sku"
+    } else if reason.contains("timed out") {
+        "timeout"
+    } else {
+        "other"
+    }
+}
+
+/// Timings of the saga's remote steps.
+#[derive(Clone, Debug)]
+pub struct OrderPolicy {
+    /// Deadline of one `RESERVE` attempt.
+    pub reserve_timeout: Duration,
+    /// Deadline of one notification request. It must exceed the
+    /// notification service's whole retry budget (3 × 5 s + 2 s + 4 s).
+    pub notify_timeout: Duration,
+}
+
+impl Default for OrderPolicy {
+    fn default() -> Self {
+        Self {
+            reserve_timeout: Duration::from_secs(10),
+            notify_timeout: Duration::from_secs(60),
+        }
+    }
+}
+
+fn on_notification_reply(
+    ctx: &mut StepContext<'_, Order>,
+    kind: NotificationKind,
+    reply: NotificationReply,
+) -> Result<(), StepError> {
+    let outcome = match reply {
+        NotificationReply::Sent { attempts } => NotificationOutcome {
+            notification: kind.as_str().into(),
+            status: "SENT".into(),
+            attempts,
+            last_error: None,
+        },
+        NotificationReply::Failed {
+            attempts,
+            last_error,
+        } => NotificationOutcome {
+            notification: kind.as_str().into(),
+            status: "FAILED".into(),
+            attempts,
+            last_error: Some(last_error),
+        },
+    };
+    ctx.data_mut().notification = Some(outcome);
+    Ok(())
+}
+
+/// The `order` saga.
+pub fn saga(policy: &OrderPolicy) -> Result<SagaDefinition<Order>, SagaError> {
+    let notify_retry = RetryPolicy::exponential(Duration::from_secs(1), 2.0).with_max_attempts(3);
+    SagaDefinition::<Order>::builder(SAGA)
+        .dead_letter_channel(ORDERS_DLQ)
+        .step(
+            Step::local("cancellation-notice", |_| Ok(()))
+                .compensate_remote(NOTIFICATIONS_REQUESTS, |o: &Order| {
+                    o.notification(NotificationKind::OrderCancelled)
+                })
+                .reply_to(NOTIFICATIONS_RESPONSES)
+                .compensation_retry(notify_retry.clone())
+                .timeout(policy.notify_timeout),
+        )
+        .step(
+            Step::local("create-order", |ctx: &mut StepContext<'_, Order>| {
+                let now = ctx.now();
+                let o = ctx.data_mut();
+                o.set_status(now, OrderStatus::Pending, "order created");
+                let event = OrderEvent::OrderCreated {
+                    order_id: o.order_id.clone(),
+                    customer_id: o.customer_id.clone(),
+                    items: o.items.clone(),
+                    total: o.total,
+                };
+                ctx.emit(ORDERS_EVENTS, &event);
+                Ok(())
+            })
+            .compensate_local(|ctx| {
+                let now = ctx.now();
+                let reason = ctx
+                    .failure_reason()
+                    .unwrap_or("cancelled by the system")
+                    .to_owned();
+                let o = ctx.data_mut();
+                o.reason = Some(reason.clone());
+                o.set_status(now, OrderStatus::Cancelled, reason.clone());
+                let event = OrderEvent::OrderCancelled {
+                    order_id: o.order_id.clone(),
+                    total: o.total,
+                    reason_code: reason_code(&reason).into(),
+                    reason,
+                };
+                ctx.emit(ORDERS_EVENTS, &event);
+                Ok(())
+            }),
+        )
+        .step(
+            Step::remote("reserve-inventory", INVENTORY_REQUESTS)
+                .command(|o: &Order| InventoryCommand::Reserve {
+                    order_id: o.order_id.clone(),
+                    items: o.items.clone(),
+                })
+                .on_reply(|_ctx, reply: InventoryReply| match reply {
+                    InventoryReply::Reserved { .. } => Ok(()),
+                    InventoryReply::InsufficientStock {
+                        sku,
+                        available,
+                        requested,
+                        reason,
+                        ..
+                    } => Err(StepError::permanent(format!(
+                        "{reason}: {sku} available {available}, requested {requested}"
+                    ))),
+                })
+                .reply_to(INVENTORY_RESPONSES)
+                .retry(
+                    RetryPolicy::exponential(Duration::from_millis(500), 2.0).with_max_attempts(3),
+                )
+                .timeout(policy.reserve_timeout)
+                .pivot(),
+        )
+        .step(
+            Step::local("confirm-order", |ctx: &mut StepContext<'_, Order>| {
+                let now = ctx.now();
+                let o = ctx.data_mut();
+                o.set_status(now, OrderStatus::Confirmed, "stock reserved");
+                let event = OrderEvent::OrderConfirmed {
+                    order_id: o.order_id.clone(),
+                    total: o.total,
+                };
+                ctx.emit(ORDERS_EVENTS, &event);
+                Ok(())
+            })
+            .retriable(),
+        )
+        .step(
+            Step::remote("notify-confirmation", NOTIFICATIONS_REQUESTS)
+                .command(|o: &Order| o.notification(NotificationKind::OrderConfirmed))
+                .on_reply(|ctx, reply: NotificationReply| {
+                    on_notification_reply(ctx, NotificationKind::OrderConfirmed, reply)
+                })
+                .reply_to(NOTIFICATIONS_RESPONSES)
+                .retry(notify_retry)
+                .timeout(policy.notify_timeout)
+                .retriable(),
+        )
+        .build()
+}
+
+/// A client's order, as posted to `POST /orders` (validated by [`validate`]).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OrderRequest {
+    /// Who orders.
+    pub customer_id: String,
+    /// What (at least one line).
+    pub items: Vec<ItemRequest>,
+}
+
+/// One line of an [`OrderRequest`]. Quantity and price are checked by
+/// [`validate`], so they are read loosely here to say exactly what is wrong.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ItemRequest {
+    /// The product.
+    pub sku: String,
+    /// How many (must be ≥ 1).
+    pub quantity: i64,
+    /// The unit price, a decimal string like "999.99" (a JSON number is
+    /// accepted too).
+    pub unit_price: Value,
+}
+
+/// What is wrong with an order request.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Invalid {
+    /// Which field (`items[1].quantity`).
+    pub field: String,
+    /// What is wrong with it.
+    pub message: String,
+}
+
+fn invalid(field: impl Into<String>, message: impl Into<String>) -> Invalid {
+    Invalid {
+        field: field.into(),
+        message: message.into(),
+    }
+}
+
+/// Most lines per order, and most units per line.
+pub const MAX_ITEMS: usize = 100;
+/// Most units per line.
+pub const MAX_QUANTITY: i64 = 10_000;
+
+/// Parses a price: a positive decimal with at most 2 decimal places.
+pub fn parse_price(v: &Value) -> Result<Decimal, String> {
+    let text = match v {
+        Value::String(s) => s.trim().to_owned(),
+        Value::Number(n) => n.to_string(),
+        other => {
+            return Err(format!(
+                "must be a decimal string like \"999.99\", got {other}"
+            ))
+        }
+    };
+    let price: Decimal = text
+        .parse()
+        .map_err(|_| format!("`{text}` is not a decimal number (use a string like \"999.99\")"))?;
+    if price <= Decimal::ZERO {
+        return Err(format!("must be greater than 0, got {text}"));
+    }
+    if price.scale() > 2 && price.normalize().scale() > 2 {
+        return Err(format!("`{text}` has more than 2 decimal places"));
+    }
+    if price > Decimal::from(1_000_000) {
+        return Err(format!("`{text}` is more than 1000000"));
+    }
+    let mut price = price.normalize();
+    price.rescale(2);
+    Ok(price)
+}
+
+/// Checks a request against the catalogue (`known_sku`) and builds the lines.
+pub fn validate(
+    req: &OrderRequest,
+    known_sku: impl Fn(&str) -> bool,
+) -> Result<Vec<OrderItem>, Invalid> {
+    if req.customer_id.trim().is_empty() {
+        return Err(invalid("customer_id", "must not be empty"));
+    }
+    if req.customer_id.len() > 64
+        || !req
+            .customer_id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+    {
+        return Err(invalid(
+            "customer_id",
+            "must be at most 64 letters, digits, '-', '_' or '.'",
+        ));
+    }
+    if req.items.is_empty() {
+        return Err(invalid("items", "an order needs at least one item"));
+    }
+    if req.items.len() > MAX_ITEMS {
+        return Err(invalid(
+            "items",
+            format!(
+                "at most {MAX_ITEMS} items per order, got {}",
+                req.items.len()
+            ),
+        ));
+    }
+    let mut lines = Vec::with_capacity(req.items.len());
+    for (i, item) in req.items.iter().enumerate() {
+        let at = |f: &str| format!("items[{i}].{f}");
+        if !known_sku(&item.sku) {
+            return Err(invalid(at("sku"), format!("unknown SKU `{}`", item.sku)));
+        }
+        if item.quantity <= 0 {
+            return Err(invalid(
+                at("quantity"),
+                format!("must be at least 1, got {}", item.quantity),
+            ));
+        }
+        if item.quantity > MAX_QUANTITY {
+            return Err(invalid(
+                at("quantity"),
+                format!("must be at most {MAX_QUANTITY}, got {}", item.quantity),
+            ));
+        }
+        let unit_price = parse_price(&item.unit_price)
+            .map_err(|m| invalid(at("unit_price"), format!("malformed price: {m}")))?;
+        lines.push(OrderItem {
+            sku: item.sku.clone(),
+            quantity: item.quantity as u32,
+            unit_price,
+        });
+    }
+    Ok(lines)
+}
+
+/// An order as served by `GET /orders/{id}`.
+#[derive(Clone, Debug, Serialize)]
+pub struct OrderView {
+    /// The id.
+    pub order_id: String,
+    /// The customer.
+    pub customer_id: String,
+    /// PENDING, CONFIRMED or CANCELLED.
+    pub status: OrderStatus,
+    /// The total, exact.
+    pub total: Decimal,
+    /// The lines.
+    pub items: Vec<OrderItem>,
+    /// Why it was cancelled.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// The email's fate, once known.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub notification: Option<NotificationOutcome>,
+    /// Status changes, oldest first.
+    pub history: Vec<StatusChange>,
+    /// The saga's own status: running, compensating, completed,
+    /// compensated or parked.
+    pub saga_status: String,
+    /// The saga engine's log of this order.
+    pub saga_history: Vec<saga::HistoryEntry>,
+}
+
+impl From<SagaInstance<Order>> for OrderView {
+    fn from(inst: SagaInstance<Order>) -> Self {
+        let saga_status = match &inst.status {
+            SagaStatus::Parked { reason } => format!("parked: {reason}"),
+            s => s.name().to_owned(),
+        };
+        let o = inst.data;
+        Self {
+            order_id: o.order_id,
+            customer_id: o.customer_id,
+            status: o.status,
+            total: o.total,
+            items: o.items,
+            reason: o.reason,
+            notification: o.notification,
+            history: o.transitions,
+            saga_status,
+            saga_history: inst.history,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn prices_are_exact_and_checked() {
+        assert_eq!(parse_price(&json!("999.99")).unwrap().to_string(), "999.99");
+        assert_eq!(parse_price(&json!("1000")).unwrap().to_string(), "1000.00");
+        assert_eq!(parse_price(&json!(29.99)).unwrap().to_string(), "29.99");
+        assert!(parse_price(&json!("9.999")).is_err());
+        assert!(parse_price(&json!("abc")).is_err());
+        assert!(parse_price(&json!("-1")).is_err());
+        assert!(parse_price(&json!(null)).is_err());
+    }
+
+    #[test]
+    fn total_is_the_exact_sum() {
+        let items = vec![
+            OrderItem {
+                sku: "LAPTOP-001".into(),
+                quantity: 1,
+                unit_price: parse_price(&json!("999.99")).unwrap(),
+            },
+            OrderItem {
+                sku: "MOUSE-001".into(),
+                quantity: 2,
+                unit_price: parse_price(&json!("29.99")).unwrap(),
+            },
+        ];
+        let o = Order::new("o".into(), "c".into(), items);
+        assert_eq!(o.total.to_string(), "1059.97");
+    }
+
+    #[test]
+    fn the_saga_definition_is_valid() {
+        let def = saga(&OrderPolicy::default()).unwrap();
+        assert_eq!(def.steps().len(), 5);
+    }
+}
