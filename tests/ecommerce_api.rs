@@ -1,0 +1,631 @@
+//! The e-commerce example through its HTTP API, in memory, under tokio's
+//! paused clock (the notification backoffs take no real time): the seed's
+//! three flows, the DLQ processor, idempotency, and every bad request.
+
+// The example's modules, compiled into this test crate (the CLI client is
+// left out); not every helper is used here.
+#![allow(dead_code)]
+
+#[path = "../examples/ecommerce/analytics.rs"]
+mod analytics;
+#[path = "../examples/ecommerce/demo.rs"]
+mod demo;
+#[path = "../examples/ecommerce/dlq.rs"]
+mod dlq;
+#[path = "../examples/ecommerce/http.rs"]
+mod http;
+#[path = "../examples/ecommerce/inventory.rs"]
+mod inventory;
+#[path = "../examples/ecommerce/messages.rs"]
+mod messages;
+#[path = "../examples/ecommerce/notification.rs"]
+mod notification;
+#[path = "../examples/ecommerce/order.rs"]
+mod order;
+#[path = "../examples/ecommerce/system.rs"]
+mod system;
+#[path = "../examples/ecommerce/timeline.rs"]
+mod timeline;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::http::StatusCode;
+use axum::Router;
+use serde_json::{json, Value};
+
+use demo::call;
+use notification::FakeOutcome;
+use system::{Config, RuntimeKind, System};
+
+fn start() -> (Arc<System>, Router) {
+    let system = Arc::new(System::start(Config::default()).expect("the system starts"));
+    let api = http::router(system.clone());
+    (system, api)
+}
+
+fn seed_order() -> Value {
+    json!({"customer_id": "c-42", "items": [
+        {"sku": "LAPTOP-001", "quantity": 1, "unit_price": "999.99"},
+        {"sku": "MOUSE-001", "quantity": 2, "unit_price": "29.99"}
+    ]})
+}
+
+/// Posts `body`, expects 202, waits until everything settled; returns the id.
+async fn place(system: &System, api: &Router, body: Value) -> String {
+    let (status, created) = call(api, "POST", "/orders", Some(body)).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{created}");
+    assert_eq!(created["status"], "PENDING");
+    let id = created["order_id"].as_str().unwrap().to_owned();
+    assert!(
+        system.wait_idle(Duration::from_secs(120)).await,
+        "order {id} did not settle"
+    );
+    id
+}
+
+async fn get(api: &Router, path: &str) -> Value {
+    let (status, body) = call(api, "GET", path, None).await;
+    assert_eq!(status, StatusCode::OK, "GET {path}: {body}");
+    body
+}
+
+#[tokio::test(start_paused = true)]
+async fn flow_1_success_confirms_reserves_and_notifies() {
+    let (system, api) = start();
+    let (status, created) = call(&api, "POST", "/orders", Some(seed_order())).await;
+    assert_eq!(status, StatusCode::ACCEPTED);
+    assert_eq!(created["total"], "1059.97");
+    assert_eq!(created["status"], "PENDING");
+    let id = created["order_id"].as_str().unwrap().to_owned();
+    assert!(system.wait_idle(Duration::from_secs(60)).await);
+
+    let order = get(&api, &format!("/orders/{id}")).await;
+    assert_eq!(order["status"], "CONFIRMED");
+    assert_eq!(order["total"], "1059.97");
+    assert_eq!(order["notification"]["status"], "SENT");
+    let history: Vec<&str> = order["history"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| h["status"].as_str().unwrap())
+        .collect();
+    assert_eq!(history, ["PENDING", "CONFIRMED"]);
+    assert!(order.get("reason").is_none());
+
+    let laptop = get(&api, "/inventory/LAPTOP-001").await;
+    assert_eq!(
+        (laptop["reserved"].as_u64(), laptop["available"].as_u64()),
+        (Some(1), Some(49))
+    );
+    let mouse = get(&api, "/inventory/MOUSE-001").await;
+    assert_eq!(
+        (mouse["reserved"].as_u64(), mouse["available"].as_u64()),
+        (Some(2), Some(198))
+    );
+
+    let a = get(&api, "/analytics").await;
+    assert_eq!(a["orders.created"], 1);
+    assert_eq!(a["orders.confirmed"], 1);
+    assert_eq!(a["orders.cancelled"], 0);
+    assert_eq!(a["revenue.confirmed"], "1059.97");
+    assert_eq!(a["notifications.sent"], 1);
+    assert_eq!(a["inventory.reservations"], 1);
+
+    // Every channel of the seed carried this order's messages.
+    for ch in [
+        messages::ORDERS_EVENTS,
+        messages::INVENTORY_REQUESTS,
+        messages::INVENTORY_RESPONSES,
+        messages::INVENTORY_EVENTS,
+        messages::NOTIFICATIONS_REQUESTS,
+        messages::NOTIFICATIONS_EVENTS,
+    ] {
+        assert!(
+            system
+                .platform
+                .read(ch)
+                .iter()
+                .any(|e| e.saga_id.as_str() == id),
+            "nothing for {id} on {ch}"
+        );
+    }
+    let types: Vec<String> = system
+        .platform
+        .read(messages::ORDERS_EVENTS)
+        .iter()
+        .map(|e| messages::message_type(&e.payload))
+        .collect();
+    assert_eq!(types, ["ORDER_CREATED", "ORDER_CONFIRMED"]);
+    let timeline = get(&api, &format!("/orders/{id}/timeline")).await;
+    assert!(timeline["timeline"].as_array().unwrap().len() >= 10);
+}
+
+#[tokio::test(start_paused = true)]
+async fn flow_2_insufficient_stock_cancels_with_the_numbers_and_changes_nothing() {
+    let (system, api) = start();
+    let id = place(
+        &system,
+        &api,
+        json!({"customer_id": "c-7", "items": [
+            {"sku": "MOUSE-001", "quantity": 1, "unit_price": "29.99"},
+            {"sku": "LAPTOP-001", "quantity": 100, "unit_price": "999.99"}
+        ]}),
+    )
+    .await;
+    let order = get(&api, &format!("/orders/{id}")).await;
+    assert_eq!(order["status"], "CANCELLED");
+    assert_eq!(
+        order["reason"],
+        "Not enough stock: LAPTOP-001 available 50, requested 100"
+    );
+    assert_eq!(order["saga_status"], "compensated");
+    // The customer is told.
+    assert_eq!(order["notification"], Value::Null);
+    let sent = system.email.sent();
+    assert_eq!(sent.len(), 1);
+    assert!(
+        sent[0].body.contains("Not enough stock"),
+        "{}",
+        sent[0].body
+    );
+
+    // All or nothing: not even the mouse was reserved.
+    for sku in ["LAPTOP-001", "MOUSE-001"] {
+        assert_eq!(get(&api, &format!("/inventory/{sku}")).await["reserved"], 0);
+    }
+    let reply = system
+        .platform
+        .read(messages::INVENTORY_RESPONSES)
+        .into_iter()
+        .find(|e| e.saga_id.as_str() == id)
+        .unwrap();
+    assert_eq!(reply.payload["status"], "INSUFFICIENT_STOCK");
+    assert_eq!(reply.payload["available"], 50);
+    assert_eq!(reply.payload["requested"], 100);
+
+    let a = get(&api, "/analytics").await;
+    assert_eq!(a["orders.created"], 1);
+    assert_eq!(a["orders.cancelled"], 1);
+    assert_eq!(a["orders.confirmed"], 0);
+    assert_eq!(a["revenue.lost"], "100028.99");
+    assert_eq!(a["cancellation_reasons"]["stock"], 1);
+    assert_eq!(a["notifications.sent"], 1);
+    assert_eq!(a["inventory.reservations"], 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn flow_3_failing_email_goes_to_the_dlq_after_3_attempts_and_the_order_stays_confirmed() {
+    let (system, api) = start();
+    system.email.script([
+        FakeOutcome::Timeout,
+        FakeOutcome::Status(503),
+        FakeOutcome::Status(500),
+    ]);
+    let id = place(&system, &api, seed_order()).await;
+    let order = get(&api, &format!("/orders/{id}")).await;
+    assert_eq!(order["status"], "CONFIRMED");
+    assert_eq!(order["saga_status"], "completed");
+    assert_eq!(order["notification"]["status"], "FAILED");
+    assert_eq!(order["notification"]["attempts"], 3);
+
+    // Three attempts: a timeout (5 s), then 503 two seconds later, then
+    // 500 four seconds after that.
+    let attempts = system.notifications.attempts_for(&id);
+    let outcomes: Vec<&str> = attempts.iter().map(|a| a.outcome.as_str()).collect();
+    assert_eq!(
+        outcomes,
+        [
+            "no answer (timed out)",
+            "503 Service Unavailable",
+            "500 Internal Server Error"
+        ]
+    );
+    let gap = |i: usize| {
+        attempts[i]
+            .started_at
+            .saturating_since(attempts[i - 1].ended_at)
+    };
+    assert!(gap(1) >= Duration::from_secs(2) && gap(2) >= Duration::from_secs(4));
+
+    let dlq = get(&api, "/dlq").await;
+    assert_eq!(dlq["open"], 1);
+    let entry = &dlq["entries"][0];
+    assert_eq!(entry["dlq_id"], "dlq-1");
+    assert_eq!(entry["order_id"], id.as_str());
+    assert_eq!(entry["status"], "open");
+    let dead = &entry["dead_letter"];
+    assert_eq!(dead["channel"], "notifications.dlq");
+    assert_eq!(dead["retry_count"], 3);
+    assert_eq!(dead["reason"], "max retries reached (3 attempts)");
+    assert_eq!(dead["last_error"], "500 Internal Server Error");
+    assert!(dead["failure_timestamp"].is_u64());
+    assert_eq!(dead["original"]["channel"], "notifications.requests");
+    assert_eq!(dead["original"]["payload"]["type"], "ORDER_CONFIRMED");
+
+    let a = get(&api, "/analytics").await;
+    assert_eq!(a["orders.confirmed"], 1);
+    assert_eq!(a["revenue.confirmed"], "1059.97");
+    assert_eq!(a["notifications.sent"], 0);
+    assert_eq!(a["notifications.failed"], 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_dlq_processor_retries_corrected_alerts_discards_and_archives() {
+    let (system, api) = start();
+    // Two orders whose emails fail permanently (400: not retried).
+    system
+        .email
+        .script([FakeOutcome::Status(400), FakeOutcome::Status(400)]);
+    let first = place(&system, &api, seed_order()).await;
+    let second = place(&system, &api, seed_order()).await;
+    assert_eq!(get(&api, "/dlq").await["open"], 2);
+    let retry_count = &get(&api, "/dlq/dlq-1").await["dead_letter"]["retry_count"];
+    assert_eq!(retry_count, 1, "a permanent error is not retried");
+
+    // Alert: archived, the message stays open.
+    let (status, alert) = call(
+        &api,
+        "POST",
+        "/dlq/dlq-1/alert",
+        Some(json!({"operator": "alice", "note": "email API rejects us"})),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{alert}");
+    assert_eq!(get(&api, "/dlq/dlq-1").await["status"], "alerted");
+
+    // Retry with a corrected payload: sent again under a new id, delivered.
+    let mut corrected = get(&api, "/dlq/dlq-1").await["dead_letter"]["original"]["payload"].clone();
+    corrected["email"] = json!("c-42@corrected.example.com");
+    let (status, retried) = call(
+        &api,
+        "POST",
+        "/dlq/dlq-1/retry",
+        Some(json!({"operator": "alice", "payload": corrected})),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{retried}");
+    assert!(retried["new_message_id"]
+        .as_str()
+        .unwrap()
+        .ends_with("/dlq-retry"));
+    assert!(system.wait_idle(Duration::from_secs(60)).await);
+    assert!(system
+        .email
+        .sent()
+        .iter()
+        .any(|e| e.to == "c-42@corrected.example.com"));
+    assert_eq!(get(&api, "/dlq/dlq-1").await["status"], "retried");
+    // A closed dead letter is not handled twice.
+    let (status, again) = call(&api, "POST", "/dlq/dlq-1/retry", None).await;
+    assert_eq!(status, StatusCode::CONFLICT);
+    assert!(again["error"].as_str().unwrap().contains("already handled"));
+
+    // Discard the other, with the operator from the header.
+    let req = axum::http::Request::builder()
+        .method("POST")
+        .uri("/dlq/dlq-2/discard")
+        .header("x-operator", "bob")
+        .body(axum::body::Body::empty())
+        .unwrap();
+    let res = tower::ServiceExt::oneshot(api.clone(), req).await.unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+
+    let archive = get(&api, "/dlq/archive").await;
+    let done: Vec<(String, String, String)> = archive["archive"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            (
+                e["dlq_id"].as_str().unwrap().to_owned(),
+                e["action"].as_str().unwrap().to_owned(),
+                e["by"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    let expected: Vec<(String, String, String)> = [
+        ("dlq-1", "alert", "alice"),
+        ("dlq-1", "retry", "alice"),
+        ("dlq-2", "discard", "bob"),
+    ]
+    .iter()
+    .map(|(a, b, c)| ((*a).into(), (*b).into(), (*c).into()))
+    .collect();
+    assert_eq!(done, expected);
+    assert!(archive["archive"][0]["at"].is_u64());
+    assert_eq!(get(&api, "/dlq").await["open"], 0);
+
+    // Both orders stayed CONFIRMED throughout.
+    for id in [first, second] {
+        assert_eq!(
+            get(&api, &format!("/orders/{id}")).await["status"],
+            "CONFIRMED"
+        );
+    }
+    let (status, _) = call(&api, "POST", "/dlq/dlq-9/discard", None).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_sms_fallback_tells_the_customer_and_counts_as_sent() {
+    let (system, api) = start();
+    system.email.script([FakeOutcome::Status(400)]);
+    let id = place(&system, &api, seed_order()).await;
+    let (status, done) = call(
+        &api,
+        "POST",
+        "/dlq/dlq-1/sms",
+        Some(json!({"operator": "carol"})),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{done}");
+    assert_eq!(done["action"], "sms");
+    let sms = system.dlq.sms_gateway().sent();
+    assert_eq!(sms.len(), 1);
+    assert!(sms[0].text.contains(&id));
+    assert!(system.wait_idle(Duration::from_secs(10)).await);
+    let a = get(&api, "/analytics").await;
+    assert_eq!(
+        (
+            a["notifications.failed"].as_u64(),
+            a["notifications.sent"].as_u64()
+        ),
+        (Some(1), Some(1))
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_reservation_request_seen_twice_reserves_once() {
+    let (system, api) = start();
+    let id = place(&system, &api, seed_order()).await;
+    let original = system
+        .platform
+        .read(messages::INVENTORY_REQUESTS)
+        .into_iter()
+        .find(|e| e.saga_id.as_str() == id)
+        .unwrap();
+    // Redelivered with the same id (the runtime's ledger answers it again)
+    // and re-sent under a new id (the inventory's per-order guard).
+    let mut renamed = original.clone();
+    renamed.id = saga::MessageId::new(format!("{}/resent", original.id));
+    system.platform.publish(original).unwrap();
+    system.platform.publish(renamed).unwrap();
+    assert!(system.wait_idle(Duration::from_secs(10)).await);
+    let laptop = get(&api, "/inventory/LAPTOP-001").await;
+    assert_eq!(laptop["reserved"], 1);
+    let replies = system
+        .platform
+        .read(messages::INVENTORY_RESPONSES)
+        .into_iter()
+        .filter(|e| e.saga_id.as_str() == id)
+        .count();
+    assert_eq!(replies, 3, "each delivery is answered");
+    let reserved_events = system
+        .platform
+        .read(messages::INVENTORY_EVENTS)
+        .into_iter()
+        .filter(|e| e.saga_id.as_str() == id)
+        .count();
+    assert_eq!(reserved_events, 1);
+    assert_eq!(get(&api, "/analytics").await["orders.confirmed"], 1);
+    assert_eq!(
+        get(&api, &format!("/orders/{id}")).await["status"],
+        "CONFIRMED"
+    );
+}
+
+#[test]
+fn analytics_counts_an_event_once() {
+    let a = analytics::Analytics::new();
+    let env = saga::Envelope::event(
+        saga::MessageId::new("o-1/event/2"),
+        messages::ORDERS_EVENTS,
+        saga::SagaId::new("o-1"),
+        "order",
+        serde_json::to_value(messages::OrderEvent::OrderConfirmed {
+            order_id: "o-1".into(),
+            total: "10.50".parse().unwrap(),
+        })
+        .unwrap(),
+        saga::Timestamp::EPOCH,
+    );
+    a.apply(&env);
+    a.apply(&env);
+    let s = a.summary();
+    assert_eq!(s.orders_confirmed, 1);
+    assert_eq!(s.revenue_confirmed.to_string(), "10.50");
+}
+
+#[tokio::test(start_paused = true)]
+async fn health_metrics_and_lookups() {
+    let (system, api) = start();
+    let _ = place(&system, &api, seed_order()).await;
+    assert_eq!(get(&api, "/health").await["status"], "ok");
+    let (status, text) = call(&api, "GET", "/metrics", None).await;
+    assert_eq!(status, StatusCode::OK);
+    let text = text.as_str().unwrap().to_owned();
+    for name in [
+        "ecommerce_dlq_open",
+        "ecommerce_consumer_lag",
+        "saga_started_total",
+    ] {
+        assert!(text.contains(name), "{name} missing from /metrics:\n{text}");
+    }
+    assert_eq!(
+        get(&api, "/orders").await["orders"]
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
+    let (status, body) = call(&api, "GET", "/orders/ORD-NOPE", None).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert_eq!(body["error"], "no order `ORD-NOPE`");
+    let (status, body) = call(&api, "GET", "/inventory/NOPE-1", None).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert_eq!(body["error"], "unknown SKU `NOPE-1`");
+    assert_eq!(
+        get(&api, "/inventory").await["stock"]
+            .as_array()
+            .unwrap()
+            .len(),
+        5
+    );
+}
+
+#[tokio::test]
+async fn kafka_mode_says_it_is_not_there_yet() {
+    let err = System::start(Config {
+        runtime: RuntimeKind::Kafka("localhost:9092".into()),
+        ..Config::default()
+    })
+    .err()
+    .unwrap();
+    assert!(err.contains("not implemented yet"), "{err}");
+}
+
+// ---- Bad requests: one test per case, status and message. ----
+
+/// Posts raw `body` to /orders; returns the status and the error message.
+async fn reject(body: &str) -> (StatusCode, String, Value) {
+    let (system, api) = start();
+    let req = axum::http::Request::builder()
+        .method("POST")
+        .uri("/orders")
+        .header("content-type", "application/json")
+        .body(axum::body::Body::from(body.to_owned()))
+        .unwrap();
+    let res = tower::ServiceExt::oneshot(api, req).await.unwrap();
+    let status = res.status();
+    let bytes = axum::body::to_bytes(res.into_body(), usize::MAX)
+        .await
+        .unwrap();
+    let v: Value = serde_json::from_slice(&bytes).expect("errors are JSON");
+    // Nothing was started.
+    assert!(system.platform.orders().unwrap().is_empty());
+    (
+        status,
+        v["error"].as_str().unwrap_or_default().to_owned(),
+        v,
+    )
+}
+
+fn with_item(item: Value) -> String {
+    json!({"customer_id": "c-42", "items": [item]}).to_string()
+}
+
+#[tokio::test]
+async fn bad_json_is_400() {
+    let (status, error, _) = reject(r#"{"customer_id": "c-42", "items": [}"#).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(error.starts_with("invalid JSON:"), "{error}");
+}
+
+#[tokio::test]
+async fn a_missing_field_is_400() {
+    let (status, error, _) = reject(r#"{"customer_id": "c-42"}"#).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(error.contains("missing field `items`"), "{error}");
+}
+
+#[tokio::test]
+async fn no_items_is_422() {
+    let (status, error, v) = reject(r#"{"customer_id": "c-42", "items": []}"#).await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(error, "items: an order needs at least one item");
+    assert_eq!(v["field"], "items");
+}
+
+#[tokio::test]
+async fn zero_quantity_is_422() {
+    let body = with_item(json!({"sku": "LAPTOP-001", "quantity": 0, "unit_price": "999.99"}));
+    let (status, error, v) = reject(&body).await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(error, "items[0].quantity: must be at least 1, got 0");
+    assert_eq!(v["field"], "items[0].quantity");
+}
+
+#[tokio::test]
+async fn negative_quantity_is_422() {
+    let body = with_item(json!({"sku": "LAPTOP-001", "quantity": -3, "unit_price": "999.99"}));
+    let (status, error, _) = reject(&body).await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(error, "items[0].quantity: must be at least 1, got -3");
+}
+
+#[tokio::test]
+async fn unknown_sku_is_422() {
+    let body = with_item(json!({"sku": "NOPE-1", "quantity": 1, "unit_price": "1.00"}));
+    let (status, error, _) = reject(&body).await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(error, "items[0].sku: unknown SKU `NOPE-1`");
+}
+
+#[tokio::test]
+async fn malformed_price_is_422() {
+    let body = with_item(json!({"sku": "LAPTOP-001", "quantity": 1, "unit_price": "12,50"}));
+    let (status, error, _) = reject(&body).await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert!(
+        error.starts_with("items[0].unit_price: malformed price: `12,50` is not a decimal number"),
+        "{error}"
+    );
+}
+
+#[tokio::test]
+async fn a_price_with_fractions_of_a_cent_is_422() {
+    let body = with_item(json!({"sku": "LAPTOP-001", "quantity": 1, "unit_price": "9.999"}));
+    let (status, error, _) = reject(&body).await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(
+        error,
+        "items[0].unit_price: malformed price: `9.999` has more than 2 decimal places"
+    );
+}
+
+#[tokio::test]
+async fn a_negative_price_is_422() {
+    let body = with_item(json!({"sku": "LAPTOP-001", "quantity": 1, "unit_price": "-5.00"}));
+    let (status, error, _) = reject(&body).await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(
+        error,
+        "items[0].unit_price: malformed price: must be greater than 0, got -5.00"
+    );
+}
+
+#[tokio::test]
+async fn a_body_too_large_is_413() {
+    let padding = "x".repeat(http::MAX_BODY_BYTES);
+    let body = json!({"customer_id": padding, "items": []}).to_string();
+    let (status, error, _) = reject(&body).await;
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
+    assert_eq!(error, "request body too large: at most 16384 bytes");
+}
+
+#[tokio::test]
+async fn a_runtime_that_cannot_take_the_write_is_503_and_retryable() {
+    let (system, api) = start();
+    system.memory().set_accepting(false);
+    let req = axum::http::Request::builder()
+        .method("POST")
+        .uri("/orders")
+        .body(axum::body::Body::from(seed_order().to_string()))
+        .unwrap();
+    let res = tower::ServiceExt::oneshot(api.clone(), req).await.unwrap();
+    assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(res.headers()["retry-after"], "1");
+    let bytes = axum::body::to_bytes(res.into_body(), usize::MAX)
+        .await
+        .unwrap();
+    let v: Value = serde_json::from_slice(&bytes).unwrap();
+    assert_eq!(v["retryable"], true);
+    assert!(v["error"].as_str().unwrap().contains("please retry"), "{v}");
+    assert!(system.platform.orders().unwrap().is_empty());
+
+    // Once it takes writes again, the same request goes through.
+    system.memory().set_accepting(true);
+    let (status, _) = call(&api, "POST", "/orders", Some(seed_order())).await;
+    assert_eq!(status, StatusCode::ACCEPTED);
+}
