@@ -54,6 +54,7 @@ pub struct ArchiveEntry {
     /// Who did it.
     pub by: String,
     /// When.
+    #[serde(serialize_with = "crate::messages::rfc3339")]
     pub at: Timestamp,
     /// The operator's note, or what happened ("SMS to …").
     pub note: String,
@@ -71,6 +72,8 @@ pub struct Entry {
     pub status: String,
     /// The order (the saga id of the original message).
     pub order_id: String,
+    /// When the last attempt failed, as RFC 3339 text.
+    pub failure_time: String,
     /// The dead letter with its metadata and original message.
     pub dead_letter: DeadLetter,
     /// What was done with it, oldest first.
@@ -190,6 +193,7 @@ impl DlqProcessor {
             dlq_id: format!("dlq-{}", index + 1),
             status: status.into(),
             order_id: dead.original.saga_id.to_string(),
+            failure_time: dead.failure_timestamp.to_string(),
             dead_letter: dead.clone(),
             actions: actions.to_vec(),
         }

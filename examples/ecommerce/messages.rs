@@ -242,6 +242,13 @@ pub enum NotificationEvent {
     },
 }
 
+/// Serializes a [`saga::Timestamp`] as RFC 3339 text
+/// (`2026-11-27T18:38:01.200Z`) in API answers; use with
+/// `#[serde(serialize_with = "crate::messages::rfc3339")]`.
+pub fn rfc3339<S: serde::Serializer>(t: &saga::Timestamp, s: S) -> Result<S::Ok, S::Error> {
+    s.collect_str(t)
+}
+
 /// The `"type"` (events), `"action"` (commands) or `"status"` (replies)
 /// field of a payload: what a message is, for humans.
 pub fn message_type(payload: &serde_json::Value) -> String {

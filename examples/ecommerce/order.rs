@@ -466,12 +466,23 @@ pub struct OrderView {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub notification: Option<NotificationOutcome>,
     /// Status changes, oldest first.
-    pub history: Vec<StatusChange>,
+    pub history: Vec<HistoryLine>,
     /// The saga's own status: running, compensating, completed,
     /// compensated or parked.
     pub saga_status: String,
     /// The saga engine's log of this order.
-    pub saga_history: Vec<saga::HistoryEntry>,
+    pub saga_history: Vec<HistoryLine>,
+}
+
+/// One line of an order's history in API answers.
+#[derive(Clone, Debug, Serialize)]
+pub struct HistoryLine {
+    /// When, as RFC 3339 text.
+    pub at: String,
+    /// The order's status (or the saga's, in `saga_history`) after it.
+    pub status: String,
+    /// What happened.
+    pub note: String,
 }
 
 impl From<SagaInstance<Order>> for OrderView {
@@ -489,9 +500,25 @@ impl From<SagaInstance<Order>> for OrderView {
             items: o.items,
             reason: o.reason,
             notification: o.notification,
-            history: o.transitions,
+            history: o
+                .transitions
+                .into_iter()
+                .map(|t| HistoryLine {
+                    at: t.at.to_string(),
+                    status: t.status.as_str().into(),
+                    note: t.note,
+                })
+                .collect(),
             saga_status,
-            saga_history: inst.history,
+            saga_history: inst
+                .history
+                .into_iter()
+                .map(|h| HistoryLine {
+                    at: h.at.to_string(),
+                    status: h.status,
+                    note: h.what,
+                })
+                .collect(),
         }
     }
 }

@@ -12,6 +12,7 @@ use crate::system::System;
 #[derive(Clone, Debug, Serialize)]
 pub struct Line {
     /// When.
+    #[serde(serialize_with = "crate::messages::rfc3339")]
     pub at: Timestamp,
     /// Seconds since the order was created.
     pub offset_secs: f64,
