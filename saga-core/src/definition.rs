@@ -91,7 +91,14 @@ pub struct StepContext<'a, D> {
     pub(crate) saga_id: &'a SagaId,
     pub(crate) now: Timestamp,
     pub(crate) failure: Option<&'a str>,
-    pub(crate) emitted: &'a mut Vec<(String, Result<Value, serde_json::Error>)>,
+    pub(crate) emitted: &'a mut Vec<Emitted>,
+}
+
+/// A message user code asked to publish, kept until the code succeeds.
+pub(crate) struct Emitted {
+    pub(crate) channel: String,
+    pub(crate) command: bool,
+    pub(crate) value: Result<Value, serde_json::Error>,
 }
 
 impl<D> StepContext<'_, D> {
@@ -121,10 +128,24 @@ impl<D> StepContext<'_, D> {
     }
 
     /// Publishes `event` on `channel`, keyed by the saga id, when the step
-    /// succeeds. A command sent this way is fire-and-forget (no reply).
+    /// succeeds (an [`Envelope`](crate::Envelope) of kind `Event`).
     pub fn emit<E: Serialize>(&mut self, channel: impl Into<String>, event: &E) {
-        self.emitted
-            .push((channel.into(), serde_json::to_value(event)));
+        self.emitted.push(Emitted {
+            channel: channel.into(),
+            command: false,
+            value: serde_json::to_value(event),
+        });
+    }
+
+    /// Sends `command` to the participant on `channel` when the step
+    /// succeeds, fire-and-forget: no reply is expected and the saga does
+    /// not wait. The participant still deduplicates it by message id.
+    pub fn send<C: Serialize>(&mut self, channel: impl Into<String>, command: &C) {
+        self.emitted.push(Emitted {
+            channel: channel.into(),
+            command: true,
+            value: serde_json::to_value(command),
+        });
     }
 }
 
@@ -436,9 +457,14 @@ pub struct SagaDefinition<D> {
     pub(crate) inner: Arc<DefinitionInner<D>>,
 }
 
+/// Code run once when a saga finishes (see [`SagaBuilder::on_completed`]).
+pub(crate) type HookFn<D> = Arc<dyn Fn(&mut StepContext<'_, D>) + Send + Sync>;
+
 pub(crate) struct DefinitionInner<D> {
     pub(crate) name: String,
     pub(crate) steps: Vec<Step<D>>,
+    pub(crate) on_completed: Option<HookFn<D>>,
+    pub(crate) on_compensated: Option<HookFn<D>>,
     pub(crate) reply_channel: String,
     pub(crate) dead_letter_channel: String,
     pub(crate) timeout: Option<Duration>,
@@ -473,6 +499,8 @@ impl<D: SagaData> SagaDefinition<D> {
             dead_letter_channel: format!("{name}.dlq"),
             name,
             steps: Vec::new(),
+            on_completed: None,
+            on_compensated: None,
             timeout: None,
         }
     }
@@ -539,6 +567,8 @@ impl<D: SagaData> SagaDefinition<D> {
 pub struct SagaBuilder<D> {
     name: String,
     steps: Vec<Step<D>>,
+    on_completed: Option<HookFn<D>>,
+    on_compensated: Option<HookFn<D>>,
     reply_channel: String,
     dead_letter_channel: String,
     timeout: Option<Duration>,
@@ -560,6 +590,28 @@ impl<D: SagaData> SagaBuilder<D> {
     /// The channel dead letters go to (default `<name>.dlq`).
     pub fn dead_letter_channel(mut self, channel: impl Into<String>) -> Self {
         self.dead_letter_channel = channel.into();
+        self
+    }
+
+    /// Code run once, in the same transition, when the saga completes: it
+    /// can change the data, [`emit`](StepContext::emit) events and
+    /// [`send`](StepContext::send) fire-and-forget commands.
+    pub fn on_completed<F>(mut self, f: F) -> Self
+    where
+        F: Fn(&mut StepContext<'_, D>) + Send + Sync + 'static,
+    {
+        self.on_completed = Some(Arc::new(f));
+        self
+    }
+
+    /// Code run once, in the same transition, when the saga has been
+    /// compensated ([`StepContext::failure_reason`] says why): e.g. publish
+    /// a cancellation event or send a notification.
+    pub fn on_compensated<F>(mut self, f: F) -> Self
+    where
+        F: Fn(&mut StepContext<'_, D>) + Send + Sync + 'static,
+    {
+        self.on_compensated = Some(Arc::new(f));
         self
     }
 
@@ -649,6 +701,8 @@ impl<D: SagaData> SagaBuilder<D> {
             inner: Arc::new(DefinitionInner {
                 name: self.name,
                 steps: self.steps,
+                on_completed: self.on_completed,
+                on_compensated: self.on_compensated,
                 reply_channel: self.reply_channel,
                 dead_letter_channel: self.dead_letter_channel,
                 timeout: self.timeout,

@@ -9,7 +9,9 @@ use std::hash::{Hash, Hasher};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::definition::{Action, SagaData, SagaDefinition, StepContext, StepError, StepKind};
+use crate::definition::{
+    Action, Emitted, SagaData, SagaDefinition, StepContext, StepError, StepKind,
+};
 use crate::error::SagaError;
 use crate::ids::{MessageId, SagaId, Timestamp};
 use crate::instance::{
@@ -246,6 +248,22 @@ impl<D: SagaData> Machine<'_, D> {
         }
         if self.inst.status.is_final() {
             self.disarm_all();
+            let hook = match self.inst.status {
+                SagaStatus::Completed => self.def.inner.on_completed.clone(),
+                _ => self.def.inner.on_compensated.clone(),
+            };
+            if let Some(hook) = hook {
+                // Hooks cannot fail; a message that cannot be encoded is
+                // dropped with the rest of the hook's output, and said so.
+                if let Err(e) = self.run_user_code(|ctx| {
+                    hook(ctx);
+                    Ok(())
+                }) {
+                    let what = format!("completion hook failed: {e}");
+                    tracing::warn!(saga_id = %self.inst.id, %what);
+                    self.inst.record(self.now, what);
+                }
+            }
         }
     }
 
@@ -400,29 +418,40 @@ impl<D: SagaData> Machine<'_, D> {
             f(&mut ctx)
         };
         result?;
-        let mut events = Vec::with_capacity(emitted.len());
-        for (channel, value) in emitted {
+        let mut messages = Vec::with_capacity(emitted.len());
+        for Emitted {
+            channel,
+            command,
+            value,
+        } in emitted
+        {
             match value {
-                Ok(payload) => events.push((channel, payload)),
+                Ok(payload) => messages.push((channel, command, payload)),
                 Err(e) => {
                     return Err(StepError::permanent(format!(
-                        "cannot encode event for `{channel}`: {e}"
+                        "cannot encode message for `{channel}`: {e}"
                     )))
                 }
             }
         }
         self.inst.data = data;
-        for (channel, payload) in events {
+        for (channel, command, payload) in messages {
             self.inst.event_seq += 1;
-            let id = MessageId::new(format!("{}/event/{}", self.inst.id, self.inst.event_seq));
-            self.effects.push(Effect::Send(Envelope::event(
+            let kind = if command { "command" } else { "event" };
+            let id = MessageId::new(format!("{}/{kind}/{}", self.inst.id, self.inst.event_seq));
+            let mut env = Envelope::event(
                 id,
                 channel,
                 self.inst.id.clone(),
                 self.inst.saga.clone(),
                 payload,
                 self.now,
-            )));
+            );
+            if command {
+                env.kind = MessageKind::Command;
+                env.attempt = 1;
+            }
+            self.effects.push(Effect::Send(env));
         }
         Ok(())
     }

@@ -381,3 +381,54 @@ fn crash_and_restart_between_inputs_changes_nothing() {
     t.restart().unwrap();
     assert_eq!(t.status(), &SagaStatus::Completed);
 }
+
+#[test]
+fn hooks_run_once_at_the_end_and_send_fire_and_forget_commands() {
+    let saga = SagaDefinition::<Order>::builder("hooked")
+        .step(
+            Step::remote("reserve", "inventory.requests")
+                .command(|_: &Order| "RESERVE")
+                .on_reply(|_, r: Reserved| {
+                    if r.ok {
+                        Ok(())
+                    } else {
+                        Err(StepError::permanent("Not enough stock"))
+                    }
+                }),
+        )
+        .on_completed(|ctx| {
+            ctx.data_mut().confirmed = true;
+            ctx.send("notifications.requests", &"ORDER_CONFIRMED");
+        })
+        .on_compensated(|ctx| {
+            let reason = ctx.failure_reason().map(str::to_owned);
+            ctx.data_mut().cancelled = reason;
+            ctx.emit("orders.events", &"ORDER_CANCELLED");
+            ctx.send("notifications.requests", &"ORDER_CANCELLED");
+        })
+        .build()
+        .unwrap();
+
+    let mut ok = SagaHarness::new(saga.clone());
+    ok.start("h-1", Order::default()).unwrap();
+    ok.reply_ok("reserve", &Reserved { ok: true }).unwrap();
+    assert!(ok.data().confirmed);
+    let sent = ok.commands();
+    assert_eq!(sent.len(), 2);
+    let notice = sent[1];
+    assert_eq!(notice.channel, "notifications.requests");
+    assert_eq!(notice.reply_to, None, "fire-and-forget: no reply expected");
+    assert_eq!(notice.id.as_str(), "h-1/command/1");
+    assert!(ok.instance().awaiting.is_none());
+
+    let mut ko = SagaHarness::new(saga);
+    ko.start("h-2", Order::default()).unwrap();
+    ko.reply_ok("reserve", &Reserved { ok: false }).unwrap();
+    assert_eq!(ko.status(), &SagaStatus::Compensated);
+    assert_eq!(ko.data().cancelled.as_deref(), Some("Not enough stock"));
+    assert_eq!(ko.events().len(), 1);
+    assert_eq!(ko.commands().len(), 2);
+    // A duplicate reply after the end runs no hook again.
+    ko.redeliver_last_reply().unwrap();
+    assert_eq!(ko.commands().len(), 2);
+}
