@@ -384,16 +384,18 @@ impl<P: Processor> Core<P> {
         }
     }
 
-    /// Aborts the open transaction (or rebuilds the producer if the error
-    /// was fatal or the abort fails) and rolls the processor back.
+    /// Aborts the open transaction (or, if the error was fatal or the abort
+    /// fails, discards the producer: the next transaction builds a new one
+    /// with the same transactional id, fencing the old) and rolls the
+    /// processor back.
     fn abort(&mut self, cause: &RdError) {
         let fatal = matches!(cause, RdError::Transaction(e) if e.is_fatal());
         let mut rebuild = fatal;
         if self.eos() && !fatal && self.in_txn {
             if let Some(p) = self.producer.as_ref() {
-                match self.retry("abort_transaction", || {
-                    p.abort_transaction(self.cfg.transaction_timeout)
-                }) {
+                // One bounded attempt: a broker that cannot abort now will
+                // not be helped by waiting longer; the rebuild fences anyway.
+                match p.abort_transaction(self.cfg.transaction_timeout) {
                     Ok(()) => {
                         self.stats.aborts.fetch_add(1, Ordering::Relaxed);
                     }
@@ -406,11 +408,7 @@ impl<P: Processor> Core<P> {
         }
         if rebuild {
             self.stats.producer_rebuilds.fetch_add(1, Ordering::Relaxed);
-            // Dropping the old producer first; the new one fences it anyway.
             self.producer = None;
-            if let Err(e) = self.ensure_producer() {
-                tracing::error!(transactional_id = %self.txn_id, error = %e, "cannot rebuild the producer: will retry");
-            }
         }
         self.proc.rolled_back();
     }
