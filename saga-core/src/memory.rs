@@ -86,6 +86,7 @@ struct State {
     sagas: HashMap<String, HashMap<SagaId, Value>>,
     timers: HashMap<String, BTreeSet<(Timestamp, SagaId, TimerId)>>,
     ledgers: HashMap<String, ParticipantLedger>,
+    participant_state: HashMap<(String, usize), Value>,
     duplicating: HashSet<String>,
 }
 
@@ -584,9 +585,28 @@ impl InMemoryRuntime {
                 channel: channel.to_owned(),
                 partition: p,
             };
+            // The partition's state as last persisted (a new runtime after a
+            // crash resumes from it).
+            let snapshot = self
+                .backend
+                .lock()
+                .participant_state
+                .get(&(policy.name.clone(), p))
+                .cloned();
+            participant.restore(p as u32, snapshot);
             let stop = self.stop.subscribe();
             self.spawn(worker.run(stop));
         }
+    }
+
+    /// The last persisted snapshot ([`Participant::snapshot`]) of partition
+    /// `partition` of participant `name`.
+    pub fn participant_state(&self, name: &str, partition: usize) -> Option<Value> {
+        self.backend
+            .lock()
+            .participant_state
+            .get(&(name.to_owned(), partition))
+            .cloned()
     }
 
     /// Runs a projection: `handler` sees every message on `channels`, in
@@ -836,7 +856,13 @@ impl ParticipantWorker {
             let started = tokio::time::Instant::now();
             let result = self
                 .participant
-                .attempt(&command, attempt, self.policy.timeout, now)
+                .attempt(
+                    &command,
+                    attempt,
+                    self.partition as u32,
+                    self.policy.timeout,
+                    now,
+                )
                 .await;
             observe::record_attempt(&self.policy.name, &result, started.elapsed().as_secs_f64());
             let done = self.clock.now();
@@ -853,6 +879,10 @@ impl ParticipantWorker {
                     Effect::DeadLetter(d) => st.append(self.backend.partitions(), d.to_envelope()),
                     Effect::ScheduleTimer(_) | Effect::CancelTimer(_) => {}
                 }
+            }
+            if let Some(snapshot) = self.participant.snapshot(self.partition as u32) {
+                st.participant_state
+                    .insert((group.clone(), self.partition), snapshot);
             }
             if let Some(off) = offset {
                 st.commit(&group, &self.channel, self.partition, off);

@@ -32,6 +32,7 @@ pub struct ParticipantContext {
     step: Option<String>,
     phase: Phase,
     attempt: u32,
+    partition: u32,
     now: Timestamp,
     emitted: Vec<(String, Result<Value, String>)>,
 }
@@ -45,9 +46,24 @@ impl ParticipantContext {
             step: command.step.clone(),
             phase: command.phase.unwrap_or(Phase::Forward),
             attempt,
+            partition: 0,
             now,
             emitted: Vec::new(),
         }
+    }
+
+    /// The same context, for a command read from `partition` of its channel.
+    pub fn on_partition(mut self, partition: u32) -> Self {
+        self.partition = partition;
+        self
+    }
+
+    /// The partition of the command channel the command was read from
+    /// (messages are partitioned by saga id). A participant that keeps
+    /// per-partition state ([`Participant::snapshot`]) uses it to find the
+    /// right shard.
+    pub fn partition(&self) -> u32 {
+        self.partition
     }
 
     /// The command's message id (stable across redeliveries and retries).
@@ -168,6 +184,26 @@ pub trait Participant: Send + Sync + 'static {
     ) -> Option<Self::Reply> {
         let _ = (dead_letter, ctx);
         None
+    }
+
+    /// The participant's own state for one partition of its command channel
+    /// (e.g. the stock shard an inventory serves from that partition), if
+    /// it keeps any. Runtimes call it after handling commands from
+    /// `partition` and persist the snapshot atomically with the replies and
+    /// the consumed offsets, so state and messages never disagree.
+    ///
+    /// Keep one shard of state per partition: a partition moves between
+    /// instances as a whole, and its snapshot moves with it.
+    fn snapshot(&self, partition: u32) -> Option<serde_json::Value> {
+        let _ = partition;
+        None
+    }
+
+    /// Installs the last persisted snapshot of `partition` (`None` if there
+    /// is none yet) when this instance starts serving it: at start, and
+    /// after a rebalance assigns it the partition.
+    fn restore(&self, partition: u32, snapshot: Option<serde_json::Value>) {
+        let _ = (partition, snapshot);
     }
 }
 
@@ -428,9 +464,16 @@ pub trait DynParticipant: Send + Sync + 'static {
         &self,
         command: &Envelope,
         attempt: u32,
+        partition: u32,
         timeout: Option<Duration>,
         now: Timestamp,
     ) -> AttemptResult;
+
+    /// See [`Participant::snapshot`].
+    fn snapshot(&self, partition: u32) -> Option<Value>;
+
+    /// See [`Participant::restore`].
+    fn restore(&self, partition: u32, snapshot: Option<Value>);
 
     /// The business reply (and events) for a dead letter, if the participant gives one.
     fn dead_letter_reply(
@@ -442,10 +485,19 @@ pub trait DynParticipant: Send + Sync + 'static {
 
 #[async_trait]
 impl<P: Participant> DynParticipant for P {
+    fn snapshot(&self, partition: u32) -> Option<Value> {
+        Participant::snapshot(self, partition)
+    }
+
+    fn restore(&self, partition: u32, snapshot: Option<Value>) {
+        Participant::restore(self, partition, snapshot)
+    }
+
     async fn attempt(
         &self,
         command: &Envelope,
         attempt: u32,
+        partition: u32,
         timeout: Option<Duration>,
         now: Timestamp,
     ) -> AttemptResult {
@@ -468,7 +520,7 @@ impl<P: Participant> DynParticipant for P {
                 }
             }
         };
-        let mut ctx = ParticipantContext::new(command, attempt, now);
+        let mut ctx = ParticipantContext::new(command, attempt, now).on_partition(partition);
         let span = tracing::debug_span!("participant.attempt", saga_id = %command.saga_id, saga = %command.saga, step = command.step.as_deref().unwrap_or(""), attempt);
         let fut = tracing::Instrument::instrument(self.handle(decoded, &mut ctx), span);
         let outcome = match timeout {

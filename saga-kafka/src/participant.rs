@@ -98,11 +98,13 @@ impl ParticipantProc {
         let _g = span.enter();
         let now = Timestamp::now();
         let started = Instant::now();
-        let result =
-            self.rt.block_on(
-                self.participant
-                    .attempt(command, attempt, self.policy.timeout, now),
-            );
+        let result = self.rt.block_on(self.participant.attempt(
+            command,
+            attempt,
+            u32::try_from(partition).unwrap_or(0),
+            self.policy.timeout,
+            now,
+        ));
         record_attempt(&self.policy.name, &result, started.elapsed().as_secs_f64());
         if let AttemptResult::Failed { error, .. } = &result {
             tracing::debug!(%error, "attempt failed");
