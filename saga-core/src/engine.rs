@@ -514,7 +514,7 @@ impl<D: SagaData> Machine<'_, D> {
                     "step `{name}`: {} failed after {attempts} attempt(s) ({why}): {err}",
                     phase.as_str()
                 );
-                match (phase, kind) {
+                let reason = match (phase, kind) {
                     (Phase::Forward, StepKind::Compensatable) => {
                         self.inst.steps[i].state = if indeterminate {
                             StepState::Indeterminate
@@ -522,53 +522,27 @@ impl<D: SagaData> Machine<'_, D> {
                             StepState::Failed
                         };
                         self.begin_compensation(err.message, what);
-                        Flow::Continue
+                        return Flow::Continue;
                     }
                     (Phase::Forward, StepKind::Pivot) if !indeterminate => {
                         self.inst.steps[i].state = StepState::Failed;
                         self.begin_compensation(err.message, what);
-                        Flow::Continue
+                        return Flow::Continue;
                     }
                     (Phase::Forward, StepKind::Pivot) => {
                         self.inst.steps[i].state = StepState::Indeterminate;
-                        let reason = format!("outcome of pivot step `{name}` unknown: {err}");
-                        self.park(
-                            i,
-                            phase,
-                            reason,
-                            &why.to_string(),
-                            &err.message,
-                            attempts,
-                            what,
-                        )
+                        format!("outcome of pivot step `{name}` unknown: {err}")
                     }
                     (Phase::Forward, StepKind::Retriable) => {
                         self.inst.steps[i].state = StepState::Failed;
-                        let reason =
-                            format!("step `{name}` failed after the point of no return: {err}");
-                        self.park(
-                            i,
-                            phase,
-                            reason,
-                            &why.to_string(),
-                            &err.message,
-                            attempts,
-                            what,
-                        )
+                        format!("step `{name}` failed after the point of no return: {err}")
                     }
                     (Phase::Compensation, _) => {
-                        let reason = format!("compensation of step `{name}` failed: {err}");
-                        self.park(
-                            i,
-                            phase,
-                            reason,
-                            &why.to_string(),
-                            &err.message,
-                            attempts,
-                            what,
-                        )
+                        format!("compensation of step `{name}` failed: {err}")
                     }
-                }
+                };
+                let why = why.to_string();
+                self.park(i, phase, reason, &why, &err.message, attempts, what)
             }
         }
     }

@@ -5,79 +5,66 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-/// The identity of one saga instance (e.g. an order id).
-///
-/// Runtimes use it as the message key, so every message of one saga lands on
-/// one partition, in order.
-#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(transparent)]
-pub struct SagaId(String);
+/// Declares a string identifier newtype with the usual conversions.
+macro_rules! string_id {
+    ($(#[$doc:meta])* $name:ident) => {
+        $(#[$doc])*
+        #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+        #[serde(transparent)]
+        pub struct $name(String);
 
-impl SagaId {
-    /// Wraps an existing identifier.
-    pub fn new(id: impl Into<String>) -> Self {
-        Self(id.into())
-    }
+        impl $name {
+            /// Wraps an existing identifier.
+            pub fn new(id: impl Into<String>) -> Self {
+                Self(id.into())
+            }
 
-    /// A fresh random identifier (UUID v4).
-    pub fn random() -> Self {
-        Self(uuid::Uuid::new_v4().to_string())
-    }
+            /// A fresh random identifier (UUID v4).
+            pub fn random() -> Self {
+                Self(uuid::Uuid::new_v4().to_string())
+            }
 
-    /// The identifier as a string slice.
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
+            /// The identifier as a string slice.
+            pub fn as_str(&self) -> &str {
+                &self.0
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(&self.0)
+            }
+        }
+
+        impl From<&str> for $name {
+            fn from(s: &str) -> Self {
+                Self::new(s)
+            }
+        }
+
+        impl From<String> for $name {
+            fn from(s: String) -> Self {
+                Self(s)
+            }
+        }
+    };
 }
 
-impl fmt::Display for SagaId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
+string_id! {
+    /// The identity of one saga instance (e.g. an order id).
+    ///
+    /// Runtimes use it as the message key, so every message of one saga lands on
+    /// one partition, in order.
+    SagaId
 }
 
-impl From<&str> for SagaId {
-    fn from(s: &str) -> Self {
-        Self::new(s)
-    }
-}
-
-impl From<String> for SagaId {
-    fn from(s: String) -> Self {
-        Self(s)
-    }
-}
-
-/// The identity of one message.
-///
-/// The engine derives message ids deterministically from the saga id, the
-/// step and the phase, so a message produced again after a crash carries the
-/// same id and receivers can deduplicate it.
-#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(transparent)]
-pub struct MessageId(String);
-
-impl MessageId {
-    /// Wraps an existing identifier.
-    pub fn new(id: impl Into<String>) -> Self {
-        Self(id.into())
-    }
-
-    /// A fresh random identifier (UUID v4).
-    pub fn random() -> Self {
-        Self(uuid::Uuid::new_v4().to_string())
-    }
-
-    /// The identifier as a string slice.
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
-}
-
-impl fmt::Display for MessageId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
+string_id! {
+    /// The identity of one message.
+    ///
+    /// The engine derives message ids deterministically from the saga id, the
+    /// step and the phase, so a message produced again after a crash carries the
+    /// same id and receivers can deduplicate it.
+    MessageId
 }
 
 /// A point in time: milliseconds since the Unix epoch.
