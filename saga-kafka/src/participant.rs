@@ -1,8 +1,21 @@
 //! Participant workers: consume a command topic, run the participant with
 //! deduplication, retries and dead letters, keep the ledgers in a compacted
 //! topic keyed by saga id (co-partitioned with the command topic).
+//!
+//! The participant's own per-partition state ([`Participant::snapshot`])
+//! lives in the same ledger topic: after each batch, the snapshot of every
+//! partition the batch touched is produced explicitly to that partition of
+//! the ledger topic under the reserved key [`SHARD_KEY`], in the batch's
+//! transaction, so state, replies, ledgers and offsets commit or abort
+//! together. Compaction keeps the latest snapshot per partition. It is read
+//! back (up to the last stable offset) with the ledgers when the partition
+//! is assigned, before any of its commands is handled.
+//!
+//! [`Participant::snapshot`]: saga_core::Participant::snapshot
 
 use std::collections::{BTreeSet, HashMap};
+
+use serde_json::Value;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -15,6 +28,14 @@ use crate::config::KafkaConfig;
 use crate::error::Result;
 use crate::store::read_latest;
 use crate::worker::{Incoming, Out, Processor, Request};
+
+/// The reserved key of a participant's per-partition state snapshot in its
+/// ledger topic (one record per partition, produced to that partition; its
+/// NUL byte keeps it apart from saga ids). Marked with the `saga-record:
+/// shard` header.
+pub const SHARD_KEY: &str = "\u{0}saga-kafka.shard";
+
+const SHARD: &str = "shard";
 
 /// The ledger topic of participant `name`.
 pub fn ledger_topic(name: &str) -> String {
@@ -31,6 +52,13 @@ pub(crate) struct ParticipantProc {
     ledgers: HashMap<SagaId, (i32, ParticipantLedger)>,
     retries: BTreeSet<(Timestamp, SagaId, MessageId)>,
     undo: HashMap<SagaId, Option<(i32, ParticipantLedger)>>,
+    /// The last committed snapshot of each owned partition (what an abort
+    /// restores).
+    shards: HashMap<i32, Option<Value>>,
+    /// Partitions the open batch handled commands from.
+    touched: BTreeSet<i32>,
+    /// Snapshots written in the open batch, committed with it.
+    written: HashMap<i32, Option<Value>>,
 }
 
 fn env_out(env: &Envelope) -> Out {
@@ -39,6 +67,7 @@ fn env_out(env: &Envelope) -> Out {
         key: env.key().to_owned(),
         payload: env.to_bytes(),
         record: None,
+        partition: None,
     }
 }
 
@@ -60,6 +89,9 @@ impl ParticipantProc {
             ledgers: HashMap::new(),
             retries: BTreeSet::new(),
             undo: HashMap::new(),
+            shards: HashMap::new(),
+            touched: BTreeSet::new(),
+            written: HashMap::new(),
         }
     }
 
@@ -98,6 +130,7 @@ impl ParticipantProc {
         let _g = span.enter();
         let now = Timestamp::now();
         let started = Instant::now();
+        self.touched.insert(partition);
         let result = self.rt.block_on(self.participant.attempt(
             command,
             attempt,
@@ -132,6 +165,7 @@ impl ParticipantProc {
             key: command.saga_id.as_str().to_owned(),
             payload: serde_json::to_vec(&ledger).unwrap_or_default(),
             record: None,
+            partition: None,
         });
         let id = command.saga_id.clone();
         self.change(&id, (partition, ledger));
@@ -145,8 +179,21 @@ impl Processor for ParticipantProc {
 
     fn restore(&mut self, partitions: &[i32]) -> Result<()> {
         let records = read_latest(&self.cfg, &self.ledger_topic, Some(partitions))?;
+        let mut shards: HashMap<i32, Option<Value>> =
+            partitions.iter().map(|p| (*p, None)).collect();
         for (p, key, value) in records {
             if value.is_empty() {
+                continue;
+            }
+            if key == SHARD_KEY {
+                match serde_json::from_slice::<Value>(&value) {
+                    Ok(v) => {
+                        shards.insert(p, Some(v));
+                    }
+                    Err(e) => {
+                        tracing::error!(partition = p, error = %e, "corrupt state snapshot: starting empty")
+                    }
+                }
                 continue;
             }
             match serde_json::from_slice::<ParticipantLedger>(&value) {
@@ -154,7 +201,12 @@ impl Processor for ParticipantProc {
                 Err(e) => tracing::error!(saga_id = %key, error = %e, "corrupt ledger: skipped"),
             }
         }
-        tracing::info!(participant = %self.policy.name, partitions = ?partitions, "ledgers restored");
+        for (p, snapshot) in shards {
+            self.participant
+                .restore(u32::try_from(p).unwrap_or(0), snapshot.clone());
+            self.shards.insert(p, snapshot);
+        }
+        tracing::info!(participant = %self.policy.name, partitions = ?partitions, "ledgers and state restored");
         Ok(())
     }
 
@@ -167,6 +219,9 @@ impl Processor for ParticipantProc {
             .collect();
         for id in gone {
             self.put(&id, None);
+        }
+        for p in partitions {
+            self.shards.remove(p);
         }
     }
 
@@ -241,13 +296,40 @@ impl Processor for ParticipantProc {
         None
     }
 
+    fn before_commit(&mut self, out: &mut Vec<Out>) {
+        for p in std::mem::take(&mut self.touched) {
+            let Some(snapshot) = self.participant.snapshot(u32::try_from(p).unwrap_or(0)) else {
+                continue;
+            };
+            out.push(Out {
+                topic: self.ledger_topic.clone(),
+                key: SHARD_KEY.to_owned(),
+                payload: serde_json::to_vec(&snapshot).unwrap_or_default(),
+                record: Some(SHARD),
+                partition: Some(p),
+            });
+            self.written.insert(p, Some(snapshot));
+        }
+    }
+
     fn committed(&mut self) {
         self.undo.clear();
+        self.touched.clear();
+        self.shards.extend(self.written.drain());
     }
 
     fn rolled_back(&mut self) {
         for (id, old) in std::mem::take(&mut self.undo) {
             self.put(&id, old);
+        }
+        // The participant's own state goes back to the last committed
+        // snapshot of every partition the batch changed.
+        let touched = std::mem::take(&mut self.touched);
+        let written = std::mem::take(&mut self.written);
+        for p in touched.into_iter().chain(written.into_keys()) {
+            let snapshot = self.shards.get(&p).cloned().flatten();
+            self.participant
+                .restore(u32::try_from(p).unwrap_or(0), snapshot);
         }
         self.retries = self
             .ledgers

@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::{mpsc, Arc, Mutex};
 
-use saga_core::{Participant, ParticipantPolicy, SagaData, SagaDefinition};
+use saga_core::{Envelope, Participant, ParticipantPolicy, SagaData, SagaDefinition};
 use tokio::sync::Notify;
 
 use crate::admin::{check_copartitioned, ensure_topics_blocking, TopicSpec};
@@ -13,7 +13,7 @@ use crate::config::KafkaConfig;
 use crate::error::{Error, Result};
 use crate::participant::{ledger_topic, ParticipantProc};
 use crate::saga::{state_topic, KafkaSagaHandle, SagaProc, View};
-use crate::worker::{self, Stats, StatsInner, WorkerHandle, KILL, STOP};
+use crate::worker::{self, Out, Publisher, Stats, StatsInner, WorkerHandle, KILL, STOP};
 
 /// Runs sagas, participants and projections on Kafka.
 ///
@@ -27,7 +27,12 @@ pub struct KafkaRuntime {
     cfg: Arc<KafkaConfig>,
     stats: Arc<StatsInner>,
     workers: Mutex<Vec<WorkerHandle>>,
+    publisher: Arc<Publisher>,
 }
+
+/// The service name of [`KafkaRuntime::publish`]'s producer: its
+/// transactional id is `<prefix>-saga-kafka.publish-<instance id>`.
+pub const PUBLISH_SERVICE: &str = "saga-kafka.publish";
 
 impl std::fmt::Debug for KafkaRuntime {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -41,11 +46,47 @@ impl KafkaRuntime {
     /// A runtime with `config` (validated here).
     pub fn new(config: KafkaConfig) -> Result<Self> {
         config.validate()?;
+        let cfg = Arc::new(config);
+        let stats = Arc::new(StatsInner::default());
         Ok(Self {
-            cfg: Arc::new(config),
-            stats: Arc::new(StatsInner::default()),
+            publisher: Arc::new(Publisher::new(cfg.clone(), PUBLISH_SERVICE, stats.clone())),
+            cfg,
+            stats,
             workers: Mutex::new(Vec::new()),
         })
+    }
+
+    /// Produces `envelopes` as they are (each to its `channel`, keyed by
+    /// its saga id, as [`Envelope::to_bytes`]), all or nothing: in one
+    /// transaction of this runtime's publisher in exactly-once mode (an
+    /// idempotent, flushed write at least once). For operators and tools:
+    /// a dead-letter processor re-sending a corrected command, a fallback
+    /// event (e.g. an SMS notification), a hand-made reply.
+    ///
+    /// The publisher's transactional id is
+    /// `<prefix>-saga-kafka.publish-<instance id>` (give the service Write
+    /// on those topics and on that transactional id); its producer is
+    /// created on first use. Calls are serialized. Retriable errors are
+    /// retried up to the configured bounds; if the broker still cannot take
+    /// the records the transaction is aborted and this returns
+    /// [`Error::Transaction`] (exactly once: nothing is visible; at least
+    /// once: some records may have been written). The topics must exist.
+    /// An empty list writes nothing.
+    ///
+    /// ```rust,ignore
+    /// let fixed = dead_letter.original.clone();   // a corrected command
+    /// runtime.publish(vec![fixed]).await?;
+    /// ```
+    pub async fn publish(&self, envelopes: Vec<Envelope>) -> Result<()> {
+        if envelopes.is_empty() {
+            return Ok(());
+        }
+        let out: Vec<Out> = envelopes
+            .iter()
+            .map(|e| Out::keyed(e.channel.clone(), e.key(), e.to_bytes()))
+            .collect();
+        let publisher = self.publisher.clone();
+        self.blocking(move || publisher.publish(out)).await
     }
 
     /// The configuration.

@@ -128,6 +128,7 @@ impl<D: SagaData> SagaProc<D> {
             key: e.key().to_owned(),
             payload: e.to_bytes(),
             record: None,
+            partition: None,
         });
     }
 
@@ -477,6 +478,7 @@ impl<D: SagaData> KafkaSagaHandle<D> {
             key: id.as_str().to_owned(),
             payload: json(&rec),
             record: Some(OPERATOR),
+            partition: None,
         }])
         .await
     }
@@ -527,6 +529,7 @@ impl<D: SagaData> Emitter<'_, D> {
             key: key.clone(),
             payload: state.clone(),
             record: None,
+            partition: None,
         });
         // A start's snapshot tells the owner of the saga's partition about
         // it, ahead of any reply in that partition.
@@ -536,6 +539,7 @@ impl<D: SagaData> Emitter<'_, D> {
                 key: key.clone(),
                 payload: state.clone(),
                 record: Some(STATE),
+                partition: None,
             });
         }
         for e in effects {
@@ -549,6 +553,7 @@ impl<D: SagaData> Emitter<'_, D> {
                 key: env.key().to_owned(),
                 payload: env.to_bytes(),
                 record: None,
+                partition: None,
             });
         }
     }

@@ -11,7 +11,7 @@ use rdkafka::{Offset, TopicPartitionList};
 use crate::config::KafkaConfig;
 use crate::error::{Error, Result};
 
-/// The latest committed value of every key in `partitions` of `topic`
+/// The latest committed value of every key of every partition in `partitions` of `topic`
 /// (all partitions if `None`), with its partition, in first-seen order.
 pub(crate) fn read_latest(
     cfg: &KafkaConfig,
@@ -46,7 +46,7 @@ pub(crate) fn read_latest(
         .assign(&tpl)
         .map_err(|e| Error::client(format!("assigning `{topic}`"), e))?;
     let mut left: std::collections::BTreeSet<i32> = parts.iter().copied().collect();
-    let mut index: HashMap<String, usize> = HashMap::new();
+    let mut index: HashMap<(i32, String), usize> = HashMap::new();
     let mut out: Vec<(i32, String, Vec<u8>)> = Vec::new();
     let deadline = Instant::now() + Duration::from_secs(60);
     while !left.is_empty() {
@@ -66,10 +66,12 @@ pub(crate) fn read_latest(
                 let Some(key) = m.key() else { continue };
                 let key = String::from_utf8_lossy(key).into_owned();
                 let value = m.payload().unwrap_or(&[]).to_vec();
-                match index.get(&key) {
+                // Per partition: a key hashes to one partition, but reserved
+                // keys (a participant's shard snapshot) exist in each.
+                match index.get(&(m.partition(), key.clone())) {
                     Some(&i) => out[i] = (m.partition(), key, value),
                     None => {
-                        index.insert(key.clone(), out.len());
+                        index.insert((m.partition(), key.clone()), out.len());
                         out.push((m.partition(), key, value));
                     }
                 }

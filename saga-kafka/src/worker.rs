@@ -35,6 +35,21 @@ pub(crate) struct Out {
     pub payload: Vec<u8>,
     /// The value of the [`RECORD_HEADER`] header, if any.
     pub record: Option<&'static str>,
+    /// An explicit partition (else the key's murmur2 partition).
+    pub partition: Option<i32>,
+}
+
+impl Out {
+    /// A record keyed by `key`, partitioned by its hash.
+    pub fn keyed(topic: impl Into<String>, key: impl Into<String>, payload: Vec<u8>) -> Self {
+        Self {
+            topic: topic.into(),
+            key: key.into(),
+            payload,
+            record: None,
+            partition: None,
+        }
+    }
 }
 
 /// A consumed record.
@@ -61,6 +76,11 @@ pub(crate) trait Processor: Send + 'static {
     fn restore(&mut self, partitions: &[i32]) -> Result<()>;
     /// Forgets the state of partitions that went away.
     fn release(&mut self, partitions: &[i32]);
+    /// The batch is about to commit: add the records that must commit with
+    /// it (a participant's per-partition state snapshots).
+    fn before_commit(&mut self, out: &mut Vec<Out>) {
+        let _ = out;
+    }
     /// Handles one record inside the open batch.
     fn on_message(&mut self, msg: &Incoming<'_>, now: Timestamp, out: &mut Vec<Out>);
     /// When the next timer or retry is due.
@@ -155,6 +175,24 @@ fn tpl_partitions(tpl: &TopicPartitionList) -> Vec<i32> {
 }
 
 impl<P: Processor> Core<P> {
+    fn new(proc: P, cfg: Arc<KafkaConfig>, txn_id: String, stats: Arc<StatsInner>) -> Self {
+        Self {
+            proc,
+            cfg,
+            txn_id,
+            producer: None,
+            in_txn: false,
+            failed: None,
+            offsets: BTreeMap::new(),
+            batch_start: BTreeMap::new(),
+            count: 0,
+            pending: 0,
+            owned: BTreeSet::new(),
+            killed: false,
+            stats,
+        }
+    }
+
     fn eos(&self) -> bool {
         self.cfg.delivery == DeliveryMode::ExactlyOnce
     }
@@ -241,6 +279,9 @@ impl<P: Processor> Core<P> {
             let mut rec = BaseRecord::to(&o.topic).key(&o.key).payload(&o.payload);
             if let Some(h) = headers {
                 rec = rec.headers(h);
+            }
+            if let Some(p) = o.partition {
+                rec = rec.partition(p);
             }
             loop {
                 match p.send(rec) {
@@ -361,6 +402,11 @@ impl<P: Processor> Core<P> {
             self.clear_batch();
             return;
         }
+        if self.failed.is_none() {
+            let mut out = Vec::new();
+            self.proc.before_commit(&mut out);
+            self.send(out);
+        }
         match self.try_commit(consumer) {
             Ok(()) => {
                 self.stats.commits.fetch_add(1, Ordering::Relaxed);
@@ -370,6 +416,33 @@ impl<P: Processor> Core<P> {
             Err(e) => {
                 tracing::warn!(transactional_id = %self.txn_id, error = %e, "batch failed: aborting and redoing it");
                 self.abort(&e);
+                if !self.eos() {
+                    self.stats.aborts.fetch_add(1, Ordering::Relaxed);
+                    if rewind {
+                        // At least once, nothing is undone on the broker: some
+                        // or all of the batch's records (ledgers, saga states,
+                        // replies) may be written even though the offsets are
+                        // not. Re-read the state those records left, so the
+                        // redo deduplicates against it instead of applying a
+                        // command again from the rolled-back memory.
+                        let parts: Vec<i32> = self
+                            .batch_start
+                            .keys()
+                            .map(|(_, p)| *p)
+                            .filter(|p| self.owned.contains(p))
+                            .collect::<BTreeSet<_>>()
+                            .into_iter()
+                            .collect();
+                        self.proc.release(&parts);
+                        if !self.restore_with_retries(&parts) {
+                            for p in &parts {
+                                if self.owned.remove(p) {
+                                    self.stats.owned_partitions.fetch_sub(1, Ordering::Relaxed);
+                                }
+                            }
+                        }
+                    }
+                }
                 if rewind {
                     for ((t, p), o) in &self.batch_start {
                         if let Err(e) =
@@ -411,6 +484,26 @@ impl<P: Processor> Core<P> {
             self.producer = None;
         }
         self.proc.rolled_back();
+    }
+
+    /// Loads the state of `parts`, retrying a few times; `false` if it
+    /// cannot (those partitions are then not served).
+    fn restore_with_retries(&mut self, parts: &[i32]) -> bool {
+        let mut tries = 0;
+        loop {
+            match self.proc.restore(parts) {
+                Ok(()) => return true,
+                Err(e) if tries < 10 => {
+                    tries += 1;
+                    tracing::warn!(error = %e, "cannot restore state: retrying");
+                    std::thread::sleep(Duration::from_millis(200 * tries));
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, partitions = ?parts, "cannot restore state: these partitions are not served");
+                    return false;
+                }
+            }
+        }
     }
 
     fn run_request(&mut self, req: Request) {
@@ -500,20 +593,8 @@ impl<P: Processor> ConsumerContext for Ctx<P> {
             let mut c = lock(&self.core);
             let parts = tpl_partitions(tpl);
             tracing::info!(transactional_id = %c.txn_id, partitions = ?parts, "partitions assigned: restoring state");
-            let mut tries = 0;
-            loop {
-                match c.proc.restore(&parts) {
-                    Ok(()) => break,
-                    Err(e) if tries < 10 => {
-                        tries += 1;
-                        tracing::warn!(error = %e, "cannot restore state: retrying");
-                        std::thread::sleep(Duration::from_millis(200 * tries));
-                    }
-                    Err(e) => {
-                        tracing::error!(error = %e, "cannot restore state: these partitions are not served");
-                        return;
-                    }
-                }
+            if !c.restore_with_retries(&parts) {
+                return;
             }
             for p in parts {
                 if c.owned.insert(p) {
@@ -541,22 +622,12 @@ pub(crate) fn spawn<P: Processor>(
 ) -> Result<WorkerHandle> {
     let txn_id = cfg.transactional_id(service);
     let topics = proc.topics();
-    let core = Core {
+    let core = Arc::new(Mutex::new(Core::new(
         proc,
-        cfg: cfg.clone(),
-        txn_id: txn_id.clone(),
-        producer: None,
-        in_txn: false,
-        failed: None,
-        offsets: BTreeMap::new(),
-        batch_start: BTreeMap::new(),
-        count: 0,
-        pending: 0,
-        owned: BTreeSet::new(),
-        killed: false,
+        cfg.clone(),
+        txn_id.clone(),
         stats,
-    };
-    let core = Arc::new(Mutex::new(core));
+    )));
     lock(&core)
         .ensure_producer()
         .map_err(|e| Error::client(format!("creating the producer `{txn_id}`"), e))?;
@@ -683,5 +754,59 @@ fn run<P: Processor>(core: &Arc<Mutex<Core<P>>>, consumer: &BaseConsumer<Ctx<P>>
             return;
         }
         lock(core).finish_batch(consumer, true);
+    }
+}
+
+/// The processor of a [`Publisher`]: it consumes nothing.
+struct NoInput;
+
+impl Processor for NoInput {
+    fn topics(&self) -> Vec<String> {
+        Vec::new()
+    }
+    fn restore(&mut self, _: &[i32]) -> Result<()> {
+        Ok(())
+    }
+    fn release(&mut self, _: &[i32]) {}
+    fn on_message(&mut self, _: &Incoming<'_>, _: Timestamp, _: &mut Vec<Out>) {}
+    fn next_due(&self) -> Option<Timestamp> {
+        None
+    }
+    fn on_due(&mut self, _: Timestamp, _: &mut Vec<Out>) -> bool {
+        false
+    }
+    fn take_request(&mut self) -> Option<Request> {
+        None
+    }
+    fn committed(&mut self) {}
+    fn rolled_back(&mut self) {}
+}
+
+/// A producer for records that are not the result of consuming anything
+/// (`KafkaRuntime::publish`): each call is one transaction (exactly once)
+/// or one idempotent, flushed write (at least once), with the workers'
+/// retry, abort and rebuild rules. The producer is created on first use.
+pub(crate) struct Publisher {
+    core: Mutex<Core<NoInput>>,
+}
+
+impl Publisher {
+    pub(crate) fn new(cfg: Arc<KafkaConfig>, service: &str, stats: Arc<StatsInner>) -> Self {
+        let txn_id = cfg.transactional_id(service);
+        Self {
+            core: Mutex::new(Core::new(NoInput, cfg, txn_id, stats)),
+        }
+    }
+
+    /// Writes `out` atomically; blocks (call it off the async threads).
+    pub(crate) fn publish(&self, out: Vec<Out>) -> Result<()> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        lock(&self.core).run_request(Request {
+            out,
+            done: Box::new(move |r| {
+                let _ = tx.send(r);
+            }),
+        });
+        rx.recv().map_err(|_| Error::Shutdown)?
     }
 }

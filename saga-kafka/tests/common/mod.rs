@@ -9,7 +9,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::KafkaError as RdError;
-use rdkafka::message::Message;
+use rdkafka::message::{Headers, Message};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use saga_core::*;
 use saga_kafka::{KafkaConfig, TopicSpec};
@@ -189,6 +189,10 @@ impl Applied {
     pub fn len(&self) -> usize {
         self.0.lock().unwrap().len()
     }
+    /// Applications in all (counting repeats).
+    pub fn sum(&self) -> u32 {
+        self.0.lock().unwrap().values().sum()
+    }
 }
 
 pub struct Inventory(pub Applied);
@@ -230,9 +234,17 @@ pub async fn create_event_topic(cfg: &KafkaConfig, t: &Topics) {
         .unwrap();
 }
 
-/// Every committed envelope on `topic`, read by an independent
-/// `read_committed` consumer (runtime records marked with a header are skipped).
-pub fn read_committed(topic: &str) -> Vec<Envelope> {
+/// One committed record: its partition, key, `saga-record` header and payload.
+pub struct Raw {
+    pub partition: i32,
+    pub key: String,
+    pub record: Option<String>,
+    pub payload: Vec<u8>,
+}
+
+/// Every committed record on `topic`, read by an independent
+/// `read_committed` consumer.
+pub fn read_committed_raw(topic: &str) -> Vec<Raw> {
     let c: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", bootstrap())
         .set("group.id", format!("reader-{}", uuid::Uuid::new_v4()))
@@ -245,6 +257,7 @@ pub fn read_committed(topic: &str) -> Vec<Envelope> {
         .fetch_metadata(Some(topic), Duration::from_secs(10))
         .unwrap();
     let parts: Vec<i32> = md.topics()[0].partitions().iter().map(|p| p.id()).collect();
+    assert!(!parts.is_empty(), "{topic} does not exist");
     let mut tpl = TopicPartitionList::new();
     for p in &parts {
         tpl.add_partition_offset(topic, *p, Offset::Beginning)
@@ -261,10 +274,18 @@ pub fn read_committed(topic: &str) -> Vec<Envelope> {
         );
         match c.poll(Duration::from_millis(100)) {
             Some(Ok(m)) => {
-                if m.headers().is_some() {
-                    continue;
-                }
-                out.push(Envelope::from_bytes(m.payload().unwrap_or(&[])).unwrap());
+                let record = m.headers().and_then(|h| {
+                    h.iter()
+                        .find(|h| h.key == "saga-record")
+                        .and_then(|h| h.value)
+                        .map(|v| String::from_utf8_lossy(v).into_owned())
+                });
+                out.push(Raw {
+                    partition: m.partition(),
+                    key: String::from_utf8_lossy(m.key().unwrap_or(&[])).into_owned(),
+                    record,
+                    payload: m.payload().unwrap_or(&[]).to_vec(),
+                });
             }
             Some(Err(RdError::PartitionEOF(_))) => left -= 1,
             Some(Err(e)) => panic!("read error: {e}"),
@@ -274,6 +295,16 @@ pub fn read_committed(topic: &str) -> Vec<Envelope> {
     out
 }
 
+/// Every committed envelope on `topic`, read by an independent
+/// `read_committed` consumer (runtime records marked with a header are skipped).
+pub fn read_committed(topic: &str) -> Vec<Envelope> {
+    read_committed_raw(topic)
+        .into_iter()
+        .filter(|r| r.record.is_none())
+        .map(|r| Envelope::from_bytes(&r.payload).unwrap())
+        .collect()
+}
+
 /// How many times each message id appears.
 pub fn counts(envs: &[Envelope]) -> HashMap<String, usize> {
     let mut m = HashMap::new();
@@ -281,4 +312,123 @@ pub fn counts(envs: &[Envelope]) -> HashMap<String, usize> {
         *m.entry(e.id.as_str().to_owned()).or_default() += 1;
     }
     m
+}
+
+/// One partition's state of [`Counter`].
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Shard {
+    pub count: u64,
+    pub ids: Vec<String>,
+}
+
+/// A stateful inventory: per partition of its command topic, how many
+/// commands it applied and which. Its state is only what the runtime
+/// restores (`Participant::restore`).
+#[derive(Clone, Default)]
+pub struct Counter {
+    pub shards: Arc<Mutex<HashMap<u32, Shard>>>,
+    pub applied: Applied,
+}
+
+impl Counter {
+    pub fn total(&self) -> u64 {
+        self.shards.lock().unwrap().values().map(|s| s.count).sum()
+    }
+    /// Every applied command id over all partitions, sorted (repeats kept).
+    pub fn ids(&self) -> Vec<String> {
+        let mut v: Vec<String> = self
+            .shards
+            .lock()
+            .unwrap()
+            .values()
+            .flat_map(|s| s.ids.clone())
+            .collect();
+        v.sort();
+        v
+    }
+    pub fn partitions(&self) -> Vec<u32> {
+        let mut v: Vec<u32> = self.shards.lock().unwrap().keys().copied().collect();
+        v.sort();
+        v
+    }
+}
+
+#[async_trait]
+impl Participant for Counter {
+    type Command = StockCommand;
+    type Reply = Ok_;
+    type Error = StepError;
+    async fn handle(
+        &self,
+        _c: StockCommand,
+        ctx: &mut ParticipantContext,
+    ) -> Result<Ok_, StepError> {
+        self.applied.add(ctx.message_id());
+        let mut shards = self.shards.lock().unwrap();
+        let shard = shards.entry(ctx.partition()).or_default();
+        shard.count += 1;
+        shard.ids.push(ctx.message_id().as_str().to_owned());
+        Ok(Ok_ { ok: true })
+    }
+
+    fn snapshot(&self, partition: u32) -> Option<serde_json::Value> {
+        self.shards
+            .lock()
+            .unwrap()
+            .get(&partition)
+            .map(|s| serde_json::to_value(s).unwrap())
+    }
+
+    fn restore(&self, partition: u32, snapshot: Option<serde_json::Value>) {
+        let mut shards = self.shards.lock().unwrap();
+        match snapshot {
+            Some(v) => {
+                shards.insert(partition, serde_json::from_value(v).unwrap());
+            }
+            None => {
+                shards.remove(&partition);
+            }
+        }
+    }
+}
+
+/// A `Reserve` command of saga `saga_id` on `channel`, answered on `reply_to`.
+pub fn reserve_command(channel: &str, reply_to: &str, saga_id: &str) -> Envelope {
+    Envelope {
+        id: Envelope::command_id(&SagaId::new(saga_id), "reserve", Phase::Forward),
+        channel: channel.to_owned(),
+        saga_id: SagaId::new(saga_id),
+        saga: "test".into(),
+        kind: MessageKind::Command,
+        step: Some("reserve".into()),
+        phase: Some(Phase::Forward),
+        attempt: 1,
+        reply_to: Some(reply_to.to_owned()),
+        outcome: None,
+        timestamp: Timestamp::now(),
+        payload: serde_json::json!({"action": "Reserve", "sku": "X", "qty": 1}),
+    }
+}
+
+/// Creates `name` with `partitions` and topic `configs` on the test broker.
+pub async fn create_topic_with(name: &str, partitions: i32, configs: &[(&str, &str)]) {
+    use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+    let admin: AdminClient<rdkafka::client::DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap())
+        .create()
+        .unwrap();
+    let mut t = NewTopic::new(name, partitions, TopicReplication::Fixed(1));
+    for (k, v) in configs {
+        t = t.set(k, v);
+    }
+    let r = admin
+        .create_topics(
+            &[t],
+            &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10))),
+        )
+        .await
+        .unwrap();
+    for x in r {
+        x.unwrap();
+    }
 }
