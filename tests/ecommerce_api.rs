@@ -36,10 +36,14 @@ use serde_json::{json, Value};
 
 use demo::call;
 use notification::FakeOutcome;
-use system::{Config, RuntimeKind, System};
+use system::{Config, System};
 
-fn start() -> (Arc<System>, Router) {
-    let system = Arc::new(System::start(Config::default()).expect("the system starts"));
+async fn start() -> (Arc<System>, Router) {
+    let system = Arc::new(
+        System::start(Config::default())
+            .await
+            .expect("the system starts"),
+    );
     let api = http::router(system.clone());
     (system, api)
 }
@@ -72,7 +76,7 @@ async fn get(api: &Router, path: &str) -> Value {
 
 #[tokio::test(start_paused = true)]
 async fn flow_1_success_confirms_reserves_and_notifies() {
-    let (system, api) = start();
+    let (system, api) = start().await;
     let (status, created) = call(&api, "POST", "/orders", Some(seed_order())).await;
     assert_eq!(status, StatusCode::ACCEPTED);
     assert_eq!(created["total"], "1059.97");
@@ -143,7 +147,7 @@ async fn flow_1_success_confirms_reserves_and_notifies() {
 
 #[tokio::test(start_paused = true)]
 async fn flow_2_insufficient_stock_cancels_with_the_numbers_and_changes_nothing() {
-    let (system, api) = start();
+    let (system, api) = start().await;
     let id = place(
         &system,
         &api,
@@ -196,7 +200,7 @@ async fn flow_2_insufficient_stock_cancels_with_the_numbers_and_changes_nothing(
 
 #[tokio::test(start_paused = true)]
 async fn flow_3_failing_email_goes_to_the_dlq_after_3_attempts_and_the_order_stays_confirmed() {
-    let (system, api) = start();
+    let (system, api) = start().await;
     system.email.script([
         FakeOutcome::Timeout,
         FakeOutcome::Status(503),
@@ -211,7 +215,7 @@ async fn flow_3_failing_email_goes_to_the_dlq_after_3_attempts_and_the_order_sta
 
     // Three attempts: a timeout (5 s), then 503 two seconds later, then
     // 500 four seconds after that.
-    let attempts = system.notifications.attempts_for(&id);
+    let attempts = system.notifications.as_ref().unwrap().attempts_for(&id);
     let outcomes: Vec<&str> = attempts.iter().map(|a| a.outcome.as_str()).collect();
     assert_eq!(
         outcomes,
@@ -252,7 +256,7 @@ async fn flow_3_failing_email_goes_to_the_dlq_after_3_attempts_and_the_order_sta
 
 #[tokio::test(start_paused = true)]
 async fn the_dlq_processor_retries_corrected_alerts_discards_and_archives() {
-    let (system, api) = start();
+    let (system, api) = start().await;
     // Two orders whose emails fail permanently (400: not retried).
     system
         .email
@@ -349,7 +353,7 @@ async fn the_dlq_processor_retries_corrected_alerts_discards_and_archives() {
 
 #[tokio::test(start_paused = true)]
 async fn the_sms_fallback_tells_the_customer_and_counts_as_sent() {
-    let (system, api) = start();
+    let (system, api) = start().await;
     system.email.script([FakeOutcome::Status(400)]);
     let id = place(&system, &api, seed_order()).await;
     let (status, done) = call(
@@ -361,7 +365,7 @@ async fn the_sms_fallback_tells_the_customer_and_counts_as_sent() {
     .await;
     assert_eq!(status, StatusCode::OK, "{done}");
     assert_eq!(done["action"], "sms");
-    let sms = system.dlq.sms_gateway().sent();
+    let sms = system.dlq().sms_gateway().sent();
     assert_eq!(sms.len(), 1);
     assert!(sms[0].text.contains(&id));
     assert!(system.wait_idle(Duration::from_secs(10)).await);
@@ -377,7 +381,7 @@ async fn the_sms_fallback_tells_the_customer_and_counts_as_sent() {
 
 #[tokio::test(start_paused = true)]
 async fn a_reservation_request_seen_twice_reserves_once() {
-    let (system, api) = start();
+    let (system, api) = start().await;
     let id = place(&system, &api, seed_order()).await;
     let original = system
         .platform
@@ -389,8 +393,8 @@ async fn a_reservation_request_seen_twice_reserves_once() {
     // and re-sent under a new id (the inventory's per-order guard).
     let mut renamed = original.clone();
     renamed.id = saga::MessageId::new(format!("{}/resent", original.id));
-    system.platform.publish(original).unwrap();
-    system.platform.publish(renamed).unwrap();
+    system.platform.publish(original).await.unwrap();
+    system.platform.publish(renamed).await.unwrap();
     assert!(system.wait_idle(Duration::from_secs(10)).await);
     let laptop = get(&api, "/inventory/LAPTOP-001").await;
     assert_eq!(laptop["reserved"], 1);
@@ -439,7 +443,7 @@ fn analytics_counts_an_event_once() {
 
 #[tokio::test(start_paused = true)]
 async fn health_metrics_and_lookups() {
-    let (system, api) = start();
+    let (system, api) = start().await;
     let _ = place(&system, &api, seed_order()).await;
     assert_eq!(get(&api, "/health").await["status"], "ok");
     let (status, text) = call(&api, "GET", "/metrics", None).await;
@@ -474,22 +478,11 @@ async fn health_metrics_and_lookups() {
     );
 }
 
-#[tokio::test]
-async fn kafka_mode_says_it_is_not_there_yet() {
-    let err = System::start(Config {
-        runtime: RuntimeKind::Kafka("localhost:9092".into()),
-        ..Config::default()
-    })
-    .err()
-    .unwrap();
-    assert!(err.contains("not implemented yet"), "{err}");
-}
-
 // ---- Bad requests: one test per case, status and message. ----
 
 /// Posts raw `body` to /orders; returns the status and the error message.
 async fn reject(body: &str) -> (StatusCode, String, Value) {
-    let (system, api) = start();
+    let (system, api) = start().await;
     let req = axum::http::Request::builder()
         .method("POST")
         .uri("/orders")
@@ -503,7 +496,7 @@ async fn reject(body: &str) -> (StatusCode, String, Value) {
         .unwrap();
     let v: Value = serde_json::from_slice(&bytes).expect("errors are JSON");
     // Nothing was started.
-    assert!(system.platform.orders().unwrap().is_empty());
+    assert!(system.platform.orders().await.unwrap().is_empty());
     (
         status,
         v["error"].as_str().unwrap_or_default().to_owned(),
@@ -606,8 +599,8 @@ async fn a_body_too_large_is_413() {
 
 #[tokio::test]
 async fn a_runtime_that_cannot_take_the_write_is_503_and_retryable() {
-    let (system, api) = start();
-    system.memory().set_accepting(false);
+    let (system, api) = start().await;
+    system.platform.set_accepting(false);
     let req = axum::http::Request::builder()
         .method("POST")
         .uri("/orders")
@@ -622,10 +615,10 @@ async fn a_runtime_that_cannot_take_the_write_is_503_and_retryable() {
     let v: Value = serde_json::from_slice(&bytes).unwrap();
     assert_eq!(v["retryable"], true);
     assert!(v["error"].as_str().unwrap().contains("please retry"), "{v}");
-    assert!(system.platform.orders().unwrap().is_empty());
+    assert!(system.platform.orders().await.unwrap().is_empty());
 
     // Once it takes writes again, the same request goes through.
-    system.memory().set_accepting(true);
+    system.platform.set_accepting(true);
     let (status, _) = call(&api, "POST", "/orders", Some(seed_order())).await;
     assert_eq!(status, StatusCode::ACCEPTED);
 }

@@ -96,7 +96,7 @@ fn flows() -> Vec<Flow> {
 /// almost all of it the notification retries of flow 3.
 pub async fn run(out: &mut dyn Write) -> Result<Outcome, String> {
     let io = |e: std::io::Error| e.to_string();
-    let system = Arc::new(System::start(Config::default())?);
+    let system = Arc::new(System::start(Config::default()).await?);
     let api = crate::http::router(system.clone());
     let mut outcome = Outcome::default();
 
@@ -155,7 +155,7 @@ pub async fn run(out: &mut dyn Write) -> Result<Outcome, String> {
         write!(
             out,
             "{}",
-            crate::timeline::render(&crate::timeline::of(&system, &id))
+            crate::timeline::render(&crate::timeline::of(&system, &id).await)
         )
         .map_err(io)?;
         writeln!(out).map_err(io)?;
@@ -187,7 +187,7 @@ pub async fn run(out: &mut dyn Write) -> Result<Outcome, String> {
     }
 
     writeln!(out, "\n=== Inventory (GET /inventory) ===").map_err(io)?;
-    for l in system.inventory.levels() {
+    for l in system.inventory().levels() {
         writeln!(
             out,
             "{:<13} on hand {:>4}  reserved {:>3}  available {:>4}",
@@ -197,7 +197,7 @@ pub async fn run(out: &mut dyn Write) -> Result<Outcome, String> {
     }
 
     writeln!(out, "\n=== Analytics (GET /analytics) ===").map_err(io)?;
-    let a = system.analytics.summary();
+    let a = system.analytics().summary();
     let reasons: Vec<String> = a
         .cancellation_reasons
         .iter()
@@ -224,7 +224,7 @@ pub async fn run(out: &mut dyn Write) -> Result<Outcome, String> {
     .map_err(io)?;
 
     writeln!(out, "\n=== Dead-letter queue (GET /dlq) ===").map_err(io)?;
-    let entries = system.dlq.list();
+    let entries = system.dlq().list();
     for e in &entries {
         let d = &e.dead_letter;
         writeln!(
@@ -255,7 +255,7 @@ pub async fn run(out: &mut dyn Write) -> Result<Outcome, String> {
         )
         .await;
         writeln!(out, "  -> {} {entry}", status.as_u16()).map_err(io)?;
-        for sms in system.dlq.sms_gateway().sent() {
+        for sms in system.dlq().sms_gateway().sent() {
             writeln!(out, "  SMS to {}: \"{}\"", sms.to, sms.text).map_err(io)?;
         }
         writeln!(out, "(other actions: POST /dlq/{{id}}/retry with an optional corrected payload, /discard, /alert;").map_err(io)?;

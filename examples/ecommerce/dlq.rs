@@ -5,10 +5,16 @@
 //!
 //! It reads the dead-letter channels as a projection and gives each dead
 //! letter a short id (`dlq-1`, `dlq-2` …) in arrival order; the full
-//! dead-letter id is accepted too.
+//! dead-letter id is accepted too. On Kafka the `dlq` process reads
+//! `notifications.dlq` and `orders.dlq` from the beginning into this view on
+//! every start (the topics keep dead letters 30 days), and its actions
+//! publish through the runtime. The audit archive lives in the process
+//! (a production processor would write it to a topic of its own).
 
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
+
+use futures::future::BoxFuture;
 
 use saga::{Clock, DeadLetter, Envelope, MessageId, MessageKind, Timestamp};
 use serde::Serialize;
@@ -18,8 +24,20 @@ use crate::messages::{
     NotificationEvent, NotificationRequest, NOTIFICATIONS_DLQ, NOTIFICATIONS_EVENTS, ORDERS_DLQ,
 };
 
-/// The channels the processor reads.
+/// The channels the processor reads (design names; see `Topics`).
 pub const CHANNELS: &[&str] = &[NOTIFICATIONS_DLQ, ORDERS_DLQ];
+
+/// How the processor publishes (a retried command, an SMS event):
+/// asynchronously, failing with a message when the runtime cannot take it.
+pub type Publish = Arc<dyn Fn(Envelope) -> BoxFuture<'static, Result<(), String>> + Send + Sync>;
+
+/// What an action does once checked, before it is archived.
+struct Plan {
+    note: String,
+    new_message_id: Option<String>,
+    publish: Option<Envelope>,
+    sms: Option<Sms>,
+}
 
 /// What an operator did with a dead letter.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -89,12 +107,17 @@ pub enum DlqError {
     Closed(String),
     /// The action does not apply to this dead letter.
     Invalid(String),
+    /// The runtime could not take the message; nothing was done, retry.
+    Unavailable(String),
 }
 
 impl std::fmt::Display for DlqError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            DlqError::NotFound(m) | DlqError::Closed(m) | DlqError::Invalid(m) => f.write_str(m),
+            DlqError::NotFound(m)
+            | DlqError::Closed(m)
+            | DlqError::Invalid(m)
+            | DlqError::Unavailable(m) => f.write_str(m),
         }
     }
 }
@@ -141,24 +164,33 @@ struct State {
 #[derive(Clone)]
 pub struct DlqProcessor {
     state: Arc<Mutex<State>>,
-    publish: Arc<dyn Fn(Envelope) -> Result<(), String> + Send + Sync>,
+    /// Serializes actions: one dead letter is never handled twice even
+    /// while a publish is in flight.
+    acting: Arc<tokio::sync::Mutex<()>>,
+    publish: Publish,
     clock: Clock,
     sms: FakeSms,
+    events: String,
 }
 
 impl DlqProcessor {
     /// A processor that sends messages with `publish` and SMS with `sms`.
-    pub fn new(
-        publish: Arc<dyn Fn(Envelope) -> Result<(), String> + Send + Sync>,
-        clock: Clock,
-        sms: FakeSms,
-    ) -> Self {
+    pub fn new(publish: Publish, clock: Clock, sms: FakeSms) -> Self {
         Self {
             state: Arc::default(),
+            acting: Arc::default(),
             publish,
             clock,
             sms,
+            events: NOTIFICATIONS_EVENTS.into(),
         }
+    }
+
+    /// Publishes `NOTIFICATION_SENT` (SMS) on `channel` instead of
+    /// `notifications.events`.
+    pub fn events_on(mut self, channel: impl Into<String>) -> Self {
+        self.events = channel.into();
+        self
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -254,34 +286,44 @@ impl DlqProcessor {
         self.lock().alerts.clone()
     }
 
-    /// Runs `action` on dead letter `id`: checks it is open, lets `run` do
-    /// the work and archives the result.
-    fn act(
+    /// Runs `action` on dead letter `id`: checks it is open, lets `plan`
+    /// decide what to do, publishes (outside the state lock), then archives
+    /// the result. Nothing is archived if the publish fails.
+    async fn act(
         &self,
         id: &str,
         action: Action,
         by: &str,
-        run: impl FnOnce(&DeadLetter, Timestamp) -> Result<(String, Option<String>), DlqError>,
+        plan: impl FnOnce(&DeadLetter, Timestamp) -> Result<Plan, DlqError>,
     ) -> Result<ArchiveEntry, DlqError> {
-        let mut st = self.lock();
-        let i = self
-            .index_of(&st, id)
-            .ok_or_else(|| DlqError::NotFound(format!("no dead letter `{id}`")))?;
-        let (dead, actions) = &st.entries[i];
-        if let Some(closed) = actions.iter().find(|a| a.action.closes()) {
-            return Err(DlqError::Closed(format!(
-                "dead letter `dlq-{}` was already handled: {:?} by {} at {}",
-                i + 1,
-                closed.action,
-                closed.by,
-                closed.at
-            )));
-        }
+        let _acting = self.acting.lock().await;
         let now = self.clock.now();
-        let (note, new_message_id) = run(dead, now)?;
+        let (i, dead_id, plan) = {
+            let st = self.lock();
+            let i = self
+                .index_of(&st, id)
+                .ok_or_else(|| DlqError::NotFound(format!("no dead letter `{id}`")))?;
+            let (dead, actions) = &st.entries[i];
+            if let Some(closed) = actions.iter().find(|a| a.action.closes()) {
+                return Err(DlqError::Closed(format!(
+                    "dead letter `dlq-{}` was already handled: {:?} by {} at {}",
+                    i + 1,
+                    closed.action,
+                    closed.by,
+                    closed.at
+                )));
+            }
+            (i, dead.id.to_string(), plan(dead, now)?)
+        };
+        if let Some(env) = plan.publish {
+            (self.publish)(env).await.map_err(DlqError::Unavailable)?;
+        }
+        if let Some(sms) = plan.sms {
+            self.sms.send(sms);
+        }
         let entry = ArchiveEntry {
             dlq_id: format!("dlq-{}", i + 1),
-            dead_letter_id: dead.id.to_string(),
+            dead_letter_id: dead_id,
             action,
             by: if by.trim().is_empty() {
                 "anonymous".into()
@@ -289,10 +331,11 @@ impl DlqProcessor {
                 by.to_owned()
             },
             at: now,
-            note,
-            new_message_id,
+            note: plan.note,
+            new_message_id: plan.new_message_id,
         };
         tracing::info!(dlq_id = %entry.dlq_id, action = ?action, by = %entry.by, "dead letter handled");
+        let mut st = self.lock();
         st.entries[i].1.push(entry.clone());
         if action == Action::Alert {
             st.alerts.push(entry.clone());
@@ -303,13 +346,12 @@ impl DlqProcessor {
     /// Sends the original command again to its original channel under a
     /// new message id, with `corrected` as its payload if given. The
     /// retried command expects no reply (the saga that sent it has moved on).
-    pub fn retry(
+    pub async fn retry(
         &self,
         id: &str,
         corrected: Option<Value>,
         by: &str,
     ) -> Result<ArchiveEntry, DlqError> {
-        let publish = self.publish.clone();
         self.act(id, Action::Retry, by, |dead, now| {
             let original = &dead.original;
             if original.kind != MessageKind::Command || original.channel.ends_with(".local") {
@@ -332,40 +374,46 @@ impl DlqProcessor {
                 env.payload = payload;
             }
             let new_id = env.id.to_string();
-            let channel = env.channel.clone();
-            publish(env).map_err(DlqError::Invalid)?;
             let note = format!(
-                "sent again to `{channel}`{}",
+                "sent again to `{}`{}",
+                env.channel,
                 if corrected_note {
                     " with a corrected payload"
                 } else {
                     ""
                 }
             );
-            Ok((note, Some(new_id)))
+            Ok(Plan {
+                note,
+                new_message_id: Some(new_id),
+                publish: Some(env),
+                sms: None,
+            })
         })
+        .await
     }
 
     /// Closes the dead letter without doing anything.
-    pub fn discard(&self, id: &str, by: &str, note: &str) -> Result<ArchiveEntry, DlqError> {
+    pub async fn discard(&self, id: &str, by: &str, note: &str) -> Result<ArchiveEntry, DlqError> {
         self.act(id, Action::Discard, by, |_, _| {
-            Ok((non_empty(note, "discarded").to_owned(), None))
+            Ok(Plan::note(non_empty(note, "discarded")))
         })
+        .await
     }
 
     /// Raises an alert for the ops team; the dead letter stays open.
-    pub fn alert(&self, id: &str, by: &str, note: &str) -> Result<ArchiveEntry, DlqError> {
+    pub async fn alert(&self, id: &str, by: &str, note: &str) -> Result<ArchiveEntry, DlqError> {
         self.act(id, Action::Alert, by, |dead, _| {
             tracing::error!(dead_letter = %dead.id, reason = %dead.reason, "ALERT: dead letter needs attention");
-            Ok((non_empty(note, "ops team alerted").to_owned(), None))
+            Ok(Plan::note(non_empty(note, "ops team alerted")))
         })
+        .await
     }
 
     /// Tells the customer by SMS what the failed email would have said,
     /// and publishes `NOTIFICATION_SENT` (channel `sms`).
-    pub fn sms(&self, id: &str, by: &str) -> Result<ArchiveEntry, DlqError> {
-        let sms = self.sms.clone();
-        let publish = self.publish.clone();
+    pub async fn sms(&self, id: &str, by: &str) -> Result<ArchiveEntry, DlqError> {
+        let events = self.events.clone();
         self.act(id, Action::Sms, by, |dead, now| {
             let req: NotificationRequest = serde_json::from_value(dead.original.payload.clone())
                 .map_err(|_| {
@@ -376,10 +424,6 @@ impl DlqProcessor {
                 })?;
             let email = crate::notification::compose(&req);
             let to = format!("phone-of-{}", req.customer_id);
-            sms.send(Sms {
-                to: to.clone(),
-                text: email.body,
-            });
             let event = NotificationEvent::NotificationSent {
                 order_id: req.order_id.clone(),
                 notification: req.kind,
@@ -388,20 +432,39 @@ impl DlqProcessor {
             };
             let env = Envelope::event(
                 MessageId::new(format!("{}/sms", dead.id)),
-                NOTIFICATIONS_EVENTS,
+                events,
                 dead.original.saga_id.clone(),
                 dead.original.saga.clone(),
                 serde_json::to_value(&event).unwrap_or(Value::Null),
                 now,
             );
-            publish(env).map_err(DlqError::Invalid)?;
-            Ok((format!("SMS to {to}"), None))
+            Ok(Plan {
+                note: format!("SMS to {to}"),
+                new_message_id: None,
+                publish: Some(env),
+                sms: Some(Sms {
+                    to,
+                    text: email.body,
+                }),
+            })
         })
+        .await
     }
 
     /// The fake SMS gateway.
     pub fn sms_gateway(&self) -> &FakeSms {
         &self.sms
+    }
+}
+
+impl Plan {
+    fn note(note: &str) -> Self {
+        Self {
+            note: note.to_owned(),
+            new_message_id: None,
+            publish: None,
+            sms: None,
+        }
     }
 }
 

@@ -5,6 +5,10 @@
 //! 4xx when the request is wrong, 503 with `"retryable": true` and a
 //! `Retry-After` header when the runtime could not take the write (nothing
 //! was written: the client may retry).
+//!
+//! A process that runs only some services (Kafka, one service per process)
+//! serves the same routes; those of services it does not run answer 404
+//! with `"this process does not run the X service"`.
 
 use std::sync::{Arc, OnceLock};
 
@@ -86,6 +90,14 @@ fn body_error(rejection: BytesRejection) -> ApiError {
     }
 }
 
+fn not_here(service: &str) -> ApiError {
+    ApiError::not_found(format!("this process does not run the {service} service"))
+}
+
+fn part<'a, T>(x: &'a Option<T>, service: &str) -> ApiResult<&'a T> {
+    x.as_ref().ok_or_else(|| not_here(service))
+}
+
 fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> ApiResult<T> {
     serde_json::from_slice(body).map_err(|e| {
         let what = match e.classify() {
@@ -136,20 +148,28 @@ pub fn router(system: Arc<System>) -> Router {
 }
 
 async fn health(State(s): State<Arc<System>>) -> Json<Value> {
-    Json(json!({ "status": "ok", "runtime": s.platform.name() }))
+    Json(json!({
+        "status": "ok",
+        "runtime": s.platform.name(),
+        "services": s.services.names(),
+        "topic_prefix": s.topics.prefix(),
+    }))
 }
 
 async fn metrics_text(State(s): State<Arc<System>>) -> impl IntoResponse {
     let handle = metrics_handle();
-    metrics::gauge!("ecommerce_dlq_open").set(s.dlq.open_count() as f64);
+    if let Some(dlq) = &s.dlq {
+        metrics::gauge!("ecommerce_dlq_open").set(dlq.open_count() as f64);
+    }
     for (group, channel, lag) in s.platform.lag() {
         metrics::gauge!("ecommerce_consumer_lag", "group" => group, "channel" => channel)
             .set(lag as f64);
     }
-    let a = s.analytics.summary();
-    metrics::gauge!("ecommerce_orders", "status" => "created").set(a.orders_created as f64);
-    metrics::gauge!("ecommerce_orders", "status" => "confirmed").set(a.orders_confirmed as f64);
-    metrics::gauge!("ecommerce_orders", "status" => "cancelled").set(a.orders_cancelled as f64);
+    if let Some(a) = s.analytics.as_ref().map(|a| a.summary()) {
+        metrics::gauge!("ecommerce_orders", "status" => "created").set(a.orders_created as f64);
+        metrics::gauge!("ecommerce_orders", "status" => "confirmed").set(a.orders_confirmed as f64);
+        metrics::gauge!("ecommerce_orders", "status" => "cancelled").set(a.orders_cancelled as f64);
+    }
     handle.run_upkeep();
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
@@ -161,9 +181,12 @@ async fn create_order(
     State(s): State<Arc<System>>,
     body: Result<Bytes, BytesRejection>,
 ) -> ApiResult<Response> {
+    if !s.services.order {
+        return Err(not_here("order"));
+    }
     let body = body.map_err(body_error)?;
     let req: OrderRequest = parse_json(&body)?;
-    match s.place_order(&req) {
+    match s.place_order(&req).await {
         Ok(order) => {
             let location = format!("/orders/{}", order.order_id);
             let body = json!({
@@ -189,7 +212,7 @@ async fn create_order(
     }
 }
 
-fn storage_error(e: saga::SagaError) -> ApiError {
+fn storage_error(e: String) -> ApiError {
     ApiError::new(
         StatusCode::SERVICE_UNAVAILABLE,
         format!("cannot read the order store: {e}"),
@@ -197,7 +220,10 @@ fn storage_error(e: saga::SagaError) -> ApiError {
 }
 
 async fn list_orders(State(s): State<Arc<System>>) -> ApiResult<Json<Value>> {
-    let orders = s.platform.orders().map_err(storage_error)?;
+    if !s.services.order {
+        return Err(not_here("order"));
+    }
+    let orders = s.platform.orders().await.map_err(storage_error)?;
     let list: Vec<Value> = orders
         .into_iter()
         .map(|o| {
@@ -216,7 +242,10 @@ async fn get_order(
     State(s): State<Arc<System>>,
     Path(id): Path<String>,
 ) -> ApiResult<Json<OrderView>> {
-    match s.platform.order(&id).map_err(storage_error)? {
+    if !s.services.order {
+        return Err(not_here("order"));
+    }
+    match s.platform.order(&id).await.map_err(storage_error)? {
         Some(inst) => Ok(Json(inst.into())),
         None => Err(ApiError::not_found(format!("no order `{id}`"))),
     }
@@ -226,41 +255,57 @@ async fn get_timeline(
     State(s): State<Arc<System>>,
     Path(id): Path<String>,
 ) -> ApiResult<Json<Value>> {
-    let lines = crate::timeline::of(&s, &id);
+    if !s.services.order {
+        return Err(not_here("order"));
+    }
+    let lines = crate::timeline::of(&s, &id).await;
     if lines.is_empty() {
         return Err(ApiError::not_found(format!("no order `{id}`")));
     }
     Ok(Json(json!({ "order_id": id, "timeline": lines })))
 }
 
-async fn list_inventory(State(s): State<Arc<System>>) -> Json<Value> {
-    Json(json!({ "stock": s.inventory.levels() }))
+/// The stock; on Kafka also its shards (one per partition of
+/// `inventory.requests`, see `inventory.rs`) as this process has them.
+async fn list_inventory(State(s): State<Arc<System>>) -> ApiResult<Json<Value>> {
+    let inv = part(&s.inventory, "inventory")?;
+    let mut body = json!({ "stock": inv.levels() });
+    if inv.is_sharded() {
+        body["shards"] = json!(inv.shards());
+    }
+    Ok(Json(body))
 }
 
 async fn get_inventory(
     State(s): State<Arc<System>>,
     Path(sku): Path<String>,
 ) -> ApiResult<Json<Value>> {
-    s.inventory
+    part(&s.inventory, "inventory")?
         .level(&sku)
         .map(|l| Json(json!(l)))
         .ok_or_else(|| ApiError::not_found(format!("unknown SKU `{sku}`")))
 }
 
-async fn analytics(State(s): State<Arc<System>>) -> Json<Value> {
-    Json(json!(s.analytics.summary()))
+async fn analytics(State(s): State<Arc<System>>) -> ApiResult<Json<Value>> {
+    Ok(Json(json!(part(&s.analytics, "analytics")?.summary())))
 }
 
-async fn list_dlq(State(s): State<Arc<System>>) -> Json<Value> {
-    Json(json!({ "open": s.dlq.open_count(), "entries": s.dlq.list() }))
+async fn list_dlq(State(s): State<Arc<System>>) -> ApiResult<Json<Value>> {
+    let dlq = part(&s.dlq, "dlq")?;
+    Ok(Json(
+        json!({ "open": dlq.open_count(), "entries": dlq.list() }),
+    ))
 }
 
-async fn dlq_archive(State(s): State<Arc<System>>) -> Json<Value> {
-    Json(json!({ "archive": s.dlq.archive(), "alerts": s.dlq.alerts() }))
+async fn dlq_archive(State(s): State<Arc<System>>) -> ApiResult<Json<Value>> {
+    let dlq = part(&s.dlq, "dlq")?;
+    Ok(Json(
+        json!({ "archive": dlq.archive(), "alerts": dlq.alerts() }),
+    ))
 }
 
 async fn get_dlq(State(s): State<Arc<System>>, Path(id): Path<String>) -> ApiResult<Json<Value>> {
-    s.dlq
+    part(&s.dlq, "dlq")?
         .get(&id)
         .map(|e| Json(json!(e)))
         .ok_or_else(|| ApiError::not_found(format!("no dead letter `{id}`")))
@@ -307,6 +352,10 @@ fn dlq_result(r: Result<crate::dlq::ArchiveEntry, DlqError>) -> ApiResult<Json<V
         Err(DlqError::NotFound(m)) => Err(ApiError::not_found(m)),
         Err(DlqError::Closed(m)) => Err(ApiError::new(StatusCode::CONFLICT, m)),
         Err(DlqError::Invalid(m)) => Err(ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, m)),
+        Err(DlqError::Unavailable(m)) => Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("{m}; nothing was done, please retry"),
+        )),
     }
 }
 
@@ -317,7 +366,7 @@ async fn dlq_retry(
     body: Result<Bytes, BytesRejection>,
 ) -> ApiResult<Json<Value>> {
     let (b, who) = action_body(&headers, body)?;
-    dlq_result(s.dlq.retry(&id, b.payload, &who))
+    dlq_result(part(&s.dlq, "dlq")?.retry(&id, b.payload, &who).await)
 }
 
 async fn dlq_discard(
@@ -327,7 +376,11 @@ async fn dlq_discard(
     body: Result<Bytes, BytesRejection>,
 ) -> ApiResult<Json<Value>> {
     let (b, who) = action_body(&headers, body)?;
-    dlq_result(s.dlq.discard(&id, &who, b.note.as_deref().unwrap_or("")))
+    dlq_result(
+        part(&s.dlq, "dlq")?
+            .discard(&id, &who, b.note.as_deref().unwrap_or(""))
+            .await,
+    )
 }
 
 async fn dlq_alert(
@@ -337,7 +390,11 @@ async fn dlq_alert(
     body: Result<Bytes, BytesRejection>,
 ) -> ApiResult<Json<Value>> {
     let (b, who) = action_body(&headers, body)?;
-    dlq_result(s.dlq.alert(&id, &who, b.note.as_deref().unwrap_or("")))
+    dlq_result(
+        part(&s.dlq, "dlq")?
+            .alert(&id, &who, b.note.as_deref().unwrap_or(""))
+            .await,
+    )
 }
 
 async fn dlq_sms(
@@ -347,5 +404,5 @@ async fn dlq_sms(
     body: Result<Bytes, BytesRejection>,
 ) -> ApiResult<Json<Value>> {
     let (_, who) = action_body(&headers, body)?;
-    dlq_result(s.dlq.sms(&id, &who))
+    dlq_result(part(&s.dlq, "dlq")?.sms(&id, &who).await)
 }

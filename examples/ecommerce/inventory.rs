@@ -7,13 +7,41 @@
 //! this code; a request for an order it already answered, under another
 //! message id, gets the same answer from the per-order guard here, so stock
 //! is never reserved twice.
+//!
+//! ## Stock shards (on Kafka, and with several instances)
+//!
+//! Requests are keyed by order id, so two inventory instances see different
+//! orders: if each kept the whole catalogue, each could sell the same last
+//! laptop. So on Kafka the stock is **one shard per partition of
+//! `inventory.requests`**: the catalogue's units are split across the
+//! partitions (LAPTOP-001: 50 over 3 partitions is 17 / 17 / 16), and an
+//! order is served from the shard of its partition only. A shard is the
+//! participant's per-partition state ([`Participant::snapshot`] /
+//! [`Participant::restore`], [`ParticipantContext::partition`]): the runtime
+//! persists it in the same transaction as the replies and the consumed
+//! offsets, and hands it to whichever instance owns the partition after a
+//! crash or a rebalance. Only one instance owns a partition at a time, so
+//! a unit is never sold twice, however many instances run.
+//!
+//! The price of this, a deliberate trade-off: an order is refused when
+//! *its* shard is short even if another shard still has the units (flow 2
+//! then reports its shard's `available`, e.g. 17, not 50), and a single
+//! order can never take more than one shard holds. Rebalancing stock
+//! between shards would need a saga of its own (move units from shard A to
+//! shard B with compensation); the example does not do it.
+//!
+//! The embedded in-memory system (`cargo run --example ecommerce`, `serve`
+//! without `--kafka`) keeps **one shard** for the whole catalogue: a single
+//! process serves every partition there, so nothing can be oversold, and
+//! the demo's numbers stay those of the design (50 laptops, "available 49").
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 use saga::{Participant, ParticipantContext, StepError};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
 
 use crate::messages::{
     InventoryCommand, InventoryEvent, InventoryReply, OrderItem, ReservedItem, INVENTORY_EVENTS,
@@ -41,63 +69,208 @@ pub struct StockLevel {
     pub available: u32,
 }
 
-#[derive(Default)]
-struct State {
+/// One shard of stock: what one partition of `inventory.requests` sells
+/// from (the whole catalogue when unsharded). Persisted as the
+/// participant's per-partition state.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+struct Shard {
     /// SKU → (on hand, reserved).
     stock: BTreeMap<String, (u32, u32)>,
-    /// Order → the answer it got (the per-order idempotency guard).
-    answered: HashMap<String, InventoryReply>,
+    /// Order → the answer it got (the per-order idempotency guard). It
+    /// grows with the orders: a production service would expire answers
+    /// older than any possible redelivery.
+    answered: BTreeMap<String, InventoryReply>,
+}
+
+impl Shard {
+    fn level(&self, sku: &str) -> Option<StockLevel> {
+        self.stock.get(sku).map(|&(on_hand, reserved)| StockLevel {
+            sku: sku.to_owned(),
+            on_hand,
+            reserved,
+            available: on_hand - reserved,
+        })
+    }
+}
+
+/// One shard as served by `GET /inventory` (`shards`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct ShardView {
+    /// The partition of `inventory.requests` it belongs to (0 when unsharded).
+    pub partition: u32,
+    /// Whether this process serves the partition now (restored or handled
+    /// a request here); a shard it lost in a rebalance may be stale.
+    pub held: bool,
+    /// Orders it has answered: grows with every answer, so of two copies
+    /// of one shard (in two processes) the larger is the newer.
+    pub version: usize,
+    /// Its stock.
+    pub stock: Vec<StockLevel>,
+}
+
+struct State {
+    /// The whole catalogue (SKU, units on hand).
+    catalogue: Vec<(String, u32)>,
+    /// `Some(n)`: one shard per partition of `n`; `None`: one shard.
+    partitions: Option<u32>,
+    shards: BTreeMap<u32, Shard>,
+    held: BTreeSet<u32>,
+}
+
+impl State {
+    fn fresh_shard(&self, index: u32) -> Shard {
+        let n = self.partitions.unwrap_or(1).max(1);
+        let stock = self
+            .catalogue
+            .iter()
+            .map(|(sku, total)| {
+                let extra = u32::from(index < total % n);
+                (sku.clone(), (total / n + extra, 0))
+            })
+            .collect();
+        Shard {
+            stock,
+            answered: BTreeMap::new(),
+        }
+    }
+
+    fn shard_index(&self, partition: u32) -> u32 {
+        if self.partitions.is_some() {
+            partition
+        } else {
+            0
+        }
+    }
+
+    fn shard_mut(&mut self, partition: u32) -> &mut Shard {
+        let i = self.shard_index(partition);
+        if !self.shards.contains_key(&i) {
+            let fresh = self.fresh_shard(i);
+            self.shards.insert(i, fresh);
+        }
+        self.held.insert(i);
+        self.shards.get_mut(&i).expect("just inserted")
+    }
 }
 
 /// The inventory: a participant, and a handle to query stock. Cheap to clone.
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub struct Inventory {
     state: Arc<Mutex<State>>,
+    events: String,
 }
 
 impl Inventory {
-    /// An inventory holding `catalogue` (SKU, units on hand), nothing reserved.
-    pub fn new(catalogue: &[(&str, u32)]) -> Self {
-        let stock = catalogue
-            .iter()
-            .map(|(sku, n)| ((*sku).to_owned(), (*n, 0)))
-            .collect();
-        Self {
-            state: Arc::new(Mutex::new(State {
-                stock,
-                answered: HashMap::new(),
-            })),
+    fn with(catalogue: &[(&str, u32)], partitions: Option<u32>) -> Self {
+        let mut st = State {
+            catalogue: catalogue
+                .iter()
+                .map(|(sku, n)| ((*sku).to_owned(), *n))
+                .collect(),
+            partitions,
+            shards: BTreeMap::new(),
+            held: BTreeSet::new(),
+        };
+        for i in 0..partitions.unwrap_or(1) {
+            let fresh = st.fresh_shard(i);
+            st.shards.insert(i, fresh);
         }
+        Self {
+            state: Arc::new(Mutex::new(st)),
+            events: INVENTORY_EVENTS.into(),
+        }
+    }
+
+    /// An inventory holding `catalogue` (SKU, units on hand) in one shard,
+    /// nothing reserved (the embedded in-memory system).
+    pub fn new(catalogue: &[(&str, u32)]) -> Self {
+        Self::with(catalogue, None)
+    }
+
+    /// An inventory whose stock is split into one shard per partition of
+    /// `inventory.requests` (see the module docs).
+    pub fn sharded(catalogue: &[(&str, u32)], partitions: u32) -> Self {
+        Self::with(catalogue, Some(partitions.max(1)))
+    }
+
+    /// Publishes its events on `channel` instead of `inventory.events`.
+    pub fn events_on(mut self, channel: impl Into<String>) -> Self {
+        self.events = channel.into();
+        self
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// The stock of `sku`, if the inventory carries it.
+    /// The stock of `sku` summed over the shards this process has, if the
+    /// inventory carries it. Exact when one process serves every
+    /// partition; with several instances see [`Inventory::shards`].
     pub fn level(&self, sku: &str) -> Option<StockLevel> {
-        self.lock()
-            .stock
-            .get(sku)
-            .map(|&(on_hand, reserved)| StockLevel {
-                sku: sku.to_owned(),
-                on_hand,
-                reserved,
-                available: on_hand - reserved,
-            })
+        let st = self.lock();
+        let mut total: Option<StockLevel> = None;
+        for shard in st.shards.values() {
+            if let Some(l) = shard.level(sku) {
+                let t = total.get_or_insert(StockLevel {
+                    sku: sku.to_owned(),
+                    on_hand: 0,
+                    reserved: 0,
+                    available: 0,
+                });
+                t.on_hand += l.on_hand;
+                t.reserved += l.reserved;
+                t.available += l.available;
+            }
+        }
+        total
     }
 
-    /// The stock of every SKU.
+    /// The stock of every SKU (see [`Inventory::level`]).
     pub fn levels(&self) -> Vec<StockLevel> {
-        let skus: Vec<String> = self.lock().stock.keys().cloned().collect();
+        let skus: Vec<String> = self
+            .lock()
+            .catalogue
+            .iter()
+            .map(|(s, _)| s.clone())
+            .collect();
         skus.iter().filter_map(|s| self.level(s)).collect()
     }
 
-    /// Reserves every item of `order_id` or none; answers a repeated order
-    /// with its first answer. Returns the answer and whether stock changed.
-    pub fn reserve(&self, order_id: &str, items: &[OrderItem]) -> (InventoryReply, bool) {
+    /// Every shard this process has, with its stock.
+    pub fn shards(&self) -> Vec<ShardView> {
+        let st = self.lock();
+        st.shards
+            .iter()
+            .map(|(&partition, shard)| ShardView {
+                partition,
+                held: st.held.contains(&partition),
+                version: shard.answered.len(),
+                stock: shard
+                    .stock
+                    .keys()
+                    .filter_map(|sku| shard.level(sku))
+                    .collect(),
+            })
+            .collect()
+    }
+
+    /// Whether the stock is split per partition.
+    pub fn is_sharded(&self) -> bool {
+        self.lock().partitions.is_some()
+    }
+
+    /// Reserves every item of `order_id` or none, from the shard of
+    /// `partition`; answers a repeated order with its first answer.
+    /// Returns the answer and whether stock changed.
+    pub fn reserve(
+        &self,
+        partition: u32,
+        order_id: &str,
+        items: &[OrderItem],
+    ) -> (InventoryReply, bool) {
         let mut st = self.lock();
-        if let Some(previous) = st.answered.get(order_id) {
+        let shard = st.shard_mut(partition);
+        if let Some(previous) = shard.answered.get(order_id) {
             tracing::info!(order_id, "duplicate reservation request: answering again");
             return (previous.clone(), false);
         }
@@ -107,7 +280,7 @@ impl Inventory {
             *wanted.entry(item.sku.as_str()).or_default() += item.quantity;
         }
         let short = wanted.iter().find_map(|(&sku, &requested)| {
-            let (reason, available) = match st.stock.get(sku) {
+            let (reason, available) = match shard.stock.get(sku) {
                 None => ("Unknown SKU", 0),
                 Some(&(on_hand, reserved)) => ("Not enough stock", on_hand - reserved),
             };
@@ -123,7 +296,7 @@ impl Inventory {
             Some(reply) => (reply, false),
             None => {
                 for (sku, n) in &wanted {
-                    if let Some((_, reserved)) = st.stock.get_mut(*sku) {
+                    if let Some((_, reserved)) = shard.stock.get_mut(*sku) {
                         *reserved += n;
                     }
                 }
@@ -133,7 +306,7 @@ impl Inventory {
                 (reply, true)
             }
         };
-        st.answered.insert(order_id.to_owned(), reply.clone());
+        shard.answered.insert(order_id.to_owned(), reply.clone());
         (reply, changed)
     }
 }
@@ -151,7 +324,7 @@ impl Participant for Inventory {
     ) -> Result<InventoryReply, StepError> {
         match command {
             InventoryCommand::Reserve { order_id, items } => {
-                let (reply, changed) = self.reserve(&order_id, &items);
+                let (reply, changed) = self.reserve(ctx.partition(), &order_id, &items);
                 if changed {
                     let mut reserved: BTreeMap<&str, u32> = BTreeMap::new();
                     for item in &items {
@@ -165,13 +338,47 @@ impl Participant for Inventory {
                         })
                         .collect();
                     ctx.emit(
-                        INVENTORY_EVENTS,
+                        self.events.clone(),
                         &InventoryEvent::InventoryReserved { order_id, items },
                     );
                 }
                 Ok(reply)
             }
         }
+    }
+
+    /// The shard of `partition`, when sharded (persisted by the runtime with
+    /// the replies). Unsharded, the in-memory process holds the only copy.
+    fn snapshot(&self, partition: u32) -> Option<Value> {
+        let st = self.lock();
+        st.partitions?;
+        st.shards
+            .get(&partition)
+            .and_then(|s| serde_json::to_value(s).ok())
+    }
+
+    /// Installs the shard of a partition this instance now serves: its last
+    /// persisted state, or its fresh share of the catalogue.
+    fn restore(&self, partition: u32, snapshot: Option<Value>) {
+        let mut st = self.lock();
+        if st.partitions.is_none() {
+            return;
+        }
+        let shard = match snapshot.map(serde_json::from_value::<Shard>) {
+            Some(Ok(shard)) => shard,
+            Some(Err(e)) => {
+                tracing::error!(partition, error = %e, "unreadable stock shard: starting it afresh");
+                st.fresh_shard(partition)
+            }
+            None => st.fresh_shard(partition),
+        };
+        tracing::info!(
+            partition,
+            orders = shard.answered.len(),
+            "stock shard restored"
+        );
+        st.shards.insert(partition, shard);
+        st.held.insert(partition);
     }
 }
 
@@ -191,13 +398,13 @@ mod tests {
     #[test]
     fn reserves_all_or_nothing_and_once_per_order() {
         let inv = Inventory::new(CATALOGUE);
-        let (r, changed) = inv.reserve("o1", &[item("LAPTOP-001", 1), item("MOUSE-001", 2)]);
+        let (r, changed) = inv.reserve(0, "o1", &[item("LAPTOP-001", 1), item("MOUSE-001", 2)]);
         assert!(matches!(r, InventoryReply::Reserved { .. }) && changed);
-        let (again, changed) = inv.reserve("o1", &[item("LAPTOP-001", 1)]);
+        let (again, changed) = inv.reserve(0, "o1", &[item("LAPTOP-001", 1)]);
         assert_eq!(again, r);
         assert!(!changed);
         assert_eq!(inv.level("LAPTOP-001").unwrap().reserved, 1);
-        let (short, _) = inv.reserve("o2", &[item("MOUSE-001", 1), item("LAPTOP-001", 100)]);
+        let (short, _) = inv.reserve(1, "o2", &[item("MOUSE-001", 1), item("LAPTOP-001", 100)]);
         assert_eq!(
             short,
             InventoryReply::InsufficientStock {
@@ -209,5 +416,67 @@ mod tests {
             }
         );
         assert_eq!(inv.level("MOUSE-001").unwrap().reserved, 2);
+    }
+}
+
+#[cfg(test)]
+mod shard_tests {
+    use super::*;
+    use rust_decimal::Decimal;
+
+    fn laptops(n: u32) -> Vec<OrderItem> {
+        vec![OrderItem {
+            sku: "LAPTOP-001".into(),
+            quantity: n,
+            unit_price: Decimal::ONE,
+        }]
+    }
+
+    #[test]
+    fn the_catalogue_is_split_across_partitions_and_each_shard_sells_its_own() {
+        let inv = Inventory::sharded(CATALOGUE, 3);
+        let on_hand: Vec<u32> = inv
+            .shards()
+            .iter()
+            .map(|s| {
+                s.stock
+                    .iter()
+                    .find(|l| l.sku == "LAPTOP-001")
+                    .unwrap()
+                    .on_hand
+            })
+            .collect();
+        assert_eq!(on_hand, [17, 17, 16]);
+        assert_eq!(inv.level("LAPTOP-001").unwrap().on_hand, 50);
+        let (r, _) = inv.reserve(2, "o1", &laptops(17));
+        assert!(
+            matches!(
+                r,
+                InventoryReply::InsufficientStock {
+                    available: 16,
+                    requested: 17,
+                    ..
+                }
+            ),
+            "{r:?}"
+        );
+        let (r, changed) = inv.reserve(0, "o2", &laptops(17));
+        assert!(matches!(r, InventoryReply::Reserved { .. }) && changed);
+        // The shard moves with its partition: a new owner restores it.
+        let other = Inventory::sharded(CATALOGUE, 3);
+        other.restore(0, inv.snapshot(0));
+        let (r, changed) = other.reserve(0, "o3", &laptops(1));
+        assert!(matches!(r, InventoryReply::InsufficientStock { available: 0, .. }) && !changed);
+        let (again, changed) = other.reserve(0, "o2", &laptops(17));
+        assert!(matches!(again, InventoryReply::Reserved { .. }) && !changed);
+    }
+
+    #[test]
+    fn unsharded_keeps_one_shard_and_no_snapshot() {
+        let inv = Inventory::new(CATALOGUE);
+        assert_eq!(inv.shards().len(), 1);
+        inv.reserve(2, "o1", &laptops(1));
+        assert_eq!(inv.level("LAPTOP-001").unwrap().available, 49);
+        assert!(inv.snapshot(0).is_none());
     }
 }

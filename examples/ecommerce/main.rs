@@ -3,9 +3,22 @@
 //!
 //! ```text
 //! cargo run --example ecommerce                      # the demo: the seed's three flows, in memory
-//! cargo run --example ecommerce -- serve             # the HTTP API on 127.0.0.1:8080
+//! cargo run --example ecommerce -- serve             # the HTTP API on 127.0.0.1:8080, in memory
+//! cargo run --example ecommerce -- serve --kafka localhost:9092   # the same system on Kafka
 //! cargo run --example ecommerce -- dlq list          # operate the DLQ of a running `serve`
+//!
+//! # one process per service (Kafka: --kafka or KAFKA_BOOTSTRAP_SERVERS)
+//! cargo run --example ecommerce -- order        --instance-id order-1   # orders API, :8080
+//! cargo run --example ecommerce -- inventory    --instance-id inv-1     # :8081
+//! cargo run --example ecommerce -- inventory    --instance-id inv-2 --addr 127.0.0.1:8091
+//! cargo run --example ecommerce -- notification --instance-id notif-1   # :8082
+//! cargo run --example ecommerce -- analytics    --instance-id an-1      # :8083
+//! cargo run --example ecommerce -- dlq          --instance-id dlq-1     # :8084
 //! ```
+//!
+//! Every process serves the HTTP API of the services it runs (the others'
+//! routes answer 404) and prints `listening on http://ADDR` once its
+//! services are registered.
 
 mod analytics;
 mod cli;
@@ -25,7 +38,8 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 
-use crate::system::{Config, RuntimeKind, System};
+use crate::messages::Topics;
+use crate::system::{Config, RuntimeKind, Services, System};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -33,43 +47,99 @@ use crate::system::{Config, RuntimeKind, System};
     about = "An e-commerce system on saga orchestration. Without a command: the in-memory demo."
 )]
 struct Args {
-    /// Run on Apache Kafka at this bootstrap address instead of in memory
-    /// (not implemented yet: it waits for the saga-kafka runtime).
-    #[arg(long, global = true, value_name = "BOOTSTRAP")]
+    /// Run on Apache Kafka: at this bootstrap address, or (without a value)
+    /// at KAFKA_BOOTSTRAP_SERVERS. The per-service commands always run on
+    /// Kafka. Security settings, delivery mode… come from the environment
+    /// (see saga-kafka's README).
+    #[arg(long, global = true, value_name = "BOOTSTRAP", num_args = 0..=1, default_missing_value = "")]
     kafka: Option<String>,
+    /// Namespace for topics, consumer groups and the saga's name (default
+    /// $ECOMMERCE_TOPIC_PREFIX, else none: the design's exact topic names).
+    #[arg(long, global = true, value_name = "PREFIX")]
+    topic_prefix: Option<String>,
+    /// This process's instance id (default $SAGA_INSTANCE_ID, else 0):
+    /// unique per live process of a service, stable across its restarts
+    /// (it names the transactional ids).
+    #[arg(long, global = true, value_name = "ID")]
+    instance_id: Option<String>,
+    /// The application name, prefix of transactional ids (default $SAGA_APP).
+    #[arg(long, global = true)]
+    app: Option<String>,
+    /// Partitions of the topics created, and inventory stock shards
+    /// (default $KAFKA_PARTITIONS, else 3).
+    #[arg(long, global = true)]
+    partitions: Option<usize>,
+    /// Shorter notification timings (0.5 s timeout, 0.2 s then 0.4 s
+    /// backoff) for trying the DLQ flow without waiting; give it to every
+    /// process of a deployment.
+    #[arg(long, global = true)]
+    fast: bool,
     #[command(subcommand)]
     command: Option<Command>,
 }
 
+/// The fake email API's behaviour (where the notification service runs).
+#[derive(Debug, Clone, clap::Args)]
+struct EmailArgs {
+    /// Make the fake email API fail: "timeout,503,500" for the next
+    /// sends, or "c-42=timeout,503,500" for one customer's. Repeatable.
+    #[arg(long, value_name = "SCRIPT")]
+    email_script: Vec<String>,
+    /// Share (0.0–1.0) of other emails that fail with 503.
+    #[arg(long, default_value_t = 0.0)]
+    email_failure_rate: f64,
+}
+
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Run every service behind the HTTP API.
+    /// Run every service behind the HTTP API (in memory, or on Kafka with --kafka).
     Serve {
         /// Where to listen.
         #[arg(long, default_value = "127.0.0.1:8080")]
         addr: SocketAddr,
-        /// Make the fake email API fail: "timeout,503,500" for the next
-        /// sends, or "c-42=timeout,503,500" for one customer's. Repeatable.
-        #[arg(long, value_name = "SCRIPT")]
-        email_script: Vec<String>,
-        /// Share (0.0–1.0) of other emails that fail with 503.
-        #[arg(long, default_value_t = 0.0)]
-        email_failure_rate: f64,
-        /// Shorter notification timings (0.5 s timeout, 0.2 s then 0.4 s
-        /// backoff) for trying the DLQ flow without waiting.
-        #[arg(long)]
-        fast: bool,
+        #[command(flatten)]
+        email: EmailArgs,
     },
-    /// Operate the dead-letter queue of a running `serve`.
+    /// The order service on Kafka: the saga orchestrator and the orders API.
+    Order {
+        /// Where to listen.
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        addr: SocketAddr,
+    },
+    /// The inventory service on Kafka (GET /inventory shows its stock shards).
+    Inventory {
+        /// Where to listen.
+        #[arg(long, default_value = "127.0.0.1:8081")]
+        addr: SocketAddr,
+    },
+    /// The notification service on Kafka, with the fake email API.
+    Notification {
+        /// Where to listen.
+        #[arg(long, default_value = "127.0.0.1:8082")]
+        addr: SocketAddr,
+        #[command(flatten)]
+        email: EmailArgs,
+    },
+    /// The analytics projection on Kafka and GET /analytics.
+    Analytics {
+        /// Where to listen.
+        #[arg(long, default_value = "127.0.0.1:8083")]
+        addr: SocketAddr,
+    },
+    /// Without an action: the DLQ processor service on Kafka (GET /dlq …).
+    /// With one: operate the DLQ of a running `serve` or `dlq` process.
     Dlq {
-        /// The API of the running `serve`.
+        /// The API of the running `serve` or `dlq` process (actions).
         #[arg(long, default_value = "http://127.0.0.1:8080")]
         api: String,
         /// Who acts (recorded in the audit archive); default $USER.
         #[arg(long)]
         operator: Option<String>,
+        /// Where the DLQ processor service listens (no action).
+        #[arg(long, default_value = "127.0.0.1:8084")]
+        addr: SocketAddr,
         #[command(subcommand)]
-        action: cli::DlqCommand,
+        action: Option<cli::DlqCommand>,
     },
 }
 
@@ -82,21 +152,56 @@ fn init_tracing(default: &str) {
         .try_init();
 }
 
-fn config(kafka: Option<String>) -> Config {
-    Config {
-        runtime: kafka.map_or(RuntimeKind::Memory, RuntimeKind::Kafka),
-        ..Config::default()
+/// Where Kafka is: the flag's value, else KAFKA_BOOTSTRAP_SERVERS.
+fn bootstrap(flag: Option<String>, required: bool) -> Result<Option<String>, String> {
+    let env = || {
+        std::env::var("KAFKA_BOOTSTRAP_SERVERS")
+            .ok()
+            .filter(|v| !v.is_empty())
+    };
+    match flag {
+        Some(v) if !v.is_empty() => Ok(Some(v)),
+        Some(_) => env()
+            .map(Some)
+            .ok_or_else(|| "--kafka without a value needs KAFKA_BOOTSTRAP_SERVERS".to_owned()),
+        None if required => env().map(Some).ok_or_else(|| {
+            "this service runs on Kafka: give --kafka HOST:PORT or set KAFKA_BOOTSTRAP_SERVERS"
+                .to_owned()
+        }),
+        None => Ok(None),
     }
 }
 
-async fn serve(
-    mut config: Config,
-    addr: SocketAddr,
-    scripts: Vec<String>,
-    failure_rate: f64,
-    fast: bool,
-) -> Result<(), String> {
-    if fast {
+fn config(args: &Args, kafka: Option<String>, services: Services) -> Result<Config, String> {
+    let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+    let partitions = match args.partitions {
+        Some(n) => n,
+        None => env("KAFKA_PARTITIONS")
+            .map(|v| {
+                v.parse::<usize>()
+                    .map_err(|_| format!("KAFKA_PARTITIONS=`{v}` is not a number"))
+            })
+            .transpose()?
+            .unwrap_or(3),
+    };
+    if partitions == 0 {
+        return Err("--partitions must be at least 1".into());
+    }
+    let mut config = Config {
+        runtime: kafka.map_or(RuntimeKind::Memory, RuntimeKind::Kafka),
+        services,
+        partitions,
+        topics: Topics::new(
+            args.topic_prefix
+                .clone()
+                .or_else(|| env("ECOMMERCE_TOPIC_PREFIX"))
+                .unwrap_or_default(),
+        ),
+        app: args.app.clone(),
+        instance_id: args.instance_id.clone(),
+        ..Config::default()
+    };
+    if args.fast {
         config.notification = notification::NotificationPolicy {
             attempt_timeout: Duration::from_millis(500),
             first_backoff: Duration::from_millis(200),
@@ -104,8 +209,12 @@ async fn serve(
         };
         config.order.notify_timeout = Duration::from_secs(10);
     }
-    let system = Arc::new(System::start(config)?);
-    for s in &scripts {
+    Ok(config)
+}
+
+async fn serve(config: Config, addr: SocketAddr, email: EmailArgs) -> Result<(), String> {
+    let system = Arc::new(System::start(config).await?);
+    for s in &email.email_script {
         match s.split_once('=') {
             Some((customer, script)) => system.email.script_for(
                 &order::email_of(customer.trim()),
@@ -114,21 +223,24 @@ async fn serve(
             None => system.email.script(notification::parse_script(s)?),
         }
     }
-    if failure_rate > 0.0 {
-        system.email.fail_randomly(failure_rate, 42);
+    if email.email_failure_rate > 0.0 {
+        system.email.fail_randomly(email.email_failure_rate, 42);
     }
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .map_err(|e| format!("cannot listen on {addr}: {e}"))?;
-    tracing::info!(%addr, runtime = system.platform.name(), "e-commerce API listening");
-    eprintln!("e-commerce API on http://{addr} (in memory); ctrl-c to stop");
+    let local = listener.local_addr().map_err(|e| e.to_string())?;
+    let services = system.services.names().join(", ");
+    let runtime = system.platform.name();
+    tracing::info!(addr = %local, runtime, services, "e-commerce API listening");
+    eprintln!("e-commerce [{services}] on {runtime}: listening on http://{local}; ctrl-c to stop");
     let app = http::router(system.clone());
     let stopping = system.clone();
     axum::serve(listener, app)
         .with_graceful_shutdown(async move {
-            let _ = tokio::signal::ctrl_c().await;
+            shutdown_signal().await;
             tracing::info!("shutting down: refusing new writes");
-            stopping.memory().set_accepting(false);
+            stopping.platform.set_accepting(false);
         })
         .await
         .map_err(|e| format!("server error: {e}"))?;
@@ -136,15 +248,55 @@ async fn serve(
     Ok(())
 }
 
+/// Ctrl-c, or SIGTERM on Unix.
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(t) => t,
+                Err(_) => {
+                    let _ = tokio::signal::ctrl_c().await;
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+async fn service(
+    args: &Args,
+    name: &str,
+    addr: SocketAddr,
+    email: EmailArgs,
+) -> Result<(), String> {
+    let services = Services::only(name).ok_or_else(|| format!("no service `{name}`"))?;
+    let kafka = bootstrap(args.kafka.clone(), true)?;
+    serve(config(args, kafka, services)?, addr, email).await
+}
+
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     let args = Args::parse();
-    let result = match args.command {
+    let no_email = || EmailArgs {
+        email_script: Vec::new(),
+        email_failure_rate: 0.0,
+    };
+    let result = match &args.command {
         None => {
             // The demo prints its own story; only errors from the services.
             init_tracing("error");
-            if let Some(k) = args.kafka {
-                Err(System::start(config(Some(k))).err().unwrap_or_default())
+            if args.kafka.is_some() {
+                Err("the demo runs in memory; on Kafka use `serve --kafka …` \
+                     (or one process per service) and the HTTP API"
+                    .to_owned())
             } else {
                 let started = std::time::Instant::now();
                 let mut stdout = std::io::stdout();
@@ -156,32 +308,48 @@ async fn main() -> std::process::ExitCode {
                 })
             }
         }
-        Some(Command::Serve {
-            addr,
-            email_script,
-            email_failure_rate,
-            fast,
+        Some(Command::Serve { addr, email }) => {
+            init_tracing("info");
+            match bootstrap(args.kafka.clone(), false).and_then(|k| config(&args, k, Services::ALL))
+            {
+                Ok(c) => serve(c, *addr, email.clone()).await,
+                Err(e) => Err(e),
+            }
+        }
+        Some(Command::Order { addr }) => {
+            init_tracing("info");
+            service(&args, "order", *addr, no_email()).await
+        }
+        Some(Command::Inventory { addr }) => {
+            init_tracing("info");
+            service(&args, "inventory", *addr, no_email()).await
+        }
+        Some(Command::Notification { addr, email }) => {
+            init_tracing("info");
+            service(&args, "notification", *addr, email.clone()).await
+        }
+        Some(Command::Analytics { addr }) => {
+            init_tracing("info");
+            service(&args, "analytics", *addr, no_email()).await
+        }
+        Some(Command::Dlq {
+            addr, action: None, ..
         }) => {
             init_tracing("info");
-            serve(
-                config(args.kafka),
-                addr,
-                email_script,
-                email_failure_rate,
-                fast,
-            )
-            .await
+            service(&args, "dlq", *addr, no_email()).await
         }
         Some(Command::Dlq {
             api,
             operator,
-            action,
+            action: Some(action),
+            ..
         }) => {
             init_tracing("warn");
             let operator = operator
+                .clone()
                 .or_else(|| std::env::var("USER").ok())
                 .unwrap_or_else(|| "operator".into());
-            cli::run(&api, &operator, action).await
+            cli::run(api, &operator, action.clone()).await
         }
     };
     match result {

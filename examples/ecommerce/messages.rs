@@ -15,9 +15,8 @@ pub const INVENTORY_RESPONSES: &str = "inventory.responses";
 pub const INVENTORY_EVENTS: &str = "inventory.events";
 /// Email requests for confirmed and cancelled orders.
 pub const NOTIFICATIONS_REQUESTS: &str = "notifications.requests";
-/// The notification service's answers to the order saga (see `order.rs`:
-/// saga-core cannot send fire-and-forget commands yet, so the saga asks and
-/// waits for the outcome).
+/// The notification service's answers to the order saga about the
+/// confirmation email (see `order.rs`: the saga records its outcome).
 pub const NOTIFICATIONS_RESPONSES: &str = "notifications.responses";
 /// `NOTIFICATION_SENT` / `NOTIFICATION_FAILED` events.
 pub const NOTIFICATIONS_EVENTS: &str = "notifications.events";
@@ -40,6 +39,40 @@ pub const ALL_CHANNELS: &[&str] = &[
     NOTIFICATIONS_DLQ,
     ORDERS_DLQ,
 ];
+
+/// The topic names under an optional namespace: `prefix` + the names
+/// above (`ECOMMERCE_TOPIC_PREFIX`, `--topic-prefix`). The default, empty,
+/// gives the exact names of the design; a prefix lets several systems (e.g.
+/// tests) share one broker. The prefix also names the consumer groups, the
+/// saga (so its `<saga>.state` topic) and the participants' ledgers.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Topics {
+    prefix: String,
+}
+
+impl Topics {
+    /// Names under `prefix` (may be empty).
+    pub fn new(prefix: impl Into<String>) -> Self {
+        Self {
+            prefix: prefix.into(),
+        }
+    }
+
+    /// The prefix.
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    /// The full name of `base` (a topic, group or service name).
+    pub fn name(&self, base: &str) -> String {
+        format!("{}{base}", self.prefix)
+    }
+
+    /// The full names of `bases`.
+    pub fn names(&self, bases: &[&str]) -> Vec<String> {
+        bases.iter().map(|b| self.name(b)).collect()
+    }
+}
 
 /// One line of an order: a SKU, how many, at which unit price.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -21,7 +21,7 @@ use saga::{
 use serde::Serialize;
 
 use crate::messages::{
-    NotificationEvent, NotificationReply, NotificationRequest, NOTIFICATIONS_DLQ,
+    NotificationEvent, NotificationReply, NotificationRequest, Topics, NOTIFICATIONS_DLQ,
     NOTIFICATIONS_EVENTS,
 };
 
@@ -233,12 +233,13 @@ impl Default for NotificationPolicy {
     }
 }
 
-/// The runtime policy of the notification participant.
-pub fn policy(p: &NotificationPolicy) -> ParticipantPolicy {
-    ParticipantPolicy::new("notification")
+/// The runtime policy of the notification participant (its name, the
+/// consumer group, and its dead-letter channel under `topics`).
+pub fn policy(p: &NotificationPolicy, topics: &Topics) -> ParticipantPolicy {
+    ParticipantPolicy::new(topics.name("notification"))
         .retry(RetryPolicy::exponential(p.first_backoff, 2.0).with_max_attempts(p.max_attempts))
         .timeout(p.attempt_timeout)
-        .dead_letter_channel(NOTIFICATIONS_DLQ)
+        .dead_letter_channel(topics.name(NOTIFICATIONS_DLQ))
 }
 
 /// One attempt at sending one notification, for timelines and the API.
@@ -290,6 +291,7 @@ pub struct NotificationService {
     provider: Arc<dyn EmailProvider>,
     clock: Clock,
     attempts: Arc<Mutex<Vec<AttemptRecord>>>,
+    events: String,
 }
 
 impl NotificationService {
@@ -299,7 +301,14 @@ impl NotificationService {
             provider,
             clock,
             attempts: Arc::default(),
+            events: NOTIFICATIONS_EVENTS.into(),
         }
+    }
+
+    /// Publishes its events on `channel` instead of `notifications.events`.
+    pub fn events_on(mut self, channel: impl Into<String>) -> Self {
+        self.events = channel.into();
+        self
     }
 
     /// Every attempt so far, in the order they ended.
@@ -382,7 +391,7 @@ impl Participant for NotificationService {
         result?;
         tracing::info!(order_id = %req.order_id, to = %email.to, attempt = ctx.attempt(), "email sent");
         ctx.emit(
-            NOTIFICATIONS_EVENTS,
+            self.events.clone(),
             &NotificationEvent::NotificationSent {
                 order_id: req.order_id,
                 notification: req.kind,
@@ -405,7 +414,7 @@ impl Participant for NotificationService {
             serde_json::from_value::<NotificationRequest>(dead.original.payload.clone())
         {
             ctx.emit(
-                NOTIFICATIONS_EVENTS,
+                self.events.clone(),
                 &NotificationEvent::NotificationFailed {
                     order_id: req.order_id,
                     notification: req.kind,

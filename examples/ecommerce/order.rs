@@ -4,26 +4,25 @@
 //!
 //! | step | kind | does | undone by |
 //! |---|---|---|---|
-//! | `cancellation-notice` | compensatable | nothing | asking `notifications.requests` for the ORDER_CANCELLED email |
 //! | `create-order` | compensatable | PENDING, `ORDER_CREATED` | CANCELLED with the reason, `ORDER_CANCELLED` |
 //! | `reserve-inventory` | **pivot** | `RESERVE` → `inventory.requests`, reply on `inventory.responses` | — |
 //! | `confirm-order` | retriable | CONFIRMED, `ORDER_CONFIRMED` | never |
 //! | `notify-confirmation` | retriable | asking `notifications.requests` for the ORDER_CONFIRMED email | never |
 //!
 //! `INSUFFICIENT_STOCK` fails the pivot with a permanent error whose message
-//! carries the numbers, so the compensations cancel the order with that
-//! reason and send the cancellation email. Once the stock is reserved the
-//! saga only goes forward: a failed email never cancels a confirmed order.
+//! carries the numbers, so `create-order`'s compensation cancels the order
+//! with that reason, and the saga's `on_compensated` hook sends the
+//! ORDER_CANCELLED email request (a fire-and-forget command: the
+//! notification service retries it and dead-letters it on its own). Once the
+//! stock is reserved the saga only goes forward: a failed email never
+//! cancels a confirmed order.
 //!
-//! Why the notifications are remote steps rather than fire-and-forget
-//! commands: `StepContext::emit` publishes an *event* envelope, and the
-//! participant runtime refuses anything that is not a command (it would
-//! dead-letter every request). So the saga sends real commands and folds
-//! the answer (`SENT`, or `FAILED` from the notification service's
-//! dead-letter hook) into the order. The cancellation email is the
-//! compensation of a first, empty step because saga-core has no "on
-//! compensated" hook; it runs after `create-order`'s compensation has put
-//! the reason in the order.
+//! The confirmation email is a remote step rather than a fire-and-forget
+//! command because the saga records its outcome (`SENT`, or `FAILED` from
+//! the notification service's dead-letter hook) in the order.
+//!
+//! Every channel name goes through [`Topics`], so a system can run under a
+//! topic namespace.
 
 use std::time::Duration;
 
@@ -37,7 +36,7 @@ use serde_json::Value;
 
 use crate::messages::{
     InventoryCommand, InventoryReply, NotificationKind, NotificationReply, NotificationRequest,
-    OrderEvent, OrderItem, INVENTORY_REQUESTS, INVENTORY_RESPONSES, NOTIFICATIONS_REQUESTS,
+    OrderEvent, OrderItem, Topics, INVENTORY_REQUESTS, INVENTORY_RESPONSES, NOTIFICATIONS_REQUESTS,
     NOTIFICATIONS_RESPONSES, ORDERS_DLQ, ORDERS_EVENTS,
 };
 
@@ -213,22 +212,18 @@ fn on_notification_reply(
     Ok(())
 }
 
-/// The `order` saga.
-pub fn saga(policy: &OrderPolicy) -> Result<SagaDefinition<Order>, SagaError> {
+/// The `order` saga, on the channels of `topics` (its name is
+/// `topics.name("order")`).
+pub fn saga(policy: &OrderPolicy, topics: &Topics) -> Result<SagaDefinition<Order>, SagaError> {
     let notify_retry = RetryPolicy::exponential(Duration::from_secs(1), 2.0).with_max_attempts(3);
-    SagaDefinition::<Order>::builder(SAGA)
-        .dead_letter_channel(ORDERS_DLQ)
+    let events = topics.name(ORDERS_EVENTS);
+    let (created_events, cancelled_events, confirmed_events) =
+        (events.clone(), events.clone(), events);
+    let notifications = topics.name(NOTIFICATIONS_REQUESTS);
+    SagaDefinition::<Order>::builder(topics.name(SAGA))
+        .dead_letter_channel(topics.name(ORDERS_DLQ))
         .step(
-            Step::local("cancellation-notice", |_| Ok(()))
-                .compensate_remote(NOTIFICATIONS_REQUESTS, |o: &Order| {
-                    o.notification(NotificationKind::OrderCancelled)
-                })
-                .reply_to(NOTIFICATIONS_RESPONSES)
-                .compensation_retry(notify_retry.clone())
-                .timeout(policy.notify_timeout),
-        )
-        .step(
-            Step::local("create-order", |ctx: &mut StepContext<'_, Order>| {
+            Step::local("create-order", move |ctx: &mut StepContext<'_, Order>| {
                 let now = ctx.now();
                 let o = ctx.data_mut();
                 o.set_status(now, OrderStatus::Pending, "order created");
@@ -238,10 +233,10 @@ pub fn saga(policy: &OrderPolicy) -> Result<SagaDefinition<Order>, SagaError> {
                     items: o.items.clone(),
                     total: o.total,
                 };
-                ctx.emit(ORDERS_EVENTS, &event);
+                ctx.emit(created_events.clone(), &event);
                 Ok(())
             })
-            .compensate_local(|ctx| {
+            .compensate_local(move |ctx| {
                 let now = ctx.now();
                 let reason = ctx
                     .failure_reason()
@@ -256,12 +251,12 @@ pub fn saga(policy: &OrderPolicy) -> Result<SagaDefinition<Order>, SagaError> {
                     reason_code: reason_code(&reason).into(),
                     reason,
                 };
-                ctx.emit(ORDERS_EVENTS, &event);
+                ctx.emit(cancelled_events.clone(), &event);
                 Ok(())
             }),
         )
         .step(
-            Step::remote("reserve-inventory", INVENTORY_REQUESTS)
+            Step::remote("reserve-inventory", topics.name(INVENTORY_REQUESTS))
                 .command(|o: &Order| InventoryCommand::Reserve {
                     order_id: o.order_id.clone(),
                     items: o.items.clone(),
@@ -278,7 +273,7 @@ pub fn saga(policy: &OrderPolicy) -> Result<SagaDefinition<Order>, SagaError> {
                         "{reason}: {sku} available {available}, requested {requested}"
                     ))),
                 })
-                .reply_to(INVENTORY_RESPONSES)
+                .reply_to(topics.name(INVENTORY_RESPONSES))
                 .retry(
                     RetryPolicy::exponential(Duration::from_millis(500), 2.0).with_max_attempts(3),
                 )
@@ -286,7 +281,7 @@ pub fn saga(policy: &OrderPolicy) -> Result<SagaDefinition<Order>, SagaError> {
                 .pivot(),
         )
         .step(
-            Step::local("confirm-order", |ctx: &mut StepContext<'_, Order>| {
+            Step::local("confirm-order", move |ctx: &mut StepContext<'_, Order>| {
                 let now = ctx.now();
                 let o = ctx.data_mut();
                 o.set_status(now, OrderStatus::Confirmed, "stock reserved");
@@ -294,22 +289,28 @@ pub fn saga(policy: &OrderPolicy) -> Result<SagaDefinition<Order>, SagaError> {
                     order_id: o.order_id.clone(),
                     total: o.total,
                 };
-                ctx.emit(ORDERS_EVENTS, &event);
+                ctx.emit(confirmed_events.clone(), &event);
                 Ok(())
             })
             .retriable(),
         )
         .step(
-            Step::remote("notify-confirmation", NOTIFICATIONS_REQUESTS)
+            Step::remote("notify-confirmation", notifications.clone())
                 .command(|o: &Order| o.notification(NotificationKind::OrderConfirmed))
                 .on_reply(|ctx, reply: NotificationReply| {
                     on_notification_reply(ctx, NotificationKind::OrderConfirmed, reply)
                 })
-                .reply_to(NOTIFICATIONS_RESPONSES)
+                .reply_to(topics.name(NOTIFICATIONS_RESPONSES))
                 .retry(notify_retry)
                 .timeout(policy.notify_timeout)
                 .retriable(),
         )
+        // The cancellation email: after `create-order`'s compensation has put
+        // the reason in the order, in the same transition.
+        .on_compensated(move |ctx| {
+            let request = ctx.data().notification(NotificationKind::OrderCancelled);
+            ctx.send(notifications.clone(), &request);
+        })
         .build()
 }
 
@@ -559,7 +560,10 @@ mod tests {
 
     #[test]
     fn the_saga_definition_is_valid() {
-        let def = saga(&OrderPolicy::default()).unwrap();
-        assert_eq!(def.steps().len(), 5);
+        let def = saga(&OrderPolicy::default(), &Topics::default()).unwrap();
+        assert_eq!(def.steps().len(), 4);
+        assert_eq!(def.name(), "order");
+        let prefixed = saga(&OrderPolicy::default(), &Topics::new("t1.")).unwrap();
+        assert_eq!(prefixed.name(), "t1.order");
     }
 }

@@ -3,22 +3,34 @@
 //! [`Platform`] is the seam between the services and the runtime: what the
 //! HTTP API, the demo and the DLQ processor need from it (start an order
 //! saga, read orders, publish and read channels, lag). [`MemoryPlatform`]
-//! implements it on saga-core's `InMemoryRuntime`; a Kafka platform
-//! (saga-kafka) will implement the same trait, and per-service processes
-//! will each start only their part of [`System::in_memory`]'s wiring.
+//! implements it on saga-core's `InMemoryRuntime` (every service in this
+//! process); [`KafkaPlatform`] on saga-kafka's `KafkaRuntime`, where a
+//! process runs any subset of the services ([`Services`]): all of them
+//! (`serve --kafka`), or one each (`order`, `inventory`, `notification`,
+//! `analytics`, `dlq`), several instances of one sharing the work through
+//! its consumer group.
+//!
+//! On Kafka, reads that span services come from the log: `GET
+//! /orders/{id}` reads the saga's state topic through the handle, the
+//! timelines come from a projection over every topic kept by the order
+//! process, analytics and the DLQ view are projections that re-read their
+//! topics from the beginning on every start (a fresh consumer group each
+//! time: their state lives in memory and is rebuilt from the events).
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use async_trait::async_trait;
+use saga::kafka::{KafkaConfig, KafkaRuntime, KafkaSagaHandle, TopicSpec};
 use saga::{
     Clock, Envelope, InMemoryRuntime, MemoryBackend, ParticipantPolicy, SagaError, SagaHandle,
     SagaId, SagaInstance,
 };
 
 use crate::analytics::Analytics;
-use crate::dlq::{DlqProcessor, FakeSms};
+use crate::dlq::{DlqProcessor, FakeSms, Publish};
 use crate::inventory::{Inventory, CATALOGUE};
 use crate::messages::*;
 use crate::notification::{self, FakeEmailProvider, NotificationPolicy, NotificationService};
@@ -29,9 +41,71 @@ use crate::order::{self, Invalid, Order, OrderPolicy, OrderRequest};
 pub enum RuntimeKind {
     /// Everything in this process, on saga-core's in-memory runtime.
     Memory,
-    /// Apache Kafka at this bootstrap address (not implemented yet: it
-    /// waits for the saga-kafka runtime).
+    /// Apache Kafka at this bootstrap address (`host:port,...`); the rest of
+    /// the Kafka settings come from the environment (`KafkaConfig::from_env`)
+    /// and [`Config`].
     Kafka(String),
+}
+
+/// Which services a process runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Services {
+    /// The order saga (orchestrator) and the orders API.
+    pub order: bool,
+    /// The inventory participant.
+    pub inventory: bool,
+    /// The notification participant.
+    pub notification: bool,
+    /// The analytics projection.
+    pub analytics: bool,
+    /// The DLQ processor.
+    pub dlq: bool,
+}
+
+impl Services {
+    /// Every service (the in-memory system, `serve`).
+    pub const ALL: Services = Services {
+        order: true,
+        inventory: true,
+        notification: true,
+        analytics: true,
+        dlq: true,
+    };
+
+    /// One service by name: `order`, `inventory`, `notification`,
+    /// `analytics` or `dlq`.
+    pub fn only(name: &str) -> Option<Services> {
+        let mut s = Services {
+            order: false,
+            inventory: false,
+            notification: false,
+            analytics: false,
+            dlq: false,
+        };
+        match name {
+            "order" => s.order = true,
+            "inventory" => s.inventory = true,
+            "notification" => s.notification = true,
+            "analytics" => s.analytics = true,
+            "dlq" => s.dlq = true,
+            _ => return None,
+        }
+        Some(s)
+    }
+
+    /// The names of the services run, for logs.
+    pub fn names(&self) -> Vec<&'static str> {
+        [
+            (self.order, "order"),
+            (self.inventory, "inventory"),
+            (self.notification, "notification"),
+            (self.analytics, "analytics"),
+            (self.dlq, "dlq"),
+        ]
+        .into_iter()
+        .filter_map(|(on, n)| on.then_some(n))
+        .collect()
+    }
 }
 
 /// How the system is set up.
@@ -39,51 +113,82 @@ pub enum RuntimeKind {
 pub struct Config {
     /// The runtime.
     pub runtime: RuntimeKind,
+    /// Which services this process runs (Kafka; in memory it runs all).
+    pub services: Services,
     /// Notification timings (the seed's by default).
     pub notification: NotificationPolicy,
     /// Order saga timings.
     pub order: OrderPolicy,
     /// SKU and units on hand.
     pub catalogue: Vec<(String, u32)>,
-    /// Partitions per channel.
+    /// Partitions per channel (Kafka: of the topics it creates, and the
+    /// number of inventory stock shards).
     pub partitions: usize,
+    /// The topic namespace (empty: the design's names).
+    pub topics: Topics,
+    /// Kafka: the application name (`SAGA_APP`), prefix of transactional ids.
+    pub app: Option<String>,
+    /// Kafka: this process's instance id (`SAGA_INSTANCE_ID`), unique per
+    /// live process of one service, stable across its restarts.
+    pub instance_id: Option<String>,
 }
 
 impl Default for Config {
     fn default() -> Self {
         Self {
             runtime: RuntimeKind::Memory,
+            services: Services::ALL,
             notification: NotificationPolicy::default(),
             order: OrderPolicy::default(),
             catalogue: CATALOGUE.iter().map(|(s, n)| ((*s).into(), *n)).collect(),
             partitions: 3,
+            topics: Topics::default(),
+            app: None,
+            instance_id: None,
         }
     }
 }
 
+/// Why a saga could not be started.
+#[derive(Debug)]
+pub enum StartError {
+    /// The id is taken: draw another.
+    AlreadyExists,
+    /// The runtime could not take the write; nothing was written.
+    Unavailable(String),
+}
+
 /// What the services need from a runtime.
+#[async_trait]
 pub trait Platform: Send + Sync + 'static {
     /// "memory" or "kafka".
     fn name(&self) -> &'static str;
     /// Starts the order saga for `order`: stores it and sends its first
     /// messages atomically. An error means nothing was written.
-    fn start_order(&self, order: Order) -> Result<(), SagaError>;
+    async fn start_order(&self, order: Order) -> Result<(), StartError>;
     /// The order saga `id`.
-    fn order(&self, id: &str) -> Result<Option<SagaInstance<Order>>, SagaError>;
-    /// Every order saga.
-    fn orders(&self) -> Result<Vec<SagaInstance<Order>>, SagaError>;
-    /// Appends a message to its channel.
-    fn publish(&self, env: Envelope) -> Result<(), SagaError>;
-    /// Every message on `channel` (for timelines and inspection).
+    async fn order(&self, id: &str) -> Result<Option<SagaInstance<Order>>, String>;
+    /// Every order saga this process knows (on Kafka: of the partitions
+    /// its orchestrator owns).
+    async fn orders(&self) -> Result<Vec<SagaInstance<Order>>, String>;
+    /// Appends a message to its channel (atomically, on Kafka).
+    async fn publish(&self, env: Envelope) -> Result<(), String>;
+    /// Every message on `channel` this process has seen (for timelines
+    /// and inspection).
     fn read(&self, channel: &str) -> Vec<Envelope>;
-    /// Unconsumed messages per (consumer group, channel).
+    /// Unconsumed messages per (consumer group, channel), where known.
     fn lag(&self) -> Vec<(String, String, u64)>;
     /// Whether nothing is in flight: no lag, no pending participant retry,
-    /// every saga settled.
+    /// every saga settled (on Kafka: every saga this process owns).
     fn idle(&self) -> bool;
+    /// Takes writes or refuses them (HTTP 503): off while shutting down,
+    /// and in tests of that path.
+    fn set_accepting(&self, on: bool);
+    /// Stops every worker and waits for them.
+    async fn shutdown(&self);
 }
 
-/// The consumer groups and the channels they read.
+/// The consumer groups and the channels they read (design names).
 pub const GROUPS: &[(&str, &str)] = &[
     (order::SAGA, INVENTORY_RESPONSES),
     (order::SAGA, NOTIFICATIONS_RESPONSES),
@@ -105,53 +210,39 @@ pub struct MemoryPlatform {
 }
 
 impl MemoryPlatform {
-    /// Stops taking writes: `start_order` and `publish` fail (HTTP 503).
-    /// Used while shutting down, and by tests of that path.
-    pub fn set_accepting(&self, on: bool) {
-        self.accepting.store(on, Ordering::SeqCst);
-    }
-
-    fn check_accepting(&self) -> Result<(), SagaError> {
+    fn check_accepting(&self) -> Result<(), String> {
         if self.accepting.load(Ordering::SeqCst) {
             Ok(())
         } else {
-            Err(SagaError::Shutdown)
-        }
-    }
-
-    /// Stops every worker and waits for them.
-    pub async fn shutdown(&self) {
-        self.set_accepting(false);
-        let rt = self
-            .runtime
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take();
-        if let Some(rt) = rt {
-            rt.shutdown().await;
+            Err(SagaError::Shutdown.to_string())
         }
     }
 }
 
+#[async_trait]
 impl Platform for MemoryPlatform {
     fn name(&self) -> &'static str {
         "memory"
     }
 
-    fn start_order(&self, order: Order) -> Result<(), SagaError> {
-        self.check_accepting()?;
-        self.orders.start(order.order_id.clone(), order).map(|_| ())
+    async fn start_order(&self, order: Order) -> Result<(), StartError> {
+        self.check_accepting().map_err(StartError::Unavailable)?;
+        match self.orders.start(order.order_id.clone(), order) {
+            Ok(_) => Ok(()),
+            Err(SagaError::AlreadyExists { .. }) => Err(StartError::AlreadyExists),
+            Err(e) => Err(StartError::Unavailable(e.to_string())),
+        }
     }
 
-    fn order(&self, id: &str) -> Result<Option<SagaInstance<Order>>, SagaError> {
-        self.orders.get(&SagaId::new(id))
+    async fn order(&self, id: &str) -> Result<Option<SagaInstance<Order>>, String> {
+        self.orders.get(&SagaId::new(id)).map_err(|e| e.to_string())
     }
 
-    fn orders(&self) -> Result<Vec<SagaInstance<Order>>, SagaError> {
-        self.orders.list()
+    async fn orders(&self) -> Result<Vec<SagaInstance<Order>>, String> {
+        self.orders.list().map_err(|e| e.to_string())
     }
 
-    fn publish(&self, env: Envelope) -> Result<(), SagaError> {
+    async fn publish(&self, env: Envelope) -> Result<(), String> {
         self.check_accepting()?;
         self.backend.publish(env);
         Ok(())
@@ -179,6 +270,142 @@ impl Platform for MemoryPlatform {
                 .map(|all| all.iter().all(|o| o.status.is_settled()))
                 .unwrap_or(false)
     }
+
+    fn set_accepting(&self, on: bool) {
+        self.accepting.store(on, Ordering::SeqCst);
+    }
+
+    async fn shutdown(&self) {
+        self.set_accepting(false);
+        let rt = self
+            .runtime
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        if let Some(rt) = rt {
+            rt.shutdown().await;
+        }
+    }
+}
+
+/// Every message of some topics, as a projection saw them (the order
+/// process's source for timelines). Grows with the traffic: an example's
+/// convenience, not a production read model.
+#[derive(Clone, Default)]
+pub struct ChannelLog {
+    messages: Arc<Mutex<HashMap<String, Vec<Envelope>>>>,
+}
+
+impl ChannelLog {
+    fn push(&self, env: &Envelope) {
+        self.messages
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(env.channel.clone())
+            .or_default()
+            .push(env.clone());
+    }
+
+    fn read(&self, channel: &str) -> Vec<Envelope> {
+        self.messages
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(channel)
+            .cloned()
+            .unwrap_or_default()
+    }
+}
+
+/// [`Platform`] on saga-kafka's `KafkaRuntime`, exactly-once by default
+/// (`SAGA_DELIVERY`).
+pub struct KafkaPlatform {
+    runtime: tokio::sync::RwLock<Option<KafkaRuntime>>,
+    orders: Option<KafkaSagaHandle<Order>>,
+    log: ChannelLog,
+    accepting: AtomicBool,
+}
+
+impl KafkaPlatform {
+    fn check_accepting(&self) -> Result<(), String> {
+        if self.accepting.load(Ordering::SeqCst) {
+            Ok(())
+        } else {
+            Err("the service is shutting down".into())
+        }
+    }
+
+    fn orders(&self) -> Result<&KafkaSagaHandle<Order>, String> {
+        self.orders
+            .as_ref()
+            .ok_or_else(|| "this process does not run the order service".to_owned())
+    }
+}
+
+#[async_trait]
+impl Platform for KafkaPlatform {
+    fn name(&self) -> &'static str {
+        "kafka"
+    }
+
+    async fn start_order(&self, order: Order) -> Result<(), StartError> {
+        self.check_accepting().map_err(StartError::Unavailable)?;
+        let handle = self.orders().map_err(StartError::Unavailable)?;
+        match handle.start(order.order_id.clone(), order).await {
+            Ok(_) => Ok(()),
+            Err(saga::kafka::Error::Saga(e)) if matches!(*e, SagaError::AlreadyExists { .. }) => {
+                Err(StartError::AlreadyExists)
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "order not started: the broker did not take it");
+                Err(StartError::Unavailable(e.to_string()))
+            }
+        }
+    }
+
+    async fn order(&self, id: &str) -> Result<Option<SagaInstance<Order>>, String> {
+        self.orders()?
+            .get(&SagaId::new(id))
+            .await
+            .map_err(|e| e.to_string())
+    }
+
+    async fn orders(&self) -> Result<Vec<SagaInstance<Order>>, String> {
+        Ok(self.orders()?.owned())
+    }
+
+    async fn publish(&self, env: Envelope) -> Result<(), String> {
+        self.check_accepting()?;
+        let rt = self.runtime.read().await;
+        let rt = rt.as_ref().ok_or("the Kafka runtime is shut down")?;
+        rt.publish(vec![env]).await.map_err(|e| e.to_string())
+    }
+
+    fn read(&self, channel: &str) -> Vec<Envelope> {
+        self.log.read(channel)
+    }
+
+    fn lag(&self) -> Vec<(String, String, u64)> {
+        // Consumer lag on Kafka is the broker's to tell (kafka-consumer-groups,
+        // or an exporter); this process does not compute it.
+        Vec::new()
+    }
+
+    fn idle(&self) -> bool {
+        self.orders
+            .as_ref()
+            .is_none_or(|h| h.owned().iter().all(|o| o.status.is_settled()))
+    }
+
+    fn set_accepting(&self, on: bool) {
+        self.accepting.store(on, Ordering::SeqCst);
+    }
+
+    async fn shutdown(&self) {
+        self.set_accepting(false);
+        if let Some(rt) = self.runtime.write().await.take() {
+            rt.shutdown().await;
+        }
+    }
 }
 
 /// Why an order was not accepted.
@@ -191,70 +418,97 @@ pub enum PlaceError {
     Unavailable(String),
 }
 
-/// The whole system: every service on one runtime.
+/// The system, or the part of it this process runs: the services it runs
+/// are `Some`.
 pub struct System {
     /// The runtime seam.
     pub platform: Arc<dyn Platform>,
-    /// The in-memory platform (the only one so far), for shutdown.
-    memory: Arc<MemoryPlatform>,
+    /// The topic names.
+    pub topics: Topics,
+    /// Which services this process runs.
+    pub services: Services,
     /// The inventory service.
-    pub inventory: Inventory,
+    pub inventory: Option<Inventory>,
     /// The notification service.
-    pub notifications: NotificationService,
+    pub notifications: Option<NotificationService>,
     /// The fake email API behind it.
     pub email: FakeEmailProvider,
     /// The analytics projection.
-    pub analytics: Analytics,
+    pub analytics: Option<Analytics>,
     /// The DLQ processor.
-    pub dlq: DlqProcessor,
+    pub dlq: Option<DlqProcessor>,
     catalogue: BTreeSet<String>,
 }
 
+fn dlq_processor(platform: &Arc<dyn Platform>, clock: Clock, topics: &Topics) -> DlqProcessor {
+    let publisher = platform.clone();
+    let publish: Publish = Arc::new(move |env| {
+        let p = publisher.clone();
+        Box::pin(async move { p.publish(env).await })
+    });
+    DlqProcessor::new(publish, clock, FakeSms::default())
+        .events_on(topics.name(NOTIFICATIONS_EVENTS))
+}
+
+/// A consumer group name no earlier process used: a projection that keeps
+/// its state in memory re-reads its topics from the beginning on start.
+fn fresh_group(topics: &Topics, what: &str) -> String {
+    topics.name(&format!(
+        "{what}-{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..12]
+    ))
+}
+
 impl System {
-    /// Starts every service on `config`'s runtime. Must run inside tokio.
-    pub fn start(config: Config) -> Result<Self, String> {
-        match &config.runtime {
+    /// Starts `config.services` on `config`'s runtime (every service in
+    /// memory). Must run inside tokio.
+    pub async fn start(config: Config) -> Result<Self, String> {
+        match config.runtime.clone() {
             RuntimeKind::Memory => Self::in_memory(config).map_err(|e| e.to_string()),
-            RuntimeKind::Kafka(bootstrap) => Err(format!(
-                "Kafka mode (--kafka {bootstrap}) is not implemented yet: it needs the saga-kafka \
-                 runtime; run without --kafka for the in-memory system"
-            )),
+            RuntimeKind::Kafka(bootstrap) => Self::on_kafka(config, &bootstrap).await,
         }
     }
 
-    /// Starts every service on the in-memory runtime.
+    fn catalogue(config: &Config) -> Vec<(&str, u32)> {
+        config
+            .catalogue
+            .iter()
+            .map(|(s, n)| (s.as_str(), *n))
+            .collect()
+    }
+
+    /// Starts every service on the in-memory runtime. The inventory keeps
+    /// one stock shard (see `inventory.rs`).
     pub fn in_memory(config: Config) -> Result<Self, SagaError> {
         let backend = MemoryBackend::with_partitions(config.partitions);
         let clock = Clock::system();
         let runtime = InMemoryRuntime::with_clock(backend.clone(), clock);
+        let topics = config.topics.clone();
 
-        let catalogue: Vec<(&str, u32)> = config
-            .catalogue
-            .iter()
-            .map(|(s, n)| (s.as_str(), *n))
-            .collect();
-        let inventory = Inventory::new(&catalogue);
+        let inventory =
+            Inventory::new(&Self::catalogue(&config)).events_on(topics.name(INVENTORY_EVENTS));
         runtime.participant(
-            INVENTORY_REQUESTS,
-            ParticipantPolicy::new("inventory"),
+            &topics.name(INVENTORY_REQUESTS),
+            ParticipantPolicy::new(topics.name("inventory")),
             inventory.clone(),
         );
 
         let email = FakeEmailProvider::new();
-        let notifications = NotificationService::new(Arc::new(email.clone()), clock);
+        let notifications = NotificationService::new(Arc::new(email.clone()), clock)
+            .events_on(topics.name(NOTIFICATIONS_EVENTS));
         runtime.participant(
-            NOTIFICATIONS_REQUESTS,
-            notification::policy(&config.notification),
+            &topics.name(NOTIFICATIONS_REQUESTS),
+            notification::policy(&config.notification, &topics),
             notifications.clone(),
         );
 
         let analytics = Analytics::new();
         let a = analytics.clone();
-        runtime.projection("analytics", crate::analytics::CHANNELS, move |env| {
-            a.apply(env)
-        });
+        let channels = topics.names(crate::analytics::CHANNELS);
+        let refs: Vec<&str> = channels.iter().map(String::as_str).collect();
+        runtime.projection(&topics.name("analytics"), &refs, move |env| a.apply(env));
 
-        let orders = runtime.saga(order::saga(&config.order)?);
+        let orders = runtime.saga(order::saga(&config.order, &topics)?);
         let memory = Arc::new(MemoryPlatform {
             runtime: Mutex::new(None),
             backend: backend.clone(),
@@ -263,21 +517,173 @@ impl System {
         });
         let platform: Arc<dyn Platform> = memory.clone();
 
-        let publisher = platform.clone();
-        let dlq = DlqProcessor::new(
-            Arc::new(move |env| publisher.publish(env).map_err(|e| e.to_string())),
-            clock,
-            FakeSms::default(),
-        );
+        let dlq = dlq_processor(&platform, clock, &topics);
         let d = dlq.clone();
-        runtime.projection("dlq-processor", crate::dlq::CHANNELS, move |env| {
+        let channels = topics.names(crate::dlq::CHANNELS);
+        let refs: Vec<&str> = channels.iter().map(String::as_str).collect();
+        runtime.projection(&topics.name("dlq-processor"), &refs, move |env| {
             d.ingest(env)
         });
         *memory.runtime.lock().unwrap_or_else(|e| e.into_inner()) = Some(runtime);
 
         Ok(Self {
             platform,
-            memory,
+            topics,
+            services: Services::ALL,
+            inventory: Some(inventory),
+            notifications: Some(notifications),
+            email,
+            analytics: Some(analytics),
+            dlq: Some(dlq),
+            catalogue: config.catalogue.into_iter().map(|(s, _)| s).collect(),
+        })
+    }
+
+    /// The Kafka configuration: the environment (`KafkaConfig::from_env`:
+    /// security, delivery mode …) with `bootstrap`, and the app name,
+    /// instance id and partitions of `config` when set.
+    pub fn kafka_config(config: &Config, bootstrap: &str) -> Result<KafkaConfig, String> {
+        let mut cfg = KafkaConfig::from_lookup(|key| match key {
+            "KAFKA_BOOTSTRAP_SERVERS" => Some(bootstrap.to_owned()),
+            _ => std::env::var(key).ok().filter(|v| !v.is_empty()),
+        })
+        .map_err(|e| e.to_string())?;
+        if let Some(app) = &config.app {
+            cfg = cfg.app(app.clone());
+        }
+        if let Some(id) = &config.instance_id {
+            cfg = cfg.instance_id(id.clone());
+        }
+        let partitions = i32::try_from(config.partitions)
+            .ok()
+            .filter(|n| *n > 0)
+            .ok_or_else(|| format!("invalid partition count {}", config.partitions))?;
+        Ok(cfg.partitions(partitions))
+    }
+
+    /// Starts `config.services` on Kafka at `bootstrap`.
+    pub async fn on_kafka(config: Config, bootstrap: &str) -> Result<Self, String> {
+        let kcfg = Self::kafka_config(&config, bootstrap)?;
+        let runtime = KafkaRuntime::new(kcfg.clone()).map_err(|e| e.to_string())?;
+        let clock = Clock::system();
+        let topics = config.topics.clone();
+        let services = config.services;
+        let err = |what: &str| {
+            let what = what.to_owned();
+            move |e: saga::kafka::Error| format!("cannot start the {what}: {e}")
+        };
+
+        // Dead-letter topics keep their messages 30 days (K4): created as
+        // such before any projection could create them as plain topics.
+        saga::kafka::ensure_topics(
+            &kcfg,
+            &[
+                TopicSpec::dead_letters(topics.name(NOTIFICATIONS_DLQ)),
+                TopicSpec::dead_letters(topics.name(ORDERS_DLQ)),
+            ],
+        )
+        .await
+        .map_err(err("dead-letter topics"))?;
+
+        let inventory = if services.inventory {
+            let inv = Inventory::sharded(&Self::catalogue(&config), config.partitions as u32)
+                .events_on(topics.name(INVENTORY_EVENTS));
+            runtime
+                .participant(
+                    &topics.name(INVENTORY_REQUESTS),
+                    ParticipantPolicy::new(topics.name("inventory")),
+                    inv.clone(),
+                )
+                .await
+                .map_err(err("inventory"))?;
+            Some(inv)
+        } else {
+            None
+        };
+
+        let email = FakeEmailProvider::new();
+        let notifications = if services.notification {
+            let n = NotificationService::new(Arc::new(email.clone()), clock)
+                .events_on(topics.name(NOTIFICATIONS_EVENTS));
+            runtime
+                .participant(
+                    &topics.name(NOTIFICATIONS_REQUESTS),
+                    notification::policy(&config.notification, &topics),
+                    n.clone(),
+                )
+                .await
+                .map_err(err("notification service"))?;
+            Some(n)
+        } else {
+            None
+        };
+
+        let analytics = if services.analytics {
+            let a = Analytics::new();
+            let handler = a.clone();
+            let channels = topics.names(crate::analytics::CHANNELS);
+            let refs: Vec<&str> = channels.iter().map(String::as_str).collect();
+            runtime
+                .projection(&fresh_group(&topics, "analytics"), &refs, move |env| {
+                    handler.apply(env)
+                })
+                .await
+                .map_err(err("analytics projection"))?;
+            Some(a)
+        } else {
+            None
+        };
+
+        let log = ChannelLog::default();
+        let orders = if services.order {
+            let handle = runtime
+                .saga(order::saga(&config.order, &topics).map_err(|e| e.to_string())?)
+                .await
+                .map_err(err("order saga"))?;
+            let channels = topics.names(ALL_CHANNELS);
+            let refs: Vec<&str> = channels.iter().map(String::as_str).collect();
+            let l = log.clone();
+            runtime
+                .projection(&fresh_group(&topics, "timeline"), &refs, move |env| {
+                    l.push(env)
+                })
+                .await
+                .map_err(err("timeline projection"))?;
+            Some(handle)
+        } else {
+            None
+        };
+
+        let kafka = Arc::new(KafkaPlatform {
+            runtime: tokio::sync::RwLock::new(None),
+            orders,
+            log,
+            accepting: AtomicBool::new(true),
+        });
+        let platform: Arc<dyn Platform> = kafka.clone();
+
+        let dlq = if services.dlq {
+            let dlq = dlq_processor(&platform, clock, &topics);
+            let d = dlq.clone();
+            let channels = topics.names(crate::dlq::CHANNELS);
+            let refs: Vec<&str> = channels.iter().map(String::as_str).collect();
+            runtime
+                .projection(&fresh_group(&topics, "dlq"), &refs, move |env| {
+                    d.ingest(env)
+                })
+                .await
+                .map_err(err("DLQ processor"))?;
+            Some(dlq)
+        } else {
+            None
+        };
+        *kafka.runtime.write().await = Some(runtime);
+        tracing::info!(services = ?services.names(), prefix = topics.prefix(), "services on Kafka started");
+
+        Ok(Self {
+            platform,
+            topics,
+            services,
             inventory,
             notifications,
             email,
@@ -287,9 +693,19 @@ impl System {
         })
     }
 
-    /// The in-memory platform.
-    pub fn memory(&self) -> &MemoryPlatform {
-        &self.memory
+    /// The inventory (panics if this process does not run it).
+    pub fn inventory(&self) -> &Inventory {
+        self.inventory.as_ref().expect("the inventory runs here")
+    }
+
+    /// The analytics (panics if this process does not run them).
+    pub fn analytics(&self) -> &Analytics {
+        self.analytics.as_ref().expect("the analytics run here")
+    }
+
+    /// The DLQ processor (panics if this process does not run it).
+    pub fn dlq(&self) -> &DlqProcessor {
+        self.dlq.as_ref().expect("the DLQ processor runs here")
     }
 
     /// Whether the catalogue has `sku`.
@@ -298,7 +714,7 @@ impl System {
     }
 
     /// Validates `req` and starts its order saga. Returns the PENDING order.
-    pub fn place_order(&self, req: &OrderRequest) -> Result<Order, PlaceError> {
+    pub async fn place_order(&self, req: &OrderRequest) -> Result<Order, PlaceError> {
         let items = order::validate(req, |s| self.knows_sku(s)).map_err(PlaceError::Invalid)?;
         let mut last = String::new();
         for _ in 0..3 {
@@ -307,15 +723,15 @@ impl System {
                 &uuid::Uuid::new_v4().simple().to_string()[..8].to_uppercase()
             );
             let order = Order::new(id, req.customer_id.clone(), items.clone());
-            match self.platform.start_order(order.clone()) {
+            match self.platform.start_order(order.clone()).await {
                 Ok(()) => {
                     metrics::counter!("ecommerce_orders_placed_total").increment(1);
                     return Ok(order);
                 }
                 // An id collision: draw another.
-                Err(SagaError::AlreadyExists { .. }) => continue,
-                Err(e) => {
-                    last = e.to_string();
+                Err(StartError::AlreadyExists) => continue,
+                Err(StartError::Unavailable(e)) => {
+                    last = e;
                     break;
                 }
             }
@@ -348,6 +764,6 @@ impl System {
 
     /// Stops every service.
     pub async fn shutdown(&self) {
-        self.memory.shutdown().await;
+        self.platform.shutdown().await;
     }
 }

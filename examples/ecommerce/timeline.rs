@@ -1,5 +1,9 @@
 //! A readable timeline of one order: its status changes, every message of
 //! it on every channel, and every email attempt, in time order.
+//!
+//! On Kafka the messages come from the process's channel log (a projection
+//! over every topic, see `system.rs`), and email attempts are known only in
+//! the process that runs the notification service.
 
 use saga::{DeadLetter, Envelope, Timestamp};
 use serde::Serialize;
@@ -34,7 +38,7 @@ fn items(items: &[OrderItem]) -> String {
 
 /// What a message says, in a few words, and its rank among messages
 /// written in the same millisecond (causal order).
-fn describe(env: &Envelope) -> (u8, String) {
+fn describe(env: &Envelope, channel: &str) -> (u8, String) {
     let p = &env.payload;
     let ty = message_type(p);
     let attempt = if env.attempt > 1 {
@@ -42,7 +46,7 @@ fn describe(env: &Envelope) -> (u8, String) {
     } else {
         String::new()
     };
-    match env.channel.as_str() {
+    match channel {
         ORDERS_EVENTS => match serde_json::from_value::<OrderEvent>(p.clone()) {
             Ok(OrderEvent::OrderCreated { total, items: i, .. }) => {
                 (1, format!("ORDER_CREATED: {}; total {total}", items(&i)))
@@ -128,8 +132,8 @@ fn describe(env: &Envelope) -> (u8, String) {
 }
 
 /// The timeline of `order_id`, oldest first (empty if unknown).
-pub fn of(system: &System, order_id: &str) -> Vec<Line> {
-    let Ok(Some(inst)) = system.platform.order(order_id) else {
+pub async fn of(system: &System, order_id: &str) -> Vec<Line> {
+    let Ok(Some(inst)) = system.platform.order(order_id).await else {
         return Vec::new();
     };
     let order: &Order = &inst.data;
@@ -157,14 +161,19 @@ pub fn of(system: &System, order_id: &str) -> Vec<Line> {
         );
     }
     for channel in ALL_CHANNELS {
-        for env in system.platform.read(channel) {
+        for env in system.platform.read(&system.topics.name(channel)) {
             if env.saga_id.as_str() == order_id {
-                let (rank, text) = describe(&env);
+                let (rank, text) = describe(&env, channel);
                 push(env.timestamp, rank, channel, text);
             }
         }
     }
-    for a in system.notifications.attempts_for(order_id) {
+    let attempts = system
+        .notifications
+        .as_ref()
+        .map(|n| n.attempts_for(order_id))
+        .unwrap_or_default();
+    for a in attempts {
         let took = a.ended_at.saturating_since(a.started_at).as_secs_f64();
         push(
             a.started_at,
