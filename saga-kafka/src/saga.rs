@@ -377,10 +377,11 @@ impl<D: SagaData> KafkaSagaHandle<D> {
         &self.def
     }
 
-    async fn submit(&self, out: Vec<Out>) -> Result<()> {
+    async fn submit(&self, out: Vec<Out>, barrier: usize) -> Result<()> {
         let (tx, rx) = tokio::sync::oneshot::channel();
         let req = Request {
             out,
+            barrier,
             done: Box::new(move |r| {
                 let _ = tx.send(r);
             }),
@@ -410,7 +411,13 @@ impl<D: SagaData> KafkaSagaHandle<D> {
         let mut out = Vec::new();
         Emitter { def: &self.def }.emit(&t.instance, &t.effects, true, &mut out);
         drop(_g);
-        self.submit(out).await?;
+        // At least once, the state and its snapshots on the reply topics are
+        // written before the first command: else a fast participant's reply
+        // can reach the reply partition ahead of the snapshot, and the owner,
+        // not knowing the saga yet, dead-letters it (the step then times
+        // out and is answered again).
+        let barrier = 1 + self.def.reply_channels().len();
+        self.submit(out, barrier).await?;
         record_transition(None, &t);
         Ok(id)
     }
@@ -473,13 +480,16 @@ impl<D: SagaData> KafkaSagaHandle<D> {
             saga_id: id.clone(),
             action,
         };
-        self.submit(vec![Out {
-            topic: self.def.reply_channel().to_owned(),
-            key: id.as_str().to_owned(),
-            payload: json(&rec),
-            record: Some(OPERATOR),
-            partition: None,
-        }])
+        self.submit(
+            vec![Out {
+                topic: self.def.reply_channel().to_owned(),
+                key: id.as_str().to_owned(),
+                payload: json(&rec),
+                record: Some(OPERATOR),
+                partition: None,
+            }],
+            0,
+        )
         .await
     }
 

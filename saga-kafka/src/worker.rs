@@ -65,6 +65,11 @@ pub(crate) struct Incoming<'a> {
 /// (e.g. starting a saga from an API call).
 pub(crate) struct Request {
     pub out: Vec<Out>,
+    /// At least once: how many leading records of `out` must be durable
+    /// before the rest are sent. Records to different partitions are not
+    /// ordered otherwise (exactly once, the transaction orders them for
+    /// `read_committed` readers).
+    pub barrier: usize,
     pub done: Box<dyn FnOnce(Result<()>) + Send>,
 }
 
@@ -113,7 +118,9 @@ pub(crate) struct StatsInner {
 pub struct Stats {
     /// Batches (and requests) committed.
     pub commits: u64,
-    /// Transactions aborted (their batch is redone).
+    /// Transactions aborted (their batch is redone); at least once, batches
+    /// whose flush or offset commit failed (redone, so some of their
+    /// messages may be delivered again).
     pub aborts: u64,
     /// Retriable client calls retried.
     pub retries: u64,
@@ -416,29 +423,26 @@ impl<P: Processor> Core<P> {
             Err(e) => {
                 tracing::warn!(transactional_id = %self.txn_id, error = %e, "batch failed: aborting and redoing it");
                 self.abort(&e);
-                if !self.eos() {
-                    self.stats.aborts.fetch_add(1, Ordering::Relaxed);
-                    if rewind {
-                        // At least once, nothing is undone on the broker: some
-                        // or all of the batch's records (ledgers, saga states,
-                        // replies) may be written even though the offsets are
-                        // not. Re-read the state those records left, so the
-                        // redo deduplicates against it instead of applying a
-                        // command again from the rolled-back memory.
-                        let parts: Vec<i32> = self
-                            .batch_start
-                            .keys()
-                            .map(|(_, p)| *p)
-                            .filter(|p| self.owned.contains(p))
-                            .collect::<BTreeSet<_>>()
-                            .into_iter()
-                            .collect();
-                        self.proc.release(&parts);
-                        if !self.restore_with_retries(&parts) {
-                            for p in &parts {
-                                if self.owned.remove(p) {
-                                    self.stats.owned_partitions.fetch_sub(1, Ordering::Relaxed);
-                                }
+                if !self.eos() && rewind {
+                    // At least once, nothing is undone on the broker: some
+                    // or all of the batch's records (ledgers, saga states,
+                    // replies) may be written even though the offsets are
+                    // not. Re-read the state those records left, so the
+                    // redo deduplicates against it instead of applying a
+                    // command again from the rolled-back memory.
+                    let parts: Vec<i32> = self
+                        .batch_start
+                        .keys()
+                        .map(|(_, p)| *p)
+                        .filter(|p| self.owned.contains(p))
+                        .collect::<BTreeSet<_>>()
+                        .into_iter()
+                        .collect();
+                    self.proc.release(&parts);
+                    if !self.restore_with_retries(&parts) {
+                        for p in &parts {
+                            if self.owned.remove(p) {
+                                self.stats.owned_partitions.fetch_sub(1, Ordering::Relaxed);
                             }
                         }
                     }
@@ -464,6 +468,10 @@ impl<P: Processor> Core<P> {
     fn abort(&mut self, cause: &RdError) {
         let fatal = matches!(cause, RdError::Transaction(e) if e.is_fatal());
         let mut rebuild = fatal;
+        if !self.eos() && self.in_txn {
+            // At least once there is no transaction: count the redone batch.
+            self.stats.aborts.fetch_add(1, Ordering::Relaxed);
+        }
         if self.eos() && !fatal && self.in_txn {
             if let Some(p) = self.producer.as_ref() {
                 // One bounded attempt: a broker that cannot abort now will
@@ -507,7 +515,7 @@ impl<P: Processor> Core<P> {
     }
 
     fn run_request(&mut self, req: Request) {
-        let result = self.request_txn(req.out);
+        let result = self.request_txn(req.out, req.barrier);
         let result = match result {
             Ok(()) => {
                 self.stats.commits.fetch_add(1, Ordering::Relaxed);
@@ -527,10 +535,26 @@ impl<P: Processor> Core<P> {
         (req.done)(result);
     }
 
-    fn request_txn(&mut self, out: Vec<Out>) -> std::result::Result<(), (&'static str, RdError)> {
+    fn request_txn(
+        &mut self,
+        mut out: Vec<Out>,
+        barrier: usize,
+    ) -> std::result::Result<(), (&'static str, RdError)> {
         self.begin();
         if let Some(e) = self.failed.take() {
             return Err(("beginning the transaction", e));
+        }
+        if !self.eos() && barrier > 0 && barrier < out.len() {
+            let rest = out.split_off(barrier);
+            self.send(out);
+            if let Some(e) = self.failed.take() {
+                return Err(("producing", e));
+            }
+            if let Some(p) = self.producer.as_ref() {
+                p.flush(self.cfg.message_timeout)
+                    .map_err(|e| ("flushing", e))?;
+            }
+            out = rest;
         }
         self.send(out);
         if let Some(e) = self.failed.take() {
@@ -803,6 +827,7 @@ impl Publisher {
         let (tx, rx) = std::sync::mpsc::channel();
         lock(&self.core).run_request(Request {
             out,
+            barrier: 0,
             done: Box::new(move |r| {
                 let _ = tx.send(r);
             }),

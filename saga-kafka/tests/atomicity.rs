@@ -1,0 +1,148 @@
+//! All or nothing on the real broker: `KafkaRuntime::publish` and a
+//! `start()` whose transaction the broker refuses (a record bigger than a
+//! topic's `max.message.bytes`) leave nothing visible to a `read_committed`
+//! consumer, return `Error::Transaction`, and the runtime goes on serving.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use saga_core::{Envelope, MessageId, ParticipantPolicy, SagaId, SagaStatus, Timestamp};
+use saga_kafka::{state_topic, Error, KafkaRuntime};
+
+fn event(channel: &str, saga_id: &str, n: usize, bytes: usize) -> Envelope {
+    Envelope::event(
+        MessageId::new(format!("{saga_id}/event-{n}")),
+        channel,
+        SagaId::new(saga_id),
+        "operator",
+        serde_json::json!({"type": "SMS_FALLBACK", "pad": "x".repeat(bytes)}),
+        Timestamp::now(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "needs Kafka: scripts/test.sh"]
+async fn publish_is_all_or_nothing() {
+    let ns = ns();
+    let wide = format!("{ns}.notifications");
+    let small = format!("{ns}.small");
+    create_topic_with(&wide, 3, &[]).await;
+    create_topic_with(&small, 1, &[("max.message.bytes", "2048")]).await;
+    let rt = KafkaRuntime::new(config(&ns, "0")).unwrap();
+
+    rt.publish(vec![
+        event(&wide, "order-1", 1, 10),
+        event(&wide, "order-2", 1, 10),
+        event(&small, "order-1", 2, 10),
+    ])
+    .await
+    .unwrap();
+    rt.publish(Vec::new()).await.unwrap();
+
+    // One record is too big for its topic: the broker refuses it, the whole
+    // transaction is aborted and the caller is told.
+    let err = rt
+        .publish(vec![
+            event(&wide, "order-3", 1, 10),
+            event(&small, "order-3", 2, 10_000),
+        ])
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::Transaction { .. }), "{err}");
+
+    // The runtime's publisher still works.
+    rt.publish(vec![event(&wide, "order-4", 1, 10)])
+        .await
+        .unwrap();
+
+    let got = read_committed_raw(&wide);
+    let ids: Vec<String> = got
+        .iter()
+        .map(|r| {
+            Envelope::from_bytes(&r.payload)
+                .unwrap()
+                .id
+                .as_str()
+                .to_owned()
+        })
+        .collect();
+    let mut sorted = ids.clone();
+    sorted.sort();
+    assert_eq!(
+        sorted,
+        ["order-1/event-1", "order-2/event-1", "order-4/event-1"],
+        "the aborted publish is visible, or something is doubled"
+    );
+    // Keyed by saga id.
+    for r in &got {
+        let e = Envelope::from_bytes(&r.payload).unwrap();
+        assert_eq!(r.key, e.saga_id.as_str());
+    }
+    assert_eq!(read_committed(&small).len(), 1);
+    assert_eq!(rt.stats().failed_requests, 1);
+    rt.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "needs Kafka: scripts/test.sh"]
+async fn failed_start_leaves_nothing_and_the_next_start_works() {
+    let ns = ns();
+    let t = topics(&ns);
+    // The command topic refuses big records; the state topic does not.
+    create_topic_with(&t.inventory, 3, &[("max.message.bytes", "2048")]).await;
+    let cfg = config(&ns, "0");
+    create_event_topic(&cfg, &t).await;
+    let rt = KafkaRuntime::new(cfg).unwrap();
+    rt.participant(
+        &t.inventory,
+        ParticipantPolicy::new(format!("{ns}-inventory")),
+        Inventory(Applied::default()),
+    )
+    .await
+    .unwrap();
+    rt.participant(
+        &t.payments,
+        ParticipantPolicy::new(format!("{ns}-payments")),
+        Payments(Applied::default()),
+    )
+    .await
+    .unwrap();
+    let orders = rt
+        .saga(order_saga(&t, Duration::from_millis(100)))
+        .await
+        .unwrap();
+
+    // Its RESERVE command (with the SKU) is too big for the command topic.
+    let mut big = Order::new(100);
+    big.sku = "S".repeat(5000);
+    let err = orders.start("big-1", big).await.unwrap_err();
+    assert!(matches!(err, Error::Transaction { .. }), "{err}");
+    assert!(err.to_string().contains("nothing was written"), "{err}");
+
+    // The runtime goes on serving.
+    let id = orders.start("next-1", Order::new(100)).await.unwrap();
+    let done = orders
+        .wait_settled(&id, Duration::from_secs(60))
+        .await
+        .unwrap();
+    assert_eq!(done.status, SagaStatus::Completed);
+    assert!(orders.get(&SagaId::new("big-1")).await.unwrap().is_none());
+    rt.shutdown().await;
+
+    // None of the failed start's records is visible: state, start snapshot
+    // on the reply topic, event, command.
+    let replies = format!("{}.replies", t.saga);
+    for topic in [&state_topic(&t.saga), &replies, &t.events, &t.inventory] {
+        let recs = read_committed_raw(topic);
+        assert!(
+            recs.iter().all(|r| r.key != "big-1"),
+            "a record of the failed start is visible on {topic}"
+        );
+        assert!(
+            recs.iter().any(|r| r.key == "next-1"),
+            "{topic} lacks the next saga"
+        );
+    }
+}
