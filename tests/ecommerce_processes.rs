@@ -1,0 +1,379 @@
+//! The e-commerce example as one OS process per service on a real Kafka
+//! broker: an order process (orchestrator + API), **two inventory
+//! instances** sharing `inventory.requests` through their consumer group, a
+//! notification process and an analytics process. 200 orders go through
+//! the HTTP API with bounded concurrency, asking for more laptops and
+//! monitors than there are; every order must settle, and the stock the
+//! inventory instances reserved (summed over the shards, one per
+//! partition) must equal what the confirmed orders bought: nothing
+//! oversold, nothing reserved twice.
+//!
+//! The processes are the built example binary
+//! (`target/<profile>/examples/ecommerce`, built by `cargo test
+//! --all-targets`, else built here); a guard kills them all at the end,
+//! also when the test fails. Needs KAFKA_BOOTSTRAP_SERVERS.
+
+use std::collections::BTreeMap;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant, SystemTime};
+
+use futures::stream::{self, StreamExt};
+use serde_json::{json, Value};
+
+const ORDERS: usize = 200;
+const CONCURRENCY: usize = 16;
+const DEADLINE: Duration = Duration::from_secs(170);
+
+/// The running services; killed (and reaped) when dropped.
+struct Processes {
+    dir: PathBuf,
+    children: Vec<(String, Child)>,
+}
+
+impl Drop for Processes {
+    fn drop(&mut self) {
+        for (_, child) in &mut self.children {
+            let _ = child.kill();
+        }
+        for (name, child) in &mut self.children {
+            let _ = child.wait();
+            if std::thread::panicking() {
+                let log = std::fs::read_to_string(self.dir.join(format!("{name}.log")))
+                    .unwrap_or_default();
+                let tail: Vec<&str> = log.lines().rev().take(15).collect();
+                eprintln!("--- last lines of {name}:");
+                for l in tail.iter().rev() {
+                    eprintln!("{l}");
+                }
+            }
+        }
+    }
+}
+
+impl Processes {
+    fn spawn(&mut self, exe: &Path, name: &str, service: &str, common: &[String]) {
+        let log = std::fs::File::create(self.dir.join(format!("{name}.log"))).unwrap();
+        let child = Command::new(exe)
+            .arg(service)
+            .args(common)
+            .args(["--instance-id", name, "--addr", "127.0.0.1:0"])
+            .env("RUST_LOG", "warn,rdkafka=off,librdkafka=off")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot run {}: {e}", exe.display()));
+        self.children.push((name.to_owned(), child));
+    }
+
+    /// Waits for `name` to print `listening on http://ADDR`; returns the URL.
+    fn url(&mut self, name: &str, deadline: Instant) -> String {
+        let path = self.dir.join(format!("{name}.log"));
+        loop {
+            let mut text = String::new();
+            if let Ok(mut f) = std::fs::File::open(&path) {
+                let _ = f.read_to_string(&mut text);
+            }
+            if let Some(rest) = text.split("listening on ").nth(1) {
+                let url = rest.split(';').next().unwrap().trim().to_owned();
+                return url;
+            }
+            let (_, child) = self.children.iter_mut().find(|(n, _)| n == name).unwrap();
+            if let Ok(Some(status)) = child.try_wait() {
+                panic!("{name} exited with {status} before listening:\n{text}");
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{name} did not start in time:\n{text}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+fn newest_source(dir: &Path) -> SystemTime {
+    std::fs::read_dir(dir)
+        .map(|rd| {
+            rd.filter_map(|e| e.ok()?.metadata().ok()?.modified().ok())
+                .max()
+                .unwrap_or(SystemTime::UNIX_EPOCH)
+        })
+        .unwrap_or(SystemTime::UNIX_EPOCH)
+}
+
+/// The example binary: next to this test's directory (`target/<profile>/
+/// examples/ecommerce`). If it is missing or older than the example's
+/// sources, builds it (same profile and target directory).
+fn example_binary() -> PathBuf {
+    let me = std::env::current_exe().unwrap();
+    let profile_dir = me.parent().and_then(Path::parent).unwrap().to_path_buf();
+    let exe = profile_dir
+        .join("examples")
+        .join(format!("ecommerce{}", std::env::consts::EXE_SUFFIX));
+    let sources = newest_source(&Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/ecommerce"));
+    let fresh = std::fs::metadata(&exe)
+        .and_then(|m| m.modified())
+        .is_ok_and(|t| t >= sources);
+    if !fresh {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let mut cmd = Command::new(cargo);
+        cmd.current_dir(env!("CARGO_MANIFEST_DIR"))
+            .args(["build", "--example", "ecommerce"]);
+        if profile_dir.file_name().is_some_and(|n| n == "release") {
+            cmd.arg("--release");
+        }
+        if let Some(target) = profile_dir.parent() {
+            cmd.env("CARGO_TARGET_DIR", target);
+        }
+        let status = cmd.status().expect("cargo build --example ecommerce");
+        assert!(status.success(), "cargo build --example ecommerce failed");
+    }
+    assert!(exe.exists(), "no example binary at {}", exe.display());
+    exe
+}
+
+/// Order `i`: laptops and monitors (scarce), and mice.
+fn order_body(i: usize) -> Value {
+    let mut items = vec![json!({"sku": "MOUSE-001", "quantity": 1 + i % 2, "unit_price": "29.99"})];
+    if i % 2 == 0 {
+        items.push(json!({"sku": "LAPTOP-001", "quantity": 1 + i % 3, "unit_price": "999.99"}));
+    } else {
+        items.push(json!({"sku": "MONITOR-001", "quantity": 1 + i % 4, "unit_price": "249.50"}));
+    }
+    json!({"customer_id": format!("c-{i}"), "items": items})
+}
+
+async fn get_json(client: &reqwest::Client, url: &str) -> Option<Value> {
+    let res = client.get(url).send().await.ok()?;
+    if !res.status().is_success() {
+        return None;
+    }
+    res.json().await.ok()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "needs Kafka: scripts/test.sh"]
+async fn services_as_processes_settle_200_orders_without_overselling() {
+    let t0 = Instant::now();
+    let bootstrap = std::env::var("KAFKA_BOOTSTRAP_SERVERS")
+        .expect("KAFKA_BOOTSTRAP_SERVERS (scripts/test.sh starts a broker and sets it)");
+    let exe = example_binary();
+    let tag = uuid::Uuid::new_v4().simple().to_string()[..10].to_owned();
+    let prefix = format!("ecom-procs-{tag}.");
+    let dir = std::env::temp_dir().join(format!("ecom-procs-{tag}"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let common: Vec<String> = [
+        "--kafka",
+        &bootstrap,
+        "--topic-prefix",
+        &prefix,
+        "--app",
+        &format!("ecom-procs-{tag}"),
+        "--partitions",
+        "3",
+        "--fast",
+    ]
+    .iter()
+    .map(|s| (*s).to_owned())
+    .collect();
+
+    let mut procs = Processes {
+        dir: dir.clone(),
+        children: Vec::new(),
+    };
+    for (name, service) in [
+        ("inventory-1", "inventory"),
+        ("inventory-2", "inventory"),
+        ("notification-1", "notification"),
+        ("analytics-1", "analytics"),
+        ("order-1", "order"),
+    ] {
+        procs.spawn(&exe, name, service, &common);
+    }
+    let started = Instant::now() + Duration::from_secs(60);
+    let order_api = procs.url("order-1", started);
+    let inventories = [
+        procs.url("inventory-1", started),
+        procs.url("inventory-2", started),
+    ];
+    let analytics_api = procs.url("analytics-1", started);
+    procs.url("notification-1", started);
+    eprintln!("services up in {:.1} s", t0.elapsed().as_secs_f64());
+
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(20))
+        .build()
+        .unwrap();
+
+    // 200 orders, at most CONCURRENCY in flight; a 503 is retried (nothing
+    // was written).
+    let ids: Vec<(usize, String)> = stream::iter(0..ORDERS)
+        .map(|i| {
+            let client = client.clone();
+            let url = format!("{order_api}/orders");
+            async move {
+                for _ in 0..20 {
+                    match client.post(&url).json(&order_body(i)).send().await {
+                        Ok(res) if res.status().as_u16() == 202 => {
+                            let body: Value = res.json().await.unwrap();
+                            return (i, body["order_id"].as_str().unwrap().to_owned());
+                        }
+                        Ok(res) if res.status().is_server_error() => {}
+                        Ok(res) => panic!("order {i}: {} {:?}", res.status(), res.text().await),
+                        Err(e) => eprintln!("order {i}: {e}; retrying"),
+                    }
+                    tokio::time::sleep(Duration::from_millis(250)).await;
+                }
+                panic!("order {i} was never accepted");
+            }
+        })
+        .buffer_unordered(CONCURRENCY)
+        .collect()
+        .await;
+    assert_eq!(ids.len(), ORDERS);
+    eprintln!(
+        "{ORDERS} orders accepted in {:.1} s",
+        t0.elapsed().as_secs_f64()
+    );
+
+    // Every order reaches a final state.
+    let deadline = t0 + DEADLINE;
+    let mut pending: Vec<(usize, String)> = ids;
+    let mut settled: Vec<(usize, Value)> = Vec::new();
+    while !pending.is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "{} orders not settled in time, e.g. {:?}",
+            pending.len(),
+            pending.first()
+        );
+        let checked: Vec<((usize, String), Option<Value>)> = stream::iter(pending)
+            .map(|(i, id)| {
+                let client = client.clone();
+                let url = format!("{order_api}/orders/{id}");
+                async move {
+                    let order = get_json(&client, &url).await.filter(|o| {
+                        matches!(o["saga_status"].as_str(), Some("completed" | "compensated"))
+                    });
+                    ((i, id), order)
+                }
+            })
+            .buffer_unordered(CONCURRENCY)
+            .collect()
+            .await;
+        pending = Vec::new();
+        for (key, order) in checked {
+            match order {
+                Some(o) => settled.push((key.0, o)),
+                None => pending.push(key),
+            }
+        }
+        if !pending.is_empty() {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+    }
+    eprintln!("all settled in {:.1} s", t0.elapsed().as_secs_f64());
+
+    // What the confirmed orders bought, per SKU.
+    let mut bought: BTreeMap<String, u64> = BTreeMap::new();
+    let mut confirmed = 0;
+    for (i, o) in &settled {
+        match o["status"].as_str() {
+            Some("CONFIRMED") => {
+                confirmed += 1;
+                for item in o["items"].as_array().unwrap() {
+                    *bought
+                        .entry(item["sku"].as_str().unwrap().to_owned())
+                        .or_default() += item["quantity"].as_u64().unwrap();
+                }
+            }
+            Some("CANCELLED") => {
+                let reason = o["reason"].as_str().unwrap_or_default();
+                assert!(reason.starts_with("Not enough stock"), "order {i}: {o}");
+            }
+            _ => panic!("order {i} settled as {o}"),
+        }
+    }
+    assert!(confirmed > 0 && confirmed < ORDERS, "{confirmed} confirmed");
+
+    // The stock shards as the two instances have them: for each partition
+    // the newest copy (a shard handed over in a rebalance may be stale in
+    // the instance that lost it).
+    let mut newest: BTreeMap<u64, Value> = BTreeMap::new();
+    let mut held_by: Vec<usize> = Vec::new();
+    for url in &inventories {
+        let inv = get_json(&client, &format!("{url}/inventory"))
+            .await
+            .expect("GET /inventory");
+        let shards = inv["shards"].as_array().unwrap().clone();
+        held_by.push(shards.iter().filter(|s| s["held"] == true).count());
+        for shard in shards {
+            let p = shard["partition"].as_u64().unwrap();
+            let v = shard["version"].as_u64().unwrap();
+            if newest
+                .get(&p)
+                .is_none_or(|s| s["version"].as_u64().unwrap() < v)
+            {
+                newest.insert(p, shard);
+            }
+        }
+    }
+    assert_eq!(newest.len(), 3);
+    assert!(
+        held_by.iter().all(|n| *n >= 1),
+        "both instances serve partitions: {held_by:?}"
+    );
+    let answered: u64 = newest
+        .values()
+        .map(|s| s["version"].as_u64().unwrap())
+        .sum();
+    assert_eq!(
+        answered, ORDERS as u64,
+        "each order answered by one shard, once"
+    );
+    let mut reserved: BTreeMap<String, u64> = BTreeMap::new();
+    for (p, shard) in &newest {
+        for l in shard["stock"].as_array().unwrap() {
+            let (on_hand, r) = (
+                l["on_hand"].as_u64().unwrap(),
+                l["reserved"].as_u64().unwrap(),
+            );
+            assert!(r <= on_hand, "partition {p} oversold: {l}");
+            if r > 0 {
+                *reserved
+                    .entry(l["sku"].as_str().unwrap().to_owned())
+                    .or_default() += r;
+            }
+        }
+    }
+    assert_eq!(
+        reserved, bought,
+        "reserved stock = what the confirmed orders bought"
+    );
+    assert!(bought["LAPTOP-001"] <= 50 && bought["MONITOR-001"] <= 30);
+
+    // The analytics process saw every order.
+    let a = loop {
+        let a = get_json(&client, &format!("{analytics_api}/analytics")).await;
+        if let Some(a) = a.clone().filter(|a| {
+            a["orders.created"] == ORDERS
+                && a["orders.confirmed"].as_u64().unwrap_or(0)
+                    + a["orders.cancelled"].as_u64().unwrap_or(0)
+                    == ORDERS as u64
+        }) {
+            break a;
+        }
+        assert!(Instant::now() < deadline, "analytics incomplete: {a:?}");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    };
+    assert_eq!(a["orders.confirmed"], confirmed);
+
+    drop(procs);
+    let _ = std::fs::remove_dir_all(&dir);
+    eprintln!(
+        "{ORDERS} orders over 5 processes: {confirmed} confirmed, bought {bought:?}, in {:.1} s",
+        t0.elapsed().as_secs_f64()
+    );
+}
