@@ -16,7 +16,7 @@ use tokio::sync::Notify;
 
 use crate::config::KafkaConfig;
 use crate::error::{Error, Result};
-use crate::store::read_latest;
+use crate::store::{read_key, read_latest};
 use crate::worker::{Incoming, Out, Processor, Request};
 
 /// The state topic of saga type `saga`.
@@ -427,7 +427,8 @@ impl<D: SagaData> KafkaSagaHandle<D> {
     }
 
     /// The instance `id`: from this process's owned partitions, or else read
-    /// from the state topic. `None` if it does not exist.
+    /// from the state topic (only the partition `id` hashes to, up to its
+    /// last stable offset). `None` if it does not exist.
     pub async fn get(&self, id: &SagaId) -> Result<Option<SagaInstance<D>>> {
         if let Some(i) = self.lock_view().get(id) {
             return Ok(Some(i.clone()));
@@ -435,11 +436,11 @@ impl<D: SagaData> KafkaSagaHandle<D> {
         let cfg = self.cfg.clone();
         let topic = state_topic(self.def.name());
         let key = id.as_str().to_owned();
-        let records = tokio::task::spawn_blocking(move || read_latest(&cfg, &topic, None))
+        let record = tokio::task::spawn_blocking(move || read_key(&cfg, &topic, &key))
             .await
             .map_err(|_| Error::Shutdown)??;
-        for (p, k, v) in records {
-            if k == key && !v.is_empty() {
+        if let Some((p, v)) = record {
+            if !v.is_empty() {
                 return serde_json::from_slice(&v)
                     .map(Some)
                     .map_err(|e| Error::CorruptRecord {

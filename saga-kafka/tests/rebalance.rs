@@ -58,7 +58,7 @@ async fn leaving_orchestrator_hands_its_sagas_over() {
 
     // Every saga waits (on backoff timers) until well after A has left.
     let n = 24;
-    let ready_at = Timestamp::now().as_millis() + 4_000;
+    let ready_at = Timestamp::now().as_millis() + 5_000;
     let mut ids = Vec::new();
     for i in 0..n {
         let mut order = Order::new(100);
@@ -83,6 +83,12 @@ async fn leaving_orchestrator_hands_its_sagas_over() {
     assert!(orders_a.owned().iter().all(|i| !i.status.is_settled()));
 
     // A leaves while its sagas wait; B takes over.
+    let waiting_on_a = orders_a
+        .owned()
+        .iter()
+        .filter(|i| !i.status.is_settled())
+        .count();
+    assert!(waiting_on_a > 0, "A's sagas finished before it left");
     a.shutdown().await;
     for id in &ids {
         let done = orders_b
@@ -91,10 +97,21 @@ async fn leaving_orchestrator_hands_its_sagas_over() {
             .unwrap();
         assert_eq!(done.status, SagaStatus::Completed, "{:#?}", done.history);
     }
-    assert_eq!(b.stats().owned_partitions, 3);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while b.stats().owned_partitions != 3 {
+        assert!(Instant::now() < deadline, "B never took all partitions");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     for id in &in_flight_on_a {
         assert!(orders_b.owned().iter().any(|i| &i.id == id));
     }
+    // The handle of the instance that left reads them from the state topic
+    // (only the partition each id hashes to).
+    for id in &ids[..4] {
+        let i = orders_a.get(id).await.unwrap().unwrap();
+        assert_eq!(i.status, SagaStatus::Completed);
+    }
+    assert!(orders_a.get(&SagaId::new("nope")).await.unwrap().is_none());
     b.shutdown().await;
     participants.shutdown().await;
 
