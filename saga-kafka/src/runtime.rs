@@ -73,9 +73,12 @@ impl KafkaRuntime {
     /// once: some records may have been written). The topics must exist.
     /// An empty list writes nothing.
     ///
-    /// ```rust,ignore
-    /// let fixed = dead_letter.original.clone();   // a corrected command
+    /// ```no_run
+    /// # async fn demo(runtime: &saga_kafka::KafkaRuntime, dead_letter: saga_core::DeadLetter) -> saga_kafka::Result<()> {
+    /// let fixed = dead_letter.original.clone(); // correct the command first
     /// runtime.publish(vec![fixed]).await?;
+    /// # Ok(())
+    /// # }
     /// ```
     pub async fn publish(&self, envelopes: Vec<Envelope>) -> Result<()> {
         if envelopes.is_empty() {
