@@ -71,6 +71,7 @@ pub struct KafkaConfig {
     pub(crate) delivery: DeliveryMode,
     pub(crate) batch_max_messages: usize,
     pub(crate) batch_timeout: Duration,
+    pub(crate) start_linger: Duration,
     pub(crate) partitions: i32,
     pub(crate) replication_factor: i32,
     pub(crate) dead_letter_retention: Duration,
@@ -112,6 +113,7 @@ impl fmt::Debug for KafkaConfig {
             .field("delivery", &self.delivery)
             .field("batch_max_messages", &self.batch_max_messages)
             .field("batch_timeout", &self.batch_timeout)
+            .field("start_linger", &self.start_linger)
             .field("partitions", &self.partitions)
             .field("replication_factor", &self.replication_factor)
             .field("dead_letter_retention", &self.dead_letter_retention)
@@ -142,6 +144,7 @@ impl KafkaConfig {
             delivery: DeliveryMode::ExactlyOnce,
             batch_max_messages: 500,
             batch_timeout: Duration::from_millis(100),
+            start_linger: Duration::from_millis(10),
             partitions: 3,
             replication_factor: 1,
             dead_letter_retention: Duration::from_secs(30 * 24 * 3600),
@@ -256,6 +259,16 @@ impl KafkaConfig {
     pub fn batch(mut self, max_messages: usize, timeout: Duration) -> Self {
         self.batch_max_messages = max_messages.max(1);
         self.batch_timeout = timeout;
+        self
+    }
+
+    /// Exactly once, `start()` and `operate()` calls join the open batch's
+    /// transaction (many starts share one commit); a batch that has callers
+    /// waiting commits at most `linger` after the first of them joined, even
+    /// if its own timeout is longer (default 10 ms, never more than the
+    /// batch timeout).
+    pub fn start_linger(mut self, linger: Duration) -> Self {
+        self.start_linger = linger;
         self
     }
 

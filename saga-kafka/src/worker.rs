@@ -174,6 +174,9 @@ struct Core<P> {
     owned: BTreeSet<i32>,
     killed: bool,
     stats: Arc<StatsInner>,
+    /// Exactly once: the callers of requests folded into the open batch,
+    /// answered when it commits or aborts.
+    waiting: Vec<Box<dyn FnOnce(Result<()>) + Send>>,
 }
 
 fn tpl_partitions(tpl: &TopicPartitionList) -> Vec<i32> {
@@ -197,6 +200,7 @@ impl<P: Processor> Core<P> {
             owned: BTreeSet::new(),
             killed: false,
             stats,
+            waiting: Vec::new(),
         }
     }
 
@@ -419,10 +423,12 @@ impl<P: Processor> Core<P> {
                 self.stats.commits.fetch_add(1, Ordering::Relaxed);
                 self.proc.committed();
                 self.clear_batch();
+                self.settle_requests(None);
             }
             Err(e) => {
                 tracing::warn!(transactional_id = %self.txn_id, error = %e, "batch failed: aborting and redoing it");
                 self.abort(&e);
+                self.settle_requests(Some(&e));
                 if !self.eos() && rewind {
                     // At least once, nothing is undone on the broker: some
                     // or all of the batch's records (ledgers, saga states,
@@ -514,6 +520,58 @@ impl<P: Processor> Core<P> {
         }
     }
 
+    /// Exactly once: adds a request's records to the open batch (beginning
+    /// one if needed); its caller is answered when the batch commits or
+    /// aborts. Many starts then share one transaction instead of paying
+    /// for one each.
+    fn add_request(&mut self, req: Request) {
+        self.begin();
+        if let Some(e) = self.failed.clone() {
+            (req.done)(Err(self.transaction_error("beginning the transaction", &e)));
+            return;
+        }
+        self.send(req.out);
+        self.count += 1;
+        self.waiting.push(req.done);
+    }
+
+    /// Answers the callers of the requests in the batch that just ended:
+    /// `None` if it committed, else the error that aborted it.
+    fn settle_requests(&mut self, failure: Option<&RdError>) {
+        for done in std::mem::take(&mut self.waiting) {
+            match failure {
+                None => done(Ok(())),
+                Some(e) => {
+                    self.stats.failed_requests.fetch_add(1, Ordering::Relaxed);
+                    done(Err(self.transaction_error("committing the batch", e)));
+                }
+            }
+        }
+    }
+
+    fn transaction_error(&self, what: &str, e: &RdError) -> Error {
+        Error::Transaction {
+            transactional_id: self.txn_id.clone(),
+            what: what.into(),
+            source: Box::new(e.clone()),
+        }
+    }
+
+    /// Takes the pending requests: exactly once they join the open batch;
+    /// at least once they run one by one, only while no batch is open
+    /// (their records must be flushed in order around a barrier).
+    fn serve_requests(&mut self, busy: bool) {
+        if self.eos() {
+            while let Some(req) = self.proc.take_request() {
+                self.add_request(req);
+            }
+        } else if !busy {
+            while let Some(req) = self.proc.take_request() {
+                self.run_request(req);
+            }
+        }
+    }
+
     fn run_request(&mut self, req: Request) {
         let result = self.request_txn(req.out, req.barrier);
         let result = match result {
@@ -598,6 +656,7 @@ impl<P: Processor> ConsumerContext for Ctx<P> {
                     c.abort(&RdError::Canceled);
                 }
                 c.clear_batch();
+                c.settle_requests(Some(&RdError::Canceled));
             } else {
                 c.finish_batch(consumer, false);
             }
@@ -702,9 +761,13 @@ pub(crate) fn spawn<P: Processor>(
 }
 
 fn run<P: Processor>(core: &Arc<Mutex<Core<P>>>, consumer: &BaseConsumer<Ctx<P>>, stop: &AtomicU8) {
-    let (max, timeout) = {
+    let (max, timeout, linger) = {
         let c = lock(core);
-        (c.cfg.batch_max_messages, c.cfg.batch_timeout)
+        (
+            c.cfg.batch_max_messages,
+            c.cfg.batch_timeout,
+            c.cfg.start_linger,
+        )
     };
     loop {
         match stop.load(Ordering::SeqCst) {
@@ -717,12 +780,14 @@ fn run<P: Processor>(core: &Arc<Mutex<Core<P>>>, consumer: &BaseConsumer<Ctx<P>>
         }
         {
             let mut c = lock(core);
-            while let Some(req) = c.proc.take_request() {
-                c.run_request(req);
-            }
+            c.serve_requests(false);
         }
-        // The batch's clock starts with its first message or timer.
-        let mut deadline: Option<Instant> = None;
+        // The batch's clock starts with its first message, timer or request.
+        let mut deadline: Option<Instant> = if lock(core).waiting.is_empty() {
+            None
+        } else {
+            Some(Instant::now() + linger.min(timeout))
+        };
         loop {
             let wait = {
                 let c = lock(core);
@@ -767,11 +832,15 @@ fn run<P: Processor>(core: &Arc<Mutex<Core<P>>>, consumer: &BaseConsumer<Ctx<P>>
             if c.count >= max || expired || stop.load(Ordering::SeqCst) != RUN {
                 break;
             }
-            if !busy {
-                // Idle: serve requests without waiting for a batch.
-                while let Some(req) = c.proc.take_request() {
-                    c.run_request(req);
-                }
+            let had_callers = !c.waiting.is_empty();
+            c.serve_requests(busy);
+            if deadline.is_none() && c.in_txn {
+                deadline = Some(Instant::now() + timeout);
+            }
+            if !had_callers && !c.waiting.is_empty() {
+                // Callers are waiting on this batch: end it soon.
+                let soon = Instant::now() + linger.min(timeout);
+                deadline = Some(deadline.map_or(soon, |d| d.min(soon)));
             }
         }
         if stop.load(Ordering::SeqCst) == KILL {
