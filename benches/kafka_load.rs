@@ -326,6 +326,12 @@ async fn engine(
 
 #[tokio::main(flavor = "multi_thread")]
 async fn main() {
+    // `cargo test --all-targets` runs bench targets too, with test flags:
+    // measure only under `cargo bench` (which passes `--bench`).
+    if !std::env::args().any(|a| a == "--bench") {
+        println!("kafka_load: a benchmark; run it with `cargo bench --bench kafka_load`");
+        return;
+    }
     let args = Args::parse();
     let Ok(bootstrap) = std::env::var("KAFKA_BOOTSTRAP_SERVERS") else {
         eprintln!("kafka_load: set KAFKA_BOOTSTRAP_SERVERS (e.g. `scripts/kafka/broker.sh start`); nothing measured");
