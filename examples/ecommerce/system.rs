@@ -131,6 +131,10 @@ pub struct Config {
     /// Kafka: this process's instance id (`SAGA_INSTANCE_ID`), unique per
     /// live process of one service, stable across its restarts.
     pub instance_id: Option<String>,
+    /// Kafka: create the topics on start (default). Off where they are
+    /// provisioned beforehand, and on librdkafka's mock cluster, which does
+    /// not serve CreateTopics.
+    pub create_topics: bool,
 }
 
 impl Default for Config {
@@ -145,6 +149,7 @@ impl Default for Config {
             topics: Topics::default(),
             app: None,
             instance_id: None,
+            create_topics: true,
         }
     }
 }
@@ -450,6 +455,48 @@ fn dlq_processor(platform: &Arc<dyn Platform>, clock: Clock, topics: &Topics) ->
         .events_on(topics.name(NOTIFICATIONS_EVENTS))
 }
 
+/// Every topic the system uses on Kafka, with its kind: the design's
+/// channels, and the runtime's own for the order saga (its state, replies
+/// and dead letters) and the participants (ledgers, dead letters). What to
+/// provision beforehand when [`Config::create_topics`] is off.
+pub fn kafka_topics(config: &Config) -> Result<Vec<TopicSpec>, SagaError> {
+    let topics = &config.topics;
+    let saga = order::saga(&config.order, topics)?;
+    let participants = [
+        ParticipantPolicy::new(topics.name("inventory")),
+        notification::policy(&config.notification, topics),
+    ];
+    let dead_letters: Vec<String> = participants
+        .iter()
+        .map(|p| p.dead_letter_channel.clone())
+        .chain([saga.dead_letter_channel().to_owned()])
+        .collect();
+    let mut specs: Vec<TopicSpec> = Vec::new();
+    let mut add = |spec: TopicSpec| {
+        if !specs.iter().any(|s| s.name == spec.name) {
+            specs.push(spec);
+        }
+    };
+    for name in topics
+        .names(ALL_CHANNELS)
+        .into_iter()
+        .chain(saga.reply_channels())
+        .chain(saga.command_channels())
+        .chain(dead_letters.iter().cloned())
+    {
+        add(if dead_letters.contains(&name) {
+            TopicSpec::dead_letters(name)
+        } else {
+            TopicSpec::messages(name)
+        });
+    }
+    add(TopicSpec::compacted(saga::kafka::state_topic(saga.name())));
+    for p in &participants {
+        add(TopicSpec::compacted(saga::kafka::ledger_topic(&p.name)));
+    }
+    Ok(specs)
+}
+
 /// A consumer group name no earlier process used: a projection that keeps
 /// its state in memory re-reads its topics from the beginning on start.
 fn fresh_group(topics: &Topics, what: &str) -> String {
@@ -564,6 +611,14 @@ impl System {
     /// Starts `config.services` on Kafka at `bootstrap`.
     pub async fn on_kafka(config: Config, bootstrap: &str) -> Result<Self, String> {
         let kcfg = Self::kafka_config(&config, bootstrap)?;
+        Self::on_kafka_with(config, kcfg).await
+    }
+
+    /// Starts `config.services` on Kafka with a ready runtime configuration
+    /// (tests tune its timeouts and retries); `config.create_topics` decides
+    /// whether topics are created.
+    pub async fn on_kafka_with(config: Config, kcfg: KafkaConfig) -> Result<Self, String> {
+        let kcfg = kcfg.create_topics(config.create_topics);
         let runtime = KafkaRuntime::new(kcfg.clone()).map_err(|e| e.to_string())?;
         let clock = Clock::system();
         let topics = config.topics.clone();
@@ -573,17 +628,15 @@ impl System {
             move |e: saga::kafka::Error| format!("cannot start the {what}: {e}")
         };
 
-        // Dead-letter topics keep their messages 30 days (K4): created as
+        // Every topic of the system, made up front with its kind: the
+        // dead-letter topics keep their messages 30 days (K4), created as
         // such before any projection could create them as plain topics.
-        saga::kafka::ensure_topics(
-            &kcfg,
-            &[
-                TopicSpec::dead_letters(topics.name(NOTIFICATIONS_DLQ)),
-                TopicSpec::dead_letters(topics.name(ORDERS_DLQ)),
-            ],
-        )
-        .await
-        .map_err(err("dead-letter topics"))?;
+        if config.create_topics {
+            let specs = kafka_topics(&config).map_err(|e| e.to_string())?;
+            saga::kafka::ensure_topics(&kcfg, &specs)
+                .await
+                .map_err(err("topics"))?;
+        }
 
         let inventory = if services.inventory {
             let inv = Inventory::sharded(&Self::catalogue(&config), config.partitions as u32)
