@@ -7,7 +7,8 @@
 //! cargo run --example ecommerce -- serve --kafka localhost:9092   # the same system on Kafka
 //! cargo run --example ecommerce -- dlq list          # operate the DLQ of a running `serve`
 //!
-//! # one process per service (Kafka: --kafka or KAFKA_BOOTSTRAP_SERVERS)
+//! # one process per service (Kafka: --kafka HOST:PORT, before or after the
+//! # command, else KAFKA_BOOTSTRAP_SERVERS)
 //! cargo run --example ecommerce -- order        --instance-id order-1   # orders API, :8080
 //! cargo run --example ecommerce -- inventory    --instance-id inv-1     # :8081
 //! cargo run --example ecommerce -- inventory    --instance-id inv-2 --addr 127.0.0.1:8091
@@ -47,11 +48,13 @@ use crate::system::{Config, RuntimeKind, Services, System};
     about = "An e-commerce system on saga orchestration. Without a command: the in-memory demo."
 )]
 struct Args {
-    /// Run on Apache Kafka: at this bootstrap address, or (without a value)
-    /// at KAFKA_BOOTSTRAP_SERVERS. The per-service commands always run on
-    /// Kafka. Security settings, delivery mode… come from the environment
-    /// (see saga-kafka's README).
-    #[arg(long, global = true, value_name = "BOOTSTRAP", num_args = 0..=1, default_missing_value = "")]
+    /// Run on Apache Kafka at this bootstrap address (`host:port,...`),
+    /// before or after the command. The per-service commands always run on
+    /// Kafka: without --kafka at KAFKA_BOOTSTRAP_SERVERS. Security settings,
+    /// delivery mode… come from the environment (see saga-kafka's README).
+    // A value is required: an optional one would swallow the command's
+    // name in `--kafka inventory`.
+    #[arg(long, global = true, value_name = "BOOTSTRAP")]
     kafka: Option<String>,
     /// Namespace for topics, consumer groups and the saga's name (default
     /// $ECOMMERCE_TOPIC_PREFIX, else none: the design's exact topic names).
@@ -152,24 +155,29 @@ fn init_tracing(default: &str) {
         .try_init();
 }
 
-/// Where Kafka is: the flag's value, else KAFKA_BOOTSTRAP_SERVERS.
-fn bootstrap(flag: Option<String>, required: bool) -> Result<Option<String>, String> {
-    let env = || {
-        std::env::var("KAFKA_BOOTSTRAP_SERVERS")
-            .ok()
-            .filter(|v| !v.is_empty())
-    };
+/// Where Kafka is: `--kafka`'s value; else, for a per-service command
+/// (`required`), `env` (KAFKA_BOOTSTRAP_SERVERS).
+fn bootstrap(
+    flag: Option<String>,
+    required: bool,
+    env: Option<String>,
+) -> Result<Option<String>, String> {
     match flag {
-        Some(v) if !v.is_empty() => Ok(Some(v)),
-        Some(_) => env()
+        Some(v) if v.trim().is_empty() => Err("--kafka needs an address: HOST:PORT".to_owned()),
+        Some(v) => Ok(Some(v)),
+        None if required => env
+            .filter(|v| !v.trim().is_empty())
             .map(Some)
-            .ok_or_else(|| "--kafka without a value needs KAFKA_BOOTSTRAP_SERVERS".to_owned()),
-        None if required => env().map(Some).ok_or_else(|| {
-            "this service runs on Kafka: give --kafka HOST:PORT or set KAFKA_BOOTSTRAP_SERVERS"
-                .to_owned()
-        }),
+            .ok_or_else(|| {
+                "this service runs on Kafka: give --kafka HOST:PORT or set KAFKA_BOOTSTRAP_SERVERS"
+                    .to_owned()
+            }),
         None => Ok(None),
     }
+}
+
+fn env_bootstrap() -> Option<String> {
+    std::env::var("KAFKA_BOOTSTRAP_SERVERS").ok()
 }
 
 fn config(args: &Args, kafka: Option<String>, services: Services) -> Result<Config, String> {
@@ -278,7 +286,7 @@ async fn service(
     email: EmailArgs,
 ) -> Result<(), String> {
     let services = Services::only(name).ok_or_else(|| format!("no service `{name}`"))?;
-    let kafka = bootstrap(args.kafka.clone(), true)?;
+    let kafka = bootstrap(args.kafka.clone(), true, env_bootstrap())?;
     serve(config(args, kafka, services)?, addr, email).await
 }
 
@@ -293,10 +301,17 @@ async fn main() -> std::process::ExitCode {
         None => {
             // The demo prints its own story; only errors from the services.
             init_tracing("error");
-            if args.kafka.is_some() {
-                Err("the demo runs in memory; on Kafka use `serve --kafka …` \
-                     (or one process per service) and the HTTP API"
-                    .to_owned())
+            if let Some(k) = &args.kafka {
+                // `--kafka inventory`: the command's name taken for the address.
+                let hint = if k == "serve" || Services::only(k).is_some() {
+                    format!(" (`{k}` was read as --kafka's address: `--kafka HOST:PORT {k}`)")
+                } else {
+                    String::new()
+                };
+                Err(format!(
+                    "the demo runs in memory; on Kafka use `serve --kafka HOST:PORT` \
+                     (or one process per service) and the HTTP API{hint}"
+                ))
             } else {
                 let started = std::time::Instant::now();
                 let mut stdout = std::io::stdout();
@@ -310,7 +325,8 @@ async fn main() -> std::process::ExitCode {
         }
         Some(Command::Serve { addr, email }) => {
             init_tracing("info");
-            match bootstrap(args.kafka.clone(), false).and_then(|k| config(&args, k, Services::ALL))
+            match bootstrap(args.kafka.clone(), false, None)
+                .and_then(|k| config(&args, k, Services::ALL))
             {
                 Ok(c) => serve(c, *addr, email.clone()).await,
                 Err(e) => Err(e),
@@ -358,5 +374,69 @@ async fn main() -> std::process::ExitCode {
             eprintln!("error: {e}");
             std::process::ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Args, clap::Error> {
+        Args::try_parse_from(std::iter::once("ecommerce").chain(args.iter().copied()))
+    }
+
+    fn is_inventory(a: &Args) -> bool {
+        matches!(a.command, Some(Command::Inventory { .. }))
+    }
+
+    #[test]
+    fn kafka_goes_before_or_after_the_command() {
+        for argv in [
+            &["--kafka", "127.0.0.1:9092", "inventory"][..],
+            &["inventory", "--kafka", "127.0.0.1:9092"],
+            &["--kafka=127.0.0.1:9092", "inventory"],
+            &["inventory", "--kafka=127.0.0.1:9092"],
+        ] {
+            let a = parse(argv).unwrap_or_else(|e| panic!("{argv:?}: {e}"));
+            assert!(is_inventory(&a), "{argv:?}: {a:?}");
+            assert_eq!(a.kafka.as_deref(), Some("127.0.0.1:9092"), "{argv:?}");
+        }
+        let a = parse(&["--kafka", "b:9092", "serve", "--addr", "127.0.0.1:0"]).unwrap();
+        assert!(matches!(a.command, Some(Command::Serve { .. })), "{a:?}");
+        assert_eq!(a.kafka.as_deref(), Some("b:9092"));
+        let a = parse(&["dlq", "--kafka", "b:9092", "--instance-id", "dlq-1"]).unwrap();
+        assert!(matches!(a.command, Some(Command::Dlq { action: None, .. })));
+        assert_eq!(a.kafka.as_deref(), Some("b:9092"));
+        assert_eq!(a.instance_id.as_deref(), Some("dlq-1"));
+    }
+
+    #[test]
+    fn kafka_needs_a_value() {
+        // Without one, the command's name is not taken for it.
+        assert!(parse(&["inventory", "--kafka"]).is_err());
+        let a = parse(&["--kafka", "inventory"]).unwrap();
+        assert_eq!(a.kafka.as_deref(), Some("inventory"));
+        assert!(a.command.is_none(), "the demo, which refuses --kafka");
+        let a = parse(&["inventory"]).unwrap();
+        assert!(is_inventory(&a) && a.kafka.is_none());
+    }
+
+    #[test]
+    fn the_environment_is_the_per_service_fallback() {
+        let env = || Some("env:9092".to_owned());
+        assert_eq!(
+            bootstrap(Some("flag:9092".into()), true, env()),
+            Ok(Some("flag:9092".into()))
+        );
+        assert_eq!(bootstrap(None, true, env()), Ok(Some("env:9092".into())));
+        assert!(bootstrap(None, true, None).is_err());
+        assert!(bootstrap(None, true, Some(String::new())).is_err());
+        assert!(bootstrap(Some(String::new()), true, env()).is_err());
+        // `serve` runs in memory unless --kafka says where Kafka is.
+        assert_eq!(bootstrap(None, false, None), Ok(None));
+        assert_eq!(
+            bootstrap(Some("flag:9092".into()), false, None),
+            Ok(Some("flag:9092".into()))
+        );
     }
 }
