@@ -17,7 +17,7 @@ use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, Path, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{get, post, MethodRouter};
 use axum::{Json, Router};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use serde::Deserialize;
@@ -138,10 +138,10 @@ pub fn router(system: Arc<System>) -> Router {
         .route("/dlq", get(list_dlq))
         .route("/dlq/archive", get(dlq_archive))
         .route("/dlq/{id}", get(get_dlq))
-        .route("/dlq/{id}/retry", post(dlq_retry))
-        .route("/dlq/{id}/discard", post(dlq_discard))
-        .route("/dlq/{id}/alert", post(dlq_alert))
-        .route("/dlq/{id}/sms", post(dlq_sms))
+        .route("/dlq/{id}/retry", dlq_action(DlqAction::Retry))
+        .route("/dlq/{id}/discard", dlq_action(DlqAction::Discard))
+        .route("/dlq/{id}/alert", dlq_action(DlqAction::Alert))
+        .route("/dlq/{id}/sms", dlq_action(DlqAction::Sms))
         .fallback(|| async { ApiError::not_found("no such endpoint") })
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(system)
@@ -359,50 +359,36 @@ fn dlq_result(r: Result<crate::dlq::ArchiveEntry, DlqError>) -> ApiResult<Json<V
     }
 }
 
-async fn dlq_retry(
-    State(s): State<Arc<System>>,
-    Path(id): Path<String>,
-    headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
-) -> ApiResult<Json<Value>> {
-    let (b, who) = action_body(&headers, body)?;
-    dlq_result(part(&s.dlq, "dlq")?.retry(&id, b.payload, &who).await)
+/// An operator's action on a dead letter (`POST /dlq/{id}/<action>`).
+#[derive(Clone, Copy, Debug)]
+enum DlqAction {
+    /// Send the original (or the corrected `payload`) again.
+    Retry,
+    /// Close it, with a `note`.
+    Discard,
+    /// Raise an alert, with a `note` (it stays open).
+    Alert,
+    /// Tell the customer by SMS.
+    Sms,
 }
 
-async fn dlq_discard(
-    State(s): State<Arc<System>>,
-    Path(id): Path<String>,
-    headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
-) -> ApiResult<Json<Value>> {
-    let (b, who) = action_body(&headers, body)?;
-    dlq_result(
-        part(&s.dlq, "dlq")?
-            .discard(&id, &who, b.note.as_deref().unwrap_or(""))
-            .await,
+/// The route of `action`: one handler for the four actions (each keeps
+/// its own path, so other methods answer 405 and other actions 404).
+fn dlq_action(action: DlqAction) -> MethodRouter<Arc<System>> {
+    post(
+        move |State(s): State<Arc<System>>,
+              Path(id): Path<String>,
+              headers: HeaderMap,
+              body: Result<Bytes, BytesRejection>| async move {
+            let (b, who) = action_body(&headers, body)?;
+            let dlq = part(&s.dlq, "dlq")?;
+            let note = b.note.as_deref().unwrap_or("");
+            dlq_result(match action {
+                DlqAction::Retry => dlq.retry(&id, b.payload, &who).await,
+                DlqAction::Discard => dlq.discard(&id, &who, note).await,
+                DlqAction::Alert => dlq.alert(&id, &who, note).await,
+                DlqAction::Sms => dlq.sms(&id, &who).await,
+            })
+        },
     )
-}
-
-async fn dlq_alert(
-    State(s): State<Arc<System>>,
-    Path(id): Path<String>,
-    headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
-) -> ApiResult<Json<Value>> {
-    let (b, who) = action_body(&headers, body)?;
-    dlq_result(
-        part(&s.dlq, "dlq")?
-            .alert(&id, &who, b.note.as_deref().unwrap_or(""))
-            .await,
-    )
-}
-
-async fn dlq_sms(
-    State(s): State<Arc<System>>,
-    Path(id): Path<String>,
-    headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
-) -> ApiResult<Json<Value>> {
-    let (_, who) = action_body(&headers, body)?;
-    dlq_result(part(&s.dlq, "dlq")?.sms(&id, &who).await)
 }
