@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use common::*;
 use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
 use rdkafka::ClientConfig;
-use saga_core::{ParticipantPolicy, SagaStatus};
+use saga_core::SagaStatus;
 use saga_kafka::{DeliveryMode, KafkaRuntime};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -19,22 +19,7 @@ async fn redelivered_commands_are_applied_once() {
     let cfg = config(&ns, "0").delivery(DeliveryMode::AtLeastOnce);
     create_event_topic(&cfg, &t).await;
     let rt = KafkaRuntime::new(cfg).unwrap();
-    let inventory = Applied::default();
-    let payments = Applied::default();
-    rt.participant(
-        &t.inventory,
-        ParticipantPolicy::new(format!("{ns}-inventory")),
-        Inventory(inventory.clone()),
-    )
-    .await
-    .unwrap();
-    rt.participant(
-        &t.payments,
-        ParticipantPolicy::new(format!("{ns}-payments")),
-        Payments(payments.clone()),
-    )
-    .await
-    .unwrap();
+    let (inventory, payments) = run_participants(&rt, &ns, &t).await;
     let orders = rt
         .saga(order_saga(&t, Duration::from_millis(100)))
         .await

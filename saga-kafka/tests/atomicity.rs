@@ -8,7 +8,7 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use saga_core::{Envelope, MessageId, ParticipantPolicy, SagaId, SagaStatus, Timestamp};
+use saga_core::{Envelope, MessageId, SagaId, SagaStatus, Timestamp};
 use saga_kafka::{state_topic, Error, KafkaRuntime};
 
 fn event(channel: &str, saga_id: &str, n: usize, bytes: usize) -> Envelope {
@@ -95,20 +95,7 @@ async fn failed_start_leaves_nothing_and_the_next_start_works() {
     let cfg = config(&ns, "0");
     create_event_topic(&cfg, &t).await;
     let rt = KafkaRuntime::new(cfg).unwrap();
-    rt.participant(
-        &t.inventory,
-        ParticipantPolicy::new(format!("{ns}-inventory")),
-        Inventory(Applied::default()),
-    )
-    .await
-    .unwrap();
-    rt.participant(
-        &t.payments,
-        ParticipantPolicy::new(format!("{ns}-payments")),
-        Payments(Applied::default()),
-    )
-    .await
-    .unwrap();
+    run_participants(&rt, &ns, &t).await;
     let orders = rt
         .saga(order_saga(&t, Duration::from_millis(100)))
         .await

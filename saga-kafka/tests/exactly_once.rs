@@ -7,7 +7,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::*;
-use saga_core::{ParticipantPolicy, SagaId, SagaStatus};
+use saga_core::{SagaId, SagaStatus};
 use saga_kafka::KafkaRuntime;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -18,24 +18,7 @@ async fn orchestrator_dying_mid_transaction_emits_everything_exactly_once() {
     let base = config(&ns, "orchestrator-0");
     create_event_topic(&base, &t).await;
     let participants = KafkaRuntime::new(config(&ns, "participants-0")).unwrap();
-    let inventory = Applied::default();
-    let payments = Applied::default();
-    participants
-        .participant(
-            &t.inventory,
-            ParticipantPolicy::new(format!("{ns}-inventory")),
-            Inventory(inventory.clone()),
-        )
-        .await
-        .unwrap();
-    participants
-        .participant(
-            &t.payments,
-            ParticipantPolicy::new(format!("{ns}-payments")),
-            Payments(payments.clone()),
-        )
-        .await
-        .unwrap();
+    let (inventory, payments) = run_participants(&participants, &ns, &t).await;
 
     // Long batches: the transaction that handles the reservation stays open.
     let slow = base.clone().batch(1000, Duration::from_secs(20));

@@ -5,7 +5,7 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use saga_core::{ParticipantPolicy, SagaStatus, StepState};
+use saga_core::{SagaStatus, StepState};
 use saga_kafka::KafkaRuntime;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -16,22 +16,7 @@ async fn saga_completes_and_another_compensates() {
     let cfg = config(&ns, "a");
     create_event_topic(&cfg, &t).await;
     let rt = KafkaRuntime::new(cfg).unwrap();
-    let inventory = Applied::default();
-    let payments = Applied::default();
-    rt.participant(
-        &t.inventory,
-        ParticipantPolicy::new(format!("{ns}-inventory")),
-        Inventory(inventory.clone()),
-    )
-    .await
-    .unwrap();
-    rt.participant(
-        &t.payments,
-        ParticipantPolicy::new(format!("{ns}-payments")),
-        Payments(payments.clone()),
-    )
-    .await
-    .unwrap();
+    let (inventory, payments) = run_participants(&rt, &ns, &t).await;
     let orders = rt
         .saga(order_saga(&t, Duration::from_millis(100)))
         .await

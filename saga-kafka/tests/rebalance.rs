@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use common::*;
-use saga_core::{ParticipantPolicy, SagaId, SagaStatus, Timestamp};
+use saga_core::{SagaId, SagaStatus, Timestamp};
 use saga_kafka::KafkaRuntime;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -20,24 +20,7 @@ async fn leaving_orchestrator_hands_its_sagas_over() {
     let cfg = config(&ns, "participants-0");
     create_event_topic(&cfg, &t).await;
     let participants = KafkaRuntime::new(cfg).unwrap();
-    let inventory = Applied::default();
-    let payments = Applied::default();
-    participants
-        .participant(
-            &t.inventory,
-            ParticipantPolicy::new(format!("{ns}-inventory")),
-            Inventory(inventory.clone()),
-        )
-        .await
-        .unwrap();
-    participants
-        .participant(
-            &t.payments,
-            ParticipantPolicy::new(format!("{ns}-payments")),
-            Payments(payments.clone()),
-        )
-        .await
-        .unwrap();
+    let (inventory, payments) = run_participants(&participants, &ns, &t).await;
 
     let backoff = Duration::from_millis(200);
     let a = KafkaRuntime::new(config(&ns, "orchestrator-a")).unwrap();

@@ -12,7 +12,7 @@ use rdkafka::error::KafkaError as RdError;
 use rdkafka::message::{Headers, Message};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use saga_core::*;
-use saga_kafka::{KafkaConfig, TopicSpec};
+use saga_kafka::{KafkaConfig, KafkaRuntime, TopicSpec};
 use serde::{Deserialize, Serialize};
 
 pub fn bootstrap() -> String {
@@ -431,4 +431,26 @@ pub async fn create_topic_with(name: &str, partitions: i32, configs: &[(&str, &s
     for x in r {
         x.unwrap();
     }
+}
+
+/// Registers the inventory and payments participants of the test saga on
+/// `rt`, counting what each applies; returns (inventory, payments).
+pub async fn run_participants(rt: &KafkaRuntime, ns: &str, t: &Topics) -> (Applied, Applied) {
+    let inventory = Applied::default();
+    let payments = Applied::default();
+    rt.participant(
+        &t.inventory,
+        ParticipantPolicy::new(format!("{ns}-inventory")),
+        Inventory(inventory.clone()),
+    )
+    .await
+    .unwrap();
+    rt.participant(
+        &t.payments,
+        ParticipantPolicy::new(format!("{ns}-payments")),
+        Payments(payments.clone()),
+    )
+    .await
+    .unwrap();
+    (inventory, payments)
 }
