@@ -1,30 +1,11 @@
 //! The e-commerce example's embedded demo (what `cargo run --example
 //! ecommerce` prints), run in process under tokio's paused clock.
 
-// The example's modules, compiled into this test crate (the CLI client is
-// left out); not every helper is used here.
+// The example's modules, compiled into this test crate; not every helper
+// is used here.
 #![allow(dead_code)]
 
-#[path = "../examples/ecommerce/analytics.rs"]
-mod analytics;
-#[path = "../examples/ecommerce/demo.rs"]
-mod demo;
-#[path = "../examples/ecommerce/dlq.rs"]
-mod dlq;
-#[path = "../examples/ecommerce/http.rs"]
-mod http;
-#[path = "../examples/ecommerce/inventory.rs"]
-mod inventory;
-#[path = "../examples/ecommerce/messages.rs"]
-mod messages;
-#[path = "../examples/ecommerce/notification.rs"]
-mod notification;
-#[path = "../examples/ecommerce/order.rs"]
-mod order;
-#[path = "../examples/ecommerce/system.rs"]
-mod system;
-#[path = "../examples/ecommerce/timeline.rs"]
-mod timeline;
+include!("support/ecommerce_modules.rs");
 
 #[tokio::test(start_paused = true)]
 async fn the_demo_plays_the_three_flows_of_the_seed() {
