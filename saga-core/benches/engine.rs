@@ -4,6 +4,7 @@
 use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
+use saga_core::driver::{Effect, Input};
 use saga_core::testing::{Scripted, ScriptedParticipant};
 use saga_core::*;
 use serde::{Deserialize, Serialize};
@@ -42,7 +43,7 @@ fn order_saga() -> SagaDefinition<Order> {
                 ctx.emit("orders.events", &json!({"type": "ORDER_CONFIRMED"}));
                 Ok(())
             })
-            .retriable(),
+            .retryable(),
         )
         .build()
         .expect("valid saga")
@@ -109,15 +110,21 @@ fn in_memory_runtime(c: &mut Criterion) {
             |()| {
                 rt.block_on(async {
                     let runtime = InMemoryRuntime::new(MemoryBackend::new());
-                    runtime.participant(
-                        "inventory.requests",
-                        ParticipantPolicy::new("inventory"),
-                        ScriptedParticipant::new(Scripted::Reply(json!({"status": "RESERVED"}))),
-                    );
-                    let orders = runtime.saga(order_saga());
-                    let ids: Vec<SagaId> = (0..SAGAS)
-                        .map(|i| orders.start(format!("o-{i}"), order(i)).unwrap())
-                        .collect();
+                    runtime
+                        .participant(
+                            "inventory.requests",
+                            ParticipantPolicy::new("inventory"),
+                            ScriptedParticipant::new(Scripted::Reply(
+                                json!({"status": "RESERVED"}),
+                            )),
+                        )
+                        .await
+                        .unwrap();
+                    let orders = runtime.saga(order_saga()).await.unwrap();
+                    let mut ids = Vec::new();
+                    for i in 0..SAGAS {
+                        ids.push(orders.start(format!("o-{i}"), order(i)).await.unwrap());
+                    }
                     for id in &ids {
                         orders
                             .wait_settled(id, Duration::from_secs(60))

@@ -19,15 +19,19 @@ impl<T: Serialize + DeserializeOwned + Clone + Send + Sync + 'static> SagaData f
 /// Where a step stands relative to the point of no return.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
+#[non_exhaustive]
 pub enum StepKind {
     /// Undone by its compensation if a later step fails (the default).
     Compensatable,
     /// The point of no return: once it succeeds the saga only goes forward.
-    /// If it fails, the steps before it are compensated.
+    /// If it fails, the steps before it are compensated; if its outcome is
+    /// unknown (no reply in time), the saga parks until a late reply or an
+    /// operator decides.
     Pivot,
-    /// After the pivot: retried forward, never compensated, dead-lettered
-    /// (and the saga parked) when retries run out.
-    Retriable,
+    /// After the pivot: retried forward, never compensated. When its
+    /// retries run out it parks the saga with a dead letter, or, with
+    /// [`Exhausted::DeadLetterAndContinue`], dead-letters and goes on.
+    Retryable,
 }
 
 impl fmt::Display for StepKind {
@@ -35,9 +39,42 @@ impl fmt::Display for StepKind {
         f.write_str(match self {
             StepKind::Compensatable => "compensatable",
             StepKind::Pivot => "pivot",
-            StepKind::Retriable => "retriable",
+            StepKind::Retryable => "retryable",
         })
     }
+}
+
+/// What a retryable step (after the point of no return) does when its
+/// retries run out or it fails permanently.
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize,
+)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum Exhausted {
+    /// Park the saga with a dead letter for an operator, who retries the
+    /// step with a fresh budget or skips it (the default).
+    #[default]
+    Park,
+    /// Write the dead letter and go on with the next step, the step marked
+    /// failed: for work that may fail for good without stopping the saga
+    /// (a notification email). [`Step::on_give_up`] can record the failure
+    /// in the saga data in the same transition.
+    DeadLetterAndContinue,
+}
+
+/// Why a step gave up, as [`Step::on_give_up`] sees it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct StepFailure {
+    /// The step.
+    pub step: String,
+    /// Attempts made in the budget that ran out.
+    pub attempts: u32,
+    /// Why it stopped trying (e.g. "max retries reached (3 attempts)").
+    pub reason: String,
+    /// The last attempt's error.
+    pub error: String,
 }
 
 /// A step's failure, as returned by a local step or a reply handler.
@@ -150,6 +187,7 @@ impl<D> StepContext<'_, D> {
 }
 
 type LocalFn<D> = Arc<dyn Fn(&mut StepContext<'_, D>) -> Result<(), StepError> + Send + Sync>;
+pub(crate) type GiveUpFn<D> = Arc<dyn Fn(&mut StepContext<'_, D>, &StepFailure) + Send + Sync>;
 type CommandFn<D> = Arc<dyn Fn(&D) -> Result<Value, serde_json::Error> + Send + Sync>;
 type ReplyFn<D> = Arc<
     dyn Fn(&mut StepContext<'_, D>, Value) -> Result<Result<(), StepError>, serde_json::Error>
@@ -253,6 +291,9 @@ pub struct Step<D> {
     pub(crate) retry: RetryPolicy,
     pub(crate) compensation_retry: RetryPolicy,
     pub(crate) timeout: Option<Duration>,
+    pub(crate) exhausted: Exhausted,
+    pub(crate) give_up: Option<GiveUpFn<D>>,
+    pub(crate) dead_letter_channel: Option<String>,
 }
 
 impl<D> Clone for Step<D> {
@@ -265,6 +306,9 @@ impl<D> Clone for Step<D> {
             retry: self.retry.clone(),
             compensation_retry: self.compensation_retry.clone(),
             timeout: self.timeout,
+            exhausted: self.exhausted,
+            give_up: self.give_up.clone(),
+            dead_letter_channel: self.dead_letter_channel.clone(),
         }
     }
 }
@@ -278,6 +322,7 @@ impl<D> fmt::Debug for Step<D> {
             .field("compensated", &self.compensation.is_some())
             .field("retry", &self.retry)
             .field("timeout", &self.timeout)
+            .field("exhausted", &self.exhausted)
             .finish()
     }
 }
@@ -292,6 +337,9 @@ impl<D: SagaData> Step<D> {
             retry: RetryPolicy::default(),
             compensation_retry: RetryPolicy::default(),
             timeout: None,
+            exhausted: Exhausted::Park,
+            give_up: None,
+            dead_letter_channel: None,
         }
     }
 
@@ -393,38 +441,82 @@ impl<D: SagaData> Step<D> {
         self
     }
 
-    /// Sets the step's kind.
-    pub fn kind(mut self, kind: StepKind) -> Self {
-        self.kind = kind;
+    /// Makes this step compensatable: undone by its compensation if a
+    /// later step fails (the default kind).
+    pub fn compensatable(mut self) -> Self {
+        self.kind = StepKind::Compensatable;
         self
     }
 
     /// Makes this step the pivot (point of no return).
-    pub fn pivot(self) -> Self {
-        self.kind(StepKind::Pivot)
+    pub fn pivot(mut self) -> Self {
+        self.kind = StepKind::Pivot;
+        self
     }
 
-    /// Makes this step retriable (after the pivot: forward recovery only).
-    pub fn retriable(self) -> Self {
-        self.kind(StepKind::Retriable)
+    /// Makes this step retryable: after the pivot, it recovers forward only
+    /// (retried per [`Step::retry`], never compensated; see [`Step::on_exhausted`]).
+    pub fn retryable(mut self) -> Self {
+        self.kind = StepKind::Retryable;
+        self
     }
 
-    /// The retry policy of the step's action.
+    /// The retry policy of the step's action (default
+    /// [`RetryPolicy::default`]: 3 attempts, 100 ms then 200 ms apart).
+    ///
+    /// The engine retries an attempt that failed with a retryable
+    /// [`StepError`] (from a local step or [`Step::on_reply`]), a
+    /// retryable failure reply (the participant gave up on a transient
+    /// error), or no reply within [`Step::timeout`]. Each retry sends a new
+    /// command (a new message id), which the participant runs again.
     pub fn retry(mut self, policy: RetryPolicy) -> Self {
         self.retry = policy;
         self
     }
 
-    /// The retry policy of the step's compensation.
+    /// The retry policy of the step's compensation (default
+    /// [`RetryPolicy::default`]). When it runs out, the saga parks.
     pub fn compensation_retry(mut self, policy: RetryPolicy) -> Self {
         self.compensation_retry = policy;
         self
     }
 
     /// The deadline of each attempt of a remote step (or its compensation):
-    /// with no reply by then, the attempt counts as a retryable failure.
+    /// with no reply by then, the attempt counts as a retryable failure
+    /// whose outcome is unknown. Default: none (wait for the reply). It
+    /// must cover the participant's whole retry budget for one command
+    /// (see the crate docs, "Who retries what").
     pub fn timeout(mut self, timeout: Duration) -> Self {
         self.timeout = Some(timeout);
+        self
+    }
+
+    /// What a retryable step does when its retries run out or it fails
+    /// permanently: [`Exhausted::Park`] (the default) or
+    /// [`Exhausted::DeadLetterAndContinue`]. Only retryable steps may
+    /// continue (`build()` checks it): before the point of no return a
+    /// failure compensates.
+    pub fn on_exhausted(mut self, outcome: Exhausted) -> Self {
+        self.exhausted = outcome;
+        self
+    }
+
+    /// Code run in the transition in which a step with
+    /// [`Exhausted::DeadLetterAndContinue`] gives up, before the saga goes
+    /// on: record the failure in the data, [`emit`](StepContext::emit) an
+    /// event.
+    pub fn on_give_up<F>(mut self, f: F) -> Self
+    where
+        F: Fn(&mut StepContext<'_, D>, &StepFailure) + Send + Sync + 'static,
+    {
+        self.give_up = Some(Arc::new(f));
+        self
+    }
+
+    /// The channel this step's dead letters go to (default: the saga's,
+    /// [`SagaBuilder::dead_letter_channel`]).
+    pub fn dead_letter_channel(mut self, channel: impl Into<String>) -> Self {
+        self.dead_letter_channel = Some(channel.into());
         self
     }
 
@@ -434,8 +526,44 @@ impl<D: SagaData> Step<D> {
     }
 
     /// The step's kind.
-    pub fn step_kind(&self) -> StepKind {
+    pub fn kind(&self) -> StepKind {
         self.kind
+    }
+
+    /// The retry policy of the action.
+    pub fn retry_policy(&self) -> &RetryPolicy {
+        &self.retry
+    }
+
+    /// The retry policy of the compensation.
+    pub fn compensation_retry_policy(&self) -> &RetryPolicy {
+        &self.compensation_retry
+    }
+
+    /// The per-attempt deadline, if any.
+    pub fn attempt_timeout(&self) -> Option<Duration> {
+        self.timeout
+    }
+
+    /// What the step does when its retries run out.
+    pub fn exhausted(&self) -> Exhausted {
+        self.exhausted
+    }
+
+    /// The step's own dead-letter channel, if [`Step::dead_letter_channel`]
+    /// set one (else the saga's is used).
+    pub fn own_dead_letter_channel(&self) -> Option<&str> {
+        self.dead_letter_channel.as_deref()
+    }
+
+    /// The channel the step's command goes to, for a remote step.
+    pub fn channel(&self) -> Option<&str> {
+        self.forward.as_ref().and_then(Action::channel)
+    }
+
+    /// The channel the step's compensation command goes to, for a remote compensation.
+    pub fn compensation_channel(&self) -> Option<&str> {
+        self.compensation.as_ref().and_then(Action::channel)
     }
 
     /// Whether the step's action is carried out by a participant.
@@ -624,9 +752,14 @@ impl<D: SagaData> SagaBuilder<D> {
 
     /// Validates and builds the definition.
     ///
-    /// Fails with [`SagaError::EmptyDefinition`], [`SagaError::MultiplePivots`],
-    /// [`SagaError::StepOrder`], [`SagaError::DuplicateStep`],
-    /// [`SagaError::IncompleteStep`] or [`SagaError::InvalidPolicy`].
+    /// # Errors
+    /// [`SagaError::EmptyDefinition`] without steps,
+    /// [`SagaError::MultiplePivots`], [`SagaError::StepOrder`] when the
+    /// kinds are not in the order compensatable*, pivot?, retryable*,
+    /// [`SagaError::DuplicateStep`], [`SagaError::IncompleteStep`] for a
+    /// remote step without a command, [`SagaError::InvalidStep`] for an
+    /// option that does not fit the step's kind, [`SagaError::InvalidPolicy`]
+    /// for a bad retry policy.
     pub fn build(mut self) -> Result<SagaDefinition<D>, SagaError> {
         let saga = self.name.clone();
         if self.steps.is_empty() {
@@ -651,6 +784,18 @@ impl<D: SagaData> SagaBuilder<D> {
             }
             step.retry.validate()?;
             step.compensation_retry.validate()?;
+            if step.exhausted == Exhausted::DeadLetterAndContinue
+                && step.kind != StepKind::Retryable
+            {
+                return Err(SagaError::InvalidStep {
+                    saga,
+                    step: step.name.clone(),
+                    reason: format!(
+                        "only a retryable step can continue after giving up (on_exhausted(DeadLetterAndContinue)); a {} step's failure compensates",
+                        step.kind
+                    ),
+                });
+            }
             match step.kind {
                 StepKind::Pivot => {
                     if let Some(first) = pivot {
@@ -681,7 +826,7 @@ impl<D: SagaData> SagaBuilder<D> {
                         });
                     }
                 }
-                StepKind::Retriable => {
+                StepKind::Retryable => {
                     no_return.get_or_insert(&step.name);
                 }
             }

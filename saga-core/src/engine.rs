@@ -4,13 +4,15 @@
 //! pass the time in and carry the effects out.
 
 use std::collections::hash_map::DefaultHasher;
+use std::fmt;
 use std::hash::{Hash, Hasher};
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::definition::{
-    Action, Emitted, SagaData, SagaDefinition, StepContext, StepError, StepKind,
+    Action, Emitted, Exhausted, SagaData, SagaDefinition, StepContext, StepError, StepFailure,
+    StepKind,
 };
 use crate::error::SagaError;
 use crate::ids::{MessageId, SagaId, Timestamp};
@@ -18,32 +20,101 @@ use crate::instance::{
     Awaiting, SagaInstance, SagaStatus, StepRecord, StepState, Timer, TimerId, TimerKind,
 };
 use crate::message::{DeadLetter, Envelope, MessageKind, Phase, ReplyOutcome};
-use crate::retry::RetryDecision;
+use crate::retry::{ErrorClass, GiveUpReason, RetryDecision};
 
 /// Something that happens to a running saga.
 #[derive(Clone, Debug, PartialEq)]
+#[non_exhaustive]
 pub enum Input {
     /// A participant's reply.
     Reply(Envelope),
     /// A timer the saga armed is due.
     Timer(TimerId),
     /// An operator's decision about a parked saga.
-    Operator(OperatorAction),
+    Operator(Operation),
 }
 
 /// What an operator can do with a parked saga.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
+#[non_exhaustive]
 pub enum OperatorAction {
-    /// Try the parked step or compensation again, with a fresh retry budget.
-    /// Commands keep their ids, so participants still deduplicate them.
+    /// Run the parked step or compensation again, with a fresh retry
+    /// budget. The new command has a new message id, so the participant
+    /// runs it again (its own idempotency, by
+    /// [`Envelope::idempotency_key`], keeps it from acting twice).
     Retry,
     /// Consider the parked step done (forward) or undone (compensating) and go on.
     Skip,
 }
 
+impl OperatorAction {
+    /// `"retry"` or `"skip"`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OperatorAction::Retry => "retry",
+            OperatorAction::Skip => "skip",
+        }
+    }
+}
+
+impl fmt::Display for OperatorAction {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// An operator's action on a parked saga, with who took it and why: both
+/// are recorded in the saga's history.
+///
+/// ```
+/// use saga_core::{Operation, OperatorAction};
+/// let op = Operation::retry("alice").note("the card provider is back");
+/// assert_eq!(op.action, OperatorAction::Retry);
+/// assert_eq!(op.operator, "alice");
+/// ```
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct Operation {
+    /// What to do.
+    pub action: OperatorAction,
+    /// Who does it (an operator's name or identity).
+    pub operator: String,
+    /// Why (free text, may be empty).
+    #[serde(default)]
+    pub note: String,
+}
+
+impl Operation {
+    /// `action` by `operator`, without a note.
+    pub fn new(action: OperatorAction, operator: impl Into<String>) -> Self {
+        Self {
+            action,
+            operator: operator.into(),
+            note: String::new(),
+        }
+    }
+
+    /// [`OperatorAction::Retry`] by `operator`.
+    pub fn retry(operator: impl Into<String>) -> Self {
+        Self::new(OperatorAction::Retry, operator)
+    }
+
+    /// [`OperatorAction::Skip`] by `operator`.
+    pub fn skip(operator: impl Into<String>) -> Self {
+        Self::new(OperatorAction::Skip, operator)
+    }
+
+    /// Adds a note saying why.
+    pub fn note(mut self, note: impl Into<String>) -> Self {
+        self.note = note.into();
+        self
+    }
+}
+
 /// What the driver must carry out after a transition, in order.
 #[derive(Clone, Debug, PartialEq)]
+#[non_exhaustive]
 pub enum Effect {
     /// Send this command or event on its channel.
     Send(Envelope),
@@ -56,16 +127,54 @@ pub enum Effect {
 }
 
 /// Whether an input changed the saga.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Handled {
     /// The input was applied.
     Applied,
-    /// The input was a duplicate or stale and was ignored (the reason says which).
-    Ignored(&'static str),
+    /// The input was a duplicate or stale and was ignored.
+    Ignored(Ignored),
+}
+
+/// Why an input was ignored (it changes nothing, and that is not an error).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Ignored {
+    /// A reply, but the saga waits for no reply.
+    NothingAwaited,
+    /// A reply to a step or phase the saga no longer waits on.
+    NotAwaited,
+    /// A failure reply to an earlier attempt (a later one is in flight).
+    EarlierAttempt,
+    /// A failure reply to an attempt already judged (a duplicate, or a
+    /// reply after its deadline).
+    AlreadyJudged,
+    /// A timer that is not armed (fired already or disarmed).
+    TimerNotArmed,
+}
+
+impl Ignored {
+    /// A short text, for logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Ignored::NothingAwaited => "no command is waiting for a reply",
+            Ignored::NotAwaited => "reply to a command that is no longer awaited",
+            Ignored::EarlierAttempt => "failure reply to an earlier attempt",
+            Ignored::AlreadyJudged => "failure reply to an attempt already judged",
+            Ignored::TimerNotArmed => "timer not armed (already fired or disarmed)",
+        }
+    }
+}
+
+impl fmt::Display for Ignored {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 /// The result of handling one input: the new instance and the effects.
 #[derive(Clone, Debug)]
+#[non_exhaustive]
 #[must_use = "the effects of a transition must be carried out"]
 pub struct Transition<D> {
     /// The instance after the input.
@@ -90,6 +199,9 @@ struct Machine<'a, D> {
 
 impl<D: SagaData> SagaDefinition<D> {
     /// Starts a new instance `id` with `data` and runs it until it waits.
+    ///
+    /// # Errors
+    /// None today; the `Result` leaves room for checks on the start input.
     pub fn start(&self, id: SagaId, data: D, now: Timestamp) -> Result<Transition<D>, SagaError> {
         let inst = SagaInstance {
             id,
@@ -101,15 +213,7 @@ impl<D: SagaData> SagaDefinition<D> {
             steps: self
                 .steps()
                 .iter()
-                .map(|s| StepRecord {
-                    name: s.name.clone(),
-                    state: StepState::Pending,
-                    attempts: 0,
-                    first_attempt_at: None,
-                    compensation_attempts: 0,
-                    first_compensation_at: None,
-                    last_error: None,
-                })
+                .map(|s| StepRecord::new(s.name.clone()))
                 .collect(),
             awaiting: None,
             timers: Vec::new(),
@@ -139,10 +243,17 @@ impl<D: SagaData> SagaDefinition<D> {
     /// Handles one input for `instance` at time `now`.
     ///
     /// Duplicate and stale inputs (a second reply to the same command, a
-    /// reply to an attempt that timed out, a timer that was disarmed) are
-    /// ignored: the result says [`Handled::Ignored`] and has no effects.
-    /// Malformed inputs (a reply for another saga, a payload of the wrong
-    /// type) are errors, and `instance` is left as it was.
+    /// failure reply to an attempt that timed out, a timer that was
+    /// disarmed) are ignored: the result says [`Handled::Ignored`] and has
+    /// no effects.
+    ///
+    /// # Errors
+    /// Malformed inputs, and `instance` is left as it was:
+    /// [`SagaError::WrongSaga`] (an instance or reply of another saga),
+    /// [`SagaError::WrongMessageKind`], [`SagaError::UnknownStep`],
+    /// [`SagaError::Decode`] (a reply payload of the wrong type), and
+    /// [`SagaError::InvalidAction`] for an operator action on a saga that
+    /// is not parked.
     pub fn handle(
         &self,
         instance: &SagaInstance<D>,
@@ -168,11 +279,11 @@ impl<D: SagaData> SagaDefinition<D> {
         let handled = match input {
             Input::Reply(env) => m.on_reply(env)?,
             Input::Timer(id) => m.on_timer(&id),
-            Input::Operator(action) => m.on_operator(action)?,
+            Input::Operator(op) => m.on_operator(op)?,
         };
         if handled != Handled::Applied {
             return Ok(Transition {
-                instance: instance.clone(),
+                instance: m.inst,
                 effects: Vec::new(),
                 handled,
             });
@@ -187,6 +298,10 @@ fn seed(id: &SagaId, step: usize, phase: Phase) -> u64 {
     step.hash(&mut h);
     phase.hash(&mut h);
     h.finish()
+}
+
+fn deadline_id(step: &str, phase: Phase, attempt: u32) -> TimerId {
+    TimerId(format!("{step}/{}/deadline/{attempt}", phase.as_str()))
 }
 
 impl<D: SagaData> Machine<'_, D> {
@@ -223,6 +338,24 @@ impl<D: SagaData> Machine<'_, D> {
         }
     }
 
+    /// Disarms the attempt deadlines and backoffs of step `i` in `phase`.
+    fn disarm_step(&mut self, i: usize, phase: Phase) {
+        let ids: Vec<TimerId> = self
+            .inst
+            .timers
+            .iter()
+            .filter(|t| match t.kind {
+                TimerKind::AttemptDeadline { step, phase: p, .. }
+                | TimerKind::Backoff { step, phase: p } => step == i && p == phase,
+                _ => false,
+            })
+            .map(|t| t.id.clone())
+            .collect();
+        for id in ids {
+            self.disarm(&id);
+        }
+    }
+
     fn disarm_all(&mut self) {
         for t in std::mem::take(&mut self.inst.timers) {
             self.effects.push(Effect::CancelTimer(t.id));
@@ -248,6 +381,7 @@ impl<D: SagaData> Machine<'_, D> {
         }
         if self.inst.status.is_final() {
             self.disarm_all();
+            self.inst.awaiting = None;
             let hook = match self.inst.status {
                 SagaStatus::Completed => self.def.inner.on_completed.clone(),
                 _ => self.def.inner.on_compensated.clone(),
@@ -275,6 +409,9 @@ impl<D: SagaData> Machine<'_, D> {
         }
         let rec = &mut self.inst.steps[i];
         rec.attempts += 1;
+        if rec.attempts == 1 {
+            rec.executions = 0;
+        }
         rec.first_attempt_at.get_or_insert(self.now);
         rec.state = StepState::Running;
         let attempt = rec.attempts;
@@ -285,7 +422,7 @@ impl<D: SagaData> Machine<'_, D> {
         let Some(action) = step.forward.clone() else {
             return self.step_succeeded(i);
         };
-        self.run_action(i, Phase::Forward, &action, attempt)
+        self.run_action(i, Phase::Forward, &action)
     }
 
     fn compensate_once(&mut self) -> Flow {
@@ -313,6 +450,10 @@ impl<D: SagaData> Machine<'_, D> {
         };
         self.inst.cursor = i;
         let rec = &mut self.inst.steps[i];
+        if rec.state != StepState::Compensating {
+            // The compensation's budget starts.
+            rec.executions = 0;
+        }
         rec.state = StepState::Compensating;
         rec.compensation_attempts += 1;
         rec.first_compensation_at.get_or_insert(self.now);
@@ -324,10 +465,10 @@ impl<D: SagaData> Machine<'_, D> {
         let Some(action) = step.compensation.clone() else {
             return Flow::Continue;
         };
-        self.run_action(i, Phase::Compensation, &action, attempt)
+        self.run_action(i, Phase::Compensation, &action)
     }
 
-    fn run_action(&mut self, i: usize, phase: Phase, action: &Action<D>, attempt: u32) -> Flow {
+    fn run_action(&mut self, i: usize, phase: Phase, action: &Action<D>) -> Flow {
         match action {
             Action::Local(f) => {
                 let f = f.clone();
@@ -354,43 +495,49 @@ impl<D: SagaData> Machine<'_, D> {
                     }
                 };
                 let name = self.step_name(i);
-                let env = Envelope {
-                    id: Envelope::command_id(&self.inst.id, &name, phase),
-                    channel: channel.clone(),
-                    saga_id: self.inst.id.clone(),
-                    saga: self.inst.saga.clone(),
-                    kind: MessageKind::Command,
-                    step: Some(name.clone()),
-                    phase: Some(phase),
-                    attempt,
-                    reply_to: reply_to.clone(),
-                    outcome: None,
-                    timestamp: self.now,
-                    payload,
+                let rec = &mut self.inst.steps[i];
+                rec.sends += 1;
+                let seq = rec.sends;
+                let budget_attempt = match phase {
+                    Phase::Forward => rec.attempts,
+                    Phase::Compensation => rec.compensation_attempts,
                 };
+                let mut env = Envelope::command(
+                    Envelope::command_id(&self.inst.id, &name, phase, seq),
+                    channel.clone(),
+                    self.inst.id.clone(),
+                    self.inst.saga.clone(),
+                    payload,
+                    self.now,
+                );
+                env.step = Some(name.clone());
+                env.phase = Some(phase);
+                env.attempt = seq;
+                env.reply_to = reply_to.clone();
                 self.effects.push(Effect::Send(env.clone()));
                 self.inst.awaiting = Some(Awaiting {
                     step: i,
                     phase,
-                    attempt,
+                    attempt: seq,
+                    in_flight: true,
                     command: env,
                 });
                 self.inst.record(
                     self.now,
                     format!(
-                        "step `{name}`: {} command sent (attempt {attempt})",
+                        "step `{name}`: {} command {seq} sent (attempt {budget_attempt})",
                         phase.as_str()
                     ),
                 );
                 if let Some(timeout) = self.def.steps()[i].timeout {
-                    let id = format!("{name}/{}/deadline/{attempt}", phase.as_str());
+                    let id = deadline_id(&name, phase, seq);
                     self.arm(
                         TimerKind::AttemptDeadline {
                             step: i,
                             phase,
-                            attempt,
+                            attempt: seq,
                         },
-                        id,
+                        id.0,
                         timeout,
                     );
                 }
@@ -400,7 +547,7 @@ impl<D: SagaData> Machine<'_, D> {
     }
 
     /// Runs user code on a copy of the data; keeps the copy and the emitted
-    /// events only on success.
+    /// messages only on success.
     fn run_user_code(
         &mut self,
         f: impl FnOnce(&mut StepContext<'_, D>) -> Result<(), StepError>,
@@ -439,7 +586,12 @@ impl<D: SagaData> Machine<'_, D> {
             self.inst.event_seq += 1;
             let kind = if command { "command" } else { "event" };
             let id = MessageId::new(format!("{}/{kind}/{}", self.inst.id, self.inst.event_seq));
-            let mut env = Envelope::event(
+            let make = if command {
+                Envelope::command
+            } else {
+                Envelope::event
+            };
+            let env = make(
                 id,
                 channel,
                 self.inst.id.clone(),
@@ -447,10 +599,6 @@ impl<D: SagaData> Machine<'_, D> {
                 payload,
                 self.now,
             );
-            if command {
-                env.kind = MessageKind::Command;
-                env.attempt = 1;
-            }
             self.effects.push(Effect::Send(env));
         }
         Ok(())
@@ -478,11 +626,26 @@ impl<D: SagaData> Machine<'_, D> {
         Flow::Continue
     }
 
-    /// An attempt failed: retry after a backoff, compensate, or park.
+    /// An attempt failed: retry after a backoff, compensate, continue or
+    /// park. `indeterminate`: the attempt may have taken effect.
     fn failed(&mut self, i: usize, phase: Phase, err: StepError, indeterminate: bool) -> Flow {
+        self.failed_after(i, phase, err, indeterminate, 1)
+    }
+
+    /// Like `failed`, for an attempt the participant ran `executions` times.
+    fn failed_after(
+        &mut self,
+        i: usize,
+        phase: Phase,
+        err: StepError,
+        indeterminate: bool,
+        executions: u32,
+    ) -> Flow {
+        self.inst.steps[i].executions += executions.max(1);
         let step = &self.def.steps()[i];
         let name = step.name.clone();
         let kind = step.kind;
+        let exhausted = step.exhausted;
         let rec = &mut self.inst.steps[i];
         rec.last_error = Some(err.message.clone());
         let (policy, attempts, first) = match phase {
@@ -496,6 +659,9 @@ impl<D: SagaData> Machine<'_, D> {
         let elapsed = self.now.saturating_since(first.unwrap_or(self.now));
         let decision = policy.decide(err.class, attempts, elapsed, seed(&self.inst.id, i, phase));
         tracing::debug!(step = %name, attempt = attempts, error = %err, ?decision, "attempt failed");
+        if let Some(a) = &mut self.inst.awaiting {
+            a.in_flight = false;
+        }
         match decision {
             RetryDecision::RetryAfter(delay) => {
                 self.inst.record(
@@ -505,11 +671,20 @@ impl<D: SagaData> Machine<'_, D> {
                         phase.as_str()
                     ),
                 );
-                let id = format!("{name}/{}/backoff/{attempts}", phase.as_str());
+                let seq = self.inst.steps[i].sends;
+                let id = format!("{name}/{}/backoff/{seq}", phase.as_str());
                 self.arm(TimerKind::Backoff { step: i, phase }, id, delay);
                 Flow::Wait
             }
             RetryDecision::GiveUp(why) => {
+                // A participant's local retries count as attempts too.
+                let executions = self.inst.steps[i].executions;
+                let why = match why {
+                    GiveUpReason::MaxAttempts(n) if executions > n => {
+                        GiveUpReason::MaxAttempts(executions)
+                    }
+                    other => other,
+                };
                 let what = format!(
                     "step `{name}`: {} failed after {attempts} attempt(s) ({why}): {err}",
                     phase.as_str()
@@ -521,11 +696,13 @@ impl<D: SagaData> Machine<'_, D> {
                         } else {
                             StepState::Failed
                         };
+                        self.abandon_awaiting(indeterminate);
                         self.begin_compensation(err.message, what);
                         return Flow::Continue;
                     }
                     (Phase::Forward, StepKind::Pivot) if !indeterminate => {
                         self.inst.steps[i].state = StepState::Failed;
+                        self.inst.awaiting = None;
                         self.begin_compensation(err.message, what);
                         return Flow::Continue;
                     }
@@ -533,7 +710,17 @@ impl<D: SagaData> Machine<'_, D> {
                         self.inst.steps[i].state = StepState::Indeterminate;
                         format!("outcome of pivot step `{name}` unknown: {err}")
                     }
-                    (Phase::Forward, StepKind::Retriable) => {
+                    (Phase::Forward, _) if exhausted == Exhausted::DeadLetterAndContinue => {
+                        let executions = self.inst.steps[i].executions;
+                        return self.give_up_and_continue(
+                            i,
+                            &why.to_string(),
+                            &err,
+                            executions,
+                            what,
+                        );
+                    }
+                    (Phase::Forward, _) => {
                         self.inst.steps[i].state = StepState::Failed;
                         format!("step `{name}` failed after the point of no return: {err}")
                     }
@@ -542,15 +729,96 @@ impl<D: SagaData> Machine<'_, D> {
                     }
                 };
                 let why = why.to_string();
-                self.park(i, phase, reason, &why, &err.message, attempts, what)
+                let executions = self.inst.steps[i].executions;
+                self.park(
+                    i,
+                    phase,
+                    reason,
+                    &why,
+                    &err.message,
+                    executions,
+                    what,
+                    indeterminate,
+                )
             }
         }
     }
 
+    /// A step that gives up for good stops waiting on its command; one whose
+    /// last attempt may have taken effect keeps it, so a late success reply
+    /// is still recognised (and ignored, the saga having moved on).
+    fn abandon_awaiting(&mut self, indeterminate: bool) {
+        if !indeterminate {
+            self.inst.awaiting = None;
+        }
+    }
+
     fn begin_compensation(&mut self, reason: String, what: String) {
+        self.inst.awaiting = None;
         self.inst.failure = Some(reason);
         self.inst.phase = Phase::Compensation;
         self.set_status(SagaStatus::Compensating, what);
+    }
+
+    /// [`Exhausted::DeadLetterAndContinue`]: the dead letter, the give-up
+    /// hook, and on to the next step.
+    fn give_up_and_continue(
+        &mut self,
+        i: usize,
+        why: &str,
+        err: &StepError,
+        attempts: u32,
+        what: String,
+    ) -> Flow {
+        let original = self.original_for(i, Phase::Forward);
+        let dead = DeadLetter::new(
+            self.dead_letter_channel(i),
+            self.inst.saga.clone(),
+            original,
+            self.now,
+            attempts,
+            why,
+            err.message.clone(),
+        );
+        self.effects.push(Effect::DeadLetter(dead));
+        self.inst.awaiting = None;
+        self.inst.steps[i].state = StepState::Failed;
+        self.inst
+            .record(self.now, format!("{what}; dead-lettered, continuing"));
+        if let Some(hook) = self.def.steps()[i].give_up.clone() {
+            let failure = StepFailure {
+                step: self.step_name(i),
+                attempts,
+                reason: why.to_owned(),
+                error: err.message.clone(),
+            };
+            if let Err(e) = self.run_user_code(|ctx| {
+                hook(ctx, &failure);
+                Ok(())
+            }) {
+                let what = format!("give-up hook of step `{}` failed: {e}", failure.step);
+                tracing::warn!(saga_id = %self.inst.id, %what);
+                self.inst.record(self.now, what);
+            }
+        }
+        self.inst.cursor = i + 1;
+        Flow::Continue
+    }
+
+    fn dead_letter_channel(&self, i: usize) -> String {
+        self.def.steps()[i]
+            .dead_letter_channel
+            .clone()
+            .unwrap_or_else(|| self.def.dead_letter_channel().to_owned())
+    }
+
+    /// The message a dead letter of step `i` carries: the command sent, or
+    /// a stand-in for a local step.
+    fn original_for(&self, i: usize, phase: Phase) -> Envelope {
+        match &self.inst.awaiting {
+            Some(a) if a.step == i && a.phase == phase => a.command.clone(),
+            _ => self.local_envelope(i, phase),
+        }
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -563,22 +831,25 @@ impl<D: SagaData> Machine<'_, D> {
         last_error: &str,
         attempts: u32,
         what: String,
+        indeterminate: bool,
     ) -> Flow {
-        let original = match self.inst.awaiting.take() {
-            Some(a) => a.command,
-            None => self.local_envelope(i, phase),
-        };
-        let dead = DeadLetter {
-            id: MessageId::new(format!("{}/dead-letter/{}", original.id, self.inst.version)),
-            channel: self.def.dead_letter_channel().to_owned(),
-            source: self.inst.saga.clone(),
+        let original = self.original_for(i, phase);
+        let mut dead = DeadLetter::new(
+            self.dead_letter_channel(i),
+            self.inst.saga.clone(),
             original,
-            failure_timestamp: self.now,
-            retry_count: attempts,
-            reason: format!("{reason} ({why})"),
-            last_error: last_error.to_owned(),
-        };
+            self.now,
+            attempts,
+            format!("{reason} ({why})"),
+            last_error,
+        );
+        // One saga may park on the same command more than once (after an
+        // operator's retry): the version keeps the dead letters apart.
+        dead.id = MessageId::new(format!("{}/{}", dead.id, self.inst.version));
         self.effects.push(Effect::DeadLetter(dead));
+        // While parked, a late reply to a command that may have taken
+        // effect still resolves the step: keep waiting on it.
+        self.abandon_awaiting(indeterminate);
         self.inst.failure = Some(reason.clone());
         self.inst.phase = phase;
         self.set_status(SagaStatus::Parked { reason }, what);
@@ -588,20 +859,23 @@ impl<D: SagaData> Machine<'_, D> {
     /// A stand-in envelope for a local step, for its dead letter.
     fn local_envelope(&self, i: usize, phase: Phase) -> Envelope {
         let name = self.step_name(i);
-        Envelope {
-            id: Envelope::command_id(&self.inst.id, &name, phase),
-            channel: format!("{}.local", self.inst.saga),
-            saga_id: self.inst.id.clone(),
-            saga: self.inst.saga.clone(),
-            kind: MessageKind::Command,
-            step: Some(name),
-            phase: Some(phase),
-            attempt: self.inst.steps[i].attempts,
-            reply_to: None,
-            outcome: None,
-            timestamp: self.now,
-            payload: serde_json::to_value(&self.inst.data).unwrap_or(Value::Null),
-        }
+        let rec = &self.inst.steps[i];
+        let attempt = match phase {
+            Phase::Forward => rec.attempts,
+            Phase::Compensation => rec.compensation_attempts,
+        };
+        let mut env = Envelope::command(
+            Envelope::command_id(&self.inst.id, &name, phase, attempt),
+            format!("{}.local", self.inst.saga),
+            self.inst.id.clone(),
+            self.inst.saga.clone(),
+            serde_json::to_value(&self.inst.data).unwrap_or(Value::Null),
+            self.now,
+        );
+        env.step = Some(name);
+        env.phase = Some(phase);
+        env.attempt = attempt;
+        env
     }
 
     fn on_reply(&mut self, env: Envelope) -> Result<Handled, SagaError> {
@@ -630,24 +904,49 @@ impl<D: SagaData> Machine<'_, D> {
         let phase = env.phase.unwrap_or(Phase::Forward);
         let outcome = env.outcome.clone().unwrap_or(ReplyOutcome::Success);
         let Some(awaiting) = &self.inst.awaiting else {
-            return Ok(Handled::Ignored("no command is waiting for a reply"));
+            return Ok(Handled::Ignored(Ignored::NothingAwaited));
         };
         if awaiting.step != i || awaiting.phase != phase {
-            return Ok(Handled::Ignored(
-                "reply to a command that is no longer awaited",
-            ));
+            return Ok(Handled::Ignored(Ignored::NotAwaited));
         }
-        // A success answers every attempt of the same command (participants
-        // deduplicate by message id); a failure only the current attempt.
         let current = awaiting.attempt;
-        let acceptable = match outcome {
-            ReplyOutcome::Success => env.attempt <= current,
-            ReplyOutcome::Failure { .. } => env.attempt == current,
-        };
-        if !acceptable {
-            return Ok(Handled::Ignored("reply to an earlier attempt"));
+        let in_flight = awaiting.in_flight;
+        // A success answers every attempt of the step (each may have taken
+        // effect); a failure only the attempt in flight.
+        match &outcome {
+            ReplyOutcome::Success if env.attempt > current => {
+                return Ok(Handled::Ignored(Ignored::NotAwaited));
+            }
+            ReplyOutcome::Failure { .. } if env.attempt < current => {
+                return Ok(Handled::Ignored(Ignored::EarlierAttempt));
+            }
+            ReplyOutcome::Failure { .. } if env.attempt > current => {
+                return Ok(Handled::Ignored(Ignored::NotAwaited));
+            }
+            ReplyOutcome::Failure { .. } if !in_flight => {
+                return self.failure_while_judged(i, phase, &outcome);
+            }
+            _ => {}
         }
-        let deadline = TimerId(format!("{step_name}/{}/deadline/{current}", phase.as_str()));
+        if let SagaStatus::Parked { .. } = self.inst.status {
+            // A late reply resolves the parked step: resume as if it had
+            // arrived in time.
+            let resumed = match phase {
+                Phase::Forward => SagaStatus::Running,
+                Phase::Compensation => SagaStatus::Compensating,
+            };
+            self.set_status(
+                resumed,
+                format!(
+                    "step `{step_name}`: late reply to command {} resumes the parked saga",
+                    env.attempt
+                ),
+            );
+            if phase == Phase::Forward {
+                self.inst.failure = None;
+            }
+        }
+        self.disarm_step(i, phase);
         match outcome {
             ReplyOutcome::Success => {
                 let flow = match (phase, &self.def.steps()[i].forward) {
@@ -670,16 +969,16 @@ impl<D: SagaData> Machine<'_, D> {
                                 source,
                             });
                         }
-                        self.inst.awaiting = None;
-                        self.disarm(&deadline);
                         match result {
-                            Ok(()) => self.succeeded(i, phase),
+                            Ok(()) => {
+                                self.inst.awaiting = None;
+                                self.succeeded(i, phase)
+                            }
                             Err(e) => self.failed(i, phase, e, false),
                         }
                     }
                     _ => {
                         self.inst.awaiting = None;
-                        self.disarm(&deadline);
                         self.succeeded(i, phase)
                     }
                 };
@@ -687,20 +986,21 @@ impl<D: SagaData> Machine<'_, D> {
                     self.drive();
                 }
             }
-            ReplyOutcome::Failure { class, error } => {
-                self.inst.awaiting = None;
-                self.disarm(&deadline);
+            ReplyOutcome::Failure {
+                class,
+                error,
+                attempts,
+            } => {
                 let err = StepError {
                     class,
                     message: error,
                 };
                 // A retryable failure says nothing of other deliveries of the
-                // same command (a redelivered copy may have succeeded): if
-                // this is the last attempt, the outcome is unknown. A
-                // permanent failure is cached by the participant's ledger, so
-                // no copy took effect.
-                let unknown = class == crate::retry::ErrorClass::Retryable;
-                if let Flow::Continue = self.failed(i, phase, err, unknown) {
+                // same step (an earlier attempt may have succeeded): if this
+                // is the last attempt, the outcome is unknown. A permanent
+                // failure means the step took no effect.
+                let unknown = class == ErrorClass::Retryable;
+                if let Flow::Continue = self.failed_after(i, phase, err, unknown, attempts) {
                     self.drive();
                 }
             }
@@ -708,9 +1008,53 @@ impl<D: SagaData> Machine<'_, D> {
         Ok(Handled::Applied)
     }
 
+    /// A failure reply to the current attempt after it was judged (its
+    /// deadline passed, or it already failed). Running: a duplicate,
+    /// ignored. Parked on that command: recorded; a permanent failure of a
+    /// pivot whose outcome was unknown settles it: the pivot took no
+    /// effect, so the saga compensates.
+    fn failure_while_judged(
+        &mut self,
+        i: usize,
+        phase: Phase,
+        outcome: &ReplyOutcome,
+    ) -> Result<Handled, SagaError> {
+        if !self.inst.status.is_parked() {
+            return Ok(Handled::Ignored(Ignored::AlreadyJudged));
+        }
+        let ReplyOutcome::Failure { class, error, .. } = outcome else {
+            return Ok(Handled::Ignored(Ignored::AlreadyJudged));
+        };
+        let name = self.step_name(i);
+        let pivot = self.def.steps()[i].kind == StepKind::Pivot;
+        if *class == ErrorClass::Permanent && pivot && phase == Phase::Forward {
+            self.inst.steps[i].state = StepState::Failed;
+            self.inst.steps[i].last_error = Some(error.clone());
+            self.begin_compensation(
+                error.clone(),
+                format!("step `{name}`: late permanent failure of the parked pivot: {error}"),
+            );
+            self.drive();
+            return Ok(Handled::Applied);
+        }
+        self.inst.steps[i].last_error = Some(error.clone());
+        self.inst.record(
+            self.now,
+            format!(
+                "step `{name}`: late {} failure of the parked {} command: {error}",
+                match class {
+                    ErrorClass::Retryable => "retryable",
+                    ErrorClass::Permanent => "permanent",
+                },
+                phase.as_str()
+            ),
+        );
+        Ok(Handled::Applied)
+    }
+
     fn on_timer(&mut self, id: &TimerId) -> Handled {
         let Some(timer) = self.inst.timer(id).cloned() else {
-            return Handled::Ignored("timer not armed (already fired or disarmed)");
+            return Handled::Ignored(Ignored::TimerNotArmed);
         };
         self.inst.timers.retain(|t| &t.id != id);
         match timer.kind {
@@ -719,21 +1063,16 @@ impl<D: SagaData> Machine<'_, D> {
                 phase,
                 attempt,
             } => {
-                let matches =
-                    self.inst.awaiting.as_ref().is_some_and(|a| {
-                        a.step == step && a.phase == phase && a.attempt == attempt
-                    });
+                let matches = self.inst.awaiting.as_ref().is_some_and(|a| {
+                    a.step == step && a.phase == phase && a.attempt == attempt && a.in_flight
+                });
                 if !matches {
-                    return Handled::Ignored("deadline of an attempt that already ended");
+                    // The attempt ended already: the stale timer just goes.
+                    return Handled::Applied;
                 }
                 let timeout = self.def.steps()[step].timeout.unwrap_or_default();
                 let err = StepError::retryable(format!("no reply within {timeout:?}"));
-                // Keep `awaiting` until `failed` decides: a dead letter needs the command.
-                let flow = self.failed(step, phase, err, true);
-                if !matches!(self.inst.status, SagaStatus::Parked { .. }) {
-                    self.inst.awaiting = None;
-                }
-                if let Flow::Continue = flow {
+                if let Flow::Continue = self.failed(step, phase, err, true) {
                     self.drive();
                 }
             }
@@ -757,7 +1096,7 @@ impl<D: SagaData> Machine<'_, D> {
             return;
         }
         let i = self.inst.cursor;
-        let waiting = self.inst.awaiting.take();
+        let waiting = self.inst.awaiting.as_ref().is_some_and(|a| a.step == i);
         for t in self.inst.timers.clone() {
             if matches!(
                 t.kind,
@@ -767,9 +1106,7 @@ impl<D: SagaData> Machine<'_, D> {
             }
         }
         let name = self.step_name(i);
-        let reason = "saga timed out".to_owned();
-        if waiting.is_some() && self.def.steps()[i].kind == StepKind::Pivot {
-            self.inst.awaiting = waiting;
+        if waiting && self.def.steps()[i].kind == StepKind::Pivot {
             self.inst.steps[i].state = StepState::Indeterminate;
             let attempts = self.inst.steps[i].attempts;
             self.park(
@@ -780,62 +1117,75 @@ impl<D: SagaData> Machine<'_, D> {
                 "saga timed out",
                 attempts,
                 "saga timed out during the pivot".into(),
+                true,
             );
             return;
         }
-        self.inst.steps[i].state = if waiting.is_some() {
+        self.inst.steps[i].state = if waiting {
             StepState::Indeterminate
         } else {
             StepState::Failed
         };
-        self.begin_compensation(reason, format!("saga timed out during step `{name}`"));
+        self.begin_compensation(
+            "saga timed out".to_owned(),
+            format!("saga timed out during step `{name}`"),
+        );
         self.drive();
     }
 
-    fn on_operator(&mut self, action: OperatorAction) -> Result<Handled, SagaError> {
+    fn on_operator(&mut self, op: Operation) -> Result<Handled, SagaError> {
         let SagaStatus::Parked { .. } = self.inst.status else {
             return Err(SagaError::InvalidAction {
                 saga_id: self.inst.id.clone(),
-                action: format!("{action:?}").to_lowercase(),
+                action: op.action.as_str().to_owned(),
                 status: self.inst.status.to_string(),
             });
         };
         let i = self.inst.cursor.min(self.def.steps().len() - 1);
         let name = self.step_name(i);
-        self.inst.awaiting = None;
+        // The parked command is abandoned; a late success reply to it is
+        // still applied after a retry (its attempt number is lower).
+        if op.action == OperatorAction::Skip {
+            self.inst.awaiting = None;
+        }
         let phase = self.inst.phase;
         let rec = &mut self.inst.steps[i];
-        match (action, phase) {
+        let (status, what) = match (op.action, phase) {
             (OperatorAction::Retry, Phase::Forward) => {
                 rec.attempts = 0;
+                rec.executions = 0;
                 rec.first_attempt_at = None;
-                self.set_status(
+                (
                     SagaStatus::Running,
                     format!("operator: retry step `{name}`"),
-                );
+                )
             }
             (OperatorAction::Retry, Phase::Compensation) => {
                 rec.compensation_attempts = 0;
+                rec.executions = 0;
                 rec.first_compensation_at = None;
                 rec.state = StepState::Compensating;
-                self.set_status(
+                (
                     SagaStatus::Compensating,
                     format!("operator: retry compensation of step `{name}`"),
-                );
+                )
             }
             (OperatorAction::Skip, Phase::Forward) => {
                 rec.state = StepState::Skipped;
                 self.inst.cursor = i + 1;
-                self.set_status(SagaStatus::Running, format!("operator: skip step `{name}`"));
+                (SagaStatus::Running, format!("operator: skip step `{name}`"))
             }
             (OperatorAction::Skip, Phase::Compensation) => {
                 rec.state = StepState::Compensated;
-                self.set_status(
+                (
                     SagaStatus::Compensating,
                     format!("operator: mark step `{name}` compensated"),
-                );
+                )
             }
-        }
+        };
+        self.inst.status = status;
+        let note = (!op.note.is_empty()).then_some(op.note);
+        self.inst.record_by(self.now, what, Some(op.operator), note);
         if phase == Phase::Forward {
             self.inst.failure = None;
         }

@@ -24,8 +24,8 @@ pub enum SagaError {
         /// The second pivot.
         second: String,
     },
-    /// Steps are not in the order compensatable*, pivot?, retriable*.
-    #[error("saga definition `{saga}`: step `{step}` is {kind} but comes after the point of no return `{after}`; only retriable steps may follow a pivot or a retriable step")]
+    /// Steps are not in the order compensatable*, pivot?, retryable*.
+    #[error("saga definition `{saga}`: step `{step}` is {kind} but comes after the point of no return `{after}`; only retryable steps may follow a pivot or a retryable step")]
     StepOrder {
         /// The saga type's name.
         saga: String,
@@ -33,7 +33,7 @@ pub enum SagaError {
         step: String,
         /// The misplaced step's kind.
         kind: String,
-        /// The pivot or retriable step it follows.
+        /// The pivot or retryable step it follows.
         after: String,
     },
     /// Two steps share a name.
@@ -51,6 +51,35 @@ pub enum SagaError {
         saga: String,
         /// The step missing its command.
         step: String,
+    },
+    /// A step's options do not fit together (e.g. a compensatable step set
+    /// to continue after giving up).
+    #[error("saga definition `{saga}`: step `{step}`: {reason}")]
+    InvalidStep {
+        /// The saga type's name.
+        saga: String,
+        /// The step.
+        step: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// A step's per-attempt timeout is shorter than the time its
+    /// participant may spend on one command (its whole retry budget), so
+    /// the step would give up on attempts the participant is still working on.
+    #[error("saga `{saga}`: step `{step}` times out after {timeout:?}, but participant `{participant}` may take up to {budget:?} on one command ({attempts} attempt(s)); raise the step's timeout or lower the participant's retries")]
+    RetryBudget {
+        /// The saga type's name.
+        saga: String,
+        /// The step.
+        step: String,
+        /// The step's per-attempt timeout.
+        timeout: std::time::Duration,
+        /// The participant.
+        participant: String,
+        /// The participant's worst-case time for one command.
+        budget: std::time::Duration,
+        /// The participant's attempts per command.
+        attempts: u32,
     },
     /// A retry policy has an invalid field.
     #[error("invalid retry policy: {reason}")]
@@ -154,9 +183,39 @@ pub enum SagaError {
         /// The saga id.
         saga_id: SagaId,
     },
-    /// An error from a transport or store outside the engine.
-    #[error("transport error: {0}")]
-    Transport(String),
+    /// The runtime could not carry out the request now (a broker out of
+    /// reach, a transaction it did not take): nothing was written, and the
+    /// same request may succeed later.
+    #[error("{what}: {source}")]
+    Unavailable {
+        /// What the runtime was doing.
+        what: String,
+        /// The runtime's error.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// The runtime refused the request for a reason retrying does not fix
+    /// (its configuration, an authorization, a topic it cannot create).
+    #[error("{what}: {source}")]
+    Runtime {
+        /// What the runtime was doing.
+        what: String,
+        /// The runtime's error.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+}
+
+impl SagaError {
+    /// Whether the same request may succeed if made again later
+    /// ([`SagaError::Unavailable`], [`SagaError::WaitTimeout`]): an HTTP
+    /// API answers 503 with `Retry-After` for these.
+    pub fn is_retryable(&self) -> bool {
+        matches!(
+            self,
+            SagaError::Unavailable { .. } | SagaError::WaitTimeout { .. }
+        )
+    }
 }
 
 /// Shorthand for results with [`SagaError`].

@@ -19,11 +19,6 @@ macro_rules! string_id {
                 Self(id.into())
             }
 
-            /// A fresh random identifier (UUID v4).
-            pub fn random() -> Self {
-                Self(uuid::Uuid::new_v4().to_string())
-            }
-
             /// The identifier as a string slice.
             pub fn as_str(&self) -> &str {
                 &self.0
@@ -114,10 +109,32 @@ impl Timestamp {
 }
 
 impl fmt::Display for Timestamp {
+    /// RFC 3339 in UTC with milliseconds: `2026-11-27T18:20:32.123Z`.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let t = std::time::UNIX_EPOCH + Duration::from_millis(self.0);
-        write!(f, "{}", humantime::format_rfc3339_millis(t))
+        let ms = self.0 % 1_000;
+        let secs = self.0 / 1_000;
+        let (h, m, s) = (secs / 3_600 % 24, secs / 60 % 60, secs % 60);
+        let (year, month, day) = civil_from_days(secs / 86_400);
+        write!(
+            f,
+            "{year:04}-{month:02}-{day:02}T{h:02}:{m:02}:{s:02}.{ms:03}Z"
+        )
     }
+}
+
+/// The proleptic Gregorian date `days` days after 1970-01-01 (the classic
+/// era-based conversion: 400-year eras of 146,097 days).
+fn civil_from_days(days: u64) -> (u64, u64, u64) {
+    let z = days + 719_468;
+    let era = z / 146_097;
+    let doe = z % 146_097;
+    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + u64::from(month <= 2);
+    (year, month, day)
 }
 
 #[cfg(test)]
@@ -131,6 +148,19 @@ mod tests {
         assert_eq!(
             Timestamp::from_millis(1_795_803_632_123).to_string(),
             "2026-11-27T18:20:32.123Z"
+        );
+    }
+
+    #[test]
+    fn timestamp_formats_leap_days_and_year_ends() {
+        // 2024-02-29T23:59:59.999Z and 2000-12-31T00:00:00.000Z
+        assert_eq!(
+            Timestamp::from_millis(1_709_251_199_999).to_string(),
+            "2024-02-29T23:59:59.999Z"
+        );
+        assert_eq!(
+            Timestamp::from_millis(978_220_800_000).to_string(),
+            "2000-12-31T00:00:00.000Z"
         );
     }
 

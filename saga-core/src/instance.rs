@@ -10,6 +10,7 @@ use crate::message::{Envelope, Phase};
 /// Where a saga instance stands.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "status", rename_all = "snake_case")]
+#[non_exhaustive]
 pub enum SagaStatus {
     /// Running its steps forward.
     Running,
@@ -21,8 +22,8 @@ pub enum SagaStatus {
     Compensated,
     /// Stopped for an operator: retries of a step after the point of no
     /// return or of a compensation ran out, or the pivot's outcome is
-    /// unknown. A dead letter says why. Resume it with an
-    /// [`OperatorAction`](crate::OperatorAction).
+    /// unknown. A dead letter says why. A late reply to the parked step
+    /// resumes it; otherwise an [`Operation`](crate::Operation) does.
     Parked {
         /// Why the saga is parked.
         reason: String,
@@ -37,7 +38,12 @@ impl SagaStatus {
 
     /// Whether the saga is done for now: final or parked.
     pub fn is_settled(&self) -> bool {
-        self.is_final() || matches!(self, SagaStatus::Parked { .. })
+        self.is_final() || self.is_parked()
+    }
+
+    /// Whether the saga waits for an operator.
+    pub fn is_parked(&self) -> bool {
+        matches!(self, SagaStatus::Parked { .. })
     }
 
     /// A short name: `running`, `compensating`, `completed`, `compensated`, `parked`.
@@ -64,6 +70,7 @@ impl fmt::Display for SagaStatus {
 /// What is known of one step of one saga instance.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
+#[non_exhaustive]
 pub enum StepState {
     /// Not started.
     Pending,
@@ -71,7 +78,8 @@ pub enum StepState {
     Running,
     /// Took effect.
     Succeeded,
-    /// Failed definitively: took no effect.
+    /// Failed definitively: took no effect (or, for a retryable step that
+    /// gave up and let the saga continue, gave up).
     Failed,
     /// Gave up without knowing whether it took effect (the last attempt of a
     /// remote step timed out or failed with a retryable error): it is
@@ -98,21 +106,49 @@ impl StepState {
 
 /// Per-step bookkeeping of a saga instance.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
 pub struct StepRecord {
     /// The step's name.
     pub name: String,
     /// Where it stands.
     pub state: StepState,
-    /// Attempts of the action so far.
+    /// Attempts of the action in the current retry budget (an operator's
+    /// retry starts a new budget).
     pub attempts: u32,
-    /// When the first attempt of the action started.
+    /// When the first attempt of the current budget started.
     pub first_attempt_at: Option<Timestamp>,
-    /// Attempts of the compensation so far.
+    /// Attempts of the compensation in the current retry budget.
     pub compensation_attempts: u32,
-    /// When the first attempt of the compensation started.
+    /// When the first attempt of the compensation's current budget started.
     pub first_compensation_at: Option<Timestamp>,
+    /// Times the action or compensation ran in the current budget, counting
+    /// a participant's local retries (its failure replies say how many):
+    /// the retry count of the step's dead letter.
+    #[serde(default)]
+    pub executions: u32,
+    /// Commands sent for this step in all, action and compensation,
+    /// operator retries included: numbers every command (its
+    /// [`Envelope::attempt`]) so each attempt is a new message.
+    #[serde(default)]
+    pub sends: u32,
     /// The last error seen, if any.
     pub last_error: Option<String>,
+}
+
+impl StepRecord {
+    pub(crate) fn new(name: String) -> Self {
+        Self {
+            name,
+            state: StepState::Pending,
+            attempts: 0,
+            first_attempt_at: None,
+            compensation_attempts: 0,
+            first_compensation_at: None,
+            executions: 0,
+            sends: 0,
+            last_error: None,
+        }
+    }
 }
 
 /// A timer's identity within its saga instance.
@@ -129,6 +165,7 @@ impl fmt::Display for TimerId {
 /// What a timer is for.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
+#[non_exhaustive]
 pub enum TimerKind {
     /// The deadline of one attempt of a remote step or compensation.
     AttemptDeadline {
@@ -136,7 +173,7 @@ pub enum TimerKind {
         step: usize,
         /// Action or compensation.
         phase: Phase,
-        /// The attempt it bounds.
+        /// The command number ([`Envelope::attempt`]) it bounds.
         attempt: u32,
     },
     /// The end of a retry backoff: the next attempt starts.
@@ -152,6 +189,7 @@ pub enum TimerKind {
 
 /// A persisted timer: part of the saga instance, re-armed after a restart.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
 pub struct Timer {
     /// Unique within the saga instance.
     pub id: TimerId,
@@ -163,19 +201,26 @@ pub struct Timer {
 
 /// The command a saga waits on a reply for.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[non_exhaustive]
 pub struct Awaiting {
     /// The step's index.
     pub step: usize,
     /// Action or compensation.
     pub phase: Phase,
-    /// The attempt sent.
+    /// The number of the latest command sent ([`Envelope::attempt`]).
     pub attempt: u32,
+    /// Whether that command is still in flight: no reply and no deadline
+    /// yet. Once it has been judged (failed, timed out), a success reply to
+    /// it (or to an earlier attempt) is still applied, a failure is not.
+    #[serde(default)]
+    pub in_flight: bool,
     /// The command as sent (kept for the dead letter if it comes to that).
     pub command: Envelope,
 }
 
-/// One line of a saga's history: what happened, when.
+/// One line of a saga's history: what happened, when, and who did it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
 pub struct HistoryEntry {
     /// When.
     pub at: Timestamp,
@@ -183,6 +228,12 @@ pub struct HistoryEntry {
     pub status: String,
     /// What happened.
     pub what: String,
+    /// The operator who caused it, for an operator's action.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub operator: Option<String>,
+    /// The operator's note, for an operator's action.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
 }
 
 /// The most history entries kept per instance (older ones are dropped).
@@ -191,7 +242,10 @@ pub const MAX_HISTORY: usize = 256;
 /// One saga instance: the user's data plus the engine's bookkeeping.
 ///
 /// A plain value: serialize it to persist it, deserialize it to resume.
+/// Instances are made by [`SagaDefinition::start`](crate::SagaDefinition::start)
+/// and changed only by the engine.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[non_exhaustive]
 pub struct SagaInstance<D> {
     /// The instance's id.
     pub id: SagaId,
@@ -213,7 +267,8 @@ pub struct SagaInstance<D> {
     pub timers: Vec<Timer>,
     /// Why the saga is compensating or parked.
     pub failure: Option<String>,
-    /// How many events the saga has emitted (gives event ids).
+    /// How many events and fire-and-forget commands the saga has emitted
+    /// (numbers their ids).
     pub event_seq: u64,
     /// Bumped on every transition (optimistic concurrency for stores).
     pub version: u64,
@@ -241,7 +296,24 @@ impl<D> SagaInstance<D> {
         self.steps.iter().find(|s| s.name == name)
     }
 
+    /// The name of the step being run, compensated, or parked on (the
+    /// last step once the saga completed).
+    pub fn current_step(&self) -> Option<&str> {
+        let i = self.cursor.min(self.steps.len().checked_sub(1)?);
+        Some(self.steps[i].name.as_str())
+    }
+
     pub(crate) fn record(&mut self, at: Timestamp, what: String) {
+        self.record_by(at, what, None, None);
+    }
+
+    pub(crate) fn record_by(
+        &mut self,
+        at: Timestamp,
+        what: String,
+        operator: Option<String>,
+        note: Option<String>,
+    ) {
         if self.history.len() >= MAX_HISTORY {
             self.history.remove(0);
         }
@@ -249,6 +321,8 @@ impl<D> SagaInstance<D> {
             at,
             status: self.status.name().to_owned(),
             what,
+            operator,
+            note,
         });
     }
 }

@@ -7,21 +7,24 @@
 //! ## The shape
 //!
 //! - **A pure core.** A [`SagaInstance`] is a value. [`SagaDefinition::start`]
-//!   and [`SagaDefinition::handle`] take an instance, an [`Input`] (a reply,
-//!   a timer, an operator action) and the time, and return the new instance
-//!   and a list of [`Effect`]s (send a command, publish an event, arm a
-//!   timer, write a dead letter). No I/O, no clock, no randomness inside.
+//!   and [`SagaDefinition::handle`] take an instance, an input (a reply, a
+//!   timer, an operator's action) and the time, and return the new instance
+//!   and the effects (send a command, publish an event, arm a timer, write a
+//!   dead letter). No I/O, no clock, no randomness inside.
 //! - **Steps** are what you write: [`Step::local`] runs code in the
 //!   orchestrator, [`Step::remote`] sends a typed command to a participant
 //!   and folds its typed reply back into the saga data. Each step has a
 //!   compensation, a [`RetryPolicy`], a per-attempt timeout and a
 //!   [`StepKind`]: compensatable steps are undone in reverse order when a
-//!   later step fails; the pivot is the point of no return; retriable steps
+//!   later step fails; the pivot is the point of no return; retryable steps
 //!   after it recover forward and are never compensated.
 //! - **Participants** implement [`Participant`]; the runtime gives them
 //!   deduplication by message id, retries, timeouts and dead letters.
-//! - **Drivers** own I/O and time: [`InMemoryRuntime`] here (the embedded
-//!   default and test double), and the Kafka runtime in `saga-kafka`.
+//! - **Runtimes** own I/O and time, around the [`driver`]s that hold
+//!   everything else: `InMemoryRuntime` here (the embedded default and
+//!   test double), the Kafka runtime in `saga-kafka`. Both implement
+//!   [`Runtime`] and hand out the same [`SagaHandle`], so code written
+//!   against them runs on either.
 //!
 //! ## Quick start
 //!
@@ -85,12 +88,12 @@
 //!     .build()?;
 //!
 //! let runtime = InMemoryRuntime::new(MemoryBackend::new());
-//! runtime.participant("inventory.requests", ParticipantPolicy::new("inventory"), Inventory);
-//! let orders = runtime.saga(saga);
+//! runtime.participant("inventory.requests", ParticipantPolicy::new("inventory"), Inventory).await?;
+//! let orders = runtime.saga(saga).await?;
 //!
 //! let id = orders.start("order-1", Order {
 //!     sku: "LAPTOP-001".into(), qty: 1, cents: 99_999, reserved: false, receipt: None,
-//! })?;
+//! }).await?;
 //! let done = orders.wait_settled(&id, Duration::from_secs(10)).await?;
 //! assert_eq!(done.status, SagaStatus::Completed);
 //! assert!(done.data.reserved);
@@ -100,42 +103,134 @@
 //! # }
 //! ```
 //!
+//! ## Who retries what
+//!
+//! Two parties can retry a remote step's command, each for its own kind of
+//! failure, and they compose in one way:
+//!
+//! - **The participant's runtime** retries transient failures of its own
+//!   handler: an `Err` classified [`ErrorClass::Retryable`], or an attempt
+//!   cut off by [`ParticipantPolicy::timeout`]. It follows
+//!   [`ParticipantPolicy::retry`], which by default does **not** retry
+//!   (one attempt per command). When it gives up, a command a saga waits on
+//!   is answered with a failure of the same class, and the step decides; a
+//!   fire-and-forget command ([`StepContext::send`]), which nobody waits
+//!   on, is dead-lettered by the participant.
+//! - **The step** retries outcomes the orchestrator judges: a retryable
+//!   failure reply, a success reply its [`Step::on_reply`] finds
+//!   retryable ("busy"), or no reply within [`Step::timeout`]. It follows
+//!   [`Step::retry`] (default [`RetryPolicy::default`]: 3 attempts, 100 ms
+//!   then 200 ms apart). **Every attempt is a new command** (a new message
+//!   id, [`Envelope::command_id`]), which the participant runs again; a
+//!   redelivery of one attempt is deduplicated exactly, and
+//!   [`ParticipantContext::idempotency_key`] (the same for every attempt of
+//!   a step) lets the participant keep its own effects idempotent.
+//! - **How they compose:** the step's per-attempt timeout must cover the
+//!   participant's whole budget for one command
+//!   ([`ParticipantPolicy::budget`]: attempts × handler timeout + backoffs),
+//!   or the step gives up on attempts still in progress. [`SagaDefinition`]
+//!   cannot check that at `build()` (the participant is configured
+//!   elsewhere, often in another process); a [`Runtime`] checks it when
+//!   both are registered on it and refuses the second with
+//!   [`SagaError::RetryBudget`].
+//! - **When retries run out:** before the point of no return the saga
+//!   compensates; a pivot whose outcome is unknown, a retryable step (with
+//!   [`Exhausted::Park`], the default) and a failing compensation park the
+//!   saga with one dead letter. A parked saga resumes when the late reply
+//!   arrives, or when an operator retries (a fresh budget, new commands) or
+//!   skips the step ([`Operation`], recorded with who and why). A
+//!   retryable step with [`Exhausted::DeadLetterAndContinue`] writes its
+//!   dead letter and the saga goes on.
+//!
+//! The three shapes, as builder calls:
+//!
+//! ```
+//! use std::time::Duration;
+//! use saga_core::*;
+//! # #[derive(Clone, serde::Serialize, serde::Deserialize)] struct Trip { mailed: bool }
+//!
+//! // 1. The step retries: 4 attempts, each cut off after 2 s. The
+//! //    participant keeps its default (one attempt per command).
+//! let hotel = Step::remote("book-hotel", "hotels")
+//!     .command(|_: &Trip| "BOOK")
+//!     .retry(RetryPolicy::exponential(Duration::from_millis(500), 2.0).with_max_attempts(4))
+//!     .timeout(Duration::from_secs(2));
+//! let hotels = ParticipantPolicy::new("hotels");
+//!
+//! // 2. The participant retries its handler: 3 attempts of 1 s, 200 ms and
+//! //    400 ms apart (a 3.6 s budget), the step waits 5 s for the outcome
+//! //    and does not retry itself.
+//! let card = Step::remote("charge-card", "payments")
+//!     .command(|_: &Trip| "CHARGE")
+//!     .retry(RetryPolicy::no_retry())
+//!     .timeout(Duration::from_secs(5))
+//!     .pivot();
+//! let payments = ParticipantPolicy::new("payments")
+//!     .retry(RetryPolicy::exponential(Duration::from_millis(200), 2.0).with_max_attempts(3))
+//!     .timeout(Duration::from_secs(1));
+//! assert!(payments.budget().unwrap() <= Duration::from_secs(5));
+//!
+//! // 3. After the pivot: 3 attempts, then a dead letter and the saga
+//! //    goes on (the seed's notification).
+//! let email = Step::remote("email-itinerary", "notifications")
+//!     .command(|_: &Trip| "MAIL")
+//!     .retry(RetryPolicy::exponential(Duration::from_secs(2), 2.0).with_max_attempts(3))
+//!     .timeout(Duration::from_secs(5))
+//!     .retryable()
+//!     .on_exhausted(Exhausted::DeadLetterAndContinue);
+//!
+//! let trip = SagaDefinition::<Trip>::builder("trip")
+//!     .step(hotel).step(card).step(email)
+//!     .build()
+//!     .unwrap();
+//! # let _ = (trip, hotels);
+//! ```
+//!
 //! ## Features
 //!
-//! - `testing`: [`testing`], a harness for your own sagas: given/when/then
-//!   on the pure core with a virtual clock, injected failures and duplicates.
+//! - `memory` (default): `InMemoryRuntime`, `MemoryBackend`, `Clock`
+//!   (pulls tokio's runtime); without it the crate is the pure core and the
+//!   drivers.
+//! - `metrics` (default): the drivers record metrics through the `metrics`
+//!   facade (the table is in [`driver`]'s docs).
+//! - `tokio`: `driver::Attempt::run`, an attempt cut off by its timeout on
+//!   tokio's clock (on with `memory`).
+//! - `testing`: the `testing` module, a harness for your own sagas: given/when/then
+//!   on the pure core with a virtual clock, scripted participants, and
+//!   `testing::eventually`.
 #![deny(missing_docs)]
+#![cfg_attr(docsrs, feature(doc_cfg))]
 
 mod definition;
+pub mod driver;
 mod engine;
 mod error;
 mod ids;
 mod instance;
+mod mermaid;
 mod message;
 mod participant;
 mod retry;
+mod runtime;
 
-pub use definition::{
-    SagaBuilder, SagaData, SagaDefinition, Step, StepContext, StepError, StepKind,
-};
-pub use engine::{Effect, Handled, Input, OperatorAction, Transition};
-pub use error::{Result, SagaError};
-pub use ids::{MessageId, SagaId, Timestamp};
-pub use instance::{
-    Awaiting, HistoryEntry, SagaInstance, SagaStatus, StepRecord, StepState, Timer, TimerId,
-    TimerKind, MAX_HISTORY,
-};
-pub use message::{DeadLetter, Envelope, MessageKind, Phase, ReplyOutcome};
-pub use participant::{
-    AttemptResult, Delivery, DynParticipant, Participant, ParticipantContext, ParticipantLedger,
-    ParticipantPolicy, PendingRetry,
-};
-pub use retry::{Classify, ErrorClass, GiveUpReason, Jitter, RetryDecision, RetryPolicy};
+#[cfg(feature = "memory")]
 mod memory;
-mod mermaid;
-mod observe;
-pub use memory::{Clock, InMemoryRuntime, MemoryBackend, SagaHandle, DEFAULT_PARTITIONS};
-pub use observe::{record_attempt, record_dead_letters, record_step_latency, record_transition};
 #[cfg(feature = "testing")]
 #[cfg_attr(docsrs, doc(cfg(feature = "testing")))]
 pub mod testing;
+
+pub use definition::{
+    Exhausted, SagaBuilder, SagaData, SagaDefinition, Step, StepContext, StepError, StepFailure,
+    StepKind,
+};
+pub use engine::{Operation, OperatorAction};
+pub use error::{Result, SagaError};
+pub use ids::{MessageId, SagaId, Timestamp};
+pub use instance::{HistoryEntry, SagaInstance, SagaStatus, StepRecord, StepState, MAX_HISTORY};
+#[cfg(feature = "memory")]
+#[cfg_attr(docsrs, doc(cfg(feature = "memory")))]
+pub use memory::{Clock, InMemoryRuntime, MemoryBackend, DEFAULT_PARTITIONS};
+pub use message::{DeadLetter, Envelope, MessageKind, Phase, ReplyOutcome};
+pub use participant::{Participant, ParticipantContext, ParticipantPolicy};
+pub use retry::{Classify, ErrorClass, GiveUpReason, Jitter, RetryDecision, RetryPolicy};
+pub use runtime::{Page, Runtime, SagaHandle, SagaQuery, StatusFilter};

@@ -2,7 +2,7 @@
 
 use std::fmt::Write as _;
 
-use crate::definition::{Action, SagaData, SagaDefinition, StepKind};
+use crate::definition::{Action, Exhausted, SagaData, SagaDefinition, StepKind};
 
 fn state_id(name: &str) -> String {
     name.chars()
@@ -12,10 +12,14 @@ fn state_id(name: &str) -> String {
 
 impl<D: SagaData> SagaDefinition<D> {
     /// A [Mermaid](https://mermaid.js.org) `stateDiagram-v2` of the saga:
-    /// its steps forward, where each failure leads (the compensations in
-    /// reverse, or parking after the point of no return), retries and
-    /// timeouts. Paste it into any Mermaid renderer (GitHub renders it in
-    /// a `mermaid` code block).
+    /// every path the engine can take. Its steps forward; where each
+    /// failure leads (the compensations in reverse; a remote step whose
+    /// outcome is unknown compensated as if it took effect; a pivot whose
+    /// outcome is unknown parked; a retryable step parked or, with
+    /// [`Exhausted::DeadLetterAndContinue`], skipped with a dead letter);
+    /// compensations that fail parking; how a parked saga resumes; retries
+    /// and timeouts. Paste it into any Mermaid renderer (GitHub renders it
+    /// in a `mermaid` code block).
     ///
     /// ```
     /// # use saga_core::*;
@@ -78,8 +82,10 @@ impl<D: SagaData> SagaDefinition<D> {
                 .unwrap_or_else(|| "Compensated".to_owned())
         };
         let mut any_compensated = false;
+        let mut any_parked = false;
         for (i, step) in steps.iter().enumerate() {
             let id = state_id(&step.name);
+            let remote = matches!(step.forward, Some(Action::Remote { .. }));
             if step.retry.max_attempts > 1 {
                 let _ = writeln!(
                     out,
@@ -91,21 +97,50 @@ impl<D: SagaData> SagaDefinition<D> {
                 let _ = writeln!(out, "    note right of {id}: timeout {t:?} per attempt");
             }
             match step.kind {
-                StepKind::Compensatable | StepKind::Pivot => {
+                StepKind::Compensatable => {
                     let target = undo_from(i, false);
                     any_compensated |= target == "Compensated";
                     let _ = writeln!(out, "    {id} --> {target}: fails");
+                    if remote && step.compensation.is_some() {
+                        let _ = writeln!(out, "    {id} --> undo_{id}: outcome unknown");
+                    }
                 }
-                StepKind::Retriable => {
-                    let _ = writeln!(out, "    {id} --> Parked: retries exhausted");
+                StepKind::Pivot => {
+                    let target = undo_from(i, false);
+                    any_compensated |= target == "Compensated";
+                    let _ = writeln!(out, "    {id} --> {target}: fails");
+                    if remote {
+                        any_parked = true;
+                        let _ = writeln!(out, "    {id} --> Parked: outcome unknown");
+                    }
                 }
+                StepKind::Retryable => match step.exhausted {
+                    Exhausted::DeadLetterAndContinue => {
+                        let next = steps
+                            .get(i + 1)
+                            .map(|s| state_id(&s.name))
+                            .unwrap_or_else(|| "Completed".to_owned());
+                        let _ = writeln!(out, "    {id} --> {next}: gives up (dead letter)");
+                    }
+                    _ => {
+                        any_parked = true;
+                        let _ = writeln!(out, "    {id} --> Parked: retries exhausted");
+                    }
+                },
             }
             if step.kind == StepKind::Compensatable && step.compensation.is_some() {
                 let next = undo_from(i, false);
                 any_compensated |= next == "Compensated";
+                any_parked = true;
                 let _ = writeln!(out, "    undo_{id} --> {next}: undone");
                 let _ = writeln!(out, "    undo_{id} --> Parked: compensation fails");
             }
+        }
+        if any_parked {
+            let _ = writeln!(
+                out,
+                "    note right of Parked: resumed by a late reply, or an operator's retry or skip"
+            );
         }
         if any_compensated {
             let _ = writeln!(out, "    Compensated --> [*]");
@@ -122,7 +157,7 @@ mod tests {
     struct O;
 
     #[test]
-    fn diagram_shows_forward_path_compensations_and_parking() {
+    fn diagram_shows_every_path_the_engine_can_take() {
         let saga = SagaDefinition::<O>::builder("order")
             .step(Step::<O>::local("create-order", |_| Ok(())).compensate_local(|_| Ok(())))
             .step(
@@ -136,7 +171,13 @@ mod tests {
                     .command(|_: &O| "CHARGE")
                     .pivot(),
             )
-            .step(Step::<O>::local("confirm", |_| Ok(())).retriable())
+            .step(Step::<O>::local("confirm", |_| Ok(())).retryable())
+            .step(
+                Step::remote("notify", "mail")
+                    .command(|_: &O| "MAIL")
+                    .retryable()
+                    .on_exhausted(Exhausted::DeadLetterAndContinue),
+            )
             .build()
             .unwrap();
         let d = saga.to_mermaid();
@@ -144,7 +185,12 @@ mod tests {
             "[*] --> create_order",
             "create_order --> reserve: ok",
             "reserve --> charge: ok",
-            "confirm --> Completed: ok",
+            "notify --> Completed: ok",
+            "confirm --> notify: ok",
+            "notify --> Completed: gives up (dead letter)",
+            "charge --> Parked: outcome unknown",
+            "reserve --> undo_reserve: outcome unknown",
+            "note right of Parked: resumed by a late reply, or an operator's retry or skip",
             "charge --> undo_reserve: fails",
             "undo_reserve --> undo_create_order: undone",
             "undo_create_order --> Compensated: undone",

@@ -52,22 +52,47 @@ impl Phase {
 /// How a participant's reply turned out.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "status", rename_all = "snake_case")]
+#[non_exhaustive]
 pub enum ReplyOutcome {
     /// The command took effect; the payload is the participant's reply.
     Success,
-    /// The command failed and took no effect.
+    /// The command failed. A permanent failure took no effect; after a
+    /// retryable one the effect is unknown (another delivery of the same
+    /// command may have taken effect).
     Failure {
         /// Whether the orchestrator may try the command again.
         class: ErrorClass,
         /// The participant's error, for humans.
         error: String,
+        /// How many times the participant ran the command before it gave
+        /// up (its local retries; 1 without them).
+        #[serde(default = "one")]
+        attempts: u32,
     },
+}
+
+fn one() -> u32 {
+    1
+}
+
+impl ReplyOutcome {
+    /// A failure of `class` after one attempt.
+    pub fn failure(class: ErrorClass, error: impl Into<String>) -> Self {
+        ReplyOutcome::Failure {
+            class,
+            error: error.into(),
+            attempts: 1,
+        }
+    }
 }
 
 /// One message on a channel, with the metadata the engine and runtimes need.
 ///
-/// The payload is the user's typed value, serialized as JSON.
+/// The payload is the user's typed value, serialized as JSON. Build one
+/// with [`Envelope::command`] or [`Envelope::event`]; the engine builds
+/// steps' commands and replies itself.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[non_exhaustive]
 pub struct Envelope {
     /// Unique per logical message; a message produced again keeps its id.
     pub id: MessageId,
@@ -85,7 +110,10 @@ pub struct Envelope {
     /// Forward or compensation, for commands and replies.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub phase: Option<Phase>,
-    /// The attempt number (1-based) of the command this is or answers.
+    /// The number (1-based) of the command this is or answers among all
+    /// the commands sent for its step and phase: every attempt, operator
+    /// retries included, gets the next number, so every attempt is a new
+    /// message to the participant.
     #[serde(default)]
     pub attempt: u32,
     /// Where a participant sends its reply; `None` for fire-and-forget commands.
@@ -101,13 +129,29 @@ pub struct Envelope {
 }
 
 impl Envelope {
-    /// The message id of the command of `step` of saga `saga_id` in `phase`.
+    /// The message id of command number `attempt` of `step` of saga
+    /// `saga_id` in `phase`: `{saga_id}/{step}/{phase}/{attempt}`.
     ///
-    /// Stable across attempts and redeliveries, so participants deduplicate
-    /// on it; a participant that handles a compensation also recognises the
-    /// forward command of the same step by it.
-    pub fn command_id(saga_id: &SagaId, step: &str, phase: Phase) -> MessageId {
-        MessageId::new(format!("{saga_id}/{step}/{}", phase.as_str()))
+    /// Stable across redeliveries of one attempt (a command produced again
+    /// after a crash keeps its id, so participants deduplicate it), new for
+    /// every attempt (so a retried step really runs again).
+    pub fn command_id(saga_id: &SagaId, step: &str, phase: Phase, attempt: u32) -> MessageId {
+        MessageId::new(format!("{saga_id}/{step}/{}/{attempt}", phase.as_str()))
+    }
+
+    /// The business key of a command: `{saga_id}/{step}/{phase}` for a
+    /// step's command, the same for every attempt of it; the message id for
+    /// a fire-and-forget command.
+    ///
+    /// A participant whose handler has outside effects uses it for its own
+    /// idempotency: a second attempt of a step that already took effect
+    /// (its reply was late or lost) must answer the same way without
+    /// acting twice.
+    pub fn idempotency_key(&self) -> String {
+        match (&self.step, self.phase) {
+            (Some(step), Some(phase)) => format!("{}/{step}/{}", self.saga_id, phase.as_str()),
+            _ => self.id.to_string(),
+        }
     }
 
     /// The partition key: the saga id.
@@ -122,6 +166,9 @@ impl Envelope {
     }
 
     /// Parses an envelope from JSON bytes.
+    ///
+    /// # Errors
+    /// If the bytes are not the JSON of an envelope.
     pub fn from_bytes(bytes: &[u8]) -> Result<Self, serde_json::Error> {
         serde_json::from_slice(bytes)
     }
@@ -145,6 +192,23 @@ impl Envelope {
             timestamp: now,
             payload,
         })
+    }
+
+    /// A fire-and-forget command for `saga_id` on `channel` (no reply
+    /// expected: set [`Envelope::reply_to`] for one).
+    pub fn command(
+        id: MessageId,
+        channel: impl Into<String>,
+        saga_id: SagaId,
+        saga: impl Into<String>,
+        payload: Value,
+        now: Timestamp,
+    ) -> Envelope {
+        Envelope {
+            kind: MessageKind::Command,
+            attempt: 1,
+            ..Envelope::event(id, channel, saga_id, saga, payload, now)
+        }
     }
 
     /// An event for `saga_id` on `channel`.
@@ -177,6 +241,7 @@ impl Envelope {
 ///
 /// Written to a dead-letter channel; never dropped.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[non_exhaustive]
 pub struct DeadLetter {
     /// The dead letter's own id (derived from the original message's id).
     pub id: MessageId,
@@ -197,6 +262,30 @@ pub struct DeadLetter {
 }
 
 impl DeadLetter {
+    /// A dead letter for `original`, written to `channel` by `source` at
+    /// `now` after `retry_count` attempts, with why (`reason`) and the last
+    /// attempt's error. Its id is `{original id}/dead-letter`.
+    pub fn new(
+        channel: impl Into<String>,
+        source: impl Into<String>,
+        original: Envelope,
+        now: Timestamp,
+        retry_count: u32,
+        reason: impl Into<String>,
+        last_error: impl Into<String>,
+    ) -> Self {
+        Self {
+            id: MessageId::new(format!("{}/dead-letter", original.id)),
+            channel: channel.into(),
+            source: source.into(),
+            original,
+            failure_timestamp: now,
+            retry_count,
+            reason: reason.into(),
+            last_error: last_error.into(),
+        }
+    }
+
     /// The dead letter wrapped as an event envelope on its channel, keyed by
     /// the original message's saga id.
     pub fn to_envelope(&self) -> Envelope {
@@ -211,6 +300,9 @@ impl DeadLetter {
     }
 
     /// Reads a dead letter back from an envelope made by [`DeadLetter::to_envelope`].
+    ///
+    /// # Errors
+    /// If the envelope's payload is not a dead letter.
     pub fn from_envelope(envelope: &Envelope) -> Result<Self, serde_json::Error> {
         serde_json::from_value(envelope.payload.clone())
     }

@@ -8,7 +8,6 @@
 use std::fmt;
 use std::time::Duration;
 
-use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 
 use crate::error::SagaError;
@@ -200,6 +199,10 @@ impl RetryPolicy {
     }
 
     /// Checks the policy's fields, naming the bad one.
+    ///
+    /// # Errors
+    /// [`SagaError::InvalidPolicy`] for no attempts, a multiplier below 1 or
+    /// not finite, or a cap below the initial interval.
     pub fn validate(&self) -> Result<(), SagaError> {
         let bad = |reason: &str| {
             Err(SagaError::InvalidPolicy {
@@ -234,11 +237,13 @@ impl RetryPolicy {
     pub fn delay(&self, failed_attempts: u32, seed: u64) -> Duration {
         let base = self.base_delay(failed_attempts);
         let ms = u64::try_from(base.as_millis()).unwrap_or(u64::MAX);
-        let mut rng = rand::rngs::StdRng::seed_from_u64(seed ^ u64::from(failed_attempts));
+        let draw = splitmix64(seed ^ u64::from(failed_attempts));
+        // `draw % (n + 1)` is uniform enough for delays (n is far below 2^64).
+        let uniform = |n: u64| draw % n.saturating_add(1);
         let jittered = match self.jitter {
             Jitter::None => ms,
-            Jitter::Full => rng.random_range(0..=ms),
-            Jitter::Equal => ms / 2 + rng.random_range(0..=ms - ms / 2),
+            Jitter::Full => uniform(ms),
+            Jitter::Equal => ms / 2 + uniform(ms - ms / 2),
         };
         Duration::from_millis(jittered)
     }
@@ -266,4 +271,13 @@ impl RetryPolicy {
         }
         RetryDecision::RetryAfter(delay)
     }
+}
+
+/// One step of the SplitMix64 generator: a well-mixed 64-bit value from a
+/// seed, so jitter is random-looking yet the same for the same inputs.
+fn splitmix64(seed: u64) -> u64 {
+    let mut z = seed.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
 }

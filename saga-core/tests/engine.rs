@@ -3,7 +3,8 @@
 
 use std::time::Duration;
 
-use saga_core::testing::SagaHarness;
+use saga_core::driver::{Effect, Handled, Ignored, Input};
+use saga_core::testing::{eventually, SagaHarness};
 use saga_core::*;
 use serde::{Deserialize, Serialize};
 
@@ -19,6 +20,21 @@ struct Reserved {
     ok: bool,
 }
 
+/// `reserve` on `inventory.requests`: `{"ok": true}` reserves, anything
+/// else fails with `refusal()`.
+fn reserve_step(refusal: fn() -> StepError) -> Step<Order> {
+    Step::remote("reserve", "inventory.requests")
+        .command(|_: &Order| "RESERVE")
+        .on_reply(move |ctx, r: Reserved| {
+            if r.ok {
+                ctx.data_mut().reserved = true;
+                Ok(())
+            } else {
+                Err(refusal())
+            }
+        })
+}
+
 fn order_saga() -> SagaDefinition<Order> {
     SagaDefinition::<Order>::builder("order")
         .step(
@@ -30,16 +46,7 @@ fn order_saga() -> SagaDefinition<Order> {
             }),
         )
         .step(
-            Step::remote("reserve", "inventory.requests")
-                .command(|_: &Order| "RESERVE")
-                .on_reply(|ctx, r: Reserved| {
-                    if r.ok {
-                        ctx.data_mut().reserved = true;
-                        Ok(())
-                    } else {
-                        Err(StepError::permanent("Not enough stock"))
-                    }
-                })
+            reserve_step(|| StepError::permanent("Not enough stock"))
                 .pivot()
                 .timeout(Duration::from_secs(5))
                 .retry(RetryPolicy::fixed(Duration::from_secs(1)).with_max_attempts(2)),
@@ -50,7 +57,7 @@ fn order_saga() -> SagaDefinition<Order> {
                 ctx.emit("orders.events", &"ORDER_CONFIRMED");
                 Ok(())
             })
-            .retriable(),
+            .retryable(),
         )
         .build()
         .unwrap()
@@ -94,6 +101,17 @@ fn definitions_with_no_steps_two_pivots_or_bad_order_are_typed_errors() {
         .step(Step::remote("a", "ch"))
         .build();
     assert!(matches!(incomplete, Err(SagaError::IncompleteStep { ref step, .. }) if step == "a"));
+
+    let continuing = SagaDefinition::<()>::builder("cont")
+        .step(Step::<()>::local("a", |_| Ok(())).on_exhausted(Exhausted::DeadLetterAndContinue))
+        .build();
+    match continuing {
+        Err(SagaError::InvalidStep { step, reason, .. }) => {
+            assert_eq!(step, "a");
+            assert!(reason.contains("only a retryable step"), "{reason}");
+        }
+        other => panic!("expected InvalidStep, got {other:?}"),
+    }
 }
 
 #[test]
@@ -179,41 +197,34 @@ fn replies_for_another_saga_or_step_and_non_replies_are_typed_errors() {
 }
 
 #[tokio::test]
-async fn a_reply_for_an_unknown_saga_is_a_typed_error_on_the_runtime() {
+async fn a_reply_for_an_unknown_saga_is_dead_lettered_and_does_not_block() {
     let runtime = InMemoryRuntime::new(MemoryBackend::new());
-    let orders = runtime.saga(order_saga());
-    let reply = Envelope {
-        id: MessageId::new("ghost/reserve/forward/reply"),
-        channel: "order.replies".into(),
-        saga_id: SagaId::new("ghost"),
-        saga: "order".into(),
-        kind: MessageKind::Reply,
-        step: Some("reserve".into()),
-        phase: Some(Phase::Forward),
-        attempt: 1,
-        reply_to: None,
-        outcome: Some(ReplyOutcome::Success),
-        timestamp: Timestamp::EPOCH,
-        payload: serde_json::json!({"ok": true}),
-    };
-    let err = orders.deliver(reply.clone()).unwrap_err();
-    assert!(
-        matches!(&err, SagaError::UnknownSaga { saga_id, .. } if saga_id.as_str() == "ghost"),
-        "{err}"
+    let orders = runtime.saga(order_saga()).await.unwrap();
+    let mut reply = Envelope::event(
+        MessageId::new("ghost/reserve/forward/1/reply"),
+        "order.replies",
+        SagaId::new("ghost"),
+        "order",
+        serde_json::json!({"ok": true}),
+        Timestamp::EPOCH,
     );
-    assert!(err.to_string().contains("ghost"));
-
-    // Sent over the channel instead, it is dead-lettered, not lost and not blocking.
+    reply.kind = MessageKind::Reply;
+    reply.step = Some("reserve".into());
+    reply.phase = Some(Phase::Forward);
+    reply.attempt = 1;
+    reply.outcome = Some(ReplyOutcome::Success);
     runtime.backend().publish(reply);
-    orders.start("real", Order::default()).unwrap();
+    let id = orders.start("real", Order::default()).await.unwrap();
     let backend = runtime.backend().clone();
-    tokio::time::timeout(Duration::from_secs(5), async {
-        while backend.dead_letters("order.dlq").is_empty() {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    })
-    .await
-    .expect("the unknown-saga reply is dead-lettered");
+    eventually(
+        "the unknown-saga reply dead-lettered",
+        Duration::from_secs(5),
+        || {
+            let n = backend.dead_letters("order.dlq").len();
+            async move { n == 1 }
+        },
+    )
+    .await;
     let dead = &runtime.backend().dead_letters("order.dlq")[0];
     assert_eq!(dead.original.saga_id.as_str(), "ghost");
     assert!(
@@ -221,6 +232,8 @@ async fn a_reply_for_an_unknown_saga_is_a_typed_error_on_the_runtime() {
         "{}",
         dead.last_error
     );
+    // The saga after it on the same channel was served.
+    assert!(orders.get(&id).await.unwrap().is_some());
     runtime.shutdown().await;
 }
 
@@ -228,7 +241,7 @@ async fn a_reply_for_an_unknown_saga_is_a_typed_error_on_the_runtime() {
 fn operator_actions_on_a_running_saga_are_rejected() {
     let mut t = SagaHarness::new(order_saga());
     t.start("o-3", Order::default()).unwrap();
-    let err = t.operator(OperatorAction::Retry).unwrap_err();
+    let err = t.operator(Operation::retry("alice")).unwrap_err();
     assert!(matches!(err, SagaError::InvalidAction { .. }));
     assert!(err.to_string().contains("while running"), "{err}");
 }
@@ -239,7 +252,7 @@ fn success_path_runs_forward_in_order() {
     t.start("o-4", Order::default()).unwrap();
     assert_eq!(t.commands().len(), 1);
     assert_eq!(t.commands()[0].channel, "inventory.requests");
-    assert_eq!(t.commands()[0].id.as_str(), "o-4/reserve/forward");
+    assert_eq!(t.commands()[0].id.as_str(), "o-4/reserve/forward/1");
     t.reply_ok("reserve", &Reserved { ok: true }).unwrap();
     assert_eq!(t.status(), &SagaStatus::Completed);
     assert!(t.data().reserved && t.data().confirmed);
@@ -271,7 +284,7 @@ fn duplicate_and_stale_replies_are_ignored() {
     let events = t.events().len();
     assert_eq!(
         t.redeliver_last_reply().unwrap(),
-        Handled::Ignored("no command is waiting for a reply")
+        Handled::Ignored(Ignored::NothingAwaited)
     );
     assert_eq!(t.events().len(), events, "a duplicate reply has no effect");
 }
@@ -291,24 +304,192 @@ fn a_pivot_whose_outcome_is_unknown_parks_with_a_dead_letter_and_resumes_on_retr
         reason.contains("outcome of pivot step `reserve` unknown"),
         "{reason}"
     );
+    assert_eq!(t.dead_letters().len(), 1);
     let dead = &t.dead_letters()[0];
     assert_eq!(dead.channel, "order.dlq");
     assert_eq!(dead.retry_count, 2);
-    assert_eq!(dead.original.id.as_str(), "o-7/reserve/forward");
+    assert_eq!(dead.original.id.as_str(), "o-7/reserve/forward/2");
     assert!(dead.last_error.contains("no reply within 5s"));
     assert!(
         t.data().cancelled.is_none(),
         "nothing is compensated while the pivot is unknown"
     );
 
-    // The operator retries: same command id, fresh attempts.
-    t.operator(OperatorAction::Retry).unwrap();
-    assert_eq!(t.status(), &SagaStatus::Running);
+    // The operator retries: a new command (the participant runs it again),
+    // a fresh budget, recorded with who and why.
+    t.operator(Operation::retry("alice").note("inventory is back"))
+        .unwrap();
+    t.then_status(&SagaStatus::Running);
     let last = (*t.commands().last().unwrap()).clone();
-    assert_eq!(last.id.as_str(), "o-7/reserve/forward");
-    assert_eq!(last.attempt, 1);
+    assert_eq!(last.id.as_str(), "o-7/reserve/forward/3");
+    assert_eq!(t.instance().steps[1].attempts, 1, "a fresh retry budget");
+    let entry = t
+        .instance()
+        .history
+        .iter()
+        .find(|h| h.what.contains("operator: retry"))
+        .unwrap();
+    assert_eq!(entry.operator.as_deref(), Some("alice"));
+    assert_eq!(entry.note.as_deref(), Some("inventory is back"));
     t.reply_ok("reserve", &Reserved { ok: true }).unwrap();
-    assert_eq!(t.status(), &SagaStatus::Completed);
+    t.then_status(&SagaStatus::Completed);
+}
+
+#[test]
+fn a_late_reply_resumes_a_parked_pivot() {
+    let mut t = SagaHarness::new(order_saga());
+    t.start("o-late", Order::default()).unwrap();
+    t.advance(Duration::from_secs(11)).unwrap();
+    assert!(t.status().is_parked(), "{:?}", t.status());
+    // The first attempt's answer arrives at last: it took effect.
+    let handled = t
+        .reply_to_attempt("reserve", 1, &Reserved { ok: true })
+        .unwrap();
+    assert_eq!(handled, Handled::Applied);
+    t.then_status(&SagaStatus::Completed);
+    assert!(t.data().reserved && t.data().confirmed);
+    assert!(t.instance().history.iter().any(|h| h
+        .what
+        .contains("late reply to command 1 resumes the parked saga")));
+}
+
+#[test]
+fn a_late_permanent_failure_of_a_parked_pivot_compensates() {
+    let mut t = SagaHarness::new(order_saga());
+    t.start("o-late-2", Order::default()).unwrap();
+    t.advance(Duration::from_secs(11)).unwrap();
+    assert!(t.status().is_parked(), "{:?}", t.status());
+    t.reply_failure("reserve", ErrorClass::Permanent, "Unknown SKU")
+        .unwrap();
+    t.then_status(&SagaStatus::Compensated);
+    assert_eq!(t.data().cancelled.as_deref(), Some("Unknown SKU"));
+}
+
+#[test]
+fn a_retryable_reply_is_retried_with_a_new_command_and_the_participants_reason_is_kept() {
+    let saga = SagaDefinition::<Order>::builder("busy")
+        .step(
+            reserve_step(|| StepError::retryable("inventory busy"))
+                .retry(RetryPolicy::fixed(Duration::from_secs(1)).with_max_attempts(2))
+                .timeout(Duration::from_secs(5)),
+        )
+        .build()
+        .unwrap();
+    let mut t = SagaHarness::new(saga.clone());
+    t.start("b-1", Order::default()).unwrap();
+    t.reply_ok("reserve", &Reserved { ok: false }).unwrap();
+    t.advance(Duration::from_secs(1)).unwrap();
+    let ids: Vec<String> = t.commands().iter().map(|c| c.id.to_string()).collect();
+    assert_eq!(ids, ["b-1/reserve/forward/1", "b-1/reserve/forward/2"]);
+    t.reply_ok("reserve", &Reserved { ok: true }).unwrap();
+    t.then_status(&SagaStatus::Completed);
+
+    // Busy every time: the saga compensates with the participant's reason,
+    // not a timeout.
+    let mut t = SagaHarness::new(saga);
+    t.start("b-2", Order::default()).unwrap();
+    t.reply_ok("reserve", &Reserved { ok: false }).unwrap();
+    t.advance(Duration::from_secs(1)).unwrap();
+    t.reply_ok("reserve", &Reserved { ok: false }).unwrap();
+    t.then_status(&SagaStatus::Compensated);
+    assert_eq!(
+        t.instance().steps[0].last_error.as_deref(),
+        Some("inventory busy")
+    );
+}
+
+#[test]
+fn a_retryable_failure_reply_follows_the_steps_retry_policy() {
+    let saga = SagaDefinition::<Order>::builder("four")
+        .step(
+            Step::remote("charge", "payments")
+                .command(|_: &Order| "CHARGE")
+                .retry(RetryPolicy::fixed(Duration::from_secs(1)).with_max_attempts(4))
+                .pivot(),
+        )
+        .build()
+        .unwrap();
+    let mut t = SagaHarness::new(saga);
+    t.start("f-1", Order::default()).unwrap();
+    for _ in 0..3 {
+        t.reply_failure("charge", ErrorClass::Retryable, "503")
+            .unwrap();
+        t.advance(Duration::from_secs(1)).unwrap();
+    }
+    assert_eq!(t.commands().len(), 4, "four attempts, one command each");
+    t.reply_ok("charge", &"charged").unwrap();
+    t.then_status(&SagaStatus::Completed);
+}
+
+#[test]
+fn a_success_to_an_earlier_attempt_during_the_backoff_completes_the_step() {
+    let mut t = SagaHarness::new(order_saga());
+    t.start("o-early", Order::default()).unwrap();
+    t.advance(Duration::from_secs(5)).unwrap(); // attempt 1 times out; backoff 1 s
+    assert_eq!(t.commands().len(), 1);
+    t.reply_to_attempt("reserve", 1, &Reserved { ok: true })
+        .unwrap();
+    t.then_status(&SagaStatus::Completed);
+    t.advance(Duration::from_secs(10)).unwrap();
+    assert_eq!(t.commands().len(), 1, "no second attempt after the success");
+}
+
+#[test]
+fn a_retryable_step_that_gives_up_dead_letters_once_and_the_saga_goes_on() {
+    #[derive(Clone, Debug, Default, Serialize, Deserialize)]
+    struct Mail {
+        outcome: Option<String>,
+    }
+    let saga = SagaDefinition::<Mail>::builder("mail")
+        .step(Step::<Mail>::local("confirm", |_| Ok(())).pivot())
+        .step(
+            Step::remote("notify", "notifications.requests")
+                .command(|_: &Mail| "MAIL")
+                .retry(RetryPolicy::exponential(Duration::from_secs(2), 2.0).with_max_attempts(3))
+                .timeout(Duration::from_secs(5))
+                .retryable()
+                .on_exhausted(Exhausted::DeadLetterAndContinue)
+                .dead_letter_channel("notifications.dlq")
+                .on_give_up(|ctx, failure| {
+                    ctx.data_mut().outcome = Some(format!(
+                        "FAILED after {}: {}",
+                        failure.attempts, failure.error
+                    ));
+                    ctx.emit("notifications.events", &"NOTIFICATION_FAILED");
+                }),
+        )
+        .step(Step::<Mail>::local("archive", |_| Ok(())).retryable())
+        .build()
+        .unwrap();
+    let mut t = SagaHarness::new(saga);
+    t.start("m-1", Mail::default()).unwrap();
+    t.advance(Duration::from_secs(5)).unwrap();
+    t.advance(Duration::from_secs(2)).unwrap();
+    t.reply_failure("notify", ErrorClass::Retryable, "503")
+        .unwrap();
+    t.advance(Duration::from_secs(4)).unwrap();
+    t.reply_failure("notify", ErrorClass::Retryable, "500")
+        .unwrap();
+    t.then_status(&SagaStatus::Completed);
+    assert_eq!(t.dead_letters().len(), 1);
+    let dead = &t.dead_letters()[0];
+    assert_eq!(dead.channel, "notifications.dlq");
+    assert_eq!(dead.retry_count, 3);
+    assert_eq!(dead.last_error, "500");
+    assert!(dead.reason.contains("max retries"), "{}", dead.reason);
+    assert_eq!(t.data().outcome.as_deref(), Some("FAILED after 3: 500"));
+    t.then_expect_events(&[(
+        "notifications.events",
+        serde_json::json!("NOTIFICATION_FAILED"),
+    )]);
+    assert_eq!(
+        t.instance().step("notify").unwrap().state,
+        StepState::Failed
+    );
+    assert_eq!(
+        t.instance().step("archive").unwrap().state,
+        StepState::Succeeded
+    );
 }
 
 #[test]
@@ -344,42 +525,118 @@ fn a_failing_compensation_parks_and_skip_finishes_it() {
     let dead = t.dead_letters().last().unwrap();
     assert_eq!(dead.original.phase, Some(Phase::Compensation));
     assert_eq!(dead.last_error, "bank still down");
-    t.operator(OperatorAction::Skip).unwrap();
-    assert_eq!(t.status(), &SagaStatus::Compensated);
+    t.operator(Operation::skip("bob").note("released by hand"))
+        .unwrap();
+    t.then_status(&SagaStatus::Compensated);
 }
 
-#[test]
-fn saga_timeout_before_the_pivot_compensates() {
-    let saga = SagaDefinition::<Order>::builder("slow")
+fn slow_saga() -> SagaDefinition<Order> {
+    SagaDefinition::<Order>::builder("slow")
         .step(
             Step::<Order>::local("create", |_| Ok(())).compensate_local(|ctx| {
                 ctx.data_mut().cancelled = ctx.failure_reason().map(str::to_owned);
                 Ok(())
             }),
         )
+        .step(
+            Step::remote("hold", "svc")
+                .command(|_: &Order| "HOLD")
+                .compensate_remote("svc", |_: &Order| "RELEASE"),
+        )
         .step(Step::remote("wait", "svc").command(|_: &Order| "X").pivot())
         .timeout(Duration::from_secs(30))
         .build()
-        .unwrap();
-    let mut t = SagaHarness::new(saga);
-    t.start("s-1", Order::default()).unwrap();
-    t.advance(Duration::from_secs(30)).unwrap();
-    // The pivot was in flight: its outcome is unknown, so the saga parks.
-    assert!(
-        matches!(t.status(), SagaStatus::Parked { .. }),
-        "{:?}",
-        t.status()
-    );
+        .unwrap()
 }
 
 #[test]
-fn crash_and_restart_between_inputs_changes_nothing() {
-    let mut t = SagaHarness::new(order_saga());
-    t.start("o-8", Order::default()).unwrap();
-    t.restart().unwrap();
-    t.reply_ok("reserve", &Reserved { ok: true }).unwrap();
-    t.restart().unwrap();
-    assert_eq!(t.status(), &SagaStatus::Completed);
+fn saga_timeout_before_the_pivot_compensates() {
+    let mut t = SagaHarness::new(slow_saga());
+    t.start("s-1", Order::default()).unwrap();
+    // `hold` never answers: the saga times out before its pivot.
+    t.advance(Duration::from_secs(30)).unwrap();
+    t.then_status(&SagaStatus::Compensating);
+    // `hold` may have taken effect: its compensation is sent.
+    assert_eq!(
+        t.commands().last().unwrap().payload,
+        serde_json::json!("RELEASE")
+    );
+    t.reply_ok("hold", &"released").unwrap();
+    t.then_status(&SagaStatus::Compensated);
+    assert_eq!(t.data().cancelled.as_deref(), Some("saga timed out"));
+}
+
+#[test]
+fn saga_timeout_with_the_pivot_in_flight_parks() {
+    let mut t = SagaHarness::new(slow_saga());
+    t.start("s-2", Order::default()).unwrap();
+    t.reply_ok("hold", &"held").unwrap();
+    t.advance(Duration::from_secs(30)).unwrap();
+    // The pivot was in flight: its outcome is unknown, so the saga parks
+    // and nothing is compensated.
+    let SagaStatus::Parked { reason } = t.status().clone() else {
+        panic!("expected parked, got {:?}", t.status());
+    };
+    assert!(
+        reason.contains("pivot step `wait` was in flight"),
+        "{reason}"
+    );
+    assert!(t.data().cancelled.is_none());
+}
+
+#[test]
+fn restart_round_trips_the_instance_and_the_saga_ends_as_without_it() {
+    #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+    struct Scratch {
+        kept: u32,
+        #[serde(skip)]
+        lost: u32,
+    }
+    let saga = || {
+        SagaDefinition::<Scratch>::builder("scratch")
+            .step(Step::<Scratch>::local("count", |ctx| {
+                ctx.data_mut().kept += 1;
+                ctx.data_mut().lost += 1;
+                Ok(())
+            }))
+            .step(
+                Step::remote("call", "svc")
+                    .command(|_: &Scratch| "CALL")
+                    .retry(RetryPolicy::fixed(Duration::from_secs(1)).with_max_attempts(3))
+                    .timeout(Duration::from_secs(5)),
+            )
+            .build()
+            .unwrap()
+    };
+    let run = |restarts: bool| {
+        let mut t = SagaHarness::new(saga());
+        t.start("r-1", Scratch::default()).unwrap();
+        if restarts {
+            t.restart().unwrap();
+            // The restart went through JSON: what is not serialized is gone.
+            assert_eq!(t.data(), &Scratch { kept: 1, lost: 0 });
+        }
+        t.advance(Duration::from_secs(5)).unwrap(); // a timer armed before the restart fires
+        if restarts {
+            t.restart().unwrap();
+        }
+        t.advance(Duration::from_secs(1)).unwrap();
+        t.reply_ok("call", &"done").unwrap();
+        t
+    };
+    let (plain, restarted) = (run(false), run(true));
+    restarted.then_status(&SagaStatus::Completed);
+    assert_eq!(plain.data().kept, restarted.data().kept);
+    assert_eq!(plain.instance().history, restarted.instance().history);
+    let ids = |t: &SagaHarness<Scratch>| -> Vec<String> {
+        t.commands().iter().map(|c| c.id.to_string()).collect()
+    };
+    assert_eq!(ids(&plain), ids(&restarted));
+    assert_eq!(
+        ids(&restarted).len(),
+        2,
+        "the timed-out attempt was retried once"
+    );
 }
 
 #[test]
@@ -419,6 +676,7 @@ fn hooks_run_once_at_the_end_and_send_fire_and_forget_commands() {
     assert_eq!(notice.channel, "notifications.requests");
     assert_eq!(notice.reply_to, None, "fire-and-forget: no reply expected");
     assert_eq!(notice.id.as_str(), "h-1/command/1");
+    assert_eq!(notice.idempotency_key(), "h-1/command/1");
     assert!(ok.instance().awaiting.is_none());
 
     let mut ko = SagaHarness::new(saga);

@@ -4,6 +4,7 @@
 use std::time::Duration;
 
 use proptest::prelude::*;
+use saga_core::driver::TimerKind;
 use saga_core::testing::SagaHarness;
 use saga_core::*;
 

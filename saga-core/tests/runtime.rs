@@ -5,7 +5,8 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use saga_core::testing::{Scripted, ScriptedParticipant};
+use saga_core::driver::TimerKind;
+use saga_core::testing::{eventually, Scripted, ScriptedParticipant};
 use saga_core::*;
 use serde_json::{json, Value};
 
@@ -26,50 +27,73 @@ fn call_saga(backoff: Duration) -> SagaDefinition<Value> {
         .unwrap()
 }
 
+/// Runs `participant` on `svc.requests` and the `job` saga (retried every
+/// `backoff`) on `runtime`.
+async fn serve<P: Participant>(
+    runtime: &InMemoryRuntime,
+    participant: P,
+    backoff: Duration,
+) -> SagaHandle<Value> {
+    runtime
+        .participant("svc.requests", ParticipantPolicy::new("svc"), participant)
+        .await
+        .unwrap();
+    runtime.saga(call_saga(backoff)).await.unwrap()
+}
+
+/// Waits (in tokio time) until `f` holds.
 async fn until(what: &str, mut f: impl FnMut() -> bool) {
-    tokio::time::timeout(Duration::from_secs(600), async {
-        while !f() {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    })
-    .await
-    .unwrap_or_else(|_| panic!("timed out waiting for {what}"));
+    eventually(what, Duration::from_secs(600), || std::future::ready(f())).await
 }
 
 #[tokio::test(start_paused = true)]
 async fn sagas_waiting_on_backoff_timers_resume_after_a_crash() {
     let backend = MemoryBackend::new();
     let clock = Clock::system();
-    // No participant yet: every first attempt times out (10 s) and each saga
-    // then waits 30 s on a persisted backoff timer.
+    // The participant is busy: every first attempt fails retryably and each
+    // saga then waits 30 s on a persisted backoff timer.
+    let busy = ScriptedParticipant::new(Scripted::Retryable("busy".into()));
     let runtime = InMemoryRuntime::with_clock(backend.clone(), clock);
-    let jobs = runtime.saga(call_saga(Duration::from_secs(30)));
-    let ids: Vec<SagaId> = (0..20)
-        .map(|i| jobs.start(format!("job-{i}"), json!({"n": i})).unwrap())
-        .collect();
-    until("every saga waiting on a backoff", || {
-        ids.iter().all(|id| {
-            jobs.get(id)
-                .unwrap()
-                .unwrap()
-                .timers
-                .iter()
-                .any(|t| matches!(t.kind, TimerKind::Backoff { .. }))
-        })
-    })
+    runtime
+        .participant("svc.requests", ParticipantPolicy::new("svc"), busy.clone())
+        .await
+        .unwrap();
+    let jobs = runtime
+        .saga(call_saga(Duration::from_secs(30)))
+        .await
+        .unwrap();
+    let mut ids = Vec::new();
+    for i in 0..20 {
+        ids.push(
+            jobs.start(format!("job-{i}"), json!({"n": i}))
+                .await
+                .unwrap(),
+        );
+    }
+    eventually(
+        "every saga waiting on a backoff",
+        Duration::from_secs(600),
+        || async {
+            let mut all = true;
+            for id in &ids {
+                let inst = jobs.get(id).await.unwrap().unwrap();
+                all &= inst
+                    .timers
+                    .iter()
+                    .any(|t| matches!(t.kind, TimerKind::Backoff { .. }));
+            }
+            all
+        },
+    )
     .await;
     let crash_at = clock.now();
     drop(runtime); // crash: workers stop between two atomic sections
 
-    // A new runtime over the same backend, now with the participant.
+    assert_eq!(busy.received().len(), 20, "each first attempt ran once");
+    // A new runtime over the same backend, the participant back in shape.
     let participant = ScriptedParticipant::new(Scripted::Reply(json!("ok")));
     let runtime = InMemoryRuntime::with_clock(backend.clone(), clock);
-    runtime.participant(
-        "svc.requests",
-        ParticipantPolicy::new("svc"),
-        participant.clone(),
-    );
-    let jobs = runtime.saga(call_saga(Duration::from_secs(30)));
+    let jobs = serve(&runtime, participant.clone(), Duration::from_secs(30)).await;
     for id in &ids {
         let done = jobs
             .wait_settled(id, Duration::from_secs(120))
@@ -79,7 +103,7 @@ async fn sagas_waiting_on_backoff_timers_resume_after_a_crash() {
         assert_eq!(done.data["reply"], json!("ok"));
         assert_eq!(
             done.steps[0].attempts, 2,
-            "{id}: one timed-out attempt, one retry"
+            "{id}: one busy attempt, one retry"
         );
     }
     // The retries fired at their persisted times, not at restart.
@@ -88,12 +112,23 @@ async fn sagas_waiting_on_backoff_timers_resume_after_a_crash() {
         elapsed >= Duration::from_secs(25),
         "timers fired early: {elapsed:?} after the crash"
     );
-    // Both attempts of each command reached the participant; it acted once.
+    // The retry of each saga reached the participant as a new command (the
+    // busy attempt's id, already answered, would not have run again).
     assert_eq!(backend.messages("svc.requests").len(), 40);
-    assert_eq!(
-        participant.received().len(),
-        20,
-        "each command handled once"
+    let first: std::collections::HashSet<String> = busy
+        .received()
+        .iter()
+        .map(|(id, _)| id.to_string())
+        .collect();
+    let second: std::collections::HashSet<String> = participant
+        .received()
+        .iter()
+        .map(|(id, _)| id.to_string())
+        .collect();
+    assert_eq!(second.len(), 20, "each retry ran once");
+    assert!(
+        first.is_disjoint(&second),
+        "every attempt is a distinct command"
     );
     assert_eq!(
         backend.messages("job.events").len(),
@@ -110,14 +145,9 @@ async fn redelivered_commands_and_replies_are_applied_once() {
     backend.duplicate_deliveries("job.replies", true);
     let participant = ScriptedParticipant::new(Scripted::Reply(json!("ok")));
     let runtime = InMemoryRuntime::new(backend.clone());
-    runtime.participant(
-        "svc.requests",
-        ParticipantPolicy::new("svc"),
-        participant.clone(),
-    );
-    let jobs = runtime.saga(call_saga(Duration::from_secs(1)));
+    let jobs = serve(&runtime, participant.clone(), Duration::from_secs(1)).await;
     for i in 0..10 {
-        let id = jobs.start(format!("dup-{i}"), json!({})).unwrap();
+        let id = jobs.start(format!("dup-{i}"), json!({})).await.unwrap();
         assert_eq!(
             jobs.wait_settled(&id, Duration::from_secs(60))
                 .await
@@ -156,22 +186,19 @@ async fn participant_retries_with_backoff_then_dead_letters_with_metadata() {
         .retry(RetryPolicy::exponential(Duration::from_secs(2), 2.0).with_max_attempts(3))
         .timeout(Duration::from_secs(5))
         .dead_letter_channel("notifications.dlq");
-    runtime.participant("notifications.requests", policy, email.clone());
+    runtime
+        .participant("notifications.requests", policy, email.clone())
+        .await
+        .unwrap();
     let start = clock.now();
-    backend.publish(Envelope {
-        id: MessageId::new("mail-1"),
-        channel: "notifications.requests".into(),
-        saga_id: SagaId::new("order-3"),
-        saga: "order".into(),
-        kind: MessageKind::Command,
-        step: None,
-        phase: None,
-        attempt: 1,
-        reply_to: None,
-        outcome: None,
-        timestamp: start,
-        payload: json!({"to": "c-42"}),
-    });
+    backend.publish(Envelope::command(
+        MessageId::new("mail-1"),
+        "notifications.requests",
+        SagaId::new("order-3"),
+        "order",
+        json!({"to": "c-42"}),
+        start,
+    ));
     until("the dead letter", || {
         !backend.dead_letters("notifications.dlq").is_empty()
     })
@@ -214,7 +241,10 @@ async fn a_poison_command_is_dead_lettered_and_does_not_block_the_partition() {
     let backend = MemoryBackend::with_partitions(1);
     let runtime = InMemoryRuntime::new(backend.clone());
     let count = Arc::new(Mutex::new(0));
-    runtime.participant("pay", ParticipantPolicy::new("pay"), Typed(count.clone()));
+    runtime
+        .participant("pay", ParticipantPolicy::new("pay"), Typed(count.clone()))
+        .await
+        .unwrap();
     for (id, payload) in [("bad", json!("garbage")), ("good", json!({"amount": 5}))] {
         backend.publish(Envelope::event(
             MessageId::new(id),
@@ -228,7 +258,7 @@ async fn a_poison_command_is_dead_lettered_and_does_not_block_the_partition() {
     // Events on a command channel are not commands: both are dead-lettered.
     until("both handled", || backend.lag("pay", "pay") == 0).await;
     assert_eq!(backend.dead_letters("pay.dlq").len(), 2);
-    let mut cmd = Envelope::event(
+    let mut cmd = Envelope::command(
         MessageId::new("c-bad"),
         "pay",
         SagaId::new("a"),
@@ -236,7 +266,6 @@ async fn a_poison_command_is_dead_lettered_and_does_not_block_the_partition() {
         json!("garbage"),
         Timestamp::EPOCH,
     );
-    cmd.kind = MessageKind::Command;
     backend.publish(cmd.clone());
     cmd.id = MessageId::new("c-good");
     cmd.payload = json!({"amount": 5});
@@ -257,19 +286,28 @@ async fn a_poison_command_is_dead_lettered_and_does_not_block_the_partition() {
 async fn projections_see_every_event_in_order_per_saga() {
     let backend = MemoryBackend::new();
     let runtime = InMemoryRuntime::new(backend.clone());
-    runtime.participant(
-        "svc.requests",
-        ParticipantPolicy::new("svc"),
-        ScriptedParticipant::new(Scripted::Reply(json!(1))),
-    );
+    runtime
+        .participant(
+            "svc.requests",
+            ParticipantPolicy::new("svc"),
+            ScriptedParticipant::new(Scripted::Reply(json!(1))),
+        )
+        .await
+        .unwrap();
     let seen = Arc::new(Mutex::new(Vec::new()));
     let sink = seen.clone();
-    runtime.projection("audit", &["job.events"], move |e| {
-        sink.lock().unwrap().push(e.saga_id.clone())
-    });
-    let jobs = runtime.saga(call_saga(Duration::from_secs(1)));
+    runtime
+        .projection("audit", &["job.events"], move |e| {
+            sink.lock().unwrap().push(e.saga_id.clone())
+        })
+        .await
+        .unwrap();
+    let jobs = runtime
+        .saga(call_saga(Duration::from_secs(1)))
+        .await
+        .unwrap();
     for i in 0..30 {
-        jobs.start(format!("p-{i}"), json!({})).unwrap();
+        jobs.start(format!("p-{i}"), json!({})).await.unwrap();
     }
     until("30 events projected", || seen.lock().unwrap().len() == 30).await;
     let mut ids = seen.lock().unwrap().clone();
@@ -283,9 +321,12 @@ async fn projections_see_every_event_in_order_per_saga() {
 #[tokio::test(start_paused = true)]
 async fn starting_the_same_saga_twice_is_rejected() {
     let runtime = InMemoryRuntime::new(MemoryBackend::new());
-    let jobs = runtime.saga(call_saga(Duration::from_secs(1)));
-    jobs.start("once", json!({})).unwrap();
-    let err = jobs.start("once", json!({})).unwrap_err();
+    let jobs = runtime
+        .saga(call_saga(Duration::from_secs(1)))
+        .await
+        .unwrap();
+    jobs.start("once", json!({})).await.unwrap();
+    let err = jobs.start("once", json!({})).await.unwrap_err();
     assert!(matches!(err, SagaError::AlreadyExists { .. }), "{err}");
     assert_eq!(
         runtime.backend().messages("svc.requests").len(),
@@ -323,21 +364,16 @@ async fn participant_partition_state_survives_a_crash() {
     let backend = MemoryBackend::new();
     let clock = Clock::system();
     let runtime = InMemoryRuntime::with_clock(backend.clone(), clock);
-    runtime.participant(
-        "svc.requests",
-        ParticipantPolicy::new("svc"),
-        Counter::default(),
-    );
-    let jobs = runtime.saga(call_saga(Duration::from_secs(1)));
+    let jobs = serve(&runtime, Counter::default(), Duration::from_secs(1)).await;
     for i in 0..12 {
-        let id = jobs.start(format!("c-{i}"), json!({})).unwrap();
+        let id = jobs.start(format!("c-{i}"), json!({})).await.unwrap();
         jobs.wait_settled(&id, Duration::from_secs(60))
             .await
             .unwrap();
     }
     let before: u64 = (0..backend.partitions())
         .map(|p| {
-            runtime
+            backend
                 .participant_state("svc", p)
                 .and_then(|v| v.as_u64())
                 .unwrap_or(0)
@@ -347,13 +383,8 @@ async fn participant_partition_state_survives_a_crash() {
     drop(runtime);
 
     let runtime = InMemoryRuntime::with_clock(backend.clone(), clock);
-    runtime.participant(
-        "svc.requests",
-        ParticipantPolicy::new("svc"),
-        Counter::default(),
-    );
-    let jobs = runtime.saga(call_saga(Duration::from_secs(1)));
-    let id = jobs.start("c-12", json!({})).unwrap();
+    let jobs = serve(&runtime, Counter::default(), Duration::from_secs(1)).await;
+    let id = jobs.start("c-12", json!({})).await.unwrap();
     let done = jobs
         .wait_settled(&id, Duration::from_secs(60))
         .await

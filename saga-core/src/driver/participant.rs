@@ -1,0 +1,978 @@
+//! The participant driver: deduplication, local retries, fencing and dead
+//! letters around a [`Participant`], for the partitions a worker owns.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::driver::metrics;
+use crate::driver::record::{Incoming, Record, RecordKind};
+use crate::ids::{MessageId, Timestamp};
+use crate::message::{DeadLetter, Envelope, MessageKind, Phase, ReplyOutcome};
+use crate::participant::{Participant, ParticipantContext, ParticipantPolicy};
+use crate::retry::{Classify, ErrorClass, RetryDecision};
+
+/// The ledger topic of participant `name`: `<name>.ledger`, compacted,
+/// co-partitioned with its command topic. It holds one entry per command
+/// handled (keyed by message id), the fences of compensated steps, and the
+/// participant's per-partition state snapshot.
+pub fn ledger_topic(name: &str) -> String {
+    format!("{name}.ledger")
+}
+
+/// The reserved key of a participant's per-partition state snapshot in its
+/// ledger topic (one per partition; the NUL byte keeps it apart from
+/// message ids).
+pub const PARTICIPANT_STATE_KEY: &str = "\u{0}participant-state";
+
+/// The result of one attempt at handling a command.
+#[derive(Clone, Debug, PartialEq)]
+#[non_exhaustive]
+pub enum AttemptResult {
+    /// The handler returned a reply (payload) and emitted these events.
+    Replied {
+        /// The reply payload.
+        reply: Value,
+        /// Events to publish with it.
+        events: Vec<Envelope>,
+    },
+    /// The attempt failed.
+    Failed {
+        /// Retryable or permanent.
+        class: ErrorClass,
+        /// The error, for humans.
+        error: String,
+    },
+}
+
+impl AttemptResult {
+    /// The result of an attempt that did not end within `timeout`: a
+    /// retryable failure.
+    pub fn timed_out(timeout: Duration) -> Self {
+        AttemptResult::Failed {
+            class: ErrorClass::Retryable,
+            error: format!("timed out after {timeout:?}"),
+        }
+    }
+}
+
+/// A participant with its types erased, as the driver holds it.
+#[async_trait]
+trait Erased: Send + Sync + 'static {
+    async fn attempt(
+        &self,
+        command: &Envelope,
+        attempt: u32,
+        partition: u32,
+        now: Timestamp,
+    ) -> AttemptResult;
+    fn snapshot(&self, partition: u32) -> Option<Value>;
+    fn restore(&self, partition: u32, snapshot: Option<Value>);
+    fn dead_letter_events(&self, dead: &DeadLetter, now: Timestamp) -> Vec<Envelope>;
+}
+
+#[async_trait]
+impl<P: Participant> Erased for P {
+    async fn attempt(
+        &self,
+        command: &Envelope,
+        attempt: u32,
+        partition: u32,
+        now: Timestamp,
+    ) -> AttemptResult {
+        let decoded: P::Command = match serde_json::from_value(command.payload.clone()) {
+            Ok(c) => c,
+            Err(e) => {
+                return AttemptResult::Failed {
+                    class: ErrorClass::Permanent,
+                    error: format!("cannot decode command `{}`: {e}", command.id),
+                }
+            }
+        };
+        let mut ctx = ParticipantContext::new(command, attempt, now).on_partition(partition);
+        let span = tracing::debug_span!("participant.attempt", saga_id = %command.saga_id, saga = %command.saga, step = command.step.as_deref().unwrap_or(""), attempt);
+        let outcome = tracing::Instrument::instrument(self.handle(decoded, &mut ctx), span).await;
+        match outcome {
+            Ok(reply) => {
+                let reply = match serde_json::to_value(reply) {
+                    Ok(v) => v,
+                    Err(e) => {
+                        return AttemptResult::Failed {
+                            class: ErrorClass::Permanent,
+                            error: format!("cannot encode reply: {e}"),
+                        }
+                    }
+                };
+                match ctx.take_events(&command.saga) {
+                    Ok(events) => AttemptResult::Replied { reply, events },
+                    Err(error) => AttemptResult::Failed {
+                        class: ErrorClass::Permanent,
+                        error,
+                    },
+                }
+            }
+            Err(e) => AttemptResult::Failed {
+                class: e.class(),
+                error: e.to_string(),
+            },
+        }
+    }
+
+    fn snapshot(&self, partition: u32) -> Option<Value> {
+        Participant::snapshot(self, partition)
+    }
+
+    fn restore(&self, partition: u32, snapshot: Option<Value>) {
+        Participant::restore(self, partition, snapshot)
+    }
+
+    fn dead_letter_events(&self, dead: &DeadLetter, now: Timestamp) -> Vec<Envelope> {
+        let mut ctx = ParticipantContext::new(&dead.original, dead.retry_count, now);
+        self.on_dead_letter(dead, &mut ctx);
+        ctx.take_events(&dead.original.saga).unwrap_or_else(|e| {
+            tracing::warn!(dead_letter = %dead.id, error = %e, "dead-letter events dropped");
+            Vec::new()
+        })
+    }
+}
+
+/// One attempt of the handler that the runtime must run, outside the
+/// driver (it is async), then hand back with [`ParticipantDriver::finish`].
+#[must_use = "run the attempt and hand its result to `ParticipantDriver::finish`"]
+pub struct Attempt {
+    participant: Arc<dyn Erased>,
+    command: Envelope,
+    number: u32,
+    partition: u32,
+    timeout: Option<Duration>,
+}
+
+impl std::fmt::Debug for Attempt {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Attempt")
+            .field("command", &self.command.id)
+            .field("number", &self.number)
+            .field("partition", &self.partition)
+            .field("timeout", &self.timeout)
+            .finish()
+    }
+}
+
+impl Attempt {
+    /// The command.
+    pub fn command(&self) -> &Envelope {
+        &self.command
+    }
+
+    /// The participant-side attempt number (1-based).
+    pub fn number(&self) -> u32 {
+        self.number
+    }
+
+    /// The partition the command came from.
+    pub fn partition(&self) -> u32 {
+        self.partition
+    }
+
+    /// The handler's deadline ([`ParticipantPolicy::timeout`]).
+    pub fn timeout(&self) -> Option<Duration> {
+        self.timeout
+    }
+
+    /// Runs the handler once, at `now`, without bounding it in time (see
+    /// `Attempt::run`, feature `tokio`).
+    pub async fn run_unbounded(&self, now: Timestamp) -> AttemptResult {
+        self.participant
+            .attempt(&self.command, self.number, self.partition, now)
+            .await
+    }
+
+    /// Runs the handler once, at `now`, cut off after
+    /// [`Attempt::timeout`] (a retryable failure then).
+    #[cfg(feature = "tokio")]
+    pub async fn run(&self, now: Timestamp) -> AttemptResult {
+        match self.timeout {
+            Some(t) => tokio::time::timeout(t, self.run_unbounded(now))
+                .await
+                .unwrap_or_else(|_| AttemptResult::timed_out(t)),
+            None => self.run_unbounded(now).await,
+        }
+    }
+}
+
+/// What the ledger remembers of one command, or of one compensated step.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "state", rename_all = "snake_case")]
+enum Entry {
+    /// Handled: the reply it got, sent again to a redelivery (none for a
+    /// fire-and-forget command).
+    Answered { reply: Option<Envelope> },
+    /// Waiting for its next local attempt.
+    Retrying {
+        command: Envelope,
+        attempts: u32,
+        first_attempt_at: Timestamp,
+        next_attempt_at: Timestamp,
+        last_error: String,
+    },
+    /// The step was compensated: its forward commands no longer take effect.
+    Fenced,
+}
+
+#[derive(Clone, Debug)]
+struct Kept {
+    partition: u32,
+    entry: Entry,
+}
+
+fn fence_key(forward_business_key: &str) -> String {
+    format!("fence/{forward_business_key}")
+}
+
+/// Runs one participant for a runtime worker, without I/O (but for the
+/// handler, which the runtime runs: see [`Attempt`]).
+///
+/// For the partitions of the command channel the worker owns it keeps the
+/// ledger: every command handled and its reply (a redelivery is answered
+/// the same way without running the handler), the commands waiting for a
+/// local retry, and the fences of compensated steps (a forward command
+/// that arrives after its step's compensation never takes effect).
+///
+/// When the [`ParticipantPolicy`] gives up on a command, a command a saga
+/// waits on (it has a `reply_to`) is answered with a failure of the last
+/// error's class, so the saga's step decides what comes next; a
+/// fire-and-forget command is dead-lettered. Records that are not commands
+/// are dead-lettered.
+pub struct ParticipantDriver {
+    participant: Arc<dyn Erased>,
+    policy: ParticipantPolicy,
+    channel: String,
+    ledger_topic: String,
+    owned: BTreeSet<u32>,
+    entries: HashMap<String, Kept>,
+    retries: BTreeSet<(Timestamp, String)>,
+    undo: HashMap<String, Option<Kept>>,
+    /// The last committed state snapshot of each owned partition.
+    shards: HashMap<u32, Option<Value>>,
+    /// Partitions whose participant state the open batch may have changed.
+    touched: BTreeSet<u32>,
+    /// Snapshots written in the open batch.
+    written: HashMap<u32, Option<Value>>,
+}
+
+impl std::fmt::Debug for ParticipantDriver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ParticipantDriver")
+            .field("participant", &self.policy.name)
+            .field("channel", &self.channel)
+            .field("owned", &self.owned)
+            .field("entries", &self.entries.len())
+            .field("retries", &self.retries.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl ParticipantDriver {
+    /// A driver for `participant` on command channel `channel` under `policy`.
+    pub fn new<P: Participant>(
+        channel: impl Into<String>,
+        policy: ParticipantPolicy,
+        participant: Arc<P>,
+    ) -> Self {
+        Self {
+            participant,
+            ledger_topic: ledger_topic(&policy.name),
+            policy,
+            channel: channel.into(),
+            owned: BTreeSet::new(),
+            entries: HashMap::new(),
+            retries: BTreeSet::new(),
+            undo: HashMap::new(),
+            shards: HashMap::new(),
+            touched: BTreeSet::new(),
+            written: HashMap::new(),
+        }
+    }
+
+    /// The policy.
+    pub fn policy(&self) -> &ParticipantPolicy {
+        &self.policy
+    }
+
+    /// The command channel.
+    pub fn channel(&self) -> &str {
+        &self.channel
+    }
+
+    /// The ledger topic ([`ledger_topic`]).
+    pub fn ledger_topic(&self) -> &str {
+        &self.ledger_topic
+    }
+
+    /// Whether the worker owns `partition`.
+    pub fn owns(&self, partition: u32) -> bool {
+        self.owned.contains(&partition)
+    }
+
+    /// Commands waiting for a local retry.
+    pub fn pending_retries(&self) -> usize {
+        self.retries.len()
+    }
+
+    /// Takes `partition` with the latest record of each key of its ledger
+    /// (key, bytes): the ledger entries and the participant's state
+    /// snapshot, which the participant gets through
+    /// [`Participant::restore`] before any command of the partition.
+    /// Unreadable entries are skipped (and logged).
+    pub fn restore(
+        &mut self,
+        partition: u32,
+        records: impl IntoIterator<Item = (String, Vec<u8>)>,
+    ) {
+        self.owned.insert(partition);
+        let mut snapshot = None;
+        for (key, bytes) in records {
+            if key == PARTICIPANT_STATE_KEY {
+                match serde_json::from_slice::<Value>(&bytes) {
+                    Ok(v) => snapshot = Some(v),
+                    Err(e) => {
+                        tracing::error!(participant = %self.policy.name, partition, error = %e, "unreadable participant state: starting empty")
+                    }
+                }
+                continue;
+            }
+            match serde_json::from_slice::<Entry>(&bytes) {
+                Ok(entry) => self.put(&key, Some(Kept { partition, entry })),
+                Err(e) => {
+                    tracing::error!(participant = %self.policy.name, partition, key, error = %e, "unreadable ledger entry: skipped")
+                }
+            }
+        }
+        self.participant.restore(partition, snapshot.clone());
+        self.shards.insert(partition, snapshot);
+    }
+
+    /// Gives up `partitions`: their ledger leaves memory.
+    pub fn release(&mut self, partitions: &[u32]) {
+        let gone: Vec<String> = self
+            .entries
+            .iter()
+            .filter(|(_, k)| partitions.contains(&k.partition))
+            .map(|(key, _)| key.clone())
+            .collect();
+        for key in gone {
+            self.undo.remove(&key);
+            self.put(&key, None);
+        }
+        for p in partitions {
+            self.owned.remove(p);
+            self.shards.remove(p);
+            self.touched.remove(p);
+            self.written.remove(p);
+        }
+    }
+
+    /// Handles one record of the command channel: a redelivered command is
+    /// answered again, a forward command of a compensated step is refused,
+    /// anything not a command is dead-lettered; a new command returns the
+    /// [`Attempt`] to run.
+    pub fn on_record(
+        &mut self,
+        rec: &Incoming<'_>,
+        now: Timestamp,
+        out: &mut Vec<Record>,
+    ) -> Option<Attempt> {
+        if !self.owns(rec.partition) {
+            tracing::error!(participant = %self.policy.name, partition = rec.partition, "record of a partition the driver does not own: skipped");
+            return None;
+        }
+        let command = match self.command_of(rec) {
+            Ok(c) => c,
+            Err(reason) => {
+                let original = rec.as_poison("", now);
+                self.dead_letter(original, 0, "not a command".into(), reason, now, out);
+                return None;
+            }
+        };
+        match self.entries.get(command.id.as_str()).map(|k| &k.entry) {
+            Some(Entry::Answered { reply }) => {
+                tracing::debug!(participant = %self.policy.name, message_id = %command.id, "duplicate command: answering again");
+                if let Some(reply) = reply {
+                    out.push(Record::message(reply));
+                }
+                return None;
+            }
+            Some(Entry::Retrying { .. }) => return None,
+            Some(Entry::Fenced) | None => {}
+        }
+        if command.phase == Some(Phase::Compensation) {
+            self.fence(rec.partition, &command, out);
+        } else if self.fenced(&command) {
+            self.refuse_fenced(rec.partition, &command, now, out);
+            return None;
+        }
+        Some(self.attempt(rec.partition, command, 1))
+    }
+
+    /// When the next local retry is due.
+    pub fn next_due(&self) -> Option<Timestamp> {
+        self.retries.iter().next().map(|(at, _)| *at)
+    }
+
+    /// The earliest local retry due at `now`, if any: the [`Attempt`] to run.
+    pub fn take_due(&mut self, now: Timestamp, out: &mut Vec<Record>) -> Option<Attempt> {
+        loop {
+            let (at, key) = self.retries.iter().next().cloned()?;
+            if at > now {
+                return None;
+            }
+            self.retries.remove(&(at, key.clone()));
+            let Some(Kept {
+                partition,
+                entry: Entry::Retrying {
+                    command, attempts, ..
+                },
+            }) = self.entries.get(&key).cloned()
+            else {
+                continue;
+            };
+            if command.phase != Some(Phase::Compensation) && self.fenced(&command) {
+                self.refuse_fenced(partition, &command, now, out);
+                continue;
+            }
+            return Some(self.attempt(partition, command, attempts + 1));
+        }
+    }
+
+    /// Records the outcome of `attempt`, which took `took` to run: the
+    /// reply and events, a local retry, or giving up (a failure reply, or a
+    /// dead letter for a fire-and-forget command).
+    pub fn finish(
+        &mut self,
+        attempt: Attempt,
+        result: AttemptResult,
+        took: Duration,
+        now: Timestamp,
+        out: &mut Vec<Record>,
+    ) {
+        metrics::attempt(&self.policy.name, &result, took.as_secs_f64());
+        let Attempt {
+            command,
+            number,
+            partition,
+            ..
+        } = attempt;
+        self.touched.insert(partition);
+        let first = match self.entries.get(command.id.as_str()).map(|k| &k.entry) {
+            Some(Entry::Retrying {
+                first_attempt_at, ..
+            }) => *first_attempt_at,
+            _ => now,
+        };
+        let entry = match result {
+            AttemptResult::Replied { reply, events } => {
+                let reply = command.reply(ReplyOutcome::Success, reply, now);
+                out.extend(events.iter().map(Record::message));
+                out.extend(reply.iter().map(Record::message));
+                Entry::Answered { reply }
+            }
+            AttemptResult::Failed { class, error } => {
+                tracing::debug!(participant = %self.policy.name, message_id = %command.id, attempt = number, %error, "attempt failed");
+                let seed = seed_of(&command.id);
+                let elapsed = now.saturating_since(first);
+                match self.policy.retry.decide(class, number, elapsed, seed) {
+                    RetryDecision::RetryAfter(delay) => Entry::Retrying {
+                        command: command.clone(),
+                        attempts: number,
+                        first_attempt_at: first,
+                        next_attempt_at: now.saturating_add(delay),
+                        last_error: error,
+                    },
+                    RetryDecision::GiveUp(why) => {
+                        let failure = ReplyOutcome::Failure {
+                            class,
+                            error: error.clone(),
+                            attempts: number,
+                        };
+                        match command.reply(failure, Value::Null, now) {
+                            Some(reply) => {
+                                out.push(Record::message(&reply));
+                                Entry::Answered { reply: Some(reply) }
+                            }
+                            None => {
+                                self.dead_letter(
+                                    command.clone(),
+                                    number,
+                                    why.to_string(),
+                                    error,
+                                    now,
+                                    out,
+                                );
+                                Entry::Answered { reply: None }
+                            }
+                        }
+                    }
+                }
+            }
+        };
+        self.write(partition, command.id.to_string(), entry, out);
+    }
+
+    /// The open batch is about to commit: writes the participant's state
+    /// snapshot of every partition the batch touched (if it keeps any).
+    pub fn before_commit(&mut self, out: &mut Vec<Record>) {
+        for p in std::mem::take(&mut self.touched) {
+            let Some(snapshot) = self.participant.snapshot(p) else {
+                continue;
+            };
+            // A `Value` always serializes.
+            let bytes = serde_json::to_vec(&snapshot).unwrap_or_default();
+            out.push(
+                Record::new(
+                    &self.ledger_topic,
+                    PARTICIPANT_STATE_KEY,
+                    Some(bytes),
+                    RecordKind::ParticipantState,
+                )
+                .on_partition(p),
+            );
+            self.written.insert(p, Some(snapshot));
+        }
+    }
+
+    /// The open batch committed.
+    pub fn committed(&mut self) {
+        self.undo.clear();
+        self.touched.clear();
+        self.shards.extend(self.written.drain());
+    }
+
+    /// The open batch aborted: the ledger and the participant's state go
+    /// back to their last committed values.
+    pub fn rolled_back(&mut self) {
+        for (key, old) in std::mem::take(&mut self.undo) {
+            self.put(&key, old);
+        }
+        let touched = std::mem::take(&mut self.touched);
+        let written = std::mem::take(&mut self.written);
+        for p in touched.into_iter().chain(written.into_keys()) {
+            let snapshot = self.shards.get(&p).cloned().flatten();
+            self.participant.restore(p, snapshot);
+        }
+    }
+
+    fn command_of(&self, rec: &Incoming<'_>) -> Result<Envelope, String> {
+        match RecordKind::from_header(rec.kind) {
+            Ok(RecordKind::Message) => {}
+            Ok(kind) => return Err(format!("a {kind} record on a command topic")),
+            Err(kind) => return Err(format!("unknown record kind `{kind}`")),
+        }
+        let value = rec.value.ok_or("an empty record (tombstone)")?;
+        let env = Envelope::from_bytes(value).map_err(|e| format!("not an envelope: {e}"))?;
+        match env.kind {
+            MessageKind::Command => {}
+            MessageKind::Event => {
+                return Err(format!("message `{}` is an event, not a command", env.id))
+            }
+            _ => {
+                return Err(format!(
+                    "message `{}` is a {}, not a command",
+                    env.id,
+                    env.kind.as_str()
+                ))
+            }
+        }
+        Ok(env)
+    }
+
+    fn attempt(&mut self, partition: u32, command: Envelope, number: u32) -> Attempt {
+        Attempt {
+            participant: self.participant.clone(),
+            command,
+            number,
+            partition,
+            timeout: self.policy.timeout,
+        }
+    }
+
+    fn fenced(&self, command: &Envelope) -> bool {
+        command.step.is_some()
+            && self
+                .entries
+                .contains_key(&fence_key(&command.idempotency_key()))
+    }
+
+    /// A compensation arrived: the forward commands of its step must never
+    /// take effect from now on.
+    fn fence(&mut self, partition: u32, compensation: &Envelope, out: &mut Vec<Record>) {
+        let Some(step) = compensation.step.as_deref() else {
+            return;
+        };
+        let forward = format!(
+            "{}/{step}/{}",
+            compensation.saga_id,
+            Phase::Forward.as_str()
+        );
+        let key = fence_key(&forward);
+        if !self.entries.contains_key(&key) {
+            self.write(partition, key, Entry::Fenced, out);
+        }
+    }
+
+    fn refuse_fenced(
+        &mut self,
+        partition: u32,
+        command: &Envelope,
+        now: Timestamp,
+        out: &mut Vec<Record>,
+    ) {
+        tracing::debug!(participant = %self.policy.name, message_id = %command.id, "forward command of a compensated step: refused");
+        let failure =
+            ReplyOutcome::failure(ErrorClass::Permanent, "compensated before it took effect");
+        let reply = command.reply(failure, Value::Null, now);
+        out.extend(reply.iter().map(Record::message));
+        self.write(
+            partition,
+            command.id.to_string(),
+            Entry::Answered { reply },
+            out,
+        );
+    }
+
+    fn dead_letter(
+        &self,
+        original: Envelope,
+        retry_count: u32,
+        reason: String,
+        last_error: String,
+        now: Timestamp,
+        out: &mut Vec<Record>,
+    ) {
+        tracing::warn!(participant = %self.policy.name, message_id = %original.id, %reason, %last_error, "dead-lettered");
+        let dead = DeadLetter::new(
+            &self.policy.dead_letter_channel,
+            &self.policy.name,
+            original,
+            now,
+            retry_count,
+            reason,
+            last_error,
+        );
+        metrics::dead_letter(&self.policy.name);
+        let events = self.participant.dead_letter_events(&dead, now);
+        out.push(Record::message(&dead.to_envelope()));
+        out.extend(events.iter().map(Record::message));
+    }
+
+    /// Writes `entry` under `key` in the open batch and keeps it.
+    fn write(&mut self, partition: u32, key: String, entry: Entry, out: &mut Vec<Record>) {
+        // Plain data: always serializes.
+        let bytes = serde_json::to_vec(&entry).unwrap_or_default();
+        out.push(
+            Record::new(
+                &self.ledger_topic,
+                key.clone(),
+                Some(bytes),
+                RecordKind::Ledger,
+            )
+            .on_partition(partition),
+        );
+        if !self.undo.contains_key(&key) {
+            let old = self.entries.get(&key).cloned();
+            self.undo.insert(key.clone(), old);
+        }
+        self.put(&key, Some(Kept { partition, entry }));
+    }
+
+    fn put(&mut self, key: &str, new: Option<Kept>) {
+        if let Some(Kept {
+            entry: Entry::Retrying {
+                next_attempt_at, ..
+            },
+            ..
+        }) = self.entries.get(key)
+        {
+            self.retries.remove(&(*next_attempt_at, key.to_owned()));
+        }
+        match new {
+            Some(kept) => {
+                if let Entry::Retrying {
+                    next_attempt_at, ..
+                } = &kept.entry
+                {
+                    self.retries.insert((*next_attempt_at, key.to_owned()));
+                }
+                self.entries.insert(key.to_owned(), kept);
+            }
+            None => {
+                self.entries.remove(key);
+            }
+        }
+    }
+}
+
+fn seed_of(id: &MessageId) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    id.hash(&mut h);
+    h.finish()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::VecDeque;
+    use std::sync::Mutex;
+
+    use super::*;
+    use crate::definition::StepError;
+    use crate::ids::SagaId;
+    use crate::retry::RetryPolicy;
+
+    const T0: Timestamp = Timestamp::from_millis(1_000_000);
+
+    /// Answers from a script; keeps a counter as its per-partition state.
+    #[derive(Default)]
+    struct Scripted {
+        script: Mutex<VecDeque<Result<u32, StepError>>>,
+        runs: Mutex<u32>,
+        state: Mutex<HashMap<u32, u64>>,
+    }
+
+    #[async_trait]
+    impl Participant for Scripted {
+        type Command = Value;
+        type Reply = u32;
+        type Error = StepError;
+        async fn handle(&self, _: Value, ctx: &mut ParticipantContext) -> Result<u32, StepError> {
+            *self.runs.lock().unwrap() += 1;
+            let next = self.script.lock().unwrap().pop_front().unwrap_or(Ok(0));
+            if next.is_ok() {
+                *self
+                    .state
+                    .lock()
+                    .unwrap()
+                    .entry(ctx.partition())
+                    .or_default() += 1;
+                ctx.emit("svc.events", &"DONE");
+            }
+            next
+        }
+        fn snapshot(&self, partition: u32) -> Option<Value> {
+            self.state
+                .lock()
+                .unwrap()
+                .get(&partition)
+                .map(|n| Value::from(*n))
+        }
+        fn restore(&self, partition: u32, snapshot: Option<Value>) {
+            let n = snapshot.and_then(|v| v.as_u64()).unwrap_or(0);
+            self.state.lock().unwrap().insert(partition, n);
+        }
+    }
+
+    fn setup(
+        script: Vec<Result<u32, StepError>>,
+        policy: ParticipantPolicy,
+    ) -> (ParticipantDriver, Arc<Scripted>) {
+        let p = Arc::new(Scripted::default());
+        p.script.lock().unwrap().extend(script);
+        let mut d = ParticipantDriver::new("svc", policy, p.clone());
+        d.restore(0, Vec::new());
+        (d, p)
+    }
+
+    fn command(step: Option<(&str, Phase)>, attempt: u32, reply_to: Option<&str>) -> Envelope {
+        let saga = SagaId::new("s-1");
+        let id = match step {
+            Some((name, phase)) => Envelope::command_id(&saga, name, phase, attempt),
+            None => MessageId::new("s-1/command/1"),
+        };
+        let mut c = Envelope::command(id, "svc", saga, "job", Value::Null, T0);
+        if let Some((name, phase)) = step {
+            c.step = Some(name.into());
+            c.phase = Some(phase);
+        }
+        c.attempt = attempt;
+        c.reply_to = reply_to.map(str::to_owned);
+        c
+    }
+
+    fn incoming(bytes: &[u8]) -> Incoming<'_> {
+        Incoming {
+            topic: "svc",
+            partition: 0,
+            offset: 3,
+            key: Some(b"s-1"),
+            value: Some(bytes),
+            kind: None,
+        }
+    }
+
+    /// Delivers `cmd`, runs the attempt it asks for (if any), returns what
+    /// was written.
+    async fn deliver(d: &mut ParticipantDriver, cmd: &Envelope) -> Vec<Record> {
+        let mut out = Vec::new();
+        let bytes = cmd.to_bytes();
+        if let Some(a) = d.on_record(&incoming(&bytes), T0, &mut out) {
+            let r = a.run_unbounded(T0).await;
+            d.finish(a, r, Duration::ZERO, T0, &mut out);
+        }
+        out
+    }
+
+    fn messages(out: &[Record]) -> Vec<Envelope> {
+        out.iter()
+            .filter(|r| r.kind == RecordKind::Message)
+            .map(|r| Envelope::from_bytes(r.value.as_deref().unwrap()).unwrap())
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn a_redelivered_command_is_answered_again_without_running() {
+        let (mut d, p) = setup(vec![Ok(7)], ParticipantPolicy::new("svc"));
+        let cmd = command(Some(("call", Phase::Forward)), 1, Some("job.replies"));
+        let first = messages(&deliver(&mut d, &cmd).await);
+        let again = messages(&deliver(&mut d, &cmd).await);
+        assert_eq!(*p.runs.lock().unwrap(), 1);
+        assert_eq!(first.len(), 2, "the event and the reply");
+        assert_eq!(again.len(), 1, "the reply only");
+        assert_eq!(again[0], first[1]);
+        // A new attempt of the same step is a new command: it runs.
+        deliver(
+            &mut d,
+            &command(Some(("call", Phase::Forward)), 2, Some("job.replies")),
+        )
+        .await;
+        assert_eq!(*p.runs.lock().unwrap(), 2);
+    }
+
+    #[tokio::test]
+    async fn local_retries_run_when_due_then_the_failure_goes_back_with_its_class() {
+        let policy = ParticipantPolicy::new("svc")
+            .retry(RetryPolicy::fixed(Duration::from_secs(2)).with_max_attempts(2));
+        let (mut d, p) = setup(
+            vec![
+                Err(StepError::retryable("503")),
+                Err(StepError::retryable("500")),
+            ],
+            policy,
+        );
+        let cmd = command(Some(("call", Phase::Forward)), 1, Some("job.replies"));
+        assert!(
+            messages(&deliver(&mut d, &cmd).await).is_empty(),
+            "no answer yet"
+        );
+        let due = T0.saturating_add(Duration::from_secs(2));
+        assert_eq!(d.next_due(), Some(due));
+        let mut out = Vec::new();
+        assert!(d.take_due(T0, &mut out).is_none(), "not before its time");
+        let a = d.take_due(due, &mut out).expect("the retry");
+        assert_eq!(a.number(), 2);
+        let r = a.run_unbounded(due).await;
+        d.finish(a, r, Duration::ZERO, due, &mut out);
+        let replies = messages(&out);
+        assert_eq!(replies.len(), 1);
+        assert_eq!(
+            replies[0].outcome,
+            Some(ReplyOutcome::Failure {
+                class: ErrorClass::Retryable,
+                error: "500".into(),
+                attempts: 2
+            })
+        );
+        assert_eq!(*p.runs.lock().unwrap(), 2);
+        assert_eq!(d.pending_retries(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_fire_and_forget_command_is_dead_lettered_when_it_gives_up() {
+        let (mut d, _) = setup(
+            vec![Err(StepError::permanent("bad address"))],
+            ParticipantPolicy::new("svc"),
+        );
+        let out = messages(&deliver(&mut d, &command(None, 1, None)).await);
+        assert_eq!(out.len(), 1);
+        assert_eq!(out[0].channel, "svc.dlq");
+        let dead = DeadLetter::from_envelope(&out[0]).unwrap();
+        assert_eq!(dead.last_error, "bad address");
+        assert_eq!(dead.reason, "permanent error");
+        assert_eq!(dead.original.id.as_str(), "s-1/command/1");
+    }
+
+    #[tokio::test]
+    async fn a_forward_command_after_its_compensation_never_takes_effect() {
+        let (mut d, p) = setup(vec![], ParticipantPolicy::new("svc"));
+        deliver(
+            &mut d,
+            &command(Some(("call", Phase::Compensation)), 2, Some("job.replies")),
+        )
+        .await;
+        let late = command(Some(("call", Phase::Forward)), 1, Some("job.replies"));
+        let out = messages(&deliver(&mut d, &late).await);
+        assert_eq!(*p.runs.lock().unwrap(), 1, "only the compensation ran");
+        assert_eq!(
+            out[0].outcome,
+            Some(ReplyOutcome::failure(
+                ErrorClass::Permanent,
+                "compensated before it took effect"
+            ))
+        );
+    }
+
+    #[tokio::test]
+    async fn an_abort_puts_the_ledger_and_the_participants_state_back() {
+        let (mut d, p) = setup(vec![Ok(1), Ok(2)], ParticipantPolicy::new("svc"));
+        let first = command(Some(("call", Phase::Forward)), 1, Some("job.replies"));
+        let mut out = deliver(&mut d, &first).await;
+        d.before_commit(&mut out);
+        d.committed();
+        let snapshot = out
+            .iter()
+            .find(|r| r.kind == RecordKind::ParticipantState)
+            .expect("the partition's state is written with the batch");
+        assert_eq!(snapshot.partition, Some(0));
+        assert_eq!(p.state.lock().unwrap()[&0], 1);
+        // A second command's batch aborts.
+        let second = command(Some(("other", Phase::Forward)), 1, Some("job.replies"));
+        deliver(&mut d, &second).await;
+        assert_eq!(p.state.lock().unwrap()[&0], 2);
+        d.rolled_back();
+        assert_eq!(p.state.lock().unwrap()[&0], 1, "back to the last commit");
+        // Redelivered, the aborted command runs again.
+        deliver(&mut d, &second).await;
+        assert_eq!(*p.runs.lock().unwrap(), 3);
+    }
+
+    #[tokio::test]
+    async fn records_that_are_not_commands_are_dead_lettered() {
+        let (mut d, p) = setup(vec![], ParticipantPolicy::new("svc"));
+        let mut out = Vec::new();
+        let event = Envelope::event(
+            MessageId::new("e-1"),
+            "svc",
+            SagaId::new("s-1"),
+            "job",
+            Value::Null,
+            T0,
+        );
+        let bytes = event.to_bytes();
+        for rec in [incoming(b"garbage"), incoming(&bytes)] {
+            assert!(d.on_record(&rec, T0, &mut out).is_none());
+        }
+        let dead: Vec<DeadLetter> = messages(&out)
+            .iter()
+            .map(|e| DeadLetter::from_envelope(e).unwrap())
+            .collect();
+        assert_eq!(dead.len(), 2);
+        assert!(dead[0].last_error.starts_with("not an envelope"));
+        assert_eq!(
+            dead[1].last_error,
+            "message `e-1` is an event, not a command"
+        );
+        assert_eq!(*p.runs.lock().unwrap(), 0);
+    }
+}

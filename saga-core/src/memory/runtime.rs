@@ -1,0 +1,293 @@
+//! The in-memory runtime: registration, the saga handles, shutdown.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::task::JoinHandle;
+
+use crate::definition::{SagaData, SagaDefinition};
+use crate::driver::{decode_state, state_topic, ParticipantDriver, RetryBudgets, SagaDriver};
+use crate::engine::Operation;
+use crate::error::SagaError;
+use crate::ids::SagaId;
+use crate::instance::SagaInstance;
+use crate::memory::backend::MemoryBackend;
+use crate::memory::clock::Clock;
+use crate::memory::worker::{
+    ParticipantWorker, ProjectionWorker, Request, SagaWorker, SharedHandler,
+};
+use crate::message::{DeadLetter, Envelope};
+use crate::participant::{Participant, ParticipantPolicy};
+use crate::runtime::{Page, Runtime, SagaHandle, SagaQuery, SagaService};
+
+/// The embedded runtime: sagas, participants and projections as tokio
+/// tasks over a [`MemoryBackend`], one worker per partition of each, so
+/// different sagas run in parallel while each saga's messages stay in
+/// order. Must be used inside a tokio runtime.
+///
+/// Each input is handled and committed in one critical section that
+/// reads it, runs the driver, writes its records and marks it consumed.
+/// Dropping the runtime stops its workers between two such sections, as a
+/// crash would; a new runtime over the same backend resumes every saga,
+/// timers included. [`Runtime::shutdown`] stops them and waits.
+pub struct InMemoryRuntime {
+    backend: MemoryBackend,
+    clock: Clock,
+    stop: watch::Sender<bool>,
+    tasks: Mutex<Vec<JoinHandle<()>>>,
+    budgets: RetryBudgets,
+}
+
+impl std::fmt::Debug for InMemoryRuntime {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("InMemoryRuntime")
+            .field("backend", &self.backend)
+            .finish_non_exhaustive()
+    }
+}
+
+impl InMemoryRuntime {
+    /// A runtime over `backend` on the system clock.
+    pub fn new(backend: MemoryBackend) -> Self {
+        Self::with_clock(backend, Clock::system())
+    }
+
+    /// A runtime over `backend` on `clock` (share one clock across a
+    /// crash and restart so persisted timers keep their meaning).
+    pub fn with_clock(backend: MemoryBackend, clock: Clock) -> Self {
+        let (stop, _) = watch::channel(false);
+        Self {
+            backend,
+            clock,
+            stop,
+            tasks: Mutex::new(Vec::new()),
+            budgets: RetryBudgets::default(),
+        }
+    }
+
+    /// The backend.
+    pub fn backend(&self) -> &MemoryBackend {
+        &self.backend
+    }
+
+    /// The clock.
+    pub fn clock(&self) -> Clock {
+        self.clock
+    }
+
+    fn spawn(&self, fut: impl std::future::Future<Output = ()> + Send + 'static) {
+        let task = tokio::spawn(fut);
+        self.tasks
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(task);
+    }
+
+    fn stopped(&self) -> bool {
+        *self.stop.borrow()
+    }
+}
+
+#[async_trait]
+impl Runtime for InMemoryRuntime {
+    fn name(&self) -> &'static str {
+        "memory"
+    }
+
+    async fn saga<D: SagaData>(&self, def: SagaDefinition<D>) -> Result<SagaHandle<D>, SagaError> {
+        if self.stopped() {
+            return Err(SagaError::Shutdown);
+        }
+        self.budgets.add_saga(&def)?;
+        let mut workers = Vec::new();
+        for p in 0..self.backend.partitions() {
+            let (tx, rx) = mpsc::unbounded_channel();
+            workers.push(tx);
+            let worker = SagaWorker {
+                driver: SagaDriver::new(def.clone()),
+                backend: self.backend.clone(),
+                clock: self.clock,
+                partition: p,
+                requests: rx,
+            };
+            self.spawn(worker.run(self.stop.subscribe()));
+        }
+        Ok(SagaHandle::new(MemorySagas {
+            state_topic: state_topic(def.name()),
+            def,
+            backend: self.backend.clone(),
+            clock: self.clock,
+            workers,
+        }))
+    }
+
+    async fn participant<P: Participant>(
+        &self,
+        channel: &str,
+        policy: ParticipantPolicy,
+        participant: P,
+    ) -> Result<(), SagaError> {
+        if self.stopped() {
+            return Err(SagaError::Shutdown);
+        }
+        self.budgets.add_participant(channel, &policy)?;
+        let participant = Arc::new(participant);
+        for p in 0..self.backend.partitions() {
+            let worker = ParticipantWorker {
+                driver: ParticipantDriver::new(channel, policy.clone(), participant.clone()),
+                backend: self.backend.clone(),
+                clock: self.clock,
+                partition: p,
+            };
+            self.spawn(worker.run(self.stop.subscribe()));
+        }
+        Ok(())
+    }
+
+    async fn projection<F>(
+        &self,
+        group: &str,
+        channels: &[&str],
+        handler: F,
+    ) -> Result<(), SagaError>
+    where
+        F: FnMut(&Envelope) + Send + 'static,
+    {
+        if self.stopped() {
+            return Err(SagaError::Shutdown);
+        }
+        let handler: SharedHandler = Arc::new(Mutex::new(handler));
+        for p in 0..self.backend.partitions() {
+            let worker = ProjectionWorker {
+                handler: handler.clone(),
+                backend: self.backend.clone(),
+                group: group.to_owned(),
+                channels: channels.iter().map(|c| (*c).to_owned()).collect(),
+                partition: p,
+            };
+            self.spawn(worker.run(self.stop.subscribe()));
+        }
+        Ok(())
+    }
+
+    async fn publish(&self, envelopes: Vec<Envelope>) -> Result<(), SagaError> {
+        if self.stopped() {
+            return Err(SagaError::Shutdown);
+        }
+        {
+            let mut st = self.backend.lock();
+            let records = envelopes
+                .iter()
+                .map(crate::driver::Record::message)
+                .collect();
+            self.backend.commit(&mut st, records, None);
+        }
+        self.backend.notify();
+        Ok(())
+    }
+
+    async fn dead_letters(&self, channel: &str) -> Result<Vec<DeadLetter>, SagaError> {
+        Ok(self.backend.dead_letters(channel))
+    }
+
+    async fn shutdown(&self) {
+        let _ = self.stop.send(true);
+        let tasks = std::mem::take(&mut *self.tasks.lock().unwrap_or_else(|e| e.into_inner()));
+        for t in tasks {
+            let _ = t.await;
+        }
+    }
+}
+
+impl Drop for InMemoryRuntime {
+    fn drop(&mut self) {
+        for t in self
+            .tasks
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .drain(..)
+        {
+            t.abort();
+        }
+    }
+}
+
+/// One saga type on the in-memory runtime.
+struct MemorySagas<D> {
+    def: SagaDefinition<D>,
+    state_topic: String,
+    backend: MemoryBackend,
+    clock: Clock,
+    /// The worker of each partition.
+    workers: Vec<mpsc::UnboundedSender<Request<D>>>,
+}
+
+impl<D: SagaData> MemorySagas<D> {
+    fn worker(&self, id: &SagaId) -> &mpsc::UnboundedSender<Request<D>> {
+        &self.workers[self.backend.partition_for(id.as_str()) as usize]
+    }
+
+    fn load(&self, id: &SagaId) -> Result<Option<SagaInstance<D>>, SagaError> {
+        let bytes = self
+            .backend
+            .lock()
+            .table_get(&self.state_topic, id.as_str());
+        bytes.map(|b| decode_state(id.as_str(), &b)).transpose()
+    }
+}
+
+#[async_trait]
+impl<D: SagaData> SagaService<D> for MemorySagas<D> {
+    fn definition(&self) -> &SagaDefinition<D> {
+        &self.def
+    }
+
+    async fn start(&self, id: SagaId, data: D) -> Result<SagaId, SagaError> {
+        let (done, result) = oneshot::channel();
+        self.worker(&id)
+            .send(Request::Start { id, data, done })
+            .map_err(|_| SagaError::Shutdown)?;
+        result.await.map_err(|_| SagaError::Shutdown)?
+    }
+
+    async fn get(&self, id: &SagaId) -> Result<Option<SagaInstance<D>>, SagaError> {
+        self.load(id)
+    }
+
+    async fn list(&self, query: &SagaQuery) -> Result<Page<SagaInstance<D>>, SagaError> {
+        let records = self.backend.lock().table_values(&self.state_topic);
+        let instances = records
+            .iter()
+            .map(|(k, v)| decode_state(k, v))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(query.page(instances, self.clock.now()))
+    }
+
+    async fn operate(&self, id: &SagaId, operation: Operation) -> Result<(), SagaError> {
+        let (done, result) = oneshot::channel();
+        self.worker(id)
+            .send(Request::Operate {
+                id: id.clone(),
+                operation,
+                done,
+            })
+            .map_err(|_| SagaError::Shutdown)?;
+        result.await.map_err(|_| SagaError::Shutdown)?
+    }
+
+    async fn wait_settled(
+        &self,
+        id: &SagaId,
+        timeout: Duration,
+    ) -> Result<SagaInstance<D>, SagaError> {
+        crate::driver::wait_settled(id, timeout, self.backend.notifier(), || async {
+            if self.workers.iter().all(|w| w.is_closed()) {
+                return Err(SagaError::Shutdown);
+            }
+            self.load(id)
+        })
+        .await
+    }
+}
