@@ -72,6 +72,10 @@ impl TopicSpec {
 /// factor: compacted topics with `cleanup.policy=compact`, dead-letter topics
 /// with `retention.ms` = the dead-letter retention. Topics that already exist
 /// are left as they are.
+///
+/// # Errors
+/// [`Error::Client`] if the admin client cannot be created or reach the
+/// cluster, [`Error::Topic`] naming a topic the broker refused to create.
 pub async fn ensure_topics(config: &KafkaConfig, topics: &[TopicSpec]) -> Result<()> {
     let config = config.clone();
     let topics = topics.to_vec();

@@ -26,7 +26,7 @@ pub enum DeliveryMode {
 
 /// The environment variables [`KafkaConfig::from_env`] reads, and the
 /// property each one sets.
-pub const ENV_VARS: &[(&str, &str)] = &[
+const ENV_VARS: &[(&str, &str)] = &[
     ("KAFKA_SECURITY_PROTOCOL", "security.protocol"),
     ("KAFKA_SASL_MECHANISM", "sasl.mechanism"),
     ("KAFKA_SASL_USERNAME", "sasl.username"),
@@ -85,7 +85,7 @@ pub struct KafkaConfig {
 }
 
 /// Whether a property's value is a secret that must never be shown.
-pub fn is_secret(key: &str) -> bool {
+pub(crate) fn is_secret(key: &str) -> bool {
     let k = key.to_ascii_lowercase();
     k.contains("password") || k.contains("secret") || k == "sasl.jaas.config" || k == "ssl.key.pem"
 }
@@ -160,19 +160,34 @@ impl KafkaConfig {
 
     /// Reads the configuration from the process environment.
     ///
+    /// # Errors
+    /// [`Error::Config`] naming the variable that is missing
+    /// (`KAFKA_BOOTSTRAP_SERVERS`) or invalid.
+    ///
     /// `KAFKA_BOOTSTRAP_SERVERS` is required. Optional: `SAGA_APP`,
     /// `SAGA_INSTANCE_ID`, `SAGA_TRANSACTIONAL_ID_PREFIX`, `SAGA_DELIVERY`
     /// (`exactly-once` or `at-least-once`), `KAFKA_PARTITIONS`,
-    /// `KAFKA_REPLICATION_FACTOR`, and the client properties in [`ENV_VARS`]
-    /// (`KAFKA_SECURITY_PROTOCOL`, `KAFKA_SASL_MECHANISM`,
-    /// `KAFKA_SASL_USERNAME`, `KAFKA_SASL_PASSWORD`, `KAFKA_SSL_CA_LOCATION`,
-    /// `KAFKA_SSL_CERTIFICATE_LOCATION`, `KAFKA_SSL_KEY_LOCATION`,
-    /// `KAFKA_SSL_KEY_PASSWORD`, `KAFKA_CLIENT_ID`).
+    /// `KAFKA_REPLICATION_FACTOR`, and these client properties:
+    ///
+    /// | variable | property |
+    /// |---|---|
+    /// | `KAFKA_SECURITY_PROTOCOL` | `security.protocol` |
+    /// | `KAFKA_SASL_MECHANISM` | `sasl.mechanism` |
+    /// | `KAFKA_SASL_USERNAME` | `sasl.username` |
+    /// | `KAFKA_SASL_PASSWORD` | `sasl.password` |
+    /// | `KAFKA_SSL_CA_LOCATION` | `ssl.ca.location` |
+    /// | `KAFKA_SSL_CERTIFICATE_LOCATION` | `ssl.certificate.location` |
+    /// | `KAFKA_SSL_KEY_LOCATION` | `ssl.key.location` |
+    /// | `KAFKA_SSL_KEY_PASSWORD` | `ssl.key.password` |
+    /// | `KAFKA_CLIENT_ID` | `client.id` |
     pub fn from_env() -> Result<Self> {
         Self::from_lookup(|k| std::env::var(k).ok().filter(|v| !v.is_empty()))
     }
 
     /// Like [`KafkaConfig::from_env`], reading variables through `lookup`.
+    ///
+    /// # Errors
+    /// As [`KafkaConfig::from_env`].
     pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Self> {
         let servers = lookup("KAFKA_BOOTSTRAP_SERVERS").ok_or_else(|| Error::Config {
             key: "KAFKA_BOOTSTRAP_SERVERS".into(),

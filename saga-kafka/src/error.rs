@@ -1,13 +1,13 @@
 //! The crate's error type.
 
-use saga_core::{SagaError, SagaId};
-
 /// Everything that can go wrong in the Kafka runtime.
 ///
 /// Errors say what was being done and with which saga, topic or transactional id.
-/// A [`Error::Transaction`] from [`KafkaSagaHandle::start`](crate::KafkaSagaHandle::start)
-/// means nothing was written (the transaction was aborted): the caller may retry
-/// (an HTTP handler maps it to a 5xx).
+/// An [`Error::Transaction`] means nothing was written (the transaction was
+/// aborted): the caller may retry. Through saga-core's API (a saga's
+/// start, an operator's action, a publish) it arrives as
+/// [`SagaError::Unavailable`](saga_core::SagaError::Unavailable) (an HTTP
+/// handler maps it to 503).
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
@@ -48,27 +48,6 @@ pub enum Error {
         #[source]
         source: Box<rdkafka::error::KafkaError>,
     },
-    /// A record read from a topic could not be decoded.
-    #[error("corrupt record in `{topic}` [{partition}] at offset {offset}: {reason}")]
-    CorruptRecord {
-        /// The topic.
-        topic: String,
-        /// The partition.
-        partition: i32,
-        /// The offset.
-        offset: i64,
-        /// Why it could not be read.
-        reason: String,
-    },
-    /// An error from the saga engine (e.g. the saga already exists).
-    #[error(transparent)]
-    Saga(Box<SagaError>),
-    /// Waiting for a saga to settle took longer than allowed.
-    #[error("timed out waiting for saga `{saga_id}` to settle")]
-    WaitTimeout {
-        /// The saga.
-        saga_id: SagaId,
-    },
     /// The runtime (or the worker serving this request) is shut down.
     #[error("the Kafka runtime is shut down")]
     Shutdown,
@@ -76,12 +55,6 @@ pub enum Error {
 
 /// Shorthand for results with [`Error`].
 pub type Result<T, E = Error> = std::result::Result<T, E>;
-
-impl From<SagaError> for Error {
-    fn from(e: SagaError) -> Self {
-        Error::Saga(Box::new(e))
-    }
-}
 
 impl Error {
     pub(crate) fn client(what: impl Into<String>, source: rdkafka::error::KafkaError) -> Self {

@@ -4,16 +4,21 @@
 //! Kafka topics with exactly-once transactions (the default) or
 //! at-least-once delivery.
 //!
-//! - **Orchestrators** ([`KafkaRuntime::saga`]) consume a saga's reply
+//! [`KafkaRuntime`] implements saga-core's [`Runtime`](saga_core::Runtime)
+//! on the same drivers as the in-memory runtime, so code written against
+//! [`Runtime`](saga_core::Runtime) and [`SagaHandle`](saga_core::SagaHandle)
+//! runs on both.
+//!
+//! - **Orchestrators** (`runtime.saga(def)`) consume a saga's reply
 //!   topics, run the core, and in one transaction per batch produce the
 //!   commands and events, the new saga state (compacted topic
 //!   `<saga>.state`, keyed by saga id) and the consumed offsets. Timers
 //!   (step deadlines, retry backoff) are part of the state: re-armed after
 //!   a restart or a rebalance, and fired independently of consumption.
-//! - **Participants** ([`KafkaRuntime::participant`]) consume a command
+//! - **Participants** (`runtime.participant(..)`) consume a command
 //!   topic and reply, with deduplication by message id, retries and dead
 //!   letters; their ledgers live in the compacted topic `<name>.ledger`.
-//! - **Projections** ([`KafkaRuntime::projection`]) see every committed
+//! - **Projections** (`runtime.projection(..)`) see every committed
 //!   message of some topics.
 //!
 //! Every message is an [`Envelope`](saga_core::Envelope) as JSON, keyed by
@@ -94,9 +99,11 @@
 //! the consumer back to the batch's first offsets so the batch is redone; a
 //! fatal error rebuilds the producer. On a rebalance the open batch is
 //! committed before partitions go, and the state of arriving partitions is
-//! read from the state topic. [`KafkaSagaHandle::start`] writes the new
-//! saga's state and first messages in one transaction and returns
-//! [`Error::Transaction`] if the broker cannot take it.
+//! read from the state topic. A saga's start writes its state and first
+//! messages in one transaction; if the broker cannot take it, nothing is
+//! written and the caller gets
+//! [`SagaError::Unavailable`](saga_core::SagaError::Unavailable) (an HTTP
+//! API answers 503): retry.
 //!
 //! ## Configuration and security
 //!
@@ -115,7 +122,13 @@
 //! letters, participant attempts…) are recorded as in the in-memory runtime.
 //! [`KafkaRuntime::stats`] counts commits, aborts, retries and producer
 //! rebuilds.
+//!
+//! ## Features
+//!
+//! - `testing`: `testing::KafkaFixture`, a namespace of its own on a shared
+//!   broker for each test, with a `read_committed` reader.
 #![deny(missing_docs)]
+#![cfg_attr(docsrs, feature(doc_cfg))]
 
 mod admin;
 mod config;
@@ -125,12 +138,13 @@ mod projection;
 mod runtime;
 mod saga;
 mod store;
+#[cfg(feature = "testing")]
+#[cfg_attr(docsrs, doc(cfg(feature = "testing")))]
+pub mod testing;
 mod worker;
 
 pub use admin::{ensure_topics, TopicKind, TopicSpec};
-pub use config::{is_secret, DeliveryMode, KafkaConfig, ENV_VARS};
+pub use config::{DeliveryMode, KafkaConfig};
 pub use error::{Error, Result};
-pub use participant::{ledger_topic, SHARD_KEY};
-pub use runtime::{KafkaRuntime, PUBLISH_SERVICE};
-pub use saga::{state_topic, KafkaSagaHandle};
+pub use runtime::KafkaRuntime;
 pub use worker::Stats;

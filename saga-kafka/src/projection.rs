@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
-use rdkafka::message::Message;
+use rdkafka::message::{Headers, Message};
 use rdkafka::{Offset, TopicPartitionList};
 use saga_core::Envelope;
 
@@ -40,9 +40,16 @@ where
             while flag.load(Ordering::SeqCst) == RUN {
                 match consumer.poll(Duration::from_millis(50)) {
                     Some(Ok(m)) => {
-                        match Envelope::from_bytes(m.payload().unwrap_or(&[])) {
-                            Ok(env) => handler(&env),
-                            Err(e) => tracing::warn!(group = %group, topic = m.topic(), offset = m.offset(), error = %e, "not an envelope: skipped"),
+                        // The runtime's own records (a saga's state
+                        // announced on its reply topics) are not messages.
+                        let runtime_record = m.headers().is_some_and(|h| {
+                            h.iter().any(|h| h.key == saga_core::driver::RECORD_KIND_HEADER)
+                        });
+                        if !runtime_record {
+                            match Envelope::from_bytes(m.payload().unwrap_or(&[])) {
+                                Ok(env) => handler(&env),
+                                Err(e) => tracing::warn!(group = %group, topic = m.topic(), offset = m.offset(), error = %e, "not an envelope: skipped"),
+                            }
                         }
                         let _ = tpl.add_partition_offset(
                             m.topic(),

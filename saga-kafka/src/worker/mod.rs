@@ -1,0 +1,342 @@
+//! The consume → process → produce loop shared by orchestrators and
+//! participants (see docs/ARCHITECTURE.md, "Kafka transactions").
+//!
+//! Each worker runs on its own OS thread, so the blocking librdkafka
+//! transaction calls never run on the async executor. The worker's state
+//! (the processor, its transaction, the open batch: [`core::Core`]) sits
+//! behind a mutex that the consumer's rebalance callbacks also take: they
+//! run on the worker thread inside `poll`, when the loop does not hold the
+//! lock.
+
+mod core;
+mod txn;
+
+use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance};
+use rdkafka::error::KafkaError as RdError;
+use rdkafka::message::{Headers, Message};
+use rdkafka::{ClientContext, TopicPartitionList};
+use saga_core::driver::{Incoming, Record, RECORD_KIND_HEADER};
+use saga_core::Timestamp;
+
+use crate::config::KafkaConfig;
+use crate::error::{Error, Result};
+
+pub(crate) use self::core::Core;
+pub use txn::Stats;
+pub(crate) use txn::StatsInner;
+
+/// Something a worker should write in its own transaction, between
+/// messages (a saga's start, an operator's request, a publish).
+pub(crate) struct Request {
+    pub out: Vec<Record>,
+    /// At least once: how many leading records of `out` must be durable
+    /// before the rest are sent. Records to different partitions are not
+    /// ordered otherwise (exactly once, the transaction orders them for
+    /// `read_committed` readers).
+    pub barrier: usize,
+    pub done: Box<dyn FnOnce(Result<()>) + Send>,
+}
+
+/// What a worker runs: the shell around a saga or participant driver.
+pub(crate) trait Processor: Send + 'static {
+    /// The topics to consume.
+    fn topics(&self) -> Vec<String>;
+    /// The compacted topic read back when partitions are assigned.
+    fn state_topic(&self) -> &str;
+    /// Installs the latest records (key, value) of `partition` of the state topic.
+    fn restore(&mut self, partition: u32, records: Vec<(String, Vec<u8>)>);
+    /// Forgets the state of partitions that went away.
+    fn release(&mut self, partitions: &[u32]);
+    /// The batch is about to commit: add the records that must commit with it.
+    fn before_commit(&mut self, out: &mut Vec<Record>) {
+        let _ = out;
+    }
+    /// Handles one record inside the open batch.
+    fn on_message(&mut self, msg: &Incoming<'_>, now: Timestamp, out: &mut Vec<Record>);
+    /// When the next timer or retry is due.
+    fn next_due(&self) -> Option<Timestamp>;
+    /// Runs one due timer or retry; `false` if nothing was due.
+    fn on_due(&mut self, now: Timestamp, out: &mut Vec<Record>) -> bool;
+    /// A pending request, if any.
+    fn take_request(&mut self) -> Option<Request>;
+    /// The batch committed: its changes are durable.
+    fn committed(&mut self);
+    /// The batch was aborted: undo its in-memory changes.
+    fn rolled_back(&mut self);
+}
+
+/// How a worker is asked to stop.
+pub(crate) const RUN: u8 = 0;
+pub(crate) const STOP: u8 = 1;
+pub(crate) const KILL: u8 = 2;
+
+/// The longest a worker waits in `poll` before checking requests and stop flags.
+const IDLE_POLL: Duration = Duration::from_millis(20);
+
+fn tpl_partitions(tpl: &TopicPartitionList) -> Vec<u32> {
+    let set: BTreeSet<u32> = tpl
+        .elements()
+        .iter()
+        .map(|e| e.partition() as u32)
+        .collect();
+    set.into_iter().collect()
+}
+
+struct Ctx<P> {
+    core: Arc<Mutex<Core<P>>>,
+}
+
+fn lock<P>(m: &Mutex<Core<P>>) -> MutexGuard<'_, Core<P>> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl<P: Processor> ClientContext for Ctx<P> {}
+
+impl<P: Processor> ConsumerContext for Ctx<P> {
+    fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Revoke(tpl) = rebalance {
+            let mut c = lock(&self.core);
+            if c.killed {
+                return;
+            }
+            if consumer.assignment_lost() {
+                c.drop_batch();
+            } else {
+                c.finish_batch(consumer, false);
+            }
+            let parts = tpl_partitions(tpl);
+            tracing::info!(transactional_id = %c.txn.id, partitions = ?parts, "partitions revoked");
+            c.give_up_partitions(&parts);
+        }
+    }
+
+    fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Assign(tpl) = rebalance {
+            let mut c = lock(&self.core);
+            let parts = tpl_partitions(tpl);
+            tracing::info!(transactional_id = %c.txn.id, partitions = ?parts, "partitions assigned: restoring state");
+            c.take_partitions(&parts);
+        }
+    }
+}
+
+/// A running worker thread.
+pub(crate) struct WorkerHandle {
+    pub stop: Arc<AtomicU8>,
+    pub thread: Option<JoinHandle<()>>,
+}
+
+/// Starts a worker for `proc` on its own thread, consuming as `group` with
+/// the producer of `service`. Returns once the producer is initialised.
+pub(crate) fn spawn<P: Processor>(
+    cfg: Arc<KafkaConfig>,
+    service: &str,
+    group: &str,
+    proc: P,
+    stats: Arc<StatsInner>,
+) -> Result<WorkerHandle> {
+    let txn_id = cfg.transactional_id(service);
+    let topics = proc.topics();
+    let core = Arc::new(Mutex::new(Core::new(
+        proc,
+        cfg.clone(),
+        txn_id.clone(),
+        stats,
+    )));
+    lock(&core)
+        .txn
+        .ensure_producer()
+        .map_err(|e| Error::client(format!("creating the producer `{txn_id}`"), e))?;
+    let consumer: BaseConsumer<Ctx<P>> = cfg
+        .consumer_config(group)
+        .create_with_context(Ctx { core: core.clone() })
+        .map_err(|e| Error::client(format!("creating the consumer of group `{group}`"), e))?;
+    let refs: Vec<&str> = topics.iter().map(String::as_str).collect();
+    consumer
+        .subscribe(&refs)
+        .map_err(|e| Error::client(format!("subscribing to {topics:?}"), e))?;
+    let stop = Arc::new(AtomicU8::new(RUN));
+    let flag = stop.clone();
+    let span = tracing::info_span!("saga_kafka.worker", transactional_id = %txn_id, group = %group);
+    let thread = std::thread::Builder::new()
+        .name(format!("saga-kafka-{service}"))
+        .spawn(move || {
+            let _g = span.enter();
+            run(&core, &consumer, &flag);
+            if flag.load(Ordering::SeqCst) == KILL {
+                lock(&core).killed = true;
+                drop(consumer);
+                // Leave the transaction open on the broker, as a crash would.
+                let mut c = lock(&core);
+                if let Some(p) = c.txn.producer.take() {
+                    let _ = rdkafka::producer::Producer::flush(&p, Duration::from_secs(2));
+                    drop(p);
+                }
+                c.txn.clear();
+            } else {
+                drop(consumer);
+            }
+            let mut c = lock(&core);
+            let owned: Vec<u32> = c.owned.iter().copied().collect();
+            c.give_up_partitions(&owned);
+        })
+        .map_err(|e| Error::Config {
+            key: "thread".into(),
+            reason: format!("cannot spawn a worker thread: {e}"),
+        })?;
+    Ok(WorkerHandle {
+        stop,
+        thread: Some(thread),
+    })
+}
+
+fn incoming<'a>(m: &'a rdkafka::message::BorrowedMessage<'a>) -> Incoming<'a> {
+    let kind = m.headers().and_then(|h| {
+        h.iter()
+            .find(|h| h.key == RECORD_KIND_HEADER)
+            .and_then(|h| h.value)
+    });
+    Incoming {
+        topic: m.topic(),
+        partition: m.partition() as u32,
+        offset: m.offset() as u64,
+        key: m.key(),
+        value: m.payload(),
+        kind,
+    }
+}
+
+fn run<P: Processor>(core: &Arc<Mutex<Core<P>>>, consumer: &BaseConsumer<Ctx<P>>, stop: &AtomicU8) {
+    let (max, timeout, linger) = {
+        let c = lock(core);
+        (
+            c.cfg().batch_max_messages,
+            c.cfg().batch_timeout,
+            c.cfg().start_linger,
+        )
+    };
+    loop {
+        match stop.load(Ordering::SeqCst) {
+            RUN => {}
+            KILL => return,
+            _ => {
+                lock(core).finish_batch(consumer, true);
+                return;
+            }
+        }
+        lock(core).serve_requests(false);
+        // The batch's clock starts with its first message, timer or request.
+        let mut deadline: Option<Instant> = if lock(core).waiting.is_empty() {
+            None
+        } else {
+            Some(Instant::now() + linger.min(timeout))
+        };
+        loop {
+            let wait = {
+                let c = lock(core);
+                let mut wait = match deadline {
+                    Some(d) => d.saturating_duration_since(Instant::now()),
+                    None => timeout,
+                }
+                .min(IDLE_POLL);
+                if let Some(at) = c.proc.next_due() {
+                    let ms = at.as_millis().saturating_sub(Timestamp::now().as_millis());
+                    wait = wait.min(Duration::from_millis(ms));
+                }
+                wait
+            };
+            match consumer.poll(wait) {
+                Some(Ok(m)) => lock(core).handle_message(&incoming(&m)),
+                Some(Err(RdError::PartitionEOF(_))) => {}
+                Some(Err(e)) => tracing::warn!(error = %e, "consumer error"),
+                None => {}
+            }
+            let mut c = lock(core);
+            c.run_due();
+            let busy = c.busy();
+            if busy && deadline.is_none() {
+                deadline = Some(Instant::now() + timeout);
+            }
+            let expired = deadline.is_some_and(|d| Instant::now() >= d);
+            if c.count >= max || expired || stop.load(Ordering::SeqCst) != RUN {
+                break;
+            }
+            let had_callers = !c.waiting.is_empty();
+            c.serve_requests(busy);
+            if deadline.is_none() && c.txn.open {
+                deadline = Some(Instant::now() + timeout);
+            }
+            if !had_callers && !c.waiting.is_empty() {
+                // Callers are waiting on this batch: end it soon.
+                let soon = Instant::now() + linger.min(timeout);
+                deadline = Some(deadline.map_or(soon, |d| d.min(soon)));
+            }
+        }
+        if stop.load(Ordering::SeqCst) == KILL {
+            return;
+        }
+        lock(core).finish_batch(consumer, true);
+    }
+}
+
+/// The processor of a [`Publisher`]: it consumes nothing.
+struct NoInput;
+
+impl Processor for NoInput {
+    fn topics(&self) -> Vec<String> {
+        Vec::new()
+    }
+    fn state_topic(&self) -> &str {
+        ""
+    }
+    fn restore(&mut self, _: u32, _: Vec<(String, Vec<u8>)>) {}
+    fn release(&mut self, _: &[u32]) {}
+    fn on_message(&mut self, _: &Incoming<'_>, _: Timestamp, _: &mut Vec<Record>) {}
+    fn next_due(&self) -> Option<Timestamp> {
+        None
+    }
+    fn on_due(&mut self, _: Timestamp, _: &mut Vec<Record>) -> bool {
+        false
+    }
+    fn take_request(&mut self) -> Option<Request> {
+        None
+    }
+    fn committed(&mut self) {}
+    fn rolled_back(&mut self) {}
+}
+
+/// A producer for records that are not the result of consuming anything
+/// (`KafkaRuntime::publish`): each call is one transaction (exactly once)
+/// or one idempotent, flushed write (at least once), with the workers'
+/// retry, abort and rebuild rules. The producer is created on first use.
+pub(crate) struct Publisher {
+    core: Mutex<Core<NoInput>>,
+}
+
+impl Publisher {
+    pub(crate) fn new(cfg: Arc<KafkaConfig>, service: &str, stats: Arc<StatsInner>) -> Self {
+        let txn_id = cfg.transactional_id(service);
+        Self {
+            core: Mutex::new(Core::new(NoInput, cfg, txn_id, stats)),
+        }
+    }
+
+    /// Writes `out` atomically; blocks (call it off the async threads).
+    pub(crate) fn publish(&self, out: Vec<Record>) -> Result<()> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        lock(&self.core).run_request(Request {
+            out,
+            barrier: 0,
+            done: Box::new(move |r| {
+                let _ = tx.send(r);
+            }),
+        });
+        rx.recv().map_err(|_| Error::Shutdown)?
+    }
+}

@@ -1,0 +1,298 @@
+//! One worker's producer and its transactions: begin, produce, commit
+//! (with the consumed offsets), abort, the retriable / abortable / fatal
+//! error recipe, and the runtime's counters.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext};
+use rdkafka::error::KafkaError as RdError;
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
+use rdkafka::types::RDKafkaErrorCode;
+use rdkafka::TopicPartitionList;
+use saga_core::driver::{Record, RECORD_KIND_HEADER};
+
+use crate::config::{DeliveryMode, KafkaConfig};
+use crate::error::Error;
+
+/// Counters of one runtime's transactions (all workers).
+#[derive(Debug, Default)]
+pub(crate) struct StatsInner {
+    pub commits: AtomicU64,
+    pub aborts: AtomicU64,
+    pub retries: AtomicU64,
+    pub producer_rebuilds: AtomicU64,
+    pub pending: AtomicU64,
+    pub owned_partitions: AtomicU64,
+    pub failed_requests: AtomicU64,
+}
+
+/// A snapshot of a runtime's transaction counters.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Stats {
+    /// Batches (and requests) committed.
+    pub commits: u64,
+    /// Transactions aborted (their batch is redone); at least once, batches
+    /// whose flush or offset commit failed (redone, so some of their
+    /// messages may be delivered again).
+    pub aborts: u64,
+    /// Retriable client calls retried.
+    pub retries: u64,
+    /// Producers rebuilt after a fatal error.
+    pub producer_rebuilds: u64,
+    /// Messages produced in transactions not yet committed.
+    pub pending: u64,
+    /// Partitions currently assigned to this runtime's workers (summed over workers).
+    pub owned_partitions: u64,
+    /// Requests (saga starts, operator actions, publishes) that failed and
+    /// were reported to the caller.
+    pub failed_requests: u64,
+}
+
+impl StatsInner {
+    pub(crate) fn snapshot(&self) -> Stats {
+        Stats {
+            commits: self.commits.load(Ordering::Relaxed),
+            aborts: self.aborts.load(Ordering::Relaxed),
+            retries: self.retries.load(Ordering::Relaxed),
+            producer_rebuilds: self.producer_rebuilds.load(Ordering::Relaxed),
+            pending: self.pending.load(Ordering::Relaxed),
+            owned_partitions: self.owned_partitions.load(Ordering::Relaxed),
+            failed_requests: self.failed_requests.load(Ordering::Relaxed),
+        }
+    }
+}
+
+pub(crate) type Producer_ = ThreadedProducer<DefaultProducerContext>;
+
+/// A worker's producer and the state of its open transaction (exactly
+/// once) or batch (at least once).
+pub(crate) struct Txn {
+    pub(crate) cfg: Arc<KafkaConfig>,
+    pub(crate) id: String,
+    pub(crate) producer: Option<Producer_>,
+    /// A transaction (or batch) is open.
+    pub(crate) open: bool,
+    /// The open transaction failed: it must be aborted.
+    pub(crate) failed: Option<RdError>,
+    /// Records produced in the open transaction.
+    pub(crate) pending: u64,
+    pub(crate) stats: Arc<StatsInner>,
+}
+
+impl Txn {
+    pub(crate) fn new(cfg: Arc<KafkaConfig>, id: String, stats: Arc<StatsInner>) -> Self {
+        Self {
+            cfg,
+            id,
+            producer: None,
+            open: false,
+            failed: None,
+            pending: 0,
+            stats,
+        }
+    }
+
+    pub(crate) fn eos(&self) -> bool {
+        self.cfg.delivery == DeliveryMode::ExactlyOnce
+    }
+
+    fn create_producer(&self) -> Result<Producer_, RdError> {
+        let txn = self.eos().then_some(self.id.as_str());
+        let p: Producer_ = self.cfg.producer_config(txn).create()?;
+        if self.eos() {
+            self.retry("init_transactions", || {
+                p.init_transactions(self.cfg.transaction_timeout)
+            })?;
+        }
+        Ok(p)
+    }
+
+    pub(crate) fn ensure_producer(&mut self) -> Result<(), RdError> {
+        if self.producer.is_none() {
+            self.producer = Some(self.create_producer()?);
+        }
+        Ok(())
+    }
+
+    /// Calls `f` again while it fails with a retriable error, at most
+    /// `max_retries` times.
+    pub(crate) fn retry<T>(
+        &self,
+        what: &str,
+        mut f: impl FnMut() -> Result<T, RdError>,
+    ) -> Result<T, RdError> {
+        let mut attempt = 0;
+        loop {
+            match f() {
+                Ok(v) => return Ok(v),
+                Err(RdError::Transaction(e))
+                    if e.is_retriable() && attempt < self.cfg.max_retries =>
+                {
+                    attempt += 1;
+                    self.stats.retries.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(transactional_id = %self.id, what, attempt, error = %e, "retriable error: retrying");
+                    std::thread::sleep(self.cfg.retry_backoff * attempt);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Opens a transaction (a batch, at least once) unless one is open.
+    pub(crate) fn begin(&mut self) {
+        if self.open || self.failed.is_some() {
+            return;
+        }
+        let eos = self.eos();
+        let r = self.ensure_producer().and_then(|_| match &self.producer {
+            Some(p) if eos => p.begin_transaction(),
+            _ => Ok(()),
+        });
+        match r {
+            Ok(()) => self.open = true,
+            Err(e) => {
+                tracing::warn!(transactional_id = %self.id, error = %e, "cannot begin a transaction");
+                self.open = !eos;
+                self.failed = Some(e);
+            }
+        }
+    }
+
+    /// Produces `records` in the open transaction; the first error marks
+    /// the transaction failed and drops the rest.
+    pub(crate) fn send(&mut self, records: Vec<Record>) {
+        for r in records {
+            if self.failed.is_some() {
+                return;
+            }
+            let Some(p) = self.producer.as_ref() else {
+                return;
+            };
+            let mut rec = BaseRecord::to(&r.topic).key(&r.key);
+            if let Some(v) = &r.value {
+                rec = rec.payload(v);
+            }
+            if let Some(kind) = r.kind.header() {
+                rec = rec.headers(OwnedHeaders::new().insert(Header {
+                    key: RECORD_KIND_HEADER,
+                    value: Some(kind),
+                }));
+            }
+            if let Some(partition) = r.partition {
+                rec = rec.partition(i32::try_from(partition).unwrap_or(i32::MAX));
+            }
+            loop {
+                match p.send(rec) {
+                    Ok(()) => {
+                        self.pending += 1;
+                        self.stats.pending.fetch_add(1, Ordering::Relaxed);
+                        break;
+                    }
+                    Err((RdError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
+                        rec = back;
+                        std::thread::sleep(Duration::from_millis(5));
+                    }
+                    Err((e, _)) => {
+                        tracing::warn!(transactional_id = %self.id, topic = %r.topic, error = %e, "cannot produce");
+                        self.failed = Some(e);
+                        break;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Commits the open transaction with the consumer's `offsets` (exactly
+    /// once), or flushes and commits the offsets (at least once).
+    pub(crate) fn commit<C: ConsumerContext>(
+        &mut self,
+        offsets: &TopicPartitionList,
+        consumer: Option<&BaseConsumer<C>>,
+    ) -> Result<(), RdError> {
+        if let Some(e) = self.failed.take() {
+            return Err(e);
+        }
+        let p = self.producer.as_ref().ok_or(RdError::Canceled)?;
+        if self.eos() {
+            if offsets.count() > 0 {
+                let consumer = consumer.ok_or(RdError::Canceled)?;
+                let gm = consumer.group_metadata().ok_or(RdError::Canceled)?;
+                self.retry("send_offsets_to_transaction", || {
+                    p.send_offsets_to_transaction(offsets, &gm, self.cfg.transaction_timeout)
+                })?;
+            }
+            self.retry("commit_transaction", || {
+                p.commit_transaction(self.cfg.transaction_timeout)
+            })?;
+        } else {
+            p.flush(self.cfg.message_timeout)?;
+            if let (Some(consumer), true) = (consumer, offsets.count() > 0) {
+                consumer.commit(offsets, CommitMode::Sync)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Flushes what was produced so far (at least once: makes it durable
+    /// before what follows).
+    pub(crate) fn flush(&self) -> Result<(), RdError> {
+        match &self.producer {
+            Some(p) => p.flush(self.cfg.message_timeout),
+            None => Err(RdError::Canceled),
+        }
+    }
+
+    /// The transaction ended (committed or aborted): forget it.
+    pub(crate) fn clear(&mut self) {
+        self.open = false;
+        self.failed = None;
+        self.stats
+            .pending
+            .fetch_sub(self.pending, Ordering::Relaxed);
+        self.pending = 0;
+    }
+
+    /// Aborts the open transaction (or, if the error was fatal or the abort
+    /// fails, discards the producer: the next transaction builds a new one
+    /// with the same transactional id, fencing the old).
+    pub(crate) fn abort(&mut self, cause: &RdError) {
+        let fatal = matches!(cause, RdError::Transaction(e) if e.is_fatal());
+        let mut rebuild = fatal;
+        if !self.eos() && self.open {
+            // At least once there is no transaction: count the redone batch.
+            self.stats.aborts.fetch_add(1, Ordering::Relaxed);
+        }
+        if self.eos() && !fatal && self.open {
+            if let Some(p) = self.producer.as_ref() {
+                // One bounded attempt: a broker that cannot abort now will
+                // not be helped by waiting longer; the rebuild fences anyway.
+                match p.abort_transaction(self.cfg.transaction_timeout) {
+                    Ok(()) => {
+                        self.stats.aborts.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Err(e) => {
+                        tracing::warn!(transactional_id = %self.id, error = %e, "abort failed: rebuilding the producer");
+                        rebuild = true;
+                    }
+                }
+            }
+        }
+        if rebuild {
+            self.stats.producer_rebuilds.fetch_add(1, Ordering::Relaxed);
+            self.producer = None;
+        }
+    }
+
+    /// The caller-facing error of a failed transaction.
+    pub(crate) fn error(&self, what: &str, e: &RdError) -> Error {
+        Error::Transaction {
+            transactional_id: self.id.clone(),
+            what: what.into(),
+            source: Box::new(e.clone()),
+        }
+    }
+}
