@@ -1,15 +1,17 @@
-//! All or nothing on the real broker: `KafkaRuntime::publish` and a
-//! `start()` whose transaction the broker refuses (a record bigger than a
-//! topic's `max.message.bytes`) leave nothing visible to a `read_committed`
-//! consumer, return `Error::Transaction`, and the runtime goes on serving.
+//! All or nothing on the real broker: `Runtime::publish` and a `start()`
+//! whose transaction the broker refuses (a record bigger than a topic's
+//! `max.message.bytes`) leave nothing visible to a `read_committed`
+//! consumer, return `SagaError::Unavailable` (retryable), and the runtime
+//! goes on serving.
 
 mod common;
 
 use std::time::Duration;
 
 use common::*;
-use saga_core::{Envelope, MessageId, SagaId, SagaStatus, Timestamp};
-use saga_kafka::{state_topic, Error, KafkaRuntime};
+use saga_core::{Envelope, MessageId, Runtime, SagaId, SagaStatus, Timestamp};
+use saga_kafka::testing::KafkaFixture;
+use saga_kafka::KafkaRuntime;
 
 fn event(channel: &str, saga_id: &str, n: usize, bytes: usize) -> Envelope {
     Envelope::event(
@@ -25,12 +27,12 @@ fn event(channel: &str, saga_id: &str, n: usize, bytes: usize) -> Envelope {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 #[ignore = "needs Kafka: scripts/test.sh"]
 async fn publish_is_all_or_nothing() {
-    let ns = ns();
-    let wide = format!("{ns}.notifications");
-    let small = format!("{ns}.small");
-    create_topic_with(&wide, 3, &[]).await;
-    create_topic_with(&small, 1, &[("max.message.bytes", "2048")]).await;
-    let rt = KafkaRuntime::new(config(&ns, "0")).unwrap();
+    let fx = KafkaFixture::new();
+    let wide = fx.topic("notifications");
+    let small = fx.topic("small");
+    create_topic_with(&fx, &wide, 3, &[]).await;
+    create_topic_with(&fx, &small, 1, &[("max.message.bytes", "2048")]).await;
+    let rt = KafkaRuntime::new(fx.config("0")).unwrap();
 
     rt.publish(vec![
         event(&wide, "order-1", 1, 10),
@@ -50,37 +52,30 @@ async fn publish_is_all_or_nothing() {
         ])
         .await
         .unwrap_err();
-    assert!(matches!(err, Error::Transaction { .. }), "{err}");
+    assert_transaction_refused(&err);
 
     // The runtime's publisher still works.
     rt.publish(vec![event(&wide, "order-4", 1, 10)])
         .await
         .unwrap();
 
-    let got = read_committed_raw(&wide);
-    let ids: Vec<String> = got
+    let got = fx.read_committed_records(&wide);
+    let mut ids: Vec<String> = got
         .iter()
         .map(|r| {
-            Envelope::from_bytes(&r.payload)
-                .unwrap()
-                .id
-                .as_str()
-                .to_owned()
+            let e = Envelope::from_bytes(&r.value).unwrap();
+            // Keyed by saga id.
+            assert_eq!(r.key, e.saga_id.as_str());
+            e.id.as_str().to_owned()
         })
         .collect();
-    let mut sorted = ids.clone();
-    sorted.sort();
+    ids.sort();
     assert_eq!(
-        sorted,
+        ids,
         ["order-1/event-1", "order-2/event-1", "order-4/event-1"],
         "the aborted publish is visible, or something is doubled"
     );
-    // Keyed by saga id.
-    for r in &got {
-        let e = Envelope::from_bytes(&r.payload).unwrap();
-        assert_eq!(r.key, e.saga_id.as_str());
-    }
-    assert_eq!(read_committed(&small).len(), 1);
+    assert_eq!(fx.read_committed(&small).len(), 1);
     assert_eq!(rt.stats().failed_requests, 1);
     rt.shutdown().await;
 }
@@ -88,24 +83,19 @@ async fn publish_is_all_or_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 #[ignore = "needs Kafka: scripts/test.sh"]
 async fn failed_start_leaves_nothing_and_the_next_start_works() {
-    let ns = ns();
-    let t = topics(&ns);
+    let bed = TestBed::new().await;
+    let t = &bed.t;
     // The command topic refuses big records; the state topic does not.
-    create_topic_with(&t.inventory, 3, &[("max.message.bytes", "2048")]).await;
-    let cfg = config(&ns, "0");
-    create_event_topic(&cfg, &t).await;
-    let rt = KafkaRuntime::new(cfg).unwrap();
-    run_participants(&rt, &ns, &t).await;
-    let orders = rt
-        .saga(order_saga(&t, Duration::from_millis(100)))
-        .await
-        .unwrap();
+    create_topic_with(&bed.fx, &t.inventory, 3, &[("max.message.bytes", "2048")]).await;
+    let rt = bed.runtime("0");
+    bed.run_participants(&rt).await;
+    let orders = bed.orders(&rt, Duration::from_millis(100)).await;
 
     // Its RESERVE command (with the SKU) is too big for the command topic.
     let mut big = Order::new(100);
     big.sku = "S".repeat(5000);
     let err = orders.start("big-1", big).await.unwrap_err();
-    assert!(matches!(err, Error::Transaction { .. }), "{err}");
+    assert_transaction_refused(&err);
     assert!(err.to_string().contains("nothing was written"), "{err}");
 
     // The runtime goes on serving.
@@ -120,9 +110,8 @@ async fn failed_start_leaves_nothing_and_the_next_start_works() {
 
     // None of the failed start's records is visible: state, start snapshot
     // on the reply topic, event, command.
-    let replies = format!("{}.replies", t.saga);
-    for topic in [&state_topic(&t.saga), &replies, &t.events, &t.inventory] {
-        let recs = read_committed_raw(topic);
+    for topic in [&t.state(), &t.replies(), &t.events, &t.inventory] {
+        let recs = bed.fx.read_committed_records(topic);
         assert!(
             recs.iter().all(|r| r.key != "big-1"),
             "a record of the failed start is visible on {topic}"

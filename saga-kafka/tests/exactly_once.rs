@@ -4,48 +4,43 @@
 
 mod common;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::*;
-use saga_core::{SagaId, SagaStatus};
+use saga_core::testing::eventually;
+use saga_core::{Runtime, SagaStatus};
 use saga_kafka::KafkaRuntime;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 #[ignore = "needs Kafka: scripts/test.sh"]
 async fn orchestrator_dying_mid_transaction_emits_everything_exactly_once() {
-    let ns = ns();
-    let t = topics(&ns);
-    let base = config(&ns, "orchestrator-0");
-    create_event_topic(&base, &t).await;
-    let participants = KafkaRuntime::new(config(&ns, "participants-0")).unwrap();
-    let (inventory, payments) = run_participants(&participants, &ns, &t).await;
+    let bed = TestBed::new().await;
+    let t = &bed.t;
+    let (participants, inventory, payments) = bed.participants().await;
 
     // Long batches: the transaction that handles the reservation stays open.
-    let slow = base.clone().batch(1000, Duration::from_secs(20));
+    let slow = bed
+        .config("orchestrator-0")
+        .batch(1000, Duration::from_secs(20));
     let first = KafkaRuntime::new(slow).unwrap();
-    let orders = first
-        .saga(order_saga(&t, Duration::from_millis(100)))
-        .await
-        .unwrap();
+    let orders = bed.orders(&first, Duration::from_millis(100)).await;
     let id = orders.start("order-1", Order::new(500)).await.unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while first.stats().pending == 0 {
-        assert!(Instant::now() < deadline, "the reply was never handled");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    eventually(
+        "the reply handled in an open transaction",
+        Duration::from_secs(30),
+        || async { first.stats().pending > 0 },
+    )
+    .await;
     assert_eq!(first.stats().commits, 1, "only the start is committed");
     first.kill().await;
 
     // Nothing of the open transaction is visible.
-    assert!(read_committed(&t.payments).is_empty());
+    assert!(bed.fx.read_committed(&t.payments).is_empty());
 
     // The same instance restarts: it fences the old producer (aborting its
     // transaction), restores the saga from the state topic and redoes the batch.
-    let second = KafkaRuntime::new(base).unwrap();
-    let orders = second
-        .saga(order_saga(&t, Duration::from_millis(100)))
-        .await
-        .unwrap();
+    let second = bed.runtime("orchestrator-0");
+    let orders = bed.orders(&second, Duration::from_millis(100)).await;
     let done = orders
         .wait_settled(&id, Duration::from_secs(60))
         .await
@@ -55,19 +50,16 @@ async fn orchestrator_dying_mid_transaction_emits_everything_exactly_once() {
     participants.shutdown().await;
 
     for topic in [&t.inventory, &t.payments, &t.events] {
-        let msgs = read_committed(topic);
+        let msgs = bed.fx.read_committed(topic);
         assert!(!msgs.is_empty(), "{topic} is empty");
-        for (mid, n) in counts(&msgs) {
-            assert_eq!(n, 1, "{mid} on {topic} seen {n} times");
-        }
+        assert_each_once(topic, &msgs);
     }
-    let events: Vec<String> = read_committed(&t.events)
-        .iter()
-        .filter(|e| e.saga_id == SagaId::new("order-1"))
-        .map(|e| e.payload["type"].as_str().unwrap().to_owned())
-        .collect();
-    assert_eq!(events, ["ORDER_CREATED", "ORDER_CONFIRMED"]);
-    assert_eq!(inventory.max(), 1);
-    assert_eq!(payments.max(), 1);
-    assert_eq!(payments.len(), 1);
+    assert_eq!(
+        event_types(&bed.fx.read_committed(&t.events), "order-1"),
+        ["ORDER_CREATED", "ORDER_CONFIRMED"]
+    );
+    // Each step ran once at its participant: the redone batch sent no
+    // second attempt.
+    assert_eq!((inventory.steps(), inventory.max_per_step()), (1, 1));
+    assert_eq!((payments.steps(), payments.max_per_step()), (1, 1));
 }

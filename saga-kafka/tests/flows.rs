@@ -5,22 +5,16 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use saga_core::{SagaStatus, StepState};
-use saga_kafka::KafkaRuntime;
+use saga_core::{Runtime, SagaError, SagaStatus, StepState};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 #[ignore = "needs Kafka: scripts/test.sh"]
 async fn saga_completes_and_another_compensates() {
-    let ns = ns();
-    let t = topics(&ns);
-    let cfg = config(&ns, "a");
-    create_event_topic(&cfg, &t).await;
-    let rt = KafkaRuntime::new(cfg).unwrap();
-    let (inventory, payments) = run_participants(&rt, &ns, &t).await;
-    let orders = rt
-        .saga(order_saga(&t, Duration::from_millis(100)))
-        .await
-        .unwrap();
+    let bed = TestBed::new().await;
+    let t = &bed.t;
+    let rt = bed.runtime("a");
+    let (inventory, payments) = bed.run_participants(&rt).await;
+    let orders = bed.orders(&rt, Duration::from_millis(100)).await;
 
     let ok = orders.start("order-ok", Order::new(500)).await.unwrap();
     let declined = orders
@@ -41,24 +35,22 @@ async fn saga_completes_and_another_compensates() {
     assert_eq!(comp.step("reserve").unwrap().state, StepState::Compensated);
     assert_eq!(comp.failure.as_deref(), Some("card declined"));
     // A second start with the same id is refused.
-    assert!(orders.start("order-ok", Order::new(1)).await.is_err());
+    let again = orders.start("order-ok", Order::new(1)).await.unwrap_err();
+    assert!(matches!(again, SagaError::AlreadyExists { .. }), "{again}");
     rt.shutdown().await;
 
-    let events = read_committed(&t.events);
-    let types = |id: &str| -> Vec<String> {
-        events
-            .iter()
-            .filter(|e| e.saga_id.as_str() == id)
-            .map(|e| e.payload["type"].as_str().unwrap().to_owned())
-            .collect()
-    };
-    assert_eq!(types("order-ok"), ["ORDER_CREATED", "ORDER_CONFIRMED"]);
+    let events = bed.fx.read_committed(&t.events);
     assert_eq!(
-        types("order-declined"),
+        event_types(&events, "order-ok"),
+        ["ORDER_CREATED", "ORDER_CONFIRMED"]
+    );
+    assert_eq!(
+        event_types(&events, "order-declined"),
         ["ORDER_CREATED", "ORDER_CANCELLED"]
     );
-    let commands = read_committed(&t.inventory);
+    let commands = bed.fx.read_committed(&t.inventory);
     assert_eq!(commands.len(), 3, "reserve ×2 and one release");
-    assert_eq!(inventory.max(), 1);
-    assert_eq!(payments.max(), 1);
+    // Each step (reserve ×2, release; pay ×2) ran once.
+    assert_eq!((inventory.steps(), inventory.max_per_step()), (3, 1));
+    assert_eq!((payments.steps(), payments.max_per_step()), (2, 1));
 }

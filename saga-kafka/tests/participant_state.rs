@@ -6,14 +6,17 @@
 
 mod common;
 
-use std::collections::BTreeSet;
-use std::time::{Duration, Instant};
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
 
 use common::*;
 use rdkafka::mocking::MockCluster;
 use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
-use saga_core::{ParticipantPolicy, SagaStatus};
-use saga_kafka::{ledger_topic, KafkaConfig, KafkaRuntime, SHARD_KEY};
+use saga_core::driver::{ledger_topic, PARTICIPANT_STATE_KEY};
+use saga_core::testing::eventually;
+use saga_core::{ParticipantPolicy, Runtime, SagaStatus};
+use saga_kafka::testing::KafkaFixture;
+use saga_kafka::KafkaRuntime;
 
 /// No id twice, and exactly `expected`.
 fn assert_counted_once(c: &Counter, expected: &BTreeSet<String>) {
@@ -27,28 +30,25 @@ fn assert_counted_once(c: &Counter, expected: &BTreeSet<String>) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 #[ignore = "needs Kafka: scripts/test.sh"]
 async fn killed_stateful_participant_resumes_from_its_snapshot() {
-    let ns = ns();
-    let t = topics(&ns);
-    let base = config(&ns, "orchestrator-0");
-    create_event_topic(&base, &t).await;
-    let orchestrator = KafkaRuntime::new(base).unwrap();
+    let bed = TestBed::new().await;
+    let t = &bed.t;
+    let orchestrator = bed.runtime("orchestrator-0");
     orchestrator
         .participant(
             &t.payments,
-            ParticipantPolicy::new(format!("{ns}-payments")),
+            ParticipantPolicy::new(bed.participant_name("payments")),
             Payments(Applied::default()),
         )
         .await
         .unwrap();
-    let orders = orchestrator
-        .saga(order_saga(&t, Duration::from_millis(100)))
-        .await
-        .unwrap();
-    let inventory = format!("{ns}-inventory");
+    let orders = bed.orders(&orchestrator, Duration::from_millis(100)).await;
+    let inventory = bed.participant_name("inventory");
 
     // Long batches: when it is killed, the first instance has applied
     // commands in a transaction that never commits.
-    let slow = config(&ns, "inventory-0").batch(1000, Duration::from_millis(1500));
+    let slow = bed
+        .config("inventory-0")
+        .batch(1000, Duration::from_millis(1500));
     let first = KafkaRuntime::new(slow).unwrap();
     let before = Counter::default();
     first
@@ -69,11 +69,12 @@ async fn killed_stateful_participant_resumes_from_its_snapshot() {
         );
     }
     // Some reservations committed (their replies reached the orchestrator)…
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !orders.owned().iter().any(|i| i.data.reserved) {
-        assert!(Instant::now() < deadline, "no reservation committed");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    eventually(
+        "a reservation committed",
+        Duration::from_secs(30),
+        || async { owned(&orders).await.iter().any(|i| i.data.reserved) },
+    )
+    .await;
     // …then more commands are applied in an open transaction, and it dies.
     for i in 6..12 {
         ids.push(
@@ -83,18 +84,18 @@ async fn killed_stateful_participant_resumes_from_its_snapshot() {
                 .unwrap(),
         );
     }
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while first.stats().pending == 0 {
-        assert!(Instant::now() < deadline, "no open transaction to kill");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    eventually(
+        "an open transaction to kill",
+        Duration::from_secs(30),
+        || async { first.stats().pending > 0 },
+    )
+    .await;
     first.kill().await;
-    let committed_before = before.applied.len();
-    assert!(committed_before > 0);
+    assert!(before.applied.commands() > 0);
 
     // A new instance (same instance id: it fences the dead one) restores
     // every partition's snapshot and continues from it.
-    let second = KafkaRuntime::new(config(&ns, "inventory-0")).unwrap();
+    let second = bed.runtime("inventory-0");
     let after = Counter::default();
     second
         .participant(
@@ -114,53 +115,36 @@ async fn killed_stateful_participant_resumes_from_its_snapshot() {
     second.shutdown().await;
     orchestrator.shutdown().await;
 
-    let commands: BTreeSet<String> = read_committed(&t.inventory)
-        .into_iter()
-        .map(|e| e.id.as_str().to_owned())
-        .collect();
-    assert_eq!(commands.len(), 12);
+    let sent = bed.fx.read_committed(&t.inventory);
+    assert_eq!(count_keys(&sent).len(), 12, "one reservation per saga");
+    let commands: BTreeSet<String> = sent.iter().map(|e| e.id.as_str().to_owned()).collect();
     // The new instance applied only what the dead one had not committed, and
     // its state counts every command exactly once.
     assert!(
-        after.applied.len() < 12,
+        after.applied.commands() < commands.len(),
         "the snapshot was not restored: all commands applied again"
     );
     assert_counted_once(&after, &commands);
-    // The committed snapshots, read independently, say the same.
-    let mut persisted = BTreeSet::new();
-    let mut parts = BTreeSet::new();
-    for r in read_committed_raw(&ledger_topic(&inventory)) {
-        if r.key == SHARD_KEY {
-            assert_eq!(r.record.as_deref(), Some("shard"));
-            parts.insert(r.partition);
-            // Later snapshots of a partition supersede earlier ones.
-            let shard: Shard = serde_json::from_slice(&r.payload).unwrap();
-            persisted.retain(|(p, _): &(i32, String)| *p != r.partition);
-            persisted.extend(shard.ids.into_iter().map(|id| (r.partition, id)));
+    // The committed snapshots, read independently, say the same (the
+    // latest snapshot of each partition supersedes the earlier ones).
+    let mut latest: BTreeMap<i32, Shard> = BTreeMap::new();
+    for r in bed.fx.read_committed_records(&ledger_topic(&inventory)) {
+        if r.key == PARTICIPANT_STATE_KEY {
+            assert_eq!(r.kind.as_deref(), Some("shard"));
+            latest.insert(r.partition, serde_json::from_slice(&r.value).unwrap());
         }
     }
-    let persisted: BTreeSet<String> = persisted.into_iter().map(|(_, id)| id).collect();
+    let persisted: BTreeSet<String> = latest.into_values().flat_map(|s| s.ids).collect();
     assert_eq!(persisted, commands);
-}
-
-fn mock_config(bootstrap: &str, ns: &str) -> KafkaConfig {
-    KafkaConfig::new(bootstrap)
-        .app(ns)
-        .batch(100, Duration::from_millis(50))
-        .session_timeout(Duration::from_secs(6))
-        .timeouts(Duration::from_secs(5), Duration::from_secs(2))
-        .retries(3, Duration::from_millis(50))
-        .partitions(3)
-        .create_topics(false)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn aborted_batch_rolls_participant_state_back() {
     let mock = MockCluster::new(3).unwrap();
-    let ns = ns();
-    let name = format!("{ns}-inventory");
-    let channel = format!("{ns}.inventory");
-    let replies = format!("{ns}.replies");
+    let bed = TestBed::names(KafkaFixture::on(mock.bootstrap_servers()));
+    let name = bed.participant_name("inventory");
+    let channel = bed.t.inventory.clone();
+    let replies = bed.t.replies();
     for topic in [
         channel.clone(),
         ledger_topic(&name),
@@ -169,16 +153,17 @@ async fn aborted_batch_rolls_participant_state_back() {
     ] {
         mock.create_topic(&topic, 3, 1).unwrap();
     }
-    let rt = KafkaRuntime::new(mock_config(&mock.bootstrap_servers(), &ns)).unwrap();
+    let rt = KafkaRuntime::new(bed.mock_config()).unwrap();
     let counter = Counter::default();
     rt.participant(&channel, ParticipantPolicy::new(name), counter.clone())
         .await
         .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while rt.stats().owned_partitions < 3 {
-        assert!(Instant::now() < deadline, "partitions never assigned");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    eventually(
+        "all partitions assigned",
+        Duration::from_secs(30),
+        || async { rt.stats().owned_partitions == 3 },
+    )
+    .await;
 
     // The first batch's offsets cannot be added to its transaction: it is
     // aborted after the participant applied its commands, and redone.
@@ -193,23 +178,23 @@ async fn aborted_batch_rolls_participant_state_back() {
     let expected: BTreeSet<String> = commands.iter().map(|c| c.id.as_str().to_owned()).collect();
     rt.publish(commands).await.unwrap();
 
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let s = rt.stats();
-        if counter.applied.len() == n && s.pending == 0 && counter.total() >= n as u64 {
-            break;
-        }
-        assert!(Instant::now() < deadline, "commands never handled: {s:?}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let s = rt.stats();
+    // Done when a batch was aborted, every command is handled and counted
+    // once more, and nothing is left open. A state that kept the aborted
+    // batch's counts would count above `n` and never get here.
+    eventually(
+        "the batch aborted, redone and committed",
+        Duration::from_secs(30),
+        || async {
+            let s = rt.stats();
+            s.aborts + s.producer_rebuilds >= 1
+                && s.pending == 0
+                && counter.applied.commands() == n
+                && counter.total() == n as u64
+        },
+    )
+    .await;
     assert!(
-        s.aborts + s.producer_rebuilds >= 1,
-        "nothing aborted: {s:?}"
-    );
-    assert!(
-        counter.applied.sum() > n as u32,
+        counter.applied.runs() > n as u32,
         "the aborted batch applied nothing"
     );
     // Applied again after the abort, but counted once: the state rolled back.

@@ -6,38 +6,33 @@
 mod common;
 
 use std::collections::HashMap;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::*;
-use saga_core::{SagaId, SagaStatus, Timestamp};
-use saga_kafka::KafkaRuntime;
+use saga_core::testing::eventually;
+use saga_core::{Runtime, SagaId, SagaStatus, Timestamp};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 #[ignore = "needs Kafka: scripts/test.sh"]
 async fn leaving_orchestrator_hands_its_sagas_over() {
-    let ns = ns();
-    let t = topics(&ns);
-    let cfg = config(&ns, "participants-0");
-    create_event_topic(&cfg, &t).await;
-    let participants = KafkaRuntime::new(cfg).unwrap();
-    let (inventory, payments) = run_participants(&participants, &ns, &t).await;
+    let bed = TestBed::new().await;
+    let t = &bed.t;
+    let (participants, inventory, payments) = bed.participants().await;
 
     let backoff = Duration::from_millis(200);
-    let a = KafkaRuntime::new(config(&ns, "orchestrator-a")).unwrap();
-    let orders_a = a.saga(order_saga(&t, backoff)).await.unwrap();
-    let b = KafkaRuntime::new(config(&ns, "orchestrator-b")).unwrap();
-    let orders_b = b.saga(order_saga(&t, backoff)).await.unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while a.stats().owned_partitions == 0
-        || b.stats().owned_partitions == 0
-        || a.stats().owned_partitions + b.stats().owned_partitions != 3
-    {
-        assert!(
-            Instant::now() < deadline,
-            "the two never shared the partitions"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let a = bed.runtime("orchestrator-a");
+    let orders_a = bed.orders(&a, backoff).await;
+    let b = bed.runtime("orchestrator-b");
+    let orders_b = bed.orders(&b, backoff).await;
+    eventually(
+        "the two to share the partitions",
+        Duration::from_secs(30),
+        || async {
+            let (on_a, on_b) = (a.stats().owned_partitions, b.stats().owned_partitions);
+            on_a > 0 && on_b > 0 && on_a + on_b == 3
+        },
+    )
+    .await;
 
     // Every saga waits (on backoff timers) until well after A has left.
     let n = 24;
@@ -49,29 +44,24 @@ async fn leaving_orchestrator_hands_its_sagas_over() {
         let handle = if i % 2 == 0 { &orders_a } else { &orders_b };
         ids.push(handle.start(format!("order-{i}"), order).await.unwrap());
     }
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let on_a = orders_a.owned().len();
-        let on_b = orders_b.owned().len();
-        if on_a + on_b == n && on_a > 0 && on_b > 0 {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "sagas not spread: {on_a} + {on_b}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let in_flight_on_a: Vec<SagaId> = orders_a.owned().into_iter().map(|i| i.id).collect();
-    assert!(orders_a.owned().iter().all(|i| !i.status.is_settled()));
+    eventually(
+        "the sagas spread over both",
+        Duration::from_secs(30),
+        || async {
+            let on_a = owned(&orders_a).await.len();
+            let on_b = owned(&orders_b).await.len();
+            on_a + on_b == n && on_a > 0 && on_b > 0
+        },
+    )
+    .await;
 
     // A leaves while its sagas wait; B takes over.
-    let waiting_on_a = orders_a
-        .owned()
-        .iter()
-        .filter(|i| !i.status.is_settled())
-        .count();
-    assert!(waiting_on_a > 0, "A's sagas finished before it left");
+    let on_a = owned(&orders_a).await;
+    assert!(
+        on_a.iter().all(|i| !i.status.is_settled()),
+        "A's sagas finished before it left"
+    );
+    let in_flight_on_a: Vec<SagaId> = on_a.into_iter().map(|i| i.id).collect();
     a.shutdown().await;
     for id in &ids {
         let done = orders_b
@@ -80,13 +70,15 @@ async fn leaving_orchestrator_hands_its_sagas_over() {
             .unwrap();
         assert_eq!(done.status, SagaStatus::Completed, "{:#?}", done.history);
     }
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while b.stats().owned_partitions != 3 {
-        assert!(Instant::now() < deadline, "B never took all partitions");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    eventually(
+        "B to take all partitions",
+        Duration::from_secs(30),
+        || async { b.stats().owned_partitions == 3 },
+    )
+    .await;
+    let on_b = owned(&orders_b).await;
     for id in &in_flight_on_a {
-        assert!(orders_b.owned().iter().any(|i| &i.id == id));
+        assert!(on_b.iter().any(|i| &i.id == id), "B does not hold {id}");
     }
     // The handle of the instance that left reads them from the state topic
     // (only the partition each id hashes to).
@@ -100,15 +92,12 @@ async fn leaving_orchestrator_hands_its_sagas_over() {
 
     // Nothing lost, nothing doubled.
     for topic in [&t.inventory, &t.payments, &t.events] {
-        let msgs = read_committed(topic);
-        for (mid, k) in counts(&msgs) {
-            assert_eq!(k, 1, "{mid} on {topic} seen {k} times");
-        }
+        assert_each_once(topic, &bed.fx.read_committed(topic));
     }
-    assert_eq!(counts(&read_committed(&t.inventory)).len(), n);
-    assert_eq!(counts(&read_committed(&t.payments)).len(), n);
+    assert_eq!(count_keys(&bed.fx.read_committed(&t.inventory)).len(), n);
+    assert_eq!(count_keys(&bed.fx.read_committed(&t.payments)).len(), n);
     let mut events: HashMap<SagaId, Vec<String>> = HashMap::new();
-    for e in read_committed(&t.events) {
+    for e in bed.fx.read_committed(&t.events) {
         events
             .entry(e.saga_id.clone())
             .or_default()
@@ -118,6 +107,6 @@ async fn leaving_orchestrator_hands_its_sagas_over() {
     for (id, evs) in events {
         assert_eq!(evs, ["ORDER_CREATED", "ORDER_CONFIRMED"], "{id}");
     }
-    assert_eq!((inventory.len(), inventory.max()), (n, 1));
-    assert_eq!((payments.len(), payments.max()), (n, 1));
+    assert_eq!((inventory.steps(), inventory.max_per_step()), (n, 1));
+    assert_eq!((payments.steps(), payments.max_per_step()), (n, 1));
 }

@@ -5,41 +5,36 @@
 mod common;
 
 use std::collections::HashMap;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::*;
-use saga_core::{ParticipantPolicy, SagaId, SagaStatus, TimerKind, Timestamp};
-use saga_kafka::KafkaRuntime;
+use saga_core::driver::TimerKind;
+use saga_core::testing::eventually;
+use saga_core::{Runtime, SagaId, SagaInstance, SagaStatus, Timestamp};
+
+/// When each saga's backoff timer fires, for the sagas that have one.
+fn backoff_timers(sagas: &[SagaInstance<Order>]) -> HashMap<SagaId, Timestamp> {
+    sagas
+        .iter()
+        .filter_map(|i| {
+            let t = i
+                .timers
+                .iter()
+                .find(|t| matches!(t.kind, TimerKind::Backoff { .. }))?;
+            Some((i.id.clone(), t.fire_at))
+        })
+        .collect()
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 #[ignore = "needs Kafka: scripts/test.sh"]
 async fn restarted_orchestrator_restores_sagas_and_fires_their_timers() {
-    let ns = ns();
-    let t = topics(&ns);
-    let cfg = config(&ns, "orchestrator-0");
-    create_event_topic(&cfg, &t).await;
-    let participants = KafkaRuntime::new(config(&ns, "participants-0")).unwrap();
-    let payments = Applied::default();
-    participants
-        .participant(
-            &t.inventory,
-            ParticipantPolicy::new(format!("{ns}-inventory")),
-            Inventory(Applied::default()),
-        )
-        .await
-        .unwrap();
-    participants
-        .participant(
-            &t.payments,
-            ParticipantPolicy::new(format!("{ns}-payments")),
-            Payments(payments.clone()),
-        )
-        .await
-        .unwrap();
+    let bed = TestBed::new().await;
+    let (participants, _inventory, payments) = bed.participants().await;
 
     let backoff = Duration::from_millis(1500);
-    let first = KafkaRuntime::new(cfg.clone()).unwrap();
-    let orders = first.saga(order_saga(&t, backoff)).await.unwrap();
+    let first = bed.runtime("orchestrator-0");
+    let orders = bed.orders(&first, backoff).await;
     let n = 20;
     let ready_at = Timestamp::now().as_millis() + 5_000;
     let mut ids = Vec::new();
@@ -52,34 +47,19 @@ async fn restarted_orchestrator_restores_sagas_and_fires_their_timers() {
         ids.push(orders.start(format!("order-{i}"), order).await.unwrap());
     }
     // Wait until every waiting saga has its backoff timer armed.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let armed: HashMap<SagaId, Timestamp> = loop {
-        let armed: HashMap<SagaId, Timestamp> = orders
-            .owned()
-            .into_iter()
-            .filter_map(|i| {
-                let t = i
-                    .timers
-                    .iter()
-                    .find(|t| matches!(t.kind, TimerKind::Backoff { .. }))?;
-                Some((i.id.clone(), t.fire_at))
-            })
-            .collect();
-        if armed.len() == n as usize / 2 {
-            break armed;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "only {} backoff timers armed",
-            armed.len()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
-    let stopped_at = orders.owned();
+    eventually(
+        "every waiting saga's backoff timer armed",
+        Duration::from_secs(30),
+        || async { backoff_timers(&owned(&orders).await).len() == n as usize / 2 },
+    )
+    .await;
+    let stopped_at = owned(&orders).await;
+    let armed = backoff_timers(&stopped_at);
+    assert_eq!(armed.len(), n as usize / 2, "a waiting saga went on early");
     first.shutdown().await;
 
-    let second = KafkaRuntime::new(cfg).unwrap();
-    let orders = second.saga(order_saga(&t, backoff)).await.unwrap();
+    let second = bed.runtime("orchestrator-0");
+    let orders = bed.orders(&second, backoff).await;
     for id in &ids {
         let done = orders
             .wait_settled(id, Duration::from_secs(60))
@@ -105,6 +85,5 @@ async fn restarted_orchestrator_restores_sagas_and_fires_their_timers() {
     }
     second.shutdown().await;
     participants.shutdown().await;
-    assert_eq!(payments.len(), n as usize);
-    assert_eq!(payments.max(), 1);
+    assert_eq!((payments.steps(), payments.max_per_step()), (n as usize, 1));
 }

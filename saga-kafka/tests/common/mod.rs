@@ -1,5 +1,7 @@
 //! Shared fixtures of the broker tests: a small order saga, its
-//! participants, a test configuration and an independent reader.
+//! participants, and [`TestBed`], one test's namespace on the broker (a
+//! [`KafkaFixture`]) with the saga's topic names, which builds the
+//! runtimes the tests run.
 #![allow(dead_code, missing_docs)]
 
 use std::collections::HashMap;
@@ -7,33 +9,11 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::error::KafkaError as RdError;
-use rdkafka::message::{Headers, Message};
-use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+use saga_core::driver::state_topic;
 use saga_core::*;
-use saga_kafka::{KafkaConfig, KafkaRuntime, TopicSpec};
+use saga_kafka::testing::KafkaFixture;
+use saga_kafka::{KafkaConfig, KafkaRuntime};
 use serde::{Deserialize, Serialize};
-
-pub fn bootstrap() -> String {
-    std::env::var("KAFKA_BOOTSTRAP_SERVERS")
-        .expect("KAFKA_BOOTSTRAP_SERVERS must point at a broker (scripts/test.sh starts one)")
-}
-
-/// A random namespace for topic names, groups and transactional ids.
-pub fn ns() -> String {
-    format!("t{}", &uuid::Uuid::new_v4().simple().to_string()[..10])
-}
-
-pub fn config(ns: &str, instance: &str) -> KafkaConfig {
-    KafkaConfig::new(bootstrap())
-        .app(ns)
-        .instance_id(instance)
-        .batch(200, Duration::from_millis(30))
-        .session_timeout(Duration::from_secs(6))
-        .timeouts(Duration::from_secs(15), Duration::from_secs(10))
-        .partitions(3)
-}
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Order {
@@ -76,26 +56,46 @@ pub struct Charge {
     pub cents: u64,
 }
 
+/// The topic names of the test saga, in a fixture's namespace.
+#[derive(Clone, Debug)]
 pub struct Topics {
+    /// The saga's name (its topics are `<saga>.replies`, `.state`, `.dlq`).
     pub saga: String,
     pub inventory: String,
     pub payments: String,
     pub events: String,
 }
 
-pub fn topics(ns: &str) -> Topics {
-    Topics {
-        saga: format!("{ns}-order"),
-        inventory: format!("{ns}.inventory"),
-        payments: format!("{ns}.payments"),
-        events: format!("{ns}.orders.events"),
+impl Topics {
+    pub fn new(fx: &KafkaFixture) -> Self {
+        Self {
+            saga: fx.topic("order"),
+            inventory: fx.topic("inventory"),
+            payments: fx.topic("payments"),
+            events: fx.topic("orders.events"),
+        }
+    }
+
+    /// Where the participants reply (and starts are announced).
+    pub fn replies(&self) -> String {
+        format!("{}.replies", self.saga)
+    }
+
+    /// The saga's compacted state topic.
+    pub fn state(&self) -> String {
+        state_topic(&self.saga)
+    }
+
+    /// The saga's dead letters.
+    pub fn dlq(&self) -> String {
+        format!("{}.dlq", self.saga)
     }
 }
 
 /// create (emits ORDER_CREATED; compensation emits ORDER_CANCELLED) →
 /// reserve (remote, compensated by a release) → wait (local, retried every
 /// `backoff` until `ready_at`) → pay (remote pivot, declined above 1000
-/// cents) → confirm (retriable, emits ORDER_CONFIRMED).
+/// cents) → confirm (retryable, emits ORDER_CONFIRMED).
 pub fn order_saga(t: &Topics, backoff: Duration) -> SagaDefinition<Order> {
     let events = t.events.clone();
     let events2 = t.events.clone();
@@ -164,34 +164,150 @@ pub fn order_saga(t: &Topics, backoff: Duration) -> SagaDefinition<Order> {
                 ctx.emit(&events3, &serde_json::json!({"type": "ORDER_CONFIRMED"}));
                 Ok(())
             })
-            .retriable(),
+            .retryable(),
         )
         .build()
         .expect("valid saga")
 }
 
-/// Counts how many times each command was applied.
+/// One test's world on the broker: its namespace (the fixture) and the
+/// test saga's topics. It builds the runtimes, starts the saga and the
+/// participants, and reads back what was committed (through `fx`).
+pub struct TestBed {
+    pub fx: KafkaFixture,
+    pub t: Topics,
+}
+
+impl TestBed {
+    /// A fresh namespace on the broker at `KAFKA_BOOTSTRAP_SERVERS`, with
+    /// the event topic created (the runtimes create the others).
+    pub async fn new() -> Self {
+        let bed = Self::names(KafkaFixture::new());
+        bed.fx.create_topics(&[&bed.t.events]).await;
+        bed
+    }
+
+    /// The names in `fx`'s namespace; creates nothing (e.g. on a mock cluster).
+    pub fn names(fx: KafkaFixture) -> Self {
+        let t = Topics::new(&fx);
+        Self { fx, t }
+    }
+
+    /// The test configuration of `instance`.
+    pub fn config(&self, instance: &str) -> KafkaConfig {
+        self.fx.config(instance)
+    }
+
+    /// A runtime for `instance` with the test configuration.
+    pub fn runtime(&self, instance: &str) -> KafkaRuntime {
+        KafkaRuntime::new(self.config(instance)).expect("a valid configuration")
+    }
+
+    /// The order saga on `rt`, its `wait` step retried every `backoff`.
+    pub async fn orders(&self, rt: &KafkaRuntime, backoff: Duration) -> SagaHandle<Order> {
+        rt.saga(order_saga(&self.t, backoff))
+            .await
+            .expect("the saga's worker")
+    }
+
+    /// The participant name of `what` (its consumer group and ledger).
+    pub fn participant_name(&self, what: &str) -> String {
+        format!("{}-{what}", self.fx.ns())
+    }
+
+    /// Registers the inventory and payments participants on `rt`, counting
+    /// what each runs; returns (inventory, payments).
+    pub async fn run_participants(&self, rt: &KafkaRuntime) -> (Applied, Applied) {
+        let inventory = Applied::default();
+        let payments = Applied::default();
+        rt.participant(
+            &self.t.inventory,
+            ParticipantPolicy::new(self.participant_name("inventory")),
+            Inventory(inventory.clone()),
+        )
+        .await
+        .expect("the inventory's worker");
+        rt.participant(
+            &self.t.payments,
+            ParticipantPolicy::new(self.participant_name("payments")),
+            Payments(payments.clone()),
+        )
+        .await
+        .expect("the payments' worker");
+        (inventory, payments)
+    }
+
+    /// A runtime of its own (instance `participants-0`) running both
+    /// participants; returns it with (inventory, payments).
+    pub async fn participants(&self) -> (KafkaRuntime, Applied, Applied) {
+        let rt = self.runtime("participants-0");
+        let (inventory, payments) = self.run_participants(&rt).await;
+        (rt, inventory, payments)
+    }
+
+    /// The test configuration for a `rdkafka` mock cluster, which neither
+    /// creates topics nor takes long timeouts.
+    pub fn mock_config(&self) -> KafkaConfig {
+        self.config("0")
+            .batch(100, Duration::from_millis(20))
+            .timeouts(Duration::from_secs(5), Duration::from_secs(2))
+            .retries(3, Duration::from_millis(50))
+            // The mock cluster does not serve CreateTopics: tests make them.
+            .create_topics(false)
+    }
+}
+
+#[derive(Default)]
+struct Runs {
+    by_command: HashMap<String, u32>,
+    by_step: HashMap<String, u32>,
+}
+
+/// Counts the runs of a participant's handler, by command (message id:
+/// one per attempt of a step) and by step (idempotency key: the same for
+/// every attempt).
 #[derive(Clone, Default)]
-pub struct Applied(pub Arc<Mutex<HashMap<String, u32>>>);
+pub struct Applied(Arc<Mutex<Runs>>);
 
 impl Applied {
-    pub fn add(&self, id: &MessageId) {
-        *self
-            .0
-            .lock()
-            .unwrap()
-            .entry(id.as_str().to_owned())
+    pub fn add(&self, ctx: &ParticipantContext) {
+        let mut runs = self.0.lock().unwrap();
+        *runs
+            .by_command
+            .entry(ctx.message_id().as_str().to_owned())
+            .or_default() += 1;
+        *runs
+            .by_step
+            .entry(ctx.idempotency_key().to_owned())
             .or_default() += 1;
     }
-    pub fn max(&self) -> u32 {
-        self.0.lock().unwrap().values().copied().max().unwrap_or(0)
+
+    /// The most runs of one command: above 1, a redelivery ran again.
+    pub fn max_per_command(&self) -> u32 {
+        let runs = self.0.lock().unwrap();
+        runs.by_command.values().copied().max().unwrap_or(0)
     }
-    pub fn len(&self) -> usize {
-        self.0.lock().unwrap().len()
+
+    /// The most runs of one step: above 1, a step took effect twice (a
+    /// redelivery ran again, or the saga sent another attempt).
+    pub fn max_per_step(&self) -> u32 {
+        let runs = self.0.lock().unwrap();
+        runs.by_step.values().copied().max().unwrap_or(0)
     }
-    /// Applications in all (counting repeats).
-    pub fn sum(&self) -> u32 {
-        self.0.lock().unwrap().values().sum()
+
+    /// Distinct commands run.
+    pub fn commands(&self) -> usize {
+        self.0.lock().unwrap().by_command.len()
+    }
+
+    /// Distinct steps run.
+    pub fn steps(&self) -> usize {
+        self.0.lock().unwrap().by_step.len()
+    }
+
+    /// Runs in all (counting repeats).
+    pub fn runs(&self) -> u32 {
+        self.0.lock().unwrap().by_command.values().sum()
     }
 }
 
@@ -207,7 +323,7 @@ impl Participant for Inventory {
         _c: StockCommand,
         ctx: &mut ParticipantContext,
     ) -> Result<Ok_, StepError> {
-        self.0.add(ctx.message_id());
+        self.0.add(ctx);
         Ok(Ok_ { ok: true })
     }
 }
@@ -220,98 +336,82 @@ impl Participant for Payments {
     type Reply = Ok_;
     type Error = StepError;
     async fn handle(&self, c: Charge, ctx: &mut ParticipantContext) -> Result<Ok_, StepError> {
-        self.0.add(ctx.message_id());
+        self.0.add(ctx);
         Ok(Ok_ {
             ok: c.cents <= 1000,
         })
     }
 }
 
-/// Creates the event topic (the runtime creates the rest).
-pub async fn create_event_topic(cfg: &KafkaConfig, t: &Topics) {
-    saga_kafka::ensure_topics(cfg, &[TopicSpec::messages(t.events.clone())])
-        .await
-        .unwrap();
-}
-
-/// One committed record: its partition, key, `saga-record` header and payload.
-pub struct Raw {
-    pub partition: i32,
-    pub key: String,
-    pub record: Option<String>,
-    pub payload: Vec<u8>,
-}
-
-/// Every committed record on `topic`, read by an independent
-/// `read_committed` consumer.
-pub fn read_committed_raw(topic: &str) -> Vec<Raw> {
-    let c: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", bootstrap())
-        .set("group.id", format!("reader-{}", uuid::Uuid::new_v4()))
-        .set("enable.auto.commit", "false")
-        .set("isolation.level", "read_committed")
-        .set("enable.partition.eof", "true")
-        .create()
-        .unwrap();
-    let md = c
-        .fetch_metadata(Some(topic), Duration::from_secs(10))
-        .unwrap();
-    let parts: Vec<i32> = md.topics()[0].partitions().iter().map(|p| p.id()).collect();
-    assert!(!parts.is_empty(), "{topic} does not exist");
-    let mut tpl = TopicPartitionList::new();
-    for p in &parts {
-        tpl.add_partition_offset(topic, *p, Offset::Beginning)
-            .unwrap();
-    }
-    c.assign(&tpl).unwrap();
-    let mut left = parts.len();
-    let mut out = Vec::new();
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while left > 0 {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "reading {topic} took too long"
-        );
-        match c.poll(Duration::from_millis(100)) {
-            Some(Ok(m)) => {
-                let record = m.headers().and_then(|h| {
-                    h.iter()
-                        .find(|h| h.key == "saga-record")
-                        .and_then(|h| h.value)
-                        .map(|v| String::from_utf8_lossy(v).into_owned())
-                });
-                out.push(Raw {
-                    partition: m.partition(),
-                    key: String::from_utf8_lossy(m.key().unwrap_or(&[])).into_owned(),
-                    record,
-                    payload: m.payload().unwrap_or(&[]).to_vec(),
-                });
-            }
-            Some(Err(RdError::PartitionEOF(_))) => left -= 1,
-            Some(Err(e)) => panic!("read error: {e}"),
-            None => {}
-        }
-    }
-    out
-}
-
-/// Every committed envelope on `topic`, read by an independent
-/// `read_committed` consumer (runtime records marked with a header are skipped).
-pub fn read_committed(topic: &str) -> Vec<Envelope> {
-    read_committed_raw(topic)
-        .into_iter()
-        .filter(|r| r.record.is_none())
-        .map(|r| Envelope::from_bytes(&r.payload).unwrap())
-        .collect()
-}
-
 /// How many times each message id appears.
-pub fn counts(envs: &[Envelope]) -> HashMap<String, usize> {
+pub fn count_ids(envs: &[Envelope]) -> HashMap<String, usize> {
     let mut m = HashMap::new();
     for e in envs {
         *m.entry(e.id.as_str().to_owned()).or_default() += 1;
     }
     m
+}
+
+/// How many messages each business key ([`Envelope::idempotency_key`]) has:
+/// every attempt of a step's command (and its reply) counts under one key.
+pub fn count_keys(envs: &[Envelope]) -> HashMap<String, usize> {
+    let mut m = HashMap::new();
+    for e in envs {
+        *m.entry(e.idempotency_key()).or_default() += 1;
+    }
+    m
+}
+
+/// Every message on `topic` is there once: no message id twice (nothing
+/// redone) and no step's command twice (no second attempt).
+pub fn assert_each_once(topic: &str, envs: &[Envelope]) {
+    for (key, n) in count_keys(envs) {
+        assert_eq!(n, 1, "{key} on {topic} seen {n} times");
+    }
+}
+
+/// The event types (`payload.type`) on `events` of saga `id`, in order.
+pub fn event_types(events: &[Envelope], id: &str) -> Vec<String> {
+    events
+        .iter()
+        .filter(|e| e.saga_id.as_str() == id)
+        .map(|e| e.payload["type"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+/// Every saga `orders` holds: those of the partitions this process owns.
+pub async fn owned<D: SagaData>(orders: &SagaHandle<D>) -> Vec<SagaInstance<D>> {
+    let mut all = Vec::new();
+    let mut query = SagaQuery::all().limit(1000);
+    loop {
+        let page = orders.list(&query).await.expect("listing the sagas");
+        all.extend(page.items);
+        match page.next {
+            Some(next) => query = query.after(next),
+            None => return all,
+        }
+    }
+}
+
+/// Whether `orders` holds saga `id` (its owner has consumed its start).
+pub async fn holds<D: SagaData>(orders: &SagaHandle<D>, id: &str) -> bool {
+    owned(orders).await.iter().any(|i| i.id.as_str() == id)
+}
+
+/// `err` says the broker refused a transaction, of which nothing was
+/// written, and that the caller may retry.
+pub fn assert_transaction_refused(err: &SagaError) {
+    match err {
+        SagaError::Unavailable { source, .. } => assert!(
+            matches!(
+                source.downcast_ref::<saga_kafka::Error>(),
+                Some(saga_kafka::Error::Transaction { .. })
+            ),
+            "not a refused transaction: {err}"
+        ),
+        other => panic!("not a refused transaction: {other}"),
+    }
+    assert!(err.is_retryable(), "{err}");
 }
 
 /// One partition's state of [`Counter`].
@@ -346,11 +446,6 @@ impl Counter {
         v.sort();
         v
     }
-    pub fn partitions(&self) -> Vec<u32> {
-        let mut v: Vec<u32> = self.shards.lock().unwrap().keys().copied().collect();
-        v.sort();
-        v
-    }
 }
 
 #[async_trait]
@@ -363,7 +458,7 @@ impl Participant for Counter {
         _c: StockCommand,
         ctx: &mut ParticipantContext,
     ) -> Result<Ok_, StepError> {
-        self.applied.add(ctx.message_id());
+        self.applied.add(ctx);
         let mut shards = self.shards.lock().unwrap();
         let shard = shards.entry(ctx.partition()).or_default();
         shard.count += 1;
@@ -392,29 +487,36 @@ impl Participant for Counter {
     }
 }
 
-/// A `Reserve` command of saga `saga_id` on `channel`, answered on `reply_to`.
+/// The first `Reserve` command of saga `saga_id` on `channel`, answered on
+/// `reply_to`.
 pub fn reserve_command(channel: &str, reply_to: &str, saga_id: &str) -> Envelope {
-    Envelope {
-        id: Envelope::command_id(&SagaId::new(saga_id), "reserve", Phase::Forward),
-        channel: channel.to_owned(),
-        saga_id: SagaId::new(saga_id),
-        saga: "test".into(),
-        kind: MessageKind::Command,
-        step: Some("reserve".into()),
-        phase: Some(Phase::Forward),
-        attempt: 1,
-        reply_to: Some(reply_to.to_owned()),
-        outcome: None,
-        timestamp: Timestamp::now(),
-        payload: serde_json::json!({"action": "Reserve", "sku": "X", "qty": 1}),
-    }
+    let saga_id = SagaId::new(saga_id);
+    let mut env = Envelope::command(
+        Envelope::command_id(&saga_id, "reserve", Phase::Forward, 1),
+        channel,
+        saga_id,
+        "test",
+        serde_json::json!({"action": "Reserve", "sku": "X", "qty": 1}),
+        Timestamp::now(),
+    );
+    env.step = Some("reserve".into());
+    env.phase = Some(Phase::Forward);
+    env.reply_to = Some(reply_to.to_owned());
+    env
 }
 
-/// Creates `name` with `partitions` and topic `configs` on the test broker.
-pub async fn create_topic_with(name: &str, partitions: i32, configs: &[(&str, &str)]) {
+/// Creates `name` with `partitions` and topic `configs` on `fx`'s broker
+/// (for topics the runtime must not create with its defaults).
+pub async fn create_topic_with(
+    fx: &KafkaFixture,
+    name: &str,
+    partitions: i32,
+    configs: &[(&str, &str)],
+) {
     use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+    use rdkafka::ClientConfig;
     let admin: AdminClient<rdkafka::client::DefaultClientContext> = ClientConfig::new()
-        .set("bootstrap.servers", bootstrap())
+        .set("bootstrap.servers", fx.bootstrap())
         .create()
         .unwrap();
     let mut t = NewTopic::new(name, partitions, TopicReplication::Fixed(1));
@@ -431,26 +533,4 @@ pub async fn create_topic_with(name: &str, partitions: i32, configs: &[(&str, &s
     for x in r {
         x.unwrap();
     }
-}
-
-/// Registers the inventory and payments participants of the test saga on
-/// `rt`, counting what each applies; returns (inventory, payments).
-pub async fn run_participants(rt: &KafkaRuntime, ns: &str, t: &Topics) -> (Applied, Applied) {
-    let inventory = Applied::default();
-    let payments = Applied::default();
-    rt.participant(
-        &t.inventory,
-        ParticipantPolicy::new(format!("{ns}-inventory")),
-        Inventory(inventory.clone()),
-    )
-    .await
-    .unwrap();
-    rt.participant(
-        &t.payments,
-        ParticipantPolicy::new(format!("{ns}-payments")),
-        Payments(payments.clone()),
-    )
-    .await
-    .unwrap();
-    (inventory, payments)
 }
