@@ -6,12 +6,6 @@
 //! consumer groups and transactional ids live under a random prefix, so
 //! runs sharing one broker do not meet.
 
-// The example's modules, compiled into this test crate; not every helper
-// is used here.
-#![allow(dead_code)]
-
-include!("support/ecommerce_modules.rs");
-
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -19,10 +13,10 @@ use axum::http::StatusCode;
 use axum::Router;
 use serde_json::{json, Value};
 
-use demo::call;
-use messages::Topics;
-use notification::{FakeOutcome, NotificationPolicy};
-use system::{Config, RuntimeKind, System};
+use ecommerce::demo::call;
+use ecommerce::messages::Topics;
+use ecommerce::notification::FakeOutcome;
+use ecommerce::system::{Config, RuntimeKind, System};
 
 fn bootstrap() -> String {
     std::env::var("KAFKA_BOOTSTRAP_SERVERS")
@@ -38,26 +32,21 @@ fn unique(what: &str) -> String {
 
 async fn start_on_kafka() -> (Arc<System>, Router) {
     let prefix = unique("ecom-flows");
-    let mut config = Config {
+    let config = Config {
         runtime: RuntimeKind::Kafka(bootstrap()),
         topics: Topics::new(prefix.clone()),
         app: Some(prefix.trim_end_matches('.').to_owned()),
         instance_id: Some("0".into()),
-        // Fast notification timings: behaviour, not the seed's seconds.
-        notification: NotificationPolicy {
-            attempt_timeout: Duration::from_millis(500),
-            first_backoff: Duration::from_millis(200),
-            max_attempts: 3,
-        },
         ..Config::default()
-    };
-    config.order.notify_timeout = Duration::from_secs(20);
+    }
+    // Fast notification timings: behaviour, not the seed's seconds.
+    .fast();
     let system = Arc::new(
         System::start(config)
             .await
             .expect("the system starts on Kafka"),
     );
-    let api = http::router(system.clone());
+    let api = ecommerce::http::router(system.clone());
     (system, api)
 }
 
@@ -212,7 +201,9 @@ async fn the_three_flows_on_kafka_through_the_http_api() {
     assert_eq!(dead["last_error"], "500 Internal Server Error");
     assert_eq!(
         dead["original"]["channel"],
-        system.topics.name(messages::NOTIFICATIONS_REQUESTS)
+        system
+            .topics
+            .name(ecommerce::messages::NOTIFICATIONS_REQUESTS)
     );
 
     let a = poll(&api, "/analytics", Duration::from_secs(30), |a| {

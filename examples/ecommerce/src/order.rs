@@ -6,8 +6,8 @@
 //! |---|---|---|---|
 //! | `create-order` | compensatable | PENDING, `ORDER_CREATED` | CANCELLED with the reason, `ORDER_CANCELLED` |
 //! | `reserve-inventory` | **pivot** | `RESERVE` → `inventory.requests`, reply on `inventory.responses` | — |
-//! | `confirm-order` | retriable | CONFIRMED, `ORDER_CONFIRMED` | never |
-//! | `notify-confirmation` | retriable | asking `notifications.requests` for the ORDER_CONFIRMED email | never |
+//! | `confirm-order` | retryable | CONFIRMED, `ORDER_CONFIRMED` | never |
+//! | `notify-confirmation` | retryable | asking `notifications.requests` for the ORDER_CONFIRMED email; if it fails for good, a dead letter on `notifications.dlq` and the saga goes on | never |
 //!
 //! `INSUFFICIENT_STOCK` fails the pivot with a permanent error whose message
 //! carries the numbers, so `create-order`'s compensation cancels the order
@@ -18,8 +18,10 @@
 //! cancels a confirmed order.
 //!
 //! The confirmation email is a remote step rather than a fire-and-forget
-//! command because the saga records its outcome (`SENT`, or `FAILED` from
-//! the notification service's dead-letter hook) in the order.
+//! command because the saga records its outcome in the order: `SENT`, or
+//! `FAILED` when the notification service gave up (the step then writes the
+//! dead letter, publishes `NOTIFICATION_FAILED` and the saga completes:
+//! `on_exhausted(Exhausted::DeadLetterAndContinue)`).
 //!
 //! Every channel name goes through [`Topics`], so a system can run under a
 //! topic namespace.
@@ -27,17 +29,18 @@
 use std::time::Duration;
 
 use rust_decimal::Decimal;
-use saga::{
-    RetryPolicy, SagaDefinition, SagaError, SagaInstance, SagaStatus, Step, StepContext, StepError,
-    Timestamp,
+use saga_core::{
+    Exhausted, RetryPolicy, SagaDefinition, SagaError, SagaInstance, SagaStatus, Step, StepContext,
+    StepError, StepFailure, Timestamp,
 };
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::messages::{
-    InventoryCommand, InventoryReply, NotificationKind, NotificationReply, NotificationRequest,
-    OrderEvent, OrderItem, Topics, INVENTORY_REQUESTS, INVENTORY_RESPONSES, NOTIFICATIONS_REQUESTS,
-    NOTIFICATIONS_RESPONSES, ORDERS_DLQ, ORDERS_EVENTS,
+    InventoryCommand, InventoryReply, NotificationEvent, NotificationKind, NotificationReply,
+    NotificationRequest, OrderEvent, OrderItem, Topics, INVENTORY_REQUESTS, INVENTORY_RESPONSES,
+    NOTIFICATIONS_DLQ, NOTIFICATIONS_EVENTS, NOTIFICATIONS_REQUESTS, NOTIFICATIONS_RESPONSES,
+    ORDERS_DLQ, ORDERS_EVENTS,
 };
 
 /// The saga type's name.
@@ -172,8 +175,9 @@ pub fn reason_code(reason: &str) -> &'static str {
 pub struct OrderPolicy {
     /// Deadline of one `RESERVE` attempt.
     pub reserve_timeout: Duration,
-    /// Deadline of one notification request. It must exceed the
-    /// notification service's whole retry budget (3 × 5 s + 2 s + 4 s).
+    /// Deadline of one notification request. It must cover the
+    /// notification service's whole retry budget (3 × 5 s + 2 s + 4 s =
+    /// 21 s); the runtime refuses to register the two otherwise.
     pub notify_timeout: Duration,
 }
 
@@ -191,31 +195,46 @@ fn on_notification_reply(
     kind: NotificationKind,
     reply: NotificationReply,
 ) -> Result<(), StepError> {
-    let outcome = match reply {
-        NotificationReply::Sent { attempts } => NotificationOutcome {
-            notification: kind.as_str().into(),
-            status: "SENT".into(),
-            attempts,
-            last_error: None,
-        },
-        NotificationReply::Failed {
-            attempts,
-            last_error,
-        } => NotificationOutcome {
-            notification: kind.as_str().into(),
-            status: "FAILED".into(),
-            attempts,
-            last_error: Some(last_error),
-        },
-    };
-    ctx.data_mut().notification = Some(outcome);
+    let NotificationReply::Sent { attempts } = reply;
+    ctx.data_mut().notification = Some(NotificationOutcome {
+        notification: kind.as_str().into(),
+        status: "SENT".into(),
+        attempts,
+        last_error: None,
+    });
     Ok(())
+}
+
+/// The confirmation email failed for good (the notification service gave
+/// up after its attempts): the order records it and tells the world; the
+/// order stays CONFIRMED.
+fn on_notification_failed(
+    ctx: &mut StepContext<'_, Order>,
+    kind: NotificationKind,
+    events: &str,
+    failure: &StepFailure,
+) {
+    let order = ctx.data_mut();
+    order.notification = Some(NotificationOutcome {
+        notification: kind.as_str().into(),
+        status: "FAILED".into(),
+        attempts: failure.attempts,
+        last_error: Some(failure.error.clone()),
+    });
+    let event = NotificationEvent::NotificationFailed {
+        order_id: order.order_id.clone(),
+        notification: kind,
+        retry_count: failure.attempts,
+        reason: failure.reason.clone(),
+        last_error: failure.error.clone(),
+    };
+    ctx.emit(events, &event);
 }
 
 /// The `order` saga, on the channels of `topics` (its name is
 /// `topics.name("order")`).
 pub fn saga(policy: &OrderPolicy, topics: &Topics) -> Result<SagaDefinition<Order>, SagaError> {
-    let notify_retry = RetryPolicy::exponential(Duration::from_secs(1), 2.0).with_max_attempts(3);
+    let notification_events = topics.name(NOTIFICATIONS_EVENTS);
     let events = topics.name(ORDERS_EVENTS);
     let (created_events, cancelled_events, confirmed_events) =
         (events.clone(), events.clone(), events);
@@ -292,18 +311,31 @@ pub fn saga(policy: &OrderPolicy, topics: &Topics) -> Result<SagaDefinition<Orde
                 ctx.emit(confirmed_events.clone(), &event);
                 Ok(())
             })
-            .retriable(),
+            .retryable(),
         )
         .step(
+            // The notification service makes the attempts (the seed's 3,
+            // 2 s then 4 s apart); the step waits for its answer and, if it
+            // gave up, dead-letters the request and goes on.
             Step::remote("notify-confirmation", notifications.clone())
                 .command(|o: &Order| o.notification(NotificationKind::OrderConfirmed))
                 .on_reply(|ctx, reply: NotificationReply| {
                     on_notification_reply(ctx, NotificationKind::OrderConfirmed, reply)
                 })
                 .reply_to(topics.name(NOTIFICATIONS_RESPONSES))
-                .retry(notify_retry)
+                .retry(RetryPolicy::no_retry())
                 .timeout(policy.notify_timeout)
-                .retriable(),
+                .retryable()
+                .on_exhausted(Exhausted::DeadLetterAndContinue)
+                .dead_letter_channel(topics.name(NOTIFICATIONS_DLQ))
+                .on_give_up(move |ctx, failure| {
+                    on_notification_failed(
+                        ctx,
+                        NotificationKind::OrderConfirmed,
+                        &notification_events,
+                        failure,
+                    )
+                }),
         )
         // The cancellation email: after `create-order`'s compensation has put
         // the reason in the order, in the same transition.

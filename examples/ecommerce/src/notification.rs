@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use saga::{
+use saga_core::{
     Classify, Clock, DeadLetter, ErrorClass, Participant, ParticipantContext, ParticipantPolicy,
     RetryPolicy, Timestamp,
 };
@@ -291,6 +291,11 @@ pub struct NotificationService {
     provider: Arc<dyn EmailProvider>,
     clock: Clock,
     attempts: Arc<Mutex<Vec<AttemptRecord>>>,
+    /// Business keys of the requests whose email went out, with the
+    /// attempt it went out on: a new attempt of one of them (a late reply
+    /// made the saga retry, an operator retried) is answered without
+    /// sending again.
+    sent: Arc<Mutex<HashMap<String, u32>>>,
     events: String,
 }
 
@@ -301,6 +306,7 @@ impl NotificationService {
             provider,
             clock,
             attempts: Arc::default(),
+            sent: Arc::default(),
             events: NOTIFICATIONS_EVENTS.into(),
         }
     }
@@ -369,6 +375,17 @@ impl Participant for NotificationService {
         req: NotificationRequest,
         ctx: &mut ParticipantContext,
     ) -> Result<NotificationReply, EmailError> {
+        let key = ctx.idempotency_key().to_owned();
+        let already = self
+            .sent
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&key)
+            .copied();
+        if let Some(attempts) = already {
+            tracing::info!(order_id = %req.order_id, key, "email already sent: answering again");
+            return Ok(NotificationReply::Sent { attempts });
+        }
         let email = compose(&req);
         let mut guard = AttemptGuard {
             log: self.attempts.clone(),
@@ -389,6 +406,10 @@ impl Participant for NotificationService {
             Err(e) => e.to_string(),
         });
         result?;
+        self.sent
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(key, ctx.attempt());
         tracing::info!(order_id = %req.order_id, to = %email.to, attempt = ctx.attempt(), "email sent");
         ctx.emit(
             self.events.clone(),
@@ -404,11 +425,11 @@ impl Participant for NotificationService {
         })
     }
 
-    fn on_dead_letter(
-        &self,
-        dead: &DeadLetter,
-        ctx: &mut ParticipantContext,
-    ) -> Option<NotificationReply> {
+    /// A fire-and-forget request (the cancellation email) that failed
+    /// every attempt: `NOTIFICATION_FAILED` goes out with the dead letter.
+    /// (The confirmation email's failure is the order saga's to record: its
+    /// step gives up and dead-letters it, see `order.rs`.)
+    fn on_dead_letter(&self, dead: &DeadLetter, ctx: &mut ParticipantContext) {
         tracing::warn!(message_id = %dead.original.id, reason = %dead.reason, last_error = %dead.last_error, "notification dead-lettered");
         if let Ok(req) =
             serde_json::from_value::<NotificationRequest>(dead.original.payload.clone())
@@ -424,10 +445,6 @@ impl Participant for NotificationService {
                 },
             );
         }
-        Some(NotificationReply::Failed {
-            attempts: dead.retry_count,
-            last_error: dead.last_error.clone(),
-        })
     }
 }
 

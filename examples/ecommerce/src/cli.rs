@@ -1,46 +1,14 @@
-//! The e-commerce example: an order saga over inventory, notification,
-//! analytics and DLQ services (see README.md, "Walkthrough").
-//!
-//! ```text
-//! cargo run --example ecommerce                      # the demo: the seed's three flows, in memory
-//! cargo run --example ecommerce -- serve             # the HTTP API on 127.0.0.1:8080, in memory
-//! cargo run --example ecommerce -- serve --kafka localhost:9092   # the same system on Kafka
-//! cargo run --example ecommerce -- dlq list          # operate the DLQ of a running `serve`
-//!
-//! # one process per service (Kafka: --kafka HOST:PORT, before or after the
-//! # command, else KAFKA_BOOTSTRAP_SERVERS)
-//! cargo run --example ecommerce -- order        --instance-id order-1   # orders API, :8080
-//! cargo run --example ecommerce -- inventory    --instance-id inv-1     # :8081
-//! cargo run --example ecommerce -- inventory    --instance-id inv-2 --addr 127.0.0.1:8091
-//! cargo run --example ecommerce -- notification --instance-id notif-1   # :8082
-//! cargo run --example ecommerce -- analytics    --instance-id an-1      # :8083
-//! cargo run --example ecommerce -- dlq          --instance-id dlq-1     # :8084
-//! ```
-//!
-//! Every process serves the HTTP API of the services it runs (the others'
-//! routes answer 404) and prints `listening on http://ADDR` once its
-//! services are registered.
-
-mod analytics;
-mod cli;
-mod demo;
-mod dlq;
-mod http;
-mod inventory;
-mod messages;
-mod notification;
-mod order;
-mod system;
-mod timeline;
+//! The command line: the demo, `serve`, one command per service, and the
+//! DLQ operators' client.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 
 use crate::messages::Topics;
 use crate::system::{Config, RuntimeKind, Services, System};
+use crate::{demo, dlq_client, http, notification, order};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -142,7 +110,7 @@ enum Command {
         #[arg(long, default_value = "127.0.0.1:8084")]
         addr: SocketAddr,
         #[command(subcommand)]
-        action: Option<cli::DlqCommand>,
+        action: Option<dlq_client::DlqCommand>,
     },
 }
 
@@ -210,12 +178,7 @@ fn config(args: &Args, kafka: Option<String>, services: Services) -> Result<Conf
         ..Config::default()
     };
     if args.fast {
-        config.notification = notification::NotificationPolicy {
-            attempt_timeout: Duration::from_millis(500),
-            first_backoff: Duration::from_millis(200),
-            max_attempts: 3,
-        };
-        config.order.notify_timeout = Duration::from_secs(10);
+        config = config.fast();
     }
     Ok(config)
 }
@@ -239,7 +202,7 @@ async fn serve(config: Config, addr: SocketAddr, email: EmailArgs) -> Result<(),
         .map_err(|e| format!("cannot listen on {addr}: {e}"))?;
     let local = listener.local_addr().map_err(|e| e.to_string())?;
     let services = system.services.names().join(", ");
-    let runtime = system.platform.name();
+    let runtime = system.runtime_name();
     tracing::info!(addr = %local, runtime, services, "e-commerce API listening");
     eprintln!("e-commerce [{services}] on {runtime}: listening on http://{local}; ctrl-c to stop");
     let app = http::router(system.clone());
@@ -248,7 +211,7 @@ async fn serve(config: Config, addr: SocketAddr, email: EmailArgs) -> Result<(),
         .with_graceful_shutdown(async move {
             shutdown_signal().await;
             tracing::info!("shutting down: refusing new writes");
-            stopping.platform.set_accepting(false);
+            stopping.set_accepting(false);
         })
         .await
         .map_err(|e| format!("server error: {e}"))?;
@@ -290,9 +253,20 @@ async fn service(
     serve(config(args, kafka, services)?, addr, email).await
 }
 
-#[tokio::main]
-async fn main() -> std::process::ExitCode {
-    let args = Args::parse();
+/// Runs the command line with the process's arguments; the exit code says
+/// whether it succeeded (errors are printed on stderr).
+pub fn main() -> std::process::ExitCode {
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(run(Args::parse()))
+}
+
+async fn run(args: Args) -> std::process::ExitCode {
     let no_email = || EmailArgs {
         email_script: Vec::new(),
         email_failure_rate: 0.0,
@@ -365,7 +339,7 @@ async fn main() -> std::process::ExitCode {
                 .clone()
                 .or_else(|| std::env::var("USER").ok())
                 .unwrap_or_else(|| "operator".into());
-            cli::run(api, &operator, action.clone()).await
+            dlq_client::run(api, &operator, action.clone()).await
         }
     };
     match result {

@@ -8,16 +8,15 @@
 //! partition) must equal what the confirmed orders bought: nothing
 //! oversold, nothing reserved twice.
 //!
-//! The processes are the built example binary
-//! (`target/<profile>/examples/ecommerce`, built by `cargo test
-//! --all-targets`, else built here); a guard kills them all at the end,
-//! also when the test fails. Needs KAFKA_BOOTSTRAP_SERVERS.
+//! The processes are the example's `ecommerce` binary (cargo builds it for
+//! this test); a guard kills them all at the end, also when the test
+//! fails. Needs KAFKA_BOOTSTRAP_SERVERS.
 
 use std::collections::BTreeMap;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use futures::stream::{self, StreamExt};
 use serde_json::{json, Value};
@@ -93,45 +92,9 @@ impl Processes {
     }
 }
 
-fn newest_source(dir: &Path) -> SystemTime {
-    std::fs::read_dir(dir)
-        .map(|rd| {
-            rd.filter_map(|e| e.ok()?.metadata().ok()?.modified().ok())
-                .max()
-                .unwrap_or(SystemTime::UNIX_EPOCH)
-        })
-        .unwrap_or(SystemTime::UNIX_EPOCH)
-}
-
-/// The example binary: next to this test's directory (`target/<profile>/
-/// examples/ecommerce`). If it is missing or older than the example's
-/// sources, builds it (same profile and target directory).
+/// The example's binary, built by cargo for this test.
 fn example_binary() -> PathBuf {
-    let me = std::env::current_exe().unwrap();
-    let profile_dir = me.parent().and_then(Path::parent).unwrap().to_path_buf();
-    let exe = profile_dir
-        .join("examples")
-        .join(format!("ecommerce{}", std::env::consts::EXE_SUFFIX));
-    let sources = newest_source(&Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/ecommerce"));
-    let fresh = std::fs::metadata(&exe)
-        .and_then(|m| m.modified())
-        .is_ok_and(|t| t >= sources);
-    if !fresh {
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let mut cmd = Command::new(cargo);
-        cmd.current_dir(env!("CARGO_MANIFEST_DIR"))
-            .args(["build", "--example", "ecommerce"]);
-        if profile_dir.file_name().is_some_and(|n| n == "release") {
-            cmd.arg("--release");
-        }
-        if let Some(target) = profile_dir.parent() {
-            cmd.env("CARGO_TARGET_DIR", target);
-        }
-        let status = cmd.status().expect("cargo build --example ecommerce");
-        assert!(status.success(), "cargo build --example ecommerce failed");
-    }
-    assert!(exe.exists(), "no example binary at {}", exe.display());
-    exe
+    PathBuf::from(env!("CARGO_BIN_EXE_ecommerce"))
 }
 
 /// Order `i`: laptops and monitors (scarce), and mice.

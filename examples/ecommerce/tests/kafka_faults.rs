@@ -11,12 +11,6 @@
 //! it reaches the log here; that an aborted transaction stays invisible is
 //! proven against a real broker (saga-kafka's `atomicity` tests).
 
-// The example's modules, compiled into this test crate; not every helper
-// is used here.
-#![allow(dead_code)]
-
-include!("support/ecommerce_modules.rs");
-
 use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -25,14 +19,13 @@ use axum::body::Body;
 use axum::http::{header, Request, StatusCode};
 use axum::Router;
 use rdkafka::mocking::MockCluster;
-use saga::kafka::KafkaConfig;
+use saga_kafka::KafkaConfig;
 use serde_json::{json, Value};
 use tower::ServiceExt;
 
-use demo::call;
-use messages::{OrderEvent, Topics};
-use notification::NotificationPolicy;
-use system::{Config, RuntimeKind, Services, System};
+use ecommerce::demo::call;
+use ecommerce::messages::{OrderEvent, Topics};
+use ecommerce::system::{Config, RuntimeKind, Services, System};
 
 /// The broker of the one-node mock cluster.
 const BROKER: i32 = 1;
@@ -116,8 +109,7 @@ async fn listed(api: &Router) -> BTreeSet<String> {
 /// process's timeline projection saw them).
 fn created_events(system: &System) -> BTreeSet<String> {
     system
-        .platform
-        .read(&system.topics.name(messages::ORDERS_EVENTS))
+        .read(&system.topics.name(ecommerce::messages::ORDERS_EVENTS))
         .into_iter()
         .filter_map(|e| match serde_json::from_value(e.payload) {
             Ok(OrderEvent::OrderCreated { order_id, .. }) => Some(order_id),
@@ -131,21 +123,16 @@ async fn a_broker_that_cannot_take_the_write_gets_a_retryable_503_and_nothing_ha
     let t0 = Instant::now();
     let mock = MockCluster::new(1).expect("librdkafka's mock cluster");
     let bootstrap = mock.bootstrap_servers();
-    let mut config = Config {
+    let config = Config {
         runtime: RuntimeKind::Kafka(bootstrap.clone()),
         services: Services::ALL,
         topics: Topics::default(),
         // The mock does not serve CreateTopics: every topic is made below.
         create_topics: false,
-        notification: NotificationPolicy {
-            attempt_timeout: Duration::from_millis(500),
-            first_backoff: Duration::from_millis(200),
-            max_attempts: 3,
-        },
         ..Config::default()
-    };
-    config.order.notify_timeout = Duration::from_secs(20);
-    for spec in system::kafka_topics(&config).unwrap() {
+    }
+    .fast();
+    for spec in ecommerce::system::kafka::kafka_topics(&config).unwrap() {
         mock.create_topic(&spec.name, 3, 1).unwrap();
     }
     // Small timeouts and retries: a refused write is answered in seconds.
@@ -162,7 +149,7 @@ async fn a_broker_that_cannot_take_the_write_gets_a_retryable_503_and_nothing_ha
             .await
             .expect("the system starts on the mock cluster"),
     );
-    let api = http::router(system.clone());
+    let api = ecommerce::http::router(system.clone());
     let (status, health) = call(&api, "GET", "/health", None).await;
     assert_eq!(
         (status, &health["runtime"]),

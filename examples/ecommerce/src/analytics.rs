@@ -8,7 +8,7 @@ use std::collections::{BTreeMap, HashSet};
 use std::sync::{Arc, Mutex};
 
 use rust_decimal::Decimal;
-use saga::{Envelope, MessageId};
+use saga_core::{Envelope, MessageId};
 use serde::Serialize;
 
 use crate::messages::{InventoryEvent, NotificationEvent, OrderEvent};

@@ -150,7 +150,7 @@ pub fn router(system: Arc<System>) -> Router {
 async fn health(State(s): State<Arc<System>>) -> Json<Value> {
     Json(json!({
         "status": "ok",
-        "runtime": s.platform.name(),
+        "runtime": s.runtime_name(),
         "services": s.services.names(),
         "topic_prefix": s.topics.prefix(),
     }))
@@ -161,7 +161,7 @@ async fn metrics_text(State(s): State<Arc<System>>) -> impl IntoResponse {
     if let Some(dlq) = &s.dlq {
         metrics::gauge!("ecommerce_dlq_open").set(dlq.open_count() as f64);
     }
-    for (group, channel, lag) in s.platform.lag() {
+    for (group, channel, lag) in s.lag() {
         metrics::gauge!("ecommerce_consumer_lag", "group" => group, "channel" => channel)
             .set(lag as f64);
     }
@@ -223,7 +223,7 @@ async fn list_orders(State(s): State<Arc<System>>) -> ApiResult<Json<Value>> {
     if !s.services.order {
         return Err(not_here("order"));
     }
-    let orders = s.platform.orders().await.map_err(storage_error)?;
+    let orders = s.orders().await.map_err(storage_error)?;
     let list: Vec<Value> = orders
         .into_iter()
         .map(|o| {
@@ -245,7 +245,7 @@ async fn get_order(
     if !s.services.order {
         return Err(not_here("order"));
     }
-    match s.platform.order(&id).await.map_err(storage_error)? {
+    match s.order(&id).await.map_err(storage_error)? {
         Some(inst) => Ok(Json(inst.into())),
         None => Err(ApiError::not_found(format!("no order `{id}`"))),
     }

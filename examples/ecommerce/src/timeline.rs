@@ -5,7 +5,7 @@
 //! over every topic, see `system.rs`), and email attempts are known only in
 //! the process that runs the notification service.
 
-use saga::{DeadLetter, Envelope, Timestamp};
+use saga_core::{DeadLetter, Envelope, ReplyOutcome, Timestamp};
 use serde::Serialize;
 
 use crate::messages::*;
@@ -39,6 +39,15 @@ fn items(items: &[OrderItem]) -> String {
 /// What a message says, in a few words, and its rank among messages
 /// written in the same millisecond (causal order).
 fn describe(env: &Envelope, channel: &str) -> (u8, String) {
+    if let Some(ReplyOutcome::Failure {
+        error, attempts, ..
+    }) = &env.outcome
+    {
+        return (
+            11,
+            format!("answer to the saga: FAILED after {attempts} attempt(s) ({error})"),
+        );
+    }
     let p = &env.payload;
     let ty = message_type(p);
     let attempt = if env.attempt > 1 {
@@ -91,13 +100,6 @@ fn describe(env: &Envelope, channel: &str) -> (u8, String) {
             Ok(NotificationReply::Sent { attempts }) => {
                 (11, format!("answer to the saga: SENT (attempts: {attempts})"))
             }
-            Ok(NotificationReply::Failed {
-                attempts,
-                last_error,
-            }) => (
-                11,
-                format!("answer to the saga: FAILED after {attempts} attempts ({last_error})"),
-            ),
             Err(_) => (11, ty),
         },
         NOTIFICATIONS_EVENTS => match serde_json::from_value::<NotificationEvent>(p.clone()) {
@@ -133,7 +135,7 @@ fn describe(env: &Envelope, channel: &str) -> (u8, String) {
 
 /// The timeline of `order_id`, oldest first (empty if unknown).
 pub async fn of(system: &System, order_id: &str) -> Vec<Line> {
-    let Ok(Some(inst)) = system.platform.order(order_id).await else {
+    let Ok(Some(inst)) = system.order(order_id).await else {
         return Vec::new();
     };
     let order: &Order = &inst.data;
@@ -161,7 +163,7 @@ pub async fn of(system: &System, order_id: &str) -> Vec<Line> {
         );
     }
     for channel in ALL_CHANNELS {
-        for env in system.platform.read(&system.topics.name(channel)) {
+        for env in system.read(&system.topics.name(channel)) {
             if env.saga_id.as_str() == order_id {
                 let (rank, text) = describe(&env, channel);
                 push(env.timestamp, rank, channel, text);

@@ -2,12 +2,6 @@
 //! paused clock (the notification backoffs take no real time): the seed's
 //! three flows, the DLQ processor, idempotency, and every bad request.
 
-// The example's modules, compiled into this test crate; not every helper
-// is used here.
-#![allow(dead_code)]
-
-include!("support/ecommerce_modules.rs");
-
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -15,9 +9,9 @@ use axum::http::StatusCode;
 use axum::Router;
 use serde_json::{json, Value};
 
-use demo::call;
-use notification::FakeOutcome;
-use system::{Config, System};
+use ecommerce::demo::call;
+use ecommerce::notification::FakeOutcome;
+use ecommerce::system::{Config, System};
 
 async fn start() -> (Arc<System>, Router) {
     let system = Arc::new(
@@ -25,7 +19,7 @@ async fn start() -> (Arc<System>, Router) {
             .await
             .expect("the system starts"),
     );
-    let api = http::router(system.clone());
+    let api = ecommerce::http::router(system.clone());
     (system, api)
 }
 
@@ -99,27 +93,22 @@ async fn flow_1_success_confirms_reserves_and_notifies() {
 
     // Every channel of the seed carried this order's messages.
     for ch in [
-        messages::ORDERS_EVENTS,
-        messages::INVENTORY_REQUESTS,
-        messages::INVENTORY_RESPONSES,
-        messages::INVENTORY_EVENTS,
-        messages::NOTIFICATIONS_REQUESTS,
-        messages::NOTIFICATIONS_EVENTS,
+        ecommerce::messages::ORDERS_EVENTS,
+        ecommerce::messages::INVENTORY_REQUESTS,
+        ecommerce::messages::INVENTORY_RESPONSES,
+        ecommerce::messages::INVENTORY_EVENTS,
+        ecommerce::messages::NOTIFICATIONS_REQUESTS,
+        ecommerce::messages::NOTIFICATIONS_EVENTS,
     ] {
         assert!(
-            system
-                .platform
-                .read(ch)
-                .iter()
-                .any(|e| e.saga_id.as_str() == id),
+            system.read(ch).iter().any(|e| e.saga_id.as_str() == id),
             "nothing for {id} on {ch}"
         );
     }
     let types: Vec<String> = system
-        .platform
-        .read(messages::ORDERS_EVENTS)
+        .read(ecommerce::messages::ORDERS_EVENTS)
         .iter()
-        .map(|e| messages::message_type(&e.payload))
+        .map(|e| ecommerce::messages::message_type(&e.payload))
         .collect();
     assert_eq!(types, ["ORDER_CREATED", "ORDER_CONFIRMED"]);
     let timeline = get(&api, &format!("/orders/{id}/timeline")).await;
@@ -160,8 +149,7 @@ async fn flow_2_insufficient_stock_cancels_with_the_numbers_and_changes_nothing(
         assert_eq!(get(&api, &format!("/inventory/{sku}")).await["reserved"], 0);
     }
     let reply = system
-        .platform
-        .read(messages::INVENTORY_RESPONSES)
+        .read(ecommerce::messages::INVENTORY_RESPONSES)
         .into_iter()
         .find(|e| e.saga_id.as_str() == id)
         .unwrap();
@@ -365,30 +353,27 @@ async fn a_reservation_request_seen_twice_reserves_once() {
     let (system, api) = start().await;
     let id = place(&system, &api, seed_order()).await;
     let original = system
-        .platform
-        .read(messages::INVENTORY_REQUESTS)
+        .read(ecommerce::messages::INVENTORY_REQUESTS)
         .into_iter()
         .find(|e| e.saga_id.as_str() == id)
         .unwrap();
     // Redelivered with the same id (the runtime's ledger answers it again)
     // and re-sent under a new id (the inventory's per-order guard).
     let mut renamed = original.clone();
-    renamed.id = saga::MessageId::new(format!("{}/resent", original.id));
-    system.platform.publish(original).await.unwrap();
-    system.platform.publish(renamed).await.unwrap();
+    renamed.id = saga_core::MessageId::new(format!("{}/resent", original.id));
+    system.publish(original).await.unwrap();
+    system.publish(renamed).await.unwrap();
     assert!(system.wait_idle(Duration::from_secs(10)).await);
     let laptop = get(&api, "/inventory/LAPTOP-001").await;
     assert_eq!(laptop["reserved"], 1);
     let replies = system
-        .platform
-        .read(messages::INVENTORY_RESPONSES)
+        .read(ecommerce::messages::INVENTORY_RESPONSES)
         .into_iter()
         .filter(|e| e.saga_id.as_str() == id)
         .count();
     assert_eq!(replies, 3, "each delivery is answered");
     let reserved_events = system
-        .platform
-        .read(messages::INVENTORY_EVENTS)
+        .read(ecommerce::messages::INVENTORY_EVENTS)
         .into_iter()
         .filter(|e| e.saga_id.as_str() == id)
         .count();
@@ -402,18 +387,18 @@ async fn a_reservation_request_seen_twice_reserves_once() {
 
 #[test]
 fn analytics_counts_an_event_once() {
-    let a = analytics::Analytics::new();
-    let env = saga::Envelope::event(
-        saga::MessageId::new("o-1/event/2"),
-        messages::ORDERS_EVENTS,
-        saga::SagaId::new("o-1"),
+    let a = ecommerce::analytics::Analytics::new();
+    let env = saga_core::Envelope::event(
+        saga_core::MessageId::new("o-1/event/2"),
+        ecommerce::messages::ORDERS_EVENTS,
+        saga_core::SagaId::new("o-1"),
         "order",
-        serde_json::to_value(messages::OrderEvent::OrderConfirmed {
+        serde_json::to_value(ecommerce::messages::OrderEvent::OrderConfirmed {
             order_id: "o-1".into(),
             total: "10.50".parse().unwrap(),
         })
         .unwrap(),
-        saga::Timestamp::EPOCH,
+        saga_core::Timestamp::EPOCH,
     );
     a.apply(&env);
     a.apply(&env);
@@ -477,7 +462,7 @@ async fn reject(body: &str) -> (StatusCode, String, Value) {
         .unwrap();
     let v: Value = serde_json::from_slice(&bytes).expect("errors are JSON");
     // Nothing was started.
-    assert!(system.platform.orders().await.unwrap().is_empty());
+    assert!(system.orders().await.unwrap().is_empty());
     (
         status,
         v["error"].as_str().unwrap_or_default().to_owned(),
@@ -571,7 +556,7 @@ async fn a_negative_price_is_422() {
 
 #[tokio::test]
 async fn a_body_too_large_is_413() {
-    let padding = "x".repeat(http::MAX_BODY_BYTES);
+    let padding = "x".repeat(ecommerce::http::MAX_BODY_BYTES);
     let body = json!({"customer_id": padding, "items": []}).to_string();
     let (status, error, _) = reject(&body).await;
     assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
@@ -581,7 +566,7 @@ async fn a_body_too_large_is_413() {
 #[tokio::test]
 async fn a_runtime_that_cannot_take_the_write_is_503_and_retryable() {
     let (system, api) = start().await;
-    system.platform.set_accepting(false);
+    system.set_accepting(false);
     let req = axum::http::Request::builder()
         .method("POST")
         .uri("/orders")
@@ -596,10 +581,10 @@ async fn a_runtime_that_cannot_take_the_write_is_503_and_retryable() {
     let v: Value = serde_json::from_slice(&bytes).unwrap();
     assert_eq!(v["retryable"], true);
     assert!(v["error"].as_str().unwrap().contains("please retry"), "{v}");
-    assert!(system.platform.orders().await.unwrap().is_empty());
+    assert!(system.orders().await.unwrap().is_empty());
 
     // Once it takes writes again, the same request goes through.
-    system.platform.set_accepting(true);
+    system.set_accepting(true);
     let (status, _) = call(&api, "POST", "/orders", Some(seed_order())).await;
     assert_eq!(status, StatusCode::ACCEPTED);
 }

@@ -194,7 +194,7 @@ pub struct ReservedItem {
 pub enum NotificationKind {
     /// "Your order is confirmed".
     OrderConfirmed,
-    /// "Your order was cancelled: <reason>".
+    /// "Your order was cancelled: \<reason\>".
     OrderCancelled,
 }
 
@@ -236,13 +236,6 @@ pub enum NotificationReply {
         /// On which attempt.
         attempts: u32,
     },
-    /// Every attempt failed; the request is in `notifications.dlq`.
-    Failed {
-        /// How many attempts were made.
-        attempts: u32,
-        /// The last attempt's error.
-        last_error: String,
-    },
 }
 
 /// What the notification service publishes on `notifications.events`.
@@ -275,10 +268,10 @@ pub enum NotificationEvent {
     },
 }
 
-/// Serializes a [`saga::Timestamp`] as RFC 3339 text
+/// Serializes a [`saga_core::Timestamp`] as RFC 3339 text
 /// (`2026-11-27T18:38:01.200Z`) in API answers; use with
 /// `#[serde(serialize_with = "crate::messages::rfc3339")]`.
-pub fn rfc3339<S: serde::Serializer>(t: &saga::Timestamp, s: S) -> Result<S::Ok, S::Error> {
+pub fn rfc3339<S: serde::Serializer>(t: &saga_core::Timestamp, s: S) -> Result<S::Ok, S::Error> {
     s.collect_str(t)
 }
 

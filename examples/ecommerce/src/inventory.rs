@@ -4,9 +4,10 @@
 //! check-and-reserve), answers `RESERVED` or `INSUFFICIENT_STOCK` with the
 //! numbers, and publishes `INVENTORY_RESERVED`. A redelivered request is
 //! answered again by the runtime's ledger (same message id) without running
-//! this code; a request for an order it already answered, under another
-//! message id, gets the same answer from the per-order guard here, so stock
-//! is never reserved twice.
+//! this code; another attempt of the same step (the saga retried it, or an
+//! operator did: a new message id, the same business key,
+//! `ParticipantContext::idempotency_key`) gets the first answer from the
+//! guard here, so stock is never reserved twice.
 //!
 //! ## Stock shards (on Kafka, and with several instances)
 //!
@@ -39,7 +40,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
-use saga::{Participant, ParticipantContext, StepError};
+use saga_core::{Participant, ParticipantContext, StepError};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
@@ -101,7 +102,7 @@ pub struct ShardView {
     /// Whether this process serves the partition now (restored or handled
     /// a request here); a shard it lost in a rebalance may be stale.
     pub held: bool,
-    /// Orders it has answered: grows with every answer, so of two copies
+    /// Requests it has answered: grows with every answer, so of two copies
     /// of one shard (in two processes) the larger is the newer.
     pub version: usize,
     /// Its stock.
@@ -260,18 +261,24 @@ impl Inventory {
     }
 
     /// Reserves every item of `order_id` or none, from the shard of
-    /// `partition`; answers a repeated order with its first answer.
-    /// Returns the answer and whether stock changed.
+    /// `partition`; answers a request with a business `key` it answered
+    /// before with its first answer. Returns the answer and whether stock
+    /// changed.
     pub fn reserve(
         &self,
         partition: u32,
+        key: &str,
         order_id: &str,
         items: &[OrderItem],
     ) -> (InventoryReply, bool) {
         let mut st = self.lock();
         let shard = st.shard_mut(partition);
-        if let Some(previous) = shard.answered.get(order_id) {
-            tracing::info!(order_id, "duplicate reservation request: answering again");
+        if let Some(previous) = shard.answered.get(key) {
+            tracing::info!(
+                order_id,
+                key,
+                "repeated reservation request: answering again"
+            );
             return (previous.clone(), false);
         }
         // One order may list a SKU twice: check the sums.
@@ -306,7 +313,7 @@ impl Inventory {
                 (reply, true)
             }
         };
-        shard.answered.insert(order_id.to_owned(), reply.clone());
+        shard.answered.insert(key.to_owned(), reply.clone());
         (reply, changed)
     }
 }
@@ -324,7 +331,8 @@ impl Participant for Inventory {
     ) -> Result<InventoryReply, StepError> {
         match command {
             InventoryCommand::Reserve { order_id, items } => {
-                let (reply, changed) = self.reserve(ctx.partition(), &order_id, &items);
+                let key = ctx.idempotency_key().to_owned();
+                let (reply, changed) = self.reserve(ctx.partition(), &key, &order_id, &items);
                 if changed {
                     let mut reserved: BTreeMap<&str, u32> = BTreeMap::new();
                     for item in &items {
@@ -398,13 +406,23 @@ mod tests {
     #[test]
     fn reserves_all_or_nothing_and_once_per_order() {
         let inv = Inventory::new(CATALOGUE);
-        let (r, changed) = inv.reserve(0, "o1", &[item("LAPTOP-001", 1), item("MOUSE-001", 2)]);
+        let (r, changed) = inv.reserve(
+            0,
+            "o1/reserve",
+            "o1",
+            &[item("LAPTOP-001", 1), item("MOUSE-001", 2)],
+        );
         assert!(matches!(r, InventoryReply::Reserved { .. }) && changed);
-        let (again, changed) = inv.reserve(0, "o1", &[item("LAPTOP-001", 1)]);
+        let (again, changed) = inv.reserve(0, "o1/reserve", "o1", &[item("LAPTOP-001", 1)]);
         assert_eq!(again, r);
         assert!(!changed);
         assert_eq!(inv.level("LAPTOP-001").unwrap().reserved, 1);
-        let (short, _) = inv.reserve(1, "o2", &[item("MOUSE-001", 1), item("LAPTOP-001", 100)]);
+        let (short, _) = inv.reserve(
+            1,
+            "o2/reserve",
+            "o2",
+            &[item("MOUSE-001", 1), item("LAPTOP-001", 100)],
+        );
         assert_eq!(
             short,
             InventoryReply::InsufficientStock {
@@ -448,7 +466,7 @@ mod shard_tests {
             .collect();
         assert_eq!(on_hand, [17, 17, 16]);
         assert_eq!(inv.level("LAPTOP-001").unwrap().on_hand, 50);
-        let (r, _) = inv.reserve(2, "o1", &laptops(17));
+        let (r, _) = inv.reserve(2, "o1/reserve", "o1", &laptops(17));
         assert!(
             matches!(
                 r,
@@ -460,14 +478,14 @@ mod shard_tests {
             ),
             "{r:?}"
         );
-        let (r, changed) = inv.reserve(0, "o2", &laptops(17));
+        let (r, changed) = inv.reserve(0, "o2/reserve", "o2", &laptops(17));
         assert!(matches!(r, InventoryReply::Reserved { .. }) && changed);
         // The shard moves with its partition: a new owner restores it.
         let other = Inventory::sharded(CATALOGUE, 3);
         other.restore(0, inv.snapshot(0));
-        let (r, changed) = other.reserve(0, "o3", &laptops(1));
+        let (r, changed) = other.reserve(0, "o3/reserve", "o3", &laptops(1));
         assert!(matches!(r, InventoryReply::InsufficientStock { available: 0, .. }) && !changed);
-        let (again, changed) = other.reserve(0, "o2", &laptops(17));
+        let (again, changed) = other.reserve(0, "o2/reserve", "o2", &laptops(17));
         assert!(matches!(again, InventoryReply::Reserved { .. }) && !changed);
     }
 
@@ -475,7 +493,7 @@ mod shard_tests {
     fn unsharded_keeps_one_shard_and_no_snapshot() {
         let inv = Inventory::new(CATALOGUE);
         assert_eq!(inv.shards().len(), 1);
-        inv.reserve(2, "o1", &laptops(1));
+        inv.reserve(2, "o1/reserve", "o1", &laptops(1));
         assert_eq!(inv.level("LAPTOP-001").unwrap().available, 49);
         assert!(inv.snapshot(0).is_none());
     }

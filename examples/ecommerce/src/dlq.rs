@@ -16,7 +16,7 @@ use std::sync::{Arc, Mutex};
 
 use futures::future::BoxFuture;
 
-use saga::{Clock, DeadLetter, Envelope, MessageId, MessageKind, Timestamp};
+use saga_core::{Clock, DeadLetter, Envelope, MessageId, MessageKind, Timestamp};
 use serde::Serialize;
 use serde_json::Value;
 

@@ -1,16 +1,12 @@
 //! The e-commerce example's embedded demo (what `cargo run --example
 //! ecommerce` prints), run in process under tokio's paused clock.
 
-// The example's modules, compiled into this test crate; not every helper
-// is used here.
-#![allow(dead_code)]
-
-include!("support/ecommerce_modules.rs");
-
 #[tokio::test(start_paused = true)]
 async fn the_demo_plays_the_three_flows_of_the_seed() {
     let mut out = Vec::new();
-    let outcome = demo::run(&mut out).await.expect("the demo succeeds");
+    let outcome = ecommerce::demo::run(&mut out)
+        .await
+        .expect("the demo succeeds");
     let text = String::from_utf8(out).unwrap();
     assert_eq!(outcome.orders.len(), 3);
 

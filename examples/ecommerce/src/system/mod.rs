@@ -1,0 +1,465 @@
+//! The system, or the part of it one process runs, on a runtime.
+//!
+//! The services are wired once ([`wiring`]), against saga-core's
+//! `Runtime` trait, so the same code runs them on the in-memory runtime
+//! ([`memory`]: every service in this process) and on Kafka ([`kafka`]:
+//! any subset of the services per process: all of them with `serve
+//! --kafka`, or one each with `order`, `inventory`, `notification`,
+//! `analytics`, `dlq`, several instances of one sharing the work through
+//! its consumer group). What differs between the two is only how a
+//! process observes the log: consumer lag (the in-memory backend knows it;
+//! on Kafka ask the broker) and what counts as idle.
+//!
+//! On Kafka, reads that span services come from the log: `GET
+//! /orders/{id}` reads the saga's state topic through the handle, the
+//! timelines come from a projection over every topic kept by the order
+//! process, analytics and the DLQ view are projections that re-read their
+//! topics from the beginning on every start (a fresh consumer group each
+//! time: their state lives in memory and is rebuilt from the events).
+
+pub mod kafka;
+pub mod memory;
+pub mod wiring;
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use saga_core::{Envelope, Runtime, SagaError, SagaHandle, SagaId, SagaInstance, SagaQuery};
+
+use crate::analytics::Analytics;
+use crate::dlq::DlqProcessor;
+use crate::inventory::{Inventory, CATALOGUE};
+use crate::messages::Topics;
+use crate::notification::{FakeEmailProvider, NotificationPolicy, NotificationService};
+use crate::order::{self, Invalid, Order, OrderPolicy, OrderRequest};
+
+/// Which runtime the system runs on.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RuntimeKind {
+    /// Everything in this process, on saga-core's in-memory runtime.
+    Memory,
+    /// Apache Kafka at this bootstrap address (`host:port,...`); the rest of
+    /// the Kafka settings come from the environment (`KafkaConfig::from_env`)
+    /// and [`Config`].
+    Kafka(String),
+}
+
+/// Which services a process runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Services {
+    /// The order saga (orchestrator) and the orders API.
+    pub order: bool,
+    /// The inventory participant.
+    pub inventory: bool,
+    /// The notification participant.
+    pub notification: bool,
+    /// The analytics projection.
+    pub analytics: bool,
+    /// The DLQ processor.
+    pub dlq: bool,
+}
+
+impl Services {
+    /// Every service (the in-memory system, `serve`).
+    pub const ALL: Services = Services {
+        order: true,
+        inventory: true,
+        notification: true,
+        analytics: true,
+        dlq: true,
+    };
+
+    /// One service by name: `order`, `inventory`, `notification`,
+    /// `analytics` or `dlq`.
+    pub fn only(name: &str) -> Option<Services> {
+        let mut s = Services {
+            order: false,
+            inventory: false,
+            notification: false,
+            analytics: false,
+            dlq: false,
+        };
+        match name {
+            "order" => s.order = true,
+            "inventory" => s.inventory = true,
+            "notification" => s.notification = true,
+            "analytics" => s.analytics = true,
+            "dlq" => s.dlq = true,
+            _ => return None,
+        }
+        Some(s)
+    }
+
+    /// The names of the services run, for logs.
+    pub fn names(&self) -> Vec<&'static str> {
+        [
+            (self.order, "order"),
+            (self.inventory, "inventory"),
+            (self.notification, "notification"),
+            (self.analytics, "analytics"),
+            (self.dlq, "dlq"),
+        ]
+        .into_iter()
+        .filter_map(|(on, n)| on.then_some(n))
+        .collect()
+    }
+}
+
+/// How the system is set up.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// The runtime.
+    pub runtime: RuntimeKind,
+    /// Which services this process runs (Kafka; in memory it runs all).
+    pub services: Services,
+    /// Notification timings (the seed's by default).
+    pub notification: NotificationPolicy,
+    /// Order saga timings.
+    pub order: OrderPolicy,
+    /// SKU and units on hand.
+    pub catalogue: Vec<(String, u32)>,
+    /// Partitions per channel (Kafka: of the topics it creates, and the
+    /// number of inventory stock shards).
+    pub partitions: usize,
+    /// The topic namespace (empty: the design's names).
+    pub topics: Topics,
+    /// Kafka: the application name (`SAGA_APP`), prefix of transactional ids.
+    pub app: Option<String>,
+    /// Kafka: this process's instance id (`SAGA_INSTANCE_ID`), unique per
+    /// live process of one service, stable across its restarts.
+    pub instance_id: Option<String>,
+    /// Kafka: create the topics on start (default). Off where they are
+    /// provisioned beforehand, and on librdkafka's mock cluster, which does
+    /// not serve CreateTopics.
+    pub create_topics: bool,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            runtime: RuntimeKind::Memory,
+            services: Services::ALL,
+            notification: NotificationPolicy::default(),
+            order: OrderPolicy::default(),
+            catalogue: CATALOGUE.iter().map(|(s, n)| ((*s).into(), *n)).collect(),
+            partitions: 3,
+            topics: Topics::default(),
+            app: None,
+            instance_id: None,
+            create_topics: true,
+        }
+    }
+}
+
+impl Config {
+    /// Short notification timings (0.5 s per attempt, 0.2 s then 0.4 s of
+    /// backoff, the order waiting 10 s for the outcome): the DLQ flow
+    /// without the seed's seconds (`--fast`).
+    pub fn fast(mut self) -> Self {
+        self.notification = NotificationPolicy {
+            attempt_timeout: Duration::from_millis(500),
+            first_backoff: Duration::from_millis(200),
+            max_attempts: 3,
+        };
+        self.order.notify_timeout = Duration::from_secs(10);
+        self
+    }
+}
+
+/// Why an order was not accepted.
+#[derive(Debug)]
+pub enum PlaceError {
+    /// The request is wrong (HTTP 4xx).
+    Invalid(Invalid),
+    /// The runtime could not take the write; nothing was written, the
+    /// client may retry (HTTP 503).
+    Unavailable(String),
+}
+
+/// Every message of some topics, as a projection saw them (the order
+/// process's source for timelines). Grows with the traffic: an example's
+/// convenience, not a production read model.
+#[derive(Clone, Default)]
+pub struct ChannelLog {
+    messages: Arc<Mutex<HashMap<String, Vec<Envelope>>>>,
+}
+
+impl ChannelLog {
+    pub(crate) fn push(&self, env: &Envelope) {
+        self.messages
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(env.channel.clone())
+            .or_default()
+            .push(env.clone());
+    }
+
+    /// Every message of `channel` seen so far.
+    pub fn read(&self, channel: &str) -> Vec<Envelope> {
+        self.messages
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(channel)
+            .cloned()
+            .unwrap_or_default()
+    }
+}
+
+/// How a process observes its runtime beyond the common API.
+pub(crate) enum Observer {
+    /// The in-memory backend: consumer lag and pending retries are known.
+    Memory(memory::MemoryObserver),
+    /// Kafka: consumer lag is the broker's to tell.
+    Kafka,
+}
+
+/// The system, or the part of it this process runs: the services it runs
+/// are `Some`.
+pub struct System {
+    runtime: Arc<dyn Runtime>,
+    observer: Observer,
+    accepting: AtomicBool,
+    /// The order sagas, where the order service runs.
+    pub orders: Option<SagaHandle<Order>>,
+    /// The topic names.
+    pub topics: Topics,
+    /// Which services this process runs.
+    pub services: Services,
+    /// The inventory service.
+    pub inventory: Option<Inventory>,
+    /// The notification service.
+    pub notifications: Option<NotificationService>,
+    /// The fake email API behind it.
+    pub email: FakeEmailProvider,
+    /// The analytics projection.
+    pub analytics: Option<Analytics>,
+    /// The DLQ processor.
+    pub dlq: Option<DlqProcessor>,
+    /// Every message of every channel, where the order service runs.
+    log: ChannelLog,
+    catalogue: BTreeSet<String>,
+}
+
+impl System {
+    /// Starts `config.services` on `config`'s runtime (every service in
+    /// memory). Must run inside tokio.
+    ///
+    /// # Errors
+    /// Why the runtime or a service could not start (a broker out of reach,
+    /// a topic it cannot create).
+    pub async fn start(config: Config) -> Result<Self, String> {
+        match config.runtime.clone() {
+            RuntimeKind::Memory => memory::start(config).await,
+            RuntimeKind::Kafka(bootstrap) => kafka::start(config, &bootstrap).await,
+        }
+    }
+
+    /// Starts `config.services` on Kafka with a ready runtime configuration
+    /// (tests tune its timeouts and retries); `config.create_topics` decides
+    /// whether topics are created.
+    ///
+    /// # Errors
+    /// As [`System::start`].
+    pub async fn on_kafka_with(
+        config: Config,
+        kcfg: saga_kafka::KafkaConfig,
+    ) -> Result<Self, String> {
+        kafka::start_with(config, kcfg).await
+    }
+
+    /// "memory" or "kafka".
+    pub fn runtime_name(&self) -> &'static str {
+        self.runtime.name()
+    }
+
+    /// The inventory (panics if this process does not run it).
+    pub fn inventory(&self) -> &Inventory {
+        self.inventory.as_ref().expect("the inventory runs here")
+    }
+
+    /// The analytics (panics if this process does not run them).
+    pub fn analytics(&self) -> &Analytics {
+        self.analytics.as_ref().expect("the analytics run here")
+    }
+
+    /// The DLQ processor (panics if this process does not run it).
+    pub fn dlq(&self) -> &DlqProcessor {
+        self.dlq.as_ref().expect("the DLQ processor runs here")
+    }
+
+    /// Whether the catalogue has `sku`.
+    pub fn knows_sku(&self, sku: &str) -> bool {
+        self.catalogue.contains(sku)
+    }
+
+    fn orders_handle(&self) -> Result<&SagaHandle<Order>, String> {
+        self.orders
+            .as_ref()
+            .ok_or_else(|| "this process does not run the order service".to_owned())
+    }
+
+    /// The order saga `id`.
+    ///
+    /// # Errors
+    /// If this process does not run the order service or cannot read it.
+    pub async fn order(&self, id: &str) -> Result<Option<SagaInstance<Order>>, String> {
+        self.orders_handle()?
+            .get(&SagaId::new(id))
+            .await
+            .map_err(|e| e.to_string())
+    }
+
+    /// Every order saga this process knows (on Kafka: of the partitions
+    /// its orchestrator owns).
+    ///
+    /// # Errors
+    /// As [`System::order`].
+    pub async fn orders(&self) -> Result<Vec<SagaInstance<Order>>, String> {
+        let handle = self.orders_handle()?;
+        let mut all = Vec::new();
+        let mut query = SagaQuery::all().limit(1_000);
+        loop {
+            let page = handle.list(&query).await.map_err(|e| e.to_string())?;
+            all.extend(page.items);
+            match page.next {
+                Some(next) => query = query.after(next),
+                None => return Ok(all),
+            }
+        }
+    }
+
+    /// Appends a message to its channel (atomically, on Kafka).
+    ///
+    /// # Errors
+    /// When the process is shutting down or the runtime refuses it.
+    pub async fn publish(&self, env: Envelope) -> Result<(), String> {
+        self.check_accepting()?;
+        self.runtime
+            .publish(vec![env])
+            .await
+            .map_err(|e| e.to_string())
+    }
+
+    /// Every message on `channel` this process has seen (for timelines
+    /// and inspection; where the order service runs).
+    pub fn read(&self, channel: &str) -> Vec<Envelope> {
+        self.log.read(channel)
+    }
+
+    /// Unconsumed messages per (consumer group, channel), where known (in
+    /// memory; on Kafka the broker knows).
+    pub fn lag(&self) -> Vec<(String, String, u64)> {
+        match &self.observer {
+            Observer::Memory(m) => m.lag(),
+            Observer::Kafka => Vec::new(),
+        }
+    }
+
+    /// Whether nothing is in flight: every saga this process holds settled,
+    /// and in memory no lag and no pending participant retry.
+    pub async fn idle(&self) -> bool {
+        if let Observer::Memory(m) = &self.observer {
+            if !m.quiet() {
+                return false;
+            }
+        }
+        match &self.orders {
+            Some(_) => self
+                .orders()
+                .await
+                .map(|all| all.iter().all(|o| o.status.is_settled()))
+                .unwrap_or(false),
+            None => true,
+        }
+    }
+
+    /// Takes writes or refuses them (HTTP 503): off while shutting down,
+    /// and in tests of that path.
+    pub fn set_accepting(&self, on: bool) {
+        self.accepting.store(on, Ordering::SeqCst);
+    }
+
+    fn check_accepting(&self) -> Result<(), String> {
+        if self.accepting.load(Ordering::SeqCst) {
+            Ok(())
+        } else {
+            Err(SagaError::Shutdown.to_string())
+        }
+    }
+
+    /// Validates `req` and starts its order saga. Returns the PENDING order.
+    ///
+    /// # Errors
+    /// [`PlaceError::Invalid`] for a wrong request, [`PlaceError::Unavailable`]
+    /// when the runtime could not take it (nothing was written).
+    pub async fn place_order(&self, req: &OrderRequest) -> Result<Order, PlaceError> {
+        let items = order::validate(req, |s| self.knows_sku(s)).map_err(PlaceError::Invalid)?;
+        let unavailable = |why: String| {
+            PlaceError::Unavailable(format!(
+                "the order could not be recorded ({why}); nothing was written, please retry"
+            ))
+        };
+        self.check_accepting().map_err(unavailable)?;
+        let handle = self.orders_handle().map_err(unavailable)?;
+        let mut last = String::new();
+        for _ in 0..3 {
+            let id = format!(
+                "ORD-{}",
+                &uuid::Uuid::new_v4().simple().to_string()[..8].to_uppercase()
+            );
+            let order = Order::new(id, req.customer_id.clone(), items.clone());
+            match handle.start(order.order_id.clone(), order.clone()).await {
+                Ok(_) => {
+                    metrics::counter!("ecommerce_orders_placed_total").increment(1);
+                    return Ok(order);
+                }
+                // An id collision: draw another.
+                Err(SagaError::AlreadyExists { .. }) => continue,
+                Err(e) => {
+                    tracing::warn!(error = %e, "order not started");
+                    last = e.to_string();
+                    break;
+                }
+            }
+        }
+        Err(unavailable(last))
+    }
+
+    /// Waits until `cond` holds, polling, for at most `timeout` of tokio
+    /// time (virtual under a paused clock).
+    pub async fn wait_until(&self, timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            if cond() {
+                return true;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    /// Waits until nothing is in flight (see [`System::idle`]), for at most
+    /// `timeout` of tokio time.
+    pub async fn wait_idle(&self, timeout: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            if self.idle().await {
+                return true;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    /// Stops every service.
+    pub async fn shutdown(&self) {
+        self.set_accepting(false);
+        self.runtime.shutdown().await;
+    }
+}
