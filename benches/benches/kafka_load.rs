@@ -5,7 +5,7 @@
 //! ```sh
 //! scripts/kafka/broker.sh start
 //! export KAFKA_BOOTSTRAP_SERVERS=$(scripts/kafka/broker.sh address)
-//! cargo bench --bench kafka_load -- --sagas 2000 --concurrency 200
+//! cargo bench -p saga-benches --bench kafka_load -- --sagas 2000 --concurrency 200
 //! ```
 //!
 //! Per saga the engine makes three transactions (start: state + command;
@@ -26,8 +26,8 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 use rdkafka::util::Timeout;
 use rdkafka::{Message, Offset, TopicPartitionList};
-use saga::kafka::{ensure_topics, KafkaConfig, KafkaRuntime, TopicSpec};
-use saga::*;
+use saga_core::*;
+use saga_kafka::{ensure_topics, KafkaConfig, KafkaRuntime, TopicSpec};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
