@@ -3,7 +3,8 @@
 #
 #   scripts/test.sh
 #
-# It checks formatting, lints, docs and runs every test, including the ones that
+# It checks formatting, lints, docs, the committed public API listings
+# (scripts/public-api.sh) and runs every test, including the ones that
 # need a real Kafka broker (`#[ignore = "needs Kafka: ..."]`, run here with
 # --include-ignored, so none of them passes by being skipped).
 #
@@ -130,10 +131,10 @@ version rustc --version
 version cargo --version
 version cargo fmt --version
 version cargo clippy --version
+version python3 --version
 if [[ -z "${KAFKA_BOOTSTRAP_SERVERS:-}" ]]; then
   version java -version
   version mvn -B --version
-  version python3 --version
 fi
 
 export RUST_BACKTRACE="${RUST_BACKTRACE:-1}"
@@ -160,6 +161,9 @@ export KAFKA_BOOTSTRAP_SERVERS
 phase fmt cargo fmt --all -- --check
 phase clippy cargo clippy --workspace --all-targets --all-features -- -D warnings
 phase doc env RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --all-features
+# The committed public API listings (saga-core/public-api.txt,
+# saga-kafka/public-api.txt) match the code; scripts/public-api.sh updates them.
+phase public-api scripts/public-api.sh --check
 # Doc tests first, so that the output ends with the main test run.
 phase doctest cargo_test --workspace --doc --all-features
 phase test cargo_test --workspace --all-targets --all-features -- --include-ignored
