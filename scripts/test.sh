@@ -166,4 +166,4 @@ phase doc env RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --all-f
 phase public-api scripts/public-api.sh --check
 # Doc tests first, so that the output ends with the main test run.
 phase doctest cargo_test --workspace --doc --all-features
-phase test cargo_test --workspace --all-targets --all-features -- --include-ignored
+phase test cargo_test --workspace --all-targets --all-features --no-fail-fast -- --include-ignored

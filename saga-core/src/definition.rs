@@ -743,8 +743,13 @@ impl<D: SagaData> SagaBuilder<D> {
         self
     }
 
-    /// A deadline for the whole saga: if it has not passed its point of no
-    /// return by then, the current step is abandoned and the saga compensated.
+    /// A deadline for the whole saga, a persisted timer armed at its start.
+    /// When it passes: before the point of no return the current step is
+    /// abandoned and the saga compensated (a remote step in flight counts as
+    /// taken effect: its own compensation runs too); with the pivot in
+    /// flight the saga parks (its outcome is unknown); after the point of no
+    /// return, or while the saga is compensating or parked, it carries on
+    /// (the deadline is spent: an operator's later retry runs without it).
     pub fn timeout(mut self, timeout: Duration) -> Self {
         self.timeout = Some(timeout);
         self
@@ -784,6 +789,16 @@ impl<D: SagaData> SagaBuilder<D> {
             }
             step.retry.validate()?;
             step.compensation_retry.validate()?;
+            if step.compensation.is_some() && step.kind != StepKind::Compensatable {
+                return Err(SagaError::InvalidStep {
+                    saga,
+                    step: step.name.clone(),
+                    reason: format!(
+                        "a {} step is never compensated, so it cannot have a compensation",
+                        step.kind
+                    ),
+                });
+            }
             if step.exhausted == Exhausted::DeadLetterAndContinue
                 && step.kind != StepKind::Retryable
             {

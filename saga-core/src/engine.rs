@@ -83,6 +83,11 @@ pub struct Operation {
     /// Why (free text, may be empty).
     #[serde(default)]
     pub note: String,
+    /// The step the operator saw the saga parked on, if given: the action
+    /// is refused if by the time it is applied the saga is parked elsewhere
+    /// (a late reply moved it on, and it parked again on another step).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub step: Option<String>,
 }
 
 impl Operation {
@@ -92,6 +97,7 @@ impl Operation {
             action,
             operator: operator.into(),
             note: String::new(),
+            step: None,
         }
     }
 
@@ -108,6 +114,13 @@ impl Operation {
     /// Adds a note saying why.
     pub fn note(mut self, note: impl Into<String>) -> Self {
         self.note = note.into();
+        self
+    }
+
+    /// Applies only if the saga is still parked on `step` (the step the
+    /// operator looked at).
+    pub fn on_step(mut self, step: impl Into<String>) -> Self {
+        self.step = Some(step.into());
         self
     }
 }
@@ -503,7 +516,7 @@ impl<D: SagaData> Machine<'_, D> {
                     Phase::Compensation => rec.compensation_attempts,
                 };
                 let mut env = Envelope::command(
-                    Envelope::command_id(&self.inst.id, &name, phase, seq),
+                    Envelope::command_id(&self.inst.saga, &self.inst.id, &name, phase, seq),
                     channel.clone(),
                     self.inst.id.clone(),
                     self.inst.saga.clone(),
@@ -585,7 +598,10 @@ impl<D: SagaData> Machine<'_, D> {
         for (channel, command, payload) in messages {
             self.inst.event_seq += 1;
             let kind = if command { "command" } else { "event" };
-            let id = MessageId::new(format!("{}/{kind}/{}", self.inst.id, self.inst.event_seq));
+            let id = MessageId::new(format!(
+                "{}:{}/{kind}/{}",
+                self.inst.saga, self.inst.id, self.inst.event_seq
+            ));
             let make = if command {
                 Envelope::command
             } else {
@@ -848,8 +864,12 @@ impl<D: SagaData> Machine<'_, D> {
         dead.id = MessageId::new(format!("{}/{}", dead.id, self.inst.version));
         self.effects.push(Effect::DeadLetter(dead));
         // While parked, a late reply to a command that may have taken
-        // effect still resolves the step: keep waiting on it.
+        // effect still resolves the step: keep waiting on it (judged: only
+        // an operator sends it again).
         self.abandon_awaiting(indeterminate);
+        if let Some(a) = &mut self.inst.awaiting {
+            a.in_flight = false;
+        }
         self.inst.failure = Some(reason.clone());
         self.inst.phase = phase;
         self.set_status(SagaStatus::Parked { reason }, what);
@@ -865,7 +885,7 @@ impl<D: SagaData> Machine<'_, D> {
             Phase::Compensation => rec.compensation_attempts,
         };
         let mut env = Envelope::command(
-            Envelope::command_id(&self.inst.id, &name, phase, attempt),
+            Envelope::command_id(&self.inst.saga, &self.inst.id, &name, phase, attempt),
             format!("{}.local", self.inst.saga),
             self.inst.id.clone(),
             self.inst.saga.clone(),
@@ -911,101 +931,99 @@ impl<D: SagaData> Machine<'_, D> {
         }
         let current = awaiting.attempt;
         let in_flight = awaiting.in_flight;
-        // A success answers every attempt of the step (each may have taken
-        // effect); a failure only the attempt in flight.
-        match &outcome {
-            ReplyOutcome::Success if env.attempt > current => {
-                return Ok(Handled::Ignored(Ignored::NotAwaited));
-            }
-            ReplyOutcome::Failure { .. } if env.attempt < current => {
-                return Ok(Handled::Ignored(Ignored::EarlierAttempt));
-            }
-            ReplyOutcome::Failure { .. } if env.attempt > current => {
-                return Ok(Handled::Ignored(Ignored::NotAwaited));
-            }
-            ReplyOutcome::Failure { .. } if !in_flight => {
-                return self.failure_while_judged(i, phase, &outcome);
-            }
-            _ => {}
+        if env.attempt > current {
+            return Ok(Handled::Ignored(Ignored::NotAwaited));
         }
-        if let SagaStatus::Parked { .. } = self.inst.status {
-            // A late reply resolves the parked step: resume as if it had
-            // arrived in time.
-            let resumed = match phase {
-                Phase::Forward => SagaStatus::Running,
-                Phase::Compensation => SagaStatus::Compensating,
-            };
-            self.set_status(
-                resumed,
-                format!(
-                    "step `{step_name}`: late reply to command {} resumes the parked saga",
-                    env.attempt
-                ),
-            );
-            if phase == Phase::Forward {
-                self.inst.failure = None;
-            }
-        }
-        self.disarm_step(i, phase);
-        match outcome {
-            ReplyOutcome::Success => {
-                let flow = match (phase, &self.def.steps()[i].forward) {
-                    (Phase::Forward, Some(Action::Remote { on_reply, .. })) => {
-                        let on_reply = on_reply.clone();
-                        let mut decode_error = None;
-                        let payload = env.payload;
-                        let result = self.run_user_code(|ctx| match on_reply(ctx, payload) {
-                            Ok(r) => r,
-                            Err(e) => {
-                                decode_error = Some(e);
-                                Ok(())
-                            }
+        // The reply's verdict: a success the step's reply handler accepts
+        // (its changes to the data and its messages are kept only then), or
+        // a failure (the participant's, or the handler's judgement).
+        // `unknown`: a retryable failure reply says nothing of other
+        // deliveries of the same command, so if this is the last attempt the
+        // outcome is unknown; a permanent one, or the reply handler's verdict
+        // on a reply, means the attempt took no effect.
+        let (verdict, executions, unknown) = match outcome {
+            ReplyOutcome::Success => match (phase, &self.def.steps()[i].forward) {
+                (Phase::Forward, Some(Action::Remote { on_reply, .. })) => {
+                    let on_reply = on_reply.clone();
+                    let mut decode_error = None;
+                    let payload = env.payload;
+                    let result = self.run_user_code(|ctx| match on_reply(ctx, payload) {
+                        Ok(r) => r,
+                        Err(e) => {
+                            decode_error = Some(e);
+                            Ok(())
+                        }
+                    });
+                    if let Some(source) = decode_error {
+                        return Err(SagaError::Decode {
+                            saga_id: self.inst.id.clone(),
+                            step: step_name,
+                            what: "reply",
+                            source,
                         });
-                        if let Some(source) = decode_error {
-                            return Err(SagaError::Decode {
-                                saga_id: self.inst.id.clone(),
-                                step: step_name,
-                                what: "reply",
-                                source,
-                            });
-                        }
-                        match result {
-                            Ok(()) => {
-                                self.inst.awaiting = None;
-                                self.succeeded(i, phase)
-                            }
-                            Err(e) => self.failed(i, phase, e, false),
-                        }
                     }
-                    _ => {
-                        self.inst.awaiting = None;
-                        self.succeeded(i, phase)
-                    }
-                };
-                if let Flow::Continue = flow {
-                    self.drive();
+                    (result, 1, false)
                 }
-            }
+                _ => (Ok(()), 1, false),
+            },
             ReplyOutcome::Failure {
                 class,
                 error,
                 attempts,
-            } => {
-                let err = StepError {
+            } => (
+                Err(StepError {
                     class,
                     message: error,
-                };
-                // A retryable failure says nothing of other deliveries of the
-                // same step (an earlier attempt may have succeeded): if this
-                // is the last attempt, the outcome is unknown. A permanent
-                // failure means the step took no effect.
-                let unknown = class == ErrorClass::Retryable;
-                if let Flow::Continue = self.failed_after(i, phase, err, unknown, attempts) {
+                }),
+                attempts,
+                class == ErrorClass::Retryable,
+            ),
+        };
+        match verdict {
+            // A success answers every attempt of the step: each may have
+            // taken effect.
+            Ok(()) => {
+                self.resume_if_parked(&step_name, phase, env.attempt);
+                self.disarm_step(i, phase);
+                self.inst.awaiting = None;
+                if let Flow::Continue = self.succeeded(i, phase) {
+                    self.drive();
+                }
+            }
+            // A failure speaks only for its own attempt: one of an earlier
+            // attempt says nothing of the attempt in flight (and was counted
+            // when that attempt ended).
+            Err(_) if env.attempt < current => {
+                return Ok(Handled::Ignored(Ignored::EarlierAttempt));
+            }
+            Err(err) if !in_flight => return self.failure_while_judged(i, phase, err),
+            Err(err) => {
+                self.disarm_step(i, phase);
+                if let Flow::Continue = self.failed_after(i, phase, err, unknown, executions) {
                     self.drive();
                 }
             }
         }
         Ok(Handled::Applied)
+    }
+
+    /// A late success reply resolves the parked step: the saga resumes as
+    /// if it had arrived in time.
+    fn resume_if_parked(&mut self, step_name: &str, phase: Phase, attempt: u32) {
+        if !self.inst.status.is_parked() {
+            return;
+        }
+        let resumed = match phase {
+            Phase::Forward => SagaStatus::Running,
+            Phase::Compensation => SagaStatus::Compensating,
+        };
+        self.set_status(
+            resumed,
+            format!("step `{step_name}`: late reply to command {attempt} resumes the parked saga"),
+        );
+        if phase == Phase::Forward {
+            self.inst.failure = None;
+        }
     }
 
     /// A failure reply to the current attempt after it was judged (its
@@ -1017,17 +1035,15 @@ impl<D: SagaData> Machine<'_, D> {
         &mut self,
         i: usize,
         phase: Phase,
-        outcome: &ReplyOutcome,
+        err: StepError,
     ) -> Result<Handled, SagaError> {
         if !self.inst.status.is_parked() {
             return Ok(Handled::Ignored(Ignored::AlreadyJudged));
         }
-        let ReplyOutcome::Failure { class, error, .. } = outcome else {
-            return Ok(Handled::Ignored(Ignored::AlreadyJudged));
-        };
         let name = self.step_name(i);
         let pivot = self.def.steps()[i].kind == StepKind::Pivot;
-        if *class == ErrorClass::Permanent && pivot && phase == Phase::Forward {
+        let error = err.message;
+        if err.class == ErrorClass::Permanent && pivot && phase == Phase::Forward {
             self.inst.steps[i].state = StepState::Failed;
             self.inst.steps[i].last_error = Some(error.clone());
             self.begin_compensation(
@@ -1042,7 +1058,7 @@ impl<D: SagaData> Machine<'_, D> {
             self.now,
             format!(
                 "step `{name}`: late {} failure of the parked {} command: {error}",
-                match class {
+                match err.class {
                     ErrorClass::Retryable => "retryable",
                     ErrorClass::Permanent => "permanent",
                 },
@@ -1083,11 +1099,20 @@ impl<D: SagaData> Machine<'_, D> {
     }
 
     fn on_saga_deadline(&mut self) {
-        let past_no_return =
-            self.inst.status != SagaStatus::Running
-                || self.def.steps().iter().zip(&self.inst.steps).any(|(s, r)| {
-                    s.kind != StepKind::Compensatable && r.state == StepState::Succeeded
-                });
+        // Past the point of no return once the cursor is beyond the first
+        // step that is not compensatable (a pivot, even one an operator
+        // skipped, or a retryable step), or on a retryable one: from there
+        // the saga only goes forward.
+        let first_no_return = self
+            .def
+            .steps()
+            .iter()
+            .position(|s| s.kind != StepKind::Compensatable);
+        let cursor = self.inst.cursor;
+        let past_no_return = self.inst.status != SagaStatus::Running
+            || first_no_return.is_some_and(|f| {
+                cursor > f || (cursor == f && self.def.steps()[f].kind == StepKind::Retryable)
+            });
         if past_no_return {
             self.inst.record(
                 self.now,
@@ -1143,6 +1168,15 @@ impl<D: SagaData> Machine<'_, D> {
         };
         let i = self.inst.cursor.min(self.def.steps().len() - 1);
         let name = self.step_name(i);
+        if let Some(expected) = &op.step {
+            if expected != &name {
+                return Err(SagaError::InvalidAction {
+                    saga_id: self.inst.id.clone(),
+                    action: format!("{} step `{expected}`", op.action),
+                    status: format!("{} on step `{name}`", self.inst.status),
+                });
+            }
+        }
         // The parked command is abandoned; a late success reply to it is
         // still applied after a retry (its attempt number is lower).
         if op.action == OperatorAction::Skip {

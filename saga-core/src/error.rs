@@ -81,6 +81,13 @@ pub enum SagaError {
         /// The participant's attempts per command.
         attempts: u32,
     },
+    /// A saga type or participant of this name is already registered on
+    /// the runtime.
+    #[error("`{name}` is already registered on this runtime (saga types and participants need distinct names)")]
+    AlreadyRegistered {
+        /// The name.
+        name: String,
+    },
     /// A retry policy has an invalid field.
     #[error("invalid retry policy: {reason}")]
     InvalidPolicy {

@@ -211,7 +211,9 @@ pub struct Awaiting {
     pub attempt: u32,
     /// Whether that command is still in flight: no reply and no deadline
     /// yet. Once it has been judged (failed, timed out), a success reply to
-    /// it (or to an earlier attempt) is still applied, a failure is not.
+    /// it (or to an earlier attempt) is still applied; a failure is only
+    /// recorded, except that a permanent one settles a parked pivot (it
+    /// took no effect: the saga compensates).
     #[serde(default)]
     pub in_flight: bool,
     /// The command as sent (kept for the dead letter if it comes to that).

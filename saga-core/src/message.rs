@@ -130,18 +130,36 @@ pub struct Envelope {
 
 impl Envelope {
     /// The message id of command number `attempt` of `step` of saga
-    /// `saga_id` in `phase`: `{saga_id}/{step}/{phase}/{attempt}`.
+    /// `saga_id` (of saga type `saga`) in `phase`:
+    /// `{saga}:{saga_id}/{step}/{phase}/{attempt}`.
     ///
     /// Stable across redeliveries of one attempt (a command produced again
     /// after a crash keeps its id, so participants deduplicate it), new for
-    /// every attempt (so a retried step really runs again).
-    pub fn command_id(saga_id: &SagaId, step: &str, phase: Phase, attempt: u32) -> MessageId {
-        MessageId::new(format!("{saga_id}/{step}/{}/{attempt}", phase.as_str()))
+    /// every attempt (so a retried step really runs again). The saga type
+    /// keeps two saga types that share ids and step names apart.
+    pub fn command_id(
+        saga: &str,
+        saga_id: &SagaId,
+        step: &str,
+        phase: Phase,
+        attempt: u32,
+    ) -> MessageId {
+        MessageId::new(format!(
+            "{}/{attempt}",
+            Self::step_key(saga, saga_id, step, phase)
+        ))
     }
 
-    /// The business key of a command: `{saga_id}/{step}/{phase}` for a
-    /// step's command, the same for every attempt of it; the message id for
-    /// a fire-and-forget command.
+    /// The business key of `step` of saga `saga_id` (of type `saga`) in
+    /// `phase`: `{saga}:{saga_id}/{step}/{phase}`, the same for every
+    /// attempt (see [`Envelope::idempotency_key`]).
+    pub fn step_key(saga: &str, saga_id: &SagaId, step: &str, phase: Phase) -> String {
+        format!("{saga}:{saga_id}/{step}/{}", phase.as_str())
+    }
+
+    /// The business key of a command: [`Envelope::step_key`] for a step's
+    /// command, the same for every attempt of it; the message id for a
+    /// fire-and-forget command.
     ///
     /// A participant whose handler has outside effects uses it for its own
     /// idempotency: a second attempt of a step that already took effect
@@ -149,7 +167,7 @@ impl Envelope {
     /// acting twice.
     pub fn idempotency_key(&self) -> String {
         match (&self.step, self.phase) {
-            (Some(step), Some(phase)) => format!("{}/{step}/{}", self.saga_id, phase.as_str()),
+            (Some(step), Some(phase)) => Self::step_key(&self.saga, &self.saga_id, step, phase),
             _ => self.id.to_string(),
         }
     }

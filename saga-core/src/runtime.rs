@@ -86,12 +86,15 @@ pub trait Runtime: Send + Sync + 'static {
         F: FnMut(&Envelope) + Send + 'static;
 
     /// Writes `envelopes` as they are (each to its channel, keyed by its
-    /// saga id), all or nothing: for operators and tools (a corrected
+    /// saga id), all or nothing where the runtime has transactions (in
+    /// memory; Kafka exactly once): for operators and tools (a corrected
     /// command from a dead letter, a fallback event).
     ///
     /// # Errors
-    /// [`SagaError::Unavailable`] if the runtime could not take them
-    /// (nothing was written), [`SagaError::Shutdown`] after shutdown.
+    /// [`SagaError::Unavailable`] if the runtime could not take them: with
+    /// transactions nothing was written; without (Kafka at least once) some
+    /// may have been, so retrying can write them twice.
+    /// [`SagaError::Shutdown`] after shutdown.
     async fn publish(&self, envelopes: Vec<Envelope>) -> Result<(), SagaError>;
 
     /// Every dead letter on `channel`, oldest first.
@@ -174,7 +177,8 @@ impl<D: SagaData> SagaHandle<D> {
     /// # Errors
     /// [`SagaError::AlreadyExists`] if the runtime knows `id` (on Kafka:
     /// among the sagas this process owns); [`SagaError::Unavailable`] if
-    /// the runtime could not take the write (nothing was written: retry);
+    /// the runtime could not take the write (with transactions nothing was
+    /// written: retry; Kafka at least once, the saga's state may have been);
     /// [`SagaError::Encode`] if `data` cannot be serialized;
     /// [`SagaError::Shutdown`] after shutdown.
     pub async fn start(&self, id: impl Into<SagaId>, data: D) -> Result<SagaId, SagaError> {

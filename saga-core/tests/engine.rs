@@ -252,7 +252,7 @@ fn success_path_runs_forward_in_order() {
     t.start("o-4", Order::default()).unwrap();
     assert_eq!(t.commands().len(), 1);
     assert_eq!(t.commands()[0].channel, "inventory.requests");
-    assert_eq!(t.commands()[0].id.as_str(), "o-4/reserve/forward/1");
+    assert_eq!(t.commands()[0].id.as_str(), "order:o-4/reserve/forward/1");
     t.reply_ok("reserve", &Reserved { ok: true }).unwrap();
     assert_eq!(t.status(), &SagaStatus::Completed);
     assert!(t.data().reserved && t.data().confirmed);
@@ -308,7 +308,7 @@ fn a_pivot_whose_outcome_is_unknown_parks_with_a_dead_letter_and_resumes_on_retr
     let dead = &t.dead_letters()[0];
     assert_eq!(dead.channel, "order.dlq");
     assert_eq!(dead.retry_count, 2);
-    assert_eq!(dead.original.id.as_str(), "o-7/reserve/forward/2");
+    assert_eq!(dead.original.id.as_str(), "order:o-7/reserve/forward/2");
     assert!(dead.last_error.contains("no reply within 5s"));
     assert!(
         t.data().cancelled.is_none(),
@@ -321,7 +321,7 @@ fn a_pivot_whose_outcome_is_unknown_parks_with_a_dead_letter_and_resumes_on_retr
         .unwrap();
     t.then_status(&SagaStatus::Running);
     let last = (*t.commands().last().unwrap()).clone();
-    assert_eq!(last.id.as_str(), "o-7/reserve/forward/3");
+    assert_eq!(last.id.as_str(), "order:o-7/reserve/forward/3");
     assert_eq!(t.instance().steps[1].attempts, 1, "a fresh retry budget");
     let entry = t
         .instance()
@@ -380,7 +380,10 @@ fn a_retryable_reply_is_retried_with_a_new_command_and_the_participants_reason_i
     t.reply_ok("reserve", &Reserved { ok: false }).unwrap();
     t.advance(Duration::from_secs(1)).unwrap();
     let ids: Vec<String> = t.commands().iter().map(|c| c.id.to_string()).collect();
-    assert_eq!(ids, ["b-1/reserve/forward/1", "b-1/reserve/forward/2"]);
+    assert_eq!(
+        ids,
+        ["busy:b-1/reserve/forward/1", "busy:b-1/reserve/forward/2"]
+    );
     t.reply_ok("reserve", &Reserved { ok: true }).unwrap();
     t.then_status(&SagaStatus::Completed);
 
@@ -675,8 +678,8 @@ fn hooks_run_once_at_the_end_and_send_fire_and_forget_commands() {
     let notice = sent[1];
     assert_eq!(notice.channel, "notifications.requests");
     assert_eq!(notice.reply_to, None, "fire-and-forget: no reply expected");
-    assert_eq!(notice.id.as_str(), "h-1/command/1");
-    assert_eq!(notice.idempotency_key(), "h-1/command/1");
+    assert_eq!(notice.id.as_str(), "hooked:h-1/command/1");
+    assert_eq!(notice.idempotency_key(), "hooked:h-1/command/1");
     assert!(ok.instance().awaiting.is_none());
 
     let mut ko = SagaHarness::new(saga);
@@ -689,4 +692,222 @@ fn hooks_run_once_at_the_end_and_send_fire_and_forget_commands() {
     // A duplicate reply after the end runs no hook again.
     ko.redeliver_last_reply().unwrap();
     assert_eq!(ko.commands().len(), 2);
+}
+
+#[test]
+fn a_failure_verdict_on_an_earlier_attempts_late_reply_changes_nothing() {
+    let mut t = SagaHarness::new(order_saga());
+    t.start("o-a", Order::default()).unwrap();
+    t.advance(Duration::from_secs(5)).unwrap(); // attempt 1 timed out; backoff 1 s
+                                                // During the backoff, attempt 1's late refusal: already judged.
+    let during_backoff = t
+        .reply_to_attempt("reserve", 1, &Reserved { ok: false })
+        .unwrap();
+    assert_eq!(during_backoff, Handled::Ignored(Ignored::AlreadyJudged));
+    t.advance(Duration::from_secs(1)).unwrap(); // attempt 2 sent
+                                                // While attempt 2 is in flight, a redelivered refusal of attempt 1 says
+                                                // nothing of it: the step neither fails nor loses attempt 2's deadline.
+    let handled = t
+        .reply_to_attempt("reserve", 1, &Reserved { ok: false })
+        .unwrap();
+    assert_eq!(handled, Handled::Ignored(Ignored::EarlierAttempt));
+    assert_eq!(t.instance().steps[1].state, StepState::Running);
+    assert!(
+        t.instance().next_timer().is_some(),
+        "attempt 2's deadline stays"
+    );
+    t.reply_ok("reserve", &Reserved { ok: true }).unwrap();
+    t.then_status(&SagaStatus::Completed);
+}
+
+/// reserve (compensatable, local) → email (retryable, remote), with a
+/// whole-saga deadline of 30 s and no pivot.
+fn deadline_saga() -> SagaDefinition<Order> {
+    SagaDefinition::<Order>::builder("deadline")
+        .step(
+            Step::<Order>::local("reserve", |ctx| {
+                ctx.data_mut().reserved = true;
+                Ok(())
+            })
+            .compensate_local(|ctx| {
+                ctx.data_mut().reserved = false;
+                Ok(())
+            }),
+        )
+        .step(
+            Step::remote("email", "mail")
+                .command(|_: &Order| "MAIL")
+                .retryable(),
+        )
+        .timeout(Duration::from_secs(30))
+        .build()
+        .unwrap()
+}
+
+#[test]
+fn the_saga_deadline_never_compensates_past_the_point_of_no_return() {
+    // A retryable step in flight is past the point of no return.
+    let mut t = SagaHarness::new(deadline_saga());
+    t.start("d-1", Order::default()).unwrap();
+    t.advance(Duration::from_secs(30)).unwrap();
+    t.then_status(&SagaStatus::Running);
+    assert!(t.data().reserved, "nothing was compensated");
+    t.reply_ok("email", &"sent").unwrap();
+    t.then_status(&SagaStatus::Completed);
+
+    // So is a pivot an operator skipped.
+    let saga = SagaDefinition::<Order>::builder("skipped")
+        .step(
+            Step::<Order>::local("reserve", |ctx| {
+                ctx.data_mut().reserved = true;
+                Ok(())
+            })
+            .compensate_local(|ctx| {
+                ctx.data_mut().reserved = false;
+                Ok(())
+            }),
+        )
+        .step(
+            Step::remote("pay", "payments")
+                .command(|_: &Order| "PAY")
+                .retry(RetryPolicy::no_retry())
+                .timeout(Duration::from_secs(5))
+                .pivot(),
+        )
+        .step(
+            Step::remote("ship", "shipping")
+                .command(|_: &Order| "SHIP")
+                .retryable(),
+        )
+        .timeout(Duration::from_secs(30))
+        .build()
+        .unwrap();
+    let mut t = SagaHarness::new(saga);
+    t.start("d-2", Order::default()).unwrap();
+    t.advance(Duration::from_secs(5)).unwrap();
+    assert!(t.status().is_parked());
+    t.operator(Operation::skip("ops").note("paid by phone"))
+        .unwrap();
+    t.advance(Duration::from_secs(25)).unwrap();
+    t.then_status(&SagaStatus::Running);
+    assert!(t.data().reserved);
+}
+
+#[test]
+fn a_pivot_parked_by_the_saga_deadline_waits_for_an_operator() {
+    let saga = SagaDefinition::<Order>::builder("pay")
+        .step(
+            Step::remote("pay", "payments")
+                .command(|_: &Order| "PAY")
+                .retry(RetryPolicy::fixed(Duration::from_secs(1)).with_max_attempts(5))
+                .pivot(),
+        )
+        .timeout(Duration::from_secs(10))
+        .build()
+        .unwrap();
+    let mut t = SagaHarness::new(saga);
+    t.start("p-1", Order::default()).unwrap();
+    t.advance(Duration::from_secs(10)).unwrap();
+    assert!(t.status().is_parked(), "{:?}", t.status());
+    // A retryable failure of the parked attempt is recorded; it does not
+    // send the pivot again on its own.
+    t.reply_failure("pay", ErrorClass::Retryable, "503")
+        .unwrap();
+    assert!(t.status().is_parked(), "{:?}", t.status());
+    t.advance(Duration::from_secs(60)).unwrap();
+    assert_eq!(t.commands().len(), 1, "no command without an operator");
+}
+
+#[test]
+fn an_operators_action_for_another_step_than_the_parked_one_is_refused() {
+    let mut t = SagaHarness::new(order_saga());
+    t.start("o-f", Order::default()).unwrap();
+    t.advance(Duration::from_secs(11)).unwrap();
+    assert!(t.status().is_parked());
+    let err = t
+        .operator(Operation::skip("ops").on_step("create"))
+        .unwrap_err();
+    assert!(matches!(err, SagaError::InvalidAction { .. }), "{err}");
+    assert!(err.to_string().contains("on step `reserve`"), "{err}");
+    t.operator(Operation::retry("ops").on_step("reserve"))
+        .unwrap();
+    t.then_status(&SagaStatus::Running);
+}
+
+#[test]
+fn a_compensation_on_a_step_that_is_never_compensated_is_refused() {
+    let err = SagaDefinition::<()>::builder("pay")
+        .step(
+            Step::<()>::local("charge", |_| Ok(()))
+                .compensate_local(|_| Ok(()))
+                .pivot(),
+        )
+        .build()
+        .unwrap_err();
+    assert!(
+        matches!(err, SagaError::InvalidStep { ref step, .. } if step == "charge"),
+        "{err}"
+    );
+    assert!(
+        err.to_string()
+            .contains("a pivot step is never compensated"),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn a_runtime_refuses_a_second_saga_or_participant_of_one_name() {
+    let runtime = InMemoryRuntime::new(MemoryBackend::new());
+    runtime.saga(order_saga()).await.unwrap();
+    let err = runtime.saga(order_saga()).await.unwrap_err();
+    assert!(
+        matches!(err, SagaError::AlreadyRegistered { ref name } if name == "order"),
+        "{err}"
+    );
+    let err = runtime
+        .participant(
+            "x",
+            ParticipantPolicy::new("order"),
+            testing::ScriptedParticipant::new(testing::Scripted::Reply(serde_json::json!(1))),
+        )
+        .await
+        .unwrap_err();
+    assert!(matches!(err, SagaError::AlreadyRegistered { .. }), "{err}");
+    runtime.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_runtime_refuses_a_step_that_gives_up_before_its_participant() {
+    let runtime = InMemoryRuntime::new(MemoryBackend::new());
+    let slow = ParticipantPolicy::new("inventory")
+        .retry(RetryPolicy::fixed(Duration::from_secs(2)).with_max_attempts(3))
+        .timeout(Duration::from_secs(5));
+    runtime
+        .participant(
+            "inventory.requests",
+            slow,
+            testing::ScriptedParticipant::new(testing::Scripted::Reply(
+                serde_json::json!({"ok": true}),
+            )),
+        )
+        .await
+        .unwrap();
+    // `reserve` waits 5 s; the inventory may take 3 × 5 s + 2 × 2 s.
+    let err = runtime.saga(order_saga()).await.unwrap_err();
+    match err {
+        SagaError::RetryBudget {
+            step,
+            timeout,
+            budget,
+            attempts,
+            ..
+        } => {
+            assert_eq!(step, "reserve");
+            assert_eq!(timeout, Duration::from_secs(5));
+            assert_eq!(budget, Duration::from_secs(19));
+            assert_eq!(attempts, 3);
+        }
+        other => panic!("expected RetryBudget, got {other}"),
+    }
+    runtime.shutdown().await;
 }

@@ -7,8 +7,10 @@
 //! Participants are the real `ParticipantDriver` (deduplication by message
 //! id, fences of compensated steps, its ledger restored after a crash)
 //! around a model participant that keeps its effects idempotent by the
-//! command's business key, as the docs ask. Invariants checked on every
-//! run:
+//! command's business key, as the docs ask. Each channel delivers in order,
+//! as a Kafka partition does for one saga (but messages are lost,
+//! duplicated, and interleaved across channels). Invariants checked on
+//! every run:
 //! - the saga ends Completed, Compensated or Parked with a reason;
 //! - a step's effect is applied at most once, and undone at most once, and
 //!   only if it was applied;
@@ -311,8 +313,21 @@ fn run(shapes: Vec<StepShape>, pivot: Option<usize>, tape: Vec<u8>) -> Result<()
         let choice = if in_flight.is_empty() { 9 } else { pick(10) };
         match choice {
             0..=5 => {
+                // A channel delivers in order (a Kafka partition: all of one
+                // saga's messages on it are in one): the oldest message of
+                // the picked one's channel goes first. A duplicate (a
+                // redelivery) may be of any message.
                 let i = pick(in_flight.len());
                 let duplicate = choice == 5;
+                let i = if duplicate {
+                    i
+                } else {
+                    let channel = in_flight[i].channel.clone();
+                    in_flight
+                        .iter()
+                        .position(|e| e.channel == channel)
+                        .unwrap_or(i)
+                };
                 let env = if duplicate {
                     in_flight[i].clone()
                 } else {

@@ -5,7 +5,7 @@ use std::sync::atomic::Ordering;
 use std::sync::{mpsc, Arc, Mutex};
 
 use async_trait::async_trait;
-use saga_core::driver::{ledger_topic, state_topic, ParticipantDriver, Record, RetryBudgets};
+use saga_core::driver::{ledger_topic, state_topic, ParticipantDriver, Record, Registry};
 use saga_core::{
     DeadLetter, Envelope, Participant, ParticipantPolicy, Runtime, SagaData, SagaDefinition,
     SagaError, SagaHandle,
@@ -31,7 +31,7 @@ pub struct KafkaRuntime {
     stats: Arc<StatsInner>,
     workers: Mutex<Vec<WorkerHandle>>,
     publisher: Arc<Publisher>,
-    budgets: RetryBudgets,
+    registry: Registry,
 }
 
 /// The service name of [`Runtime::publish`]'s producer: its transactional
@@ -72,7 +72,7 @@ impl KafkaRuntime {
             cfg,
             stats,
             workers: Mutex::new(Vec::new()),
-            budgets: RetryBudgets::default(),
+            registry: Registry::default(),
         })
     }
 
@@ -138,7 +138,8 @@ impl Runtime for KafkaRuntime {
     /// configuration says so, and checks that the reply and state topics
     /// are co-partitioned.
     async fn saga<D: SagaData>(&self, def: SagaDefinition<D>) -> Result<SagaHandle<D>, SagaError> {
-        self.budgets.add_saga(&def)?;
+        self.registry.add_saga(&def)?;
+        let registered = def.name().to_owned();
         let cfg = self.cfg.clone();
         let stats = self.stats.clone();
         let view = Arc::new(View::new());
@@ -169,7 +170,8 @@ impl Runtime for KafkaRuntime {
                 worker::spawn(cfg, &name, &format!("saga.{name}"), proc, stats)
             })
             .await
-            .map_err(|e| refused("starting the saga's worker", e))?;
+            .map_err(|e| refused("starting the saga's worker", e));
+        let w = w.inspect_err(|_| self.registry.forget(&registered))?;
         self.push(w);
         Ok(SagaHandle::new(KafkaSagas {
             def,
@@ -188,7 +190,26 @@ impl Runtime for KafkaRuntime {
         policy: ParticipantPolicy,
         participant: P,
     ) -> Result<(), SagaError> {
-        self.budgets.add_participant(channel, &policy)?;
+        if let Some(t) = policy
+            .timeout
+            .filter(|t| *t >= self.cfg.transaction_timeout)
+        {
+            return Err(SagaError::Runtime {
+                what: format!("registering participant `{}`", policy.name),
+                source: Box::new(Error::Config {
+                    key: "ParticipantPolicy::timeout".into(),
+                    reason: format!(
+                        "{t:?} is not below the transaction timeout ({:?}): a handler runs inside the open transaction",
+                        self.cfg.transaction_timeout
+                    ),
+                }),
+            });
+        }
+        if policy.timeout.is_none() {
+            tracing::warn!(participant = %policy.name, "no handler timeout: a handler slower than the transaction timeout aborts its batch");
+        }
+        self.registry.add_participant(channel, &policy)?;
+        let registered = policy.name.clone();
         let cfg = self.cfg.clone();
         let stats = self.stats.clone();
         let rt = tokio::runtime::Handle::current();
@@ -210,7 +231,8 @@ impl Runtime for KafkaRuntime {
                 worker::spawn(cfg, &name, &name, proc, stats)
             })
             .await
-            .map_err(|e| refused("starting the participant's worker", e))?;
+            .map_err(|e| refused("starting the participant's worker", e));
+        let w = w.inspect_err(|_| self.registry.forget(&registered))?;
         self.push(w);
         Ok(())
     }

@@ -71,7 +71,7 @@ mod wait;
 pub use crate::engine::{Effect, Handled, Ignored, Input, Transition};
 pub use crate::instance::{Awaiting, Timer, TimerId, TimerKind};
 pub use crate::runtime::SagaService;
-pub use budget::RetryBudgets;
+pub use budget::Registry;
 pub use participant::{
     ledger_topic, Attempt, AttemptResult, ParticipantDriver, PARTICIPANT_STATE_KEY,
 };

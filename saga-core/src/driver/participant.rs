@@ -255,6 +255,9 @@ pub struct ParticipantDriver {
     owned: BTreeSet<u32>,
     entries: HashMap<String, Kept>,
     retries: BTreeSet<(Timestamp, String)>,
+    /// The command waiting for a local retry, by business key (at most one
+    /// per step: a newer attempt supersedes it).
+    retrying: HashMap<String, String>,
     undo: HashMap<String, Option<Kept>>,
     /// The last committed state snapshot of each owned partition.
     shards: HashMap<u32, Option<Value>>,
@@ -291,6 +294,7 @@ impl ParticipantDriver {
             owned: BTreeSet::new(),
             entries: HashMap::new(),
             retries: BTreeSet::new(),
+            retrying: HashMap::new(),
             undo: HashMap::new(),
             shards: HashMap::new(),
             touched: BTreeSet::new(),
@@ -409,6 +413,7 @@ impl ParticipantDriver {
             Some(Entry::Retrying { .. }) => return None,
             Some(Entry::Fenced) | None => {}
         }
+        self.supersede(rec.partition, &command, out);
         if command.phase == Some(Phase::Compensation) {
             self.fence(rec.partition, &command, out);
         } else if self.fenced(&command) {
@@ -599,6 +604,23 @@ impl ParticipantDriver {
         }
     }
 
+    /// A new attempt of a step supersedes an older one still waiting for a
+    /// local retry: the older one must not run after it (the saga judges
+    /// the newest attempt, and the participant's own idempotency by
+    /// business key holds only if attempts run in order).
+    fn supersede(&mut self, partition: u32, command: &Envelope, out: &mut Vec<Record>) {
+        if command.step.is_none() {
+            return;
+        }
+        let Some(older) = self.retrying.get(&command.idempotency_key()).cloned() else {
+            return;
+        };
+        if older != command.id.as_str() {
+            tracing::debug!(participant = %self.policy.name, superseded = %older, by = %command.id, "local retry superseded by a newer attempt");
+            self.write(partition, older, Entry::Answered { reply: None }, out);
+        }
+    }
+
     fn fenced(&self, command: &Envelope) -> bool {
         command.step.is_some()
             && self
@@ -612,10 +634,11 @@ impl ParticipantDriver {
         let Some(step) = compensation.step.as_deref() else {
             return;
         };
-        let forward = format!(
-            "{}/{step}/{}",
-            compensation.saga_id,
-            Phase::Forward.as_str()
+        let forward = Envelope::step_key(
+            &compensation.saga,
+            &compensation.saga_id,
+            step,
+            Phase::Forward,
         );
         let key = fence_key(&forward);
         if !self.entries.contains_key(&key) {
@@ -690,21 +713,29 @@ impl ParticipantDriver {
 
     fn put(&mut self, key: &str, new: Option<Kept>) {
         if let Some(Kept {
-            entry: Entry::Retrying {
-                next_attempt_at, ..
-            },
+            entry:
+                Entry::Retrying {
+                    next_attempt_at,
+                    command,
+                    ..
+                },
             ..
         }) = self.entries.get(key)
         {
             self.retries.remove(&(*next_attempt_at, key.to_owned()));
+            self.retrying.remove(&command.idempotency_key());
         }
         match new {
             Some(kept) => {
                 if let Entry::Retrying {
-                    next_attempt_at, ..
+                    next_attempt_at,
+                    command,
+                    ..
                 } = &kept.entry
                 {
                     self.retries.insert((*next_attempt_at, key.to_owned()));
+                    self.retrying
+                        .insert(command.idempotency_key(), key.to_owned());
                 }
                 self.entries.insert(key.to_owned(), kept);
             }
@@ -788,7 +819,7 @@ mod tests {
     fn command(step: Option<(&str, Phase)>, attempt: u32, reply_to: Option<&str>) -> Envelope {
         let saga = SagaId::new("s-1");
         let id = match step {
-            Some((name, phase)) => Envelope::command_id(&saga, name, phase, attempt),
+            Some((name, phase)) => Envelope::command_id("job", &saga, name, phase, attempt),
             None => MessageId::new("s-1/command/1"),
         };
         let mut c = Envelope::command(id, "svc", saga, "job", Value::Null, T0);

@@ -8,7 +8,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 
 use crate::definition::{SagaData, SagaDefinition};
-use crate::driver::{decode_state, state_topic, ParticipantDriver, RetryBudgets, SagaDriver};
+use crate::driver::{decode_state, state_topic, ParticipantDriver, Registry, SagaDriver};
 use crate::engine::Operation;
 use crate::error::SagaError;
 use crate::ids::SagaId;
@@ -37,7 +37,7 @@ pub struct InMemoryRuntime {
     clock: Clock,
     stop: watch::Sender<bool>,
     tasks: Mutex<Vec<JoinHandle<()>>>,
-    budgets: RetryBudgets,
+    registry: Registry,
 }
 
 impl std::fmt::Debug for InMemoryRuntime {
@@ -63,7 +63,7 @@ impl InMemoryRuntime {
             clock,
             stop,
             tasks: Mutex::new(Vec::new()),
-            budgets: RetryBudgets::default(),
+            registry: Registry::default(),
         }
     }
 
@@ -100,7 +100,7 @@ impl Runtime for InMemoryRuntime {
         if self.stopped() {
             return Err(SagaError::Shutdown);
         }
-        self.budgets.add_saga(&def)?;
+        self.registry.add_saga(&def)?;
         let mut workers = Vec::new();
         for p in 0..self.backend.partitions() {
             let (tx, rx) = mpsc::unbounded_channel();
@@ -132,7 +132,7 @@ impl Runtime for InMemoryRuntime {
         if self.stopped() {
             return Err(SagaError::Shutdown);
         }
-        self.budgets.add_participant(channel, &policy)?;
+        self.registry.add_participant(channel, &policy)?;
         let participant = Arc::new(participant);
         for p in 0..self.backend.partitions() {
             let worker = ParticipantWorker {

@@ -60,6 +60,9 @@ impl<D: SagaData> SagaWorker<D> {
             notified.as_mut().enable();
             if self.step() {
                 self.backend.notify();
+                // Between two inputs: where a dropped runtime's abort stops
+                // the worker (a crash between two atomic sections).
+                tokio::task::yield_now().await;
                 continue;
             }
             tokio::select! {
@@ -136,6 +139,14 @@ impl<D: SagaData> SagaWorker<D> {
     }
 }
 
+/// What a participant worker found to do under the lock.
+enum Job {
+    /// Run this attempt, then commit it (with this input consumed).
+    Run(Box<crate::driver::Attempt>, Option<(String, u64)>),
+    /// An input handled without the handler, committed already.
+    Done,
+}
+
 pub(crate) struct ParticipantWorker {
     pub(crate) driver: ParticipantDriver,
     pub(crate) backend: MemoryBackend,
@@ -164,21 +175,19 @@ impl ParticipantWorker {
             let job = {
                 let mut st = self.backend.lock();
                 if let Some(attempt) = self.driver.take_due(now, &mut out) {
-                    Some((attempt, None))
+                    Some(Job::Run(Box::new(attempt), None))
                 } else if let Some((topic, offset, rec)) = st.next(&group, &topics, self.partition)
                 {
                     let incoming = rec.incoming(&topic, self.partition, offset);
                     match self.driver.on_record(&incoming, now, &mut out) {
-                        Some(attempt) => Some((attempt, Some((topic, offset)))),
+                        Some(attempt) => Some(Job::Run(Box::new(attempt), Some((topic, offset)))),
                         None => {
                             let consumed =
                                 Some((group.as_str(), topic.as_str(), self.partition, offset));
                             self.backend
                                 .commit(&mut st, std::mem::take(&mut out), consumed);
                             self.driver.committed();
-                            drop(st);
-                            self.backend.notify();
-                            continue;
+                            Some(Job::Done)
                         }
                     }
                 } else {
@@ -189,13 +198,23 @@ impl ParticipantWorker {
                     None
                 }
             };
-            let Some((attempt, consumed)) = job else {
-                tokio::select! {
+            let (attempt, consumed) = match job {
+                Some(Job::Run(attempt, consumed)) => (*attempt, consumed),
+                Some(Job::Done) => {
+                    self.backend.notify();
+                    // Between two inputs: where a dropped runtime's abort
+                    // stops the worker.
+                    tokio::task::yield_now().await;
+                    continue;
+                }
+                None => {
+                    tokio::select! {
                     _ = &mut notified => {}
                     _ = sleep_until(self.clock, self.driver.next_due()) => {}
                     _ = stop.changed() => return,
+                    }
+                    continue;
                 }
-                continue;
             };
             // The handler runs outside the lock; a crash (the runtime
             // dropped) before the commit below leaves the command unread.
@@ -253,6 +272,7 @@ impl ProjectionWorker {
                 self.backend
                     .lock()
                     .commit(&self.group, &topic, self.partition, offset);
+                tokio::task::yield_now().await;
                 continue;
             }
             tokio::select! {

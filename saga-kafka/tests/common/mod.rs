@@ -492,7 +492,7 @@ impl Participant for Counter {
 pub fn reserve_command(channel: &str, reply_to: &str, saga_id: &str) -> Envelope {
     let saga_id = SagaId::new(saga_id);
     let mut env = Envelope::command(
-        Envelope::command_id(&saga_id, "reserve", Phase::Forward, 1),
+        Envelope::command_id("test", &saga_id, "reserve", Phase::Forward, 1),
         channel,
         saga_id,
         "test",
