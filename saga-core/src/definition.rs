@@ -10,6 +10,7 @@ use serde_json::Value;
 
 use crate::error::SagaError;
 use crate::ids::{SagaId, Timestamp};
+use crate::message::Envelope;
 use crate::retry::{Classify, ErrorClass, RetryPolicy};
 
 /// The bounds saga data must meet: it is persisted as JSON and cloned per step.
@@ -194,6 +195,8 @@ type ReplyFn<D> = Arc<
         + Send
         + Sync,
 >;
+/// Whether a reply payload is of the step's reply type (without applying it).
+type CheckFn = Arc<dyn Fn(&Value) -> Result<(), serde_json::Error> + Send + Sync>;
 
 /// How one direction (forward or compensation) of a step is carried out.
 pub(crate) enum Action<D> {
@@ -206,6 +209,8 @@ pub(crate) enum Action<D> {
         /// `None` until the builder's `.command(..)` is called; `build()` rejects that.
         command: Option<CommandFn<D>>,
         on_reply: ReplyFn<D>,
+        /// Set with a typed `on_reply`: checks a reply's type.
+        check_reply: Option<CheckFn>,
     },
 }
 
@@ -218,11 +223,13 @@ impl<D> Clone for Action<D> {
                 reply_to,
                 command,
                 on_reply,
+                check_reply,
             } => Action::Remote {
                 channel: channel.clone(),
                 reply_to: reply_to.clone(),
                 command: command.clone(),
                 on_reply: on_reply.clone(),
+                check_reply: check_reply.clone(),
             },
         }
     }
@@ -250,6 +257,10 @@ where
         let reply: R = serde_json::from_value(value)?;
         Ok(f(ctx, reply))
     })
+}
+
+fn typed_check<R: DeserializeOwned>() -> CheckFn {
+    Arc::new(|value| serde_json::from_value::<R>(value.clone()).map(|_| ()))
 }
 
 fn typed_command<D, C, F>(f: F) -> CommandFn<D>
@@ -369,6 +380,7 @@ impl<D: SagaData> Step<D> {
             reply_to: None,
             command: None,
             on_reply: accept_any(),
+            check_reply: None,
         });
         self
     }
@@ -394,8 +406,14 @@ impl<D: SagaData> Step<D> {
         R: DeserializeOwned,
         F: Fn(&mut StepContext<'_, D>, R) -> Result<(), StepError> + Send + Sync + 'static,
     {
-        if let Some(Action::Remote { on_reply, .. }) = &mut self.forward {
+        if let Some(Action::Remote {
+            on_reply,
+            check_reply,
+            ..
+        }) = &mut self.forward
+        {
             *on_reply = typed_reply(f);
+            *check_reply = Some(typed_check::<R>());
         }
         self
     }
@@ -437,6 +455,7 @@ impl<D: SagaData> Step<D> {
             reply_to,
             command: Some(typed_command(command)),
             on_reply: accept_any(),
+            check_reply: None,
         });
         self
     }
@@ -684,6 +703,40 @@ impl<D: SagaData> SagaDefinition<D> {
             }
         }
         out
+    }
+
+    /// Checks that a success reply's payload is of its step's reply type,
+    /// without applying it (for replies the saga ignores: a malformed one
+    /// is still worth a dead letter).
+    pub(crate) fn check_reply(&self, reply: &Envelope) -> Result<(), SagaError> {
+        let step_name = reply.step.as_deref().unwrap_or("");
+        let Some(i) = self.step_index(step_name) else {
+            return Err(SagaError::UnknownStep {
+                saga_id: reply.saga_id.clone(),
+                step: step_name.to_owned(),
+                message_id: reply.id.clone(),
+            });
+        };
+        let success = matches!(
+            reply.outcome,
+            None | Some(crate::message::ReplyOutcome::Success)
+        );
+        if !success || reply.phase == Some(crate::message::Phase::Compensation) {
+            return Ok(());
+        }
+        if let Some(Action::Remote {
+            check_reply: Some(check),
+            ..
+        }) = &self.inner.steps[i].forward
+        {
+            check(&reply.payload).map_err(|source| SagaError::Decode {
+                saga_id: reply.saga_id.clone(),
+                step: step_name.to_owned(),
+                what: "reply",
+                source,
+            })?;
+        }
+        Ok(())
     }
 
     pub(crate) fn step_index(&self, name: &str) -> Option<usize> {

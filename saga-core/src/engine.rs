@@ -290,7 +290,15 @@ impl<D: SagaData> SagaDefinition<D> {
             effects: Vec::new(),
         };
         let handled = match input {
-            Input::Reply(env) => m.on_reply(env)?,
+            Input::Reply(env) => {
+                let checked = env.clone();
+                let handled = m.on_reply(env)?;
+                if handled != Handled::Applied {
+                    // Ignored, but malformed is still an error.
+                    self.check_reply(&checked)?;
+                }
+                handled
+            }
             Input::Timer(id) => m.on_timer(&id),
             Input::Operator(op) => m.on_operator(op)?,
         };

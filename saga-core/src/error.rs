@@ -81,6 +81,21 @@ pub enum SagaError {
         /// The participant's attempts per command.
         attempts: u32,
     },
+    /// A record (a saga's state, a message) would be larger than the
+    /// runtime writes; the input that made it is dead-lettered instead.
+    #[error(
+        "a record of {size} bytes for `{topic}` (key `{key}`) is over the limit of {limit} bytes"
+    )]
+    RecordTooLarge {
+        /// The topic it was for.
+        topic: String,
+        /// Its key.
+        key: String,
+        /// Its size (key and value).
+        size: usize,
+        /// The limit.
+        limit: usize,
+    },
     /// A saga type or participant of this name is already registered on
     /// the runtime.
     #[error("`{name}` is already registered on this runtime (saga types and participants need distinct names)")]
@@ -101,12 +116,6 @@ pub enum SagaError {
         saga_id: SagaId,
         /// The message.
         message_id: MessageId,
-    },
-    /// A saga with this id was already started.
-    #[error("saga `{saga_id}` already exists")]
-    AlreadyExists {
-        /// The saga id.
-        saga_id: SagaId,
     },
     /// A message was addressed to a different saga type or instance.
     #[error("message `{message_id}` is for saga type `{found}`, not `{expected}`")]

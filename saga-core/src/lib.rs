@@ -205,6 +205,7 @@ mod definition;
 pub mod driver;
 mod engine;
 mod error;
+mod health;
 mod ids;
 mod instance;
 mod mermaid;
@@ -225,12 +226,13 @@ pub use definition::{
 };
 pub use engine::{Operation, OperatorAction};
 pub use error::{Result, SagaError};
+pub use health::{Health, HealthBoard, Problem};
 pub use ids::{MessageId, SagaId, Timestamp};
 pub use instance::{HistoryEntry, SagaInstance, SagaStatus, StepRecord, StepState, MAX_HISTORY};
 #[cfg(feature = "memory")]
 #[cfg_attr(docsrs, doc(cfg(feature = "memory")))]
 pub use memory::{Clock, InMemoryRuntime, MemoryBackend, DEFAULT_PARTITIONS};
-pub use message::{DeadLetter, Envelope, MessageKind, Phase, ReplyOutcome};
+pub use message::{DeadLetter, Envelope, MessageKind, Phase, RecordOrigin, ReplyOutcome};
 pub use participant::{Participant, ParticipantContext, ParticipantPolicy};
 pub use retry::{Classify, ErrorClass, GiveUpReason, Jitter, RetryDecision, RetryPolicy};
 pub use runtime::{Page, Runtime, SagaHandle, SagaQuery, StatusFilter};

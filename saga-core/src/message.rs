@@ -277,6 +277,37 @@ pub struct DeadLetter {
     pub reason: String,
     /// The error of the last attempt.
     pub last_error: String,
+    /// Where the input that failed was read, when it was a record of a
+    /// topic (a poison record, a reply that could not be applied).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub origin: Option<RecordOrigin>,
+    /// When the original was too large to keep whole in a dead letter: its
+    /// size in bytes (its payload is then a truncated copy, as text).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub truncated_from: Option<usize>,
+}
+
+/// Where a record was read: its topic, partition and offset.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct RecordOrigin {
+    /// The topic.
+    pub topic: String,
+    /// The partition.
+    pub partition: u32,
+    /// The offset.
+    pub offset: u64,
+}
+
+impl RecordOrigin {
+    /// Record `offset` of `partition` of `topic`.
+    pub fn new(topic: impl Into<String>, partition: u32, offset: u64) -> Self {
+        Self {
+            topic: topic.into(),
+            partition,
+            offset,
+        }
+    }
 }
 
 impl DeadLetter {
@@ -301,7 +332,42 @@ impl DeadLetter {
             retry_count,
             reason: reason.into(),
             last_error: last_error.into(),
+            origin: None,
+            truncated_from: None,
         }
+    }
+
+    /// The same dead letter, saying where its input was read.
+    pub fn with_origin(mut self, origin: RecordOrigin) -> Self {
+        self.origin = Some(origin);
+        self
+    }
+
+    /// The dead letter as an envelope of at most `limit` bytes: when the
+    /// original makes it larger, the original's payload is replaced by a
+    /// truncated copy of its text and [`DeadLetter::truncated_from`] says
+    /// how large it was. The reason, the metadata and the origin are kept.
+    pub fn to_envelope_within(&self, limit: usize) -> Envelope {
+        let env = self.to_envelope();
+        let size = env.to_bytes().len();
+        if size <= limit {
+            return env;
+        }
+        let mut small = self.clone();
+        let text = match &self.original.payload {
+            Value::String(s) => s.clone(),
+            other => other.to_string(),
+        };
+        // Keep what fits under half the limit (the rest of the dead letter
+        // is small), cut at a character boundary.
+        let keep = limit / 2;
+        let mut cut = keep.min(text.len());
+        while !text.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        small.original.payload = Value::String(text[..cut].to_owned());
+        small.truncated_from = Some(size);
+        small.to_envelope()
     }
 
     /// The dead letter wrapped as an event envelope on its channel, keyed by

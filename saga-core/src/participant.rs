@@ -212,8 +212,26 @@ pub trait Participant: Send + Sync + 'static {
     /// Installs the last persisted snapshot of `partition` (`None` if there
     /// is none yet) when this instance starts serving it: at start, and
     /// after a rebalance assigns it the partition.
-    fn restore(&self, partition: u32, snapshot: Option<serde_json::Value>) {
+    ///
+    /// # Errors
+    /// A snapshot it cannot use (say, it does not decode). The runtime then
+    /// does not serve the partition: it reports it in its
+    /// [`health`](crate::Runtime::health) instead of letting the
+    /// participant start from wrong state.
+    fn restore(
+        &self,
+        partition: u32,
+        snapshot: Option<serde_json::Value>,
+    ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
         let _ = (partition, snapshot);
+        Ok(())
+    }
+
+    /// This instance stopped serving `partition` (it moved to another
+    /// instance after a rebalance, or the runtime stopped): forget its
+    /// state, which is no longer this instance's to change or show.
+    fn revoke(&self, partition: u32) {
+        let _ = partition;
     }
 }
 
@@ -221,7 +239,8 @@ pub trait Participant: Send + Sync + 'static {
 ///
 /// The defaults ([`ParticipantPolicy::new`]): no local retry (one attempt
 /// per command: the saga's step owns the retries), no handler timeout,
-/// dead letters to `<name>.dlq`.
+/// dead letters to `<name>.dlq`, handled commands remembered for an hour,
+/// steps not remembered.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[non_exhaustive]
 pub struct ParticipantPolicy {
@@ -235,6 +254,24 @@ pub struct ParticipantPolicy {
     /// Where fire-and-forget commands go when the runtime gives up, and
     /// records that are not commands (default `<name>.dlq`).
     pub dead_letter_channel: String,
+    /// How long the runtime remembers a command it handled, to answer a
+    /// redelivery of it with the same reply without running the handler
+    /// (default 1 hour). A redelivery older than this runs the handler
+    /// again. Memory: a few hundred bytes per command handled within it.
+    #[serde(default = "default_horizon")]
+    pub dedupe_horizon: Duration,
+    /// Answer a new attempt of a step this participant already answered
+    /// with a success, with that answer, without running the handler
+    /// (within the dedupe horizon). For participants whose successful
+    /// answers are final (a reservation made, an email sent); leave it off
+    /// (the default) for one that answers "busy" as a reply its step
+    /// retries.
+    #[serde(default)]
+    pub remember_steps: bool,
+}
+
+fn default_horizon() -> Duration {
+    Duration::from_secs(3600)
 }
 
 impl ParticipantPolicy {
@@ -246,7 +283,23 @@ impl ParticipantPolicy {
             name,
             retry: RetryPolicy::no_retry(),
             timeout: None,
+            dedupe_horizon: default_horizon(),
+            remember_steps: false,
         }
+    }
+
+    /// Sets how long handled commands are remembered (see
+    /// [`ParticipantPolicy::dedupe_horizon`]).
+    pub fn dedupe_horizon(mut self, horizon: Duration) -> Self {
+        self.dedupe_horizon = horizon;
+        self
+    }
+
+    /// Answers repeated attempts of a step from the first success (see
+    /// [`ParticipantPolicy::remember_steps`]).
+    pub fn remember_steps(mut self) -> Self {
+        self.remember_steps = true;
+        self
     }
 
     /// Sets the local retry policy.

@@ -12,6 +12,7 @@ use async_trait::async_trait;
 use crate::definition::{SagaData, SagaDefinition};
 use crate::engine::Operation;
 use crate::error::SagaError;
+use crate::health::Health;
 use crate::ids::{SagaId, Timestamp};
 use crate::instance::SagaInstance;
 use crate::message::{DeadLetter, Envelope};
@@ -103,6 +104,11 @@ pub trait Runtime: Send + Sync + 'static {
     /// [`SagaError::Unavailable`] if the channel cannot be read now.
     async fn dead_letters(&self, channel: &str) -> Result<Vec<DeadLetter>, SagaError>;
 
+    /// What does not work now: partitions that cannot be restored or
+    /// written, the broker out of reach. Healthy when empty; serve it as
+    /// a health check, so a stalled partition is seen.
+    fn health(&self) -> Health;
+
     /// Finishes the work in hand (commits open batches), stops every
     /// worker and waits for them. Calls after it fail with
     /// [`SagaError::Shutdown`].
@@ -171,16 +177,24 @@ impl<D: SagaData> SagaHandle<D> {
         self.service.definition()
     }
 
-    /// Starts saga `id` with `data`: writes its state and its first
-    /// messages atomically (on Kafka, in one transaction).
+    /// Starts saga `id` with `data`: its state and its first messages are
+    /// written atomically (on Kafka, in one transaction) by the worker that
+    /// owns the saga's partition.
+    ///
+    /// Idempotent: if a saga `id` exists (in progress, or settled within
+    /// the settled retention), nothing is written and the existing saga is
+    /// kept, so a caller that did not hear back may start again with the
+    /// same id (an HTTP API derives the id from an `Idempotency-Key`). On
+    /// Kafka, when another instance owns the partition, this returns once
+    /// the request is durable and the owner starts the saga as it reads it.
     ///
     /// # Errors
-    /// [`SagaError::AlreadyExists`] if the runtime knows `id` (on Kafka:
-    /// among the sagas this process owns); [`SagaError::Unavailable`] if
-    /// the runtime could not take the write (with transactions nothing was
-    /// written: retry; Kafka at least once, the saga's state may have been);
+    /// [`SagaError::Unavailable`] if the runtime could not take the write
+    /// in time (it may still be written: start again with the same id);
     /// [`SagaError::Encode`] if `data` cannot be serialized;
-    /// [`SagaError::Shutdown`] after shutdown.
+    /// [`SagaError::RecordTooLarge`] if its state or a first message would
+    /// be over the record size limit; [`SagaError::Shutdown`] after
+    /// shutdown.
     pub async fn start(&self, id: impl Into<SagaId>, data: D) -> Result<SagaId, SagaError> {
         self.service.start(id.into(), data).await
     }

@@ -221,7 +221,7 @@ impl Side {
             pivot,
         });
         let mut driver = ParticipantDriver::new("ch", ParticipantPolicy::new("model"), model);
-        driver.restore(0, ledger.clone());
+        driver.restore(0, ledger.clone()).unwrap();
         Self { driver, ledger }
     }
 
@@ -350,7 +350,7 @@ fn run(shapes: Vec<StepShape>, pivot: Option<usize>, tape: Vec<u8>) -> Result<()
                             side.driver
                                 .finish(attempt, result, Duration::ZERO, now, &mut out);
                         }
-                        side.driver.before_commit(&mut out);
+                        side.driver.before_commit(&mut out).unwrap();
                         side.driver.committed();
                         let lose_reply = pick(8) == 0;
                         for r in side.keep(out) {

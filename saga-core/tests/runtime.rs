@@ -319,20 +319,26 @@ async fn projections_see_every_event_in_order_per_saga() {
 }
 
 #[tokio::test(start_paused = true)]
-async fn starting_the_same_saga_twice_is_rejected() {
+async fn starting_the_same_saga_twice_returns_the_first_one() {
     let runtime = InMemoryRuntime::new(MemoryBackend::new());
     let jobs = runtime
         .saga(call_saga(Duration::from_secs(1)))
         .await
         .unwrap();
-    jobs.start("once", json!({})).await.unwrap();
-    let err = jobs.start("once", json!({})).await.unwrap_err();
-    assert!(matches!(err, SagaError::AlreadyExists { .. }), "{err}");
+    assert_eq!(
+        jobs.start("once", json!({"n": 1})).await.unwrap().as_str(),
+        "once"
+    );
+    let again = jobs.start("once", json!({"n": 2})).await.unwrap();
+    assert_eq!(again.as_str(), "once");
     assert_eq!(
         runtime.backend().messages("svc.requests").len(),
         1,
         "the second start sent nothing"
     );
+    let saga = jobs.get(&SagaId::new("once")).await.unwrap().unwrap();
+    assert_eq!(saga.data, json!({"n": 1}), "the first start's data stays");
+    runtime.shutdown().await;
 }
 
 /// A participant with per-partition state: how many commands each partition served.
@@ -353,9 +359,14 @@ impl Participant for Counter {
     fn snapshot(&self, partition: u32) -> Option<Value> {
         self.0.lock().unwrap().get(&partition).map(|n| json!(n))
     }
-    fn restore(&self, partition: u32, snapshot: Option<Value>) {
+    fn restore(
+        &self,
+        partition: u32,
+        snapshot: Option<Value>,
+    ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
         let n = snapshot.and_then(|v| v.as_u64()).unwrap_or(0);
         self.0.lock().unwrap().insert(partition, n);
+        Ok(())
     }
 }
 

@@ -76,6 +76,9 @@ pub use participant::{
     ledger_topic, Attempt, AttemptResult, ParticipantDriver, PARTICIPANT_STATE_KEY,
 };
 pub use record::{murmur2, partition_for, Incoming, Record, RecordKind, RECORD_KIND_HEADER};
-pub use saga::{decode_state, encode_state, operator_record, state_topic, Restored, SagaDriver};
+pub use saga::{
+    decode_state, encode_state, operator_record, start_record, state_topic, Restored, SagaDriver,
+    DEFAULT_MAX_RECORD_BYTES, DEFAULT_SETTLED_RETENTION,
+};
 #[cfg(feature = "tokio")]
 pub use wait::wait_settled;

@@ -11,8 +11,10 @@ use serde_json::Value;
 
 use crate::driver::metrics;
 use crate::driver::record::{Incoming, Record, RecordKind};
+use crate::driver::saga::RECORD_OVERHEAD;
+use crate::error::SagaError;
 use crate::ids::{MessageId, Timestamp};
-use crate::message::{DeadLetter, Envelope, MessageKind, Phase, ReplyOutcome};
+use crate::message::{DeadLetter, Envelope, MessageKind, Phase, RecordOrigin, ReplyOutcome};
 use crate::participant::{Participant, ParticipantContext, ParticipantPolicy};
 use crate::retry::{Classify, ErrorClass, RetryDecision};
 
@@ -71,7 +73,12 @@ trait Erased: Send + Sync + 'static {
         now: Timestamp,
     ) -> AttemptResult;
     fn snapshot(&self, partition: u32) -> Option<Value>;
-    fn restore(&self, partition: u32, snapshot: Option<Value>);
+    fn restore(
+        &self,
+        partition: u32,
+        snapshot: Option<Value>,
+    ) -> Result<(), Box<dyn std::error::Error + Send + Sync>>;
+    fn revoke(&self, partition: u32);
     fn dead_letter_events(&self, dead: &DeadLetter, now: Timestamp) -> Vec<Envelope>;
 }
 
@@ -126,8 +133,16 @@ impl<P: Participant> Erased for P {
         Participant::snapshot(self, partition)
     }
 
-    fn restore(&self, partition: u32, snapshot: Option<Value>) {
+    fn restore(
+        &self,
+        partition: u32,
+        snapshot: Option<Value>,
+    ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
         Participant::restore(self, partition, snapshot)
+    }
+
+    fn revoke(&self, partition: u32) {
+        Participant::revoke(self, partition)
     }
 
     fn dead_letter_events(&self, dead: &DeadLetter, now: Timestamp) -> Vec<Envelope> {
@@ -208,9 +223,20 @@ impl Attempt {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "state", rename_all = "snake_case")]
 enum Entry {
-    /// Handled: the reply it got, sent again to a redelivery (none for a
-    /// fire-and-forget command).
-    Answered { reply: Option<Envelope> },
+    /// Handled at `at`: the reply it got, sent again to a redelivery (none
+    /// for a fire-and-forget command).
+    Answered {
+        reply: Option<Envelope>,
+        #[serde(default)]
+        at: Timestamp,
+    },
+    /// A step answered with a success at `at` (with `remember_steps`):
+    /// its reply payload, for the step's later attempts.
+    Remembered {
+        payload: Value,
+        #[serde(default)]
+        at: Timestamp,
+    },
     /// Waiting for its next local attempt.
     Retrying {
         command: Envelope,
@@ -219,8 +245,24 @@ enum Entry {
         next_attempt_at: Timestamp,
         last_error: String,
     },
-    /// The step was compensated: its forward commands no longer take effect.
-    Fenced,
+    /// The step was compensated at `at`: its forward commands no longer
+    /// take effect.
+    Fenced {
+        #[serde(default)]
+        at: Timestamp,
+    },
+}
+
+impl Entry {
+    /// When the entry was written, for those that expire.
+    fn written_at(&self) -> Option<Timestamp> {
+        match self {
+            Entry::Answered { at, .. } | Entry::Remembered { at, .. } | Entry::Fenced { at } => {
+                Some(*at)
+            }
+            Entry::Retrying { .. } => None,
+        }
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -231,6 +273,10 @@ struct Kept {
 
 fn fence_key(forward_business_key: &str) -> String {
     format!("fence/{forward_business_key}")
+}
+
+fn step_entry_key(business_key: &str) -> String {
+    format!("step/{business_key}")
 }
 
 /// Runs one participant for a runtime worker, without I/O (but for the
@@ -258,6 +304,9 @@ pub struct ParticipantDriver {
     /// The command waiting for a local retry, by business key (at most one
     /// per step: a newer attempt supersedes it).
     retrying: HashMap<String, String>,
+    /// Entries that expire, by when they were written.
+    expiring: BTreeSet<(Timestamp, String)>,
+    max_record_bytes: usize,
     undo: HashMap<String, Option<Kept>>,
     /// The last committed state snapshot of each owned partition.
     shards: HashMap<u32, Option<Value>>,
@@ -295,11 +344,22 @@ impl ParticipantDriver {
             entries: HashMap::new(),
             retries: BTreeSet::new(),
             retrying: HashMap::new(),
+            expiring: BTreeSet::new(),
+            max_record_bytes: super::saga::DEFAULT_MAX_RECORD_BYTES,
             undo: HashMap::new(),
             shards: HashMap::new(),
             touched: BTreeSet::new(),
             written: HashMap::new(),
         }
+    }
+
+    /// The largest record (key and value) the driver writes: a reply too
+    /// large becomes a permanent failure, a dead letter too large keeps a
+    /// truncated copy of its original, and a state snapshot too large
+    /// stops its partition (see [`ParticipantDriver::before_commit`]).
+    pub fn with_max_record_bytes(mut self, limit: usize) -> Self {
+        self.max_record_bytes = limit.max(1024);
+        self
     }
 
     /// The policy.
@@ -331,33 +391,49 @@ impl ParticipantDriver {
     /// (key, bytes): the ledger entries and the participant's state
     /// snapshot, which the participant gets through
     /// [`Participant::restore`] before any command of the partition.
-    /// Unreadable entries are skipped (and logged).
+    /// Unreadable ledger entries are skipped (and logged).
+    ///
+    /// # Errors
+    /// [`SagaError::Runtime`] if the participant's state snapshot is
+    /// unreadable or the participant refuses it: the partition is not
+    /// taken (do not serve it; report it).
     pub fn restore(
         &mut self,
         partition: u32,
         records: impl IntoIterator<Item = (String, Vec<u8>)>,
-    ) {
-        self.owned.insert(partition);
+    ) -> Result<(), SagaError> {
+        let refused = |source: Box<dyn std::error::Error + Send + Sync>| SagaError::Runtime {
+            what: format!(
+                "restoring the state of participant `{}` in partition {partition}",
+                self.policy.name
+            ),
+            source,
+        };
         let mut snapshot = None;
+        let mut entries = Vec::new();
         for (key, bytes) in records {
             if key == PARTICIPANT_STATE_KEY {
-                match serde_json::from_slice::<Value>(&bytes) {
-                    Ok(v) => snapshot = Some(v),
-                    Err(e) => {
-                        tracing::error!(participant = %self.policy.name, partition, error = %e, "unreadable participant state: starting empty")
-                    }
-                }
+                let value =
+                    serde_json::from_slice::<Value>(&bytes).map_err(|e| refused(Box::new(e)))?;
+                snapshot = Some(value);
                 continue;
             }
             match serde_json::from_slice::<Entry>(&bytes) {
-                Ok(entry) => self.put(&key, Some(Kept { partition, entry })),
+                Ok(entry) => entries.push((key, entry)),
                 Err(e) => {
                     tracing::error!(participant = %self.policy.name, partition, key, error = %e, "unreadable ledger entry: skipped")
                 }
             }
         }
-        self.participant.restore(partition, snapshot.clone());
+        self.participant
+            .restore(partition, snapshot.clone())
+            .map_err(refused)?;
+        self.owned.insert(partition);
+        for (key, entry) in entries {
+            self.put(&key, Some(Kept { partition, entry }));
+        }
         self.shards.insert(partition, snapshot);
+        Ok(())
     }
 
     /// Gives up `partitions`: their ledger leaves memory.
@@ -373,7 +449,9 @@ impl ParticipantDriver {
             self.put(&key, None);
         }
         for p in partitions {
-            self.owned.remove(p);
+            if self.owned.remove(p) {
+                self.participant.revoke(*p);
+            }
             self.shards.remove(p);
             self.touched.remove(p);
             self.written.remove(p);
@@ -398,12 +476,21 @@ impl ParticipantDriver {
             Ok(c) => c,
             Err(reason) => {
                 let original = rec.as_poison("", now);
-                self.dead_letter(original, 0, "not a command".into(), reason, now, out);
+                let origin = Some(rec.origin());
+                self.dead_letter(
+                    original,
+                    0,
+                    "not a command".into(),
+                    reason,
+                    now,
+                    origin,
+                    out,
+                );
                 return None;
             }
         };
         match self.entries.get(command.id.as_str()).map(|k| &k.entry) {
-            Some(Entry::Answered { reply }) => {
+            Some(Entry::Answered { reply, .. }) => {
                 tracing::debug!(participant = %self.policy.name, message_id = %command.id, "duplicate command: answering again");
                 if let Some(reply) = reply {
                     out.push(Record::message(reply));
@@ -411,25 +498,63 @@ impl ParticipantDriver {
                 return None;
             }
             Some(Entry::Retrying { .. }) => return None,
-            Some(Entry::Fenced) | None => {}
+            Some(Entry::Fenced { .. } | Entry::Remembered { .. }) | None => {}
         }
-        self.supersede(rec.partition, &command, out);
+        self.supersede(rec.partition, &command, out, now);
         if command.phase == Some(Phase::Compensation) {
-            self.fence(rec.partition, &command, out);
+            self.fence(rec.partition, &command, out, now);
         } else if self.fenced(&command) {
             self.refuse_fenced(rec.partition, &command, now, out);
+            return None;
+        }
+        if self.answer_from_step(rec.partition, &command, now, out) {
             return None;
         }
         Some(self.attempt(rec.partition, command, 1))
     }
 
-    /// When the next local retry is due.
-    pub fn next_due(&self) -> Option<Timestamp> {
-        self.retries.iter().next().map(|(at, _)| *at)
+    /// Dead-letters `rec` without running the handler, with reason `why`:
+    /// for a runtime whose broker refuses what handling it produced (a
+    /// reply over the broker's size limit), so the partition goes on. A
+    /// command a saga waits on is also answered with a permanent failure,
+    /// so the saga does not wait for its timeout.
+    pub fn reject(&mut self, rec: &Incoming<'_>, why: &str, now: Timestamp, out: &mut Vec<Record>) {
+        let reason = format!("its handling produced a record the broker refuses: {why}");
+        let origin = Some(rec.origin());
+        let Ok(command) = self.command_of(rec) else {
+            let original = rec.as_poison("", now);
+            self.dead_letter(original, 0, "rejected".into(), reason, now, origin, out);
+            return;
+        };
+        let failure = ReplyOutcome::failure(ErrorClass::Permanent, reason.clone());
+        let reply = command.reply(failure, Value::Null, now);
+        out.extend(reply.iter().map(Record::message));
+        let entry = Entry::Answered { reply, at: now };
+        self.write(rec.partition, command.id.to_string(), entry, out);
+        self.dead_letter(command, 0, "rejected".into(), reason, now, origin, out);
     }
 
-    /// The earliest local retry due at `now`, if any: the [`Attempt`] to run.
+    /// When the next local retry is due, or the next ledger entry past
+    /// the dedupe horizon is to be deleted.
+    pub fn next_due(&self) -> Option<Timestamp> {
+        let retry = self.retries.iter().next().map(|(at, _)| *at);
+        let expiry = self
+            .expiring
+            .iter()
+            .next()
+            .map(|(at, _)| at.saturating_add(self.policy.dedupe_horizon));
+        match (retry, expiry) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// The work due at `now`: deletes ledger entries past the dedupe
+    /// horizon (tombstones into `out`, a bounded number per call), then
+    /// returns the earliest local retry due, if any: the [`Attempt`] to
+    /// run.
     pub fn take_due(&mut self, now: Timestamp, out: &mut Vec<Record>) -> Option<Attempt> {
+        self.expire(now, out);
         loop {
             let (at, key) = self.retries.iter().next().cloned()?;
             if at > now {
@@ -450,6 +575,28 @@ impl ParticipantDriver {
                 continue;
             }
             return Some(self.attempt(partition, command, attempts + 1));
+        }
+    }
+
+    /// Deletes up to 500 ledger entries written before the dedupe horizon.
+    fn expire(&mut self, now: Timestamp, out: &mut Vec<Record>) {
+        for _ in 0..500 {
+            let Some((at, key)) = self.expiring.iter().next().cloned() else {
+                return;
+            };
+            if at.saturating_add(self.policy.dedupe_horizon) > now {
+                return;
+            }
+            let Some(partition) = self.entries.get(&key).map(|k| k.partition) else {
+                self.expiring.remove(&(at, key));
+                continue;
+            };
+            out.push(
+                Record::new(&self.ledger_topic, key.clone(), None, RecordKind::Ledger)
+                    .on_partition(partition),
+            );
+            self.keep_undo(&key);
+            self.put(&key, None);
         }
     }
 
@@ -478,12 +625,24 @@ impl ParticipantDriver {
             }) => *first_attempt_at,
             _ => now,
         };
+        let result = self.within_limit(&command, result);
         let entry = match result {
             AttemptResult::Replied { reply, events } => {
-                let reply = command.reply(ReplyOutcome::Success, reply, now);
+                let answer = command.reply(ReplyOutcome::Success, reply.clone(), now);
                 out.extend(events.iter().map(Record::message));
-                out.extend(reply.iter().map(Record::message));
-                Entry::Answered { reply }
+                out.extend(answer.iter().map(Record::message));
+                if self.policy.remember_steps && command.step.is_some() {
+                    let key = step_entry_key(&command.idempotency_key());
+                    let remembered = Entry::Remembered {
+                        payload: reply,
+                        at: now,
+                    };
+                    self.write(partition, key, remembered, out);
+                }
+                Entry::Answered {
+                    reply: answer,
+                    at: now,
+                }
             }
             AttemptResult::Failed { class, error } => {
                 tracing::debug!(participant = %self.policy.name, message_id = %command.id, attempt = number, %error, "attempt failed");
@@ -506,7 +665,10 @@ impl ParticipantDriver {
                         match command.reply(failure, Value::Null, now) {
                             Some(reply) => {
                                 out.push(Record::message(&reply));
-                                Entry::Answered { reply: Some(reply) }
+                                Entry::Answered {
+                                    reply: Some(reply),
+                                    at: now,
+                                }
                             }
                             None => {
                                 self.dead_letter(
@@ -515,9 +677,13 @@ impl ParticipantDriver {
                                     why.to_string(),
                                     error,
                                     now,
+                                    None,
                                     out,
                                 );
-                                Entry::Answered { reply: None }
+                                Entry::Answered {
+                                    reply: None,
+                                    at: now,
+                                }
                             }
                         }
                     }
@@ -529,13 +695,32 @@ impl ParticipantDriver {
 
     /// The open batch is about to commit: writes the participant's state
     /// snapshot of every partition the batch touched (if it keeps any).
-    pub fn before_commit(&mut self, out: &mut Vec<Record>) {
+    ///
+    /// # Errors
+    ///
+    /// The partition and [`SagaError::RecordTooLarge`] if its snapshot is
+    /// over the record size limit: the batch must not commit (roll it
+    /// back), and the partition cannot go on until the participant keeps
+    /// less state in it.
+    pub fn before_commit(&mut self, out: &mut Vec<Record>) -> Result<(), (u32, SagaError)> {
         for p in std::mem::take(&mut self.touched) {
             let Some(snapshot) = self.participant.snapshot(p) else {
                 continue;
             };
             // A `Value` always serializes.
             let bytes = serde_json::to_vec(&snapshot).unwrap_or_default();
+            let limit = self.max_record_bytes.saturating_sub(RECORD_OVERHEAD);
+            if bytes.len() + PARTICIPANT_STATE_KEY.len() > limit {
+                // Keep the partition marked: the retry must check again.
+                self.touched.insert(p);
+                let error = SagaError::RecordTooLarge {
+                    topic: self.ledger_topic.clone(),
+                    key: format!("participant state of partition {p}"),
+                    size: bytes.len() + PARTICIPANT_STATE_KEY.len(),
+                    limit,
+                };
+                return Err((p, error));
+            }
             out.push(
                 Record::new(
                     &self.ledger_topic,
@@ -547,6 +732,7 @@ impl ParticipantDriver {
             );
             self.written.insert(p, Some(snapshot));
         }
+        Ok(())
     }
 
     /// The open batch committed.
@@ -566,7 +752,10 @@ impl ParticipantDriver {
         let written = std::mem::take(&mut self.written);
         for p in touched.into_iter().chain(written.into_keys()) {
             let snapshot = self.shards.get(&p).cloned().flatten();
-            self.participant.restore(p, snapshot);
+            // It took this snapshot before.
+            if let Err(e) = self.participant.restore(p, snapshot) {
+                tracing::error!(participant = %self.policy.name, partition = p, error = %e, "the participant refused its last committed state after an abort");
+            }
         }
     }
 
@@ -608,7 +797,13 @@ impl ParticipantDriver {
     /// local retry: the older one must not run after it (the saga judges
     /// the newest attempt, and the participant's own idempotency by
     /// business key holds only if attempts run in order).
-    fn supersede(&mut self, partition: u32, command: &Envelope, out: &mut Vec<Record>) {
+    fn supersede(
+        &mut self,
+        partition: u32,
+        command: &Envelope,
+        out: &mut Vec<Record>,
+        now: Timestamp,
+    ) {
         if command.step.is_none() {
             return;
         }
@@ -617,7 +812,11 @@ impl ParticipantDriver {
         };
         if older != command.id.as_str() {
             tracing::debug!(participant = %self.policy.name, superseded = %older, by = %command.id, "local retry superseded by a newer attempt");
-            self.write(partition, older, Entry::Answered { reply: None }, out);
+            let superseded = Entry::Answered {
+                reply: None,
+                at: now,
+            };
+            self.write(partition, older, superseded, out);
         }
     }
 
@@ -630,7 +829,13 @@ impl ParticipantDriver {
 
     /// A compensation arrived: the forward commands of its step must never
     /// take effect from now on.
-    fn fence(&mut self, partition: u32, compensation: &Envelope, out: &mut Vec<Record>) {
+    fn fence(
+        &mut self,
+        partition: u32,
+        compensation: &Envelope,
+        out: &mut Vec<Record>,
+        now: Timestamp,
+    ) {
         let Some(step) = compensation.step.as_deref() else {
             return;
         };
@@ -642,7 +847,7 @@ impl ParticipantDriver {
         );
         let key = fence_key(&forward);
         if !self.entries.contains_key(&key) {
-            self.write(partition, key, Entry::Fenced, out);
+            self.write(partition, key, Entry::Fenced { at: now }, out);
         }
     }
 
@@ -658,14 +863,66 @@ impl ParticipantDriver {
             ReplyOutcome::failure(ErrorClass::Permanent, "compensated before it took effect");
         let reply = command.reply(failure, Value::Null, now);
         out.extend(reply.iter().map(Record::message));
-        self.write(
-            partition,
-            command.id.to_string(),
-            Entry::Answered { reply },
-            out,
-        );
+        let entry = Entry::Answered { reply, at: now };
+        self.write(partition, command.id.to_string(), entry, out);
     }
 
+    /// With [`ParticipantPolicy::remember_steps`], a new attempt of a step
+    /// this participant already answered with a success gets that answer
+    /// again (`true`), without running the handler.
+    fn answer_from_step(
+        &mut self,
+        partition: u32,
+        command: &Envelope,
+        now: Timestamp,
+        out: &mut Vec<Record>,
+    ) -> bool {
+        if !self.policy.remember_steps || command.step.is_none() {
+            return false;
+        }
+        let key = step_entry_key(&command.idempotency_key());
+        let Some(Entry::Remembered { payload, .. }) =
+            self.entries.get(&key).map(|k| k.entry.clone())
+        else {
+            return false;
+        };
+        tracing::debug!(participant = %self.policy.name, message_id = %command.id, "step already answered: answering again");
+        let reply = command.reply(ReplyOutcome::Success, payload, now);
+        out.extend(reply.iter().map(Record::message));
+        let entry = Entry::Answered { reply, at: now };
+        self.write(partition, command.id.to_string(), entry, out);
+        true
+    }
+
+    /// A result whose records would be over the size limit becomes a
+    /// permanent failure: the records could never be written.
+    fn within_limit(&self, command: &Envelope, result: AttemptResult) -> AttemptResult {
+        let AttemptResult::Replied { reply, events } = &result else {
+            return result;
+        };
+        let limit = self.max_record_bytes.saturating_sub(RECORD_OVERHEAD);
+        // The ledger entry holds the reply envelope: the larger of the two.
+        let reply_size =
+            serde_json::to_vec(reply).map_or(usize::MAX, |b| b.len()) + command.to_bytes().len();
+        let event_size = events
+            .iter()
+            .map(|e| e.to_bytes().len() + e.key().len())
+            .max()
+            .unwrap_or(0);
+        let size = reply_size.max(event_size);
+        if size <= limit {
+            return result;
+        }
+        tracing::error!(participant = %self.policy.name, message_id = %command.id, size, limit, "reply or event over the record size limit: answered as a permanent failure");
+        AttemptResult::Failed {
+            class: ErrorClass::Permanent,
+            error: format!(
+                "the handler's reply or events need a record of about {size} bytes, over the limit of {limit}"
+            ),
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
     fn dead_letter(
         &self,
         original: Envelope,
@@ -673,10 +930,11 @@ impl ParticipantDriver {
         reason: String,
         last_error: String,
         now: Timestamp,
+        origin: Option<RecordOrigin>,
         out: &mut Vec<Record>,
     ) {
         tracing::warn!(participant = %self.policy.name, message_id = %original.id, %reason, %last_error, "dead-lettered");
-        let dead = DeadLetter::new(
+        let mut dead = DeadLetter::new(
             &self.policy.dead_letter_channel,
             &self.policy.name,
             original,
@@ -685,9 +943,11 @@ impl ParticipantDriver {
             reason,
             last_error,
         );
+        dead.origin = origin;
         metrics::dead_letter(&self.policy.name);
         let events = self.participant.dead_letter_events(&dead, now);
-        out.push(Record::message(&dead.to_envelope()));
+        let limit = self.max_record_bytes.saturating_sub(RECORD_OVERHEAD);
+        out.push(Record::message(&dead.to_envelope_within(limit)));
         out.extend(events.iter().map(Record::message));
     }
 
@@ -704,14 +964,22 @@ impl ParticipantDriver {
             )
             .on_partition(partition),
         );
-        if !self.undo.contains_key(&key) {
-            let old = self.entries.get(&key).cloned();
-            self.undo.insert(key.clone(), old);
-        }
+        self.keep_undo(&key);
         self.put(&key, Some(Kept { partition, entry }));
     }
 
+    /// Remembers what `key` held before the open batch, once.
+    fn keep_undo(&mut self, key: &str) {
+        if !self.undo.contains_key(key) {
+            let old = self.entries.get(key).cloned();
+            self.undo.insert(key.to_owned(), old);
+        }
+    }
+
     fn put(&mut self, key: &str, new: Option<Kept>) {
+        if let Some(at) = self.entries.get(key).and_then(|k| k.entry.written_at()) {
+            self.expiring.remove(&(at, key.to_owned()));
+        }
         if let Some(Kept {
             entry:
                 Entry::Retrying {
@@ -727,6 +995,9 @@ impl ParticipantDriver {
         }
         match new {
             Some(kept) => {
+                if let Some(at) = kept.entry.written_at() {
+                    self.expiring.insert((at, key.to_owned()));
+                }
                 if let Entry::Retrying {
                     next_attempt_at,
                     command,
@@ -799,9 +1070,17 @@ mod tests {
                 .get(&partition)
                 .map(|n| Value::from(*n))
         }
-        fn restore(&self, partition: u32, snapshot: Option<Value>) {
-            let n = snapshot.and_then(|v| v.as_u64()).unwrap_or(0);
+        fn restore(
+            &self,
+            partition: u32,
+            snapshot: Option<Value>,
+        ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+            let n = match snapshot {
+                None => 0,
+                Some(v) => v.as_u64().ok_or("not a counter")?,
+            };
             self.state.lock().unwrap().insert(partition, n);
+            Ok(())
         }
     }
 
@@ -812,7 +1091,7 @@ mod tests {
         let p = Arc::new(Scripted::default());
         p.script.lock().unwrap().extend(script);
         let mut d = ParticipantDriver::new("svc", policy, p.clone());
-        d.restore(0, Vec::new());
+        d.restore(0, Vec::new()).unwrap();
         (d, p)
     }
 
@@ -959,7 +1238,7 @@ mod tests {
         let (mut d, p) = setup(vec![Ok(1), Ok(2)], ParticipantPolicy::new("svc"));
         let first = command(Some(("call", Phase::Forward)), 1, Some("job.replies"));
         let mut out = deliver(&mut d, &first).await;
-        d.before_commit(&mut out);
+        d.before_commit(&mut out).unwrap();
         d.committed();
         let snapshot = out
             .iter()
@@ -1005,5 +1284,193 @@ mod tests {
             "message `e-1` is an event, not a command"
         );
         assert_eq!(*p.runs.lock().unwrap(), 0);
+    }
+
+    #[tokio::test]
+    async fn handled_commands_are_forgotten_after_the_dedupe_horizon() {
+        let policy = ParticipantPolicy::new("svc").dedupe_horizon(Duration::from_secs(60));
+        let (mut d, p) = setup(vec![Ok(1), Ok(2)], policy);
+        let cmd = command(Some(("call", Phase::Forward)), 1, Some("job.replies"));
+        deliver(&mut d, &cmd).await;
+        d.committed();
+        assert_eq!(
+            d.next_due(),
+            Some(T0.saturating_add(Duration::from_secs(60)))
+        );
+        let mut out = Vec::new();
+        assert!(d.take_due(T0, &mut out).is_none());
+        assert!(out.is_empty(), "nothing expires before the horizon");
+        let later = T0.saturating_add(Duration::from_secs(61));
+        assert!(d.take_due(later, &mut out).is_none());
+        assert_eq!(out.len(), 1, "one tombstone");
+        assert_eq!(out[0].topic, "svc.ledger");
+        assert_eq!(out[0].key, cmd.id.as_str());
+        assert!(out[0].value.is_none());
+        assert_eq!(d.next_due(), None, "the ledger is empty");
+        d.committed();
+        // A redelivery older than the horizon runs the handler again.
+        deliver(&mut d, &cmd).await;
+        assert_eq!(*p.runs.lock().unwrap(), 2);
+    }
+
+    #[tokio::test]
+    async fn an_aborted_expiry_keeps_the_entry() {
+        let policy = ParticipantPolicy::new("svc").dedupe_horizon(Duration::from_secs(60));
+        let (mut d, p) = setup(vec![Ok(1)], policy);
+        let cmd = command(Some(("call", Phase::Forward)), 1, Some("job.replies"));
+        deliver(&mut d, &cmd).await;
+        d.committed();
+        let mut out = Vec::new();
+        let _ = d.take_due(T0.saturating_add(Duration::from_secs(61)), &mut out);
+        assert_eq!(out.len(), 1);
+        d.rolled_back();
+        assert!(d.next_due().is_some(), "the entry expires again later");
+        deliver(&mut d, &cmd).await;
+        assert_eq!(*p.runs.lock().unwrap(), 1, "still answered from the ledger");
+    }
+
+    #[tokio::test]
+    async fn with_remember_steps_a_new_attempt_of_an_answered_step_gets_the_same_answer() {
+        let policy = ParticipantPolicy::new("svc").remember_steps();
+        let (mut d, p) = setup(vec![Ok(7), Ok(8)], policy);
+        let first = messages(
+            &deliver(
+                &mut d,
+                &command(Some(("call", Phase::Forward)), 1, Some("job.replies")),
+            )
+            .await,
+        );
+        let second = messages(
+            &deliver(
+                &mut d,
+                &command(Some(("call", Phase::Forward)), 2, Some("job.replies")),
+            )
+            .await,
+        );
+        assert_eq!(*p.runs.lock().unwrap(), 1, "the handler ran once");
+        assert_eq!(second.len(), 1, "the reply only, no events again");
+        assert_eq!(second[0].payload, first[1].payload);
+        assert_eq!(second[0].attempt, 2, "the answer goes to the new attempt");
+        assert_eq!(second[0].outcome, Some(ReplyOutcome::Success));
+    }
+
+    #[tokio::test]
+    async fn without_remember_steps_a_new_attempt_runs_again() {
+        let (mut d, p) = setup(vec![Ok(7), Ok(8)], ParticipantPolicy::new("svc"));
+        for attempt in [1, 2] {
+            deliver(
+                &mut d,
+                &command(Some(("call", Phase::Forward)), attempt, Some("job.replies")),
+            )
+            .await;
+        }
+        assert_eq!(*p.runs.lock().unwrap(), 2);
+    }
+
+    /// Answers with a large string.
+    struct Big(usize);
+
+    #[async_trait]
+    impl Participant for Big {
+        type Command = Value;
+        type Reply = String;
+        type Error = StepError;
+        async fn handle(&self, _: Value, _: &mut ParticipantContext) -> Result<String, StepError> {
+            Ok("x".repeat(self.0))
+        }
+        fn snapshot(&self, _: u32) -> Option<Value> {
+            Some(Value::String("y".repeat(self.0)))
+        }
+    }
+
+    #[tokio::test]
+    async fn a_reply_over_the_size_limit_becomes_a_permanent_failure() {
+        let mut d =
+            ParticipantDriver::new("svc", ParticipantPolicy::new("svc"), Arc::new(Big(5000)))
+                .with_max_record_bytes(4096);
+        d.restore(0, Vec::new()).unwrap();
+        let cmd = command(Some(("call", Phase::Forward)), 1, Some("job.replies"));
+        let out = deliver(&mut d, &cmd).await;
+        assert!(out.iter().all(|r| r.size() <= 4096), "every record fits");
+        let replies = messages(&out);
+        assert!(matches!(
+            &replies[0].outcome,
+            Some(ReplyOutcome::Failure { class: ErrorClass::Permanent, error, .. }) if error.contains("over the limit")
+        ));
+    }
+
+    #[tokio::test]
+    async fn a_state_snapshot_over_the_size_limit_refuses_the_commit() {
+        let mut d = ParticipantDriver::new("svc", ParticipantPolicy::new("svc"), Arc::new(Big(10)))
+            .with_max_record_bytes(1024);
+        d.restore(0, Vec::new()).unwrap();
+        let mut out = deliver(&mut d, &command(Some(("a", Phase::Forward)), 1, None)).await;
+        assert!(d.before_commit(&mut out).is_ok());
+        d.committed();
+        let mut d =
+            ParticipantDriver::new("svc", ParticipantPolicy::new("svc"), Arc::new(Big(2000)))
+                .with_max_record_bytes(1024);
+        d.restore(0, Vec::new()).unwrap();
+        let mut out = deliver(&mut d, &command(Some(("a", Phase::Forward)), 1, None)).await;
+        let (partition, err) = d.before_commit(&mut out).unwrap_err();
+        assert_eq!(partition, 0);
+        assert!(matches!(err, SagaError::RecordTooLarge { .. }), "{err}");
+    }
+
+    #[tokio::test]
+    async fn a_dead_letter_over_the_size_limit_keeps_its_origin_and_a_truncated_copy() {
+        let (d, _) = setup(vec![], ParticipantPolicy::new("svc"));
+        let mut d = d.with_max_record_bytes(4096);
+        let garbage = vec![b'z'; 20_000];
+        let mut out = Vec::new();
+        assert!(d.on_record(&incoming(&garbage), T0, &mut out).is_none());
+        assert_eq!(out.len(), 1, "one dead letter");
+        assert!(out[0].size() <= 4096);
+        let dead = DeadLetter::from_envelope(&messages(&out)[0]).unwrap();
+        assert_eq!(dead.origin, Some(RecordOrigin::new("svc", 0, 3)));
+        assert!(dead.truncated_from.is_some());
+    }
+
+    #[derive(Default)]
+    struct Revoked(Mutex<Vec<u32>>);
+
+    #[async_trait]
+    impl Participant for Revoked {
+        type Command = Value;
+        type Reply = ();
+        type Error = StepError;
+        async fn handle(&self, _: Value, _: &mut ParticipantContext) -> Result<(), StepError> {
+            Ok(())
+        }
+        fn revoke(&self, partition: u32) {
+            self.0.lock().unwrap().push(partition);
+        }
+    }
+
+    #[test]
+    fn releasing_a_partition_revokes_it_from_the_participant() {
+        let p = Arc::new(Revoked::default());
+        let mut d = ParticipantDriver::new("svc", ParticipantPolicy::new("svc"), p.clone());
+        d.restore(0, Vec::new()).unwrap();
+        d.restore(1, Vec::new()).unwrap();
+        d.release(&[1, 2]);
+        assert_eq!(*p.0.lock().unwrap(), vec![1], "only a partition it held");
+        assert!(d.owns(0) && !d.owns(1));
+    }
+
+    #[test]
+    fn a_state_snapshot_the_participant_refuses_leaves_the_partition_untaken() {
+        let p = Arc::new(Scripted::default());
+        let mut d = ParticipantDriver::new("svc", ParticipantPolicy::new("svc"), p);
+        let bad = vec![(PARTICIPANT_STATE_KEY.to_owned(), b"\"text\"".to_vec())];
+        let err = d.restore(0, bad).unwrap_err();
+        assert!(err.to_string().contains("partition 0"), "{err}");
+        assert!(!d.owns(0));
+        let garbage = vec![(PARTICIPANT_STATE_KEY.to_owned(), b"{oops".to_vec())];
+        assert!(d.restore(0, garbage).is_err());
+        assert!(!d.owns(0));
+        d.restore(0, vec![(PARTICIPANT_STATE_KEY.to_owned(), b"4".to_vec())])
+            .unwrap();
+        assert!(d.owns(0));
     }
 }

@@ -21,6 +21,9 @@ pub enum RecordKind {
     SagaState,
     /// An operator's request for a saga (on its reply topic).
     Operator,
+    /// A request to start a saga, for the worker that owns its partition
+    /// (on its reply topic).
+    Start,
     /// A participant's ledger entry (in its ledger topic).
     Ledger,
     /// A participant's per-partition state snapshot (in its ledger topic).
@@ -35,6 +38,7 @@ impl RecordKind {
             RecordKind::Message => None,
             RecordKind::SagaState => Some("state"),
             RecordKind::Operator => Some("operator"),
+            RecordKind::Start => Some("start"),
             RecordKind::Ledger => Some("ledger"),
             RecordKind::ParticipantState => Some("shard"),
         }
@@ -51,6 +55,7 @@ impl RecordKind {
         match v {
             b"state" => Ok(RecordKind::SagaState),
             b"operator" => Ok(RecordKind::Operator),
+            b"start" => Ok(RecordKind::Start),
             b"ledger" => Ok(RecordKind::Ledger),
             b"shard" => Ok(RecordKind::ParticipantState),
             other => Err(String::from_utf8_lossy(other).into_owned()),
@@ -140,6 +145,11 @@ pub struct Incoming<'a> {
 }
 
 impl Incoming<'_> {
+    /// Where the record was read.
+    pub fn origin(&self) -> crate::message::RecordOrigin {
+        crate::message::RecordOrigin::new(self.topic, self.partition, self.offset)
+    }
+
     /// A stand-in envelope for a record that could not be read as what it
     /// should be, to carry it in a dead letter: an event whose id is
     /// `topic/partition/offset`, keyed by the record's key, its payload the
@@ -230,6 +240,7 @@ mod tests {
             RecordKind::Message,
             RecordKind::SagaState,
             RecordKind::Operator,
+            RecordKind::Start,
             RecordKind::Ledger,
             RecordKind::ParticipantState,
         ] {

@@ -1,7 +1,9 @@
 //! The saga driver: the instances of one saga type in the partitions a
-//! runtime worker owns, their timers, and the undo log of the open batch.
+//! runtime worker owns, their timers, the undo log of the open batch, and
+//! the sagas that settled recently (until their state is deleted).
 
 use std::collections::{BTreeSet, HashMap};
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
@@ -12,7 +14,21 @@ use crate::engine::{Effect, Handled, Input, Operation, Transition};
 use crate::error::SagaError;
 use crate::ids::{MessageId, SagaId, Timestamp};
 use crate::instance::{SagaInstance, TimerId};
-use crate::message::{DeadLetter, Envelope};
+use crate::message::{DeadLetter, Envelope, RecordOrigin};
+
+/// The largest record a driver writes by default (the value plus its key,
+/// with room for headers): librdkafka's default `message.max.bytes`.
+pub const DEFAULT_MAX_RECORD_BYTES: usize = 1_000_000;
+
+/// How long a settled saga's state stays by default before it is deleted
+/// (15 minutes): long enough for clients to read the outcome and to retry
+/// a start safely (a start of a settled saga's id within it returns that
+/// saga), short enough that what a partition keeps, and reads back after
+/// a rebalance, is bounded by the traffic of those minutes.
+pub const DEFAULT_SETTLED_RETENTION: Duration = Duration::from_secs(15 * 60);
+
+/// Room kept for a record's headers and framing within the size limit.
+pub(crate) const RECORD_OVERHEAD: usize = 128;
 
 /// The state topic of saga type `saga`: `<saga>.state`, compacted, keyed
 /// by saga id, co-partitioned with the saga's reply topics.
@@ -53,6 +69,14 @@ struct OperatorRequest {
     operation: Operation,
 }
 
+/// A request to start a saga, as written to its reply topic for the
+/// worker that owns its partition.
+#[derive(Serialize, Deserialize)]
+struct StartRequest<D> {
+    saga_id: SagaId,
+    data: D,
+}
+
 /// The record that asks the owner of saga `id` to apply `operation`: on
 /// the saga's reply channel, keyed by the saga id (so it reaches the
 /// saga's partition, in order with its replies).
@@ -75,6 +99,34 @@ pub fn operator_record<D: SagaData>(
     )
 }
 
+/// The record that asks the owner of saga `id`'s partition to start it
+/// with `data` (if it does not exist yet): on the saga's reply channel,
+/// keyed by the saga id. Only the owner writes a saga's state.
+///
+/// # Errors
+/// [`SagaError::Encode`] if `data` cannot be serialized.
+pub fn start_record<D: SagaData>(
+    def: &SagaDefinition<D>,
+    id: &SagaId,
+    data: &D,
+) -> Result<Record, SagaError> {
+    let request = StartRequest {
+        saga_id: id.clone(),
+        data,
+    };
+    let value = serde_json::to_vec(&request).map_err(|source| SagaError::Encode {
+        saga_id: id.clone(),
+        what: "start request".into(),
+        source,
+    })?;
+    Ok(Record::new(
+        def.reply_channel(),
+        id.as_str(),
+        Some(value),
+        RecordKind::Start,
+    ))
+}
+
 #[derive(Clone)]
 struct Owned<D> {
     partition: u32,
@@ -85,21 +137,35 @@ struct Owned<D> {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct Restored {
-    /// Instances installed.
+    /// Instances installed (running, compensating or parked).
     pub sagas: usize,
+    /// Settled sagas whose state is kept until their retention ends.
+    pub settled: usize,
     /// Records that could not be read: (key, why). They are skipped.
     pub corrupt: Vec<(String, String)>,
+}
+
+/// A change the open batch made to the settled index, to undo.
+enum SettledUndo {
+    /// A settled saga's state was deleted in the batch.
+    Expired(SagaId, u32, Timestamp),
 }
 
 /// Runs one saga type for a runtime worker, without I/O.
 ///
 /// The worker owns some partitions of the saga's topics. For them the
-/// driver keeps every instance in memory with an index of their timers,
-/// turns each input (a reply, a due timer, a start, an operator request)
-/// into [`Record`]s to write in the open batch, and remembers what the batch
-/// changed so that [`SagaDriver::rolled_back`] can undo it when the batch's
-/// transaction aborts. Errors never stop it: an input it cannot handle
-/// becomes a dead letter on the saga's dead-letter channel.
+/// driver keeps every saga still in progress in memory, with an index of
+/// their timers; a saga that settles (completed or compensated) leaves
+/// memory when its batch commits, and its state is deleted (a tombstone in
+/// the state topic) once the settled retention has passed. In between,
+/// starting it again is a no-op (starts are idempotent) and replies to it
+/// are only checked for their type. Every input (a reply, a due timer, a
+/// start, an operator request) turns into [`Record`]s to write in the open
+/// batch, and the driver remembers what the batch changed so that
+/// [`SagaDriver::rolled_back`] can undo it when the batch's transaction
+/// aborts. Errors never stop it: an input it cannot handle (or whose
+/// records would exceed the record size limit) becomes a dead letter on
+/// the saga's dead-letter channel.
 ///
 /// The contract with the runtime around it (see the module docs):
 /// [`restore`](SagaDriver::restore) a partition before feeding its records,
@@ -108,11 +174,17 @@ pub struct Restored {
 pub struct SagaDriver<D> {
     def: SagaDefinition<D>,
     state_topic: String,
+    max_record_bytes: usize,
+    settled_retention: Duration,
     owned: BTreeSet<u32>,
     sagas: HashMap<SagaId, Owned<D>>,
     timers: BTreeSet<(Timestamp, SagaId, TimerId)>,
+    /// Settled sagas: their partition and when they settled.
+    settled: HashMap<SagaId, (u32, Timestamp)>,
+    settled_order: BTreeSet<(Timestamp, SagaId)>,
     /// The value of each saga changed in the open batch before the batch.
     undo: HashMap<SagaId, Option<Owned<D>>>,
+    settled_undo: Vec<SettledUndo>,
 }
 
 impl<D: SagaData> std::fmt::Debug for SagaDriver<D> {
@@ -121,22 +193,46 @@ impl<D: SagaData> std::fmt::Debug for SagaDriver<D> {
             .field("saga", &self.def.name())
             .field("owned", &self.owned)
             .field("sagas", &self.sagas.len())
+            .field("settled", &self.settled.len())
             .field("timers", &self.timers.len())
             .finish_non_exhaustive()
     }
 }
 
 impl<D: SagaData> SagaDriver<D> {
-    /// A driver for `def`, owning no partition yet.
+    /// A driver for `def`, owning no partition yet, with the
+    /// [`DEFAULT_MAX_RECORD_BYTES`] limit and the
+    /// [`DEFAULT_SETTLED_RETENTION`].
     pub fn new(def: SagaDefinition<D>) -> Self {
         Self {
             state_topic: state_topic(def.name()),
             def,
+            max_record_bytes: DEFAULT_MAX_RECORD_BYTES,
+            settled_retention: DEFAULT_SETTLED_RETENTION,
             owned: BTreeSet::new(),
             sagas: HashMap::new(),
             timers: BTreeSet::new(),
+            settled: HashMap::new(),
+            settled_order: BTreeSet::new(),
             undo: HashMap::new(),
+            settled_undo: Vec::new(),
         }
+    }
+
+    /// The largest record (key and value) the driver writes: a transition
+    /// whose state or messages would be larger is not applied (its input is
+    /// dead-lettered), and a dead letter too large is written with a
+    /// truncated copy of its original.
+    pub fn with_max_record_bytes(mut self, limit: usize) -> Self {
+        self.max_record_bytes = limit.max(1024);
+        self
+    }
+
+    /// How long a settled saga's state stays readable (and a second start
+    /// of its id is a no-op) before it is deleted.
+    pub fn with_settled_retention(mut self, retention: Duration) -> Self {
+        self.settled_retention = retention;
+        self
     }
 
     /// The saga definition.
@@ -165,7 +261,10 @@ impl<D: SagaData> SagaDriver<D> {
     }
 
     /// Takes `partition` with the latest record of each saga in it, as read
-    /// from the state topic (key, bytes). Records that cannot be read are
+    /// from the state topic (key, bytes). Sagas in progress are installed;
+    /// settled ones are only remembered until their retention ends (the
+    /// state of those past it is deleted at the next
+    /// [`on_due`](SagaDriver::on_due)). Records that cannot be read are
     /// skipped and reported.
     pub fn restore(
         &mut self,
@@ -176,6 +275,10 @@ impl<D: SagaData> SagaDriver<D> {
         let mut report = Restored::default();
         for (key, bytes) in records {
             match decode_state::<D>(&key, &bytes) {
+                Ok(instance) if instance.status.is_final() => {
+                    self.remember_settled(partition, instance.id, instance.updated_at);
+                    report.settled += 1;
+                }
                 Ok(instance) => {
                     let id = instance.id.clone();
                     self.put(
@@ -193,7 +296,7 @@ impl<D: SagaData> SagaDriver<D> {
                 }
             }
         }
-        tracing::debug!(saga = %self.def.name(), partition, sagas = report.sagas, "partition restored");
+        tracing::debug!(saga = %self.def.name(), partition, sagas = report.sagas, settled = report.settled, "partition restored");
         report
     }
 
@@ -209,78 +312,86 @@ impl<D: SagaData> SagaDriver<D> {
             self.undo.remove(&id);
             self.put(&id, None);
         }
+        let settled: Vec<SagaId> = self
+            .settled
+            .iter()
+            .filter(|(_, (p, _))| partitions.contains(p))
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in settled {
+            self.forget_settled(&id);
+        }
         for p in partitions {
             self.owned.remove(p);
         }
     }
 
-    /// The instance `id`, as the open batch left it.
+    /// The instance `id`, as the open batch left it, while it is in
+    /// progress (a settled saga has left memory: read it from the store).
     pub fn get(&self, id: &SagaId) -> Option<&SagaInstance<D>> {
         self.sagas.get(id).map(|o| &o.instance)
     }
 
-    /// Every instance in the owned partitions, as the open batch left them.
+    /// Whether saga `id` settled and its state is still kept.
+    pub fn is_settled(&self, id: &SagaId) -> bool {
+        self.settled.contains_key(id)
+    }
+
+    /// Every instance in progress in the owned partitions, as the open
+    /// batch left them.
     pub fn instances(&self) -> impl Iterator<Item = &SagaInstance<D>> + '_ {
         self.sagas.values().map(|o| &o.instance)
     }
 
+    /// How many sagas the driver holds: in progress, and settled (ids only).
+    pub fn len(&self) -> (usize, usize) {
+        (self.sagas.len(), self.settled.len())
+    }
+
     /// Starts saga `id` with `data` in `partition` (the partition its id
-    /// maps to): writes its state and first messages. The driver keeps the
-    /// instance if it owns `partition`; otherwise the owner learns of it
-    /// from the state written, which `announce` also writes on every reply
-    /// channel (for runtimes where any instance may start any saga: the
-    /// owner sees it there before any reply).
+    /// maps to, which the worker owns): writes its state and first
+    /// messages. Idempotent: if the saga exists (in progress, or settled
+    /// within the retention) nothing is written and this returns `false`.
     ///
     /// # Errors
-    /// [`SagaError::AlreadyExists`] if the driver holds `id`;
-    /// [`SagaError::Encode`] if its data cannot be serialized (nothing is
-    /// written then).
+    /// [`SagaError::Encode`] if its data cannot be serialized,
+    /// [`SagaError::RecordTooLarge`] if its state or a message is over the
+    /// record size limit; nothing is written then.
     pub fn start(
         &mut self,
         partition: u32,
         id: SagaId,
         data: D,
         now: Timestamp,
-        announce: bool,
         out: &mut Vec<Record>,
-    ) -> Result<(), SagaError> {
-        if self.sagas.contains_key(&id) {
-            return Err(SagaError::AlreadyExists { saga_id: id });
+    ) -> Result<bool, SagaError> {
+        if self.sagas.contains_key(&id) || self.settled.contains_key(&id) {
+            tracing::debug!(saga = %self.def.name(), saga_id = %id, "start of an existing saga: nothing to do");
+            return Ok(false);
         }
         let span = tracing::info_span!("saga.start", saga_id = %id, saga = %self.def.name(), step = "", attempt = 0u32);
         let _g = span.enter();
         let t = self.def.start(id.clone(), data, now)?;
-        let state = encode_state(&t.instance)?;
-        if announce {
-            for channel in self.def.reply_channels() {
-                out.push(Record::new(
-                    channel,
-                    id.as_str(),
-                    Some(state.clone()),
-                    RecordKind::SagaState,
-                ));
-            }
-        }
-        self.write(&t, state, out);
+        let records = self.records_of(&t)?;
+        out.extend(records);
         metrics::transition(None, &t);
-        if self.owns(partition) {
-            self.change(
-                &id,
-                Owned {
-                    partition,
-                    instance: t.instance,
-                },
-            );
-        }
-        Ok(())
+        self.change(
+            &id,
+            Owned {
+                partition,
+                instance: t.instance,
+            },
+        );
+        Ok(true)
     }
 
     /// Applies `operation` to saga `id` (the worker owns it).
     ///
     /// # Errors
     /// [`SagaError::UnknownSaga`] if the driver does not hold `id`,
-    /// [`SagaError::InvalidAction`] if the saga is not parked,
-    /// [`SagaError::Encode`] if its data cannot be serialized.
+    /// [`SagaError::InvalidAction`] if the saga is not parked (or settled),
+    /// [`SagaError::Encode`] or [`SagaError::RecordTooLarge`] if the new
+    /// state cannot be written.
     pub fn operate(
         &mut self,
         id: &SagaId,
@@ -289,6 +400,13 @@ impl<D: SagaData> SagaDriver<D> {
         out: &mut Vec<Record>,
     ) -> Result<(), SagaError> {
         let Some(owned) = self.sagas.get(id) else {
+            if self.settled.contains_key(id) {
+                return Err(SagaError::InvalidAction {
+                    saga_id: id.clone(),
+                    action: operation.action.to_string(),
+                    status: "settled".into(),
+                });
+            }
             return Err(SagaError::UnknownSaga {
                 saga_id: id.clone(),
                 message_id: MessageId::new(format!("{id}/operator/{}", operation.action)),
@@ -302,10 +420,10 @@ impl<D: SagaData> SagaDriver<D> {
     }
 
     /// Handles one record read from a reply topic of a partition the worker
-    /// owns: a reply, a saga's state announced by a start, an operator's
-    /// request. What cannot be handled (not an envelope, a reply to an
-    /// unknown saga, a payload of the wrong type, an unknown record kind)
-    /// is dead-lettered with the reason.
+    /// owns: a reply, a start request, an operator's request. What cannot
+    /// be handled (not an envelope, a reply to an unknown saga, a payload
+    /// of the wrong type, an unknown record kind) is dead-lettered with the
+    /// reason and the record's origin.
     pub fn on_record(&mut self, rec: &Incoming<'_>, now: Timestamp, out: &mut Vec<Record>) {
         if !self.owns(rec.partition) {
             tracing::error!(saga = %self.def.name(), topic = rec.topic, partition = rec.partition, "record of a partition the driver does not own: skipped");
@@ -324,16 +442,14 @@ impl<D: SagaData> SagaDriver<D> {
                 Ok(env) => self.on_reply(rec, env, now, out),
                 Err(e) => self.poison(rec, format!("not an envelope: {e}"), now, out),
             },
-            Ok(RecordKind::SagaState) => {
-                let key = rec
-                    .key
-                    .map(|k| String::from_utf8_lossy(k).into_owned())
-                    .unwrap_or_default();
-                match decode_state::<D>(&key, value) {
-                    Ok(instance) => self.adopt(rec.partition, instance),
-                    Err(e) => self.poison(rec, e.to_string(), now, out),
+            Ok(RecordKind::Start) => match serde_json::from_slice::<StartRequest<D>>(value) {
+                Ok(req) => {
+                    if let Err(e) = self.start(rec.partition, req.saga_id, req.data, now, out) {
+                        self.poison(rec, format!("start refused: {e}"), now, out);
+                    }
                 }
-            }
+                Err(e) => self.poison(rec, format!("not a start request: {e}"), now, out),
+            },
             Ok(RecordKind::Operator) => match serde_json::from_slice::<OperatorRequest>(value) {
                 Ok(req) => {
                     if let Err(e) = self.operate(&req.saga_id, req.operation, now, out) {
@@ -347,13 +463,28 @@ impl<D: SagaData> SagaDriver<D> {
         }
     }
 
-    /// When the next timer is due.
+    /// When the next timer is due, or the next settled saga's state is to
+    /// be deleted.
     pub fn next_due(&self) -> Option<Timestamp> {
-        self.timers.iter().next().map(|(at, _, _)| *at)
+        let timer = self.timers.iter().next().map(|(at, _, _)| *at);
+        let expiry = self
+            .settled_order
+            .iter()
+            .next()
+            .map(|(at, _)| at.saturating_add(self.settled_retention));
+        match (timer, expiry) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
     }
 
-    /// Fires the earliest timer due at `now`; `false` if none is due.
+    /// Does the work due at `now`: fires the earliest due timer, or deletes
+    /// the state of settled sagas past their retention (a bounded number
+    /// at a time). `false` if nothing was due.
     pub fn on_due(&mut self, now: Timestamp, out: &mut Vec<Record>) -> bool {
+        if self.expire(now, out) {
+            return true;
+        }
         let Some((at, id, timer)) = self.timers.iter().next().cloned() else {
             return false;
         };
@@ -372,7 +503,7 @@ impl<D: SagaData> SagaDriver<D> {
             Ok(t) => {
                 if let Err(e) = self.apply(&id, partition, t, out) {
                     let original = self.stand_in(&id, &format!("timer `{timer}`"), now);
-                    self.dead_letter(original, "timer", e.to_string(), now, out);
+                    self.dead_letter(original, "timer", e.to_string(), now, None, out);
                 }
             }
             Err(e) => tracing::error!(saga_id = %id, %timer, error = %e, "timer rejected"),
@@ -380,17 +511,68 @@ impl<D: SagaData> SagaDriver<D> {
         true
     }
 
-    /// The open batch committed: its changes are durable. Returns the ids
-    /// of the sagas it changed.
-    pub fn committed(&mut self) -> Vec<SagaId> {
-        self.undo.drain().map(|(id, _)| id).collect()
+    /// Deletes the state of up to 500 settled sagas past their retention.
+    fn expire(&mut self, now: Timestamp, out: &mut Vec<Record>) -> bool {
+        let mut done = 0;
+        while done < 500 {
+            let Some((at, id)) = self.settled_order.iter().next().cloned() else {
+                break;
+            };
+            if at.saturating_add(self.settled_retention) > now {
+                break;
+            }
+            let partition = self.settled.get(&id).map_or(0, |(p, _)| *p);
+            self.forget_settled(&id);
+            out.push(
+                Record::new(&self.state_topic, id.as_str(), None, RecordKind::SagaState)
+                    .on_partition(partition),
+            );
+            self.settled_undo
+                .push(SettledUndo::Expired(id, partition, at));
+            done += 1;
+        }
+        done > 0
+    }
+
+    /// The open batch committed: its changes are durable. `seen` gets
+    /// every saga the batch changed (a settled one for the last time
+    /// before it leaves memory).
+    pub fn committed(&mut self, mut seen: impl FnMut(&SagaInstance<D>)) {
+        self.settled_undo.clear();
+        let changed: Vec<SagaId> = self.undo.drain().map(|(id, _)| id).collect();
+        for id in changed {
+            let Some(owned) = self.sagas.get(&id) else {
+                continue;
+            };
+            seen(&owned.instance);
+            if owned.instance.status.is_final() {
+                let (partition, at) = (owned.partition, owned.instance.updated_at);
+                self.put(&id, None);
+                self.remember_settled(partition, id, at);
+            }
+        }
     }
 
     /// The open batch aborted: every saga it changed goes back to what it
-    /// was before, timers included.
+    /// was before, timers and settled states included.
     pub fn rolled_back(&mut self) {
         for (id, old) in std::mem::take(&mut self.undo) {
             self.put(&id, old);
+        }
+        for undo in std::mem::take(&mut self.settled_undo).into_iter().rev() {
+            let SettledUndo::Expired(id, partition, at) = undo;
+            self.remember_settled(partition, id, at);
+        }
+    }
+
+    fn remember_settled(&mut self, partition: u32, id: SagaId, at: Timestamp) {
+        self.settled_order.insert((at, id.clone()));
+        self.settled.insert(id, (partition, at));
+    }
+
+    fn forget_settled(&mut self, id: &SagaId) {
+        if let Some((_, at)) = self.settled.remove(id) {
+            self.settled_order.remove(&(at, id.clone()));
         }
     }
 
@@ -423,25 +605,6 @@ impl<D: SagaData> SagaDriver<D> {
         self.put(id, Some(new));
     }
 
-    /// A saga's state seen on a reply topic: a start made by another
-    /// worker (or a later copy of one this worker has).
-    fn adopt(&mut self, partition: u32, instance: SagaInstance<D>) {
-        let newer = self
-            .sagas
-            .get(&instance.id)
-            .is_none_or(|cur| instance.version > cur.instance.version);
-        if newer {
-            let id = instance.id.clone();
-            self.change(
-                &id,
-                Owned {
-                    partition,
-                    instance,
-                },
-            );
-        }
-    }
-
     fn on_reply(
         &mut self,
         rec: &Incoming<'_>,
@@ -451,11 +614,19 @@ impl<D: SagaData> SagaDriver<D> {
     ) {
         let id = env.saga_id.clone();
         let Some(owned) = self.sagas.get(&id) else {
+            if self.settled.contains_key(&id) {
+                // A late or repeated reply to a settled saga: nothing to do,
+                // unless it is malformed.
+                if let Err(e) = self.def.check_reply(&env) {
+                    self.dead_letter(env, rec.topic, e.to_string(), now, Some(rec.origin()), out);
+                }
+                return;
+            }
             let e = SagaError::UnknownSaga {
                 saga_id: id,
                 message_id: env.id.clone(),
             };
-            return self.dead_letter(env, rec.topic, e.to_string(), now, out);
+            return self.dead_letter(env, rec.topic, e.to_string(), now, Some(rec.origin()), out);
         };
         let partition = owned.partition;
         let inst = &owned.instance;
@@ -480,10 +651,10 @@ impl<D: SagaData> SagaDriver<D> {
                     }
                 }
                 if let Err(e) = self.apply(&id, partition, t, out) {
-                    self.dead_letter(env, rec.topic, e.to_string(), now, out);
+                    self.dead_letter(env, rec.topic, e.to_string(), now, Some(rec.origin()), out);
                 }
             }
-            Err(e) => self.dead_letter(env, rec.topic, e.to_string(), now, out),
+            Err(e) => self.dead_letter(env, rec.topic, e.to_string(), now, Some(rec.origin()), out),
         }
     }
 
@@ -500,10 +671,10 @@ impl<D: SagaData> SagaDriver<D> {
             tracing::debug!(saga_id = %id, %why, "input ignored");
             return Ok(());
         }
-        let state = encode_state(&t.instance)?;
+        let records = self.records_of(&t)?;
         let before = self.sagas.get(id).map(|o| o.instance.status.clone());
         metrics::transition(before.as_ref(), &t);
-        self.write(&t, state, out);
+        out.extend(records);
         self.change(
             id,
             Owned {
@@ -514,9 +685,12 @@ impl<D: SagaData> SagaDriver<D> {
         Ok(())
     }
 
-    /// The records of one transition: the new state, then the effects.
-    fn write(&self, t: &Transition<D>, state: Vec<u8>, out: &mut Vec<Record>) {
-        out.push(Record::new(
+    /// The records of one transition: the new state, then the effects;
+    /// refused whole if one of them is over the size limit.
+    fn records_of(&self, t: &Transition<D>) -> Result<Vec<Record>, SagaError> {
+        let state = encode_state(&t.instance)?;
+        let mut records = Vec::with_capacity(1 + t.effects.len());
+        records.push(Record::new(
             &self.state_topic,
             t.instance.id.as_str(),
             Some(state),
@@ -524,16 +698,41 @@ impl<D: SagaData> SagaDriver<D> {
         ));
         for effect in &t.effects {
             match effect {
-                Effect::Send(env) => out.push(Record::message(env)),
-                Effect::DeadLetter(d) => out.push(Record::message(&d.to_envelope())),
+                Effect::Send(env) => records.push(Record::message(env)),
+                Effect::DeadLetter(d) => {
+                    let limit = self.max_record_bytes.saturating_sub(RECORD_OVERHEAD);
+                    records.push(Record::message(&d.to_envelope_within(limit)));
+                }
                 _ => {}
             }
         }
+        let limit = self.max_record_bytes.saturating_sub(RECORD_OVERHEAD);
+        if let Some(big) = records.iter().find(|r| r.size() > limit) {
+            return Err(SagaError::RecordTooLarge {
+                topic: big.topic.clone(),
+                key: big.key.clone(),
+                size: big.size(),
+                limit,
+            });
+        }
+        Ok(records)
+    }
+
+    /// Dead-letters `rec` without handling it, with reason `why`: for a
+    /// runtime whose broker refuses what handling it produced (a record
+    /// over the broker's size limit), so the partition goes on.
+    pub fn reject(&mut self, rec: &Incoming<'_>, why: &str, now: Timestamp, out: &mut Vec<Record>) {
+        let original = rec
+            .value
+            .and_then(|v| Envelope::from_bytes(v).ok())
+            .unwrap_or_else(|| rec.as_poison(self.def.name(), now));
+        let reason = format!("its handling produced a record the broker refuses: {why}");
+        self.dead_letter(original, rec.topic, reason, now, Some(rec.origin()), out);
     }
 
     fn poison(&self, rec: &Incoming<'_>, reason: String, now: Timestamp, out: &mut Vec<Record>) {
         let original = rec.as_poison(self.def.name(), now);
-        self.dead_letter(original, rec.topic, reason, now, out);
+        self.dead_letter(original, rec.topic, reason, now, Some(rec.origin()), out);
     }
 
     /// A stand-in message for an input that is not a message (a timer).
@@ -554,12 +753,13 @@ impl<D: SagaData> SagaDriver<D> {
         from: &str,
         reason: String,
         now: Timestamp,
+        origin: Option<RecordOrigin>,
         out: &mut Vec<Record>,
     ) {
         let saga = self.def.name();
         tracing::warn!(saga, saga_id = %original.saga_id, %reason, "dead-lettering an input the saga cannot handle");
         metrics::dead_letter(saga);
-        let dead = DeadLetter::new(
+        let mut dead = DeadLetter::new(
             self.def.dead_letter_channel(),
             saga,
             original,
@@ -568,7 +768,9 @@ impl<D: SagaData> SagaDriver<D> {
             format!("unprocessable input from `{from}`"),
             reason,
         );
-        out.push(Record::message(&dead.to_envelope()));
+        dead.origin = origin;
+        let limit = self.max_record_bytes.saturating_sub(RECORD_OVERHEAD);
+        out.push(Record::message(&dead.to_envelope_within(limit)));
     }
 }
 
@@ -587,6 +789,9 @@ mod tests {
         /// Makes the data fail to serialize.
         #[serde(serialize_with = "refuse", default)]
         poisoned: bool,
+        /// Makes the data large.
+        #[serde(default)]
+        padding: String,
     }
 
     fn refuse<S: serde::Serializer>(v: &bool, s: S) -> Result<S::Ok, S::Error> {
@@ -599,17 +804,21 @@ mod tests {
 
     const T0: Timestamp = Timestamp::from_millis(1_000_000);
 
-    fn driver() -> SagaDriver<Job> {
-        let def = SagaDefinition::<Job>::builder("job")
+    fn definition() -> SagaDefinition<Job> {
+        SagaDefinition::<Job>::builder("job")
             .step(
                 Step::remote("call", "svc")
                     .command(|_: &Job| "CALL")
+                    .on_reply(|_, _: String| Ok(()))
                     .retry(RetryPolicy::fixed(Duration::from_secs(1)).with_max_attempts(2))
                     .timeout(Duration::from_secs(5)),
             )
             .build()
-            .unwrap();
-        let mut d = SagaDriver::new(def);
+            .unwrap()
+    }
+
+    fn driver() -> SagaDriver<Job> {
+        let mut d = SagaDriver::new(definition()).with_settled_retention(Duration::from_secs(60));
         d.restore(0, Vec::new());
         d
     }
@@ -635,12 +844,25 @@ mod tests {
             .collect()
     }
 
+    /// The reply to the command `out` holds.
+    fn reply_to(out: &[Record], payload: &str) -> Vec<u8> {
+        let command = out
+            .iter()
+            .find(|r| r.topic == "svc")
+            .map(|r| Envelope::from_bytes(r.value.as_deref().unwrap()).unwrap())
+            .unwrap();
+        command
+            .reply(crate::message::ReplyOutcome::Success, payload.into(), T0)
+            .unwrap()
+            .to_bytes()
+    }
+
     #[test]
-    fn a_start_writes_the_state_then_the_command_and_keeps_the_saga() {
+    fn a_start_writes_the_state_then_the_command_and_a_second_start_is_a_no_op() {
         let mut d = driver();
         let mut out = Vec::new();
-        d.start(0, SagaId::new("j-1"), Job::default(), T0, false, &mut out)
-            .unwrap();
+        let created = d.start(0, SagaId::new("j-1"), Job::default(), T0, &mut out);
+        assert!(created.unwrap());
         assert_eq!(out.len(), 2);
         assert_eq!(
             (out[0].topic.as_str(), out[0].kind),
@@ -655,56 +877,69 @@ mod tests {
             d.next_due(),
             Some(T0.saturating_add(Duration::from_secs(5)))
         );
-        assert_eq!(d.committed(), vec![SagaId::new("j-1")]);
-        let again = d.start(0, SagaId::new("j-1"), Job::default(), T0, false, &mut out);
-        assert!(matches!(again, Err(SagaError::AlreadyExists { .. })));
+        let mut seen = Vec::new();
+        d.committed(|i| seen.push(i.id.clone()));
+        assert_eq!(seen, vec![SagaId::new("j-1")]);
+        let mut again = Vec::new();
+        let created = d.start(0, SagaId::new("j-1"), Job::default(), T0, &mut again);
+        assert!(!created.unwrap(), "a second start is a no-op");
+        assert!(again.is_empty());
     }
 
     #[test]
-    fn a_start_in_a_partition_owned_elsewhere_is_announced_not_kept() {
-        let mut d = driver();
-        let mut out = Vec::new();
-        d.start(1, SagaId::new("j-2"), Job::default(), T0, true, &mut out)
-            .unwrap();
-        assert!(d.get(&SagaId::new("j-2")).is_none());
-        let announced: Vec<&Record> = out
-            .iter()
-            .filter(|r| r.kind == RecordKind::SagaState && r.topic == "job.replies")
-            .collect();
-        assert_eq!(announced.len(), 1, "on the reply channel, for the owner");
-        // The owner adopts it from there.
+    fn a_start_request_is_applied_by_the_owner_once() {
+        let def = definition();
+        let request = start_record(&def, &SagaId::new("j-2"), &Job::default()).unwrap();
+        assert_eq!(
+            (request.topic.as_str(), request.kind),
+            ("job.replies", RecordKind::Start)
+        );
         let mut owner = driver();
-        let value = announced[0].value.clone().unwrap();
-        owner.on_record(&incoming(&value, Some(b"state")), T0, &mut out);
+        let value = request.value.unwrap();
+        let mut out = Vec::new();
+        owner.on_record(&incoming(&value, Some(b"start")), T0, &mut out);
         assert!(owner.get(&SagaId::new("j-2")).is_some());
+        assert_eq!(out.len(), 2, "its state and its first command");
+        out.clear();
+        owner.on_record(&incoming(&value, Some(b"start")), T0, &mut out);
+        assert!(out.is_empty(), "the same request again writes nothing");
     }
 
     #[test]
     fn data_that_cannot_be_stored_is_an_error_and_nothing_is_written() {
         let mut d = driver();
         let mut out = Vec::new();
+        let poisoned = Job {
+            poisoned: true,
+            ..Job::default()
+        };
         let err = d
-            .start(
-                0,
-                SagaId::new("j-3"),
-                Job { poisoned: true },
-                T0,
-                false,
-                &mut out,
-            )
+            .start(0, SagaId::new("j-3"), poisoned, T0, &mut out)
             .unwrap_err();
         assert!(matches!(err, SagaError::Encode { .. }), "{err}");
+        let big = Job {
+            padding: "x".repeat(5_000),
+            ..Job::default()
+        };
+        let mut d = driver().with_max_record_bytes(4_096);
+        let err = d
+            .start(0, SagaId::new("j-4"), big, T0, &mut out)
+            .unwrap_err();
+        assert!(
+            matches!(err, SagaError::RecordTooLarge { ref topic, .. } if topic == "job.state"),
+            "{err}"
+        );
         assert!(out.is_empty());
-        assert!(d.get(&SagaId::new("j-3")).is_none());
+        assert!(d.get(&SagaId::new("j-3")).is_none() && d.get(&SagaId::new("j-4")).is_none());
     }
 
     #[test]
     fn timers_fire_at_their_time_and_an_abort_rearms_them() {
         let mut d = driver();
         let mut out = Vec::new();
-        d.start(0, SagaId::new("j-1"), Job::default(), T0, false, &mut out)
+        d.start(0, SagaId::new("j-1"), Job::default(), T0, &mut out)
             .unwrap();
-        d.committed();
+        d.committed(|_| {});
         let deadline = T0.saturating_add(Duration::from_secs(5));
         assert!(!d.on_due(T0, &mut out), "nothing is due before its time");
         out.clear();
@@ -720,13 +955,60 @@ mod tests {
     }
 
     #[test]
-    fn inputs_that_cannot_be_handled_become_dead_letters() {
+    fn a_settled_saga_leaves_memory_and_its_state_is_deleted_after_the_retention() {
+        let mut d = driver();
+        let mut out = Vec::new();
+        d.start(0, SagaId::new("j-1"), Job::default(), T0, &mut out)
+            .unwrap();
+        d.committed(|_| {});
+        let reply = reply_to(&out, "done");
+        out.clear();
+        d.on_record(&incoming(&reply, None), T0, &mut out);
+        let mut last = None;
+        d.committed(|i| last = Some(i.status.clone()));
+        assert_eq!(last, Some(crate::SagaStatus::Completed));
+        assert!(d.get(&SagaId::new("j-1")).is_none(), "it left memory");
+        assert!(d.is_settled(&SagaId::new("j-1")));
+        // A repeated reply is ignored quietly; a malformed one is a dead letter.
+        out.clear();
+        d.on_record(&incoming(&reply, None), T0, &mut out);
+        assert!(out.is_empty());
+        let mut bad = Envelope::from_bytes(&reply).unwrap();
+        bad.payload = serde_json::json!({"not": "a string"});
+        d.on_record(&incoming(&bad.to_bytes(), None), T0, &mut out);
+        assert_eq!(dead_letters(&out).len(), 1);
+        // Past the retention, a tombstone deletes its state.
+        let expiry = T0.saturating_add(Duration::from_secs(60));
+        assert_eq!(d.next_due(), Some(expiry));
+        out.clear();
+        assert!(d.on_due(expiry, &mut out));
+        assert_eq!(out.len(), 1);
+        assert_eq!(
+            (
+                out[0].topic.as_str(),
+                out[0].value.as_ref(),
+                out[0].partition
+            ),
+            ("job.state", None, Some(0))
+        );
+        // An abort keeps the state until the next try.
+        d.rolled_back();
+        assert!(d.is_settled(&SagaId::new("j-1")));
+        assert!(d.on_due(expiry, &mut out));
+        d.committed(|_| {});
+        assert!(!d.is_settled(&SagaId::new("j-1")));
+        assert_eq!(d.next_due(), None);
+    }
+
+    #[test]
+    fn inputs_that_cannot_be_handled_become_dead_letters_with_their_origin() {
         let mut d = driver();
         let mut out = Vec::new();
         d.on_record(&incoming(b"not json", None), T0, &mut out);
         d.on_record(&incoming(b"{}", Some(b"bogus")), T0, &mut out);
         d.on_record(&incoming(b"garbage", Some(b"state")), T0, &mut out);
         d.on_record(&incoming(b"garbage", Some(b"operator")), T0, &mut out);
+        d.on_record(&incoming(b"garbage", Some(b"start")), T0, &mut out);
         let mut reply = Envelope::event(
             MessageId::new("ghost/call/forward/1/reply"),
             "job.replies",
@@ -740,25 +1022,43 @@ mod tests {
         d.on_record(&incoming(&reply.to_bytes(), None), T0, &mut out);
         let dead = dead_letters(&out);
         let errors: Vec<&str> = dead.iter().map(|d| d.last_error.as_str()).collect();
-        assert_eq!(dead.len(), 5, "{errors:?}");
+        assert_eq!(dead.len(), 6, "{errors:?}");
         assert!(errors[0].starts_with("not an envelope"), "{errors:?}");
         assert_eq!(errors[1], "unknown record kind `bogus`");
-        assert!(errors[2].contains("is corrupt"), "{errors:?}");
+        assert_eq!(errors[2], "a state record on a reply topic");
         assert!(
             errors[3].starts_with("not an operator request"),
             "{errors:?}"
         );
-        assert!(errors[4].contains("no saga instance `ghost`"), "{errors:?}");
+        assert!(errors[4].starts_with("not a start request"), "{errors:?}");
+        assert!(errors[5].contains("no saga instance `ghost`"), "{errors:?}");
         assert_eq!(dead[0].original.id.as_str(), "job.replies/0/7");
+        assert!(dead
+            .iter()
+            .all(|d| d.origin == Some(RecordOrigin::new("job.replies", 0, 7))));
+    }
+
+    #[test]
+    fn an_oversized_poison_record_is_dead_lettered_truncated() {
+        let mut d = driver().with_max_record_bytes(4_096);
+        let mut out = Vec::new();
+        let garbage = vec![b'z'; 20_000];
+        d.on_record(&incoming(&garbage, None), T0, &mut out);
+        assert_eq!(out.len(), 1);
+        assert!(out[0].size() <= 4_096, "{} bytes", out[0].size());
+        let dead = dead_letters(&out).remove(0);
+        assert!(dead.truncated_from.unwrap() > 20_000);
+        assert!(dead.last_error.starts_with("not an envelope"));
+        assert_eq!(dead.origin, Some(RecordOrigin::new("job.replies", 0, 7)));
     }
 
     #[test]
     fn releasing_a_partition_forgets_its_sagas_and_timers() {
         let mut d = driver();
         let mut out = Vec::new();
-        d.start(0, SagaId::new("j-1"), Job::default(), T0, false, &mut out)
+        d.start(0, SagaId::new("j-1"), Job::default(), T0, &mut out)
             .unwrap();
-        d.committed();
+        d.committed(|_| {});
         d.release(&[0]);
         assert!(!d.owns(0));
         assert!(d.get(&SagaId::new("j-1")).is_none());

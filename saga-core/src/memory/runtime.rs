@@ -11,6 +11,7 @@ use crate::definition::{SagaData, SagaDefinition};
 use crate::driver::{decode_state, state_topic, ParticipantDriver, Registry, SagaDriver};
 use crate::engine::Operation;
 use crate::error::SagaError;
+use crate::health::{Health, HealthBoard};
 use crate::ids::SagaId;
 use crate::instance::SagaInstance;
 use crate::memory::backend::MemoryBackend;
@@ -38,6 +39,7 @@ pub struct InMemoryRuntime {
     stop: watch::Sender<bool>,
     tasks: Mutex<Vec<JoinHandle<()>>>,
     registry: Registry,
+    health: HealthBoard,
 }
 
 impl std::fmt::Debug for InMemoryRuntime {
@@ -64,6 +66,7 @@ impl InMemoryRuntime {
             stop,
             tasks: Mutex::new(Vec::new()),
             registry: Registry::default(),
+            health: HealthBoard::new(),
         }
     }
 
@@ -140,6 +143,7 @@ impl Runtime for InMemoryRuntime {
                 backend: self.backend.clone(),
                 clock: self.clock,
                 partition: p,
+                health: self.health.clone(),
             };
             self.spawn(worker.run(self.stop.subscribe()));
         }
@@ -190,6 +194,10 @@ impl Runtime for InMemoryRuntime {
 
     async fn dead_letters(&self, channel: &str) -> Result<Vec<DeadLetter>, SagaError> {
         Ok(self.backend.dead_letters(channel))
+    }
+
+    fn health(&self) -> Health {
+        self.health.health()
     }
 
     async fn shutdown(&self) {

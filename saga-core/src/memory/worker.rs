@@ -10,6 +10,7 @@ use crate::definition::SagaData;
 use crate::driver::{ParticipantDriver, Record, SagaDriver};
 use crate::engine::Operation;
 use crate::error::SagaError;
+use crate::health::HealthBoard;
 use crate::ids::{SagaId, Timestamp};
 use crate::memory::backend::MemoryBackend;
 use crate::memory::clock::Clock;
@@ -87,7 +88,7 @@ impl<D: SagaData> SagaWorker<D> {
         let mut out = Vec::new();
         if self.driver.on_due(now, &mut out) {
             self.backend.commit(&mut st, out, None);
-            self.driver.committed();
+            self.driver.committed(|_| {});
             return true;
         }
         let Some((topic, offset, rec)) = st.next(&group, &topics, self.partition) else {
@@ -97,7 +98,7 @@ impl<D: SagaData> SagaWorker<D> {
             .on_record(&rec.incoming(&topic, self.partition, offset), now, &mut out);
         self.backend
             .commit(&mut st, out, Some((&group, &topic, self.partition, offset)));
-        self.driver.committed();
+        self.driver.committed(|_| {});
         true
     }
 
@@ -110,8 +111,8 @@ impl<D: SagaData> SagaWorker<D> {
             Request::Start { id, data, done } => {
                 let result = self
                     .driver
-                    .start(self.partition, id.clone(), data, now, false, &mut out)
-                    .map(|()| id);
+                    .start(self.partition, id.clone(), data, now, &mut out)
+                    .map(|_| id);
                 self.finish(&mut st, out, result.is_ok());
                 let _ = done.send(result);
             }
@@ -132,7 +133,7 @@ impl<D: SagaData> SagaWorker<D> {
     fn finish(&mut self, st: &mut crate::memory::backend::State, out: Vec<Record>, ok: bool) {
         if ok {
             self.backend.commit(st, out, None);
-            self.driver.committed();
+            self.driver.committed(|_| {});
         } else {
             self.driver.rolled_back();
         }
@@ -152,6 +153,7 @@ pub(crate) struct ParticipantWorker {
     pub(crate) backend: MemoryBackend,
     pub(crate) clock: Clock,
     pub(crate) partition: u32,
+    pub(crate) health: HealthBoard,
 }
 
 impl ParticipantWorker {
@@ -160,7 +162,14 @@ impl ParticipantWorker {
             .backend
             .lock()
             .table(self.driver.ledger_topic(), self.partition);
-        self.driver.restore(self.partition, records);
+        if let Err(e) = self.driver.restore(self.partition, records) {
+            // Not served: reported until the runtime stops.
+            let name = self.driver.policy().name.clone();
+            self.health
+                .report(&name, Some(self.partition), e.to_string(), self.clock.now());
+            let _ = stop.changed().await;
+            return;
+        }
         let group = self.driver.policy().name.clone();
         let topics = [self.driver.channel().to_owned()];
         loop {
@@ -224,7 +233,18 @@ impl ParticipantWorker {
             let mut st = self.backend.lock();
             self.driver
                 .finish(attempt, result, took, self.clock.now(), &mut out);
-            self.driver.before_commit(&mut out);
+            if let Err((_, e)) = self.driver.before_commit(&mut out) {
+                // The participant's state cannot be written: nothing of
+                // the attempt commits, and the partition stops here,
+                // reported, until the runtime restarts.
+                self.driver.rolled_back();
+                let name = self.driver.policy().name.clone();
+                self.health
+                    .report(&name, Some(self.partition), e.to_string(), self.clock.now());
+                drop(st);
+                let _ = stop.changed().await;
+                return;
+            }
             let consumed = consumed
                 .as_ref()
                 .map(|(topic, offset)| (group.as_str(), topic.as_str(), self.partition, *offset));
