@@ -4,10 +4,10 @@
 use std::time::Duration;
 
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
 use rdkafka::types::RDKafkaErrorCode;
 
 use crate::config::KafkaConfig;
+use crate::context::Quiet;
 use crate::error::{Error, Result};
 
 /// What a topic is for, which decides its settings.
@@ -88,9 +88,9 @@ pub(crate) fn ensure_topics_blocking(config: &KafkaConfig, topics: &[TopicSpec])
     if topics.is_empty() {
         return Ok(());
     }
-    let admin: AdminClient<DefaultClientContext> = config
+    let admin: AdminClient<Quiet> = config
         .admin_config()
-        .create()
+        .create_with_context(Quiet)
         .map_err(|e| Error::client("creating the admin client", e))?;
     let retention = config.dead_letter_retention.as_millis().to_string();
     let new: Vec<NewTopic<'_>> = topics
@@ -132,9 +132,9 @@ pub(crate) fn partition_counts(
     topics: &[String],
 ) -> Result<Vec<(String, usize)>> {
     use rdkafka::consumer::{BaseConsumer, Consumer};
-    let c: BaseConsumer = config
+    let c: BaseConsumer<Quiet> = config
         .reader_config()
-        .create()
+        .create_with_context(Quiet)
         .map_err(|e| Error::client("creating a metadata client", e))?;
     let mut out = Vec::new();
     for t in topics {

@@ -78,6 +78,11 @@ pub struct KafkaConfig {
     pub(crate) transaction_timeout: Duration,
     pub(crate) message_timeout: Duration,
     pub(crate) session_timeout: Duration,
+    pub(crate) static_membership: bool,
+    pub(crate) request_timeout: Duration,
+    pub(crate) restore_timeout: Duration,
+    pub(crate) max_record_bytes: usize,
+    pub(crate) settled_retention: Duration,
     pub(crate) max_retries: u32,
     pub(crate) retry_backoff: Duration,
     pub(crate) create_topics: bool,
@@ -120,6 +125,11 @@ impl fmt::Debug for KafkaConfig {
             .field("transaction_timeout", &self.transaction_timeout)
             .field("message_timeout", &self.message_timeout)
             .field("session_timeout", &self.session_timeout)
+            .field("static_membership", &self.static_membership)
+            .field("request_timeout", &self.request_timeout)
+            .field("restore_timeout", &self.restore_timeout)
+            .field("max_record_bytes", &self.max_record_bytes)
+            .field("settled_retention", &self.settled_retention)
             .field("max_retries", &self.max_retries)
             .field("retry_backoff", &self.retry_backoff)
             .field("create_topics", &self.create_topics)
@@ -151,6 +161,11 @@ impl KafkaConfig {
             transaction_timeout: Duration::from_secs(60),
             message_timeout: Duration::from_secs(30),
             session_timeout: Duration::from_secs(10),
+            static_membership: true,
+            request_timeout: Duration::from_secs(5),
+            restore_timeout: Duration::from_secs(60),
+            max_record_bytes: saga_core::driver::DEFAULT_MAX_RECORD_BYTES,
+            settled_retention: saga_core::driver::DEFAULT_SETTLED_RETENTION,
             max_retries: 5,
             retry_backoff: Duration::from_millis(100),
             create_topics: true,
@@ -313,9 +328,60 @@ impl KafkaConfig {
         self
     }
 
-    /// The consumer group session timeout (default 10 s).
+    /// The consumer group session timeout (default 10 s): how long the
+    /// group waits for a member that stopped heartbeating (a crashed
+    /// process) before its partitions move to the others. The broker
+    /// bounds it (`group.min.session.timeout.ms`, 6 s by default).
     pub fn session_timeout(mut self, d: Duration) -> Self {
         self.session_timeout = d;
+        self
+    }
+
+    /// Static group membership (default on): each consumer joins with
+    /// `group.instance.id` `<prefix>-<group>-<instance id>`, so a process
+    /// that restarts with the same instance id within the session timeout
+    /// gets its partitions back without a rebalance of the others. The
+    /// flip side: a static member that stops, even cleanly, keeps its
+    /// partitions until the session timeout ends. Instance ids must be
+    /// unique per process (they already are for the transactional ids).
+    pub fn static_membership(mut self, on: bool) -> Self {
+        self.static_membership = on;
+        self
+    }
+
+    /// How long an API call (a saga's start, an operator's action, a
+    /// publish, a read from the broker) waits for the broker before it
+    /// fails with [`SagaError::Unavailable`](saga_core::SagaError::Unavailable)
+    /// (default 5 s). A start that timed out may still take effect later;
+    /// starting the same id again is safe (starts are idempotent).
+    pub fn request_timeout(mut self, d: Duration) -> Self {
+        self.request_timeout = d;
+        self
+    }
+
+    /// How long reading back one partition set's state (at assignment)
+    /// may take before it is retried later (default 60 s).
+    pub fn restore_timeout(mut self, d: Duration) -> Self {
+        self.restore_timeout = d;
+        self
+    }
+
+    /// The largest record the runtime writes, key and value (default
+    /// [`DEFAULT_MAX_RECORD_BYTES`](saga_core::driver::DEFAULT_MAX_RECORD_BYTES)):
+    /// keep it at or below the broker's and topics' `max.message.bytes`.
+    /// Bigger dead letters are truncated; a saga state or reply over it is
+    /// refused (the input that made it is dead-lettered).
+    pub fn max_record_bytes(mut self, bytes: usize) -> Self {
+        self.max_record_bytes = bytes;
+        self
+    }
+
+    /// How long a settled saga's final state stays readable before a
+    /// tombstone deletes it (default
+    /// [`DEFAULT_SETTLED_RETENTION`](saga_core::driver::DEFAULT_SETTLED_RETENTION)).
+    /// A start of the same id within it returns the settled saga.
+    pub fn settled_retention(mut self, d: Duration) -> Self {
+        self.settled_retention = d;
         self
     }
 
@@ -417,13 +483,24 @@ impl KafkaConfig {
     /// A group consumer: manual commits, `read_committed`.
     pub(crate) fn consumer_config(&self, group: &str) -> ClientConfig {
         let mut c = self.base();
+        if self.static_membership {
+            let prefix = self.transactional_id_prefix.as_deref().unwrap_or(&self.app);
+            c.set(
+                "group.instance.id",
+                format!("{prefix}-{group}-{}", self.instance_id),
+            );
+        }
         c.set("group.id", group)
             .set("enable.auto.commit", "false")
             .set("enable.auto.offset.store", "false")
             .set("auto.offset.reset", "earliest")
             .set("isolation.level", "read_committed")
             // Range assignment gives one member the same partition number of
-            // every subscribed topic (co-partitioning).
+            // every subscribed topic (co-partitioning), which the runtime
+            // relies on: a saga's replies and its state share a partition
+            // number and one owner. Cooperative-sticky assignment keeps no
+            // such guarantee, so it is not used; static membership spares
+            // restarts the rebalance instead.
             .set("partition.assignment.strategy", "range")
             .set(
                 "session.timeout.ms",

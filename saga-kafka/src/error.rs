@@ -48,6 +48,16 @@ pub enum Error {
         #[source]
         source: Box<rdkafka::error::KafkaError>,
     },
+    /// The broker did not answer within the configured bound
+    /// ([`KafkaConfig::request_timeout`](crate::KafkaConfig::request_timeout)).
+    /// For a start, the saga may still start later: starting it again is safe.
+    #[error("no answer while {what} within {after:?}: the broker may be out of reach")]
+    TimedOut {
+        /// What the runtime was doing.
+        what: String,
+        /// The bound.
+        after: std::time::Duration,
+    },
     /// The runtime (or the worker serving this request) is shut down.
     #[error("the Kafka runtime is shut down")]
     Shutdown,

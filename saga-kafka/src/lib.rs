@@ -132,6 +132,7 @@
 
 mod admin;
 mod config;
+mod context;
 mod error;
 mod participant;
 mod projection;

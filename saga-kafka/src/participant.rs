@@ -46,6 +46,10 @@ impl ParticipantProc {
 }
 
 impl Processor for ParticipantProc {
+    fn name(&self) -> &str {
+        &self.driver.policy().name
+    }
+
     fn topics(&self) -> Vec<String> {
         vec![self.driver.channel().to_owned()]
     }
@@ -54,9 +58,12 @@ impl Processor for ParticipantProc {
         self.driver.ledger_topic()
     }
 
-    fn restore(&mut self, partition: u32, records: Vec<(String, Vec<u8>)>) {
-        self.driver.restore(partition, records);
+    fn restore(&mut self, partition: u32, records: Vec<(String, Vec<u8>)>) -> Result<(), String> {
+        self.driver
+            .restore(partition, records)
+            .map_err(|e| e.to_string())?;
         tracing::info!(participant = %self.driver.policy().name, partition, "ledger and state restored");
+        Ok(())
     }
 
     fn release(&mut self, partitions: &[u32]) {
@@ -67,6 +74,10 @@ impl Processor for ParticipantProc {
         if let Some(attempt) = self.driver.on_record(msg, now, out) {
             self.run(attempt, now, out);
         }
+    }
+
+    fn reject(&mut self, msg: &Incoming<'_>, why: &str, now: Timestamp, out: &mut Vec<Record>) {
+        self.driver.reject(msg, why, now, out);
     }
 
     fn next_due(&self) -> Option<Timestamp> {
@@ -87,8 +98,10 @@ impl Processor for ParticipantProc {
         None
     }
 
-    fn before_commit(&mut self, out: &mut Vec<Record>) {
-        self.driver.before_commit(out);
+    fn before_commit(&mut self, out: &mut Vec<Record>) -> Result<(), (u32, String)> {
+        self.driver
+            .before_commit(out)
+            .map_err(|(p, e)| (p, e.to_string()))
     }
 
     fn committed(&mut self) {

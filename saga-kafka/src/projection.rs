@@ -10,6 +10,7 @@ use rdkafka::{Offset, TopicPartitionList};
 use saga_core::Envelope;
 
 use crate::config::KafkaConfig;
+use crate::context::Quiet;
 use crate::error::{Error, Result};
 use crate::worker::{WorkerHandle, RUN};
 
@@ -22,9 +23,9 @@ pub(crate) fn spawn<F>(
 where
     F: FnMut(&Envelope) + Send + 'static,
 {
-    let consumer: BaseConsumer = cfg
+    let consumer: BaseConsumer<Quiet> = cfg
         .consumer_config(group)
-        .create()
+        .create_with_context(Quiet)
         .map_err(|e| Error::client(format!("creating the consumer of group `{group}`"), e))?;
     consumer
         .subscribe(channels)

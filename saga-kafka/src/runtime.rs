@@ -7,15 +7,15 @@ use std::sync::{mpsc, Arc, Mutex};
 use async_trait::async_trait;
 use saga_core::driver::{ledger_topic, state_topic, ParticipantDriver, Record, Registry};
 use saga_core::{
-    DeadLetter, Envelope, Participant, ParticipantPolicy, Runtime, SagaData, SagaDefinition,
-    SagaError, SagaHandle,
+    DeadLetter, Envelope, Health, HealthBoard, Participant, ParticipantPolicy, Runtime, SagaData,
+    SagaDefinition, SagaError, SagaHandle,
 };
 
 use crate::admin::{check_copartitioned, ensure_topics_blocking, TopicSpec};
 use crate::config::KafkaConfig;
 use crate::error::{Error, Result};
 use crate::participant::ParticipantProc;
-use crate::saga::{unavailable, KafkaSagas, SagaProc, View};
+use crate::saga::{unavailable, within, KafkaSagas, SagaProc, View};
 use crate::worker::{self, Publisher, Stats, StatsInner, WorkerHandle, KILL, STOP};
 
 /// Runs sagas, participants and projections on Kafka.
@@ -32,6 +32,7 @@ pub struct KafkaRuntime {
     workers: Mutex<Vec<WorkerHandle>>,
     publisher: Arc<Publisher>,
     registry: Registry,
+    health: HealthBoard,
 }
 
 /// The service name of [`Runtime::publish`]'s producer: its transactional
@@ -67,12 +68,19 @@ impl KafkaRuntime {
         config.validate()?;
         let cfg = Arc::new(config);
         let stats = Arc::new(StatsInner::default());
+        let health = HealthBoard::new();
         Ok(Self {
-            publisher: Arc::new(Publisher::new(cfg.clone(), PUBLISH_SERVICE, stats.clone())),
+            publisher: Arc::new(Publisher::new(
+                cfg.clone(),
+                PUBLISH_SERVICE,
+                stats.clone(),
+                health.clone(),
+            )),
             cfg,
             stats,
             workers: Mutex::new(Vec::new()),
             registry: Registry::default(),
+            health,
         })
     }
 
@@ -142,6 +150,7 @@ impl Runtime for KafkaRuntime {
         let registered = def.name().to_owned();
         let cfg = self.cfg.clone();
         let stats = self.stats.clone();
+        let health = self.health.clone();
         let view = Arc::new(View::new());
         let (tx, rx) = mpsc::channel();
         let name = def.name().to_owned();
@@ -166,8 +175,8 @@ impl Runtime for KafkaRuntime {
                     ensure_topics_blocking(&cfg, &specs)?;
                 }
                 let partitions = check_copartitioned(&cfg, &copart)?;
-                let proc = SagaProc::new(def2, partitions as u32, view2, rx);
-                worker::spawn(cfg, &name, &format!("saga.{name}"), proc, stats)
+                let proc = SagaProc::new(def2, &cfg, partitions as u32, view2, rx);
+                worker::spawn(cfg, &name, &format!("saga.{name}"), proc, stats, health)
             })
             .await
             .map_err(|e| refused("starting the saga's worker", e));
@@ -212,6 +221,7 @@ impl Runtime for KafkaRuntime {
         let registered = policy.name.clone();
         let cfg = self.cfg.clone();
         let stats = self.stats.clone();
+        let health = self.health.clone();
         let rt = tokio::runtime::Handle::current();
         let name = policy.name.clone();
         let specs = vec![
@@ -220,7 +230,8 @@ impl Runtime for KafkaRuntime {
             TopicSpec::dead_letters(&policy.dead_letter_channel),
         ];
         let copart = vec![channel.to_owned(), ledger_topic(&name)];
-        let driver = ParticipantDriver::new(channel, policy, Arc::new(participant));
+        let driver = ParticipantDriver::new(channel, policy, Arc::new(participant))
+            .with_max_record_bytes(self.cfg.max_record_bytes);
         let proc = ParticipantProc::new(driver, rt);
         let w = self
             .blocking(move || {
@@ -228,7 +239,7 @@ impl Runtime for KafkaRuntime {
                     ensure_topics_blocking(&cfg, &specs)?;
                 }
                 check_copartitioned(&cfg, &copart)?;
-                worker::spawn(cfg, &name, &name, proc, stats)
+                worker::spawn(cfg, &name, &name, proc, stats, health)
             })
             .await
             .map_err(|e| refused("starting the participant's worker", e));
@@ -277,7 +288,8 @@ impl Runtime for KafkaRuntime {
         }
         let out: Vec<Record> = envelopes.iter().map(Record::message).collect();
         let publisher = self.publisher.clone();
-        self.blocking(move || publisher.publish(out))
+        let work = self.blocking(move || publisher.publish(out));
+        within(self.cfg.request_timeout, "publishing", work)
             .await
             .map_err(|e| unavailable("publishing", e))
     }
@@ -286,8 +298,9 @@ impl Runtime for KafkaRuntime {
     async fn dead_letters(&self, channel: &str) -> Result<Vec<DeadLetter>, SagaError> {
         let cfg = self.cfg.clone();
         let topic = channel.to_owned();
+        let limit = cfg.request_timeout.max(std::time::Duration::from_secs(30));
         let records = self
-            .blocking(move || crate::store::read_all(&cfg, &topic))
+            .blocking(move || crate::store::read_all(&cfg, &topic, limit))
             .await
             .map_err(|e| unavailable("reading the dead letters", e))?;
         let mut dead: Vec<DeadLetter> = records
@@ -299,8 +312,17 @@ impl Runtime for KafkaRuntime {
         Ok(dead)
     }
 
-    /// Commits every open batch, leaves the consumer groups (their
-    /// partitions move to other instances) and stops.
+    /// Partitions that cannot be restored or whose state cannot be
+    /// written (paused), and workers whose batches keep failing (the
+    /// broker out of reach).
+    fn health(&self) -> Health {
+        self.health.health()
+    }
+
+    /// Commits every open batch and stops. Without static membership the
+    /// consumers leave their groups (their partitions move to other
+    /// instances at once); with it (the default) they move after the
+    /// session timeout, unless this instance comes back before.
     async fn shutdown(&self) {
         self.stop_all(STOP).await;
     }

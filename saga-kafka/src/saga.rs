@@ -1,14 +1,14 @@
 //! The orchestrator on Kafka: the saga driver in a worker, and the handle
 //! that starts, reads and operates its sagas.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::{mpsc, Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use saga_core::driver::{
-    decode_state, operator_record, partition_for, state_topic, wait_settled, Incoming, Record,
-    SagaDriver, SagaService,
+    decode_state, operator_record, partition_for, start_record, state_topic, wait_settled,
+    Incoming, Record, SagaDriver, SagaService,
 };
 use saga_core::{
     MessageId, Operation, Page, SagaData, SagaDefinition, SagaError, SagaId, SagaInstance,
@@ -21,23 +21,64 @@ use crate::error::Error;
 use crate::store::read_key;
 use crate::worker::{Processor, Request};
 
-/// The committed instances of the partitions a worker owns, shared with
-/// the handle for reads.
+/// How many settled sagas a view keeps for reads after they leave the
+/// driver (the most recent ones).
+const SETTLED_IN_VIEW: usize = 10_000;
+
+/// The committed instances of the partitions a worker owns (and the most
+/// recently settled ones), shared with the handle for reads.
 pub(crate) struct View<D> {
-    pub map: Mutex<HashMap<SagaId, SagaInstance<D>>>,
+    map: Mutex<ViewMap<D>>,
     pub notify: Notify,
 }
 
-impl<D> View<D> {
+struct ViewMap<D> {
+    sagas: HashMap<SagaId, SagaInstance<D>>,
+    /// Settled sagas in `sagas`, oldest first.
+    settled: VecDeque<SagaId>,
+}
+
+impl<D: Clone> View<D> {
     pub(crate) fn new() -> Self {
         Self {
-            map: Mutex::new(HashMap::new()),
+            map: Mutex::new(ViewMap {
+                sagas: HashMap::new(),
+                settled: VecDeque::new(),
+            }),
             notify: Notify::new(),
         }
     }
 
-    fn lock(&self) -> MutexGuard<'_, HashMap<SagaId, SagaInstance<D>>> {
+    fn lock(&self) -> MutexGuard<'_, ViewMap<D>> {
         self.map.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn get(&self, id: &SagaId) -> Option<SagaInstance<D>> {
+        self.lock().sagas.get(id).cloned()
+    }
+
+    fn all(&self) -> Vec<SagaInstance<D>> {
+        self.lock().sagas.values().cloned().collect()
+    }
+}
+
+impl<D: Clone> ViewMap<D> {
+    fn put(&mut self, inst: &SagaInstance<D>) {
+        let settled = inst.status.is_final();
+        let was = self.sagas.insert(inst.id.clone(), inst.clone());
+        if settled && !was.is_some_and(|w| w.status.is_final()) {
+            self.settled.push_back(inst.id.clone());
+            while self.settled.len() > SETTLED_IN_VIEW {
+                if let Some(old) = self.settled.pop_front() {
+                    self.sagas.remove(&old);
+                }
+            }
+        }
+    }
+
+    fn retain(&mut self, keep: impl Fn(&SagaId) -> bool) {
+        self.sagas.retain(|id, _| keep(id));
+        self.settled.retain(|id| keep(id));
     }
 }
 
@@ -65,16 +106,53 @@ pub(crate) struct SagaProc<D> {
 impl<D: SagaData> SagaProc<D> {
     pub(crate) fn new(
         def: SagaDefinition<D>,
+        cfg: &KafkaConfig,
         partitions: u32,
         view: Arc<View<D>>,
         requests: mpsc::Receiver<SagaRequest<D>>,
     ) -> Self {
         Self {
-            driver: SagaDriver::new(def),
+            driver: SagaDriver::new(def)
+                .with_max_record_bytes(cfg.max_record_bytes)
+                .with_settled_retention(cfg.settled_retention),
             partitions,
             view,
             requests,
         }
+    }
+
+    /// A start request: the owner of the saga's partition starts it in
+    /// this batch; another process's partition gets a start record on the
+    /// saga's reply channel, which its owner applies (only the owner
+    /// writes a saga's state).
+    fn start(
+        &mut self,
+        id: SagaId,
+        data: D,
+        done: tokio::sync::oneshot::Sender<Result<SagaId, SagaError>>,
+    ) -> Option<Request> {
+        let partition = partition_for(id.as_str(), self.partitions);
+        let mut out = Vec::new();
+        let made = if self.driver.owns(partition) {
+            self.driver
+                .start(partition, id.clone(), data, Timestamp::now(), &mut out)
+                .map(|_| ())
+        } else {
+            start_record(self.driver.definition(), &id, &data).map(|r| out.push(r))
+        };
+        if let Err(e) = made {
+            let _ = done.send(Err(e));
+            return None;
+        }
+        Some(Request {
+            out,
+            done: Box::new(move |r| {
+                let _ = done.send(
+                    r.map(|()| id)
+                        .map_err(|e| unavailable("starting the saga", e)),
+                );
+            }),
+        })
     }
 }
 
@@ -90,6 +168,10 @@ pub(crate) fn unavailable(what: &str, e: Error) -> SagaError {
 }
 
 impl<D: SagaData> Processor for SagaProc<D> {
+    fn name(&self) -> &str {
+        self.driver.definition().name()
+    }
+
     fn topics(&self) -> Vec<String> {
         self.driver.input_topics()
     }
@@ -98,35 +180,39 @@ impl<D: SagaData> Processor for SagaProc<D> {
         self.driver.state_topic()
     }
 
-    fn restore(&mut self, partition: u32, records: Vec<(String, Vec<u8>)>) {
+    fn restore(&mut self, partition: u32, records: Vec<(String, Vec<u8>)>) -> Result<(), String> {
+        // Settled sagas stay readable from the view (the most recent
+        // ones), though the driver keeps only their ids.
+        let settled: Vec<SagaInstance<D>> = records
+            .iter()
+            .filter_map(|(key, bytes)| decode_state::<D>(key, bytes).ok())
+            .filter(|inst| inst.status.is_final())
+            .collect();
         let report = self.driver.restore(partition, records);
         let mut view = self.view.lock();
-        for inst in self.driver.instances() {
-            view.insert(inst.id.clone(), inst.clone());
+        for inst in settled.iter().chain(self.driver.instances()) {
+            view.put(inst);
         }
         drop(view);
         self.view.notify.notify_waiters();
-        tracing::info!(saga = %self.driver.definition().name(), partition, sagas = report.sagas, corrupt = report.corrupt.len(), "state restored");
+        tracing::info!(saga = %self.driver.definition().name(), partition, sagas = report.sagas, settled = report.settled, corrupt = report.corrupt.len(), "state restored");
+        Ok(())
     }
 
     fn release(&mut self, partitions: &[u32]) {
-        let gone: Vec<SagaId> = self
-            .view
+        let n = self.partitions;
+        self.view
             .lock()
-            .keys()
-            .filter(|id| partitions.contains(&partition_for(id.as_str(), self.partitions)))
-            .cloned()
-            .collect();
-        let mut view = self.view.lock();
-        for id in gone {
-            view.remove(&id);
-        }
-        drop(view);
+            .retain(|id| !partitions.contains(&partition_for(id.as_str(), n)));
         self.driver.release(partitions);
     }
 
     fn on_message(&mut self, msg: &Incoming<'_>, now: Timestamp, out: &mut Vec<Record>) {
         self.driver.on_record(msg, now, out);
+    }
+
+    fn reject(&mut self, msg: &Incoming<'_>, why: &str, now: Timestamp, out: &mut Vec<Record>) {
+        self.driver.reject(msg, why, now, out);
     }
 
     fn next_due(&self) -> Option<Timestamp> {
@@ -140,45 +226,18 @@ impl<D: SagaData> Processor for SagaProc<D> {
     fn take_request(&mut self) -> Option<Request> {
         loop {
             match self.requests.try_recv().ok()? {
+                // A caller that gave up (its request timed out) is not
+                // served late: it was told the start may not happen.
+                SagaRequest::Start { done, .. } if done.is_closed() => {}
                 SagaRequest::Start { id, data, done } => {
-                    let partition = partition_for(id.as_str(), self.partitions);
-                    let mut out = Vec::new();
-                    // The owner of the saga's partition may be another
-                    // instance: announce the saga on its reply topics.
-                    match self.driver.start(
-                        partition,
-                        id.clone(),
-                        data,
-                        Timestamp::now(),
-                        true,
-                        &mut out,
-                    ) {
-                        Ok(()) => {
-                            // At least once, the state and its
-                            // announcements are written before the first
-                            // command: else a fast participant's reply
-                            // could reach the owner before the saga does.
-                            let barrier = 1 + self.driver.definition().reply_channels().len();
-                            return Some(Request {
-                                out,
-                                barrier,
-                                done: Box::new(move |r| {
-                                    let _ = done.send(
-                                        r.map(|()| id)
-                                            .map_err(|e| unavailable("starting the saga", e)),
-                                    );
-                                }),
-                            });
-                        }
-                        Err(e) => {
-                            let _ = done.send(Err(e));
-                        }
+                    if let Some(req) = self.start(id, data, done) {
+                        return Some(req);
                     }
                 }
+                SagaRequest::Write { done, .. } if done.is_closed() => {}
                 SagaRequest::Write { records, done } => {
                     return Some(Request {
                         out: records,
-                        barrier: 0,
                         done: Box::new(move |r| {
                             let _ = done.send(r.map_err(|e| unavailable("writing the request", e)));
                         }),
@@ -189,14 +248,8 @@ impl<D: SagaData> Processor for SagaProc<D> {
     }
 
     fn committed(&mut self) {
-        let changed = self.driver.committed();
         let mut view = self.view.lock();
-        for id in changed {
-            match self.driver.get(&id) {
-                Some(inst) => view.insert(id, inst.clone()),
-                None => view.remove(&id),
-            };
-        }
+        self.driver.committed(|inst| view.put(inst));
         drop(view);
         self.view.notify.notify_waiters();
     }
@@ -214,13 +267,44 @@ pub(crate) struct KafkaSagas<D> {
     pub(crate) requests: mpsc::Sender<SagaRequest<D>>,
 }
 
+/// Waits for `work` at most `limit`.
+///
+/// # Errors
+/// [`Error::TimedOut`] after `limit`; else `work`'s error.
+pub(crate) async fn within<T>(
+    limit: Duration,
+    what: &str,
+    work: impl std::future::Future<Output = Result<T, Error>>,
+) -> Result<T, Error> {
+    tokio::time::timeout(limit, work).await.unwrap_or_else(|_| {
+        Err(Error::TimedOut {
+            what: what.to_owned(),
+            after: limit,
+        })
+    })
+}
+
 impl<D: SagaData> KafkaSagas<D> {
-    async fn write(&self, records: Vec<Record>) -> Result<(), SagaError> {
-        let (done, result) = tokio::sync::oneshot::channel();
+    /// Asks the worker, and waits for its answer at most the request timeout.
+    async fn ask<T>(
+        &self,
+        what: &str,
+        request: SagaRequest<D>,
+        answer: tokio::sync::oneshot::Receiver<Result<T, SagaError>>,
+    ) -> Result<T, SagaError> {
         self.requests
-            .send(SagaRequest::Write { records, done })
+            .send(request)
             .map_err(|_| SagaError::Shutdown)?;
-        result.await.map_err(|_| SagaError::Shutdown)?
+        match tokio::time::timeout(self.cfg.request_timeout, answer).await {
+            Ok(answer) => answer.map_err(|_| SagaError::Shutdown)?,
+            Err(_) => Err(unavailable(
+                what,
+                Error::TimedOut {
+                    what: what.to_owned(),
+                    after: self.cfg.request_timeout,
+                },
+            )),
+        }
     }
 }
 
@@ -230,33 +314,42 @@ impl<D: SagaData> SagaService<D> for KafkaSagas<D> {
         &self.def
     }
 
-    /// Starts saga `id`: in one transaction of this process's worker, its
-    /// state, its announcement on the reply topics (for the owner of its
-    /// partition) and its first messages. `AlreadyExists` is checked among
-    /// the sagas this process owns.
+    /// Starts saga `id`, idempotently: the worker that owns its partition
+    /// starts it in its next transaction (its state and first messages);
+    /// when another process owns it, a start record goes to that owner.
+    /// Waits at most the request timeout.
     async fn start(&self, id: SagaId, data: D) -> Result<SagaId, SagaError> {
-        if self.view.lock().contains_key(&id) {
-            return Err(SagaError::AlreadyExists { saga_id: id });
+        if self.view.get(&id).is_some() {
+            return Ok(id);
         }
-        let (done, result) = tokio::sync::oneshot::channel();
-        self.requests
-            .send(SagaRequest::Start { id, data, done })
-            .map_err(|_| SagaError::Shutdown)?;
-        result.await.map_err(|_| SagaError::Shutdown)?
+        let (done, answer) = tokio::sync::oneshot::channel();
+        self.ask(
+            "starting the saga",
+            SagaRequest::Start { id, data, done },
+            answer,
+        )
+        .await
     }
 
-    /// From this process's owned partitions, or else read from the state
-    /// topic (only the partition `id` maps to, up to its last stable offset).
+    /// From this process's view (its owned partitions' sagas and the most
+    /// recently settled ones), or else read from the state topic (only the
+    /// partition `id` maps to, up to its last stable offset), within the
+    /// request timeout.
     async fn get(&self, id: &SagaId) -> Result<Option<SagaInstance<D>>, SagaError> {
-        if let Some(i) = self.view.lock().get(id) {
-            return Ok(Some(i.clone()));
+        if let Some(i) = self.view.get(id) {
+            return Ok(Some(i));
         }
         let cfg = self.cfg.clone();
         let topic = state_topic(self.def.name());
         let key = id.as_str().to_owned();
-        let record = tokio::task::spawn_blocking(move || read_key(&cfg, &topic, &key))
+        let limit = cfg.request_timeout;
+        let read = async move {
+            tokio::task::spawn_blocking(move || read_key(&cfg, &topic, &key, limit))
+                .await
+                .map_err(|_| Error::Shutdown)?
+        };
+        let record = within(limit, "reading the saga's state", read)
             .await
-            .map_err(|_| SagaError::Shutdown)?
             .map_err(|e| unavailable("reading the saga's state", e))?;
         match record {
             Some((_, v)) if !v.is_empty() => decode_state(id.as_str(), &v).map(Some),
@@ -264,10 +357,10 @@ impl<D: SagaData> SagaService<D> for KafkaSagas<D> {
         }
     }
 
-    /// The sagas of the partitions this process owns.
+    /// The sagas of the partitions this process owns, and the most
+    /// recently settled ones.
     async fn list(&self, query: &SagaQuery) -> Result<Page<SagaInstance<D>>, SagaError> {
-        let all: Vec<SagaInstance<D>> = self.view.lock().values().cloned().collect();
-        Ok(query.page(all, Timestamp::now()))
+        Ok(query.page(self.view.all(), Timestamp::now()))
     }
 
     /// Checks the saga is parked, then writes the request for its owner,
@@ -284,8 +377,14 @@ impl<D: SagaData> SagaService<D> for KafkaSagas<D> {
                 status: inst.status.to_string(),
             });
         }
-        self.write(vec![operator_record(&self.def, id, &operation)])
-            .await
+        let records = vec![operator_record(&self.def, id, &operation)];
+        let (done, answer) = tokio::sync::oneshot::channel();
+        self.ask(
+            "writing the operator's request",
+            SagaRequest::Write { records, done },
+            answer,
+        )
+        .await
     }
 
     /// Sagas this process owns are seen as they commit; others are read
@@ -299,7 +398,7 @@ impl<D: SagaData> SagaService<D> for KafkaSagas<D> {
         let next_read = Mutex::new(tokio::time::Instant::now() + every);
         let next_read = &next_read;
         wait_settled(id, timeout, &self.view.notify, move || async move {
-            let local = self.view.lock().get(id).cloned();
+            let local = self.view.get(id);
             if local.is_some() {
                 return Ok(local);
             }

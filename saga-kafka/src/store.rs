@@ -10,40 +10,44 @@ use rdkafka::message::{BorrowedMessage, Message};
 use rdkafka::{Offset, TopicPartitionList};
 
 use crate::config::KafkaConfig;
+use crate::context::Quiet;
 use crate::error::{Error, Result};
 
-/// How long a read to the end of some partitions may take.
-const READ_LIMIT: Duration = Duration::from_secs(60);
+type Reader = BaseConsumer<Quiet>;
 
-fn reader(cfg: &KafkaConfig, topic: &str) -> Result<BaseConsumer> {
+fn reader(cfg: &KafkaConfig, topic: &str) -> Result<Reader> {
     cfg.reader_config()
-        .create()
+        .create_with_context(Quiet)
         .map_err(|e| Error::client(format!("creating a reader of `{topic}`"), e))
 }
 
 /// The latest committed value of every key of every partition in
 /// `partitions` of `topic` (all partitions if `None`), with its partition,
-/// in first-seen order; a key whose latest record is a tombstone is left out.
+/// in first-seen order; a key whose latest record is a tombstone is left
+/// out. Fails if it takes longer than `limit`.
 pub(crate) fn read_latest(
     cfg: &KafkaConfig,
     topic: &str,
     partitions: Option<&[i32]>,
+    limit: Duration,
 ) -> Result<Vec<(i32, String, Vec<u8>)>> {
+    let deadline = Instant::now() + limit;
     let consumer = reader(cfg, topic)?;
     let parts: Vec<i32> = match partitions {
         Some(p) => p.to_vec(),
-        None => all_partitions(&consumer, topic)?,
+        None => all_partitions(&consumer, topic, deadline)?,
     };
-    latest(&consumer, topic, &parts)
+    latest(&consumer, topic, &parts, deadline)
 }
 
 /// Every committed record value of every partition of `topic`, in offset
-/// order per partition (tombstones left out).
-pub(crate) fn read_all(cfg: &KafkaConfig, topic: &str) -> Result<Vec<Vec<u8>>> {
+/// order per partition (tombstones left out), within `limit`.
+pub(crate) fn read_all(cfg: &KafkaConfig, topic: &str, limit: Duration) -> Result<Vec<Vec<u8>>> {
+    let deadline = Instant::now() + limit;
     let consumer = reader(cfg, topic)?;
-    let parts = all_partitions(&consumer, topic)?;
+    let parts = all_partitions(&consumer, topic, deadline)?;
     let mut out = Vec::new();
-    read_to_end(&consumer, topic, &parts, |m| {
+    read_to_end(&consumer, topic, &parts, deadline, |m| {
         if let Some(v) = m.payload() {
             out.push(v.to_vec());
         }
@@ -52,27 +56,33 @@ pub(crate) fn read_all(cfg: &KafkaConfig, topic: &str) -> Result<Vec<Vec<u8>>> {
 }
 
 /// The latest committed value of `key` in `topic`: reads only the
-/// partition the key maps to (murmur2, as the producers partition).
+/// partition the key maps to (murmur2, as the producers partition),
+/// within `limit`.
 pub(crate) fn read_key(
     cfg: &KafkaConfig,
     topic: &str,
     key: &str,
+    limit: Duration,
 ) -> Result<Option<(i32, Vec<u8>)>> {
+    let deadline = Instant::now() + limit;
     let consumer = reader(cfg, topic)?;
-    let n = all_partitions(&consumer, topic)?.len();
+    let n = all_partitions(&consumer, topic, deadline)?.len();
     if n == 0 {
         return Ok(None);
     }
     let p = saga_core::driver::partition_for(key, n as u32) as i32;
-    Ok(latest(&consumer, topic, &[p])?
+    Ok(latest(&consumer, topic, &[p], deadline)?
         .into_iter()
         .find(|(_, k, _)| k == key)
         .map(|(p, _, v)| (p, v)))
 }
 
-fn all_partitions(consumer: &BaseConsumer, topic: &str) -> Result<Vec<i32>> {
+fn all_partitions(consumer: &Reader, topic: &str, deadline: Instant) -> Result<Vec<i32>> {
+    let left = deadline
+        .saturating_duration_since(Instant::now())
+        .max(Duration::from_millis(1));
     let md = consumer
-        .fetch_metadata(Some(topic), Duration::from_secs(10))
+        .fetch_metadata(Some(topic), left)
         .map_err(|e| Error::client(format!("reading metadata of `{topic}`"), e))?;
     Ok(md
         .topics()
@@ -83,13 +93,14 @@ fn all_partitions(consumer: &BaseConsumer, topic: &str) -> Result<Vec<i32>> {
 
 /// The latest value per (partition, key) of `parts`, in first-seen order.
 fn latest(
-    consumer: &BaseConsumer,
+    consumer: &Reader,
     topic: &str,
     parts: &[i32],
+    deadline: Instant,
 ) -> Result<Vec<(i32, String, Vec<u8>)>> {
     let mut index: HashMap<(i32, String), usize> = HashMap::new();
     let mut out: Vec<Option<(i32, String, Vec<u8>)>> = Vec::new();
-    read_to_end(consumer, topic, parts, |m| {
+    read_to_end(consumer, topic, parts, deadline, |m| {
         let Some(key) = m.key() else { return };
         let key = String::from_utf8_lossy(key).into_owned();
         let value = m.payload().map(<[u8]>::to_vec);
@@ -106,11 +117,12 @@ fn latest(
 
 /// Feeds every committed record of `parts` of `topic`, from the beginning
 /// to the last stable offset, to `each` (the reader has
-/// `enable.partition.eof`), within [`READ_LIMIT`].
+/// `enable.partition.eof`), until `deadline`.
 fn read_to_end(
-    consumer: &BaseConsumer,
+    consumer: &Reader,
     topic: &str,
     parts: &[i32],
+    deadline: Instant,
     mut each: impl FnMut(&BorrowedMessage<'_>),
 ) -> Result<()> {
     if parts.is_empty() {
@@ -125,14 +137,11 @@ fn read_to_end(
         .assign(&tpl)
         .map_err(|e| Error::client(format!("assigning `{topic}`"), e))?;
     let mut left: BTreeSet<i32> = parts.iter().copied().collect();
-    let deadline = Instant::now() + READ_LIMIT;
     while !left.is_empty() {
         if Instant::now() > deadline {
             return Err(Error::Topic {
                 topic: topic.into(),
-                reason: format!(
-                    "could not read partitions {left:?} to their end within {READ_LIMIT:?}"
-                ),
+                reason: format!("could not read partitions {left:?} to their end in time"),
             });
         }
         match consumer.poll(Duration::from_millis(100)) {

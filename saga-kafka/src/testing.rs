@@ -45,6 +45,8 @@ pub struct CommittedRecord {
     pub kind: Option<String>,
     /// The bytes (empty for a tombstone).
     pub value: Vec<u8>,
+    /// Whether it is a tombstone (no value: its key is deleted).
+    pub tombstone: bool,
 }
 
 /// A test's namespace on the broker at `KAFKA_BOOTSTRAP_SERVERS`.
@@ -174,6 +176,7 @@ impl KafkaFixture {
                         key: String::from_utf8_lossy(m.key().unwrap_or(&[])).into_owned(),
                         kind,
                         value: m.payload().unwrap_or(&[]).to_vec(),
+                        tombstone: m.payload().is_none(),
                     });
                 }
                 Some(Err(RdError::PartitionEOF(p))) => {
@@ -184,6 +187,52 @@ impl KafkaFixture {
             }
         }
         out
+    }
+
+    /// Writes one record as it is, outside any transaction: for tests that
+    /// put on a topic what no runtime would write (garbage, a tombstone, a
+    /// forged record-kind header). `partition` `None` partitions by key as
+    /// the runtime does.
+    ///
+    /// # Panics
+    /// If the broker does not take it within 10 s.
+    pub fn produce_raw(
+        &self,
+        topic: &str,
+        partition: Option<i32>,
+        key: Option<&[u8]>,
+        value: Option<&[u8]>,
+        kind: Option<&str>,
+    ) {
+        use rdkafka::message::{Header, OwnedHeaders};
+        use rdkafka::producer::{BaseRecord, Producer, ThreadedProducer};
+        let p: ThreadedProducer<rdkafka::producer::DefaultProducerContext> = ClientConfig::new()
+            .set("bootstrap.servers", &self.bootstrap)
+            .set("partitioner", "murmur2_random")
+            .set("message.max.bytes", "2000000")
+            .create()
+            .expect("a producer");
+        let mut rec: BaseRecord<'_, [u8], [u8]> = BaseRecord::to(topic);
+        if let Some(k) = key {
+            rec = rec.key(k);
+        }
+        if let Some(v) = value {
+            rec = rec.payload(v);
+        }
+        if let Some(partition) = partition {
+            rec = rec.partition(partition);
+        }
+        if let Some(kind) = kind {
+            rec = rec.headers(OwnedHeaders::new().insert(Header {
+                key: RECORD_KIND_HEADER,
+                value: Some(kind),
+            }));
+        }
+        p.send(rec)
+            .map_err(|(e, _)| e)
+            .expect("the record is queued");
+        p.flush(Duration::from_secs(10))
+            .expect("the record is written");
     }
 
     /// Every committed envelope on `topic` (the runtime's own records, which

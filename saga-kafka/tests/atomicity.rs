@@ -90,6 +90,12 @@ async fn failed_start_leaves_nothing_and_the_next_start_works() {
     let rt = bed.runtime("0");
     bed.run_participants(&rt).await;
     let orders = bed.orders(&rt, Duration::from_millis(100)).await;
+    // The saga's worker owns its partitions: it starts sagas itself.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while rt.stats().owned_partitions < 9 {
+        assert!(std::time::Instant::now() < deadline, "{:?}", rt.stats());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 
     // Its RESERVE command (with the SKU) is too big for the command topic.
     let mut big = Order::new(100);

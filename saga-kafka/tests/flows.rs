@@ -5,7 +5,7 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use saga_core::{Runtime, SagaError, SagaStatus, StepState};
+use saga_core::{Runtime, SagaStatus, StepState};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 #[ignore = "needs Kafka: scripts/test.sh"]
@@ -34,9 +34,11 @@ async fn saga_completes_and_another_compensates() {
     assert_eq!(comp.status, SagaStatus::Compensated, "{:#?}", comp.history);
     assert_eq!(comp.step("reserve").unwrap().state, StepState::Compensated);
     assert_eq!(comp.failure.as_deref(), Some("card declined"));
-    // A second start with the same id is refused.
-    let again = orders.start("order-ok", Order::new(1)).await.unwrap_err();
-    assert!(matches!(again, SagaError::AlreadyExists { .. }), "{again}");
+    // A second start of the same id (a settled saga) starts nothing.
+    let again = orders.start("order-ok", Order::new(1)).await.unwrap();
+    assert_eq!(again, ok);
+    let kept = orders.get(&ok).await.unwrap().unwrap();
+    assert_eq!(kept.status, SagaStatus::Completed);
     rt.shutdown().await;
 
     let events = bed.fx.read_committed(&t.events);

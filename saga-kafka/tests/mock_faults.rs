@@ -14,15 +14,12 @@ use saga_core::SagaHandle;
 use saga_kafka::testing::KafkaFixture;
 use saga_kafka::{KafkaRuntime, Stats};
 
-/// Waits until saga `id`'s start, made after `since`, has reached its owner
-/// (this runtime): its transaction committed, and so did the batch that
-/// consumed its announcement on the reply topic (the handle lists the saga
-/// from the first commit on, so the second is what says the consumer is
-/// done and no transaction is left open for the next fault to hit).
-async fn wait_consumed(rt: &KafkaRuntime, since: &Stats, orders: &SagaHandle<Order>, id: &str) {
-    let what = format!("the start of {id} consumed by its owner");
+/// Waits until saga `id`'s start, made after `since`, has committed in
+/// its owner (this runtime) and the handle sees it.
+async fn wait_started(rt: &KafkaRuntime, since: &Stats, orders: &SagaHandle<Order>, id: &str) {
+    let what = format!("the start of {id} committed by its owner");
     eventually(&what, Duration::from_secs(30), || async {
-        rt.stats().commits >= since.commits + 2 && holds(orders, id).await
+        rt.stats().commits > since.commits && holds(orders, id).await
     })
     .await;
 }
@@ -44,11 +41,19 @@ async fn injected_faults_drive_retry_abort_and_fatal_paths() {
     }
     let rt = KafkaRuntime::new(bed.mock_config()).unwrap();
     let orders = bed.orders(&rt, Duration::from_millis(100)).await;
+    // The worker owns the saga's partitions: it starts sagas in its own
+    // transactions.
+    eventually(
+        "the partitions restored",
+        Duration::from_secs(30),
+        || async { rt.stats().owned_partitions == 3 },
+    )
+    .await;
 
     // Healthy: the start commits, the owner consumes its snapshot.
     let before = rt.stats();
     orders.start("ok-1", Order::new(1)).await.unwrap();
-    wait_consumed(&rt, &before, &orders, "ok-1").await;
+    wait_started(&rt, &before, &orders, "ok-1").await;
 
     // Retriable EndTxn errors: retried, the start succeeds.
     let before = rt.stats();
@@ -57,18 +62,33 @@ async fn injected_faults_drive_retry_abort_and_fatal_paths() {
         &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_COORDINATOR_LOAD_IN_PROGRESS; 2],
     );
     orders.start("retried-1", Order::new(1)).await.unwrap();
-    wait_consumed(&rt, &before, &orders, "retried-1").await;
+    wait_started(&rt, &before, &orders, "retried-1").await;
     assert_eq!(rt.stats().failed_requests, before.failed_requests);
 
-    // AddOffsetsToTxn fails with an error that needs an abort: the consumer
-    // batch is aborted, rewound and redone, and the saga still arrives.
+    // AddOffsetsToTxn fails with an error that needs an abort: the batch
+    // that consumed a record (here one the saga dead-letters) is aborted,
+    // rewound and redone.
     let before = rt.stats();
     mock.request_errors(
         RDKafkaApiKey::AddOffsetsToTxn,
         &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_UNKNOWN],
     );
-    orders.start("aborted-1", Order::new(1)).await.unwrap();
-    wait_consumed(&rt, &before, &orders, "aborted-1").await;
+    bed.fx.produce_raw(
+        &t.replies(),
+        None,
+        Some(b"x-1"),
+        Some(b"not an envelope"),
+        None,
+    );
+    eventually(
+        "the batch redone and committed",
+        Duration::from_secs(30),
+        || async {
+            let s = rt.stats();
+            s.commits > before.commits && s.aborts + s.producer_rebuilds > before.aborts
+        },
+    )
+    .await;
     let after = rt.stats();
     assert!(
         after.aborts + after.producer_rebuilds > before.aborts + before.producer_rebuilds,
@@ -87,7 +107,7 @@ async fn injected_faults_drive_retry_abort_and_fatal_paths() {
     assert!(rt.stats().producer_rebuilds > before.producer_rebuilds);
     let before = rt.stats();
     orders.start("after-fence-1", Order::new(1)).await.unwrap();
-    wait_consumed(&rt, &before, &orders, "after-fence-1").await;
+    wait_started(&rt, &before, &orders, "after-fence-1").await;
 
     // Produce keeps failing: retries run out, the transaction is aborted and
     // the caller gets an error it can map to a 503.
@@ -107,8 +127,13 @@ async fn injected_faults_drive_retry_abort_and_fatal_paths() {
     let started = Instant::now();
     let err = orders.start("down-1", Order::new(1)).await.unwrap_err();
     eprintln!("broker down: error after {:?}: {err}", started.elapsed());
-    assert_transaction_refused(&err);
-    assert!(started.elapsed() < Duration::from_secs(60));
+    // The request timeout (5 s by default) bounds the wait.
+    assert!(err.is_retryable(), "{err}");
+    assert!(
+        started.elapsed() < Duration::from_secs(8),
+        "{:?}",
+        started.elapsed()
+    );
     for b in 1..=3 {
         mock.broker_up(b).unwrap();
     }
@@ -119,7 +144,7 @@ async fn injected_faults_drive_retry_abort_and_fatal_paths() {
         || async { orders.start("up-1", Order::new(1)).await.is_ok() },
     )
     .await;
-    wait_consumed(&rt, &before, &orders, "up-1").await;
+    wait_started(&rt, &before, &orders, "up-1").await;
     // (That failed starts left nothing visible cannot be checked here: the
     // mock cluster does not emulate `read_committed`. The real-broker tests
     // prove atomicity.)

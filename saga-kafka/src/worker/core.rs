@@ -4,13 +4,13 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
 use rdkafka::error::KafkaError as RdError;
 use rdkafka::{Offset, TopicPartitionList};
 use saga_core::driver::Incoming;
-use saga_core::Timestamp;
+use saga_core::{HealthBoard, Timestamp};
 
 use crate::config::KafkaConfig;
 use crate::error::Result;
@@ -33,6 +33,59 @@ pub(crate) struct Core<P> {
     /// Exactly once: the callers of requests folded into the open batch,
     /// answered when it commits or aborts.
     pub(crate) waiting: Vec<Box<dyn FnOnce(Result<()>) + Send>>,
+    pub(crate) health: HealthBoard,
+    /// Assigned partitions whose state is not restored yet: paused, and
+    /// when to try again.
+    restoring: BTreeMap<u32, (u32, Instant)>,
+    /// Partitions stopped for good (their state cannot be written): paused.
+    stalled: BTreeSet<u32>,
+    /// Inputs still to run one per batch, after a batch failed because
+    /// the broker refused one of its records.
+    isolate: usize,
+    /// The message whose records the broker refuses (topic, partition,
+    /// offset, why): it is dead-lettered instead of handled.
+    poison: Option<(String, i32, i64, String)>,
+    /// The only message of the open batch, while it has only one.
+    single: Option<(String, i32, i64)>,
+    /// Batches failed in a row.
+    failures: u32,
+    /// Records of partitions being restored that were fetched before the
+    /// pause took effect, in order: handled once the state is in.
+    held: BTreeMap<u32, Vec<Held>>,
+}
+
+/// A copy of a consumed record, held until its partition is restored.
+struct Held {
+    topic: String,
+    partition: u32,
+    offset: u64,
+    key: Option<Vec<u8>>,
+    value: Option<Vec<u8>>,
+    kind: Option<Vec<u8>>,
+}
+
+impl Held {
+    fn of(msg: &Incoming<'_>) -> Self {
+        Self {
+            topic: msg.topic.to_owned(),
+            partition: msg.partition,
+            offset: msg.offset,
+            key: msg.key.map(<[u8]>::to_vec),
+            value: msg.value.map(<[u8]>::to_vec),
+            kind: msg.kind.map(<[u8]>::to_vec),
+        }
+    }
+
+    fn incoming(&self) -> Incoming<'_> {
+        Incoming {
+            topic: &self.topic,
+            partition: self.partition,
+            offset: self.offset,
+            key: self.key.as_deref(),
+            value: self.value.as_deref(),
+            kind: self.kind.as_deref(),
+        }
+    }
 }
 
 impl<P: Processor> Core<P> {
@@ -41,6 +94,7 @@ impl<P: Processor> Core<P> {
         cfg: Arc<KafkaConfig>,
         txn_id: String,
         stats: Arc<StatsInner>,
+        health: HealthBoard,
     ) -> Self {
         Self {
             proc,
@@ -51,7 +105,20 @@ impl<P: Processor> Core<P> {
             owned: BTreeSet::new(),
             killed: false,
             waiting: Vec::new(),
+            health,
+            restoring: BTreeMap::new(),
+            stalled: BTreeSet::new(),
+            isolate: 0,
+            poison: None,
+            single: None,
+            failures: 0,
+            held: BTreeMap::new(),
         }
+    }
+
+    /// Whether batches run one input each (after a record was refused).
+    pub(crate) fn isolating(&self) -> bool {
+        self.isolate > 0
     }
 
     pub(crate) fn cfg(&self) -> &KafkaConfig {
@@ -64,21 +131,42 @@ impl<P: Processor> Core<P> {
     }
 
     pub(crate) fn handle_message(&mut self, msg: &Incoming<'_>) {
+        if !self.owned.contains(&msg.partition) {
+            if self.restoring.contains_key(&msg.partition) {
+                // Fetched before the pause took effect: the consumer's
+                // position is past it, so it is kept for after the restore.
+                self.held
+                    .entry(msg.partition)
+                    .or_default()
+                    .push(Held::of(msg));
+            }
+            // Else a partition given up or stopped: its next owner reads
+            // it from the committed offset.
+            return;
+        }
         let key = (msg.topic.to_owned(), msg.partition as i32);
         self.batch_start
             .entry(key.clone())
             .or_insert(msg.offset as i64);
-        if !self.owned.contains(&msg.partition) {
-            return;
-        }
         self.txn.begin();
         if self.txn.failed.is_some() {
             return;
         }
+        let (topic, partition, offset) = (msg.topic, msg.partition as i32, msg.offset as i64);
+        self.single = (self.count == 0).then(|| (topic.to_owned(), partition, offset));
+        let now = Timestamp::now();
         let mut out = Vec::new();
-        self.proc.on_message(msg, Timestamp::now(), &mut out);
+        // The poison mark stays until the batch that rejects it commits.
+        match &self.poison {
+            Some((t, p, o, why)) if t == topic && *p == partition && *o == offset => {
+                tracing::error!(topic, partition, offset, %why, "input whose records the broker refuses: dead-lettered alone");
+                let why = why.clone();
+                self.proc.reject(msg, &why, now, &mut out);
+            }
+            _ => self.proc.on_message(msg, now, &mut out),
+        }
         self.txn.send(out);
-        self.offsets.insert(key, msg.offset as i64 + 1);
+        self.offsets.insert(key, offset + 1);
         self.count += 1;
     }
 
@@ -115,10 +203,13 @@ impl<P: Processor> Core<P> {
         self.offsets.clear();
         self.batch_start.clear();
         self.count = 0;
+        self.single = None;
     }
 
     /// Commits the open batch; on failure aborts it and, when `rewind`,
-    /// seeks back so the batch is redone.
+    /// seeks back so the batch is redone. A batch that failed because the
+    /// broker refused one of its records is redone one input at a time,
+    /// and the input at fault is dead-lettered alone.
     pub(crate) fn finish_batch<C: ConsumerContext>(
         &mut self,
         consumer: &BaseConsumer<C>,
@@ -130,20 +221,68 @@ impl<P: Processor> Core<P> {
         }
         if self.txn.failed.is_none() {
             let mut out = Vec::new();
-            self.proc.before_commit(&mut out);
-            self.txn.send(out);
+            match self.proc.before_commit(&mut out) {
+                Ok(()) => self.txn.send(out),
+                Err((partition, why)) => {
+                    self.abort(&RdError::Canceled);
+                    self.settle_requests(Some(&RdError::Canceled));
+                    if rewind {
+                        self.rewind(consumer);
+                    }
+                    self.clear_batch();
+                    self.stall(consumer, partition, &why);
+                    return;
+                }
+            }
         }
         let offsets = self.offsets_tpl();
         match self.txn.commit(&offsets, Some(consumer)) {
             Ok(()) => {
                 self.txn.stats.commits.fetch_add(1, Ordering::Relaxed);
                 self.proc.committed();
+                self.isolate = self.isolate.saturating_sub(1);
+                if let Some((t, p, o, _)) = &self.poison {
+                    let past = self
+                        .offsets
+                        .get(&(t.clone(), *p))
+                        .is_some_and(|next| next > o);
+                    if past {
+                        self.poison = None;
+                    }
+                }
+                if self.failures > 0 {
+                    self.failures = 0;
+                    self.health.clear(self.proc.name(), None);
+                }
                 self.clear_batch();
                 self.settle_requests(None);
             }
             Err(e) => {
-                tracing::warn!(transactional_id = %self.txn.id, error = %e, "batch failed: aborting and redoing it");
+                let fault = self.txn.record_fault();
+                tracing::warn!(transactional_id = %self.txn.id, error = %e, fault = fault.as_deref().unwrap_or(""), "batch failed: aborting and redoing it");
+                self.failures += 1;
+                if self.failures >= 3 {
+                    let why = format!("{} batches failed in a row: {e}", self.failures);
+                    self.health
+                        .report(self.proc.name(), None, why, Timestamp::now());
+                }
+                let refused = fault.is_some();
+                match (fault, self.single.take()) {
+                    (Some(why), Some((t, p, o))) if self.count == 1 => {
+                        self.poison = Some((t, p, o, why));
+                    }
+                    (Some(_), _) => {
+                        self.isolate = self.count.max(1);
+                        tracing::warn!(transactional_id = %self.txn.id, inputs = self.isolate, "the broker refused a record: redoing the batch one input at a time");
+                    }
+                    (None, _) => {}
+                }
                 self.abort(&e);
+                if refused {
+                    // A refused record leaves a gap in the idempotent
+                    // producer's sequence numbers: start afresh.
+                    self.txn.discard_producer();
+                }
                 self.settle_requests(Some(&e));
                 if !self.txn.eos() && rewind {
                     // At least once, nothing is undone on the broker: some
@@ -160,21 +299,158 @@ impl<P: Processor> Core<P> {
                         .collect::<BTreeSet<_>>()
                         .into_iter()
                         .collect();
+                    self.rewind(consumer);
                     self.give_up_partitions(&parts);
-                    self.take_partitions(&parts);
-                }
-                if rewind {
-                    for ((t, p), o) in &self.batch_start {
-                        if let Err(e) =
-                            consumer.seek(t, *p, Offset::Offset(*o), Duration::from_secs(10))
-                        {
-                            tracing::warn!(topic = %t, partition = p, error = %e, "cannot seek back");
-                        }
-                    }
+                    self.assigned(consumer, &parts);
+                } else if rewind {
+                    self.rewind(consumer);
                 }
                 self.clear_batch();
             }
         }
+    }
+
+    /// Seeks the consumed partitions of the open batch back to its start.
+    fn rewind<C: ConsumerContext>(&self, consumer: &BaseConsumer<C>) {
+        for ((t, p), o) in &self.batch_start {
+            if let Err(e) = consumer.seek(t, *p, Offset::Offset(*o), Duration::from_secs(10)) {
+                tracing::warn!(topic = %t, partition = p, error = %e, "cannot seek back");
+            }
+        }
+    }
+
+    /// Every topic the processor consumes, for `parts`.
+    fn tpl_of(&self, parts: &[u32]) -> TopicPartitionList {
+        let mut tpl = TopicPartitionList::new();
+        for topic in self.proc.topics() {
+            for p in parts {
+                tpl.add_partition(&topic, *p as i32);
+            }
+        }
+        tpl
+    }
+
+    /// Partitions assigned (or to read again): paused until their state
+    /// is restored by [`Core::restore_due`].
+    pub(crate) fn assigned<C: ConsumerContext>(
+        &mut self,
+        consumer: &BaseConsumer<C>,
+        parts: &[u32],
+    ) {
+        if parts.is_empty() {
+            return;
+        }
+        if let Err(e) = consumer.pause(&self.tpl_of(parts)) {
+            tracing::warn!(partitions = ?parts, error = %e, "cannot pause partitions: their records are skipped until restored");
+        }
+        let now = Instant::now();
+        for p in parts {
+            self.stalled.remove(p);
+            self.restoring.insert(*p, (0, now));
+        }
+    }
+
+    /// Restores the partitions waiting for their state whose turn it is:
+    /// reads the compacted topic (bounded in time), installs the state,
+    /// seeks to the committed offsets and resumes them. A failure is
+    /// reported to the health board and tried again later, with backoff.
+    pub(crate) fn restore_due<C: ConsumerContext>(&mut self, consumer: &BaseConsumer<C>) {
+        let now = Instant::now();
+        let due: Vec<u32> = self
+            .restoring
+            .iter()
+            .filter(|(_, (_, at))| *at <= now)
+            .map(|(p, _)| *p)
+            .collect();
+        if due.is_empty() {
+            return;
+        }
+        let topic = self.proc.state_topic().to_owned();
+        let ids: Vec<i32> = due.iter().map(|p| *p as i32).collect();
+        let started = Instant::now();
+        let result = read_latest(self.cfg(), &topic, Some(&ids), self.cfg().restore_timeout);
+        let records = match result {
+            Ok(r) => r,
+            Err(e) => {
+                for p in &due {
+                    if let Some((tries, at)) = self.restoring.get_mut(p) {
+                        *tries += 1;
+                        let backoff = Duration::from_millis(500 * 2u64.pow((*tries).min(6)));
+                        *at = Instant::now() + backoff;
+                    }
+                    self.health.report(
+                        self.proc.name(),
+                        Some(*p),
+                        format!("cannot restore the partition's state from `{topic}`: {e}"),
+                        Timestamp::now(),
+                    );
+                }
+                return;
+            }
+        };
+        let mut by_partition: BTreeMap<u32, Vec<(String, Vec<u8>)>> =
+            due.iter().map(|p| (*p, Vec::new())).collect();
+        for (p, key, value) in records {
+            if let Some(v) = by_partition.get_mut(&(p as u32)) {
+                v.push((key, value));
+            }
+        }
+        let mut sizes = Vec::new();
+        let mut taken = Vec::new();
+        for (p, records) in by_partition {
+            sizes.push((p, records.len()));
+            if let Err(why) = self.proc.restore(p, records) {
+                // Retrying cannot fix the state: the partition stays
+                // paused and reported until it is assigned again.
+                self.restoring.remove(&p);
+                self.stalled.insert(p);
+                self.health
+                    .report(self.proc.name(), Some(p), why, Timestamp::now());
+                continue;
+            }
+            taken.push(p);
+            self.restoring.remove(&p);
+            if self.owned.insert(p) {
+                self.txn
+                    .stats
+                    .owned_partitions
+                    .fetch_add(1, Ordering::Relaxed);
+            }
+            self.health.clear(self.proc.name(), Some(p));
+        }
+        for p in &due {
+            if !taken.contains(p) {
+                self.held.remove(p);
+            }
+        }
+        if taken.is_empty() {
+            return;
+        }
+        // What was fetched before the pause, first, in order.
+        for p in &taken {
+            for rec in self.held.remove(p).unwrap_or_default() {
+                self.handle_message(&rec.incoming());
+            }
+        }
+        if let Err(e) = consumer.resume(&self.tpl_of(&taken)) {
+            tracing::error!(partitions = ?taken, error = %e, "cannot resume restored partitions");
+        }
+        tracing::info!(topic, partitions = ?sizes, took_ms = started.elapsed().as_millis() as u64, "partitions restored and resumed");
+    }
+
+    /// `partition` cannot go on (its state cannot be written): it is given
+    /// up, paused and reported until the partition is assigned again.
+    fn stall<C: ConsumerContext>(&mut self, consumer: &BaseConsumer<C>, partition: u32, why: &str) {
+        tracing::error!(
+            partition,
+            why,
+            "partition stopped: its state cannot be written"
+        );
+        self.give_up_partitions(&[partition]);
+        let _ = consumer.pause(&self.tpl_of(&[partition]));
+        self.stalled.insert(partition);
+        self.health
+            .report(self.proc.name(), Some(partition), why, Timestamp::now());
     }
 
     /// Aborts the open transaction and rolls the processor back.
@@ -192,52 +468,14 @@ impl<P: Processor> Core<P> {
         self.settle_requests(Some(&RdError::Canceled));
     }
 
-    /// Reads the state of `parts` from the processor's compacted topic and
-    /// installs it, retrying a few times; the partitions it cannot restore
-    /// are not served (and said so).
-    pub(crate) fn take_partitions(&mut self, parts: &[u32]) {
-        if parts.is_empty() {
-            return;
-        }
-        let topic = self.proc.state_topic().to_owned();
-        let ids: Vec<i32> = parts.iter().map(|p| *p as i32).collect();
-        let mut tries = 0;
-        let records = loop {
-            match read_latest(self.cfg(), &topic, Some(&ids)) {
-                Ok(r) => break r,
-                Err(e) if tries < 10 => {
-                    tries += 1;
-                    tracing::warn!(topic, error = %e, "cannot restore state: retrying");
-                    std::thread::sleep(Duration::from_millis(200 * tries));
-                }
-                Err(e) => {
-                    tracing::error!(topic, error = %e, partitions = ?parts, "cannot restore state: these partitions are not served");
-                    return;
-                }
-            }
-        };
-        let mut by_partition: BTreeMap<u32, Vec<(String, Vec<u8>)>> =
-            parts.iter().map(|p| (*p, Vec::new())).collect();
-        for (p, key, value) in records {
-            if let Some(v) = by_partition.get_mut(&(p as u32)) {
-                v.push((key, value));
-            }
-        }
-        for (p, records) in by_partition {
-            self.proc.restore(p, records);
-            if self.owned.insert(p) {
-                self.txn
-                    .stats
-                    .owned_partitions
-                    .fetch_add(1, Ordering::Relaxed);
-            }
-        }
-    }
-
     /// Forgets `parts` (revoked).
     pub(crate) fn give_up_partitions(&mut self, parts: &[u32]) {
         self.proc.release(parts);
         for p in parts {
+            self.restoring.remove(p);
+            self.held.remove(p);
+            self.stalled.remove(p);
+            self.health.clear(self.proc.name(), Some(*p));
             if self.owned.remove(p) {
                 self.txn
                     .stats
@@ -245,6 +483,16 @@ impl<P: Processor> Core<P> {
                     .fetch_sub(1, Ordering::Relaxed);
             }
         }
+    }
+
+    /// Forgets every partition (the worker stops).
+    pub(crate) fn give_up_all(&mut self) {
+        let mut all: BTreeSet<u32> = self.owned.iter().copied().collect();
+        all.extend(self.restoring.keys().copied());
+        all.extend(self.stalled.iter().copied());
+        let all: Vec<u32> = all.into_iter().collect();
+        self.give_up_partitions(&all);
+        self.health.clear_component(self.proc.name());
     }
 
     /// Exactly once: adds a request's records to the open batch (beginning
@@ -299,7 +547,7 @@ impl<P: Processor> Core<P> {
 
     /// Runs one request in a transaction of its own.
     pub(crate) fn run_request(&mut self, req: Request) {
-        let result = match self.request_txn(req.out, req.barrier) {
+        let result = match self.request_txn(req.out) {
             Ok(()) => {
                 self.txn.stats.commits.fetch_add(1, Ordering::Relaxed);
                 self.proc.committed();
@@ -320,21 +568,11 @@ impl<P: Processor> Core<P> {
 
     fn request_txn(
         &mut self,
-        mut out: Vec<saga_core::driver::Record>,
-        barrier: usize,
+        out: Vec<saga_core::driver::Record>,
     ) -> std::result::Result<(), (&'static str, RdError)> {
         self.txn.begin();
         if let Some(e) = self.txn.failed.take() {
             return Err(("beginning the transaction", e));
-        }
-        if !self.txn.eos() && barrier > 0 && barrier < out.len() {
-            let rest = out.split_off(barrier);
-            self.txn.send(out);
-            if let Some(e) = self.txn.failed.take() {
-                return Err(("producing", e));
-            }
-            self.txn.flush().map_err(|e| ("flushing", e))?;
-            out = rest;
         }
         self.txn.send(out);
         if let Some(e) = self.txn.failed.take() {

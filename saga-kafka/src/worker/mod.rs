@@ -22,7 +22,7 @@ use rdkafka::error::KafkaError as RdError;
 use rdkafka::message::{Headers, Message};
 use rdkafka::{ClientContext, TopicPartitionList};
 use saga_core::driver::{Incoming, Record, RECORD_KIND_HEADER};
-use saga_core::Timestamp;
+use saga_core::{HealthBoard, Timestamp};
 
 use crate::config::KafkaConfig;
 use crate::error::{Error, Result};
@@ -35,30 +35,38 @@ pub(crate) use txn::StatsInner;
 /// messages (a saga's start, an operator's request, a publish).
 pub(crate) struct Request {
     pub out: Vec<Record>,
-    /// At least once: how many leading records of `out` must be durable
-    /// before the rest are sent. Records to different partitions are not
-    /// ordered otherwise (exactly once, the transaction orders them for
-    /// `read_committed` readers).
-    pub barrier: usize,
     pub done: Box<dyn FnOnce(Result<()>) + Send>,
 }
 
 /// What a worker runs: the shell around a saga or participant driver.
 pub(crate) trait Processor: Send + 'static {
+    /// The component's name, for health reports.
+    fn name(&self) -> &str;
     /// The topics to consume.
     fn topics(&self) -> Vec<String>;
     /// The compacted topic read back when partitions are assigned.
     fn state_topic(&self) -> &str;
-    /// Installs the latest records (key, value) of `partition` of the state topic.
-    fn restore(&mut self, partition: u32, records: Vec<(String, Vec<u8>)>);
+    /// Installs the latest records (key, value) of `partition` of the
+    /// state topic. `Err(why)`: the partition cannot be served.
+    fn restore(
+        &mut self,
+        partition: u32,
+        records: Vec<(String, Vec<u8>)>,
+    ) -> std::result::Result<(), String>;
     /// Forgets the state of partitions that went away.
     fn release(&mut self, partitions: &[u32]);
-    /// The batch is about to commit: add the records that must commit with it.
-    fn before_commit(&mut self, out: &mut Vec<Record>) {
+    /// The batch is about to commit: add the records that must commit
+    /// with it. `Err((partition, why))`: the batch must not commit, and
+    /// that partition cannot go on.
+    fn before_commit(&mut self, out: &mut Vec<Record>) -> std::result::Result<(), (u32, String)> {
         let _ = out;
+        Ok(())
     }
     /// Handles one record inside the open batch.
     fn on_message(&mut self, msg: &Incoming<'_>, now: Timestamp, out: &mut Vec<Record>);
+    /// Dead-letters one record instead of handling it: the records its
+    /// handling made cannot be written (`why`).
+    fn reject(&mut self, msg: &Incoming<'_>, why: &str, now: Timestamp, out: &mut Vec<Record>);
     /// When the next timer or retry is due.
     fn next_due(&self) -> Option<Timestamp>;
     /// Runs one due timer or retry; `false` if nothing was due.
@@ -96,7 +104,15 @@ fn lock<P>(m: &Mutex<Core<P>>) -> MutexGuard<'_, Core<P>> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-impl<P: Processor> ClientContext for Ctx<P> {}
+impl<P: Processor> ClientContext for Ctx<P> {
+    fn log(&self, level: rdkafka::config::RDKafkaLogLevel, fac: &str, message: &str) {
+        crate::context::log(level, fac, message)
+    }
+
+    fn error(&self, error: RdError, reason: &str) {
+        crate::context::client_error(error, reason)
+    }
+}
 
 impl<P: Processor> ConsumerContext for Ctx<P> {
     fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
@@ -116,12 +132,13 @@ impl<P: Processor> ConsumerContext for Ctx<P> {
         }
     }
 
-    fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+    fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         if let Rebalance::Assign(tpl) = rebalance {
             let mut c = lock(&self.core);
             let parts = tpl_partitions(tpl);
-            tracing::info!(transactional_id = %c.txn.id, partitions = ?parts, "partitions assigned: restoring state");
-            c.take_partitions(&parts);
+            tracing::info!(transactional_id = %c.txn.id, partitions = ?parts, "partitions assigned: paused until their state is restored");
+            // The restore runs in the worker's loop, not in this callback.
+            c.assigned(consumer, &parts);
         }
     }
 }
@@ -140,6 +157,7 @@ pub(crate) fn spawn<P: Processor>(
     group: &str,
     proc: P,
     stats: Arc<StatsInner>,
+    health: HealthBoard,
 ) -> Result<WorkerHandle> {
     let txn_id = cfg.transactional_id(service);
     let topics = proc.topics();
@@ -148,6 +166,7 @@ pub(crate) fn spawn<P: Processor>(
         cfg.clone(),
         txn_id.clone(),
         stats,
+        health,
     )));
     lock(&core)
         .txn
@@ -183,8 +202,7 @@ pub(crate) fn spawn<P: Processor>(
                 drop(consumer);
             }
             let mut c = lock(&core);
-            let owned: Vec<u32> = c.owned.iter().copied().collect();
-            c.give_up_partitions(&owned);
+            c.give_up_all();
         })
         .map_err(|e| Error::Config {
             key: "thread".into(),
@@ -230,6 +248,7 @@ fn run<P: Processor>(core: &Arc<Mutex<Core<P>>>, consumer: &BaseConsumer<Ctx<P>>
                 return;
             }
         }
+        let max = if lock(core).isolating() { 1 } else { max };
         lock(core).serve_requests(false);
         // The batch's clock starts with its first message, timer or request.
         let mut deadline: Option<Instant> = if lock(core).waiting.is_empty() {
@@ -255,9 +274,15 @@ fn run<P: Processor>(core: &Arc<Mutex<Core<P>>>, consumer: &BaseConsumer<Ctx<P>>
                 Some(Ok(m)) => lock(core).handle_message(&incoming(&m)),
                 Some(Err(RdError::PartitionEOF(_))) => {}
                 Some(Err(e)) => tracing::warn!(error = %e, "consumer error"),
+
                 None => {}
             }
             let mut c = lock(core);
+            if !c.busy() {
+                // Partitions assigned in this poll's rebalance, or due
+                // for another try: restored between batches.
+                c.restore_due(consumer);
+            }
             c.run_due();
             let busy = c.busy();
             if busy && deadline.is_none() {
@@ -289,15 +314,21 @@ fn run<P: Processor>(core: &Arc<Mutex<Core<P>>>, consumer: &BaseConsumer<Ctx<P>>
 struct NoInput;
 
 impl Processor for NoInput {
+    fn name(&self) -> &str {
+        "publisher"
+    }
     fn topics(&self) -> Vec<String> {
         Vec::new()
     }
     fn state_topic(&self) -> &str {
         ""
     }
-    fn restore(&mut self, _: u32, _: Vec<(String, Vec<u8>)>) {}
+    fn restore(&mut self, _: u32, _: Vec<(String, Vec<u8>)>) -> std::result::Result<(), String> {
+        Ok(())
+    }
     fn release(&mut self, _: &[u32]) {}
     fn on_message(&mut self, _: &Incoming<'_>, _: Timestamp, _: &mut Vec<Record>) {}
+    fn reject(&mut self, _: &Incoming<'_>, _: &str, _: Timestamp, _: &mut Vec<Record>) {}
     fn next_due(&self) -> Option<Timestamp> {
         None
     }
@@ -320,10 +351,15 @@ pub(crate) struct Publisher {
 }
 
 impl Publisher {
-    pub(crate) fn new(cfg: Arc<KafkaConfig>, service: &str, stats: Arc<StatsInner>) -> Self {
+    pub(crate) fn new(
+        cfg: Arc<KafkaConfig>,
+        service: &str,
+        stats: Arc<StatsInner>,
+        health: HealthBoard,
+    ) -> Self {
         let txn_id = cfg.transactional_id(service);
         Self {
-            core: Mutex::new(Core::new(NoInput, cfg, txn_id, stats)),
+            core: Mutex::new(Core::new(NoInput, cfg, txn_id, stats, health)),
         }
     }
 
@@ -332,7 +368,6 @@ impl Publisher {
         let (tx, rx) = std::sync::mpsc::channel();
         lock(&self.core).run_request(Request {
             out,
-            barrier: 0,
             done: Box::new(move |r| {
                 let _ = tx.send(r);
             }),

@@ -9,12 +9,13 @@ use std::time::Duration;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext};
 use rdkafka::error::KafkaError as RdError;
 use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
+use rdkafka::producer::{BaseRecord, Producer, ThreadedProducer};
 use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::TopicPartitionList;
 use saga_core::driver::{Record, RECORD_KIND_HEADER};
 
 use crate::config::{DeliveryMode, KafkaConfig};
+use crate::context::{record_fault, Deliveries};
 use crate::error::Error;
 
 /// Counters of one runtime's transactions (all workers).
@@ -66,7 +67,7 @@ impl StatsInner {
     }
 }
 
-pub(crate) type Producer_ = ThreadedProducer<DefaultProducerContext>;
+pub(crate) type Producer_ = ThreadedProducer<Deliveries>;
 
 /// A worker's producer and the state of its open transaction (exactly
 /// once) or batch (at least once).
@@ -81,6 +82,10 @@ pub(crate) struct Txn {
     /// Records produced in the open transaction.
     pub(crate) pending: u64,
     pub(crate) stats: Arc<StatsInner>,
+    /// The producer's delivery reports.
+    deliveries: Deliveries,
+    /// A record of the open transaction the client refused as it is.
+    fault: Option<String>,
 }
 
 impl Txn {
@@ -93,6 +98,8 @@ impl Txn {
             failed: None,
             pending: 0,
             stats,
+            deliveries: Deliveries::default(),
+            fault: None,
         }
     }
 
@@ -102,7 +109,10 @@ impl Txn {
 
     fn create_producer(&self) -> Result<Producer_, RdError> {
         let txn = self.eos().then_some(self.id.as_str());
-        let p: Producer_ = self.cfg.producer_config(txn).create()?;
+        let p: Producer_ = self
+            .cfg
+            .producer_config(txn)
+            .create_with_context(self.deliveries.clone())?;
         if self.eos() {
             self.retry("init_transactions", || {
                 p.init_transactions(self.cfg.transaction_timeout)
@@ -198,6 +208,13 @@ impl Txn {
                     }
                     Err((e, _)) => {
                         tracing::warn!(transactional_id = %self.id, topic = %r.topic, error = %e, "cannot produce");
+                        if e.rdkafka_error_code().is_some_and(record_fault) {
+                            self.fault = Some(format!(
+                                "a record for `{}` of {} bytes cannot be produced: {e}",
+                                r.topic,
+                                r.size()
+                            ));
+                        }
                         self.failed = Some(e);
                         break;
                     }
@@ -237,19 +254,18 @@ impl Txn {
         Ok(())
     }
 
-    /// Flushes what was produced so far (at least once: makes it durable
-    /// before what follows).
-    pub(crate) fn flush(&self) -> Result<(), RdError> {
-        match &self.producer {
-            Some(p) => p.flush(self.cfg.message_timeout),
-            None => Err(RdError::Canceled),
-        }
+    /// Why the open transaction failed, if a record of it was refused as
+    /// it is (writing it again would fail again).
+    pub(crate) fn record_fault(&mut self) -> Option<String> {
+        self.fault.take().or_else(|| self.deliveries.take_fault())
     }
 
     /// The transaction ended (committed or aborted): forget it.
     pub(crate) fn clear(&mut self) {
         self.open = false;
         self.failed = None;
+        self.fault = None;
+        let _ = self.deliveries.take_fault();
         self.stats
             .pending
             .fetch_sub(self.pending, Ordering::Relaxed);
@@ -284,6 +300,14 @@ impl Txn {
         if rebuild {
             self.stats.producer_rebuilds.fetch_add(1, Ordering::Relaxed);
             self.producer = None;
+        }
+    }
+
+    /// Drops the producer: the next transaction builds a new one with the
+    /// same transactional id.
+    pub(crate) fn discard_producer(&mut self) {
+        if self.producer.take().is_some() {
+            self.stats.producer_rebuilds.fetch_add(1, Ordering::Relaxed);
         }
     }
 

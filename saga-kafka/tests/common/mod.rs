@@ -180,8 +180,13 @@ pub struct TestBed {
 
 impl TestBed {
     /// A fresh namespace on the broker at `KAFKA_BOOTSTRAP_SERVERS`, with
-    /// the event topic created (the runtimes create the others).
+    /// the event topic created (the runtimes create the others). Logs go to
+    /// the test's output as `RUST_LOG` says (nothing without it).
     pub async fn new() -> Self {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_test_writer()
+            .try_init();
         let bed = Self::names(KafkaFixture::new());
         bed.fx.create_topics(&[&bed.t.events]).await;
         bed
@@ -474,16 +479,21 @@ impl Participant for Counter {
             .map(|s| serde_json::to_value(s).unwrap())
     }
 
-    fn restore(&self, partition: u32, snapshot: Option<serde_json::Value>) {
+    fn restore(
+        &self,
+        partition: u32,
+        snapshot: Option<serde_json::Value>,
+    ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
         let mut shards = self.shards.lock().unwrap();
         match snapshot {
             Some(v) => {
-                shards.insert(partition, serde_json::from_value(v).unwrap());
+                shards.insert(partition, serde_json::from_value(v)?);
             }
             None => {
                 shards.remove(&partition);
             }
         }
+        Ok(())
     }
 }
 

@@ -1,0 +1,130 @@
+//! The librdkafka client contexts of the runtime: librdkafka's logs and
+//! client errors go to `tracing` at their level (a broker that went away is
+//! a warning, not an error per line), and producers remember the first
+//! delivery that failed because of its record, so a batch that keeps
+//! failing can be traced to the input that made that record.
+
+use std::sync::{Arc, Mutex};
+
+use rdkafka::client::ClientContext;
+use rdkafka::config::RDKafkaLogLevel;
+use rdkafka::consumer::ConsumerContext;
+use rdkafka::error::KafkaError;
+use rdkafka::message::Message;
+use rdkafka::producer::{DeliveryResult, ProducerContext};
+use rdkafka::types::RDKafkaErrorCode;
+
+/// Logs librdkafka's messages and errors through `tracing`.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct Quiet;
+
+pub(crate) fn log(level: RDKafkaLogLevel, fac: &str, message: &str) {
+    // A connection that failed (the broker restarting, away) is retried
+    // by the client: a warning, reported once more as a client error.
+    let level = match (level, fac) {
+        (RDKafkaLogLevel::Error, "FAIL") => RDKafkaLogLevel::Warning,
+        (level, _) => level,
+    };
+    match level {
+        RDKafkaLogLevel::Emerg
+        | RDKafkaLogLevel::Alert
+        | RDKafkaLogLevel::Critical
+        | RDKafkaLogLevel::Error => tracing::error!(target: "librdkafka", fac, "{message}"),
+        RDKafkaLogLevel::Warning => tracing::warn!(target: "librdkafka", fac, "{message}"),
+        RDKafkaLogLevel::Notice | RDKafkaLogLevel::Info => {
+            tracing::info!(target: "librdkafka", fac, "{message}")
+        }
+        RDKafkaLogLevel::Debug => tracing::debug!(target: "librdkafka", fac, "{message}"),
+    }
+}
+
+/// Client errors: the broker out of reach is expected now and then (a
+/// restart, a failover) and retried by the client; it is a warning. The
+/// end of a partition (readers ask to be told) is not an error at all.
+pub(crate) fn client_error(error: KafkaError, reason: &str) {
+    match error.rdkafka_error_code() {
+        // Reaching a partition's end is how readers know they are done.
+        Some(RDKafkaErrorCode::PartitionEOF) => {
+            tracing::trace!(target: "librdkafka", %error, "{reason}")
+        }
+        Some(
+            RDKafkaErrorCode::AllBrokersDown
+            | RDKafkaErrorCode::BrokerTransportFailure
+            | RDKafkaErrorCode::Resolve,
+        ) => tracing::warn!(target: "librdkafka", %error, "{reason}"),
+        _ => tracing::error!(target: "librdkafka", %error, "{reason}"),
+    }
+}
+
+impl ClientContext for Quiet {
+    fn log(&self, level: RDKafkaLogLevel, fac: &str, message: &str) {
+        log(level, fac, message)
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        client_error(error, reason)
+    }
+}
+
+impl ConsumerContext for Quiet {}
+
+/// Whether a produce error is the record's own fault: writing it again
+/// will fail again, whatever the broker's state.
+pub(crate) fn record_fault(code: RDKafkaErrorCode) -> bool {
+    matches!(
+        code,
+        RDKafkaErrorCode::MessageSizeTooLarge
+            | RDKafkaErrorCode::InvalidMessageSize
+            | RDKafkaErrorCode::InvalidMessage
+            | RDKafkaErrorCode::MessageBatchTooLarge
+            | RDKafkaErrorCode::InvalidRecord
+            | RDKafkaErrorCode::InvalidTimestamp
+            | RDKafkaErrorCode::PolicyViolation
+    )
+}
+
+/// A producer's context: remembers the first delivery of the open
+/// transaction that failed because of its record.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct Deliveries {
+    pub(crate) fault: Arc<Mutex<Option<String>>>,
+}
+
+impl Deliveries {
+    /// Takes the fault recorded since the last call.
+    pub(crate) fn take_fault(&self) -> Option<String> {
+        self.fault.lock().unwrap_or_else(|e| e.into_inner()).take()
+    }
+}
+
+impl ClientContext for Deliveries {
+    fn log(&self, level: RDKafkaLogLevel, fac: &str, message: &str) {
+        log(level, fac, message)
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        client_error(error, reason)
+    }
+}
+
+impl ProducerContext for Deliveries {
+    type DeliveryOpaque = ();
+
+    fn delivery(&self, result: &DeliveryResult<'_>, _: ()) {
+        let Err((error, message)) = result else {
+            return;
+        };
+        let Some(code) = error.rdkafka_error_code() else {
+            return;
+        };
+        if record_fault(code) {
+            let what = format!(
+                "the broker refused a record for `{}` ({} bytes): {error}",
+                message.topic(),
+                message.payload().map_or(0, <[u8]>::len)
+            );
+            let mut fault = self.fault.lock().unwrap_or_else(|e| e.into_inner());
+            fault.get_or_insert(what);
+        }
+    }
+}

@@ -1,0 +1,448 @@
+//! Nothing stops a partition for good, and state does not grow with
+//! history: every kind of poison record is dead-lettered once (with its
+//! origin, truncated if it is large) while the partition goes on; a record
+//! the broker refuses gets its input dead-lettered alone; a partition whose
+//! state cannot be restored is paused and reported, never consumed; starts
+//! are idempotent from any instance; settled sagas are deleted (tombstoned)
+//! after their retention.
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use common::*;
+use saga_core::driver::{ledger_topic, partition_for, PARTICIPANT_STATE_KEY};
+use saga_core::testing::eventually;
+use saga_core::{
+    DeadLetter, Envelope, MessageId, Participant, ParticipantContext, ParticipantPolicy,
+    ReplyOutcome, Runtime, SagaId, SagaStatus, StepError, Timestamp,
+};
+use saga_kafka::KafkaRuntime;
+use serde_json::json;
+
+/// Every dead letter on `topic`, with the size of its record.
+fn dead_letters(bed: &TestBed, topic: &str) -> Vec<(DeadLetter, usize)> {
+    bed.fx
+        .read_committed_records(topic)
+        .into_iter()
+        .map(|r| {
+            let env = Envelope::from_bytes(&r.value).expect("an envelope");
+            (
+                DeadLetter::from_envelope(&env).expect("a dead letter"),
+                r.value.len() + r.key.len(),
+            )
+        })
+        .collect()
+}
+
+/// A record to write as it is: key, value, record-kind header.
+type Raw<'a> = (&'a str, Option<&'a [u8]>, Option<&'a str>);
+
+/// 600 KB of bytes that are no JSON.
+fn big_garbage() -> Vec<u8> {
+    (0..600_000u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8 | 0x80)
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "needs Kafka: scripts/test.sh"]
+async fn every_poison_record_is_dead_lettered_once_and_the_partition_goes_on() {
+    let bed = TestBed::new().await;
+    let t = &bed.t;
+    let rt = bed.runtime("0");
+    bed.run_participants(&rt).await;
+    let orders = bed.orders(&rt, Duration::from_millis(100)).await;
+    let done = orders.start("done-1", Order::new(100)).await.unwrap();
+    let settled = orders
+        .wait_settled(&done, Duration::from_secs(60))
+        .await
+        .unwrap();
+    assert_eq!(settled.status, SagaStatus::Completed);
+
+    let now = Timestamp::now();
+    let replies = t.replies();
+    let garbage = big_garbage();
+    let event = Envelope::event(
+        MessageId::new("e-1"),
+        &replies,
+        SagaId::new("p3"),
+        "x",
+        json!({}),
+        now,
+    )
+    .to_bytes();
+    let to_unknown = reserve_command(&t.inventory, &replies, "p4")
+        .reply(ReplyOutcome::Success, json!({"ok": true}), now)
+        .unwrap()
+        .to_bytes();
+    let wrong_schema = reserve_command(&t.inventory, &replies, "done-1")
+        .reply(ReplyOutcome::Success, json!("not an Ok_"), now)
+        .unwrap()
+        .to_bytes();
+    // On the saga's reply topic: (key, value, record-kind header).
+    let on_replies: Vec<Raw<'_>> = vec![
+        ("p1", Some(b"garbage"), None),
+        ("p2", None, None),
+        ("p3", Some(&event), None),
+        ("p4", Some(&to_unknown), None),
+        ("p5", Some(b"{not state"), Some("state")),
+        ("p6", Some(b"{}"), Some("bogus")),
+        ("p7", Some(b"{not a start"), Some("start")),
+        ("p8", Some(b"{not an operator"), Some("operator")),
+        ("done-1", Some(&wrong_schema), None),
+        ("p10", Some(&garbage), None),
+    ];
+    for (key, value, kind) in &on_replies {
+        bed.fx
+            .produce_raw(&replies, None, Some(key.as_bytes()), *value, *kind);
+    }
+    let reply = reserve_command(&t.inventory, &replies, "q4")
+        .reply(ReplyOutcome::Success, json!({"ok": true}), now)
+        .unwrap()
+        .to_bytes();
+    // On the inventory's command topic.
+    let on_commands: Vec<Raw<'_>> = vec![
+        ("q1", Some(b"garbage"), None),
+        ("q2", None, None),
+        ("q3", Some(&event), None),
+        ("q4", Some(&reply), None),
+        ("q5", Some(b"{}"), Some("ledger")),
+        ("q6", Some(b"{}"), Some("bogus")),
+        ("q7", Some(&garbage), None),
+    ];
+    for (key, value, kind) in &on_commands {
+        bed.fx
+            .produce_raw(&t.inventory, None, Some(key.as_bytes()), *value, *kind);
+    }
+
+    // The partitions go on: an order after the poison completes.
+    let after = orders.start("after-1", Order::new(100)).await.unwrap();
+    let after = orders
+        .wait_settled(&after, Duration::from_secs(60))
+        .await
+        .unwrap();
+    assert_eq!(after.status, SagaStatus::Completed, "{:#?}", after.history);
+
+    // One dead letter per poison record, each under the record size limit,
+    // with the record's origin; the big ones keep a truncated copy.
+    let limit = saga_core::driver::DEFAULT_MAX_RECORD_BYTES;
+    let inventory_dlq = format!("{}.dlq", bed.participant_name("inventory"));
+    for (topic, dlq, sent) in [
+        (&replies, t.dlq(), on_replies.len()),
+        (&t.inventory, inventory_dlq, on_commands.len()),
+    ] {
+        let mut dead = Vec::new();
+        eventually(
+            &format!("{sent} dead letters on {dlq}"),
+            Duration::from_secs(30),
+            || {
+                dead = dead_letters(&bed, &dlq);
+                let n = dead.len();
+                async move { n >= sent }
+            },
+        )
+        .await;
+        assert_eq!(dead.len(), sent, "one dead letter each: {dead:#?}");
+        let origins: BTreeSet<(u32, u64)> = dead
+            .iter()
+            .map(|(d, size)| {
+                assert!(*size <= limit, "a dead letter of {size} bytes");
+                assert!(!d.last_error.is_empty(), "{d:?}");
+                let o = d.origin.as_ref().expect("the record's origin");
+                assert_eq!(&o.topic, topic);
+                (o.partition, o.offset)
+            })
+            .collect();
+        assert_eq!(origins.len(), sent, "distinct records");
+        let truncated = dead
+            .iter()
+            .filter(|(d, _)| d.truncated_from.is_some())
+            .count();
+        assert_eq!(truncated, 1, "the 600 KB record is kept truncated");
+    }
+    rt.shutdown().await;
+}
+
+/// Answers with a 50 KB payload for saga `big`, a small one otherwise.
+struct Wide;
+
+#[async_trait]
+impl Participant for Wide {
+    type Command = serde_json::Value;
+    type Reply = String;
+    type Error = StepError;
+    async fn handle(
+        &self,
+        _: serde_json::Value,
+        ctx: &mut ParticipantContext,
+    ) -> Result<String, StepError> {
+        Ok(if ctx.saga_id().as_str() == "big" {
+            "x".repeat(50_000)
+        } else {
+            "ok".into()
+        })
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "needs Kafka: scripts/test.sh"]
+async fn a_record_the_broker_refuses_gets_its_input_dead_lettered_alone() {
+    let bed = TestBed::new().await;
+    let commands = bed.fx.topic("wide");
+    let replies = bed.fx.topic("wide.replies");
+    // The reply topic takes 10 KB records; the runtime's own limit is 1 MB.
+    create_topic_with(&bed.fx, &replies, 3, &[("max.message.bytes", "10000")]).await;
+    let rt = bed.runtime("0");
+    let name = bed.participant_name("wide");
+    rt.participant(&commands, ParticipantPolicy::new(&name), Wide)
+        .await
+        .unwrap();
+    // Three commands on one partition (same key order as sent).
+    for id in ["small-1", "big", "small-2"] {
+        let c = reserve_command(&commands, &replies, id);
+        bed.fx
+            .produce_raw(&commands, Some(0), Some(b"k"), Some(&c.to_bytes()), None);
+    }
+    let mut got = Vec::new();
+    eventually("three replies", Duration::from_secs(60), || {
+        got = bed.fx.read_committed(&replies);
+        let n = got.len();
+        async move { n >= 3 }
+    })
+    .await;
+    let outcome = |id: &str| {
+        got.iter()
+            .find(|r| r.saga_id.as_str() == id)
+            .and_then(|r| r.outcome.clone())
+            .unwrap_or_else(|| panic!("no reply for {id}: {got:#?}"))
+    };
+    assert_eq!(outcome("small-1"), ReplyOutcome::Success);
+    assert_eq!(outcome("small-2"), ReplyOutcome::Success);
+    assert!(
+        matches!(outcome("big"), ReplyOutcome::Failure { ref error, .. } if error.contains("broker refuses")),
+        "{:?}",
+        outcome("big")
+    );
+    assert_eq!(got.len(), 3, "one reply each: {got:#?}");
+    let dead = bed.fx.read_committed(&format!("{name}.dlq"));
+    assert_eq!(dead.len(), 1, "only the input at fault: {dead:#?}");
+    let dead = DeadLetter::from_envelope(&dead[0]).unwrap();
+    assert_eq!(dead.original.saga_id.as_str(), "big");
+    assert!(
+        dead.last_error.contains("broker refuses"),
+        "{}",
+        dead.last_error
+    );
+    rt.shutdown().await;
+}
+
+/// Counts commands per partition; refuses a snapshot that is not a number.
+#[derive(Default)]
+struct Strict(std::sync::Mutex<BTreeMap<u32, u64>>);
+
+#[async_trait]
+impl Participant for Strict {
+    type Command = serde_json::Value;
+    type Reply = u64;
+    type Error = StepError;
+    async fn handle(
+        &self,
+        _: serde_json::Value,
+        ctx: &mut ParticipantContext,
+    ) -> Result<u64, StepError> {
+        let mut m = self.0.lock().unwrap();
+        let n = m.entry(ctx.partition()).or_default();
+        *n += 1;
+        Ok(*n)
+    }
+    fn snapshot(&self, partition: u32) -> Option<serde_json::Value> {
+        self.0.lock().unwrap().get(&partition).map(|n| json!(n))
+    }
+    fn restore(
+        &self,
+        partition: u32,
+        snapshot: Option<serde_json::Value>,
+    ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+        let n = match snapshot {
+            None => 0,
+            Some(v) => v.as_u64().ok_or("the count is not a number")?,
+        };
+        self.0.lock().unwrap().insert(partition, n);
+        Ok(())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "needs Kafka: scripts/test.sh"]
+async fn a_partition_whose_state_cannot_be_restored_is_paused_reported_and_not_consumed() {
+    let bed = TestBed::new().await;
+    let commands = bed.fx.topic("strict");
+    let replies = bed.fx.topic("strict.replies");
+    let name = bed.participant_name("strict");
+    let ledger = ledger_topic(&name);
+    create_topic_with(&bed.fx, &commands, 3, &[]).await;
+    create_topic_with(&bed.fx, &replies, 3, &[]).await;
+    create_topic_with(&bed.fx, &ledger, 3, &[("cleanup.policy", "compact")]).await;
+    // Partition 1's state is one the participant refuses.
+    let key = PARTICIPANT_STATE_KEY.as_bytes();
+    bed.fx.produce_raw(
+        &ledger,
+        Some(1),
+        Some(key),
+        Some(b"\"seven\""),
+        Some("shard"),
+    );
+    // A command for partition 0 and one for partition 1.
+    let on = |p: u32| {
+        (0..)
+            .map(|i| format!("s-{i}"))
+            .find(|id| partition_for(id, 3) == p)
+            .unwrap()
+    };
+    let (id0, id1) = (on(0), on(1));
+    for id in [&id0, &id1] {
+        let c = reserve_command(&commands, &replies, id);
+        bed.fx.produce_raw(
+            &commands,
+            None,
+            Some(id.as_bytes()),
+            Some(&c.to_bytes()),
+            None,
+        );
+    }
+    let run = |instance: &str| {
+        let rt = bed.runtime(instance);
+        let name = name.clone();
+        let commands = commands.clone();
+        async move {
+            rt.participant(&commands, ParticipantPolicy::new(&name), Strict::default())
+                .await
+                .unwrap();
+            rt
+        }
+    };
+    let rt = run("0").await;
+    eventually("partition 0 answered", Duration::from_secs(30), || {
+        let n = bed.fx.read_committed(&replies).len();
+        async move { n >= 1 }
+    })
+    .await;
+    eventually("partition 1 reported", Duration::from_secs(30), || {
+        let health = rt.health();
+        async move {
+            health
+                .problems
+                .iter()
+                .any(|p| p.partition == Some(1) && p.error.contains("not a number"))
+        }
+    })
+    .await;
+    let health = rt.health();
+    assert_eq!(health.problems.len(), 1, "{health:?}");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let answered: Vec<String> = bed
+        .fx
+        .read_committed(&replies)
+        .iter()
+        .map(|r| r.saga_id.to_string())
+        .collect();
+    assert_eq!(
+        answered,
+        std::slice::from_ref(&id0),
+        "partition 1 is not served"
+    );
+    rt.shutdown().await;
+
+    // Fixed, and restarted: the command of partition 1 was never consumed.
+    bed.fx
+        .produce_raw(&ledger, Some(1), Some(key), Some(b"7"), Some("shard"));
+    let rt = run("0").await;
+    eventually("partition 1 answered", Duration::from_secs(60), || {
+        let n = bed.fx.read_committed(&replies).len();
+        async move { n >= 2 }
+    })
+    .await;
+    let replies = bed.fx.read_committed(&replies);
+    let last = replies.iter().find(|r| r.saga_id.as_str() == id1).unwrap();
+    assert_eq!(last.payload, json!(8), "counted from the restored state");
+    assert!(rt.health().is_ok(), "{:?}", rt.health());
+    rt.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "needs Kafka: scripts/test.sh"]
+async fn starts_are_idempotent_from_any_instance_and_settled_sagas_are_tombstoned() {
+    let bed = TestBed::new().await;
+    let t = &bed.t;
+    let runtime = |instance: &str| {
+        KafkaRuntime::new(
+            bed.config(instance)
+                .settled_retention(Duration::from_secs(3)),
+        )
+        .unwrap()
+    };
+    let (a, b) = (runtime("a"), runtime("b"));
+    bed.run_participants(&a).await;
+    let on_a = a
+        .saga(order_saga(t, Duration::from_millis(100)))
+        .await
+        .unwrap();
+    let on_b = b
+        .saga(order_saga(t, Duration::from_millis(100)))
+        .await
+        .unwrap();
+    let on_a = Arc::new(on_a);
+    let on_b = Arc::new(on_b);
+    // Both instances start the same sagas at once: each instance owns some
+    // partitions, so some starts go to the other's worker.
+    let ids: Vec<String> = (0..12).map(|i| format!("dup-{i}")).collect();
+    let mut tasks = Vec::new();
+    for id in &ids {
+        for h in [on_a.clone(), on_b.clone()] {
+            let id = id.clone();
+            tasks.push(tokio::spawn(async move {
+                for _ in 0..20 {
+                    match h.start(id.as_str(), Order::new(100)).await {
+                        Ok(got) => return got,
+                        // Until the partitions are assigned and restored.
+                        Err(e) if e.is_retryable() => {
+                            tokio::time::sleep(Duration::from_millis(300)).await
+                        }
+                        Err(e) => panic!("{id}: {e}"),
+                    }
+                }
+                panic!("{id} never started");
+            }));
+        }
+    }
+    for task in tasks {
+        task.await.unwrap();
+    }
+    // Each saga ran once, and past the retention its state is deleted.
+    eventually("settled states tombstoned", Duration::from_secs(90), || {
+        let mut latest: BTreeMap<String, bool> = BTreeMap::new();
+        for r in bed.fx.read_committed_records(&t.state()) {
+            latest.insert(r.key.clone(), r.tombstone);
+        }
+        let all = ids.iter().all(|id| latest.get(id) == Some(&true));
+        async move { all }
+    })
+    .await;
+    let events = bed.fx.read_committed(&t.events);
+    let reserves = count_keys(&bed.fx.read_committed(&t.inventory));
+    for id in &ids {
+        assert_eq!(
+            event_types(&events, id),
+            ["ORDER_CREATED", "ORDER_CONFIRMED"],
+            "{id} completed once"
+        );
+        let key = format!("{}:{id}/reserve/forward", t.saga);
+        assert_eq!(reserves.get(&key), Some(&1), "{id} started once");
+    }
+    a.shutdown().await;
+    b.shutdown().await;
+}
