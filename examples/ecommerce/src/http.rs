@@ -3,8 +3,16 @@
 //!
 //! Every error is JSON: `{"error": "...", "field": "items[0].quantity"}`;
 //! 4xx when the request is wrong, 503 with `"retryable": true` and a
-//! `Retry-After` header when the runtime could not take the write (nothing
-//! was written: the client may retry).
+//! `Retry-After` header when the runtime could not take the write in time
+//! (the broker away: within the runtime's request timeout, 5 s by
+//! default). `POST /orders` takes an `Idempotency-Key` header: retries of a
+//! request with the same key (and the same customer) return the same
+//! order, never a second one, so a client retries a 503 or a lost answer
+//! safely. The same key with other items is refused with 422.
+//!
+//! `GET /health` answers 200 when the runtime serves every partition, and
+//! 503 with the problems (a partition that cannot be restored or written,
+//! batches failing while the broker is away) otherwise.
 //!
 //! A process that runs only some services (Kafka, one service per process)
 //! serves the same routes; those of services it does not run answer 404
@@ -147,13 +155,33 @@ pub fn router(system: Arc<System>) -> Router {
         .with_state(system)
 }
 
-async fn health(State(s): State<Arc<System>>) -> Json<Value> {
-    Json(json!({
-        "status": "ok",
+async fn health(State(s): State<Arc<System>>) -> Response {
+    let health = s.health();
+    let status = if health.is_ok() {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    let problems: Vec<Value> = health
+        .problems
+        .iter()
+        .map(|p| {
+            json!({
+                "component": p.component,
+                "partition": p.partition,
+                "error": p.error,
+                "since": p.since,
+            })
+        })
+        .collect();
+    let body = json!({
+        "status": if health.is_ok() { "ok" } else { "degraded" },
         "runtime": s.runtime_name(),
         "services": s.services.names(),
         "topic_prefix": s.topics.prefix(),
-    }))
+        "problems": problems,
+    });
+    (status, Json(body)).into_response()
 }
 
 async fn metrics_text(State(s): State<Arc<System>>) -> impl IntoResponse {
@@ -179,14 +207,23 @@ async fn metrics_text(State(s): State<Arc<System>>) -> impl IntoResponse {
 
 async fn create_order(
     State(s): State<Arc<System>>,
+    headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> ApiResult<Response> {
     if !s.services.order {
         return Err(not_here("order"));
     }
+    let key = match headers.get("idempotency-key") {
+        None => None,
+        Some(v) => Some(v.to_str().map_err(|_| ApiError {
+            status: StatusCode::BAD_REQUEST,
+            error: "Idempotency-Key: not visible ASCII".into(),
+            field: Some("Idempotency-Key".into()),
+        })?),
+    };
     let body = body.map_err(body_error)?;
     let req: OrderRequest = parse_json(&body)?;
-    match s.place_order(&req).await {
+    match s.place_order(&req, key).await {
         Ok(order) => {
             let location = format!("/orders/{}", order.order_id);
             let body = json!({
@@ -209,6 +246,11 @@ async fn create_order(
         Err(PlaceError::Unavailable(msg)) => {
             Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, msg))
         }
+        Err(PlaceError::KeyReused(msg)) => Err(ApiError {
+            status: StatusCode::UNPROCESSABLE_ENTITY,
+            error: msg,
+            field: Some("Idempotency-Key".into()),
+        }),
     }
 }
 

@@ -5,9 +5,13 @@
 //! numbers, and publishes `INVENTORY_RESERVED`. A redelivered request is
 //! answered again by the runtime's ledger (same message id) without running
 //! this code; another attempt of the same step (the saga retried it, or an
-//! operator did: a new message id, the same business key,
-//! `ParticipantContext::idempotency_key`) gets the first answer from the
-//! guard here, so stock is never reserved twice.
+//! operator did: a new message id, the same business key) gets the first
+//! answer from the runtime too, as the service runs with
+//! [`ParticipantPolicy::remember_steps`](saga_core::ParticipantPolicy::remember_steps):
+//! stock is never reserved twice for one order within the policy's dedupe
+//! horizon (an hour by default; keep it longer than any order can wait
+//! for an operator). So the service keeps only stock, never a per-order
+//! record: its state does not grow with the orders it served.
 //!
 //! ## Stock shards (on Kafka, and with several instances)
 //!
@@ -22,7 +26,10 @@
 //! persists it in the same transaction as the replies and the consumed
 //! offsets, and hands it to whichever instance owns the partition after a
 //! crash or a rebalance. Only one instance owns a partition at a time, so
-//! a unit is never sold twice, however many instances run.
+//! a unit is never sold twice, however many instances run. An instance
+//! shows only the shards it serves now
+//! ([`Participant::revoke`] drops a shard
+//! that moved away).
 //!
 //! The price of this, a deliberate trade-off: an order is refused when
 //! *its* shard is short even if another shard still has the units (flow 2
@@ -36,7 +43,7 @@
 //! process serves every partition there, so nothing can be oversold, and
 //! the demo's numbers stay those of the design (50 laptops, "available 49").
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
@@ -77,10 +84,6 @@ pub struct StockLevel {
 struct Shard {
     /// SKU → (on hand, reserved).
     stock: BTreeMap<String, (u32, u32)>,
-    /// Order → the answer it got (the per-order idempotency guard). It
-    /// grows with the orders: a production service would expire answers
-    /// older than any possible redelivery.
-    answered: BTreeMap<String, InventoryReply>,
 }
 
 impl Shard {
@@ -94,17 +97,11 @@ impl Shard {
     }
 }
 
-/// One shard as served by `GET /inventory` (`shards`).
+/// One shard this process serves, as `GET /inventory` shows it (`shards`).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct ShardView {
     /// The partition of `inventory.requests` it belongs to (0 when unsharded).
     pub partition: u32,
-    /// Whether this process serves the partition now (restored or handled
-    /// a request here); a shard it lost in a rebalance may be stale.
-    pub held: bool,
-    /// Requests it has answered: grows with every answer, so of two copies
-    /// of one shard (in two processes) the larger is the newer.
-    pub version: usize,
     /// Its stock.
     pub stock: Vec<StockLevel>,
 }
@@ -114,8 +111,8 @@ struct State {
     catalogue: Vec<(String, u32)>,
     /// `Some(n)`: one shard per partition of `n`; `None`: one shard.
     partitions: Option<u32>,
+    /// The shards this process serves now.
     shards: BTreeMap<u32, Shard>,
-    held: BTreeSet<u32>,
 }
 
 impl State {
@@ -129,10 +126,7 @@ impl State {
                 (sku.clone(), (total / n + extra, 0))
             })
             .collect();
-        Shard {
-            stock,
-            answered: BTreeMap::new(),
-        }
+        Shard { stock }
     }
 
     fn shard_index(&self, partition: u32) -> u32 {
@@ -149,7 +143,6 @@ impl State {
             let fresh = self.fresh_shard(i);
             self.shards.insert(i, fresh);
         }
-        self.held.insert(i);
         self.shards.get_mut(&i).expect("just inserted")
     }
 }
@@ -170,11 +163,12 @@ impl Inventory {
                 .collect(),
             partitions,
             shards: BTreeMap::new(),
-            held: BTreeSet::new(),
         };
-        for i in 0..partitions.unwrap_or(1) {
-            let fresh = st.fresh_shard(i);
-            st.shards.insert(i, fresh);
+        if partitions.is_none() {
+            // One shard, always served; sharded, a shard comes with its
+            // partition (`restore`).
+            let fresh = st.fresh_shard(0);
+            st.shards.insert(0, fresh);
         }
         Self {
             state: Arc::new(Mutex::new(st)),
@@ -237,15 +231,13 @@ impl Inventory {
         skus.iter().filter_map(|s| self.level(s)).collect()
     }
 
-    /// Every shard this process has, with its stock.
+    /// Every shard this process serves now, with its stock.
     pub fn shards(&self) -> Vec<ShardView> {
         let st = self.lock();
         st.shards
             .iter()
             .map(|(&partition, shard)| ShardView {
                 partition,
-                held: st.held.contains(&partition),
-                version: shard.answered.len(),
                 stock: shard
                     .stock
                     .keys()
@@ -261,26 +253,16 @@ impl Inventory {
     }
 
     /// Reserves every item of `order_id` or none, from the shard of
-    /// `partition`; answers a request with a business `key` it answered
-    /// before with its first answer. Returns the answer and whether stock
-    /// changed.
+    /// `partition`. Returns the answer and whether stock changed. (A
+    /// repeated request never reaches it: the runtime answers it.)
     pub fn reserve(
         &self,
         partition: u32,
-        key: &str,
         order_id: &str,
         items: &[OrderItem],
     ) -> (InventoryReply, bool) {
         let mut st = self.lock();
         let shard = st.shard_mut(partition);
-        if let Some(previous) = shard.answered.get(key) {
-            tracing::info!(
-                order_id,
-                key,
-                "repeated reservation request: answering again"
-            );
-            return (previous.clone(), false);
-        }
         // One order may list a SKU twice: check the sums.
         let mut wanted: BTreeMap<&str, u32> = BTreeMap::new();
         for item in items {
@@ -313,7 +295,6 @@ impl Inventory {
                 (reply, true)
             }
         };
-        shard.answered.insert(key.to_owned(), reply.clone());
         (reply, changed)
     }
 }
@@ -331,8 +312,7 @@ impl Participant for Inventory {
     ) -> Result<InventoryReply, StepError> {
         match command {
             InventoryCommand::Reserve { order_id, items } => {
-                let key = ctx.idempotency_key().to_owned();
-                let (reply, changed) = self.reserve(ctx.partition(), &key, &order_id, &items);
+                let (reply, changed) = self.reserve(ctx.partition(), &order_id, &items);
                 if changed {
                     let mut reserved: BTreeMap<&str, u32> = BTreeMap::new();
                     for item in &items {
@@ -360,33 +340,41 @@ impl Participant for Inventory {
     fn snapshot(&self, partition: u32) -> Option<Value> {
         let st = self.lock();
         st.partitions?;
+        // Plain numbers by SKU: always serializes.
         st.shards
             .get(&partition)
             .and_then(|s| serde_json::to_value(s).ok())
     }
 
     /// Installs the shard of a partition this instance now serves: its last
-    /// persisted state, or its fresh share of the catalogue.
-    fn restore(&self, partition: u32, snapshot: Option<Value>) {
+    /// persisted state, or its fresh share of the catalogue. A shard that
+    /// does not decode is refused (the partition is not served) rather than
+    /// restarted from the catalogue, which would sell reserved units again.
+    fn restore(
+        &self,
+        partition: u32,
+        snapshot: Option<Value>,
+    ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
         let mut st = self.lock();
         if st.partitions.is_none() {
-            return;
+            return Ok(());
         }
-        let shard = match snapshot.map(serde_json::from_value::<Shard>) {
-            Some(Ok(shard)) => shard,
-            Some(Err(e)) => {
-                tracing::error!(partition, error = %e, "unreadable stock shard: starting it afresh");
-                st.fresh_shard(partition)
-            }
+        let shard = match snapshot {
+            Some(v) => serde_json::from_value::<Shard>(v)?,
             None => st.fresh_shard(partition),
         };
-        tracing::info!(
-            partition,
-            orders = shard.answered.len(),
-            "stock shard restored"
-        );
+        tracing::info!(partition, "stock shard restored");
         st.shards.insert(partition, shard);
-        st.held.insert(partition);
+        Ok(())
+    }
+
+    /// The partition moved to another instance: its shard is no longer
+    /// this one's to sell from or show.
+    fn revoke(&self, partition: u32) {
+        let mut st = self.lock();
+        if st.partitions.is_some() {
+            st.shards.remove(&partition);
+        }
     }
 }
 
@@ -404,25 +392,14 @@ mod tests {
     }
 
     #[test]
-    fn reserves_all_or_nothing_and_once_per_order() {
+    fn reserves_all_or_nothing() {
         let inv = Inventory::new(CATALOGUE);
-        let (r, changed) = inv.reserve(
-            0,
-            "o1/reserve",
-            "o1",
-            &[item("LAPTOP-001", 1), item("MOUSE-001", 2)],
-        );
+        let (r, changed) = inv.reserve(0, "o1", &[item("LAPTOP-001", 1), item("MOUSE-001", 2)]);
         assert!(matches!(r, InventoryReply::Reserved { .. }) && changed);
-        let (again, changed) = inv.reserve(0, "o1/reserve", "o1", &[item("LAPTOP-001", 1)]);
-        assert_eq!(again, r);
-        assert!(!changed);
         assert_eq!(inv.level("LAPTOP-001").unwrap().reserved, 1);
-        let (short, _) = inv.reserve(
-            1,
-            "o2/reserve",
-            "o2",
-            &[item("MOUSE-001", 1), item("LAPTOP-001", 100)],
-        );
+        let (short, changed) =
+            inv.reserve(1, "o2", &[item("MOUSE-001", 1), item("LAPTOP-001", 100)]);
+        assert!(!changed);
         assert_eq!(
             short,
             InventoryReply::InsufficientStock {
@@ -453,6 +430,9 @@ mod shard_tests {
     #[test]
     fn the_catalogue_is_split_across_partitions_and_each_shard_sells_its_own() {
         let inv = Inventory::sharded(CATALOGUE, 3);
+        for p in 0..3 {
+            inv.restore(p, None).unwrap();
+        }
         let on_hand: Vec<u32> = inv
             .shards()
             .iter()
@@ -466,7 +446,7 @@ mod shard_tests {
             .collect();
         assert_eq!(on_hand, [17, 17, 16]);
         assert_eq!(inv.level("LAPTOP-001").unwrap().on_hand, 50);
-        let (r, _) = inv.reserve(2, "o1/reserve", "o1", &laptops(17));
+        let (r, _) = inv.reserve(2, "o1", &laptops(17));
         assert!(
             matches!(
                 r,
@@ -478,22 +458,52 @@ mod shard_tests {
             ),
             "{r:?}"
         );
-        let (r, changed) = inv.reserve(0, "o2/reserve", "o2", &laptops(17));
+        let (r, changed) = inv.reserve(0, "o2", &laptops(17));
         assert!(matches!(r, InventoryReply::Reserved { .. }) && changed);
         // The shard moves with its partition: a new owner restores it.
         let other = Inventory::sharded(CATALOGUE, 3);
-        other.restore(0, inv.snapshot(0));
-        let (r, changed) = other.reserve(0, "o3/reserve", "o3", &laptops(1));
+        other.restore(0, inv.snapshot(0)).unwrap();
+        let (r, changed) = other.reserve(0, "o3", &laptops(1));
         assert!(matches!(r, InventoryReply::InsufficientStock { available: 0, .. }) && !changed);
-        let (again, changed) = other.reserve(0, "o2/reserve", "o2", &laptops(17));
-        assert!(matches!(again, InventoryReply::Reserved { .. }) && !changed);
+    }
+
+    #[test]
+    fn a_shard_holds_stock_only_however_many_orders_it_served() {
+        let inv = Inventory::sharded(CATALOGUE, 1);
+        inv.restore(0, None).unwrap();
+        let before = inv.snapshot(0).unwrap().to_string().len();
+        for i in 0..1000 {
+            inv.reserve(0, &format!("o{i}"), &[]);
+        }
+        assert_eq!(inv.snapshot(0).unwrap().to_string().len(), before);
+    }
+
+    #[test]
+    fn only_the_shards_served_now_are_shown() {
+        let inv = Inventory::sharded(CATALOGUE, 3);
+        assert!(
+            inv.shards().is_empty(),
+            "nothing before a partition is assigned"
+        );
+        inv.restore(1, None).unwrap();
+        inv.restore(2, None).unwrap();
+        inv.revoke(1);
+        let shown: Vec<u32> = inv.shards().iter().map(|s| s.partition).collect();
+        assert_eq!(shown, [2]);
+    }
+
+    #[test]
+    fn a_shard_that_does_not_decode_is_refused() {
+        let inv = Inventory::sharded(CATALOGUE, 3);
+        assert!(inv.restore(0, Some(serde_json::json!("garbage"))).is_err());
+        assert!(inv.shards().is_empty());
     }
 
     #[test]
     fn unsharded_keeps_one_shard_and_no_snapshot() {
         let inv = Inventory::new(CATALOGUE);
         assert_eq!(inv.shards().len(), 1);
-        inv.reserve(2, "o1/reserve", "o1", &laptops(1));
+        inv.reserve(2, "o1", &laptops(1));
         assert_eq!(inv.level("LAPTOP-001").unwrap().available, 49);
         assert!(inv.snapshot(0).is_none());
     }

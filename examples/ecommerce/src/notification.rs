@@ -188,7 +188,7 @@ impl EmailProvider for FakeEmailProvider {
     async fn send(&self, email: &Email) -> Result<(), EmailError> {
         match self.next_outcome(&email.to) {
             FakeOutcome::Ok => {
-                self.lock().sent.push(email.clone());
+                crate::system::keep_recent(&mut self.lock().sent, email.clone());
                 Ok(())
             }
             FakeOutcome::Timeout => {
@@ -236,7 +236,11 @@ impl Default for NotificationPolicy {
 /// The runtime policy of the notification participant (its name, the
 /// consumer group, and its dead-letter channel under `topics`).
 pub fn policy(p: &NotificationPolicy, topics: &Topics) -> ParticipantPolicy {
+    // A new attempt of a step whose email went out (a late reply made the
+    // saga retry, an operator retried) gets the first answer from the
+    // runtime: the email is not sent twice.
     ParticipantPolicy::new(topics.name("notification"))
+        .remember_steps()
         .retry(RetryPolicy::exponential(p.first_backoff, 2.0).with_max_attempts(p.max_attempts))
         .timeout(p.attempt_timeout)
         .dead_letter_channel(topics.name(NOTIFICATIONS_DLQ))
@@ -274,7 +278,7 @@ impl AttemptGuard {
         if let Some(mut r) = self.record.take() {
             r.ended_at = self.clock.now();
             r.outcome = outcome;
-            self.log.lock().unwrap_or_else(|e| e.into_inner()).push(r);
+            crate::system::keep_recent(&mut self.log.lock().unwrap_or_else(|e| e.into_inner()), r);
         }
     }
 }
@@ -291,11 +295,6 @@ pub struct NotificationService {
     provider: Arc<dyn EmailProvider>,
     clock: Clock,
     attempts: Arc<Mutex<Vec<AttemptRecord>>>,
-    /// Business keys of the requests whose email went out, with the
-    /// attempt it went out on: a new attempt of one of them (a late reply
-    /// made the saga retry, an operator retried) is answered without
-    /// sending again.
-    sent: Arc<Mutex<HashMap<String, u32>>>,
     events: String,
 }
 
@@ -306,7 +305,6 @@ impl NotificationService {
             provider,
             clock,
             attempts: Arc::default(),
-            sent: Arc::default(),
             events: NOTIFICATIONS_EVENTS.into(),
         }
     }
@@ -375,17 +373,6 @@ impl Participant for NotificationService {
         req: NotificationRequest,
         ctx: &mut ParticipantContext,
     ) -> Result<NotificationReply, EmailError> {
-        let key = ctx.idempotency_key().to_owned();
-        let already = self
-            .sent
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(&key)
-            .copied();
-        if let Some(attempts) = already {
-            tracing::info!(order_id = %req.order_id, key, "email already sent: answering again");
-            return Ok(NotificationReply::Sent { attempts });
-        }
         let email = compose(&req);
         let mut guard = AttemptGuard {
             log: self.attempts.clone(),
@@ -406,10 +393,6 @@ impl Participant for NotificationService {
             Err(e) => e.to_string(),
         });
         result?;
-        self.sent
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(key, ctx.attempt());
         tracing::info!(order_id = %req.order_id, to = %email.to, attempt = ctx.attempt(), "email sent");
         ctx.emit(
             self.events.clone(),

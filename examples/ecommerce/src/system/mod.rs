@@ -173,14 +173,62 @@ impl Config {
 pub enum PlaceError {
     /// The request is wrong (HTTP 4xx).
     Invalid(Invalid),
-    /// The runtime could not take the write; nothing was written, the
-    /// client may retry (HTTP 503).
+    /// The runtime could not take the write in time; the client may retry
+    /// (HTTP 503), with the same `Idempotency-Key` to be safe.
     Unavailable(String),
+    /// The `Idempotency-Key` was used before with a different request
+    /// (HTTP 422).
+    KeyReused(String),
 }
 
-/// Every message of some topics, as a projection saw them (the order
-/// process's source for timelines). Grows with the traffic: an example's
-/// convenience, not a production read model.
+/// The longest `Idempotency-Key` taken.
+pub const MAX_IDEMPOTENCY_KEY: usize = 200;
+
+/// The order id of a request with `Idempotency-Key` `key` from
+/// `customer_id`: `ORD-` and 16 hex digits of a name-based UUID of both,
+/// so retries of one request name one order, and two customers' keys never
+/// collide.
+pub fn order_id_for_key(customer_id: &str, key: &str) -> String {
+    let name = format!("{customer_id}\n{key}");
+    let uuid = uuid::Uuid::new_v5(&ORDER_KEYS, name.as_bytes());
+    format!("ORD-{}", &uuid.simple().to_string()[..16].to_uppercase())
+}
+
+/// The namespace of [`order_id_for_key`]'s name-based UUIDs.
+const ORDER_KEYS: uuid::Uuid = uuid::Uuid::from_u128(0x5f1c_1c0e_8a3b_4d52_9e07_6b2f_0d4a_91c3);
+
+fn check_key(key: &str) -> Result<(), order::Invalid> {
+    let ok = !key.is_empty()
+        && key.len() <= MAX_IDEMPOTENCY_KEY
+        && key.bytes().all(|b| b.is_ascii_graphic());
+    if ok {
+        Ok(())
+    } else {
+        Err(order::Invalid {
+            field: "Idempotency-Key".into(),
+            message: format!("must be 1 to {MAX_IDEMPOTENCY_KEY} visible ASCII characters"),
+        })
+    }
+}
+
+/// How many recent items a process keeps of each history it serves for
+/// looking at (messages per channel, notification attempts, fake emails):
+/// history is not state, and must not grow with every order.
+pub const KEEP_RECENT: usize = 10_000;
+
+/// Appends `item`, dropping the oldest beyond [`KEEP_RECENT`] (in chunks,
+/// so appending stays cheap).
+pub(crate) fn keep_recent<T>(list: &mut Vec<T>, item: T) {
+    list.push(item);
+    if list.len() >= 2 * KEEP_RECENT {
+        list.drain(..list.len() - KEEP_RECENT);
+    }
+}
+
+/// The recent messages of some topics, as a projection saw them (the order
+/// process's source for timelines): the last [`KEEP_RECENT`] to
+/// `2 × KEEP_RECENT` of each channel, an example's convenience, not a
+/// production read model.
 #[derive(Clone, Default)]
 pub struct ChannelLog {
     messages: Arc<Mutex<HashMap<String, Vec<Envelope>>>>,
@@ -188,15 +236,12 @@ pub struct ChannelLog {
 
 impl ChannelLog {
     pub(crate) fn push(&self, env: &Envelope) {
-        self.messages
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .entry(env.channel.clone())
-            .or_default()
-            .push(env.clone());
+        let mut messages = self.messages.lock().unwrap_or_else(|e| e.into_inner());
+        let list = messages.entry(env.channel.clone()).or_default();
+        keep_recent(list, env.clone());
     }
 
-    /// Every message of `channel` seen so far.
+    /// The recent messages of `channel`.
     pub fn read(&self, channel: &str) -> Vec<Envelope> {
         self.messages
             .lock()
@@ -267,6 +312,11 @@ impl System {
         kcfg: saga_kafka::KafkaConfig,
     ) -> Result<Self, String> {
         kafka::start_with(config, kcfg).await
+    }
+
+    /// The runtime's health: the partitions it cannot serve, and why.
+    pub fn health(&self) -> saga_core::Health {
+        self.runtime.health()
     }
 
     /// "memory" or "kafka".
@@ -389,42 +439,72 @@ impl System {
         }
     }
 
-    /// Validates `req` and starts its order saga. Returns the PENDING order.
+    /// Validates `req` and starts its order saga. Returns the order.
+    ///
+    /// With an `idempotency_key`, the order id derives from it (see
+    /// [`order_id_for_key`]): a retry of the same request (after a timeout,
+    /// a 503, a lost answer) gets the same order back, as it is now,
+    /// instead of a second order.
     ///
     /// # Errors
-    /// [`PlaceError::Invalid`] for a wrong request, [`PlaceError::Unavailable`]
-    /// when the runtime could not take it (nothing was written).
-    pub async fn place_order(&self, req: &OrderRequest) -> Result<Order, PlaceError> {
+    /// [`PlaceError::Invalid`] for a wrong request or key,
+    /// [`PlaceError::KeyReused`] for a key used before with another
+    /// request, [`PlaceError::Unavailable`] when the runtime could not take
+    /// it in time.
+    pub async fn place_order(
+        &self,
+        req: &OrderRequest,
+        idempotency_key: Option<&str>,
+    ) -> Result<Order, PlaceError> {
         let items = order::validate(req, |s| self.knows_sku(s)).map_err(PlaceError::Invalid)?;
+        if let Some(key) = idempotency_key {
+            check_key(key).map_err(PlaceError::Invalid)?;
+        }
         let unavailable = |why: String| {
             PlaceError::Unavailable(format!(
-                "the order could not be recorded ({why}); nothing was written, please retry"
+                "the order could not be recorded in time ({why}); please retry{}",
+                if idempotency_key.is_some() {
+                    " with the same Idempotency-Key"
+                } else {
+                    ""
+                }
             ))
         };
         self.check_accepting().map_err(unavailable)?;
         let handle = self.orders_handle().map_err(unavailable)?;
-        let mut last = String::new();
-        for _ in 0..3 {
-            let id = format!(
+        let id = match idempotency_key {
+            Some(key) => order_id_for_key(&req.customer_id, key),
+            // 64 random bits: a collision would return another order.
+            None => format!(
                 "ORD-{}",
-                &uuid::Uuid::new_v4().simple().to_string()[..8].to_uppercase()
-            );
-            let order = Order::new(id, req.customer_id.clone(), items.clone());
-            match handle.start(order.order_id.clone(), order.clone()).await {
-                Ok(_) => {
-                    metrics::counter!("ecommerce_orders_placed_total").increment(1);
-                    return Ok(order);
-                }
-                // An id collision: draw another.
-                Err(SagaError::AlreadyExists { .. }) => continue,
-                Err(e) => {
-                    tracing::warn!(error = %e, "order not started");
-                    last = e.to_string();
-                    break;
-                }
-            }
+                &uuid::Uuid::new_v4().simple().to_string()[..16].to_uppercase()
+            ),
+        };
+        let order = Order::new(id, req.customer_id.clone(), items);
+        if let Err(e) = handle.start(order.order_id.clone(), order.clone()).await {
+            tracing::warn!(error = %e, "order not started");
+            return Err(unavailable(e.to_string()));
         }
-        Err(unavailable(last))
+        metrics::counter!("ecommerce_orders_placed_total").increment(1);
+        if idempotency_key.is_none() {
+            return Ok(order);
+        }
+        // The saga may be the one an earlier request with this key started.
+        match handle.get(&SagaId::new(order.order_id.clone())).await {
+            Ok(Some(saga)) => {
+                let first = saga.data;
+                if first.customer_id != order.customer_id || first.items != order.items {
+                    return Err(PlaceError::KeyReused(format!(
+                        "Idempotency-Key already used for order {} with other items",
+                        first.order_id
+                    )));
+                }
+                Ok(first)
+            }
+            // Started by another instance's worker, not applied yet (or
+            // unreadable now): the order is the one just asked for.
+            Ok(None) | Err(_) => Ok(order),
+        }
     }
 
     /// Waits until `cond` holds, polling, for at most `timeout` of tokio

@@ -72,7 +72,9 @@ pub(crate) async fn wire<R: Runtime>(
         runtime
             .participant(
                 &topics.name(INVENTORY_REQUESTS),
-                ParticipantPolicy::new(topics.name("inventory")),
+                // A new attempt of an order's reservation gets its first
+                // answer (the inventory keeps no per-order record).
+                ParticipantPolicy::new(topics.name("inventory")).remember_steps(),
                 inv.clone(),
             )
             .await
