@@ -182,7 +182,10 @@ impl KafkaConfig {
     /// `KAFKA_BOOTSTRAP_SERVERS` is required. Optional: `SAGA_APP`,
     /// `SAGA_INSTANCE_ID`, `SAGA_TRANSACTIONAL_ID_PREFIX`, `SAGA_DELIVERY`
     /// (`exactly-once` or `at-least-once`), `KAFKA_PARTITIONS`,
-    /// `KAFKA_REPLICATION_FACTOR`, and these client properties:
+    /// `KAFKA_REPLICATION_FACTOR`, `KAFKA_SESSION_TIMEOUT_MS`,
+    /// `SAGA_REQUEST_TIMEOUT_MS`, `SAGA_STATIC_MEMBERSHIP` (`true` or
+    /// `false`), `SAGA_MAX_RECORD_BYTES`, `SAGA_SETTLED_RETENTION_SECS`
+    /// (see the setters of the same names), and these client properties:
     ///
     /// | variable | property |
     /// |---|---|
@@ -248,6 +251,31 @@ impl KafkaConfig {
         }
         if let Some(n) = int("KAFKA_REPLICATION_FACTOR")? {
             c.replication_factor = n;
+        }
+        let millis = |n: i32| Duration::from_millis(u64::from(n.unsigned_abs()));
+        if let Some(n) = int("KAFKA_SESSION_TIMEOUT_MS")? {
+            c.session_timeout = millis(n);
+        }
+        if let Some(n) = int("SAGA_REQUEST_TIMEOUT_MS")? {
+            c.request_timeout = millis(n);
+        }
+        if let Some(n) = int("SAGA_MAX_RECORD_BYTES")? {
+            c.max_record_bytes = n.unsigned_abs() as usize;
+        }
+        if let Some(n) = int("SAGA_SETTLED_RETENTION_SECS")? {
+            c.settled_retention = Duration::from_secs(u64::from(n.unsigned_abs()));
+        }
+        if let Some(v) = lookup("SAGA_STATIC_MEMBERSHIP") {
+            c.static_membership = match v.to_ascii_lowercase().as_str() {
+                "true" | "1" | "yes" | "on" => true,
+                "false" | "0" | "no" | "off" => false,
+                other => {
+                    return Err(Error::Config {
+                        key: "SAGA_STATIC_MEMBERSHIP".into(),
+                        reason: format!("`{other}` is not `true` or `false`"),
+                    })
+                }
+            };
         }
         for (var, prop) in ENV_VARS {
             if let Some(v) = lookup(var) {
@@ -540,6 +568,8 @@ mod tests {
             ("KAFKA_SASL_PASSWORD", "hunter2"),
             ("SAGA_DELIVERY", "at-least-once"),
             ("KAFKA_PARTITIONS", "6"),
+            ("SAGA_REQUEST_TIMEOUT_MS", "2500"),
+            ("SAGA_STATIC_MEMBERSHIP", "false"),
         ];
         let c = KafkaConfig::from_lookup(|k| {
             env.iter()
@@ -552,6 +582,8 @@ mod tests {
         assert_eq!(c.partitions, 6);
         assert_eq!(c.properties["sasl.password"], "hunter2");
         assert_eq!(c.properties["sasl.mechanism"], "SCRAM-SHA-512");
+        assert_eq!(c.request_timeout, Duration::from_millis(2500));
+        assert!(!c.static_membership);
         assert!(!format!("{c:?}").contains("hunter2"));
     }
 

@@ -23,13 +23,24 @@ pub(crate) fn spawn<F>(
 where
     F: FnMut(&Envelope) + Send + 'static,
 {
-    let consumer: BaseConsumer<Quiet> = cfg
-        .consumer_config(group)
-        .create_with_context(Quiet)
-        .map_err(|e| Error::client(format!("creating the consumer of group `{group}`"), e))?;
-    consumer
-        .subscribe(channels)
-        .map_err(|e| Error::client(format!("subscribing to {channels:?}"), e))?;
+    let subscribe = {
+        let (cfg, group) = (cfg.clone(), group.to_owned());
+        let channels: Vec<String> = channels.iter().map(|c| (*c).to_owned()).collect();
+        move || -> Result<BaseConsumer<Quiet>> {
+            let consumer: BaseConsumer<Quiet> = cfg
+                .consumer_config(&group)
+                .create_with_context(Quiet)
+                .map_err(|e| {
+                    Error::client(format!("creating the consumer of group `{group}`"), e)
+                })?;
+            let refs: Vec<&str> = channels.iter().map(String::as_str).collect();
+            consumer
+                .subscribe(&refs)
+                .map_err(|e| Error::client(format!("subscribing to {channels:?}"), e))?;
+            Ok(consumer)
+        }
+    };
+    let mut consumer = subscribe()?;
     let stop = Arc::new(AtomicU8::new(RUN));
     let flag = stop.clone();
     let group = group.to_owned();
@@ -57,6 +68,25 @@ where
                             m.partition(),
                             Offset::Offset(m.offset() + 1),
                         );
+                    }
+                    Some(Err(e @ rdkafka::error::KafkaError::MessageConsumptionFatal(_))) => {
+                        // Unusable (a static member fenced): join again with
+                        // a new consumer; what was not committed is read again.
+                        tracing::error!(group = %group, error = %e, "fatal consumer error: joining the group again");
+                        tpl = TopicPartitionList::new();
+                        loop {
+                            std::thread::sleep(Duration::from_secs(1));
+                            if flag.load(Ordering::SeqCst) != RUN {
+                                return;
+                            }
+                            match subscribe() {
+                                Ok(c) => {
+                                    consumer = c;
+                                    break;
+                                }
+                                Err(e) => tracing::warn!(group = %group, error = %e, "cannot create the consumer again: retrying"),
+                            }
+                        }
                     }
                     Some(Err(e)) => tracing::warn!(group = %group, error = %e, "consumer error"),
                     None => {}

@@ -8,6 +8,13 @@
 #   scripts/kafka/broker.sh status    exit 0 if it runs and answers, 3 if not running
 #   scripts/kafka/broker.sh address   print its bootstrap address (host:port)
 #   scripts/kafka/broker.sh fetch     only fetch the jars into the cache
+#   scripts/kafka/broker.sh crash     SIGKILL the broker, keeping its data dir and ports
+#   scripts/kafka/broker.sh resume    start the crashed broker again on the same data
+#                                     dir and address, wait until it answers
+#
+# crash and resume are for fault tests (a broker that dies and comes back);
+# give such a test a broker of its own with SAGA_KAFKA_STATE_DIR, so no other
+# test sees the outage.
 #
 # Use it by hand:
 #   scripts/kafka/broker.sh start
@@ -230,6 +237,24 @@ logger.request.level = WARN
 EOF
 }
 
+# Start the broker of $DATA_DIR (its server.properties) in the background,
+# appending to $1; records its pid.
+launch() {
+  local broker_log="$1"
+  # setsid: the broker gets its own session, so a ctrl-c in the terminal reaches
+  # the caller (whose trap runs `stop`), not the broker directly.
+  # shellcheck disable=SC2086 # HEAP_OPTS is a list of JVM flags
+  setsid java $HEAP_OPTS -server -XX:+UseG1GC -XX:MaxGCPauseMillis=20 \
+    -XX:InitiatingHeapOccupancyPercent=35 -XX:+ExplicitGCInvokesConcurrent \
+    -XX:MaxMetaspaceSize=256m -XX:+ExitOnOutOfMemoryError -Djava.awt.headless=true \
+    -Dlog4j2.configurationFile="$DATA_DIR/log4j2.properties" \
+    -Dkafka.logs.dir="$DATA_DIR" \
+    -cp "$LIBS_DIR/*" kafka.Kafka "$DATA_DIR/server.properties" \
+    </dev/null >>"$broker_log" 2>&1 &
+  BROKER_PID=$!
+  save_state
+}
+
 # One attempt: fresh data dir and ports, format, launch, wait. Returns 0 when
 # ready, 2 when the broker died of a port clash (worth another try), 1 otherwise.
 start_once() {
@@ -251,18 +276,7 @@ start_once() {
     return 1
   fi
 
-  # setsid: the broker gets its own session, so a ctrl-c in the terminal reaches
-  # the caller (whose trap runs `stop`), not the broker directly.
-  # shellcheck disable=SC2086 # HEAP_OPTS is a list of JVM flags
-  setsid java $HEAP_OPTS -server -XX:+UseG1GC -XX:MaxGCPauseMillis=20 \
-    -XX:InitiatingHeapOccupancyPercent=35 -XX:+ExplicitGCInvokesConcurrent \
-    -XX:MaxMetaspaceSize=256m -XX:+ExitOnOutOfMemoryError -Djava.awt.headless=true \
-    -Dlog4j2.configurationFile="$DATA_DIR/log4j2.properties" \
-    -Dkafka.logs.dir="$DATA_DIR" \
-    -cp "$LIBS_DIR/*" kafka.Kafka "$DATA_DIR/server.properties" \
-    </dev/null >"$broker_log" 2>&1 &
-  BROKER_PID=$!
-  save_state
+  launch "$broker_log"
 
   while :; do
     if ! kill -0 "$BROKER_PID" 2>/dev/null; then
@@ -369,6 +383,36 @@ cmd_status() {
   return 1
 }
 
+cmd_crash() {
+  load_state && is_our_broker "$BROKER_PID" "$DATA_DIR" \
+    || die "no running broker recorded in $STATE_DIR"
+  log "killing the broker (pid $BROKER_PID) with SIGKILL; data dir kept"
+  kill -KILL "$BROKER_PID" 2>/dev/null || true
+  while is_our_broker "$BROKER_PID" "$DATA_DIR"; do sleep 0.1; done
+}
+
+cmd_resume() {
+  load_state || die "no broker recorded in $STATE_DIR"
+  if is_our_broker "$BROKER_PID" "$DATA_DIR"; then
+    log "already running (pid $BROKER_PID)"
+    return 0
+  fi
+  [[ -f "$DATA_DIR/server.properties" ]] || die "no data dir to resume from ($DATA_DIR)"
+  local t0 deadline
+  t0="$(now)"
+  deadline=$(( t0 + READY_TIMEOUT ))
+  launch "$DATA_DIR/broker.log"
+  until probe_ready "$BOOTSTRAP" >/dev/null; do
+    if ! kill -0 "$BROKER_PID" 2>/dev/null; then
+      print_log_tail "$DATA_DIR/broker.log"
+      die "the resumed broker exited"
+    fi
+    (( $(now) < deadline )) || die "the resumed broker did not answer within ${READY_TIMEOUT}s"
+    sleep 0.5
+  done
+  log "resumed (pid $BROKER_PID) at $BOOTSTRAP after $(( $(now) - t0 ))s"
+}
+
 cmd_address() {
   if load_state && is_our_broker "$BROKER_PID" "$DATA_DIR"; then
     echo "$BOOTSTRAP"
@@ -382,6 +426,8 @@ case "${1:-}" in
   stop) cmd_stop ;;
   status) cmd_status ;;
   address) cmd_address ;;
+  crash) cmd_crash ;;
+  resume) ensure_libs; cmd_resume ;;
   fetch) ensure_libs; echo "$LIBS_DIR" ;;
   *)
     sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed '$d' | sed 's/^# \{0,1\}//' >&2

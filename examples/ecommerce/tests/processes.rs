@@ -12,109 +12,18 @@
 //! this test); a guard kills them all at the end, also when the test
 //! fails. Needs KAFKA_BOOTSTRAP_SERVERS.
 
+mod common;
+
 use std::collections::BTreeMap;
-use std::io::Read;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::{get_json, order_body, Processes};
 use futures::stream::{self, StreamExt};
-use serde_json::{json, Value};
+use serde_json::Value;
 
 const ORDERS: usize = 200;
 const CONCURRENCY: usize = 16;
 const DEADLINE: Duration = Duration::from_secs(170);
-
-/// The running services; killed (and reaped) when dropped.
-struct Processes {
-    dir: PathBuf,
-    children: Vec<(String, Child)>,
-}
-
-impl Drop for Processes {
-    fn drop(&mut self) {
-        for (_, child) in &mut self.children {
-            let _ = child.kill();
-        }
-        for (name, child) in &mut self.children {
-            let _ = child.wait();
-            if std::thread::panicking() {
-                let log = std::fs::read_to_string(self.dir.join(format!("{name}.log")))
-                    .unwrap_or_default();
-                let tail: Vec<&str> = log.lines().rev().take(15).collect();
-                eprintln!("--- last lines of {name}:");
-                for l in tail.iter().rev() {
-                    eprintln!("{l}");
-                }
-            }
-        }
-    }
-}
-
-impl Processes {
-    fn spawn(&mut self, exe: &Path, name: &str, service: &str, common: &[String]) {
-        let log = std::fs::File::create(self.dir.join(format!("{name}.log"))).unwrap();
-        let child = Command::new(exe)
-            .arg(service)
-            .args(common)
-            .args(["--instance-id", name, "--addr", "127.0.0.1:0"])
-            .env("RUST_LOG", "warn,rdkafka=off,librdkafka=off")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot run {}: {e}", exe.display()));
-        self.children.push((name.to_owned(), child));
-    }
-
-    /// Waits for `name` to print `listening on http://ADDR`; returns the URL.
-    fn url(&mut self, name: &str, deadline: Instant) -> String {
-        let path = self.dir.join(format!("{name}.log"));
-        loop {
-            let mut text = String::new();
-            if let Ok(mut f) = std::fs::File::open(&path) {
-                let _ = f.read_to_string(&mut text);
-            }
-            if let Some(rest) = text.split("listening on ").nth(1) {
-                let url = rest.split(';').next().unwrap().trim().to_owned();
-                return url;
-            }
-            let (_, child) = self.children.iter_mut().find(|(n, _)| n == name).unwrap();
-            if let Ok(Some(status)) = child.try_wait() {
-                panic!("{name} exited with {status} before listening:\n{text}");
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{name} did not start in time:\n{text}"
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
-}
-
-/// The example's binary, built by cargo for this test.
-fn example_binary() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_ecommerce"))
-}
-
-/// Order `i`: laptops and monitors (scarce), and mice.
-fn order_body(i: usize) -> Value {
-    let mut items = vec![json!({"sku": "MOUSE-001", "quantity": 1 + i % 2, "unit_price": "29.99"})];
-    if i % 2 == 0 {
-        items.push(json!({"sku": "LAPTOP-001", "quantity": 1 + i % 3, "unit_price": "999.99"}));
-    } else {
-        items.push(json!({"sku": "MONITOR-001", "quantity": 1 + i % 4, "unit_price": "249.50"}));
-    }
-    json!({"customer_id": format!("c-{i}"), "items": items})
-}
-
-async fn get_json(client: &reqwest::Client, url: &str) -> Option<Value> {
-    let res = client.get(url).send().await.ok()?;
-    if !res.status().is_success() {
-        return None;
-    }
-    res.json().await.ok()
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 #[ignore = "needs Kafka: scripts/test.sh"]
@@ -122,11 +31,9 @@ async fn services_as_processes_settle_200_orders_without_overselling() {
     let t0 = Instant::now();
     let bootstrap = std::env::var("KAFKA_BOOTSTRAP_SERVERS")
         .expect("KAFKA_BOOTSTRAP_SERVERS (scripts/test.sh starts a broker and sets it)");
-    let exe = example_binary();
     let tag = uuid::Uuid::new_v4().simple().to_string()[..10].to_owned();
     let prefix = format!("ecom-procs-{tag}.");
     let dir = std::env::temp_dir().join(format!("ecom-procs-{tag}"));
-    std::fs::create_dir_all(&dir).unwrap();
     let common: Vec<String> = [
         "--kafka",
         &bootstrap,
@@ -142,10 +49,7 @@ async fn services_as_processes_settle_200_orders_without_overselling() {
     .map(|s| (*s).to_owned())
     .collect();
 
-    let mut procs = Processes {
-        dir: dir.clone(),
-        children: Vec::new(),
-    };
+    let mut procs = Processes::new(dir.clone(), common);
     for (name, service) in [
         ("inventory-1", "inventory"),
         ("inventory-2", "inventory"),
@@ -153,7 +57,7 @@ async fn services_as_processes_settle_200_orders_without_overselling() {
         ("analytics-1", "analytics"),
         ("order-1", "order"),
     ] {
-        procs.spawn(&exe, name, service, &common);
+        procs.spawn(name, service, "127.0.0.1:0");
     }
     let started = Instant::now() + Duration::from_secs(60);
     let order_api = procs.url("order-1", started);

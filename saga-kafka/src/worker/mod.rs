@@ -172,22 +172,46 @@ pub(crate) fn spawn<P: Processor>(
         .txn
         .ensure_producer()
         .map_err(|e| Error::client(format!("creating the producer `{txn_id}`"), e))?;
-    let consumer: BaseConsumer<Ctx<P>> = cfg
-        .consumer_config(group)
-        .create_with_context(Ctx { core: core.clone() })
-        .map_err(|e| Error::client(format!("creating the consumer of group `{group}`"), e))?;
-    let refs: Vec<&str> = topics.iter().map(String::as_str).collect();
-    consumer
-        .subscribe(&refs)
-        .map_err(|e| Error::client(format!("subscribing to {topics:?}"), e))?;
+    let consumer = subscribe(&cfg, group, &topics, &core)?;
     let stop = Arc::new(AtomicU8::new(RUN));
     let flag = stop.clone();
     let span = tracing::info_span!("saga_kafka.worker", transactional_id = %txn_id, group = %group);
+    let group = group.to_owned();
     let thread = std::thread::Builder::new()
         .name(format!("saga-kafka-{service}"))
         .spawn(move || {
             let _g = span.enter();
-            run(&core, &consumer, &flag);
+            let mut consumer = consumer;
+            while let Exit::Fatal(e) = run(&core, &consumer, &flag) {
+                // The consumer cannot go on (a static member fenced, as
+                // librdkafka does after some coordinator failovers): drop
+                // its batch and partitions and join again with a new one.
+                {
+                    let mut c = lock(&core);
+                    c.drop_batch();
+                    c.give_up_all();
+                    let name = c.proc.name().to_owned();
+                    let why = format!("consumer failed ({e}): joining the group again");
+                    c.health.report(&name, None, why, Timestamp::now());
+                }
+                drop(consumer);
+                consumer = loop {
+                    if flag.load(Ordering::SeqCst) != RUN {
+                        lock(&core).give_up_all();
+                        return;
+                    }
+                    std::thread::sleep(Duration::from_secs(1));
+                    match subscribe(&cfg, &group, &topics, &core) {
+                        Ok(c) => break c,
+                        Err(e) => {
+                            tracing::warn!(error = %e, "cannot create the consumer again: retrying")
+                        }
+                    }
+                };
+                let c = lock(&core);
+                let name = c.proc.name().to_owned();
+                c.health.clear(&name, None);
+            }
             if flag.load(Ordering::SeqCst) == KILL {
                 lock(&core).killed = true;
                 drop(consumer);
@@ -214,6 +238,32 @@ pub(crate) fn spawn<P: Processor>(
     })
 }
 
+/// A consumer of `topics` in `group`, subscribed, whose rebalances go to `core`.
+fn subscribe<P: Processor>(
+    cfg: &KafkaConfig,
+    group: &str,
+    topics: &[String],
+    core: &Arc<Mutex<Core<P>>>,
+) -> Result<BaseConsumer<Ctx<P>>> {
+    let consumer: BaseConsumer<Ctx<P>> = cfg
+        .consumer_config(group)
+        .create_with_context(Ctx { core: core.clone() })
+        .map_err(|e| Error::client(format!("creating the consumer of group `{group}`"), e))?;
+    let refs: Vec<&str> = topics.iter().map(String::as_str).collect();
+    consumer
+        .subscribe(&refs)
+        .map_err(|e| Error::client(format!("subscribing to {topics:?}"), e))?;
+    Ok(consumer)
+}
+
+/// Why a worker's loop ended.
+enum Exit {
+    /// Asked to stop (or to die).
+    Stopped,
+    /// The consumer hit a fatal error: it must be replaced.
+    Fatal(RdError),
+}
+
 fn incoming<'a>(m: &'a rdkafka::message::BorrowedMessage<'a>) -> Incoming<'a> {
     let kind = m.headers().and_then(|h| {
         h.iter()
@@ -230,7 +280,11 @@ fn incoming<'a>(m: &'a rdkafka::message::BorrowedMessage<'a>) -> Incoming<'a> {
     }
 }
 
-fn run<P: Processor>(core: &Arc<Mutex<Core<P>>>, consumer: &BaseConsumer<Ctx<P>>, stop: &AtomicU8) {
+fn run<P: Processor>(
+    core: &Arc<Mutex<Core<P>>>,
+    consumer: &BaseConsumer<Ctx<P>>,
+    stop: &AtomicU8,
+) -> Exit {
     let (max, timeout, linger) = {
         let c = lock(core);
         (
@@ -242,10 +296,10 @@ fn run<P: Processor>(core: &Arc<Mutex<Core<P>>>, consumer: &BaseConsumer<Ctx<P>>
     loop {
         match stop.load(Ordering::SeqCst) {
             RUN => {}
-            KILL => return,
+            KILL => return Exit::Stopped,
             _ => {
                 lock(core).finish_batch(consumer, true);
-                return;
+                return Exit::Stopped;
             }
         }
         let max = if lock(core).isolating() { 1 } else { max };
@@ -273,8 +327,11 @@ fn run<P: Processor>(core: &Arc<Mutex<Core<P>>>, consumer: &BaseConsumer<Ctx<P>>
             match consumer.poll(wait) {
                 Some(Ok(m)) => lock(core).handle_message(&incoming(&m)),
                 Some(Err(RdError::PartitionEOF(_))) => {}
+                Some(Err(e @ RdError::MessageConsumptionFatal(_))) => {
+                    tracing::error!(error = %e, "fatal consumer error");
+                    return Exit::Fatal(e);
+                }
                 Some(Err(e)) => tracing::warn!(error = %e, "consumer error"),
-
                 None => {}
             }
             let mut c = lock(core);
@@ -304,7 +361,7 @@ fn run<P: Processor>(core: &Arc<Mutex<Core<P>>>, consumer: &BaseConsumer<Ctx<P>>
             }
         }
         if stop.load(Ordering::SeqCst) == KILL {
-            return;
+            return Exit::Stopped;
         }
         lock(core).finish_batch(consumer, true);
     }
