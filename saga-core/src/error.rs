@@ -200,8 +200,11 @@ pub enum SagaError {
         saga_id: SagaId,
     },
     /// The runtime could not carry out the request now (a broker out of
-    /// reach, a transaction it did not take): nothing was written, and the
-    /// same request may succeed later.
+    /// reach, a transaction it did not take, no answer within the
+    /// runtime's bound): the same request may succeed later. A refused
+    /// transaction wrote nothing; a request that timed out may still take
+    /// effect, so retry only what is idempotent (a start of the same id, a
+    /// read).
     #[error("{what}: {source}")]
     Unavailable {
         /// What the runtime was doing.
