@@ -385,6 +385,71 @@ async fn a_reservation_request_seen_twice_reserves_once() {
     );
 }
 
+/// `POST /orders` with an `Idempotency-Key` header.
+async fn post_keyed(api: &Router, key: &str, body: &Value) -> (StatusCode, Value) {
+    use axum::body::Body;
+    use axum::http::Request;
+    use tower::ServiceExt;
+    let req = Request::builder()
+        .method("POST")
+        .uri("/orders")
+        .header("content-type", "application/json")
+        .header("idempotency-key", key)
+        .body(Body::from(body.to_string()))
+        .unwrap();
+    let res = api.clone().oneshot(req).await.unwrap();
+    let status = res.status();
+    let bytes = axum::body::to_bytes(res.into_body(), usize::MAX)
+        .await
+        .unwrap();
+    (
+        status,
+        serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+    )
+}
+
+#[tokio::test(start_paused = true)]
+async fn retries_with_the_same_idempotency_key_place_one_order() {
+    let (system, api) = start().await;
+    let (status, first) = post_keyed(&api, "cart-1", &seed_order()).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{first}");
+    let id = first["order_id"].as_str().unwrap().to_owned();
+    assert_eq!(id, ecommerce::system::order_id_for_key("c-42", "cart-1"));
+    assert!(system.wait_idle(Duration::from_secs(60)).await);
+    // The retry gets the same order, as it is now.
+    let (status, again) = post_keyed(&api, "cart-1", &seed_order()).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{again}");
+    assert_eq!(
+        (&again["order_id"], &again["status"]),
+        (&json!(id), &json!("CONFIRMED"))
+    );
+    assert!(system.wait_idle(Duration::from_secs(60)).await);
+    assert_eq!(
+        get(&api, "/orders").await["orders"]
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
+    assert_eq!(get(&api, "/inventory/LAPTOP-001").await["reserved"], 1);
+    // The same key from another customer is another order.
+    let mut other = seed_order();
+    other["customer_id"] = json!("c-43");
+    let (_, theirs) = post_keyed(&api, "cart-1", &other).await;
+    assert_ne!(theirs["order_id"], json!(id));
+    // The same key with other items is refused.
+    let mut changed = seed_order();
+    changed["items"][0]["quantity"] = json!(3);
+    let (status, refused) = post_keyed(&api, "cart-1", &changed).await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{refused}");
+    assert_eq!(refused["field"], "Idempotency-Key");
+    // A key that is not 1–200 visible ASCII characters is refused.
+    for bad in ["", "has space", &"k".repeat(201)] {
+        let (status, body) = post_keyed(&api, bad, &seed_order()).await;
+        assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{bad:?}: {body}");
+    }
+}
+
 #[test]
 fn analytics_counts_an_event_once() {
     let a = ecommerce::analytics::Analytics::new();

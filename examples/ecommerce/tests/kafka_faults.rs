@@ -183,6 +183,20 @@ async fn a_broker_that_cannot_take_the_write_gets_a_retryable_503_and_nothing_ha
     assert_retryable_refusal(status, retry_after.as_deref(), &body);
     assert!(took < REFUSAL_BOUND, "the refusal took {took:?}");
     assert!(body.get("order_id").is_none(), "{body}");
+    // Reads answer from what the process holds, or 503 in bounded time.
+    let read_at = Instant::now();
+    let (status, held) = call(&api, "GET", &format!("/orders/{first}"), None).await;
+    assert_eq!(
+        (status, &held["status"]),
+        (StatusCode::OK, &json!("CONFIRMED"))
+    );
+    let (status, unknown) = call(&api, "GET", "/orders/ORD-NOT-HELD", None).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{unknown}");
+    assert!(
+        read_at.elapsed() < REFUSAL_BOUND,
+        "reads took {:?}",
+        read_at.elapsed()
+    );
 
     // The broker is back: the client retrying with the same key gets its
     // order in, once. Refusals while the clients reconnect are retryable.
