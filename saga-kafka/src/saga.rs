@@ -66,7 +66,12 @@ impl<D: Clone> ViewMap<D> {
     fn put(&mut self, inst: &SagaInstance<D>) {
         let settled = inst.status.is_final();
         let was = self.sagas.insert(inst.id.clone(), inst.clone());
-        if settled && !was.is_some_and(|w| w.status.is_final()) {
+        let was_settled = was.is_some_and(|w| w.status.is_final());
+        if !settled && was_settled {
+            // The id was started again after its retention: it is live.
+            self.settled.retain(|id| *id != inst.id);
+        }
+        if settled && !was_settled {
             self.settled.push_back(inst.id.clone());
             while self.settled.len() > SETTLED_IN_VIEW {
                 if let Some(old) = self.settled.pop_front() {
@@ -101,6 +106,8 @@ pub(crate) struct SagaProc<D> {
     partitions: u32,
     view: Arc<View<D>>,
     requests: mpsc::Receiver<SagaRequest<D>>,
+    /// A request received by `has_request`, not taken yet.
+    next: Option<SagaRequest<D>>,
 }
 
 impl<D: SagaData> SagaProc<D> {
@@ -118,6 +125,7 @@ impl<D: SagaData> SagaProc<D> {
             partitions,
             view,
             requests,
+            next: None,
         }
     }
 
@@ -223,9 +231,20 @@ impl<D: SagaData> Processor for SagaProc<D> {
         self.driver.on_due(now, out)
     }
 
+    fn has_request(&mut self) -> bool {
+        if self.next.is_none() {
+            self.next = self.requests.try_recv().ok();
+        }
+        self.next.is_some()
+    }
+
     fn take_request(&mut self) -> Option<Request> {
         loop {
-            match self.requests.try_recv().ok()? {
+            let next = match self.next.take() {
+                Some(r) => r,
+                None => self.requests.try_recv().ok()?,
+            };
+            match next {
                 // A caller that gave up (its request timed out) is not
                 // served late: it was told the start may not happen.
                 SagaRequest::Start { done, .. } if done.is_closed() => {}
@@ -319,7 +338,9 @@ impl<D: SagaData> SagaService<D> for KafkaSagas<D> {
     /// when another process owns it, a start record goes to that owner.
     /// Waits at most the request timeout.
     async fn start(&self, id: SagaId, data: D) -> Result<SagaId, SagaError> {
-        if self.view.get(&id).is_some() {
+        // In progress here: nothing to do. (A settled one is left to its
+        // owner, which knows whether its retention has ended.)
+        if self.view.get(&id).is_some_and(|i| !i.status.is_final()) {
             return Ok(id);
         }
         let (done, answer) = tokio::sync::oneshot::channel();

@@ -306,6 +306,9 @@ pub struct ParticipantDriver {
     retrying: HashMap<String, String>,
     /// Entries that expire, by when they were written.
     expiring: BTreeSet<(Timestamp, String)>,
+    /// Restored entries written before entries carried their time: they
+    /// count from the first time the driver is given (not from 1970).
+    unstamped: Vec<String>,
     max_record_bytes: usize,
     undo: HashMap<String, Option<Kept>>,
     /// The last committed state snapshot of each owned partition.
@@ -345,6 +348,7 @@ impl ParticipantDriver {
             retries: BTreeSet::new(),
             retrying: HashMap::new(),
             expiring: BTreeSet::new(),
+            unstamped: Vec::new(),
             max_record_bytes: super::saga::DEFAULT_MAX_RECORD_BYTES,
             undo: HashMap::new(),
             shards: HashMap::new(),
@@ -472,6 +476,7 @@ impl ParticipantDriver {
             tracing::error!(participant = %self.policy.name, partition = rec.partition, "record of a partition the driver does not own: skipped");
             return None;
         }
+        self.stamp(now);
         let command = match self.command_of(rec) {
             Ok(c) => c,
             Err(reason) => {
@@ -554,6 +559,7 @@ impl ParticipantDriver {
     /// returns the earliest local retry due, if any: the [`Attempt`] to
     /// run.
     pub fn take_due(&mut self, now: Timestamp, out: &mut Vec<Record>) -> Option<Attempt> {
+        self.stamp(now);
         self.expire(now, out);
         loop {
             let (at, key) = self.retries.iter().next().cloned()?;
@@ -575,6 +581,26 @@ impl ParticipantDriver {
                 continue;
             }
             return Some(self.attempt(partition, command, attempts + 1));
+        }
+    }
+
+    /// Gives restored entries without a time the time `now`.
+    fn stamp(&mut self, now: Timestamp) {
+        for key in std::mem::take(&mut self.unstamped) {
+            let Some(kept) = self.entries.get_mut(&key) else {
+                continue;
+            };
+            match &mut kept.entry {
+                Entry::Answered { at, .. }
+                | Entry::Remembered { at, .. }
+                | Entry::Fenced { at }
+                    if *at == Timestamp::EPOCH =>
+                {
+                    *at = now;
+                    self.expiring.insert((now, key));
+                }
+                _ => {}
+            }
         }
     }
 
@@ -703,7 +729,10 @@ impl ParticipantDriver {
     /// back), and the partition cannot go on until the participant keeps
     /// less state in it.
     pub fn before_commit(&mut self, out: &mut Vec<Record>) -> Result<(), (u32, SagaError)> {
-        for p in std::mem::take(&mut self.touched) {
+        // The touched partitions stay marked until the batch commits: if it
+        // rolls back instead, each gets its last committed state again.
+        let touched: Vec<u32> = self.touched.iter().copied().collect();
+        for p in touched {
             let Some(snapshot) = self.participant.snapshot(p) else {
                 continue;
             };
@@ -711,8 +740,6 @@ impl ParticipantDriver {
             let bytes = serde_json::to_vec(&snapshot).unwrap_or_default();
             let limit = self.max_record_bytes.saturating_sub(RECORD_OVERHEAD);
             if bytes.len() + PARTICIPANT_STATE_KEY.len() > limit {
-                // Keep the partition marked: the retry must check again.
-                self.touched.insert(p);
                 let error = SagaError::RecordTooLarge {
                     topic: self.ledger_topic.clone(),
                     key: format!("participant state of partition {p}"),
@@ -995,8 +1022,12 @@ impl ParticipantDriver {
         }
         match new {
             Some(kept) => {
-                if let Some(at) = kept.entry.written_at() {
-                    self.expiring.insert((at, key.to_owned()));
+                match kept.entry.written_at() {
+                    Some(Timestamp::EPOCH) => self.unstamped.push(key.to_owned()),
+                    Some(at) => {
+                        self.expiring.insert((at, key.to_owned()));
+                    }
+                    None => {}
                 }
                 if let Entry::Retrying {
                     next_attempt_at,
@@ -1472,5 +1503,83 @@ mod tests {
         d.restore(0, vec![(PARTICIPANT_STATE_KEY.to_owned(), b"4".to_vec())])
             .unwrap();
         assert!(d.owns(0));
+    }
+
+    #[tokio::test]
+    async fn a_refused_snapshot_rolls_back_every_partition_of_the_batch() {
+        /// Counts per partition; partition 0's snapshot is too large.
+        #[derive(Default)]
+        struct Uneven(Mutex<HashMap<u32, u64>>);
+        #[async_trait]
+        impl Participant for Uneven {
+            type Command = Value;
+            type Reply = ();
+            type Error = StepError;
+            async fn handle(
+                &self,
+                _: Value,
+                ctx: &mut ParticipantContext,
+            ) -> Result<(), StepError> {
+                *self.0.lock().unwrap().entry(ctx.partition()).or_default() += 1;
+                Ok(())
+            }
+            fn snapshot(&self, partition: u32) -> Option<Value> {
+                let n = self.0.lock().unwrap().get(&partition).copied().unwrap_or(0);
+                Some(match partition {
+                    0 => Value::String("x".repeat(5000)),
+                    _ => Value::from(n),
+                })
+            }
+            fn restore(
+                &self,
+                partition: u32,
+                snapshot: Option<Value>,
+            ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+                let n = snapshot.and_then(|v| v.as_u64()).unwrap_or(0);
+                self.0.lock().unwrap().insert(partition, n);
+                Ok(())
+            }
+        }
+        let p = Arc::new(Uneven::default());
+        let mut d = ParticipantDriver::new("svc", ParticipantPolicy::new("svc"), p.clone())
+            .with_max_record_bytes(2048);
+        d.restore(0, Vec::new()).unwrap();
+        d.restore(1, Vec::new()).unwrap();
+        let mut out = Vec::new();
+        for (partition, step) in [(0, "a"), (1, "b")] {
+            let cmd = command(Some((step, Phase::Forward)), 1, None);
+            let bytes = cmd.to_bytes();
+            let mut rec = incoming(&bytes);
+            rec.partition = partition;
+            let a = d.on_record(&rec, T0, &mut out).unwrap();
+            let r = a.run_unbounded(T0).await;
+            d.finish(a, r, Duration::ZERO, T0, &mut out);
+        }
+        assert!(d.before_commit(&mut out).is_err());
+        d.rolled_back();
+        let counts = p.0.lock().unwrap().clone();
+        assert_eq!(
+            (counts[&0], counts[&1]),
+            (0, 0),
+            "both partitions rolled back"
+        );
+    }
+
+    #[test]
+    fn entries_restored_without_a_time_expire_a_horizon_after_the_driver_first_sees_a_time() {
+        let p = Arc::new(Scripted::default());
+        let policy = ParticipantPolicy::new("svc").dedupe_horizon(Duration::from_secs(60));
+        let mut d = ParticipantDriver::new("svc", policy, p);
+        let legacy = br#"{"state":"fenced"}"#.to_vec();
+        d.restore(0, vec![("fence/x".to_owned(), legacy)]).unwrap();
+        let mut out = Vec::new();
+        assert!(d.take_due(T0, &mut out).is_none());
+        assert!(out.is_empty(), "not expired as if written in 1970");
+        assert_eq!(
+            d.next_due(),
+            Some(T0.saturating_add(Duration::from_secs(60)))
+        );
+        let _ = d.take_due(T0.saturating_add(Duration::from_secs(61)), &mut out);
+        assert_eq!(out.len(), 1, "expired a horizon later");
     }
 }
