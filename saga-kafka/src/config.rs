@@ -71,6 +71,7 @@ pub struct KafkaConfig {
     pub(crate) delivery: DeliveryMode,
     pub(crate) batch_max_messages: usize,
     pub(crate) batch_timeout: Duration,
+    pub(crate) batch_idle: Duration,
     pub(crate) start_linger: Duration,
     pub(crate) partitions: i32,
     pub(crate) replication_factor: i32,
@@ -118,6 +119,7 @@ impl fmt::Debug for KafkaConfig {
             .field("delivery", &self.delivery)
             .field("batch_max_messages", &self.batch_max_messages)
             .field("batch_timeout", &self.batch_timeout)
+            .field("batch_idle", &self.batch_idle)
             .field("start_linger", &self.start_linger)
             .field("partitions", &self.partitions)
             .field("replication_factor", &self.replication_factor)
@@ -154,6 +156,7 @@ impl KafkaConfig {
             delivery: DeliveryMode::ExactlyOnce,
             batch_max_messages: 500,
             batch_timeout: Duration::from_millis(100),
+            batch_idle: Duration::from_millis(1),
             start_linger: Duration::from_millis(10),
             partitions: 3,
             replication_factor: 1,
@@ -313,10 +316,21 @@ impl KafkaConfig {
     }
 
     /// A batch (one transaction) ends after `max_messages` messages or
-    /// `timeout`, whichever comes first.
+    /// `timeout` (defaults 500 and 100 ms), or earlier when no more input
+    /// arrives within [`KafkaConfig::batch_idle`].
     pub fn batch(mut self, max_messages: usize, timeout: Duration) -> Self {
         self.batch_max_messages = max_messages.max(1);
         self.batch_timeout = timeout;
+        self
+    }
+
+    /// How long an open batch waits for more input before it commits
+    /// (default 1 ms): batches take what has arrived, so they stay small
+    /// (low latency) when the load is light and grow up to
+    /// [`KafkaConfig::batch`]'s bounds under load, without tuning. A longer
+    /// wait makes fewer, larger transactions at light load.
+    pub fn batch_idle(mut self, idle: Duration) -> Self {
+        self.batch_idle = idle;
         self
     }
 
@@ -498,7 +512,13 @@ impl KafkaConfig {
                 "message.timeout.ms",
                 self.message_timeout.as_millis().to_string(),
             )
-            .set("linger.ms", "5");
+            // A batch's records are sent as they are produced, and the
+            // commit waits for them: lingering only delays the commit.
+            .set("linger.ms", "1")
+            // Retries inside a transaction (CONCURRENT_TRANSACTIONS right
+            // after a commit, above all) are short waits: librdkafka's
+            // 100 ms default would stall every such batch by that much.
+            .set("retry.backoff.ms", "10");
         if let Some(id) = transactional_id {
             c.set("transactional.id", id).set(
                 "transaction.timeout.ms",

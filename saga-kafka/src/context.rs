@@ -87,12 +87,13 @@ pub(crate) fn record_fault(code: RDKafkaErrorCode) -> bool {
 /// transaction that failed because of its record.
 #[derive(Clone, Debug, Default)]
 pub(crate) struct Deliveries {
-    pub(crate) fault: Arc<Mutex<Option<String>>>,
+    /// The topic of the refused record, and why.
+    pub(crate) fault: Arc<Mutex<Option<(String, String)>>>,
 }
 
 impl Deliveries {
     /// Takes the fault recorded since the last call.
-    pub(crate) fn take_fault(&self) -> Option<String> {
+    pub(crate) fn take_fault(&self) -> Option<(String, String)> {
         self.fault.lock().unwrap_or_else(|e| e.into_inner()).take()
     }
 }
@@ -124,7 +125,7 @@ impl ProducerContext for Deliveries {
                 message.payload().map_or(0, <[u8]>::len)
             );
             let mut fault = self.fault.lock().unwrap_or_else(|e| e.into_inner());
-            fault.get_or_insert(what);
+            fault.get_or_insert((message.topic().to_owned(), what));
         }
     }
 }

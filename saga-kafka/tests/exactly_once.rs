@@ -21,7 +21,8 @@ async fn orchestrator_dying_mid_transaction_emits_everything_exactly_once() {
     // Long batches: the transaction that handles the reservation stays open.
     let slow = bed
         .config("orchestrator-0")
-        .batch(1000, Duration::from_secs(20));
+        .batch(1000, Duration::from_secs(20))
+        .batch_idle(Duration::from_secs(20));
     let first = KafkaRuntime::new(slow).unwrap();
     let orders = bed.orders(&first, Duration::from_millis(100)).await;
     let id = orders.start("order-1", Order::new(500)).await.unwrap();

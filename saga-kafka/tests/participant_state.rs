@@ -48,7 +48,8 @@ async fn killed_stateful_participant_resumes_from_its_snapshot() {
     // commands in a transaction that never commits.
     let slow = bed
         .config("inventory-0")
-        .batch(1000, Duration::from_millis(1500));
+        .batch(1000, Duration::from_millis(1500))
+        .batch_idle(Duration::from_millis(1500));
     let first = KafkaRuntime::new(slow).unwrap();
     let before = Counter::default();
     first

@@ -42,9 +42,9 @@ pub(crate) struct Core<P> {
     /// Inputs still to run one per batch, after a batch failed because
     /// the broker refused one of its records.
     isolate: usize,
-    /// The message whose records the broker refuses (topic, partition,
-    /// offset, why): it is dead-lettered instead of handled.
-    poison: Option<(String, i32, i64, String)>,
+    /// Per (topic, partition), the message whose records the broker
+    /// refuses (offset, why): it is dead-lettered instead of handled.
+    poison: BTreeMap<(String, i32), (i64, String)>,
     /// The only message of the open batch, while it has only one.
     single: Option<(String, i32, i64)>,
     /// Batches failed in a row.
@@ -109,7 +109,7 @@ impl<P: Processor> Core<P> {
             restoring: BTreeMap::new(),
             stalled: BTreeSet::new(),
             isolate: 0,
-            poison: None,
+            poison: BTreeMap::new(),
             single: None,
             failures: 0,
             held: BTreeMap::new(),
@@ -157,8 +157,8 @@ impl<P: Processor> Core<P> {
         let now = Timestamp::now();
         let mut out = Vec::new();
         // The poison mark stays until the batch that rejects it commits.
-        match &self.poison {
-            Some((t, p, o, why)) if t == topic && *p == partition && *o == offset => {
+        match self.poison.get(&(topic.to_owned(), partition)) {
+            Some((o, why)) if *o == offset => {
                 tracing::error!(topic, partition, offset, %why, "input whose records the broker refuses: dead-lettered alone");
                 let why = why.clone();
                 self.proc.reject(msg, &why, now, &mut out);
@@ -172,6 +172,10 @@ impl<P: Processor> Core<P> {
 
     pub(crate) fn run_due(&mut self) {
         while self.txn.failed.is_none() {
+            if self.isolating() && self.count > 0 {
+                // One input per batch while isolating a refused record.
+                return;
+            }
             let now = Timestamp::now();
             match self.proc.next_due() {
                 Some(at) if at <= now => {}
@@ -227,7 +231,7 @@ impl<P: Processor> Core<P> {
                     self.abort(&RdError::Canceled);
                     self.settle_requests(Some(&RdError::Canceled));
                     if rewind {
-                        self.rewind(consumer);
+                        self.redo(consumer);
                     }
                     self.clear_batch();
                     self.stall(consumer, partition, &why);
@@ -241,15 +245,9 @@ impl<P: Processor> Core<P> {
                 self.txn.stats.commits.fetch_add(1, Ordering::Relaxed);
                 self.proc.committed();
                 self.isolate = self.isolate.saturating_sub(1);
-                if let Some((t, p, o, _)) = &self.poison {
-                    let past = self
-                        .offsets
-                        .get(&(t.clone(), *p))
-                        .is_some_and(|next| next > o);
-                    if past {
-                        self.poison = None;
-                    }
-                }
+                let offsets = &self.offsets;
+                self.poison
+                    .retain(|key, (o, _)| offsets.get(key).is_none_or(|next| next <= o));
                 if self.failures > 0 {
                     self.failures = 0;
                     self.health.clear(self.proc.name(), None);
@@ -259,7 +257,7 @@ impl<P: Processor> Core<P> {
             }
             Err(e) => {
                 let fault = self.txn.record_fault();
-                tracing::warn!(transactional_id = %self.txn.id, error = %e, fault = fault.as_deref().unwrap_or(""), "batch failed: aborting and redoing it");
+                tracing::warn!(transactional_id = %self.txn.id, error = %e, fault = ?fault, "batch failed: aborting and redoing it");
                 self.failures += 1;
                 if self.failures >= 3 {
                     let why = format!("{} batches failed in a row: {e}", self.failures);
@@ -267,9 +265,16 @@ impl<P: Processor> Core<P> {
                         .report(self.proc.name(), None, why, Timestamp::now());
                 }
                 let refused = fault.is_some();
+                let mut stall = None;
                 match (fault, self.single.take()) {
-                    (Some(why), Some((t, p, o))) if self.count == 1 => {
-                        self.poison = Some((t, p, o, why));
+                    (Some((topic, why)), Some((t, p, o))) if self.count == 1 => {
+                        if topic == self.proc.state_topic() {
+                            // The input's own state is what the broker
+                            // refuses: its partition cannot go on.
+                            stall = Some((p as u32, why));
+                        } else {
+                            self.poison.insert((t, p), (o, why));
+                        }
                     }
                     (Some(_), _) => {
                         self.isolate = self.count.max(1);
@@ -284,29 +289,42 @@ impl<P: Processor> Core<P> {
                     self.txn.discard_producer();
                 }
                 self.settle_requests(Some(&e));
-                if !self.txn.eos() && rewind {
-                    // At least once, nothing is undone on the broker: some
-                    // or all of the batch's records (ledgers, saga states,
-                    // replies) may be written even though the offsets are
-                    // not. Re-read the state those records left, so the
-                    // redo deduplicates against it instead of applying a
-                    // command again from the rolled-back memory.
-                    let parts: Vec<u32> = self
-                        .batch_start
-                        .keys()
-                        .map(|(_, p)| *p as u32)
-                        .filter(|p| self.owned.contains(p))
-                        .collect::<BTreeSet<_>>()
-                        .into_iter()
-                        .collect();
-                    self.rewind(consumer);
-                    self.give_up_partitions(&parts);
-                    self.assigned(consumer, &parts);
-                } else if rewind {
-                    self.rewind(consumer);
+                if rewind {
+                    self.redo(consumer);
                 }
                 self.clear_batch();
+                if let Some((p, why)) = stall {
+                    self.stall(consumer, p, &why);
+                }
+                if self.failures >= 2 {
+                    // Do not spin on a batch that keeps failing (the broker
+                    // away, a record it keeps refusing): back off a little.
+                    let pause = 50u64.saturating_mul(1 << self.failures.min(7));
+                    std::thread::sleep(Duration::from_millis(pause.min(5_000)));
+                }
             }
+        }
+    }
+
+    /// The open batch did not commit: its inputs are read again. At least
+    /// once, nothing is undone on the broker: some or all of the batch's
+    /// records (ledgers, saga states, replies) may be written although the
+    /// offsets are not, so the state of its partitions is read back too,
+    /// and the redo deduplicates against it instead of applying a command
+    /// again from the rolled-back memory.
+    fn redo<C: ConsumerContext>(&mut self, consumer: &BaseConsumer<C>) {
+        self.rewind(consumer);
+        if !self.txn.eos() {
+            let parts: Vec<u32> = self
+                .batch_start
+                .keys()
+                .map(|(_, p)| *p as u32)
+                .filter(|p| self.owned.contains(p))
+                .collect::<BTreeSet<_>>()
+                .into_iter()
+                .collect();
+            self.give_up_partitions(&parts);
+            self.assigned(consumer, &parts);
         }
     }
 
@@ -433,7 +451,11 @@ impl<P: Processor> Core<P> {
             }
         }
         if let Err(e) = consumer.resume(&self.tpl_of(&taken)) {
-            tracing::error!(partitions = ?taken, error = %e, "cannot resume restored partitions");
+            for p in &taken {
+                let why = format!("restored but cannot be resumed: {e}");
+                self.health
+                    .report(self.proc.name(), Some(*p), why, Timestamp::now());
+            }
         }
         tracing::info!(topic, partitions = ?sizes, took_ms = started.elapsed().as_millis() as u64, "partitions restored and resumed");
     }

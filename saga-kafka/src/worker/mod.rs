@@ -73,6 +73,10 @@ pub(crate) trait Processor: Send + 'static {
     fn on_due(&mut self, now: Timestamp, out: &mut Vec<Record>) -> bool;
     /// A pending request, if any.
     fn take_request(&mut self) -> Option<Request>;
+    /// Whether a request is pending (without taking it).
+    fn has_request(&mut self) -> bool {
+        false
+    }
     /// The batch committed: its changes are durable.
     fn committed(&mut self);
     /// The batch was aborted: undo its in-memory changes.
@@ -84,8 +88,9 @@ pub(crate) const RUN: u8 = 0;
 pub(crate) const STOP: u8 = 1;
 pub(crate) const KILL: u8 = 2;
 
-/// The longest a worker waits in `poll` before checking requests and stop flags.
-const IDLE_POLL: Duration = Duration::from_millis(20);
+/// The longest a worker waits in `poll` before checking requests and stop
+/// flags: how long a start request may wait to be seen by an idle worker.
+const IDLE_POLL: Duration = Duration::from_millis(5);
 
 fn tpl_partitions(tpl: &TopicPartitionList) -> Vec<u32> {
     let set: BTreeSet<u32> = tpl
@@ -285,12 +290,13 @@ fn run<P: Processor>(
     consumer: &BaseConsumer<Ctx<P>>,
     stop: &AtomicU8,
 ) -> Exit {
-    let (max, timeout, linger) = {
+    let (max, timeout, linger, idle) = {
         let c = lock(core);
         (
             c.cfg().batch_max_messages,
             c.cfg().batch_timeout,
             c.cfg().start_linger,
+            c.cfg().batch_idle,
         )
     };
     loop {
@@ -303,6 +309,9 @@ fn run<P: Processor>(
             }
         }
         let max = if lock(core).isolating() { 1 } else { max };
+        // Between batches: partitions due for their restore come first,
+        // before requests open the next batch (so load cannot starve them).
+        lock(core).restore_due(consumer);
         lock(core).serve_requests(false);
         // The batch's clock starts with its first message, timer or request.
         let mut deadline: Option<Instant> = if lock(core).waiting.is_empty() {
@@ -317,15 +326,21 @@ fn run<P: Processor>(
                     Some(d) => d.saturating_duration_since(Instant::now()),
                     None => timeout,
                 }
-                .min(IDLE_POLL);
+                // While a batch is open, wait `idle` for more input, then
+                // commit what there is.
+                .min(if c.busy() { idle } else { IDLE_POLL });
                 if let Some(at) = c.proc.next_due() {
                     let ms = at.as_millis().saturating_sub(Timestamp::now().as_millis());
                     wait = wait.min(Duration::from_millis(ms));
                 }
                 wait
             };
+            let mut more = false;
             match consumer.poll(wait) {
-                Some(Ok(m)) => lock(core).handle_message(&incoming(&m)),
+                Some(Ok(m)) => {
+                    lock(core).handle_message(&incoming(&m));
+                    more = true;
+                }
                 Some(Err(RdError::PartitionEOF(_))) => {}
                 Some(Err(e @ RdError::MessageConsumptionFatal(_))) => {
                     tracing::error!(error = %e, "fatal consumer error");
@@ -346,7 +361,10 @@ fn run<P: Processor>(
                 deadline = Some(Instant::now() + timeout);
             }
             let expired = deadline.is_some_and(|d| Instant::now() >= d);
-            if c.count >= max || expired || stop.load(Ordering::SeqCst) != RUN {
+            // Nothing more came: the open batch ends now (but for requests
+            // just taken, which join it first).
+            let drained = busy && !more && !c.proc.has_request();
+            if c.count >= max || expired || drained || stop.load(Ordering::SeqCst) != RUN {
                 break;
             }
             let had_callers = !c.waiting.is_empty();

@@ -69,6 +69,19 @@ impl StatsInner {
 
 pub(crate) type Producer_ = ThreadedProducer<Deliveries>;
 
+/// Waits until every message produced so far has its delivery report (or
+/// `limit` passed). The producer's own thread serves the reports; without
+/// this, the client's flush before a commit waits out a fixed 100 ms poll
+/// whenever a message is still in flight, which is most commits.
+fn drain(p: &Producer_, limit: Duration) {
+    let deadline = std::time::Instant::now() + limit;
+    let mut pause = Duration::from_micros(50);
+    while p.in_flight_count() > 0 && std::time::Instant::now() < deadline {
+        std::thread::sleep(pause);
+        pause = (pause * 2).min(Duration::from_millis(2));
+    }
+}
+
 /// A worker's producer and the state of its open transaction (exactly
 /// once) or batch (at least once).
 pub(crate) struct Txn {
@@ -84,8 +97,9 @@ pub(crate) struct Txn {
     pub(crate) stats: Arc<StatsInner>,
     /// The producer's delivery reports.
     deliveries: Deliveries,
-    /// A record of the open transaction the client refused as it is.
-    fault: Option<String>,
+    /// A record of the open transaction the client refused as it is: its
+    /// topic, and why.
+    fault: Option<(String, String)>,
 }
 
 impl Txn {
@@ -209,11 +223,12 @@ impl Txn {
                     Err((e, _)) => {
                         tracing::warn!(transactional_id = %self.id, topic = %r.topic, error = %e, "cannot produce");
                         if e.rdkafka_error_code().is_some_and(record_fault) {
-                            self.fault = Some(format!(
+                            let why = format!(
                                 "a record for `{}` of {} bytes cannot be produced: {e}",
                                 r.topic,
                                 r.size()
-                            ));
+                            );
+                            self.fault = Some((r.topic.clone(), why));
                         }
                         self.failed = Some(e);
                         break;
@@ -234,6 +249,7 @@ impl Txn {
             return Err(e);
         }
         let p = self.producer.as_ref().ok_or(RdError::Canceled)?;
+        drain(p, self.cfg.message_timeout);
         if self.eos() {
             if offsets.count() > 0 {
                 let consumer = consumer.ok_or(RdError::Canceled)?;
@@ -256,7 +272,7 @@ impl Txn {
 
     /// Why the open transaction failed, if a record of it was refused as
     /// it is (writing it again would fail again).
-    pub(crate) fn record_fault(&mut self) -> Option<String> {
+    pub(crate) fn record_fault(&mut self) -> Option<(String, String)> {
         self.fault.take().or_else(|| self.deliveries.take_fault())
     }
 
