@@ -371,7 +371,7 @@ async fn orders_survive_killed_services_and_a_broker_restart() {
         notification_dead.len()
     );
     eprintln!(
-        "RESULT chaos orders={} kills={} broker_restarts={broker_restarts} lost={lost} stuck={stuck} duplicates={duplicates} oversold={oversold} max_gap_s={max_gap:.1} median_kill_gap_s={median_kill_gap:.1} wall_s={:.0}",
+        "RESULT chaos orders={} kills={} broker_restarts={broker_restarts} lost={lost} stuck={stuck} duplicates={duplicates} oversold={oversold} max_gap_s={max_gap:.1} median_kill_gap_s={median_kill_gap:.2} wall_s={:.0}",
         accepted.len(),
         kills.len(),
         t0.elapsed().as_secs_f64()
