@@ -897,7 +897,11 @@ impl<D: SagaData> Machine<'_, D> {
             format!("{}.local", self.inst.saga),
             self.inst.id.clone(),
             self.inst.saga.clone(),
-            serde_json::to_value(&self.inst.data).unwrap_or(Value::Null),
+            // The saga's data, as far as it encodes: the dead letter says
+            // why if it does not.
+            serde_json::to_value(&self.inst.data).unwrap_or_else(|e| {
+                Value::String(format!("(the saga's data does not encode: {e})"))
+            }),
             self.now,
         );
         env.step = Some(name);

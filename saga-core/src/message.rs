@@ -178,9 +178,14 @@ impl Envelope {
     }
 
     /// Serializes the envelope to JSON bytes.
+    ///
+    /// # Panics
+    /// Never: an envelope holds only strings, numbers, plain enums and a
+    /// JSON [`Value`], which serde_json always encodes (it fails only on
+    /// maps with non-string keys and on custom `Serialize` errors, neither
+    /// of which an envelope can hold).
     pub fn to_bytes(&self) -> Vec<u8> {
-        // An Envelope holds only strings, numbers and a `Value`: it always serializes.
-        serde_json::to_vec(self).unwrap_or_default()
+        serde_json::to_vec(self).expect("an envelope is plain JSON data")
     }
 
     /// Parses an envelope from JSON bytes.
@@ -372,13 +377,17 @@ impl DeadLetter {
 
     /// The dead letter wrapped as an event envelope on its channel, keyed by
     /// the original message's saga id.
+    ///
+    /// # Panics
+    /// Never: a dead letter, like an envelope, is plain JSON data (strings,
+    /// numbers, plain enums, an envelope).
     pub fn to_envelope(&self) -> Envelope {
         Envelope::event(
             self.id.clone(),
             self.channel.clone(),
             self.original.saga_id.clone(),
             self.original.saga.clone(),
-            serde_json::to_value(self).unwrap_or(Value::Null),
+            serde_json::to_value(self).expect("a dead letter is plain JSON data"),
             self.failure_timestamp,
         )
     }

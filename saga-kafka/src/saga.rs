@@ -398,7 +398,7 @@ impl<D: SagaData> SagaService<D> for KafkaSagas<D> {
                 status: inst.status.to_string(),
             });
         }
-        let records = vec![operator_record(&self.def, id, &operation)];
+        let records = vec![operator_record(&self.def, id, &operation)?];
         let (done, answer) = tokio::sync::oneshot::channel();
         self.ask(
             "writing the operator's request",

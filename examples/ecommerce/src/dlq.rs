@@ -435,7 +435,9 @@ impl DlqProcessor {
                 events,
                 dead.original.saga_id.clone(),
                 dead.original.saga.clone(),
-                serde_json::to_value(&event).unwrap_or(Value::Null),
+                serde_json::to_value(&event).map_err(|e| {
+                    DlqError::Invalid(format!("the SMS event does not encode: {e}"))
+                })?,
                 now,
             );
             Ok(Plan {

@@ -113,7 +113,7 @@ pub async fn run(api: &str, operator: &str, cmd: DlqCommand) -> Result<(), Strin
         DlqCommand::List => print_list(&value),
         _ => println!(
             "{}",
-            serde_json::to_string_pretty(&value).unwrap_or_default()
+            serde_json::to_string_pretty(&value).unwrap_or_else(|_| value.to_string())
         ),
     }
     Ok(())

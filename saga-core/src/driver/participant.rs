@@ -317,6 +317,9 @@ pub struct ParticipantDriver {
     touched: BTreeSet<u32>,
     /// Snapshots written in the open batch.
     written: HashMap<u32, Option<Value>>,
+    /// A record of the open batch that could not be encoded: the batch
+    /// must not commit.
+    fault: Option<(u32, SagaError)>,
 }
 
 impl std::fmt::Debug for ParticipantDriver {
@@ -354,6 +357,7 @@ impl ParticipantDriver {
             shards: HashMap::new(),
             touched: BTreeSet::new(),
             written: HashMap::new(),
+            fault: None,
         }
     }
 
@@ -728,7 +732,12 @@ impl ParticipantDriver {
     /// over the record size limit: the batch must not commit (roll it
     /// back), and the partition cannot go on until the participant keeps
     /// less state in it.
+    /// The partition and [`SagaError::Runtime`] if a snapshot or a ledger
+    /// entry of the batch could not be encoded: likewise.
     pub fn before_commit(&mut self, out: &mut Vec<Record>) -> Result<(), (u32, SagaError)> {
+        if let Some(fault) = self.fault.take() {
+            return Err(fault);
+        }
         // The touched partitions stay marked until the batch commits: if it
         // rolls back instead, each gets its last committed state again.
         let touched: Vec<u32> = self.touched.iter().copied().collect();
@@ -736,8 +745,16 @@ impl ParticipantDriver {
             let Some(snapshot) = self.participant.snapshot(p) else {
                 continue;
             };
-            // A `Value` always serializes.
-            let bytes = serde_json::to_vec(&snapshot).unwrap_or_default();
+            let bytes = serde_json::to_vec(&snapshot).map_err(|e| {
+                let error = SagaError::Runtime {
+                    what: format!(
+                        "encoding the state of participant `{}` in partition {p}",
+                        self.policy.name
+                    ),
+                    source: Box::new(e),
+                };
+                (p, error)
+            })?;
             let limit = self.max_record_bytes.saturating_sub(RECORD_OVERHEAD);
             if bytes.len() + PARTICIPANT_STATE_KEY.len() > limit {
                 let error = SagaError::RecordTooLarge {
@@ -764,6 +781,7 @@ impl ParticipantDriver {
 
     /// The open batch committed.
     pub fn committed(&mut self) {
+        self.fault = None;
         self.undo.clear();
         self.touched.clear();
         self.shards.extend(self.written.drain());
@@ -772,6 +790,7 @@ impl ParticipantDriver {
     /// The open batch aborted: the ledger and the participant's state go
     /// back to their last committed values.
     pub fn rolled_back(&mut self) {
+        self.fault = None;
         for (key, old) in std::mem::take(&mut self.undo) {
             self.put(&key, old);
         }
@@ -978,10 +997,22 @@ impl ParticipantDriver {
         out.extend(events.iter().map(Record::message));
     }
 
-    /// Writes `entry` under `key` in the open batch and keeps it.
+    /// Writes `entry` under `key` in the open batch and keeps it. An entry
+    /// that cannot be encoded fails the batch (see `before_commit`) rather
+    /// than being written empty.
     fn write(&mut self, partition: u32, key: String, entry: Entry, out: &mut Vec<Record>) {
-        // Plain data: always serializes.
-        let bytes = serde_json::to_vec(&entry).unwrap_or_default();
+        let bytes = match serde_json::to_vec(&entry) {
+            Ok(bytes) => bytes,
+            Err(e) => {
+                tracing::error!(participant = %self.policy.name, partition, key, error = %e, "ledger entry cannot be encoded: the batch fails");
+                let error = SagaError::Runtime {
+                    what: format!("encoding the ledger entry `{key}`"),
+                    source: Box::new(e),
+                };
+                self.fault.get_or_insert((partition, error));
+                return;
+            }
+        };
         out.push(
             Record::new(
                 &self.ledger_topic,

@@ -80,23 +80,30 @@ struct StartRequest<D> {
 /// The record that asks the owner of saga `id` to apply `operation`: on
 /// the saga's reply channel, keyed by the saga id (so it reaches the
 /// saga's partition, in order with its replies).
+///
+/// # Errors
+/// [`SagaError::Encode`] if the operation cannot be serialized (its
+/// payload).
 pub fn operator_record<D: SagaData>(
     def: &SagaDefinition<D>,
     id: &SagaId,
     operation: &Operation,
-) -> Record {
+) -> Result<Record, SagaError> {
     let request = OperatorRequest {
         saga_id: id.clone(),
         operation: operation.clone(),
     };
-    // A struct of strings and plain enums always serializes.
-    let value = serde_json::to_vec(&request).unwrap_or_default();
-    Record::new(
+    let value = serde_json::to_vec(&request).map_err(|source| SagaError::Encode {
+        saga_id: id.clone(),
+        what: "operator request".into(),
+        source,
+    })?;
+    Ok(Record::new(
         def.reply_channel(),
         id.as_str(),
         Some(value),
         RecordKind::Operator,
-    )
+    ))
 }
 
 /// The record that asks the owner of saga `id`'s partition to start it
