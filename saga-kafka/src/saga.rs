@@ -191,16 +191,10 @@ impl<D: SagaData> Processor for SagaProc<D> {
     fn restore(&mut self, partition: u32, records: Vec<(String, Vec<u8>)>) -> Result<(), String> {
         // Settled sagas stay readable from the view (the most recent
         // ones), though the driver keeps only their ids.
-        let settled: Vec<SagaInstance<D>> = records
-            .iter()
-            .filter_map(|(key, bytes)| decode_state::<D>(key, bytes).ok())
-            .filter(|inst| inst.status.is_final())
-            .collect();
-        let report = self.driver.restore(partition, records);
         let mut view = self.view.lock();
-        for inst in settled.iter().chain(self.driver.instances()) {
-            view.put(inst);
-        }
+        let report = self
+            .driver
+            .restore_with(partition, records, |inst| view.put(inst));
         drop(view);
         self.view.notify.notify_waiters();
         tracing::info!(saga = %self.driver.definition().name(), partition, sagas = report.sagas, settled = report.settled, corrupt = report.corrupt.len(), "state restored");

@@ -278,10 +278,26 @@ impl<D: SagaData> SagaDriver<D> {
         partition: u32,
         records: impl IntoIterator<Item = (String, Vec<u8>)>,
     ) -> Restored {
+        self.restore_with(partition, records, |_| {})
+    }
+
+    /// Like [`SagaDriver::restore`], handing `seen` every instance read
+    /// (settled ones included: the driver keeps only their ids), for a
+    /// runtime that keeps a view for reads.
+    pub fn restore_with(
+        &mut self,
+        partition: u32,
+        records: impl IntoIterator<Item = (String, Vec<u8>)>,
+        mut seen: impl FnMut(&SagaInstance<D>),
+    ) -> Restored {
         self.owned.insert(partition);
         let mut report = Restored::default();
         for (key, bytes) in records {
-            match decode_state::<D>(&key, &bytes) {
+            let decoded = decode_state::<D>(&key, &bytes);
+            if let Ok(instance) = &decoded {
+                seen(instance);
+            }
+            match decoded {
                 Ok(instance) if instance.status.is_final() => {
                     self.remember_settled(partition, instance.id, instance.updated_at);
                     report.settled += 1;
