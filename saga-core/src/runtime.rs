@@ -405,24 +405,29 @@ impl SagaQuery {
     /// Applies the query to `instances` (in any order) at `now`: the
     /// matching ones after [`SagaQuery::after`], in id order, at most
     /// [`SagaQuery::limit`], and where the next page starts.
-    pub fn page<D>(
+    ///
+    /// Only the instances on the page are copied.
+    pub fn page<'a, D: Clone + 'a>(
         &self,
-        instances: impl IntoIterator<Item = SagaInstance<D>>,
+        instances: impl IntoIterator<Item = &'a SagaInstance<D>>,
         now: Timestamp,
     ) -> Page<SagaInstance<D>> {
-        let mut items: Vec<SagaInstance<D>> = instances
+        let mut items: Vec<&SagaInstance<D>> = instances
             .into_iter()
             .filter(|i| self.after.as_ref().is_none_or(|a| &i.id > a))
             .filter(|i| self.matches(i, now))
             .collect();
-        items.sort_by(|a, b| a.id.cmp(&b.id));
+        items.sort_unstable_by(|a, b| a.id.cmp(&b.id));
         let next = if items.len() > self.limit {
             items.truncate(self.limit);
             items.last().map(|i| i.id.clone())
         } else {
             None
         };
-        Page { items, next }
+        Page {
+            items: items.into_iter().cloned().collect(),
+            next,
+        }
     }
 }
 

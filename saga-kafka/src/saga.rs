@@ -33,7 +33,8 @@ pub(crate) struct View<D> {
 }
 
 struct ViewMap<D> {
-    sagas: HashMap<SagaId, SagaInstance<D>>,
+    /// Shared with the driver: a commit adds a reference, not a copy.
+    sagas: HashMap<SagaId, Arc<SagaInstance<D>>>,
     /// Settled sagas in `sagas`, oldest first.
     settled: VecDeque<SagaId>,
 }
@@ -54,16 +55,18 @@ impl<D: Clone> View<D> {
     }
 
     fn get(&self, id: &SagaId) -> Option<SagaInstance<D>> {
-        self.lock().sagas.get(id).cloned()
+        self.lock().sagas.get(id).map(|i| (**i).clone())
     }
 
-    fn all(&self) -> Vec<SagaInstance<D>> {
-        self.lock().sagas.values().cloned().collect()
+    /// The page of `query` among the instances of the view.
+    fn page(&self, query: &SagaQuery, now: Timestamp) -> Page<SagaInstance<D>> {
+        let map = self.lock();
+        query.page(map.sagas.values().map(|i| &**i), now)
     }
 }
 
 impl<D: Clone> ViewMap<D> {
-    fn put(&mut self, inst: &SagaInstance<D>) {
+    fn put(&mut self, inst: &Arc<SagaInstance<D>>) {
         let settled = inst.status.is_final();
         let was = self.sagas.insert(inst.id.clone(), inst.clone());
         let was_settled = was.is_some_and(|w| w.status.is_final());
@@ -375,7 +378,7 @@ impl<D: SagaData> SagaService<D> for KafkaSagas<D> {
     /// The sagas of the partitions this process owns, and the most
     /// recently settled ones.
     async fn list(&self, query: &SagaQuery) -> Result<Page<SagaInstance<D>>, SagaError> {
-        Ok(query.page(self.view.all(), Timestamp::now()))
+        Ok(self.view.page(query, Timestamp::now()))
     }
 
     /// Checks the saga is parked, then writes the request for its owner,

@@ -3,6 +3,7 @@
 //! the sagas that settled recently (until their state is deleted).
 
 use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -42,11 +43,13 @@ pub fn state_topic(saga: &str) -> String {
 /// [`SagaError::Encode`] if the saga data cannot be serialized (a map
 /// with non-string keys, a failing `Serialize` impl).
 pub fn encode_state<D: SagaData>(instance: &SagaInstance<D>) -> Result<Vec<u8>, SagaError> {
-    serde_json::to_vec(instance).map_err(|source| SagaError::Encode {
+    let mut out = Vec::with_capacity(1024);
+    serde_json::to_writer(&mut out, instance).map_err(|source| SagaError::Encode {
         saga_id: instance.id.clone(),
         what: "saga instance".into(),
         source,
-    })
+    })?;
+    Ok(out)
 }
 
 /// An instance read back from the state topic.
@@ -134,10 +137,12 @@ pub fn start_record<D: SagaData>(
     ))
 }
 
-#[derive(Clone)]
+/// An instance in progress and its partition. The instance is shared
+/// (`Arc`) with whoever keeps a view for reads: a transition makes a new
+/// one, so nothing is copied when the batch commits.
 struct Owned<D> {
     partition: u32,
-    instance: SagaInstance<D>,
+    instance: Arc<SagaInstance<D>>,
 }
 
 /// How a partition's restore went.
@@ -283,26 +288,25 @@ impl<D: SagaData> SagaDriver<D> {
 
     /// Like [`SagaDriver::restore`], handing `seen` every instance read
     /// (settled ones included: the driver keeps only their ids), for a
-    /// runtime that keeps a view for reads.
+    /// runtime that keeps a view for reads (sharing the instance, not a
+    /// copy).
     pub fn restore_with(
         &mut self,
         partition: u32,
         records: impl IntoIterator<Item = (String, Vec<u8>)>,
-        mut seen: impl FnMut(&SagaInstance<D>),
+        mut seen: impl FnMut(&Arc<SagaInstance<D>>),
     ) -> Restored {
         self.owned.insert(partition);
         let mut report = Restored::default();
         for (key, bytes) in records {
-            let decoded = decode_state::<D>(&key, &bytes);
-            if let Ok(instance) = &decoded {
-                seen(instance);
-            }
-            match decoded {
+            match decode_state::<D>(&key, &bytes).map(Arc::new) {
                 Ok(instance) if instance.status.is_final() => {
-                    self.remember_settled(partition, instance.id, instance.updated_at);
+                    seen(&instance);
+                    self.remember_settled(partition, instance.id.clone(), instance.updated_at);
                     report.settled += 1;
                 }
                 Ok(instance) => {
+                    seen(&instance);
                     let id = instance.id.clone();
                     self.put(
                         &id,
@@ -352,7 +356,7 @@ impl<D: SagaData> SagaDriver<D> {
     /// The instance `id`, as the open batch left it, while it is in
     /// progress (a settled saga has left memory: read it from the store).
     pub fn get(&self, id: &SagaId) -> Option<&SagaInstance<D>> {
-        self.sagas.get(id).map(|o| &o.instance)
+        self.sagas.get(id).map(|o| &*o.instance)
     }
 
     /// Whether saga `id` settled and its state is still kept.
@@ -363,7 +367,7 @@ impl<D: SagaData> SagaDriver<D> {
     /// Every instance in progress in the owned partitions, as the open
     /// batch left them.
     pub fn instances(&self) -> impl Iterator<Item = &SagaInstance<D>> + '_ {
-        self.sagas.values().map(|o| &o.instance)
+        self.sagas.values().map(|o| &*o.instance)
     }
 
     /// How many sagas the driver holds: in progress, and settled (ids only).
@@ -402,7 +406,7 @@ impl<D: SagaData> SagaDriver<D> {
             &id,
             Owned {
                 partition,
-                instance: t.instance,
+                instance: Arc::new(t.instance),
             },
         );
         Ok(true)
@@ -559,8 +563,8 @@ impl<D: SagaData> SagaDriver<D> {
 
     /// The open batch committed: its changes are durable. `seen` gets
     /// every saga the batch changed (a settled one for the last time
-    /// before it leaves memory).
-    pub fn committed(&mut self, mut seen: impl FnMut(&SagaInstance<D>)) {
+    /// before it leaves memory), shared rather than copied.
+    pub fn committed(&mut self, mut seen: impl FnMut(&Arc<SagaInstance<D>>)) {
         self.settled_undo.clear();
         let changed: Vec<SagaId> = self.undo.drain().map(|(id, _)| id).collect();
         for id in changed {
@@ -619,13 +623,23 @@ impl<D: SagaData> SagaDriver<D> {
         }
     }
 
-    /// Like `put`, remembering the value before the batch for a rollback.
+    /// Like `put`, remembering the value before the batch for a rollback
+    /// (moved there, not copied).
     fn change(&mut self, id: &SagaId, new: Owned<D>) {
-        if !self.undo.contains_key(id) {
-            let old = self.sagas.get(id).cloned();
-            self.undo.insert(id.clone(), old);
+        if self.undo.contains_key(id) {
+            self.put(id, Some(new));
+            return;
         }
-        self.put(id, Some(new));
+        if let Some(old) = self.sagas.get(id) {
+            for t in &old.instance.timers {
+                self.timers.remove(&(t.fire_at, id.clone(), t.id.clone()));
+            }
+        }
+        for t in &new.instance.timers {
+            self.timers.insert((t.fire_at, id.clone(), t.id.clone()));
+        }
+        let old = self.sagas.insert(id.clone(), new);
+        self.undo.insert(id.clone(), old);
     }
 
     fn on_reply(
@@ -702,7 +716,7 @@ impl<D: SagaData> SagaDriver<D> {
             id,
             Owned {
                 partition,
-                instance: t.instance,
+                instance: Arc::new(t.instance),
             },
         );
         Ok(())

@@ -270,7 +270,7 @@ impl<D: SagaData> SagaService<D> for MemorySagas<D> {
             .iter()
             .map(|(k, v)| decode_state(k, v))
             .collect::<Result<Vec<_>, _>>()?;
-        Ok(query.page(instances, self.clock.now()))
+        Ok(query.page(&instances, self.clock.now()))
     }
 
     async fn operate(&self, id: &SagaId, operation: Operation) -> Result<(), SagaError> {
