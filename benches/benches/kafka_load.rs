@@ -1,25 +1,46 @@
-//! Load generator: the saga engine on Kafka against the bare minimum, a
-//! hand-written rdkafka transactional consume→produce pipeline moving the
-//! same messages through the same number of transactions, in the same run.
+//! Load generator: the saga engine on Kafka against the best hand-written
+//! rdkafka pipeline for the same work, in the same run.
 //!
 //! ```sh
 //! scripts/kafka/broker.sh start
 //! export KAFKA_BOOTSTRAP_SERVERS=$(scripts/kafka/broker.sh address)
-//! cargo bench -p saga-benches --bench kafka_load -- --sagas 2000 --concurrency 200
+//! # as many sagas as it can (burst): throughput
+//! cargo bench -p saga-benches --bench kafka_load -- --sagas 20000
+//! # a fixed rate: latency
+//! cargo bench -p saga-benches --bench kafka_load -- --rate 1000 --duration 30s
+//! # memory per in-flight saga and restore time
+//! cargo bench -p saga-benches --bench kafka_load -- --inflight 100000
 //! ```
 //!
-//! Per saga the engine makes three transactions (start: state + command;
-//! participant: reply + ledger; orchestrator: state + event). The baseline
-//! makes the same three hops with two records each and no saga logic. Both
-//! use batches of 500 messages or 100 ms. It prints throughput (sagas/s and
-//! messages/s), latency percentiles from acceptance to the final message
-//! (p50/p99), and the ratio. Loopback only; bounded by `--sagas`.
+//! **The work.** One saga of one remote step: a start (the saga's state
+//! and the command, in one transaction), the participant (its reply and
+//! its ledger entry, with the command's offset), the orchestrator (the
+//! saga's state and a completion event, with the reply's offset). A sink
+//! reads the events.
+//!
+//! **The baseline** makes the same three exactly-once hops with two
+//! records each and no saga logic, written as well as we know how: batches
+//! of whatever has arrived (up to `--baseline-batch`), in-flight messages
+//! drained before each commit (no flush timer), `retry.backoff.ms=5`. Its
+//! clock, like the engine's, starts after every consumer group has joined
+//! (one warm-up item goes through first).
+//!
+//! **The figures.** Sagas per second and messages per second (six records
+//! per saga), latency from the moment a saga is requested (its scheduled
+//! time, at a fixed rate) to the moment the sink sees its event
+//! (p50/p95/p99/max), this process's CPU per saga (the broker's is not
+//! counted), its resident memory, and the ratio engine / baseline. The
+//! last line reads `RESULT mode=… sagas_per_s=… p50_ms=… p99_ms=…
+//! cpu_us_per_saga=… baseline_ratio=…`, for scripts (`scripts/bench.sh`).
+//!
+//! Loopback only; bounded by `--sagas` or `--duration`.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use clap::Parser;
+use clap::{Parser, ValueEnum};
 use futures::StreamExt;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
@@ -27,25 +48,154 @@ use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 use rdkafka::util::Timeout;
 use rdkafka::{Message, Offset, TopicPartitionList};
 use saga_core::*;
-use saga_kafka::{ensure_topics, KafkaConfig, KafkaRuntime, TopicSpec};
+use saga_kafka::{ensure_topics, DeliveryMode, KafkaConfig, KafkaRuntime, TopicSpec};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 #[derive(Parser, Debug)]
-#[command(about = "Saga engine on Kafka vs a bare rdkafka transactional pipeline")]
+#[command(about = "Saga engine on Kafka vs the best bare rdkafka pipeline for the same hops")]
 struct Args {
-    /// Sagas (and baseline messages) to move.
-    #[arg(long, default_value_t = 2000)]
+    /// Burst mode: sagas (and baseline items) to move, as fast as they go.
+    #[arg(long, default_value_t = 10_000)]
     sagas: usize,
-    /// Sagas started at once (open starts).
-    #[arg(long, default_value_t = 200)]
+    /// Fixed-rate mode: sagas requested per second (with `--duration`).
+    #[arg(long)]
+    rate: Option<u64>,
+    /// Fixed-rate mode: for how long (`30s`, `500ms`, `2m`).
+    #[arg(long, value_parser = parse_duration, default_value = "30s")]
+    duration: Duration,
+    /// Burst mode: starts awaited at once.
+    #[arg(long, default_value_t = 2_000)]
     concurrency: usize,
     /// Partitions per topic.
     #[arg(long, default_value_t = 3)]
     partitions: i32,
+    /// Orchestrator instances (runtimes in one group, each with the saga
+    /// and the participant); starts go to them in turn.
+    #[arg(long, default_value_t = 1)]
+    instances: usize,
+    /// Exactly once (transactions) or at least once.
+    #[arg(long, value_enum, default_value_t = Delivery::Eos)]
+    delivery: Delivery,
+    /// Run only one side.
+    #[arg(long, value_enum)]
+    only: Option<Side>,
+    /// The baseline's largest batch per transaction.
+    #[arg(long, default_value_t = 2_000)]
+    baseline_batch: usize,
+    /// Memory mode: start this many sagas that stay in flight (their
+    /// participant is not running), report RSS per saga, then restore them
+    /// in a fresh process and report its time and peak.
+    #[arg(long)]
+    inflight: Option<usize>,
+    /// Internal: restore the sagas of this namespace (memory mode's child).
+    #[arg(long, hide = true)]
+    restore_ns: Option<String>,
     /// Ignored (cargo bench passes it).
     #[arg(long)]
     bench: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum Delivery {
+    Eos,
+    Alo,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum Side {
+    Baseline,
+    Engine,
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let (num, unit) = s
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .map_or((s, "s"), |i| s.split_at(i));
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("`{s}`: expected a number and a unit (ms, s, m)"))?;
+    let secs = match unit {
+        "ms" => n / 1e3,
+        "s" => n,
+        "m" => n * 60.0,
+        other => return Err(format!("`{s}`: unknown unit `{other}` (ms, s, m)")),
+    };
+    Ok(Duration::from_secs_f64(secs))
+}
+
+/// The load: a burst of `n`, or `rate` per second for `duration`.
+#[derive(Clone, Copy, Debug)]
+enum Load {
+    Burst { n: usize, concurrency: usize },
+    Rate { per_s: u64, duration: Duration },
+}
+
+impl Load {
+    fn total(self) -> usize {
+        match self {
+            Load::Burst { n, .. } => n,
+            Load::Rate { per_s, duration } => (per_s as f64 * duration.as_secs_f64()) as usize,
+        }
+    }
+
+    /// When item `i` is due, after the clock started at `t0`.
+    fn due(self, t0: Instant, i: usize) -> Instant {
+        match self {
+            Load::Burst { .. } => t0,
+            Load::Rate { per_s, .. } => t0 + Duration::from_secs_f64(i as f64 / per_s as f64),
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Load::Burst { .. } => "burst",
+            Load::Rate { .. } => "rate",
+        }
+    }
+}
+
+fn now_micros() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_micros() as u64
+}
+
+/// Wall-clock micros of a monotonic instant (for stamps in payloads).
+fn micros_at(at: Instant) -> u64 {
+    let now = Instant::now();
+    let base = now_micros();
+    if at <= now {
+        base - (now - at).as_micros() as u64
+    } else {
+        base + (at - now).as_micros() as u64
+    }
+}
+
+/// This process's CPU time (user + system), from `/proc/self/stat`.
+fn cpu_time() -> Duration {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // Fields after the command name (which may hold spaces), 1-based from 3.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<u64> = rest
+        .split_whitespace()
+        .map(|x| x.parse().unwrap_or(0))
+        .collect();
+    // utime and stime are fields 14 and 15, in clock ticks (100 per second).
+    let ticks = f.get(11).copied().unwrap_or(0) + f.get(12).copied().unwrap_or(0);
+    Duration::from_millis(ticks * 10)
+}
+
+/// A line of `/proc/self/status` in bytes (`VmRSS`, `VmHWM`).
+fn status_bytes(field: &str) -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+        .map_or(0, |kb| kb * 1024)
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
@@ -56,27 +206,48 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[i.min(sorted.len() - 1)]
 }
 
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+/// What one side did.
 struct Report {
     name: &'static str,
-    items: usize,
+    requested: usize,
     elapsed: Duration,
     latencies: Vec<Duration>,
+    cpu: Duration,
+    rss: u64,
 }
 
 impl Report {
-    fn rate(&self) -> f64 {
-        self.items as f64 / self.elapsed.as_secs_f64()
+    fn done(&self) -> usize {
+        self.latencies.len()
     }
-    fn print(&mut self) {
-        self.latencies.sort();
+    fn rate(&self) -> f64 {
+        self.done() as f64 / self.elapsed.as_secs_f64().max(1e-9)
+    }
+    fn p(&self, p: f64) -> Duration {
+        percentile(&self.latencies, p)
+    }
+    fn cpu_us_per_saga(&self) -> f64 {
+        self.cpu.as_secs_f64() * 1e6 / self.done().max(1) as f64
+    }
+    fn print(&self) {
         println!(
-            "{:<28} {:>6} in {:>7.2} s = {:>8.0}/s   p50 {:>6.0} ms   p99 {:>6.0} ms",
+            "{:<22} {:>7}/{:<7} {:>6.2} s {:>8.0} sagas/s {:>8.0} msgs/s  p50 {:>7.1}  p95 {:>7.1}  p99 {:>7.1}  max {:>7.1} ms  cpu {:>6.1} µs/saga  rss {:>5} MB",
             self.name,
-            self.items,
+            self.done(),
+            self.requested,
             self.elapsed.as_secs_f64(),
             self.rate(),
-            percentile(&self.latencies, 0.50).as_secs_f64() * 1e3,
-            percentile(&self.latencies, 0.99).as_secs_f64() * 1e3,
+            self.rate() * 6.0,
+            ms(self.p(0.50)),
+            ms(self.p(0.95)),
+            ms(self.p(0.99)),
+            ms(self.p(1.0)),
+            self.cpu_us_per_saga(),
+            self.rss >> 20,
         );
     }
 }
@@ -87,151 +258,288 @@ fn client(bootstrap: &str) -> ClientConfig {
     c
 }
 
-fn now_micros() -> u128 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default()
-        .as_micros()
+fn producer(bootstrap: &str, txn_id: Option<&str>) -> BaseProducer {
+    let mut c = client(bootstrap);
+    c.set("enable.idempotence", "true")
+        .set("acks", "all")
+        .set("linger.ms", "1")
+        .set("retry.backoff.ms", "5");
+    if let Some(id) = txn_id {
+        c.set("transactional.id", id);
+    }
+    let p: BaseProducer = c.create().expect("producer");
+    if txn_id.is_some() {
+        p.init_transactions(Timeout::After(Duration::from_secs(30)))
+            .expect("init_transactions");
+    }
+    p
 }
 
-/// One transactional hop: read `from`, write two records per message (to
-/// `to` and to a side "state" topic), commit offsets and output together.
+fn consumer(bootstrap: &str, group: &str, topic: &str) -> BaseConsumer {
+    let c: BaseConsumer = client(bootstrap)
+        .set("group.id", group)
+        .set("enable.auto.commit", "false")
+        .set("auto.offset.reset", "earliest")
+        .set("isolation.level", "read_committed")
+        .create()
+        .expect("consumer");
+    c.subscribe(&[topic]).expect("subscribe");
+    c
+}
+
+/// Serves delivery reports until nothing is in flight: the commit after it
+/// has nothing to flush, so it does not wait out the client's flush poll.
+fn drain(p: &BaseProducer) {
+    while p.in_flight_count() > 0 {
+        p.poll(Duration::from_millis(1));
+    }
+}
+
+/// Commits what `p` produced (with `offsets` of `c`, exactly once).
+fn commit(p: &BaseProducer, eos: bool, c: Option<(&BaseConsumer, &TopicPartitionList)>) {
+    drain(p);
+    if eos {
+        if let Some((c, offsets)) = c {
+            let meta = c.group_metadata().expect("group metadata");
+            p.send_offsets_to_transaction(offsets, &meta, Timeout::After(Duration::from_secs(30)))
+                .expect("send_offsets_to_transaction");
+        }
+        p.commit_transaction(Timeout::After(Duration::from_secs(30)))
+            .expect("commit_transaction");
+    } else if let Some((c, offsets)) = c {
+        c.commit(offsets, rdkafka::consumer::CommitMode::Sync)
+            .expect("commit offsets");
+    }
+}
+
+/// Names of the baseline's topics.
+struct Topics {
+    a: String,
+    b: String,
+    c: String,
+    state: String,
+}
+
+/// One hop: read `from`, write each message to `to` and to the side state
+/// topic, commit offsets and output together; stops when `stop` says so.
 fn hop(
     bootstrap: &str,
     ns: &str,
     from: &str,
     to: &str,
-    n: usize,
-) -> Result<(), rdkafka::error::KafkaError> {
-    let consumer: BaseConsumer = client(bootstrap)
-        .set("group.id", format!("{ns}-{from}"))
-        .set("enable.auto.commit", "false")
-        .set("auto.offset.reset", "earliest")
-        .set("isolation.level", "read_committed")
-        .create()?;
-    consumer.subscribe(&[from])?;
-    let producer: BaseProducer = client(bootstrap)
-        .set("transactional.id", format!("{ns}-{from}-tx"))
-        .set("linger.ms", "5")
-        .create()?;
-    producer.init_transactions(Timeout::After(Duration::from_secs(30)))?;
-    let state = format!("{ns}.state");
-    let mut moved = 0;
-    while moved < n {
-        let deadline = Instant::now() + Duration::from_millis(100);
-        let mut batch = Vec::new();
-        while batch.len() < 500 && Instant::now() < deadline {
-            match consumer.poll(Duration::from_millis(10)) {
+    state: &str,
+    eos: bool,
+    max: usize,
+    ready: &AtomicUsize,
+    stop: &AtomicUsize,
+) {
+    let c = consumer(bootstrap, &format!("{ns}-{from}"), from);
+    let p = producer(bootstrap, eos.then(|| format!("{ns}-{from}-tx")).as_deref());
+    let mut joined = false;
+    let mut batch = Vec::with_capacity(max);
+    while stop.load(Ordering::Relaxed) == 0 {
+        batch.clear();
+        // Wait for the first message, then take whatever else has arrived.
+        let mut wait = Duration::from_millis(20);
+        while batch.len() < max {
+            match c.poll(wait) {
                 Some(Ok(m)) => batch.push((
                     m.partition(),
                     m.offset(),
-                    m.key().map(<[u8]>::to_vec),
-                    m.payload().map(<[u8]>::to_vec),
+                    m.key().map(<[u8]>::to_vec).unwrap_or_default(),
+                    m.payload().map(<[u8]>::to_vec).unwrap_or_default(),
                 )),
-                Some(Err(e)) => return Err(e),
-                None => {}
+                Some(Err(e)) => panic!("baseline consumer: {e}"),
+                None => break,
             }
+            wait = Duration::ZERO;
+        }
+        if !joined && c.assignment().is_ok_and(|a| a.count() > 0) {
+            joined = true;
+            ready.fetch_add(1, Ordering::SeqCst);
         }
         if batch.is_empty() {
             continue;
         }
-        producer.begin_transaction()?;
+        if eos {
+            p.begin_transaction().expect("begin_transaction");
+        }
         let mut offsets: HashMap<i32, i64> = HashMap::new();
-        for (p, off, key, payload) in &batch {
-            let key = key.clone().unwrap_or_default();
-            let payload = payload.clone().unwrap_or_default();
-            let _ = producer.send(BaseRecord::to(to).key(&key).payload(&payload));
-            let _ = producer.send(BaseRecord::to(&state).key(&key).payload(&payload));
-            let e = offsets.entry(*p).or_insert(*off);
+        for (part, off, key, payload) in &batch {
+            for topic in [to, state] {
+                let mut rec = BaseRecord::to(topic).key(key).payload(payload);
+                while let Err((e, back)) = p.send(rec) {
+                    assert!(
+                        matches!(
+                            e,
+                            rdkafka::error::KafkaError::MessageProduction(
+                                rdkafka::types::RDKafkaErrorCode::QueueFull
+                            )
+                        ),
+                        "baseline produce: {e}"
+                    );
+                    p.poll(Duration::from_millis(1));
+                    rec = back;
+                }
+            }
+            let e = offsets.entry(*part).or_insert(*off);
             *e = (*e).max(*off);
-            producer.poll(Duration::ZERO);
         }
         let mut tpl = TopicPartitionList::new();
-        for (p, off) in offsets {
-            tpl.add_partition_offset(from, p, Offset::Offset(off + 1))?;
+        for (part, off) in offsets {
+            tpl.add_partition_offset(from, part, Offset::Offset(off + 1))
+                .expect("offset");
         }
-        let meta = consumer.group_metadata().expect("group metadata");
-        producer.send_offsets_to_transaction(
-            &tpl,
-            &meta,
-            Timeout::After(Duration::from_secs(30)),
-        )?;
-        producer.commit_transaction(Timeout::After(Duration::from_secs(60)))?;
-        moved += batch.len();
+        commit(&p, eos, Some((&c, &tpl)));
     }
-    Ok(())
 }
 
-fn baseline(bootstrap: &str, ns: &str, n: usize) -> Report {
-    let (a, b, c) = (format!("{ns}.a"), format!("{ns}.b"), format!("{ns}.c"));
-    let started = Instant::now();
-    let hops: Vec<_> = [(a.clone(), b.clone()), (b.clone(), c.clone())]
-        .into_iter()
-        .map(|(from, to)| {
-            let (bs, ns) = (bootstrap.to_owned(), ns.to_owned());
-            std::thread::spawn(move || hop(&bs, &ns, &from, &to, n).expect("baseline hop"))
-        })
-        .collect();
-    // The "start" transactions: 500 per transaction, two records each.
-    let producer: BaseProducer = client(bootstrap)
-        .set("transactional.id", format!("{ns}-start-tx"))
-        .set("linger.ms", "5")
-        .create()
-        .expect("producer");
-    producer
-        .init_transactions(Timeout::After(Duration::from_secs(30)))
-        .expect("init");
-    let state = format!("{ns}.state");
-    for chunk in (0..n).collect::<Vec<_>>().chunks(500) {
-        producer.begin_transaction().expect("begin");
-        for i in chunk {
-            let key = format!("m-{i}");
-            let payload = now_micros().to_string();
-            let _ = producer.send(BaseRecord::to(&a).key(&key).payload(&payload));
-            let _ = producer.send(BaseRecord::to(&state).key(&key).payload(&payload));
-            producer.poll(Duration::ZERO);
-        }
-        producer
-            .commit_transaction(Timeout::After(Duration::from_secs(60)))
-            .expect("commit");
-    }
-    // The final consumer measures latency from the embedded start time.
-    let consumer: BaseConsumer = client(bootstrap)
-        .set("group.id", format!("{ns}-sink"))
-        .set("auto.offset.reset", "earliest")
-        .set("isolation.level", "read_committed")
-        .create()
-        .expect("consumer");
-    consumer.subscribe(&[c.as_str()]).expect("subscribe");
-    let mut latencies = Vec::with_capacity(n);
-    let deadline = Instant::now() + Duration::from_secs(600);
-    while latencies.len() < n && Instant::now() < deadline {
-        if let Some(Ok(m)) = consumer.poll(Duration::from_millis(50)) {
-            let sent: u128 = m
+/// The sink: reads `topic` and records each item's latency from the stamp
+/// (wall-clock micros) its payload starts with.
+fn sink(
+    bootstrap: &str,
+    group: &str,
+    topic: &str,
+    want: usize,
+    limit: Duration,
+    ready: &AtomicUsize,
+) -> Vec<Duration> {
+    let c = consumer(bootstrap, group, topic);
+    let mut out = Vec::with_capacity(want);
+    let mut joined = false;
+    let deadline = Instant::now() + limit;
+    while out.len() < want && Instant::now() < deadline {
+        if let Some(Ok(m)) = c.poll(Duration::from_millis(20)) {
+            let stamp: u64 = m
                 .payload()
                 .and_then(|p| std::str::from_utf8(p).ok())
-                .and_then(|s| s.parse().ok())
+                .and_then(|s| s.split(':').next()?.parse().ok())
                 .unwrap_or(0);
-            latencies.push(Duration::from_micros(
-                (now_micros().saturating_sub(sent)) as u64,
-            ));
+            out.push(Duration::from_micros(now_micros().saturating_sub(stamp)));
+            if out.len() == 1 {
+                // The warm-up item is through.
+                ready.fetch_add(1, Ordering::SeqCst);
+            }
+        }
+        if !joined && c.assignment().is_ok_and(|a| a.count() > 0) {
+            joined = true;
+            ready.fetch_add(1, Ordering::SeqCst);
         }
     }
-    let elapsed = started.elapsed();
+    out
+}
+
+/// The baseline: a source (the "start" transactions), two hops, a sink.
+fn baseline(bootstrap: &str, ns: &str, load: Load, eos: bool, max: usize) -> Report {
+    let t = Arc::new(Topics {
+        a: format!("{ns}.a"),
+        b: format!("{ns}.b"),
+        c: format!("{ns}.c"),
+        state: format!("{ns}.state"),
+    });
+    let ready = Arc::new(AtomicUsize::new(0));
+    let stop = Arc::new(AtomicUsize::new(0));
+    let want = load.total() + 1; // + the warm-up item
+    let hops: Vec<_> = [(t.a.clone(), t.b.clone()), (t.b.clone(), t.c.clone())]
+        .into_iter()
+        .map(|(from, to)| {
+            let (bs, ns, t, ready, stop) = (
+                bootstrap.to_owned(),
+                ns.to_owned(),
+                t.clone(),
+                ready.clone(),
+                stop.clone(),
+            );
+            std::thread::spawn(move || hop(&bs, &ns, &from, &to, &t.state, eos, max, &ready, &stop))
+        })
+        .collect();
+    let sink_thread = {
+        let (bs, group, topic, ready) = (
+            bootstrap.to_owned(),
+            format!("{ns}-sink"),
+            t.c.clone(),
+            ready.clone(),
+        );
+        std::thread::spawn(move || {
+            sink(&bs, &group, &topic, want, Duration::from_secs(600), &ready)
+        })
+    };
+    let p = producer(bootstrap, eos.then(|| format!("{ns}-start-tx")).as_deref());
+    let send = |i: usize, stamp: u64| {
+        let key = format!("m-{i}");
+        let payload = format!("{stamp}:{}", "x".repeat(40));
+        for topic in [&t.a, &t.state] {
+            let mut rec = BaseRecord::to(topic).key(&key).payload(&payload);
+            while let Err((_, back)) = p.send(rec) {
+                p.poll(Duration::from_millis(1));
+                rec = back;
+            }
+        }
+    };
+    // Warm-up: one item through every hop, so that every group has joined.
+    while ready.load(Ordering::SeqCst) < 3 {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    if eos {
+        p.begin_transaction().expect("begin");
+    }
+    send(usize::MAX, now_micros());
+    commit(&p, eos, None);
+    while ready.load(Ordering::SeqCst) < 4 {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let cpu0 = cpu_time();
+    let t0 = Instant::now();
+    let total = load.total();
+    let mut i = 0;
+    while i < total {
+        let now = Instant::now();
+        if load.due(t0, i) > now {
+            std::thread::sleep(load.due(t0, i) - now);
+            continue;
+        }
+        if eos {
+            p.begin_transaction().expect("begin");
+        }
+        let mut n = 0;
+        while i < total && n < max && load.due(t0, i) <= Instant::now() {
+            let stamp = match load {
+                Load::Burst { .. } => now_micros(),
+                Load::Rate { .. } => micros_at(load.due(t0, i)),
+            };
+            send(i, stamp);
+            i += 1;
+            n += 1;
+        }
+        commit(&p, eos, None);
+    }
+    let mut latencies = sink_thread.join().expect("sink");
+    let elapsed = t0.elapsed();
+    let cpu = cpu_time().saturating_sub(cpu0);
+    let rss = status_bytes("VmRSS");
+    stop.store(1, Ordering::SeqCst);
     for h in hops {
         let _ = h.join();
     }
+    // The first item seen is the warm-up one.
+    if !latencies.is_empty() {
+        latencies.remove(0);
+    }
+    latencies.sort();
     Report {
         name: "bare rdkafka pipeline",
-        items: latencies.len(),
+        requested: total,
         elapsed,
         latencies,
+        cpu,
+        rss,
     }
 }
 
+/// The saga's data: when it was requested (wall-clock micros).
 #[derive(Clone, Serialize, Deserialize)]
 struct Job {
-    n: usize,
+    t: u64,
 }
 
 struct Worker;
@@ -246,82 +554,254 @@ impl Participant for Worker {
     }
 }
 
-async fn engine(
+fn config(
     bootstrap: &str,
     ns: &str,
-    n: usize,
-    concurrency: usize,
     partitions: i32,
-) -> Report {
-    let requests = format!("{ns}.work.requests");
-    let events = format!("{ns}.events");
-    let cfg = KafkaConfig::new(bootstrap).app(ns).partitions(partitions);
-    ensure_topics(&cfg, &[TopicSpec::messages(&events)])
-        .await
-        .expect("topics");
-    let saga = SagaDefinition::<Job>::builder(format!("{ns}-job"))
+    delivery: Delivery,
+    instance: usize,
+) -> KafkaConfig {
+    KafkaConfig::new(bootstrap)
+        .app(ns)
+        .instance_id(instance.to_string())
+        .partitions(partitions)
+        .delivery(match delivery {
+            Delivery::Eos => DeliveryMode::ExactlyOnce,
+            Delivery::Alo => DeliveryMode::AtLeastOnce,
+        })
+}
+
+fn definition(ns: &str, events: &str) -> SagaDefinition<Job> {
+    let events = events.to_owned();
+    SagaDefinition::<Job>::builder(format!("{ns}-job"))
         .step(
-            Step::remote("work", &requests)
-                .command(|j: &Job| json!({ "n": j.n }))
+            Step::remote("work", format!("{ns}.work.requests"))
+                .command(|j: &Job| json!({ "t": j.t }))
                 .pivot(),
         )
-        .on_completed({
-            let events = events.clone();
-            move |ctx| ctx.emit(events.clone(), &json!({"type": "DONE"}))
+        .on_completed(move |ctx| {
+            let t = ctx.data().t;
+            ctx.emit(events.clone(), &json!({ "t": t }))
         })
         .build()
-        .expect("saga");
-    let runtime = KafkaRuntime::new(cfg).expect("runtime");
-    runtime
-        .participant(
-            &requests,
+        .expect("saga")
+}
+
+/// Waits until the runtimes own `want` partitions in all (their workers
+/// joined and restored).
+async fn owned(runtimes: &[KafkaRuntime], want: u64) {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while runtimes
+        .iter()
+        .map(|r| r.stats().owned_partitions)
+        .sum::<u64>()
+        < want
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the runtimes did not join their groups in 120 s"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn engine(bootstrap: &str, ns: &str, load: Load, args: &Args) -> Report {
+    let events = format!("{ns}.events");
+    let base = config(bootstrap, ns, args.partitions, args.delivery, 0);
+    ensure_topics(&base, &[TopicSpec::messages(&events)])
+        .await
+        .expect("topics");
+    let done: Arc<Mutex<Vec<Duration>>> = Arc::default();
+    let mut runtimes = Vec::new();
+    let mut handles = Vec::new();
+    for i in 0..args.instances {
+        let rt = KafkaRuntime::new(config(bootstrap, ns, args.partitions, args.delivery, i))
+            .expect("runtime");
+        rt.participant(
+            &format!("{ns}.work.requests"),
             ParticipantPolicy::new(format!("{ns}-worker")),
             Worker,
         )
         .await
         .expect("participant");
-    let accepted: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
-    let done: Arc<Mutex<Vec<Duration>>> = Arc::default();
-    {
-        let (accepted, done) = (accepted.clone(), done.clone());
-        runtime
-            .projection(&format!("{ns}-sink"), &[events.as_str()], move |e| {
-                if let Some(t) = accepted.lock().unwrap().get(e.saga_id.as_str()) {
-                    done.lock().unwrap().push(t.elapsed());
-                }
+        if i == 0 {
+            let done = done.clone();
+            rt.projection(&format!("{ns}-sink"), &[events.as_str()], move |e| {
+                let t = e.payload.get("t").and_then(Value::as_u64).unwrap_or(0);
+                done.lock()
+                    .unwrap()
+                    .push(Duration::from_micros(now_micros().saturating_sub(t)));
             })
             .await
             .expect("projection");
+        }
+        handles.push(rt.saga(definition(ns, &events)).await.expect("saga"));
+        runtimes.push(rt);
     }
-    let jobs = runtime.saga(saga).await.expect("saga");
-    let started = Instant::now();
-    futures::stream::iter(0..n)
-        .map(|i| {
-            let (jobs, accepted) = (&jobs, accepted.clone());
-            async move {
-                let id = format!("job-{i}");
-                let t = Instant::now();
-                jobs.start(id.clone(), Job { n: i }).await.expect("start");
-                // Latency counts from the moment the start was accepted.
-                accepted.lock().unwrap().insert(id, t);
+    // Every worker joined and restored, and one saga went all the way.
+    owned(&runtimes, 2 * args.partitions as u64).await;
+    handles[0]
+        .start(SagaId::from("warm-up"), Job { t: now_micros() })
+        .await
+        .expect("warm-up");
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while done.lock().unwrap().is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "the warm-up saga did not complete in 120 s"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    done.lock().unwrap().clear();
+
+    let total = load.total();
+    let cpu0 = cpu_time();
+    let t0 = Instant::now();
+    let start = |i: usize, t: u64| {
+        let h = handles[i % handles.len()].clone();
+        async move {
+            h.start(format!("job-{i}"), Job { t }).await.expect("start");
+        }
+    };
+    match load {
+        Load::Burst { n, concurrency } => {
+            futures::stream::iter(0..n)
+                .map(|i| start(i, now_micros()))
+                .buffer_unordered(concurrency)
+                .collect::<Vec<()>>()
+                .await;
+        }
+        Load::Rate { .. } => {
+            let mut tasks = Vec::with_capacity(total);
+            let mut i = 0;
+            while i < total {
+                let due = load.due(t0, i);
+                let now = Instant::now();
+                if due > now {
+                    tokio::time::sleep(due - now).await;
+                }
+                while i < total && load.due(t0, i) <= Instant::now() {
+                    tasks.push(tokio::spawn(start(i, micros_at(load.due(t0, i)))));
+                    i += 1;
+                }
             }
-        })
-        .buffer_unordered(concurrency)
-        .collect::<Vec<()>>()
-        .await;
-    let deadline = Instant::now() + Duration::from_secs(600);
-    while done.lock().unwrap().len() < n && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(20)).await;
+            for t in tasks {
+                t.await.expect("start task");
+            }
+        }
     }
-    let elapsed = started.elapsed();
-    runtime.shutdown().await;
-    let latencies = done.lock().unwrap().clone();
+    let deadline = Instant::now() + Duration::from_secs(600);
+    while done.lock().unwrap().len() < total && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let elapsed = t0.elapsed();
+    let cpu = cpu_time().saturating_sub(cpu0);
+    let rss = status_bytes("VmRSS");
+    for rt in runtimes {
+        rt.shutdown().await;
+    }
+    let mut latencies = done.lock().unwrap().clone();
+    latencies.sort();
     Report {
-        name: "saga engine (saga-kafka)",
-        items: latencies.len(),
+        name: "saga engine",
+        requested: total,
         elapsed,
         latencies,
+        cpu,
+        rss,
     }
+}
+
+/// Memory mode: `n` sagas left in flight; RSS per saga; then a fresh
+/// process restores them.
+async fn inflight(bootstrap: &str, ns: &str, n: usize, args: &Args) {
+    let rt = KafkaRuntime::new(config(bootstrap, ns, args.partitions, args.delivery, 0))
+        .expect("runtime");
+    let events = format!("{ns}.events");
+    ensure_topics(rt.config(), &[TopicSpec::messages(&events)])
+        .await
+        .expect("topics");
+    let jobs = rt.saga(definition(ns, &events)).await.expect("saga");
+    owned(std::slice::from_ref(&rt), args.partitions as u64).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let before = status_bytes("VmRSS");
+    let t0 = Instant::now();
+    futures::stream::iter(0..n)
+        .map(|i| {
+            let jobs = jobs.clone();
+            async move {
+                jobs.start(format!("job-{i}"), Job { t: 0 })
+                    .await
+                    .expect("start")
+            }
+        })
+        .buffer_unordered(args.concurrency)
+        .collect::<Vec<_>>()
+        .await;
+    let took = t0.elapsed();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let after = status_bytes("VmRSS");
+    let per = after.saturating_sub(before) as f64 / n as f64;
+    println!(
+        "{n} sagas in flight (started in {:.1} s): RSS {} MB -> {} MB = {per:.0} bytes per in-flight saga",
+        took.as_secs_f64(),
+        before >> 20,
+        after >> 20
+    );
+    rt.shutdown().await;
+    // The restore, in a process of its own (this one's heap is warm).
+    let exe = std::env::current_exe().expect("current exe");
+    let out = std::process::Command::new(exe)
+        .args(["--bench", "--restore-ns", ns, "--inflight"])
+        .arg(n.to_string())
+        .arg("--partitions")
+        .arg(args.partitions.to_string())
+        .output()
+        .expect("restore process");
+    let text = String::from_utf8_lossy(&out.stdout);
+    print!("{text}");
+    let field = |k: &str| -> String {
+        text.split_whitespace()
+            .find_map(|w| w.strip_prefix(&format!("{k}=")))
+            .unwrap_or("?")
+            .to_owned()
+    };
+    println!(
+        "RESULT mode=inflight delivery={:?} sagas={n} bytes_per_inflight_saga={per:.0} restore_s={} restore_peak_mb={} steady_mb={} peak_ratio={}",
+        args.delivery,
+        field("restore_s"),
+        field("peak_mb"),
+        field("steady_mb"),
+        field("peak_ratio")
+    );
+}
+
+/// Memory mode's child: restores the namespace's sagas, reports the time
+/// and the peak against the steady RSS.
+async fn restore_child(bootstrap: &str, ns: &str, n: usize, args: &Args) {
+    let rt = KafkaRuntime::new(config(bootstrap, ns, args.partitions, args.delivery, 0))
+        .expect("runtime");
+    let events = format!("{ns}.events");
+    let t0 = Instant::now();
+    let jobs = rt.saga(definition(ns, &events)).await.expect("saga");
+    owned(std::slice::from_ref(&rt), args.partitions as u64).await;
+    let took = t0.elapsed();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let steady = status_bytes("VmRSS");
+    let peak = status_bytes("VmHWM");
+    let running = jobs
+        .list(&SagaQuery::default().limit(n + 1))
+        .await
+        .map(|l| l.items.len())
+        .unwrap_or(0);
+    println!(
+        "restored {running} sagas in flight: restore_s={:.2} steady_mb={} peak_mb={} peak_ratio={:.2}",
+        took.as_secs_f64(),
+        steady >> 20,
+        peak >> 20,
+        peak as f64 / steady.max(1) as f64
+    );
+    rt.shutdown().await;
 }
 
 #[tokio::main(flavor = "multi_thread")]
@@ -337,35 +817,89 @@ async fn main() {
         eprintln!("kafka_load: set KAFKA_BOOTSTRAP_SERVERS (e.g. `scripts/kafka/broker.sh start`); nothing measured");
         return;
     };
+    if let (Some(ns), Some(n)) = (&args.restore_ns, args.inflight) {
+        restore_child(&bootstrap, ns, n, &args).await;
+        return;
+    }
     let ns = format!("load-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
-    let cfg = KafkaConfig::new(&bootstrap).partitions(args.partitions);
-    let specs: Vec<TopicSpec> = ["a", "b", "c", "state"]
-        .iter()
-        .map(|t| TopicSpec::messages(format!("{ns}.{t}")))
-        .collect();
-    ensure_topics(&cfg, &specs).await.expect("baseline topics");
+    if let Some(n) = args.inflight {
+        inflight(&bootstrap, &ns, n, &args).await;
+        return;
+    }
+    let load = match args.rate {
+        Some(per_s) => Load::Rate {
+            per_s: per_s.max(1),
+            duration: args.duration,
+        },
+        None => Load::Burst {
+            n: args.sagas,
+            concurrency: args.concurrency.max(1),
+        },
+    };
+    let eos = args.delivery == Delivery::Eos;
     println!(
-        "moving {} sagas / messages over {} partitions at {bootstrap}",
-        args.sagas, args.partitions
-    );
-    let (bs, ns2, n) = (bootstrap.clone(), ns.clone(), args.sagas);
-    let mut base = tokio::task::spawn_blocking(move || baseline(&bs, &ns2, n))
-        .await
-        .expect("baseline");
-    let mut eng = engine(
-        &bootstrap,
-        &ns,
-        args.sagas,
-        args.concurrency,
+        "{} of {} sagas, {:?}, {} partitions, {} instance(s), at {bootstrap}",
+        load.name(),
+        load.total(),
+        args.delivery,
         args.partitions,
-    )
-    .await;
-    base.print();
-    eng.print();
+        args.instances
+    );
+    let base = if args.only != Some(Side::Engine) {
+        let cfg = KafkaConfig::new(&bootstrap).partitions(args.partitions);
+        let specs: Vec<TopicSpec> = ["a", "b", "c", "state"]
+            .iter()
+            .map(|t| TopicSpec::messages(format!("{ns}.{t}")))
+            .collect();
+        ensure_topics(&cfg, &specs).await.expect("baseline topics");
+        let (bs, ns2, max) = (bootstrap.clone(), ns.clone(), args.baseline_batch);
+        let r = tokio::task::spawn_blocking(move || baseline(&bs, &ns2, load, eos, max))
+            .await
+            .expect("baseline");
+        r.print();
+        Some(r)
+    } else {
+        None
+    };
+    let eng = if args.only != Some(Side::Baseline) {
+        let r = engine(&bootstrap, &ns, load, &args).await;
+        r.print();
+        Some(r)
+    } else {
+        None
+    };
+    let (main, ratio) = match (&eng, &base) {
+        (Some(e), Some(b)) => (e, Some(e.rate() / b.rate().max(1e-9))),
+        (Some(e), None) => (e, None),
+        (None, Some(b)) => (b, None),
+        (None, None) => return,
+    };
+    if let Some(r) = ratio {
+        let b = base.as_ref().map_or(1.0, |b| ms(b.p(0.99)));
+        println!(
+            "engine / baseline: throughput {r:.2}, p99 {:.2}",
+            ms(main.p(0.99)) / b.max(1e-9)
+        );
+    }
     println!(
-        "engine / baseline throughput: {:.2}   (p50 latency ratio {:.2})",
-        eng.rate() / base.rate(),
-        percentile(&eng.latencies, 0.5).as_secs_f64()
-            / percentile(&base.latencies, 0.5).as_secs_f64().max(1e-9)
+        "RESULT mode={} side={} delivery={:?} instances={} partitions={} sagas={} done={} sagas_per_s={:.0} msgs_per_s={:.0} p50_ms={:.1} p95_ms={:.1} p99_ms={:.1} max_ms={:.1} cpu_us_per_saga={:.1} rss_mb={} baseline_sagas_per_s={} baseline_p99_ms={} baseline_ratio={}",
+        load.name(),
+        if eng.is_some() { "engine" } else { "baseline" },
+        args.delivery,
+        args.instances,
+        args.partitions,
+        main.requested,
+        main.done(),
+        main.rate(),
+        main.rate() * 6.0,
+        ms(main.p(0.50)),
+        ms(main.p(0.95)),
+        ms(main.p(0.99)),
+        ms(main.p(1.0)),
+        main.cpu_us_per_saga(),
+        main.rss >> 20,
+        base.as_ref().map_or("-".into(), |b| format!("{:.0}", b.rate())),
+        base.as_ref().map_or("-".into(), |b| format!("{:.1}", ms(b.p(0.99)))),
+        ratio.map_or("-".into(), |r| format!("{r:.2}")),
     );
 }
