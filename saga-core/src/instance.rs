@@ -116,22 +116,26 @@ pub struct StepRecord {
     /// retry starts a new budget).
     pub attempts: u32,
     /// When the first attempt of the current budget started.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub first_attempt_at: Option<Timestamp>,
     /// Attempts of the compensation in the current retry budget.
+    #[serde(default, skip_serializing_if = "is_zero")]
     pub compensation_attempts: u32,
     /// When the first attempt of the compensation's current budget started.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub first_compensation_at: Option<Timestamp>,
     /// Times the action or compensation ran in the current budget, counting
     /// a participant's local retries (its failure replies say how many):
     /// the retry count of the step's dead letter.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "is_zero")]
     pub executions: u32,
     /// Commands sent for this step in all, action and compensation,
     /// operator retries included: numbers every command (its
     /// [`Envelope::attempt`]) so each attempt is a new message.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "is_zero")]
     pub sends: u32,
     /// The last error seen, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_error: Option<String>,
 }
 
@@ -214,7 +218,7 @@ pub struct Awaiting {
     /// it (or to an earlier attempt) is still applied; a failure is only
     /// recorded, except that a permanent one settles a parked pivot (it
     /// took no effect: the saga compensates).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub in_flight: bool,
     /// The command as sent (kept for the dead letter if it comes to that).
     pub command: Envelope,
@@ -236,6 +240,12 @@ pub struct HistoryEntry {
     /// The operator's note, for an operator's action.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub note: Option<String>,
+}
+
+/// For `skip_serializing_if`: a zero counter is left out of a state record
+/// (and read back as zero).
+fn is_zero<T: Default + PartialEq>(n: &T) -> bool {
+    *n == T::default()
 }
 
 /// The most history entries kept per instance (older ones are dropped).
@@ -266,11 +276,14 @@ pub struct SagaInstance<D> {
     /// The command waiting on a reply, if any.
     pub awaiting: Option<Awaiting>,
     /// Armed timers.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub timers: Vec<Timer>,
     /// Why the saga is compensating or parked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub failure: Option<String>,
     /// How many events and fire-and-forget commands the saga has emitted
     /// (numbers their ids).
+    #[serde(default, skip_serializing_if = "is_zero")]
     pub event_seq: u64,
     /// Bumped on every transition (optimistic concurrency for stores).
     pub version: u64,

@@ -240,7 +240,8 @@ pub trait Participant: Send + Sync + 'static {
 /// The defaults ([`ParticipantPolicy::new`]): no local retry (one attempt
 /// per command: the saga's step owns the retries), no handler timeout,
 /// dead letters to `<name>.dlq`, handled commands remembered for an hour,
-/// steps not remembered.
+/// steps not remembered, up to 64 commands of different sagas handled at
+/// once.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[non_exhaustive]
 pub struct ParticipantPolicy {
@@ -268,10 +269,23 @@ pub struct ParticipantPolicy {
     /// retries.
     #[serde(default)]
     pub remember_steps: bool,
+    /// How many commands of different sagas a runtime may handle at once
+    /// (default 64). Commands of one saga are always handled one after the
+    /// other, in order, and a batch's replies and ledger entries still
+    /// commit together; only the handlers' awaits overlap. A handler whose
+    /// shared state spans an `.await` (read, await, write) must hold its
+    /// lock across it or run with 1. The Kafka runtime honours it within a
+    /// batch; the in-memory runtime handles one command at a time.
+    #[serde(default = "default_concurrency")]
+    pub concurrency: usize,
 }
 
 fn default_horizon() -> Duration {
     Duration::from_secs(3600)
+}
+
+fn default_concurrency() -> usize {
+    64
 }
 
 impl ParticipantPolicy {
@@ -285,7 +299,15 @@ impl ParticipantPolicy {
             timeout: None,
             dedupe_horizon: default_horizon(),
             remember_steps: false,
+            concurrency: default_concurrency(),
         }
+    }
+
+    /// Sets how many commands of different sagas may be handled at once
+    /// (see [`ParticipantPolicy::concurrency`]; at least 1).
+    pub fn concurrency(mut self, n: usize) -> Self {
+        self.concurrency = n.max(1);
+        self
     }
 
     /// Sets how long handled commands are remembered (see

@@ -143,7 +143,7 @@ impl fmt::Debug for KafkaConfig {
 impl KafkaConfig {
     /// A configuration for the cluster at `bootstrap_servers`
     /// (`host:port[,host:port…]`) with the defaults: exactly-once, app
-    /// `saga`, instance id `0`, batches of 500 messages or 100 ms, 3
+    /// `saga`, instance id `0`, batches of up to 5,000 messages or 100 ms, 3
     /// partitions, replication factor 1, dead letters kept 30 days,
     /// transaction timeout 60 s, message timeout 30 s, session timeout 10 s,
     /// 5 retries 100 ms apart, topics created on registration.
@@ -154,7 +154,7 @@ impl KafkaConfig {
             instance_id: "0".into(),
             transactional_id_prefix: None,
             delivery: DeliveryMode::ExactlyOnce,
-            batch_max_messages: 500,
+            batch_max_messages: 5_000,
             batch_timeout: Duration::from_millis(100),
             batch_idle: Duration::from_millis(1),
             start_linger: Duration::from_millis(10),
@@ -316,7 +316,7 @@ impl KafkaConfig {
     }
 
     /// A batch (one transaction) ends after `max_messages` messages or
-    /// `timeout` (defaults 500 and 100 ms), or earlier when no more input
+    /// `timeout` (defaults 5,000 and 100 ms), or earlier when no more input
     /// arrives within [`KafkaConfig::batch_idle`].
     pub fn batch(mut self, max_messages: usize, timeout: Duration) -> Self {
         self.batch_max_messages = max_messages.max(1);

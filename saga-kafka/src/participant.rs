@@ -9,39 +9,87 @@
 //! It is read back (up to the last stable offset) with the ledger when the
 //! partition is assigned, before any of its commands is handled.
 
+use std::collections::HashSet;
 use std::time::Instant;
 
-use saga_core::driver::{Incoming, ParticipantDriver, Record};
-use saga_core::Timestamp;
+use futures::StreamExt;
+use saga_core::driver::{Attempt, Incoming, ParticipantDriver, Record};
+use saga_core::{SagaId, Timestamp};
+use tracing::Instrument;
 
 use crate::worker::{Processor, Request};
 
 pub(crate) struct ParticipantProc {
     driver: ParticipantDriver,
     rt: tokio::runtime::Handle,
+    /// Attempts of the open batch not run yet, in input order, at most one
+    /// per saga: they run together (up to the policy's concurrency) when
+    /// the batch ends or another command of one of their sagas arrives.
+    pending: Vec<(Attempt, Timestamp)>,
+    /// The sagas of `pending`.
+    pending_sagas: HashSet<SagaId>,
 }
 
 impl ParticipantProc {
     pub(crate) fn new(driver: ParticipantDriver, rt: tokio::runtime::Handle) -> Self {
-        Self { driver, rt }
+        Self {
+            driver,
+            rt,
+            pending: Vec::new(),
+            pending_sagas: HashSet::new(),
+        }
     }
 
-    /// Runs an attempt of the handler (blocking this worker thread) and
-    /// records its outcome.
-    fn run(&mut self, attempt: saga_core::driver::Attempt, now: Timestamp, out: &mut Vec<Record>) {
-        let span = tracing::info_span!(
-            "saga_kafka.participant",
-            participant = %self.driver.policy().name,
-            saga_id = %attempt.command().saga_id,
-            saga = %attempt.command().saga,
-            step = attempt.command().step.as_deref().unwrap_or(""),
-            attempt = attempt.number()
-        );
-        let _g = span.enter();
-        let started = Instant::now();
-        let result = self.rt.block_on(attempt.run(now));
-        self.driver
-            .finish(attempt, result, started.elapsed(), Timestamp::now(), out);
+    /// Queues an attempt of the handler; one of a saga that already has
+    /// one queued runs the queue first, so a saga's commands are handled
+    /// in order against the state the earlier ones left. A full queue (the
+    /// policy's concurrency) runs at once.
+    fn enqueue(&mut self, attempt: Attempt, now: Timestamp, out: &mut Vec<Record>) {
+        let limit = self.driver.policy().concurrency.max(1);
+        if limit == 1 || self.pending_sagas.contains(&attempt.command().saga_id) {
+            self.run_pending(out);
+        }
+        self.pending_sagas.insert(attempt.command().saga_id.clone());
+        self.pending.push((attempt, now));
+        if self.pending.len() >= limit {
+            self.run_pending(out);
+        }
+    }
+
+    /// Runs the queued attempts (blocking this worker thread; their
+    /// handlers overlap up to the policy's concurrency) and records their
+    /// outcomes in input order.
+    fn run_pending(&mut self, out: &mut Vec<Record>) {
+        if self.pending.is_empty() {
+            return;
+        }
+        let pending = std::mem::take(&mut self.pending);
+        self.pending_sagas.clear();
+        let limit = self.driver.policy().concurrency.max(1);
+        let name = self.driver.policy().name.clone();
+        let runs = pending.iter().map(|(attempt, now)| {
+            let span = tracing::info_span!(
+                "saga_kafka.participant",
+                participant = %name,
+                saga_id = %attempt.command().saga_id,
+                saga = %attempt.command().saga,
+                step = attempt.command().step.as_deref().unwrap_or(""),
+                attempt = attempt.number()
+            );
+            async move {
+                let started = Instant::now();
+                let result = attempt.run(*now).await;
+                (result, started.elapsed())
+            }
+            .instrument(span)
+        });
+        let results: Vec<_> = self
+            .rt
+            .block_on(futures::stream::iter(runs).buffered(limit).collect());
+        for ((attempt, _), (result, took)) in pending.into_iter().zip(results) {
+            self.driver
+                .finish(attempt, result, took, Timestamp::now(), out);
+        }
     }
 }
 
@@ -72,7 +120,7 @@ impl Processor for ParticipantProc {
 
     fn on_message(&mut self, msg: &Incoming<'_>, now: Timestamp, out: &mut Vec<Record>) {
         if let Some(attempt) = self.driver.on_record(msg, now, out) {
-            self.run(attempt, now, out);
+            self.enqueue(attempt, now, out);
         }
     }
 
@@ -89,7 +137,7 @@ impl Processor for ParticipantProc {
             return false;
         }
         if let Some(attempt) = self.driver.take_due(now, out) {
-            self.run(attempt, now, out);
+            self.enqueue(attempt, now, out);
         }
         true
     }
@@ -99,6 +147,7 @@ impl Processor for ParticipantProc {
     }
 
     fn before_commit(&mut self, out: &mut Vec<Record>) -> Result<(), (u32, String)> {
+        self.run_pending(out);
         self.driver
             .before_commit(out)
             .map_err(|(p, e)| (p, e.to_string()))
@@ -109,6 +158,186 @@ impl Processor for ParticipantProc {
     }
 
     fn rolled_back(&mut self) {
+        // Not run: the batch is read again.
+        self.pending.clear();
+        self.pending_sagas.clear();
         self.driver.rolled_back();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+    use std::time::Duration;
+
+    use saga_core::driver::RecordKind;
+    use saga_core::{
+        Envelope, Participant, ParticipantContext, ParticipantPolicy, Phase, StepError,
+    };
+    use serde_json::{json, Value};
+
+    use super::*;
+
+    const T0: Timestamp = Timestamp::from_millis(1_700_000_000_000);
+
+    /// Sleeps 50 ms per command and logs when each started and ended.
+    #[derive(Default)]
+    struct Slow {
+        log: Mutex<Vec<(String, &'static str)>>,
+        running: Mutex<(usize, usize)>,
+    }
+
+    #[async_trait::async_trait]
+    impl Participant for Slow {
+        type Command = Value;
+        type Reply = Value;
+        type Error = StepError;
+        async fn handle(
+            &self,
+            command: Value,
+            _: &mut ParticipantContext,
+        ) -> Result<Value, StepError> {
+            let tag = command["tag"].as_str().unwrap_or_default().to_owned();
+            {
+                let mut r = self.running.lock().unwrap();
+                r.0 += 1;
+                r.1 = r.1.max(r.0);
+            }
+            self.log.lock().unwrap().push((tag.clone(), "start"));
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            self.log.lock().unwrap().push((tag.clone(), "end"));
+            self.running.lock().unwrap().0 -= 1;
+            Ok(json!({ "tag": tag }))
+        }
+    }
+
+    fn command(saga: &str, step: &str, tag: &str) -> Vec<u8> {
+        let id = SagaId::new(saga);
+        let mut c = Envelope::command(
+            Envelope::command_id("job", &id, step, Phase::Forward, 1),
+            "svc",
+            id,
+            "job",
+            json!({ "tag": tag }),
+            T0,
+        );
+        c.step = Some(step.into());
+        c.phase = Some(Phase::Forward);
+        c.attempt = 1;
+        c.reply_to = Some("job.replies".into());
+        c.to_bytes()
+    }
+
+    fn proc(
+        policy: ParticipantPolicy,
+        slow: &Arc<Slow>,
+        rt: &tokio::runtime::Runtime,
+    ) -> ParticipantProc {
+        let mut driver = ParticipantDriver::new("svc", policy, slow.clone());
+        driver.restore(0, Vec::new()).unwrap();
+        ParticipantProc::new(driver, rt.handle().clone())
+    }
+
+    fn deliver(
+        p: &mut ParticipantProc,
+        saga: &str,
+        step: &str,
+        tag: &str,
+        offset: u64,
+        out: &mut Vec<Record>,
+    ) {
+        let bytes = command(saga, step, tag);
+        let msg = Incoming {
+            topic: "svc",
+            partition: 0,
+            offset,
+            key: Some(saga.as_bytes()),
+            value: Some(&bytes),
+            kind: None,
+        };
+        p.on_message(&msg, T0, out);
+    }
+
+    /// The tags of the replies in `out`, in order.
+    fn replies(out: &[Record]) -> Vec<String> {
+        out.iter()
+            .filter(|r| r.kind == RecordKind::Message && r.topic == "job.replies")
+            .map(|r| {
+                let env = Envelope::from_bytes(r.value.as_deref().unwrap()).unwrap();
+                env.payload["tag"].as_str().unwrap().to_owned()
+            })
+            .collect()
+    }
+
+    fn blocking_runtime() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap()
+    }
+
+    #[test]
+    fn commands_of_different_sagas_overlap_and_one_sagas_commands_run_in_order() {
+        let rt = blocking_runtime();
+        let slow = Arc::new(Slow::default());
+        let mut p = proc(ParticipantPolicy::new("svc"), &slow, &rt);
+        let mut out = Vec::new();
+        let started = std::time::Instant::now();
+        deliver(&mut p, "a", "one", "a1", 1, &mut out);
+        deliver(&mut p, "b", "one", "b1", 2, &mut out);
+        deliver(&mut p, "c", "one", "c1", 3, &mut out);
+        // Saga `a` again: its first command must be done before this one starts.
+        deliver(&mut p, "a", "two", "a2", 4, &mut out);
+        deliver(&mut p, "d", "one", "d1", 5, &mut out);
+        p.before_commit(&mut out).unwrap();
+        let took = started.elapsed();
+
+        assert_eq!(
+            slow.running.lock().unwrap().1,
+            3,
+            "a1, b1 and c1 ran together"
+        );
+        let log = slow.log.lock().unwrap().clone();
+        let at =
+            |tag: &str, what: &str| log.iter().position(|e| e.0 == tag && e.1 == what).unwrap();
+        assert!(at("a1", "end") < at("a2", "start"), "{log:?}");
+        // Two rounds of 50 ms, not five.
+        assert!(took < Duration::from_millis(200), "took {took:?}");
+        // Replies in input order, every command answered once.
+        assert_eq!(replies(&out), ["a1", "b1", "c1", "a2", "d1"]);
+    }
+
+    #[test]
+    fn concurrency_one_runs_each_command_as_it_arrives() {
+        let rt = blocking_runtime();
+        let slow = Arc::new(Slow::default());
+        let mut p = proc(ParticipantPolicy::new("svc").concurrency(1), &slow, &rt);
+        let mut out = Vec::new();
+        deliver(&mut p, "a", "one", "a1", 1, &mut out);
+        assert_eq!(replies(&out), ["a1"], "answered before the batch ends");
+        deliver(&mut p, "b", "one", "b1", 2, &mut out);
+        p.before_commit(&mut out).unwrap();
+        assert_eq!(slow.running.lock().unwrap().1, 1);
+        assert_eq!(replies(&out), ["a1", "b1"]);
+    }
+
+    #[test]
+    fn a_rolled_back_batch_drops_the_commands_it_had_not_run() {
+        let rt = blocking_runtime();
+        let slow = Arc::new(Slow::default());
+        let mut p = proc(ParticipantPolicy::new("svc"), &slow, &rt);
+        let mut out = Vec::new();
+        deliver(&mut p, "a", "one", "a1", 1, &mut out);
+        deliver(&mut p, "b", "one", "b1", 2, &mut out);
+        p.rolled_back();
+        let mut after = Vec::new();
+        p.before_commit(&mut after).unwrap();
+        assert!(replies(&after).is_empty());
+        assert!(slow.log.lock().unwrap().is_empty(), "nothing ran");
+        // Read again, they are handled as new.
+        deliver(&mut p, "a", "one", "a1", 1, &mut after);
+        p.before_commit(&mut after).unwrap();
+        assert_eq!(replies(&after), ["a1"]);
     }
 }

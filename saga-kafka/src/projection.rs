@@ -1,5 +1,6 @@
 //! Projections: plain event consumers (analytics, read models).
 
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -47,7 +48,20 @@ where
     let thread = std::thread::Builder::new()
         .name(format!("saga-kafka-projection-{group}"))
         .spawn(move || {
-            let mut tpl = TopicPartitionList::new();
+            // The next offset per (topic, partition), committed now and
+            // then (a map: the client's list finds entries by scanning).
+            let mut next: BTreeMap<(String, i32), i64> = BTreeMap::new();
+            let commit = |consumer: &BaseConsumer<Quiet>, next: &mut BTreeMap<(String, i32), i64>| {
+                let mut tpl = TopicPartitionList::new();
+                for ((topic, partition), offset) in std::mem::take(next) {
+                    let _ = tpl.add_partition_offset(&topic, partition, Offset::Offset(offset));
+                }
+                if tpl.count() > 0 {
+                    if let Err(e) = consumer.commit(&tpl, CommitMode::Sync) {
+                        tracing::warn!(group = %group, error = %e, "offset commit failed");
+                    }
+                }
+            };
             let mut last = Instant::now();
             while flag.load(Ordering::SeqCst) == RUN {
                 match consumer.poll(Duration::from_millis(50)) {
@@ -63,17 +77,18 @@ where
                                 Err(e) => tracing::warn!(group = %group, topic = m.topic(), offset = m.offset(), error = %e, "not an envelope: skipped"),
                             }
                         }
-                        let _ = tpl.add_partition_offset(
-                            m.topic(),
-                            m.partition(),
-                            Offset::Offset(m.offset() + 1),
-                        );
+                        match next.get_mut(&(m.topic().to_owned(), m.partition())) {
+                            Some(o) => *o = m.offset() + 1,
+                            None => {
+                                next.insert((m.topic().to_owned(), m.partition()), m.offset() + 1);
+                            }
+                        }
                     }
                     Some(Err(e @ rdkafka::error::KafkaError::MessageConsumptionFatal(_))) => {
                         // Unusable (a static member fenced): join again with
                         // a new consumer; what was not committed is read again.
                         tracing::error!(group = %group, error = %e, "fatal consumer error: joining the group again");
-                        tpl = TopicPartitionList::new();
+                        next.clear();
                         loop {
                             std::thread::sleep(Duration::from_secs(1));
                             if flag.load(Ordering::SeqCst) != RUN {
@@ -91,17 +106,12 @@ where
                     Some(Err(e)) => tracing::warn!(group = %group, error = %e, "consumer error"),
                     None => {}
                 }
-                if tpl.count() > 0 && last.elapsed() >= cfg.batch_timeout {
-                    if let Err(e) = consumer.commit(&tpl, CommitMode::Sync) {
-                        tracing::warn!(group = %group, error = %e, "offset commit failed");
-                    }
-                    tpl = TopicPartitionList::new();
+                if !next.is_empty() && last.elapsed() >= cfg.batch_timeout {
+                    commit(&consumer, &mut next);
                     last = Instant::now();
                 }
             }
-            if tpl.count() > 0 {
-                let _ = consumer.commit(&tpl, CommitMode::Sync);
-            }
+            commit(&consumer, &mut next);
         })
         .map_err(|e| Error::Config {
             key: "thread".into(),

@@ -55,7 +55,10 @@ async fn killed_stateful_participant_resumes_from_its_snapshot() {
     first
         .participant(
             &t.inventory,
-            ParticipantPolicy::new(inventory.clone()),
+            // One at a time, each command handled as it arrives (not when
+            // the batch ends), so the batch holds applied commands while it
+            // stays open.
+            ParticipantPolicy::new(inventory.clone()).concurrency(1),
             before.clone(),
         )
         .await
