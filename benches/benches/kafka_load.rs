@@ -80,9 +80,16 @@ struct Args {
     /// Run only one side.
     #[arg(long, value_enum)]
     only: Option<Side>,
+    /// The engine's largest batch per transaction (default: the library's).
+    #[arg(long)]
+    engine_batch: Option<usize>,
     /// The baseline's largest batch per transaction.
     #[arg(long, default_value_t = 2_000)]
     baseline_batch: usize,
+    /// How long the baseline's batches stay open after their first item
+    /// (`0ms`: they take what has arrived and commit).
+    #[arg(long, value_parser = parse_duration, default_value = "0ms")]
+    baseline_linger: Duration,
     /// Memory mode: start this many sagas that stay in flight (their
     /// participant is not running), report RSS per saga, then restore them
     /// in a fresh process and report its time and peak.
@@ -289,9 +296,17 @@ fn consumer(bootstrap: &str, group: &str, topic: &str) -> BaseConsumer {
 
 /// Serves delivery reports until nothing is in flight: the commit after it
 /// has nothing to flush, so it does not wait out the client's flush poll.
+/// (The client's own `poll` with a timeout spins through its last
+/// millisecond, so this serves what is there and sleeps between checks.)
 fn drain(p: &BaseProducer) {
-    while p.in_flight_count() > 0 {
-        p.poll(Duration::from_millis(1));
+    let mut pause = Duration::from_micros(50);
+    loop {
+        p.poll(Duration::ZERO);
+        if p.in_flight_count() == 0 {
+            return;
+        }
+        std::thread::sleep(pause);
+        pause = (pause * 2).min(Duration::from_millis(1));
     }
 }
 
@@ -325,34 +340,39 @@ struct Topics {
 fn hop(
     bootstrap: &str,
     ns: &str,
-    from: &str,
-    to: &str,
-    state: &str,
+    (from, to, state): (&str, &str, &str),
     eos: bool,
-    max: usize,
-    ready: &AtomicUsize,
-    stop: &AtomicUsize,
+    batching: Batching,
+    (ready, stop): (&AtomicUsize, &AtomicUsize),
 ) {
     let c = consumer(bootstrap, &format!("{ns}-{from}"), from);
     let p = producer(bootstrap, eos.then(|| format!("{ns}-{from}-tx")).as_deref());
     let mut joined = false;
-    let mut batch = Vec::with_capacity(max);
+    let mut batch = Vec::with_capacity(batching.max);
     while stop.load(Ordering::Relaxed) == 0 {
         batch.clear();
-        // Wait for the first message, then take whatever else has arrived.
+        // Wait for the first message, then take whatever else arrives
+        // within the linger.
+        let mut first: Option<Instant> = None;
         let mut wait = Duration::from_millis(20);
-        while batch.len() < max {
+        while batch.len() < batching.max {
             match c.poll(wait) {
-                Some(Ok(m)) => batch.push((
-                    m.partition(),
-                    m.offset(),
-                    m.key().map(<[u8]>::to_vec).unwrap_or_default(),
-                    m.payload().map(<[u8]>::to_vec).unwrap_or_default(),
-                )),
+                Some(Ok(m)) => {
+                    batch.push((
+                        m.partition(),
+                        m.offset(),
+                        m.key().map(<[u8]>::to_vec).unwrap_or_default(),
+                        m.payload().map(<[u8]>::to_vec).unwrap_or_default(),
+                    ));
+                    first.get_or_insert_with(Instant::now);
+                }
                 Some(Err(e)) => panic!("baseline consumer: {e}"),
-                None => break,
+                None if first.is_none_or(|f| f.elapsed() >= batching.linger) => break,
+                None => {}
             }
-            wait = Duration::ZERO;
+            wait = first.map_or(Duration::from_millis(20), |f| {
+                batching.linger.saturating_sub(f.elapsed())
+            });
         }
         if !joined && c.assignment().is_ok_and(|a| a.count() > 0) {
             joined = true;
@@ -378,7 +398,8 @@ fn hop(
                         ),
                         "baseline produce: {e}"
                     );
-                    p.poll(Duration::from_millis(1));
+                    p.poll(Duration::ZERO);
+                    std::thread::sleep(Duration::from_millis(1));
                     rec = back;
                 }
             }
@@ -430,7 +451,14 @@ fn sink(
 }
 
 /// The baseline: a source (the "start" transactions), two hops, a sink.
-fn baseline(bootstrap: &str, ns: &str, load: Load, eos: bool, max: usize) -> Report {
+/// How the baseline batches: at most `max` items, open `linger` after the first.
+#[derive(Clone, Copy, Debug)]
+struct Batching {
+    max: usize,
+    linger: Duration,
+}
+
+fn baseline(bootstrap: &str, ns: &str, load: Load, eos: bool, batching: Batching) -> Report {
     let t = Arc::new(Topics {
         a: format!("{ns}.a"),
         b: format!("{ns}.b"),
@@ -450,7 +478,16 @@ fn baseline(bootstrap: &str, ns: &str, load: Load, eos: bool, max: usize) -> Rep
                 ready.clone(),
                 stop.clone(),
             );
-            std::thread::spawn(move || hop(&bs, &ns, &from, &to, &t.state, eos, max, &ready, &stop))
+            std::thread::spawn(move || {
+                hop(
+                    &bs,
+                    &ns,
+                    (&from, &to, &t.state),
+                    eos,
+                    batching,
+                    (&ready, &stop),
+                )
+            })
         })
         .collect();
     let sink_thread = {
@@ -471,7 +508,8 @@ fn baseline(bootstrap: &str, ns: &str, load: Load, eos: bool, max: usize) -> Rep
         for topic in [&t.a, &t.state] {
             let mut rec = BaseRecord::to(topic).key(&key).payload(&payload);
             while let Err((_, back)) = p.send(rec) {
-                p.poll(Duration::from_millis(1));
+                p.poll(Duration::ZERO);
+                std::thread::sleep(Duration::from_millis(1));
                 rec = back;
             }
         }
@@ -501,11 +539,20 @@ fn baseline(bootstrap: &str, ns: &str, load: Load, eos: bool, max: usize) -> Rep
         if eos {
             p.begin_transaction().expect("begin");
         }
-        let mut n = 0;
-        while i < total && n < max && load.due(t0, i) <= Instant::now() {
+        // What is due, and what falls due within the linger.
+        let (first, mut n) = (Instant::now(), 0);
+        while i < total && n < batching.max {
+            let due = load.due(t0, i);
+            let now = Instant::now();
+            if due > now {
+                if due > first + batching.linger {
+                    break;
+                }
+                std::thread::sleep(due - now);
+            }
             let stamp = match load {
                 Load::Burst { .. } => now_micros(),
-                Load::Rate { .. } => micros_at(load.due(t0, i)),
+                Load::Rate { .. } => micros_at(due),
             };
             send(i, stamp);
             i += 1;
@@ -554,15 +601,13 @@ impl Participant for Worker {
     }
 }
 
-fn config(
-    bootstrap: &str,
-    ns: &str,
-    partitions: i32,
-    delivery: Delivery,
-    instance: usize,
-) -> KafkaConfig {
-    KafkaConfig::new(bootstrap)
-        .app(ns)
+fn config(bootstrap: &str, ns: &str, args: &Args, instance: usize) -> KafkaConfig {
+    let (partitions, delivery) = (args.partitions, args.delivery);
+    let mut cfg = KafkaConfig::new(bootstrap);
+    if let Some(max) = args.engine_batch {
+        cfg = cfg.batch(max, Duration::from_millis(100));
+    }
+    cfg.app(ns)
         .instance_id(instance.to_string())
         .partitions(partitions)
         .delivery(match delivery {
@@ -607,7 +652,7 @@ async fn owned(runtimes: &[KafkaRuntime], want: u64) {
 
 async fn engine(bootstrap: &str, ns: &str, load: Load, args: &Args) -> Report {
     let events = format!("{ns}.events");
-    let base = config(bootstrap, ns, args.partitions, args.delivery, 0);
+    let base = config(bootstrap, ns, args, 0);
     ensure_topics(&base, &[TopicSpec::messages(&events)])
         .await
         .expect("topics");
@@ -615,8 +660,7 @@ async fn engine(bootstrap: &str, ns: &str, load: Load, args: &Args) -> Report {
     let mut runtimes = Vec::new();
     let mut handles = Vec::new();
     for i in 0..args.instances {
-        let rt = KafkaRuntime::new(config(bootstrap, ns, args.partitions, args.delivery, i))
-            .expect("runtime");
+        let rt = KafkaRuntime::new(config(bootstrap, ns, args, i)).expect("runtime");
         rt.participant(
             &format!("{ns}.work.requests"),
             ParticipantPolicy::new(format!("{ns}-worker")),
@@ -715,8 +759,7 @@ async fn engine(bootstrap: &str, ns: &str, load: Load, args: &Args) -> Report {
 /// Memory mode: `n` sagas left in flight; RSS per saga; then a fresh
 /// process restores them.
 async fn inflight(bootstrap: &str, ns: &str, n: usize, args: &Args) {
-    let rt = KafkaRuntime::new(config(bootstrap, ns, args.partitions, args.delivery, 0))
-        .expect("runtime");
+    let rt = KafkaRuntime::new(config(bootstrap, ns, args, 0)).expect("runtime");
     let events = format!("{ns}.events");
     ensure_topics(rt.config(), &[TopicSpec::messages(&events)])
         .await
@@ -779,8 +822,7 @@ async fn inflight(bootstrap: &str, ns: &str, n: usize, args: &Args) {
 /// Memory mode's child: restores the namespace's sagas, reports the time
 /// and the peak against the steady RSS.
 async fn restore_child(bootstrap: &str, ns: &str, n: usize, args: &Args) {
-    let rt = KafkaRuntime::new(config(bootstrap, ns, args.partitions, args.delivery, 0))
-        .expect("runtime");
+    let rt = KafkaRuntime::new(config(bootstrap, ns, args, 0)).expect("runtime");
     let events = format!("{ns}.events");
     let t0 = Instant::now();
     let jobs = rt.saga(definition(ns, &events)).await.expect("saga");
@@ -852,8 +894,12 @@ async fn main() {
             .map(|t| TopicSpec::messages(format!("{ns}.{t}")))
             .collect();
         ensure_topics(&cfg, &specs).await.expect("baseline topics");
-        let (bs, ns2, max) = (bootstrap.clone(), ns.clone(), args.baseline_batch);
-        let r = tokio::task::spawn_blocking(move || baseline(&bs, &ns2, load, eos, max))
+        let batching = Batching {
+            max: args.baseline_batch,
+            linger: args.baseline_linger,
+        };
+        let (bs, ns2) = (bootstrap.clone(), ns.clone());
+        let r = tokio::task::spawn_blocking(move || baseline(&bs, &ns2, load, eos, batching))
             .await
             .expect("baseline");
         r.print();

@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# The Kafka benchmark suite: the saga engine against the best bare rdkafka
+# pipeline for the same hops, in the same runs. Writes every RESULT line to
+# docs/bench/results.txt, then a table (docs/bench/results.md) and two plots
+# (docs/bench/latency.svg, docs/bench/scaling.svg) with scripts/bench_report.py.
+#
+#   scripts/bench.sh            # the whole suite (about 15 minutes)
+#   RUNS=1 scripts/bench.sh     # one run of each measurement
+#
+# Uses $KAFKA_BOOTSTRAP_SERVERS, or starts the local broker
+# (scripts/kafka/broker.sh). Loopback only; every run is bounded.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+RUNS=${RUNS:-3}
+BURST=${BURST:-40000}
+RATES=${RATES:-"500 1000 2000 4000 8000"}
+INFLIGHT=${INFLIGHT:-100000}
+OUT=docs/bench
+mkdir -p "$OUT" target/bench
+
+if [[ -z "${KAFKA_BOOTSTRAP_SERVERS:-}" ]]; then
+  scripts/kafka/broker.sh start >/dev/null
+  KAFKA_BOOTSTRAP_SERVERS=$(scripts/kafka/broker.sh address)
+fi
+export KAFKA_BOOTSTRAP_SERVERS
+
+cargo bench -p saga-benches --bench kafka_load --no-run >/dev/null 2>&1
+
+results=target/bench/results.txt
+: >"$results"
+run() {
+  local label=$1
+  shift
+  echo "== $label: kafka_load $*" >&2
+  local line
+  line=$(cargo bench -q -p saga-benches --bench kafka_load -- "$@" 2>/dev/null | tee /dev/stderr | grep '^RESULT' || true)
+  if [[ -z "$line" ]]; then
+    echo "   (no RESULT line: $label failed)" >&2
+    return 0
+  fi
+  echo "$line label=$label" >>"$results"
+}
+
+for i in $(seq "$RUNS"); do
+  run burst --sagas "$BURST"
+  run burst-alo --sagas "$BURST" --delivery alo
+  run fixed-1000 --rate 1000 --duration 20s
+done
+for rate in $RATES; do
+  run "sweep-$rate" --rate "$rate" --duration 10s
+done
+for i in $(seq "$RUNS"); do
+  run scale-1 --sagas "$BURST" --partitions 6 --instances 1 --only engine
+  run scale-2 --sagas "$BURST" --partitions 6 --instances 2 --only engine
+done
+run inflight --inflight "$INFLIGHT"
+
+{
+  echo "# $(date -u +%Y-%m-%dT%H:%MZ) on $(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo), $(uname -r)"
+  cat "$results"
+} >"$OUT/results.txt"
+python3 scripts/bench_report.py "$OUT/results.txt" "$OUT"
+echo "wrote $OUT/results.txt, $OUT/results.md, $OUT/latency.svg, $OUT/scaling.svg" >&2
