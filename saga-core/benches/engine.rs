@@ -84,6 +84,28 @@ fn pure_core(c: &mut Criterion) {
             assert_eq!(done.instance.status, SagaStatus::Completed);
         })
     });
+    // One transition: a saga waiting on its pivot gets the reply, runs its
+    // last local step and completes (the unit the ≥1M transitions/s target
+    // counts).
+    g.bench_function("one_transition_reply_to_completed", |b| {
+        let t = def.start(SagaId::new("o-1"), order(1), now).unwrap();
+        let cmd = t
+            .effects
+            .iter()
+            .find_map(|e| match e {
+                Effect::Send(env) if env.kind == MessageKind::Command => Some(env.clone()),
+                _ => None,
+            })
+            .unwrap();
+        let reply = cmd
+            .reply(ReplyOutcome::Success, json!({"status": "RESERVED"}), now)
+            .unwrap();
+        b.iter_batched(
+            || reply.clone(),
+            |reply| def.handle(&t.instance, Input::Reply(reply), now).unwrap(),
+            BatchSize::SmallInput,
+        )
+    });
     g.bench_function("serialize_and_restore_instance", |b| {
         let t = def.start(SagaId::new("o-1"), order(1), now).unwrap();
         b.iter(|| {

@@ -442,9 +442,11 @@ impl KafkaConfig {
     }
 
     /// Sets a librdkafka property on every client (security settings,
-    /// `client.id`, tuning). Properties the runtime needs for its delivery
-    /// guarantees (transactional id, isolation level, auto commit) are
-    /// set after these and win.
+    /// `client.id`, tuning). It overrides the runtime's tuning defaults
+    /// (producers: `linger.ms=1`, `retry.backoff.ms=10`); properties the
+    /// runtime needs for its delivery guarantees (idempotence, acks,
+    /// transactional id, isolation level, auto commit) are set after these
+    /// and win.
     pub fn set(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
         self.properties.insert(key.into(), value.into());
         self
@@ -511,14 +513,20 @@ impl KafkaConfig {
             .set(
                 "message.timeout.ms",
                 self.message_timeout.as_millis().to_string(),
-            )
-            // A batch's records are sent as they are produced, and the
-            // commit waits for them: lingering only delays the commit.
-            .set("linger.ms", "1")
-            // Retries inside a transaction (CONCURRENT_TRANSACTIONS right
-            // after a commit, above all) are short waits: librdkafka's
-            // 100 ms default would stall every such batch by that much.
-            .set("retry.backoff.ms", "10");
+            );
+        // Tuning defaults, chosen by measurement (`KafkaConfig::set`
+        // overrides them):
+        // - a batch's records are sent as they are produced and the commit
+        //   waits for them, so lingering only delays the commit (the
+        //   client's default is 5 ms);
+        // - retries inside a transaction (CONCURRENT_TRANSACTIONS right
+        //   after the previous commit, above all) are short waits: the
+        //   client's 100 ms default stalls every such batch by that much.
+        for (key, value) in [("linger.ms", "1"), ("retry.backoff.ms", "10")] {
+            if !self.properties.contains_key(key) {
+                c.set(key, value);
+            }
+        }
         if let Some(id) = transactional_id {
             c.set("transactional.id", id).set(
                 "transaction.timeout.ms",
@@ -577,6 +585,18 @@ impl KafkaConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tuning_properties_set_by_the_user_win_but_guarantees_do_not() {
+        let c = KafkaConfig::new("b:9092")
+            .set("linger.ms", "0")
+            .set("acks", "1");
+        let p = c.producer_config(Some("tx"));
+        assert_eq!(p.get("linger.ms"), Some("0"));
+        assert_eq!(p.get("retry.backoff.ms"), Some("10"), "the default stays");
+        assert_eq!(p.get("acks"), Some("all"), "the runtime's guarantee wins");
+        assert_eq!(p.get("transactional.id"), Some("tx"));
+    }
 
     #[test]
     fn from_lookup_reads_security_settings() {
