@@ -83,6 +83,10 @@ struct Args {
     /// The engine's largest batch per transaction (default: the library's).
     #[arg(long)]
     engine_batch: Option<usize>,
+    /// How long the engine's open batch waits for more starts after the
+    /// first (default: the library's).
+    #[arg(long, value_parser = parse_duration)]
+    start_linger: Option<Duration>,
     /// A client property for the engine (`--set linger.ms=5`; repeatable),
     /// as `KafkaConfig::set` would.
     #[arg(long = "set", value_parser = parse_property)]
@@ -617,6 +621,9 @@ fn config(bootstrap: &str, ns: &str, args: &Args, instance: usize) -> KafkaConfi
     let mut cfg = KafkaConfig::new(bootstrap);
     if let Some(max) = args.engine_batch {
         cfg = cfg.batch(max, Duration::from_millis(100));
+    }
+    if let Some(linger) = args.start_linger {
+        cfg = cfg.start_linger(linger);
     }
     for (key, value) in &args.properties {
         cfg = cfg.set(key, value);
