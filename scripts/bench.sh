@@ -25,18 +25,24 @@ if [[ -z "${KAFKA_BOOTSTRAP_SERVERS:-}" ]]; then
 fi
 export KAFKA_BOOTSTRAP_SERVERS
 
-cargo bench -p saga-benches --bench kafka_load --no-run >/dev/null 2>&1
+if ! build=$(cargo bench -p saga-benches --bench kafka_load --no-run 2>&1); then
+  echo "$build" >&2
+  exit 1
+fi
 
 results=target/bench/results.txt
 : >"$results"
+rm -f target/bench/*.log
 run() {
   local label=$1
   shift
   echo "== $label: kafka_load $*" >&2
   local line
-  line=$(cargo bench -q -p saga-benches --bench kafka_load -- "$@" 2>/dev/null | tee /dev/stderr | grep '^RESULT' || true)
+  local log="target/bench/$label.log"
+  line=$(cargo bench -q -p saga-benches --bench kafka_load -- "$@" 2>>"$log" | tee -a /dev/stderr "$log" | grep '^RESULT' || true)
   if [[ -z "$line" ]]; then
-    echo "   (no RESULT line: $label failed)" >&2
+    echo "   (no RESULT line: $label failed; see $log)" >&2
+    tail -5 "$log" >&2
     return 0
   fi
   echo "$line label=$label" >>"$results"

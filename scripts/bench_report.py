@@ -83,9 +83,10 @@ def table(rows):
         out.append("|---|---|---|---|---|---|")
         for r in sweep:
             asked = r["label"].split("-", 1)[1]
+            num = lambda v, f: format(v, f) if isinstance(v, float) else "–"
             out.append(
                 f"| {asked} | {r['sagas_per_s']:,.0f} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | "
-                f"{r.get('baseline_sagas_per_s', '–')} | {r.get('baseline_p99_ms', '–')} |"
+                f"{num(r.get('baseline_sagas_per_s'), ',.0f')} | {num(r.get('baseline_p99_ms'), '.1f')} |"
             )
     if by.get("scale-1") and by.get("scale-2"):
         one, two = median([r["sagas_per_s"] for r in by["scale-1"]]), median([r["sagas_per_s"] for r in by["scale-2"]])

@@ -119,7 +119,8 @@ pub struct StepRecord {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub first_attempt_at: Option<Timestamp>,
     /// Attempts of the compensation in the current retry budget.
-    #[serde(default, skip_serializing_if = "is_zero")]
+    // Always written: earlier versions of this crate require the field.
+    #[serde(default)]
     pub compensation_attempts: u32,
     /// When the first attempt of the compensation's current budget started.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -276,14 +277,16 @@ pub struct SagaInstance<D> {
     /// The command waiting on a reply, if any.
     pub awaiting: Option<Awaiting>,
     /// Armed timers.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    // Always written: earlier versions of this crate require the field.
+    #[serde(default)]
     pub timers: Vec<Timer>,
     /// Why the saga is compensating or parked.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub failure: Option<String>,
     /// How many events and fire-and-forget commands the saga has emitted
     /// (numbers their ids).
-    #[serde(default, skip_serializing_if = "is_zero")]
+    // Always written: earlier versions of this crate require the field.
+    #[serde(default)]
     pub event_seq: u64,
     /// Bumped on every transition (optimistic concurrency for stores).
     pub version: u64,

@@ -522,10 +522,12 @@ impl KafkaConfig {
         // - retries inside a transaction (CONCURRENT_TRANSACTIONS right
         //   after the previous commit, above all) are short waits: the
         //   client's 100 ms default stalls every such batch by that much.
-        for (key, value) in [("linger.ms", "1"), ("retry.backoff.ms", "10")] {
-            if !self.properties.contains_key(key) {
-                c.set(key, value);
-            }
+        let user_set = |keys: &[&str]| keys.iter().any(|k| self.properties.contains_key(*k));
+        if !user_set(&["linger.ms", "queue.buffering.max.ms"]) {
+            c.set("linger.ms", "1");
+        }
+        if !user_set(&["retry.backoff.ms"]) {
+            c.set("retry.backoff.ms", "10");
         }
         if let Some(id) = transactional_id {
             c.set("transactional.id", id).set(

@@ -14,7 +14,7 @@ use std::time::Instant;
 
 use futures::StreamExt;
 use saga_core::driver::{Attempt, Incoming, ParticipantDriver, Record};
-use saga_core::{SagaId, Timestamp};
+use saga_core::Timestamp;
 use tracing::Instrument;
 
 use crate::worker::{Processor, Request};
@@ -25,9 +25,9 @@ pub(crate) struct ParticipantProc {
     /// Attempts of the open batch not run yet, in input order, at most one
     /// per saga: they run together (up to the policy's concurrency) when
     /// the batch ends or another command of one of their sagas arrives.
-    pending: Vec<(Attempt, Timestamp)>,
-    /// The sagas of `pending`.
-    pending_sagas: HashSet<SagaId>,
+    pending: Vec<Attempt>,
+    /// The sagas of `pending` (their ids: the keys of their commands).
+    pending_sagas: HashSet<Vec<u8>>,
 }
 
 impl ParticipantProc {
@@ -40,18 +40,18 @@ impl ParticipantProc {
         }
     }
 
-    /// Queues an attempt of the handler; one of a saga that already has
-    /// one queued runs the queue first, so a saga's commands are handled
-    /// in order against the state the earlier ones left. A full queue (the
-    /// policy's concurrency) runs at once.
-    fn enqueue(&mut self, attempt: Attempt, now: Timestamp, out: &mut Vec<Record>) {
-        let limit = self.driver.policy().concurrency.max(1);
-        if limit == 1 || self.pending_sagas.contains(&attempt.command().saga_id) {
+    /// Queues an attempt of the handler; a full queue (the policy's
+    /// concurrency) runs at once.
+    fn enqueue(&mut self, attempt: Attempt, out: &mut Vec<Record>) {
+        let saga = attempt.command().saga_id.as_str().as_bytes();
+        if self.pending_sagas.contains(saga) {
+            // (Not for commands keyed by their saga id, as the runtime
+            // writes them: `on_message` ran the queue already.)
             self.run_pending(out);
         }
-        self.pending_sagas.insert(attempt.command().saga_id.clone());
-        self.pending.push((attempt, now));
-        if self.pending.len() >= limit {
+        self.pending_sagas.insert(saga.to_vec());
+        self.pending.push(attempt);
+        if self.pending.len() >= self.driver.policy().concurrency.max(1) {
             self.run_pending(out);
         }
     }
@@ -67,7 +67,7 @@ impl ParticipantProc {
         self.pending_sagas.clear();
         let limit = self.driver.policy().concurrency.max(1);
         let name = self.driver.policy().name.clone();
-        let runs = pending.iter().map(|(attempt, now)| {
+        let runs = pending.iter().map(|attempt| {
             let span = tracing::info_span!(
                 "saga_kafka.participant",
                 participant = %name,
@@ -78,7 +78,7 @@ impl ParticipantProc {
             );
             async move {
                 let started = Instant::now();
-                let result = attempt.run(*now).await;
+                let result = attempt.run(Timestamp::now()).await;
                 (result, started.elapsed())
             }
             .instrument(span)
@@ -86,7 +86,7 @@ impl ParticipantProc {
         let results: Vec<_> = self
             .rt
             .block_on(futures::stream::iter(runs).buffered(limit).collect());
-        for ((attempt, _), (result, took)) in pending.into_iter().zip(results) {
+        for (attempt, (result, took)) in pending.into_iter().zip(results) {
             self.driver
                 .finish(attempt, result, took, Timestamp::now(), out);
         }
@@ -119,8 +119,18 @@ impl Processor for ParticipantProc {
     }
 
     fn on_message(&mut self, msg: &Incoming<'_>, now: Timestamp, out: &mut Vec<Record>) {
+        // The driver decides from the ledger (a duplicate, a superseded or
+        // remembered attempt, a fence), which a queued command of the same
+        // saga has not written yet: that one runs first.
+        let queued = match msg.key {
+            Some(key) => self.pending_sagas.contains(key),
+            None => !self.pending.is_empty(),
+        };
+        if queued {
+            self.run_pending(out);
+        }
         if let Some(attempt) = self.driver.on_record(msg, now, out) {
-            self.enqueue(attempt, now, out);
+            self.enqueue(attempt, out);
         }
     }
 
@@ -136,8 +146,11 @@ impl Processor for ParticipantProc {
         if self.driver.next_due().is_none_or(|at| at > now) {
             return false;
         }
+        // A due retry is checked against the ledger too (rare: run the
+        // queue first).
+        self.run_pending(out);
         if let Some(attempt) = self.driver.take_due(now, out) {
-            self.enqueue(attempt, now, out);
+            self.enqueue(attempt, out);
         }
         true
     }
@@ -172,7 +185,7 @@ mod tests {
 
     use saga_core::driver::RecordKind;
     use saga_core::{
-        Envelope, Participant, ParticipantContext, ParticipantPolicy, Phase, StepError,
+        Envelope, Participant, ParticipantContext, ParticipantPolicy, Phase, SagaId, StepError,
     };
     use serde_json::{json, Value};
 
@@ -306,6 +319,32 @@ mod tests {
         assert!(took < Duration::from_millis(200), "took {took:?}");
         // Replies in input order, every command answered once.
         assert_eq!(replies(&out), ["a1", "b1", "c1", "a2", "d1"]);
+    }
+
+    #[test]
+    fn a_command_delivered_twice_in_one_batch_runs_once_and_is_answered_twice() {
+        let rt = blocking_runtime();
+        let slow = Arc::new(Slow::default());
+        let mut p = proc(ParticipantPolicy::new("svc"), &slow, &rt);
+        let mut out = Vec::new();
+        deliver(&mut p, "a", "one", "a1", 1, &mut out);
+        deliver(&mut p, "b", "one", "b1", 2, &mut out);
+        // The same command again (a redelivery) while the first is queued.
+        deliver(&mut p, "a", "one", "a1", 3, &mut out);
+        p.before_commit(&mut out).unwrap();
+        let runs = slow
+            .log
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|e| e.0 == "a1" && e.1 == "start")
+            .count();
+        assert_eq!(runs, 1, "the handler ran once");
+        assert_eq!(
+            replies(&out),
+            ["a1", "b1", "a1"],
+            "answered again, after the first answer"
+        );
     }
 
     #[test]

@@ -194,10 +194,16 @@ impl<D: SagaData> Processor for SagaProc<D> {
     fn restore(&mut self, partition: u32, records: Vec<(String, Vec<u8>)>) -> Result<(), String> {
         // Settled sagas stay readable from the view (the most recent
         // ones), though the driver keeps only their ids.
-        let mut view = self.view.lock();
+        // Decoded first, then put in the view, so reads do not wait on
+        // the decoding.
+        let mut read = Vec::new();
         let report = self
             .driver
-            .restore_with(partition, records, |inst| view.put(inst));
+            .restore_with(partition, records, |inst| read.push(inst.clone()));
+        let mut view = self.view.lock();
+        for inst in &read {
+            view.put(inst);
+        }
         drop(view);
         self.view.notify.notify_waiters();
         tracing::info!(saga = %self.driver.definition().name(), partition, sagas = report.sagas, settled = report.settled, corrupt = report.corrupt.len(), "state restored");

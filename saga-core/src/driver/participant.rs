@@ -570,6 +570,10 @@ impl ParticipantDriver {
             if at > now {
                 return None;
             }
+            // The attempt may be rolled back before it runs (a runtime that
+            // queues attempts until its batch ends): the retry must come
+            // back with the entry.
+            self.keep_undo(&key);
             self.retries.remove(&(at, key.clone()));
             let Some(Kept {
                 partition,
@@ -1220,6 +1224,26 @@ mod tests {
         )
         .await;
         assert_eq!(*p.runs.lock().unwrap(), 2);
+    }
+
+    #[tokio::test]
+    async fn a_due_retry_taken_but_rolled_back_before_it_ran_is_due_again() {
+        let policy = ParticipantPolicy::new("svc")
+            .retry(RetryPolicy::fixed(Duration::from_secs(2)).with_max_attempts(3));
+        let (mut d, _) = setup(vec![Err(StepError::retryable("503"))], policy);
+        let cmd = command(Some(("call", Phase::Forward)), 1, Some("job.replies"));
+        let _ = deliver(&mut d, &cmd).await;
+        d.committed();
+        let due = T0.saturating_add(Duration::from_secs(2));
+        let mut out = Vec::new();
+        let taken = d.take_due(due, &mut out).expect("the retry");
+        assert_eq!(taken.number(), 2);
+        // The batch it was queued in aborts before the attempt runs.
+        drop(taken);
+        d.rolled_back();
+        assert_eq!(d.next_due(), Some(due), "the retry is armed again");
+        let again = d.take_due(due, &mut out).expect("the retry, again");
+        assert_eq!(again.number(), 2);
     }
 
     #[tokio::test]

@@ -871,6 +871,31 @@ mod tests {
         }
     }
 
+    #[test]
+    fn state_records_leave_defaults_out_but_keep_what_older_readers_need() {
+        let mut d = driver();
+        let mut out = Vec::new();
+        d.start(0, SagaId::new("j-1"), Job::default(), T0, &mut out)
+            .unwrap();
+        let state: serde_json::Value =
+            serde_json::from_slice(out[0].value.as_deref().unwrap()).unwrap();
+        let step = &state["steps"][0];
+        // Left out at their default, and read back as it.
+        assert!(
+            step.get("last_error").is_none() && step.get("executions").is_none(),
+            "{step}"
+        );
+        assert!(state.get("failure").is_none(), "{state}");
+        // Earlier versions of the crate fail without these: always written.
+        for field in ["timers", "event_seq"] {
+            assert!(state.get(field).is_some(), "`{field}` missing: {state}");
+        }
+        assert!(step.get("compensation_attempts").is_some(), "{step}");
+        let back = decode_state::<Job>("j-1", out[0].value.as_deref().unwrap()).unwrap();
+        assert_eq!(back.steps[0].executions, 0);
+        assert_eq!(back.failure, None);
+    }
+
     fn dead_letters(out: &[Record]) -> Vec<DeadLetter> {
         out.iter()
             .filter(|r| r.topic == "job.dlq")

@@ -553,23 +553,45 @@ impl<P: Processor> Core<P> {
     }
 
     /// Takes the pending requests: exactly once they join the open batch;
-    /// at least once they run one by one, only while no batch is open
-    /// (their records must be flushed in order around a barrier).
+    /// at least once they run together in a flush of their own, only while
+    /// no batch is open (a batch that fails is redone from the topics, which
+    /// must not take a request's changes with it).
     pub(crate) fn serve_requests(&mut self, busy: bool) {
         if self.txn.eos() {
             while let Some(req) = self.proc.take_request() {
                 self.add_request(req);
             }
         } else if !busy {
-            while let Some(req) = self.proc.take_request() {
-                self.run_request(req);
+            let max = self.cfg().batch_max_messages;
+            let mut reqs = Vec::new();
+            while reqs.len() < max {
+                match self.proc.take_request() {
+                    Some(req) => reqs.push(req),
+                    None => break,
+                }
+            }
+            if !reqs.is_empty() {
+                self.run_requests(reqs);
             }
         }
     }
 
     /// Runs one request in a transaction of its own.
     pub(crate) fn run_request(&mut self, req: Request) {
-        let result = match self.request_txn(req.out) {
+        self.run_requests(vec![req]);
+    }
+
+    /// Runs requests in one transaction (at least once: one flush) of
+    /// their own, each request's records in order; every caller gets the
+    /// outcome.
+    fn run_requests(&mut self, reqs: Vec<Request>) {
+        let mut out = Vec::new();
+        let mut callers = Vec::with_capacity(reqs.len());
+        for req in reqs {
+            out.extend(req.out);
+            callers.push(req.done);
+        }
+        let result = match self.request_txn(out) {
             Ok(()) => {
                 self.txn.stats.commits.fetch_add(1, Ordering::Relaxed);
                 self.proc.committed();
@@ -579,13 +601,15 @@ impl<P: Processor> Core<P> {
                 self.txn
                     .stats
                     .failed_requests
-                    .fetch_add(1, Ordering::Relaxed);
+                    .fetch_add(callers.len() as u64, Ordering::Relaxed);
                 self.abort(&e);
-                Err(self.txn.error(what, &e))
+                Err((what, e))
             }
         };
         self.clear_batch();
-        (req.done)(result);
+        for done in callers {
+            done(result.clone().map_err(|(what, e)| self.txn.error(what, &e)));
+        }
     }
 
     fn request_txn(
