@@ -106,9 +106,17 @@ impl Processor for ParticipantProc {
         self.driver.ledger_topic()
     }
 
-    fn restore(&mut self, partition: u32, records: Vec<(String, Vec<u8>)>) -> Result<(), String> {
+    fn restore_begin(&mut self, partition: u32) {
+        self.driver.restore_begin(partition);
+    }
+
+    fn restore_record(&mut self, partition: u32, key: &str, value: Option<&[u8]>) {
+        self.driver.restore_record(partition, key, value);
+    }
+
+    fn restore_end(&mut self, partition: u32) -> Result<(), String> {
         self.driver
-            .restore(partition, records)
+            .restore_end(partition)
             .map_err(|e| e.to_string())?;
         tracing::info!(participant = %self.driver.policy().name, partition, "ledger and state restored");
         Ok(())

@@ -84,6 +84,12 @@ impl<D: Clone> ViewMap<D> {
         }
     }
 
+    fn remove(&mut self, id: &SagaId) {
+        if self.sagas.remove(id).is_some_and(|i| i.status.is_final()) {
+            self.settled.retain(|s| s != id);
+        }
+    }
+
     fn retain(&mut self, keep: impl Fn(&SagaId) -> bool) {
         self.sagas.retain(|id, _| keep(id));
         self.settled.retain(|id| keep(id));
@@ -191,20 +197,27 @@ impl<D: SagaData> Processor for SagaProc<D> {
         self.driver.state_topic()
     }
 
-    fn restore(&mut self, partition: u32, records: Vec<(String, Vec<u8>)>) -> Result<(), String> {
+    fn restore_begin(&mut self, partition: u32) {
+        self.driver.restore_begin(partition);
+    }
+
+    fn restore_record(&mut self, partition: u32, key: &str, value: Option<&[u8]>) {
         // Settled sagas stay readable from the view (the most recent
-        // ones), though the driver keeps only their ids.
-        // Decoded first, then put in the view, so reads do not wait on
-        // the decoding.
-        let mut read = Vec::new();
-        let report = self
-            .driver
-            .restore_with(partition, records, |inst| read.push(inst.clone()));
-        let mut view = self.view.lock();
-        for inst in &read {
-            view.put(inst);
+        // ones), though the driver keeps only their ids. A key's later
+        // record replaces its earlier ones there too.
+        let view = &self.view;
+        let mut read = false;
+        self.driver.restore_record(partition, key, value, |inst| {
+            read = true;
+            view.lock().put(inst);
+        });
+        if !read {
+            view.lock().remove(&SagaId::new(key));
         }
-        drop(view);
+    }
+
+    fn restore_end(&mut self, partition: u32) -> Result<(), String> {
+        let report = self.driver.restore_end(partition);
         self.view.notify.notify_waiters();
         tracing::info!(saga = %self.driver.definition().name(), partition, sagas = report.sagas, settled = report.settled, corrupt = report.corrupt.len(), "state restored");
         Ok(())

@@ -1,7 +1,7 @@
 //! Reading topics back: compacted ones (saga state, participant ledgers)
 //! as their latest value per key, and whole topics (dead letters).
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{BaseConsumer, Consumer};
@@ -21,27 +21,25 @@ fn reader(cfg: &KafkaConfig, topic: &str) -> Result<Reader> {
         .map_err(|e| Error::client(format!("creating a reader of `{topic}`"), e))
 }
 
-/// The latest committed value of every key of every partition in
-/// `partitions` of `topic` (all partitions if `None`), with its partition,
-/// in first-seen order; a key whose latest record is a tombstone is left
-/// out. Fails if it takes longer than `limit`.
-pub(crate) fn read_latest(
+/// Reads `partitions` of `topic` from the beginning to their end (up to
+/// the last stable offset), handing every record to `each` in order
+/// (partition, key, value; `None` for a tombstone): nothing is collected.
+pub(crate) fn read_stream(
     cfg: &KafkaConfig,
     topic: &str,
-    partitions: Option<&[i32]>,
+    partitions: &[i32],
     limit: Duration,
-) -> Result<Vec<(i32, String, Vec<u8>)>> {
+    mut each: impl FnMut(i32, &str, Option<&[u8]>),
+) -> Result<()> {
     let deadline = Instant::now() + limit;
     let consumer = reader(cfg, topic)?;
-    let parts: Vec<i32> = match partitions {
-        Some(p) => p.to_vec(),
-        None => all_partitions(&consumer, topic, deadline)?,
-    };
-    latest(&consumer, topic, &parts, deadline)
+    read_to_end(&consumer, topic, partitions, deadline, |m| {
+        let Some(key) = m.key() else { return };
+        let key = String::from_utf8_lossy(key);
+        each(m.partition(), &key, m.payload());
+    })
 }
 
-/// Every committed record value of every partition of `topic`, in offset
-/// order per partition (tombstones left out), within `limit`.
 pub(crate) fn read_all(cfg: &KafkaConfig, topic: &str, limit: Duration) -> Result<Vec<Vec<u8>>> {
     let deadline = Instant::now() + limit;
     let consumer = reader(cfg, topic)?;
@@ -71,10 +69,14 @@ pub(crate) fn read_key(
         return Ok(None);
     }
     let p = saga_core::driver::partition_for(key, n as u32) as i32;
-    Ok(latest(&consumer, topic, &[p], deadline)?
-        .into_iter()
-        .find(|(_, k, _)| k == key)
-        .map(|(p, _, v)| (p, v)))
+    // Only the key's latest record is kept while the partition is read.
+    let mut found = None;
+    read_to_end(&consumer, topic, &[p], deadline, |m| {
+        if m.key() == Some(key.as_bytes()) {
+            found = m.payload().map(<[u8]>::to_vec);
+        }
+    })?;
+    Ok(found.map(|v| (p, v)))
 }
 
 fn all_partitions(consumer: &Reader, topic: &str, deadline: Instant) -> Result<Vec<i32>> {
@@ -92,32 +94,6 @@ fn all_partitions(consumer: &Reader, topic: &str, deadline: Instant) -> Result<V
 }
 
 /// The latest value per (partition, key) of `parts`, in first-seen order.
-fn latest(
-    consumer: &Reader,
-    topic: &str,
-    parts: &[i32],
-    deadline: Instant,
-) -> Result<Vec<(i32, String, Vec<u8>)>> {
-    let mut index: HashMap<(i32, String), usize> = HashMap::new();
-    let mut out: Vec<Option<(i32, String, Vec<u8>)>> = Vec::new();
-    read_to_end(consumer, topic, parts, deadline, |m| {
-        let Some(key) = m.key() else { return };
-        let key = String::from_utf8_lossy(key).into_owned();
-        let value = m.payload().map(<[u8]>::to_vec);
-        let slot = index
-            .entry((m.partition(), key.clone()))
-            .or_insert_with(|| {
-                out.push(None);
-                out.len() - 1
-            });
-        out[*slot] = value.map(|v| (m.partition(), key, v));
-    })?;
-    Ok(out.into_iter().flatten().collect())
-}
-
-/// Feeds every committed record of `parts` of `topic`, from the beginning
-/// to the last stable offset, to `each` (the reader has
-/// `enable.partition.eof`), until `deadline`.
 fn read_to_end(
     consumer: &Reader,
     topic: &str,

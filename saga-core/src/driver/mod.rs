@@ -11,7 +11,10 @@
 //! ```text
 //!   runtime worker (one per partition set)         driver (no I/O, no clock)
 //!   ─────────────────────────────────────         ─────────────────────────
-//!   partitions assigned ── read compacted topic ──▶ restore(partition, records)
+//!   partitions assigned ── read compacted topic ──▶ restore(partition, records),
+//!                                                   or restore_begin, then
+//!                                                   restore_record per record
+//!                                                   as read, restore_end
 //!   record consumed ─────────────────────────────▶ on_record(record, now, out)
 //!   clock reaches next_due() ────────────────────▶ on_due(now, out) / take_due
 //!   API call (start, operate) ───────────────────▶ start / operate (…, out)

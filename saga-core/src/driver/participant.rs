@@ -320,6 +320,9 @@ pub struct ParticipantDriver {
     /// A record of the open batch that could not be encoded: the batch
     /// must not commit.
     fault: Option<(u32, SagaError)>,
+    /// Partitions being restored record by record: the latest state
+    /// snapshot read so far (or why it cannot be read).
+    restoring: HashMap<u32, Option<Result<Value, String>>>,
 }
 
 impl std::fmt::Debug for ParticipantDriver {
@@ -358,6 +361,7 @@ impl ParticipantDriver {
             touched: BTreeSet::new(),
             written: HashMap::new(),
             fault: None,
+            restoring: HashMap::new(),
         }
     }
 
@@ -410,6 +414,55 @@ impl ParticipantDriver {
         partition: u32,
         records: impl IntoIterator<Item = (String, Vec<u8>)>,
     ) -> Result<(), SagaError> {
+        self.restore_begin(partition);
+        for (key, bytes) in records {
+            self.restore_record(partition, &key, Some(&bytes));
+        }
+        self.restore_end(partition)
+    }
+
+    /// Starts taking `partition` record by record, as the ledger is read
+    /// (a restore that does not collect the topic first): feed every
+    /// record in the topic's order with
+    /// [`ParticipantDriver::restore_record`], then call
+    /// [`ParticipantDriver::restore_end`]. A restore abandoned half way is
+    /// dropped with [`ParticipantDriver::release`].
+    pub fn restore_begin(&mut self, partition: u32) {
+        self.restoring.insert(partition, None);
+    }
+
+    /// One record of a partition's ledger being restored (`value` `None`:
+    /// a tombstone). A key's later record replaces what its earlier ones
+    /// installed. An unreadable ledger entry is skipped (and logged).
+    pub fn restore_record(&mut self, partition: u32, key: &str, value: Option<&[u8]>) {
+        if key == PARTICIPANT_STATE_KEY {
+            let snapshot = value.map(|bytes| {
+                serde_json::from_slice::<Value>(bytes).map_err(|e| e.to_string())
+            });
+            self.restoring.insert(partition, snapshot);
+            return;
+        }
+        self.put(key, None);
+        let Some(bytes) = value else {
+            return;
+        };
+        match serde_json::from_slice::<Entry>(bytes) {
+            Ok(entry) => self.put(key, Some(Kept { partition, entry })),
+            Err(e) => {
+                tracing::error!(participant = %self.policy.name, partition, key, error = %e, "unreadable ledger entry: skipped")
+            }
+        }
+    }
+
+    /// Ends the restore of `partition`: the participant gets its state
+    /// snapshot ([`Participant::restore`]) and the driver owns the
+    /// partition.
+    ///
+    /// # Errors
+    /// [`SagaError::Runtime`] if the participant's state snapshot is
+    /// unreadable or the participant refuses it: the partition is not
+    /// taken (its ledger is dropped again; do not serve it; report it).
+    pub fn restore_end(&mut self, partition: u32) -> Result<(), SagaError> {
         let refused = |source: Box<dyn std::error::Error + Send + Sync>| SagaError::Runtime {
             what: format!(
                 "restoring the state of participant `{}` in partition {partition}",
@@ -417,29 +470,21 @@ impl ParticipantDriver {
             ),
             source,
         };
-        let mut snapshot = None;
-        let mut entries = Vec::new();
-        for (key, bytes) in records {
-            if key == PARTICIPANT_STATE_KEY {
-                let value =
-                    serde_json::from_slice::<Value>(&bytes).map_err(|e| refused(Box::new(e)))?;
-                snapshot = Some(value);
-                continue;
+        let snapshot = match self.restoring.remove(&partition).flatten() {
+            None => None,
+            Some(Ok(value)) => Some(value),
+            Some(Err(e)) => {
+                let e = refused(format!("unreadable state snapshot: {e}").into());
+                self.release(&[partition]);
+                return Err(e);
             }
-            match serde_json::from_slice::<Entry>(&bytes) {
-                Ok(entry) => entries.push((key, entry)),
-                Err(e) => {
-                    tracing::error!(participant = %self.policy.name, partition, key, error = %e, "unreadable ledger entry: skipped")
-                }
-            }
+        };
+        if let Err(e) = self.participant.restore(partition, snapshot.clone()) {
+            let e = refused(e);
+            self.release(&[partition]);
+            return Err(e);
         }
-        self.participant
-            .restore(partition, snapshot.clone())
-            .map_err(refused)?;
         self.owned.insert(partition);
-        for (key, entry) in entries {
-            self.put(&key, Some(Kept { partition, entry }));
-        }
         self.shards.insert(partition, snapshot);
         Ok(())
     }
@@ -463,6 +508,7 @@ impl ParticipantDriver {
             self.shards.remove(p);
             self.touched.remove(p);
             self.written.remove(p);
+            self.restoring.remove(p);
         }
     }
 
@@ -1558,6 +1604,44 @@ mod tests {
         d.restore(0, vec![(PARTICIPANT_STATE_KEY.to_owned(), b"4".to_vec())])
             .unwrap();
         assert!(d.owns(0));
+    }
+
+    #[tokio::test]
+    async fn a_ledger_fed_record_by_record_keeps_each_keys_latest_record() {
+        let (mut d, _) = setup(vec![Ok(7)], ParticipantPolicy::new("svc"));
+        let cmd = command(Some(("call", Phase::Forward)), 1, Some("job.replies"));
+        let written = deliver(&mut d, &cmd).await;
+        let entry = written
+            .iter()
+            .find(|r| r.kind == RecordKind::Ledger && r.key == cmd.id.as_str())
+            .and_then(|r| r.value.clone())
+            .expect("the ledger entry");
+        let p = Arc::new(Scripted::default());
+        let mut fresh = ParticipantDriver::new("svc", ParticipantPolicy::new("svc"), p.clone());
+        fresh.restore_begin(0);
+        // An unreadable snapshot, then a readable one: the latest counts.
+        fresh.restore_record(0, PARTICIPANT_STATE_KEY, Some(b"{oops"));
+        fresh.restore_record(0, cmd.id.as_str(), Some(&entry));
+        fresh.restore_record(0, "gone", Some(&entry));
+        fresh.restore_record(0, "gone", None);
+        fresh.restore_record(0, PARTICIPANT_STATE_KEY, Some(b"4"));
+        fresh.restore_end(0).unwrap();
+        assert!(fresh.owns(0));
+        assert_eq!(fresh.entries.len(), 1, "the deleted key is gone");
+        assert_eq!(p.state.lock().unwrap().get(&0), Some(&4));
+        // The restored entry answers a redelivery without running.
+        let mut out = Vec::new();
+        let bytes = cmd.to_bytes();
+        assert!(fresh.on_record(&incoming(&bytes), T0, &mut out).is_none());
+        assert_eq!(messages(&out).len(), 1, "answered from the ledger");
+        // The latest snapshot unreadable: the partition is not taken.
+        let mut bad = ParticipantDriver::new("svc", ParticipantPolicy::new("svc"), p);
+        bad.restore_begin(0);
+        bad.restore_record(0, cmd.id.as_str(), Some(&entry));
+        bad.restore_record(0, PARTICIPANT_STATE_KEY, Some(b"{oops"));
+        assert!(bad.restore_end(0).is_err());
+        assert!(!bad.owns(0));
+        assert_eq!(bad.entries.len(), 0, "its ledger is dropped");
     }
 
     #[tokio::test]

@@ -2,7 +2,7 @@
 //! runtime worker owns, their timers, the undo log of the open batch, and
 //! the sagas that settled recently (until their state is deleted).
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -197,6 +197,9 @@ pub struct SagaDriver<D> {
     /// The value of each saga changed in the open batch before the batch.
     undo: HashMap<SagaId, Option<Owned<D>>>,
     settled_undo: Vec<SettledUndo>,
+    /// Partitions being restored record by record: the keys whose latest
+    /// record so far cannot be read, and why.
+    restoring: HashMap<u32, BTreeMap<String, String>>,
 }
 
 impl<D: SagaData> std::fmt::Debug for SagaDriver<D> {
@@ -228,6 +231,7 @@ impl<D: SagaData> SagaDriver<D> {
             settled_order: BTreeSet::new(),
             undo: HashMap::new(),
             settled_undo: Vec::new(),
+            restoring: HashMap::new(),
         }
     }
 
@@ -296,33 +300,80 @@ impl<D: SagaData> SagaDriver<D> {
         records: impl IntoIterator<Item = (String, Vec<u8>)>,
         mut seen: impl FnMut(&Arc<SagaInstance<D>>),
     ) -> Restored {
-        self.owned.insert(partition);
-        let mut report = Restored::default();
+        self.restore_begin(partition);
         for (key, bytes) in records {
-            match decode_state::<D>(&key, &bytes).map(Arc::new) {
-                Ok(instance) if instance.status.is_final() => {
-                    seen(&instance);
-                    self.remember_settled(partition, instance.id.clone(), instance.updated_at);
-                    report.settled += 1;
-                }
-                Ok(instance) => {
-                    seen(&instance);
-                    let id = instance.id.clone();
-                    self.put(
-                        &id,
-                        Some(Owned {
-                            partition,
-                            instance,
-                        }),
-                    );
-                    report.sagas += 1;
-                }
-                Err(e) => {
-                    tracing::error!(saga = %self.def.name(), partition, key, error = %e, "unreadable saga state: skipped");
-                    report.corrupt.push((key, e.to_string()));
-                }
+            self.restore_record(partition, &key, Some(&bytes), &mut seen);
+        }
+        self.restore_end(partition)
+    }
+
+    /// Starts taking `partition` record by record, as the state topic is
+    /// read (a restore that does not collect the topic first): feed every
+    /// record in the topic's order with [`SagaDriver::restore_record`],
+    /// then call [`SagaDriver::restore_end`]. A restore abandoned half way
+    /// is dropped with [`SagaDriver::release`].
+    pub fn restore_begin(&mut self, partition: u32) {
+        self.restoring.insert(partition, BTreeMap::new());
+    }
+
+    /// One record of a partition being restored (`value` `None`: a
+    /// tombstone). A key's later record replaces what its earlier ones
+    /// installed, so older versions and deleted sagas may be fed too.
+    /// `seen` gets the instance read, if any.
+    pub fn restore_record(
+        &mut self,
+        partition: u32,
+        key: &str,
+        value: Option<&[u8]>,
+        mut seen: impl FnMut(&Arc<SagaInstance<D>>),
+    ) {
+        if let Some(corrupt) = self.restoring.get_mut(&partition) {
+            corrupt.remove(key);
+        }
+        let id = SagaId::new(key);
+        self.put(&id, None);
+        self.forget_settled(&id);
+        let Some(bytes) = value else {
+            return;
+        };
+        match decode_state::<D>(key, bytes).map(Arc::new) {
+            Ok(instance) if instance.status.is_final() => {
+                seen(&instance);
+                self.remember_settled(partition, instance.id.clone(), instance.updated_at);
+            }
+            Ok(instance) => {
+                seen(&instance);
+                let id = instance.id.clone();
+                self.put(
+                    &id,
+                    Some(Owned {
+                        partition,
+                        instance,
+                    }),
+                );
+            }
+            Err(e) => {
+                self.restoring
+                    .entry(partition)
+                    .or_default()
+                    .insert(key.to_owned(), e.to_string());
             }
         }
+    }
+
+    /// Ends the restore of `partition`: the driver owns it. Records whose
+    /// latest version cannot be read were skipped; they are reported.
+    pub fn restore_end(&mut self, partition: u32) -> Restored {
+        let corrupt = self.restoring.remove(&partition).unwrap_or_default();
+        self.owned.insert(partition);
+        for (key, e) in &corrupt {
+            tracing::error!(saga = %self.def.name(), partition, key, error = %e, "unreadable saga state: skipped");
+        }
+        let report = Restored {
+            sagas: self.sagas.values().filter(|o| o.partition == partition).count(),
+            settled: self.settled.values().filter(|(p, _)| *p == partition).count(),
+            corrupt: corrupt.into_iter().collect(),
+        };
         tracing::debug!(saga = %self.def.name(), partition, sagas = report.sagas, settled = report.settled, "partition restored");
         report
     }
@@ -350,6 +401,7 @@ impl<D: SagaData> SagaDriver<D> {
         }
         for p in partitions {
             self.owned.remove(p);
+            self.restoring.remove(p);
         }
     }
 
@@ -1134,5 +1186,74 @@ mod tests {
         assert_eq!(report.sagas, 1);
         assert_eq!(report.corrupt.len(), 1);
         assert!(d.next_due().is_some());
+    }
+
+    #[test]
+    fn a_restore_fed_record_by_record_keeps_each_keys_latest_record() {
+        let mut d = driver();
+        let mut out = Vec::new();
+        for id in ["a", "b", "c", "d"] {
+            d.start(0, SagaId::new(id), Job::default(), T0, &mut out)
+                .unwrap();
+        }
+        let state = |id: &str| {
+            out.iter()
+                .find(|r| r.key == id && r.kind == RecordKind::SagaState)
+                .and_then(|r| r.value.clone())
+                .unwrap()
+        };
+        let mut settled: SagaInstance<Job> = serde_json::from_slice(&state("b")).unwrap();
+        settled.status = SagaStatus::Completed;
+        let settled = serde_json::to_vec(&settled).unwrap();
+
+        let mut fresh = driver();
+        fresh.release(&[0]);
+        fresh.restore_begin(0);
+        let mut seen = 0;
+        let mut feed = |d: &mut SagaDriver<Job>, key: &str, value: Option<&[u8]>| {
+            d.restore_record(0, key, value, |_| seen += 1)
+        };
+        // a: written twice, the later wins; b: in progress, then settled;
+        // c: deleted by a tombstone; d: readable, then unreadable.
+        feed(&mut fresh, "a", Some(&state("a")));
+        feed(&mut fresh, "b", Some(&state("b")));
+        feed(&mut fresh, "c", Some(&state("c")));
+        feed(&mut fresh, "d", Some(&state("d")));
+        feed(&mut fresh, "e", Some(b"{"));
+        feed(&mut fresh, "a", Some(&state("a")));
+        feed(&mut fresh, "b", Some(&settled));
+        feed(&mut fresh, "c", None);
+        feed(&mut fresh, "d", Some(b"not json"));
+        feed(&mut fresh, "e", Some(&state("a")[..0]));
+        feed(&mut fresh, "e", None);
+        assert!(!fresh.owns(0), "not before the end");
+        let report = fresh.restore_end(0);
+        assert!(fresh.owns(0));
+        assert_eq!(seen, 6);
+        assert_eq!((report.sagas, report.settled), (1, 1), "{report:?}");
+        assert!(fresh.get(&SagaId::new("a")).is_some());
+        assert!(fresh.get(&SagaId::new("b")).is_none() && fresh.is_settled(&SagaId::new("b")));
+        assert!(fresh.get(&SagaId::new("c")).is_none() && !fresh.is_settled(&SagaId::new("c")));
+        assert!(fresh.get(&SagaId::new("d")).is_none(), "its latest record is unreadable");
+        let corrupt: Vec<&str> = report.corrupt.iter().map(|(k, _)| k.as_str()).collect();
+        assert_eq!(corrupt, ["d"], "e was deleted after it was unreadable");
+        // Only a's timer is armed (b settled, c and d gone).
+        assert_eq!(fresh.timers.len(), 1);
+    }
+
+    #[test]
+    fn an_abandoned_record_by_record_restore_is_dropped_by_release() {
+        let mut d = driver();
+        let mut out = Vec::new();
+        d.start(0, SagaId::new("a"), Job::default(), T0, &mut out)
+            .unwrap();
+        let mut fresh = driver();
+        fresh.release(&[0]);
+        fresh.restore_begin(0);
+        fresh.restore_record(0, "a", out[0].value.as_deref(), |_| {});
+        fresh.release(&[0]);
+        assert!(!fresh.owns(0));
+        assert!(fresh.get(&SagaId::new("a")).is_none());
+        assert_eq!(fresh.next_due(), None);
     }
 }

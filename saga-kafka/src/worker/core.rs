@@ -14,7 +14,7 @@ use saga_core::{HealthBoard, Timestamp};
 
 use crate::config::KafkaConfig;
 use crate::error::Result;
-use crate::store::read_latest;
+use crate::store::read_stream;
 use crate::worker::txn::{StatsInner, Txn};
 use crate::worker::{Processor, Request};
 
@@ -386,40 +386,44 @@ impl<P: Processor> Core<P> {
         let topic = self.proc.state_topic().to_owned();
         let ids: Vec<i32> = due.iter().map(|p| *p as i32).collect();
         let started = Instant::now();
-        let result = read_latest(self.cfg(), &topic, Some(&ids), self.cfg().restore_timeout);
-        let records = match result {
-            Ok(r) => r,
-            Err(e) => {
-                for p in &due {
-                    if let Some((tries, at)) = self.restoring.get_mut(p) {
-                        *tries += 1;
-                        let backoff = Duration::from_millis(500 * 2u64.pow((*tries).min(6)));
-                        *at = Instant::now() + backoff;
-                    }
-                    self.health.report(
-                        self.proc.name(),
-                        Some(*p),
-                        format!("cannot restore the partition's state from `{topic}`: {e}"),
-                        Timestamp::now(),
-                    );
-                }
-                return;
-            }
-        };
-        let mut by_partition: BTreeMap<u32, Vec<(String, Vec<u8>)>> =
-            due.iter().map(|p| (*p, Vec::new())).collect();
-        for (p, key, value) in records {
-            if let Some(v) = by_partition.get_mut(&(p as u32)) {
-                v.push((key, value));
-            }
+        let cfg = self.txn.cfg.clone();
+        for p in &due {
+            self.proc.restore_begin(*p);
         }
-        let mut sizes = Vec::new();
+        // Each record goes to the processor as it is read: nothing of the
+        // topic is collected first.
+        let mut sizes: BTreeMap<u32, usize> = due.iter().map(|p| (*p, 0)).collect();
+        let proc = &mut self.proc;
+        let result = read_stream(&cfg, &topic, &ids, cfg.restore_timeout, |p, key, value| {
+            if let Some(n) = sizes.get_mut(&(p as u32)) {
+                *n += 1;
+                proc.restore_record(p as u32, key, value);
+            }
+        });
+        if let Err(e) = result {
+            // What was read of them is dropped; they are read again later.
+            self.proc.release(&due);
+            for p in &due {
+                if let Some((tries, at)) = self.restoring.get_mut(p) {
+                    *tries += 1;
+                    let backoff = Duration::from_millis(500 * 2u64.pow((*tries).min(6)));
+                    *at = Instant::now() + backoff;
+                }
+                self.health.report(
+                    self.proc.name(),
+                    Some(*p),
+                    format!("cannot restore the partition's state from `{topic}`: {e}"),
+                    Timestamp::now(),
+                );
+            }
+            return;
+        }
         let mut taken = Vec::new();
-        for (p, records) in by_partition {
-            sizes.push((p, records.len()));
-            if let Err(why) = self.proc.restore(p, records) {
+        for p in due.iter().copied() {
+            if let Err(why) = self.proc.restore_end(p) {
                 // Retrying cannot fix the state: the partition stays
                 // paused and reported until it is assigned again.
+                self.proc.release(&[p]);
                 self.restoring.remove(&p);
                 self.stalled.insert(p);
                 self.health
@@ -457,7 +461,8 @@ impl<P: Processor> Core<P> {
                     .report(self.proc.name(), Some(*p), why, Timestamp::now());
             }
         }
-        tracing::info!(topic, partitions = ?sizes, took_ms = started.elapsed().as_millis() as u64, "partitions restored and resumed");
+        let sizes: Vec<(u32, usize)> = sizes.into_iter().collect();
+        tracing::info!(topic, records = ?sizes, took_ms = started.elapsed().as_millis() as u64, "partitions restored and resumed");
     }
 
     /// `partition` cannot go on (its state cannot be written): it is given

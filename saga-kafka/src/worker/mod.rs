@@ -46,13 +46,14 @@ pub(crate) trait Processor: Send + 'static {
     fn topics(&self) -> Vec<String>;
     /// The compacted topic read back when partitions are assigned.
     fn state_topic(&self) -> &str;
-    /// Installs the latest records (key, value) of `partition` of the
-    /// state topic. `Err(why)`: the partition cannot be served.
-    fn restore(
-        &mut self,
-        partition: u32,
-        records: Vec<(String, Vec<u8>)>,
-    ) -> std::result::Result<(), String>;
+    /// Starts restoring `partition` from the state topic.
+    fn restore_begin(&mut self, partition: u32);
+    /// One record of the state topic, in order (`None`: a tombstone); a
+    /// key's later record replaces its earlier ones.
+    fn restore_record(&mut self, partition: u32, key: &str, value: Option<&[u8]>);
+    /// Every record of `partition` was read. `Err(why)`: the partition
+    /// cannot be served.
+    fn restore_end(&mut self, partition: u32) -> std::result::Result<(), String>;
     /// Forgets the state of partitions that went away.
     fn release(&mut self, partitions: &[u32]);
     /// The batch is about to commit: add the records that must commit
@@ -398,7 +399,9 @@ impl Processor for NoInput {
     fn state_topic(&self) -> &str {
         ""
     }
-    fn restore(&mut self, _: u32, _: Vec<(String, Vec<u8>)>) -> std::result::Result<(), String> {
+    fn restore_begin(&mut self, _: u32) {}
+    fn restore_record(&mut self, _: u32, _: &str, _: Option<&[u8]>) {}
+    fn restore_end(&mut self, _: u32) -> std::result::Result<(), String> {
         Ok(())
     }
     fn release(&mut self, _: &[u32]) {}
