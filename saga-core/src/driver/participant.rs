@@ -436,9 +436,8 @@ impl ParticipantDriver {
     /// installed. An unreadable ledger entry is skipped (and logged).
     pub fn restore_record(&mut self, partition: u32, key: &str, value: Option<&[u8]>) {
         if key == PARTICIPANT_STATE_KEY {
-            let snapshot = value.map(|bytes| {
-                serde_json::from_slice::<Value>(bytes).map_err(|e| e.to_string())
-            });
+            let snapshot = value
+                .map(|bytes| serde_json::from_slice::<Value>(bytes).map_err(|e| e.to_string()));
             self.restoring.insert(partition, snapshot);
             return;
         }

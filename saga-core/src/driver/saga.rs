@@ -370,8 +370,16 @@ impl<D: SagaData> SagaDriver<D> {
             tracing::error!(saga = %self.def.name(), partition, key, error = %e, "unreadable saga state: skipped");
         }
         let report = Restored {
-            sagas: self.sagas.values().filter(|o| o.partition == partition).count(),
-            settled: self.settled.values().filter(|(p, _)| *p == partition).count(),
+            sagas: self
+                .sagas
+                .values()
+                .filter(|o| o.partition == partition)
+                .count(),
+            settled: self
+                .settled
+                .values()
+                .filter(|(p, _)| *p == partition)
+                .count(),
             corrupt: corrupt.into_iter().collect(),
         };
         tracing::debug!(saga = %self.def.name(), partition, sagas = report.sagas, settled = report.settled, "partition restored");
@@ -1203,7 +1211,7 @@ mod tests {
                 .unwrap()
         };
         let mut settled: SagaInstance<Job> = serde_json::from_slice(&state("b")).unwrap();
-        settled.status = SagaStatus::Completed;
+        settled.status = crate::SagaStatus::Completed;
         let settled = serde_json::to_vec(&settled).unwrap();
 
         let mut fresh = driver();
@@ -1234,7 +1242,10 @@ mod tests {
         assert!(fresh.get(&SagaId::new("a")).is_some());
         assert!(fresh.get(&SagaId::new("b")).is_none() && fresh.is_settled(&SagaId::new("b")));
         assert!(fresh.get(&SagaId::new("c")).is_none() && !fresh.is_settled(&SagaId::new("c")));
-        assert!(fresh.get(&SagaId::new("d")).is_none(), "its latest record is unreadable");
+        assert!(
+            fresh.get(&SagaId::new("d")).is_none(),
+            "its latest record is unreadable"
+        );
         let corrupt: Vec<&str> = report.corrupt.iter().map(|(k, _)| k.as_str()).collect();
         assert_eq!(corrupt, ["d"], "e was deleted after it was unreadable");
         // Only a's timer is armed (b settled, c and d gone).
