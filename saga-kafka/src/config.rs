@@ -579,13 +579,19 @@ impl KafkaConfig {
             .set("enable.auto.offset.store", "false")
             .set("auto.offset.reset", "earliest")
             .set("isolation.level", "read_committed")
-            .set("enable.partition.eof", "true")
-            // The records are handled as they arrive: a deep prefetch
-            // queue (64 MB per partition by default) only raises the
-            // restore's memory peak; with a short one, fetching must not
-            // back off for a second each time it fills.
-            .set("queued.max.messages.kbytes", "16384")
-            .set("fetch.queue.backoff.ms", "1");
+            .set("enable.partition.eof", "true");
+        // The records are handled as they arrive: a deep prefetch queue
+        // (64 MB by default) only raises the restore's memory peak; with a
+        // short one, fetching must not back off for a second each time it
+        // fills. (`KafkaConfig::set` overrides both.)
+        for (key, value) in [
+            ("queued.max.messages.kbytes", "16384"),
+            ("fetch.queue.backoff.ms", "1"),
+        ] {
+            if !self.properties.contains_key(key) {
+                c.set(key, value);
+            }
+        }
         c
     }
 }

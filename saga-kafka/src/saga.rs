@@ -84,12 +84,6 @@ impl<D: Clone> ViewMap<D> {
         }
     }
 
-    fn remove(&mut self, id: &SagaId) {
-        if self.sagas.remove(id).is_some_and(|i| i.status.is_final()) {
-            self.settled.retain(|s| s != id);
-        }
-    }
-
     fn retain(&mut self, keep: impl Fn(&SagaId) -> bool) {
         self.sagas.retain(|id, _| keep(id));
         self.settled.retain(|id| keep(id));
@@ -117,6 +111,8 @@ pub(crate) struct SagaProc<D> {
     requests: mpsc::Receiver<SagaRequest<D>>,
     /// A request received by `has_request`, not taken yet.
     next: Option<SagaRequest<D>>,
+    /// Partitions being restored: the latest settled instances read.
+    restoring: HashMap<u32, VecDeque<Arc<SagaInstance<D>>>>,
 }
 
 impl<D: SagaData> SagaProc<D> {
@@ -135,6 +131,7 @@ impl<D: SagaData> SagaProc<D> {
             view,
             requests,
             next: None,
+            restoring: HashMap::new(),
         }
     }
 
@@ -198,32 +195,50 @@ impl<D: SagaData> Processor for SagaProc<D> {
     }
 
     fn restore_begin(&mut self, partition: u32) {
+        self.restoring.insert(partition, VecDeque::new());
         self.driver.restore_begin(partition);
     }
 
     fn restore_record(&mut self, partition: u32, key: &str, value: Option<&[u8]>) {
         // Settled sagas stay readable from the view (the most recent
-        // ones), though the driver keeps only their ids. A key's later
-        // record replaces its earlier ones there too.
-        let view = &self.view;
-        let mut read = false;
+        // ones), though the driver keeps only their ids: the latest
+        // settled ones read are kept until the restore ends.
+        let recent = self.restoring.entry(partition).or_default();
         self.driver.restore_record(partition, key, value, |inst| {
-            read = true;
-            view.lock().put(inst);
+            if inst.status.is_final() {
+                recent.push_back(inst.clone());
+                if recent.len() > SETTLED_IN_VIEW {
+                    recent.pop_front();
+                }
+            }
         });
-        if !read {
-            view.lock().remove(&SagaId::new(key));
-        }
     }
 
     fn restore_end(&mut self, partition: u32) -> Result<(), String> {
         let report = self.driver.restore_end(partition);
+        // The view gets the partition once it is read to its end: readers
+        // never see a version a later record replaced.
+        let recent = self.restoring.remove(&partition).unwrap_or_default();
+        let mut view = self.view.lock();
+        for inst in &recent {
+            // Not if a later record deleted it or started it again.
+            if self.driver.is_settled(&inst.id) {
+                view.put(inst);
+            }
+        }
+        for inst in self.driver.instances_in(partition) {
+            view.put(inst);
+        }
+        drop(view);
         self.view.notify.notify_waiters();
         tracing::info!(saga = %self.driver.definition().name(), partition, sagas = report.sagas, settled = report.settled, corrupt = report.corrupt.len(), "state restored");
         Ok(())
     }
 
     fn release(&mut self, partitions: &[u32]) {
+        for p in partitions {
+            self.restoring.remove(p);
+        }
         let n = self.partitions;
         self.view
             .lock()

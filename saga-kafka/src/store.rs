@@ -1,5 +1,5 @@
 //! Reading topics back: compacted ones (saga state, participant ledgers)
-//! as their latest value per key, and whole topics (dead letters).
+//! record by record, or one key's latest value; whole topics (dead letters).
 
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
@@ -35,11 +35,24 @@ pub(crate) fn read_stream(
     let consumer = reader(cfg, topic)?;
     read_to_end(&consumer, topic, partitions, deadline, |m| {
         let Some(key) = m.key() else { return };
-        let key = String::from_utf8_lossy(key);
-        each(m.partition(), &key, m.payload());
+        // The runtime writes UTF-8 keys (saga and message ids); another
+        // key could collide with one once made readable: skipped.
+        match std::str::from_utf8(key) {
+            Ok(key) => each(m.partition(), key, m.payload()),
+            Err(_) => {
+                tracing::warn!(
+                    topic,
+                    partition = m.partition(),
+                    offset = m.offset(),
+                    "a record whose key is not UTF-8: skipped"
+                )
+            }
+        }
     })
 }
 
+/// Every value of `topic` (all partitions; each partition's in offset
+/// order), within `limit`.
 pub(crate) fn read_all(cfg: &KafkaConfig, topic: &str, limit: Duration) -> Result<Vec<Vec<u8>>> {
     let deadline = Instant::now() + limit;
     let consumer = reader(cfg, topic)?;
@@ -93,7 +106,9 @@ fn all_partitions(consumer: &Reader, topic: &str, deadline: Instant) -> Result<V
         .unwrap_or_default())
 }
 
-/// The latest value per (partition, key) of `parts`, in first-seen order.
+/// Reads `parts` of `topic` from the beginning up to their end (the last
+/// stable offset when the read starts), handing each record to `each` in
+/// offset order; fails if that takes past `deadline`.
 fn read_to_end(
     consumer: &Reader,
     topic: &str,

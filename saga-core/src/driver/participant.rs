@@ -1098,7 +1098,12 @@ impl ParticipantDriver {
         }) = self.entries.get(key)
         {
             self.retries.remove(&(*next_attempt_at, key.to_owned()));
-            self.retrying.remove(&command.idempotency_key());
+            // Only if it is this entry's: a restore replays older versions,
+            // and another command of the step may hold the slot now.
+            let step = command.idempotency_key();
+            if self.retrying.get(&step).is_some_and(|k| k == key) {
+                self.retrying.remove(&step);
+            }
         }
         match new {
             Some(kept) => {

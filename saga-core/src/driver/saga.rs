@@ -336,7 +336,19 @@ impl<D: SagaData> SagaDriver<D> {
         let Some(bytes) = value else {
             return;
         };
-        match decode_state::<D>(key, bytes).map(Arc::new) {
+        let decoded = decode_state::<D>(key, bytes).and_then(|instance| {
+            if instance.id.as_str() == key {
+                Ok(Arc::new(instance))
+            } else {
+                // Last-wins goes by key: an instance under another key
+                // could outlive its key's tombstone.
+                Err(SagaError::Runtime {
+                    what: format!("the state under key `{key}` is saga `{}`'s", instance.id),
+                    source: "key and saga id differ".into(),
+                })
+            }
+        });
+        match decoded {
             Ok(instance) if instance.status.is_final() => {
                 seen(&instance);
                 self.remember_settled(partition, instance.id.clone(), instance.updated_at);
@@ -428,6 +440,15 @@ impl<D: SagaData> SagaDriver<D> {
     /// batch left them.
     pub fn instances(&self) -> impl Iterator<Item = &SagaInstance<D>> + '_ {
         self.sagas.values().map(|o| &*o.instance)
+    }
+
+    /// The instances in progress in `partition`, shared (for a runtime's
+    /// read view).
+    pub fn instances_in(&self, partition: u32) -> impl Iterator<Item = &Arc<SagaInstance<D>>> + '_ {
+        self.sagas
+            .values()
+            .filter(move |o| o.partition == partition)
+            .map(|o| &o.instance)
     }
 
     /// How many sagas the driver holds: in progress, and settled (ids only).
@@ -1234,6 +1255,8 @@ mod tests {
         feed(&mut fresh, "d", Some(b"not json"));
         feed(&mut fresh, "e", Some(&state("a")[..0]));
         feed(&mut fresh, "e", None);
+        // f: a key holding another saga's state.
+        feed(&mut fresh, "f", Some(&state("a")));
         assert!(!fresh.owns(0), "not before the end");
         let report = fresh.restore_end(0);
         assert!(fresh.owns(0));
@@ -1247,7 +1270,7 @@ mod tests {
             "its latest record is unreadable"
         );
         let corrupt: Vec<&str> = report.corrupt.iter().map(|(k, _)| k.as_str()).collect();
-        assert_eq!(corrupt, ["d"], "e was deleted after it was unreadable");
+        assert_eq!(corrupt, ["d", "f"], "e was deleted after it was unreadable");
         // Only a's timer is armed (b settled, c and d gone).
         assert_eq!(fresh.timers.len(), 1);
     }

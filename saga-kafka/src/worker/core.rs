@@ -561,7 +561,11 @@ impl<P: Processor> Core<P> {
     /// at least once they run together in a flush of their own, only while
     /// no batch is open (a batch that fails is redone from the topics, which
     /// must not take a request's changes with it).
-    pub(crate) fn serve_requests(&mut self, busy: bool) {
+    pub(crate) fn serve_requests<C: ConsumerContext>(
+        &mut self,
+        busy: bool,
+        consumer: &BaseConsumer<C>,
+    ) {
         if self.txn.eos() {
             while let Some(req) = self.proc.take_request() {
                 self.add_request(req);
@@ -576,20 +580,26 @@ impl<P: Processor> Core<P> {
                 }
             }
             if !reqs.is_empty() {
-                self.run_requests(reqs);
+                self.run_requests(reqs, Some(consumer));
             }
         }
     }
 
     /// Runs one request in a transaction of its own.
     pub(crate) fn run_request(&mut self, req: Request) {
-        self.run_requests(vec![req]);
+        self.run_requests(vec![req], None::<&BaseConsumer>);
     }
 
     /// Runs requests in one transaction (at least once: one flush) of
     /// their own, each request's records in order; every caller gets the
-    /// outcome.
-    fn run_requests(&mut self, reqs: Vec<Request>) {
+    /// outcome. At least once, a failed flush may have written some of
+    /// their records, which the rollback took out of memory: the owned
+    /// partitions' state is read again (as for a failed batch).
+    fn run_requests<C: ConsumerContext>(
+        &mut self,
+        reqs: Vec<Request>,
+        consumer: Option<&BaseConsumer<C>>,
+    ) {
         let mut out = Vec::new();
         let mut callers = Vec::with_capacity(reqs.len());
         for req in reqs {
@@ -612,6 +622,11 @@ impl<P: Processor> Core<P> {
             }
         };
         self.clear_batch();
+        if let (Err(_), Some(consumer), false) = (&result, consumer, self.txn.eos()) {
+            let parts: Vec<u32> = self.owned.iter().copied().collect();
+            self.give_up_partitions(&parts);
+            self.assigned(consumer, &parts);
+        }
         for done in callers {
             done(result.clone().map_err(|(what, e)| self.txn.error(what, &e)));
         }

@@ -313,7 +313,7 @@ fn run<P: Processor>(
         // Between batches: partitions due for their restore come first,
         // before requests open the next batch (so load cannot starve them).
         lock(core).restore_due(consumer);
-        lock(core).serve_requests(false);
+        lock(core).serve_requests(false, consumer);
         // The batch's clock starts with its first message, timer or request.
         let mut deadline: Option<Instant> = if lock(core).waiting.is_empty() {
             None
@@ -369,7 +369,7 @@ fn run<P: Processor>(
                 break;
             }
             let had_callers = !c.waiting.is_empty();
-            c.serve_requests(busy);
+            c.serve_requests(busy, consumer);
             if deadline.is_none() && c.txn.open {
                 deadline = Some(Instant::now() + timeout);
             }
