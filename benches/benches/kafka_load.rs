@@ -36,7 +36,9 @@
 //! `--concurrency` starts awaited at once, while the baseline's source
 //! writes open-loop: the engine is the one held back. The
 //! last line reads `RESULT mode=… sagas_per_s=… p50_ms=… p99_ms=…
-//! cpu_us_per_saga=… baseline_ratio=…`, for scripts (`scripts/bench.sh`).
+//! cpu_us_per_saga=… baseline_ratio=… start_p50_ms=…`, for scripts
+//! (`scripts/bench.sh`); `start_*` is how long the engine's starts took
+//! to be accepted (committed), from when they were due.
 //!
 //! Loopback only; bounded by `--sagas` or `--duration`.
 
@@ -245,6 +247,8 @@ struct Report {
     latencies: Vec<Duration>,
     cpu: Duration,
     rss: u64,
+    /// The engine: how long starts took to be accepted (sorted).
+    accepted: Vec<Duration>,
 }
 
 impl Report {
@@ -605,6 +609,7 @@ fn baseline(bootstrap: &str, ns: &str, load: Load, eos: bool, batching: Batching
         latencies,
         cpu,
         rss,
+        accepted: Vec::new(),
     }
 }
 
@@ -734,10 +739,15 @@ async fn engine(bootstrap: &str, ns: &str, load: Load, args: &Args) -> Report {
     let total = load.total();
     let cpu0 = cpu_time();
     let t0 = Instant::now();
+    // How long each start took to be accepted, from when it was due.
+    let accepted: Arc<Mutex<Vec<Duration>>> = Arc::default();
     let start = |i: usize, t: u64| {
         let h = handles[i % handles.len()].clone();
+        let accepted = accepted.clone();
         async move {
             h.start(format!("job-{i}"), Job { t }).await.expect("start");
+            let took = Duration::from_micros(now_micros().saturating_sub(t));
+            accepted.lock().unwrap().push(took);
         }
     };
     match load {
@@ -779,6 +789,8 @@ async fn engine(bootstrap: &str, ns: &str, load: Load, args: &Args) -> Report {
     }
     let mut latencies = done.lock().unwrap().clone();
     latencies.sort();
+    let mut accepted = accepted.lock().unwrap().clone();
+    accepted.sort();
     Report {
         name: "saga engine",
         requested: total,
@@ -786,6 +798,7 @@ async fn engine(bootstrap: &str, ns: &str, load: Load, args: &Args) -> Report {
         latencies,
         cpu,
         rss,
+        accepted,
     }
 }
 
@@ -968,7 +981,7 @@ async fn main() {
         );
     }
     println!(
-        "RESULT mode={} side={} delivery={:?} instances={} partitions={} sagas={} done={} sagas_per_s={:.0} msgs_per_s={:.0} p50_ms={:.1} p95_ms={:.1} p99_ms={:.1} max_ms={:.1} cpu_us_per_saga={:.1} rss_mb={} baseline_sagas_per_s={} baseline_p99_ms={} baseline_ratio={}",
+        "RESULT mode={} side={} delivery={:?} instances={} partitions={} sagas={} done={} sagas_per_s={:.0} msgs_per_s={:.0} p50_ms={:.1} p95_ms={:.1} p99_ms={:.1} max_ms={:.1} cpu_us_per_saga={:.1} rss_mb={} baseline_sagas_per_s={} baseline_p99_ms={} baseline_ratio={} start_p50_ms={} start_p99_ms={}",
         load.name(),
         if eng.is_some() { "engine" } else { "baseline" },
         args.delivery,
@@ -987,5 +1000,16 @@ async fn main() {
         base.as_ref().map_or("-".into(), |b| format!("{:.0}", b.rate())),
         base.as_ref().map_or("-".into(), |b| format!("{:.1}", ms(b.p(0.99)))),
         ratio.map_or("-".into(), |r| format!("{r:.2}")),
+        start_ms(&main.accepted, 0.50),
+        start_ms(&main.accepted, 0.99),
     );
+}
+
+/// A percentile of how long the engine's starts took to be accepted.
+fn start_ms(accepted: &[Duration], p: f64) -> String {
+    if accepted.is_empty() {
+        "-".into()
+    } else {
+        format!("{:.1}", ms(percentile(accepted, p)))
+    }
 }
