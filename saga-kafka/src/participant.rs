@@ -249,14 +249,19 @@ mod tests {
         c.to_bytes()
     }
 
-    fn proc(
-        policy: ParticipantPolicy,
-        slow: &Arc<Slow>,
-        rt: &tokio::runtime::Runtime,
-    ) -> ParticipantProc {
+    /// A participant proc over a fresh `Slow`, with the runtime its
+    /// handlers run on (keep it alive).
+    fn setup(policy: ParticipantPolicy) -> (tokio::runtime::Runtime, Arc<Slow>, ParticipantProc) {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let slow = Arc::new(Slow::default());
         let mut driver = ParticipantDriver::new("svc", policy, slow.clone());
         driver.restore(0, Vec::new()).unwrap();
-        ParticipantProc::new(driver, rt.handle().clone())
+        let p = ParticipantProc::new(driver, rt.handle().clone());
+        (rt, slow, p)
     }
 
     fn deliver(
@@ -290,19 +295,9 @@ mod tests {
             .collect()
     }
 
-    fn blocking_runtime() -> tokio::runtime::Runtime {
-        tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .unwrap()
-    }
-
     #[test]
     fn commands_of_different_sagas_overlap_and_one_sagas_commands_run_in_order() {
-        let rt = blocking_runtime();
-        let slow = Arc::new(Slow::default());
-        let mut p = proc(ParticipantPolicy::new("svc"), &slow, &rt);
+        let (_rt, slow, mut p) = setup(ParticipantPolicy::new("svc"));
         let mut out = Vec::new();
         let started = std::time::Instant::now();
         deliver(&mut p, "a", "one", "a1", 1, &mut out);
@@ -331,23 +326,19 @@ mod tests {
 
     #[test]
     fn a_command_delivered_twice_in_one_batch_runs_once_and_is_answered_twice() {
-        let rt = blocking_runtime();
-        let slow = Arc::new(Slow::default());
-        let mut p = proc(ParticipantPolicy::new("svc"), &slow, &rt);
+        let (_rt, slow, mut p) = setup(ParticipantPolicy::new("svc"));
         let mut out = Vec::new();
         deliver(&mut p, "a", "one", "a1", 1, &mut out);
         deliver(&mut p, "b", "one", "b1", 2, &mut out);
         // The same command again (a redelivery) while the first is queued.
         deliver(&mut p, "a", "one", "a1", 3, &mut out);
         p.before_commit(&mut out).unwrap();
-        let runs = slow
-            .log
-            .lock()
-            .unwrap()
+        let log = slow.log.lock().unwrap().clone();
+        let runs = log
             .iter()
-            .filter(|e| e.0 == "a1" && e.1 == "start")
+            .filter(|(tag, what)| tag == "a1" && *what == "start")
             .count();
-        assert_eq!(runs, 1, "the handler ran once");
+        assert_eq!(runs, 1, "the handler ran once: {log:?}");
         assert_eq!(
             replies(&out),
             ["a1", "b1", "a1"],
@@ -357,9 +348,7 @@ mod tests {
 
     #[test]
     fn concurrency_one_runs_each_command_as_it_arrives() {
-        let rt = blocking_runtime();
-        let slow = Arc::new(Slow::default());
-        let mut p = proc(ParticipantPolicy::new("svc").concurrency(1), &slow, &rt);
+        let (_rt, slow, mut p) = setup(ParticipantPolicy::new("svc").concurrency(1));
         let mut out = Vec::new();
         deliver(&mut p, "a", "one", "a1", 1, &mut out);
         assert_eq!(replies(&out), ["a1"], "answered before the batch ends");
@@ -371,9 +360,7 @@ mod tests {
 
     #[test]
     fn a_rolled_back_batch_drops_the_commands_it_had_not_run() {
-        let rt = blocking_runtime();
-        let slow = Arc::new(Slow::default());
-        let mut p = proc(ParticipantPolicy::new("svc"), &slow, &rt);
+        let (_rt, slow, mut p) = setup(ParticipantPolicy::new("svc"));
         let mut out = Vec::new();
         deliver(&mut p, "a", "one", "a1", 1, &mut out);
         deliver(&mut p, "b", "one", "b1", 2, &mut out);

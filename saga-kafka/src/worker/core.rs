@@ -461,7 +461,6 @@ impl<P: Processor> Core<P> {
                     .report(self.proc.name(), Some(*p), why, Timestamp::now());
             }
         }
-        let sizes: Vec<(u32, usize)> = sizes.into_iter().collect();
         tracing::info!(topic, records = ?sizes, took_ms = started.elapsed().as_millis() as u64, "partitions restored and resumed");
     }
 
