@@ -672,6 +672,13 @@ impl<D: SagaData> Machine<'_, D> {
         let exhausted = step.exhausted;
         let rec = &mut self.inst.steps[i];
         rec.last_error = Some(err.message.clone());
+        if phase == Phase::Forward && indeterminate {
+            rec.uncertain = true;
+        }
+        // On a transport that may reorder messages, an earlier attempt with
+        // no verdict can still arrive and apply after a later one failed for
+        // good: a compensatable step then counts as possibly applied.
+        let possibly_applied = indeterminate || rec.uncertain;
         let (policy, attempts, first) = match phase {
             Phase::Forward => (&step.retry, rec.attempts, rec.first_attempt_at),
             Phase::Compensation => (
@@ -715,7 +722,7 @@ impl<D: SagaData> Machine<'_, D> {
                 );
                 let reason = match (phase, kind) {
                     (Phase::Forward, StepKind::Compensatable) => {
-                        self.inst.steps[i].state = if indeterminate {
+                        self.inst.steps[i].state = if possibly_applied {
                             StepState::Indeterminate
                         } else {
                             StepState::Failed

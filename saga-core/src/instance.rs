@@ -138,6 +138,12 @@ pub struct StepRecord {
     /// The last error seen, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_error: Option<String>,
+    /// Whether an earlier attempt of the action ended without a verdict
+    /// (no reply in time, or a retryable failure on its last delivery), so
+    /// it may still take effect. A step that then gives up is compensated
+    /// as if its outcome were unknown, whatever its last attempt said.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub uncertain: bool,
 }
 
 impl StepRecord {
@@ -152,6 +158,7 @@ impl StepRecord {
             executions: 0,
             sends: 0,
             last_error: None,
+            uncertain: false,
         }
     }
 }

@@ -366,6 +366,32 @@ fn a_late_permanent_failure_of_a_parked_pivot_compensates() {
 }
 
 #[test]
+fn a_step_whose_earlier_attempt_went_unanswered_is_compensated_even_if_the_last_failed_for_good() {
+    let saga = SagaDefinition::<Order>::builder("unsure")
+        .step(
+            reserve_step(|| StepError::permanent("Unknown SKU"))
+                .timeout(Duration::from_secs(5))
+                .retry(RetryPolicy::fixed(Duration::from_secs(1)).with_max_attempts(2))
+                .compensate_remote("inventory.requests", |_: &Order| "RELEASE"),
+        )
+        .build()
+        .unwrap();
+    let mut t = SagaHarness::new(saga);
+    t.start("u-1", Order::default()).unwrap();
+    // Attempt 1 goes unanswered: on a transport that reorders, it may still
+    // arrive and apply after attempt 2 is refused.
+    t.advance(Duration::from_secs(5)).unwrap();
+    t.advance(Duration::from_secs(1)).unwrap();
+    t.reply_failure("reserve", ErrorClass::Permanent, "Unknown SKU")
+        .unwrap();
+    assert_eq!(t.instance().steps[0].state, StepState::Compensating);
+    let last = (*t.commands().last().unwrap()).clone();
+    assert_eq!(last.phase, Some(Phase::Compensation), "{last:?}");
+    t.reply_ok("reserve", &"released").unwrap();
+    t.then_status(&SagaStatus::Compensated);
+}
+
+#[test]
 fn a_retryable_reply_is_retried_with_a_new_command_and_the_participants_reason_is_kept() {
     let saga = SagaDefinition::<Order>::builder("busy")
         .step(
