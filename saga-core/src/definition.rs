@@ -242,6 +242,13 @@ impl<D> Action<D> {
             Action::Remote { channel, .. } => Some(channel),
         }
     }
+
+    pub(crate) fn reply_to(&self) -> Option<&str> {
+        match self {
+            Action::Local(_) => None,
+            Action::Remote { reply_to, .. } => reply_to.as_deref(),
+        }
+    }
 }
 
 fn accept_any<D>() -> ReplyFn<D> {
@@ -583,6 +590,18 @@ impl<D: SagaData> Step<D> {
     /// The channel the step's compensation command goes to, for a remote compensation.
     pub fn compensation_channel(&self) -> Option<&str> {
         self.compensation.as_ref().and_then(Action::channel)
+    }
+
+    /// The channel the participant replies to the step's command on, if
+    /// the step names one ([`Step::reply_to`]; else the saga's
+    /// [`SagaDefinition::reply_channel`]).
+    pub fn reply_channel(&self) -> Option<&str> {
+        self.forward.as_ref().and_then(Action::reply_to)
+    }
+
+    /// Like [`Step::reply_channel`], for the compensation's command.
+    pub fn compensation_reply_channel(&self) -> Option<&str> {
+        self.compensation.as_ref().and_then(Action::reply_to)
     }
 
     /// Whether the step's action is carried out by a participant.

@@ -3,11 +3,18 @@
 
 use std::time::Duration;
 
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, ResourceSpecifier, TopicReplication};
+use rdkafka::client::ClientContext;
+use rdkafka::config::RDKafkaLogLevel;
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
+use rdkafka::error::KafkaError;
 use rdkafka::types::RDKafkaErrorCode;
 
 use crate::config::KafkaConfig;
-use crate::context::Quiet;
+use crate::context::{client_error, denied, log, unauthenticated, Quiet};
 use crate::error::{Error, Result};
 
 /// What a topic is for, which decides its settings.
@@ -74,14 +81,20 @@ impl TopicSpec {
 /// are left as they are.
 ///
 /// # Errors
-/// [`Error::Client`] if the admin client cannot be created or reach the
-/// cluster, [`Error::Topic`] naming a topic the broker refused to create.
+/// [`Error::Authentication`] if the cluster refuses the credentials or the
+/// TLS handshake fails, [`Error::Authorization`] naming a topic the
+/// principal may not create, [`Error::Client`] if the admin client cannot
+/// be created or reach the cluster, [`Error::Topic`] naming a topic the
+/// broker refused to create.
 pub async fn ensure_topics(config: &KafkaConfig, topics: &[TopicSpec]) -> Result<()> {
     let config = config.clone();
     let topics = topics.to_vec();
-    tokio::task::spawn_blocking(move || ensure_topics_blocking(&config, &topics))
-        .await
-        .map_err(|_| Error::Shutdown)?
+    tokio::task::spawn_blocking(move || {
+        preflight(&config)?;
+        ensure_topics_blocking(&config, &topics)
+    })
+    .await
+    .map_err(|_| Error::Shutdown)?
 }
 
 pub(crate) fn ensure_topics_blocking(config: &KafkaConfig, topics: &[TopicSpec]) -> Result<()> {
@@ -115,6 +128,16 @@ pub(crate) fn ensure_topics_blocking(config: &KafkaConfig, topics: &[TopicSpec])
         match r {
             Ok(name) => tracing::info!(topic = %name, "topic created"),
             Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            Err((topic, code)) if denied(code).is_some() => {
+                return Err(Error::Authorization {
+                    principal: config.principal(),
+                    operation: "CREATE".into(),
+                    resource: format!("topic `{topic}`"),
+                    reason: format!(
+                        "{code} (create the topics as an admin and turn topic creation off, or grant CREATE)"
+                    ),
+                })
+            }
             Err((topic, code)) => {
                 return Err(Error::Topic {
                     topic,
@@ -131,7 +154,6 @@ pub(crate) fn partition_counts(
     config: &KafkaConfig,
     topics: &[String],
 ) -> Result<Vec<(String, usize)>> {
-    use rdkafka::consumer::{BaseConsumer, Consumer};
     let c: BaseConsumer<Quiet> = config
         .reader_config()
         .create_with_context(Quiet)
@@ -144,9 +166,20 @@ pub(crate) fn partition_counts(
             let md = c
                 .fetch_metadata(Some(t), Duration::from_secs(10))
                 .map_err(|e| Error::client(format!("reading metadata of `{t}`"), e))?;
-            let n = md
-                .topics()
-                .first()
+            let topic = md.topics().first();
+            if let Some(code) = topic
+                .and_then(|m| m.error())
+                .map(RDKafkaErrorCode::from)
+                .filter(|c| denied(*c).is_some())
+            {
+                return Err(Error::Authorization {
+                    principal: config.principal(),
+                    operation: "DESCRIBE (READ or WRITE)".into(),
+                    resource: format!("topic `{t}`"),
+                    reason: code.to_string(),
+                });
+            }
+            let n = topic
                 .filter(|m| m.error().is_none())
                 .map(|m| m.partitions().len())
                 .unwrap_or(0);
@@ -180,4 +213,127 @@ pub(crate) fn check_copartitioned(config: &KafkaConfig, topics: &[String]) -> Re
         });
     }
     Ok(first)
+}
+
+/// The first authentication (or TLS) failure a client reports.
+#[derive(Clone, Default)]
+struct Probe {
+    failure: Arc<Mutex<Option<String>>>,
+}
+
+impl ClientContext for Probe {
+    fn log(&self, level: RDKafkaLogLevel, fac: &str, message: &str) {
+        log(level, fac, message)
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        if error.rdkafka_error_code().is_some_and(unauthenticated) {
+            let mut f = self.failure.lock().unwrap_or_else(|e| e.into_inner());
+            f.get_or_insert_with(|| reason.to_owned());
+        }
+        client_error(error, reason)
+    }
+}
+
+impl ConsumerContext for Probe {}
+
+/// How long [`preflight`] waits for a first answer.
+const PREFLIGHT: Duration = Duration::from_secs(10);
+
+/// Connects once before any worker starts, so that wrong credentials or a
+/// wrong CA fail the start within seconds, named as such, instead of
+/// surfacing as a timeout of the first admin or transaction call. A
+/// cluster that does not answer at all is not an error here (the calls
+/// that follow wait for it, within their own bounds).
+pub(crate) fn preflight(config: &KafkaConfig) -> Result<()> {
+    let probe = Probe::default();
+    let c: BaseConsumer<Probe> = config
+        .reader_config()
+        .create_with_context(probe.clone())
+        .map_err(|e| Error::client("creating a client", e))?;
+    let started = Instant::now();
+    let failed = || {
+        probe
+            .failure
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    };
+    while started.elapsed() < PREFLIGHT {
+        let answer = c.fetch_metadata(None, Duration::from_millis(500));
+        if let Some(reason) = failed() {
+            return Err(Error::Authentication {
+                principal: config.principal(),
+                reason,
+            });
+        }
+        match answer {
+            Ok(_) => return Ok(()),
+            Err(e) if e.rdkafka_error_code().is_some_and(unauthenticated) => {
+                return Err(Error::Authentication {
+                    principal: config.principal(),
+                    reason: e.to_string(),
+                })
+            }
+            Err(_) => {}
+        }
+    }
+    tracing::warn!(bootstrap = config.bootstrap_servers(), waited = ?PREFLIGHT, "the Kafka cluster did not answer yet");
+    Ok(())
+}
+
+/// Checks that the compacted topics among `topics` are compacted: a state
+/// topic or ledger whose old records are deleted by age loses sagas.
+pub(crate) fn verify_compacted(config: &KafkaConfig, topics: &[TopicSpec]) -> Result<()> {
+    let compacted: Vec<&TopicSpec> = topics
+        .iter()
+        .filter(|t| t.kind == TopicKind::Compacted)
+        .collect();
+    if compacted.is_empty() {
+        return Ok(());
+    }
+    let admin: AdminClient<Quiet> = config
+        .admin_config()
+        .create_with_context(Quiet)
+        .map_err(|e| Error::client("creating the admin client", e))?;
+    let specs: Vec<ResourceSpecifier<'_>> = compacted
+        .iter()
+        .map(|t| ResourceSpecifier::Topic(&t.name))
+        .collect();
+    let opts = AdminOptions::new().request_timeout(Some(Duration::from_secs(10)));
+    let results = futures::executor::block_on(admin.describe_configs(specs.iter(), &opts))
+        .map_err(|e| Error::client("reading topic configurations", e))?;
+    for (spec, r) in compacted.iter().zip(results) {
+        match r {
+            Ok(resource) => {
+                let policy = resource
+                    .get("cleanup.policy")
+                    .and_then(|e| e.value.clone())
+                    .unwrap_or_default();
+                if !policy.split(',').any(|p| p.trim() == "compact") {
+                    return Err(Error::Topic {
+                        topic: spec.name.clone(),
+                        reason: format!(
+                            "has cleanup.policy={policy}: a state topic or ledger must be compacted (cleanup.policy=compact)"
+                        ),
+                    });
+                }
+            }
+            Err(code) if denied(code).is_some() => {
+                return Err(Error::Authorization {
+                    principal: config.principal(),
+                    operation: "DESCRIBE_CONFIGS".into(),
+                    resource: format!("topic `{}`", spec.name),
+                    reason: code.to_string(),
+                })
+            }
+            Err(code) => {
+                return Err(Error::Topic {
+                    topic: spec.name.clone(),
+                    reason: format!("cannot read its configuration: {code}"),
+                })
+            }
+        }
+    }
+    Ok(())
 }

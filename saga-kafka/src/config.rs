@@ -464,8 +464,33 @@ impl KafkaConfig {
 
     /// The transactional id of `service`'s producer on this instance.
     pub fn transactional_id(&self, service: &str) -> String {
-        let prefix = self.transactional_id_prefix.as_deref().unwrap_or(&self.app);
-        format!("{prefix}-{service}-{}", self.instance_id)
+        format!(
+            "{}-{service}-{}",
+            self.transactional_id_base(),
+            self.instance_id
+        )
+    }
+
+    /// The principal this configuration authenticates as, for messages:
+    /// `User:<sasl.username>`, or a description when there is none.
+    pub(crate) fn principal(&self) -> String {
+        match self.properties.get("sasl.username") {
+            Some(u) => format!("User:{u}"),
+            None if self.properties.contains_key("ssl.certificate.location") => {
+                "the principal of this client's TLS certificate".into()
+            }
+            None => "this client's principal".into(),
+        }
+    }
+
+    /// What transactional ids start with: the prefix, else the app name.
+    pub(crate) fn transactional_id_base(&self) -> &str {
+        self.transactional_id_prefix.as_deref().unwrap_or(&self.app)
+    }
+
+    /// The group restores and topic reads use (they never commit in it).
+    pub(crate) fn reader_group(&self) -> String {
+        format!("{}-reader", self.app)
     }
 
     pub(crate) fn validate(&self) -> Result<()> {
@@ -574,7 +599,7 @@ impl KafkaConfig {
     /// A consumer that reads assigned partitions to their end (state restore).
     pub(crate) fn reader_config(&self) -> ClientConfig {
         let mut c = self.base();
-        c.set("group.id", format!("{}-reader", self.app))
+        c.set("group.id", self.reader_group())
             .set("enable.auto.commit", "false")
             .set("enable.auto.offset.store", "false")
             .set("auto.offset.reset", "earliest")

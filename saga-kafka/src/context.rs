@@ -68,6 +68,27 @@ impl ClientContext for Quiet {
 
 impl ConsumerContext for Quiet {}
 
+/// The kind of resource an authorization error is about, if `code` is one.
+pub(crate) fn denied(code: RDKafkaErrorCode) -> Option<&'static str> {
+    match code {
+        RDKafkaErrorCode::TopicAuthorizationFailed => Some("topic"),
+        RDKafkaErrorCode::GroupAuthorizationFailed => Some("group"),
+        RDKafkaErrorCode::TransactionalIdAuthorizationFailed => Some("transactional id"),
+        RDKafkaErrorCode::ClusterAuthorizationFailed => Some("cluster"),
+        _ => None,
+    }
+}
+
+/// Whether `code` says the credentials or the TLS setup were refused.
+pub(crate) fn unauthenticated(code: RDKafkaErrorCode) -> bool {
+    matches!(
+        code,
+        RDKafkaErrorCode::Authentication
+            | RDKafkaErrorCode::SaslAuthenticationFailed
+            | RDKafkaErrorCode::SSL
+    )
+}
+
 /// Whether a produce error is the record's own fault: writing it again
 /// will fail again, whatever the broker's state.
 pub(crate) fn record_fault(code: RDKafkaErrorCode) -> bool {
@@ -89,12 +110,19 @@ pub(crate) fn record_fault(code: RDKafkaErrorCode) -> bool {
 pub(crate) struct Deliveries {
     /// The topic of the refused record, and why.
     pub(crate) fault: Arc<Mutex<Option<(String, String)>>>,
+    /// The first topic the producer was not authorized to write to.
+    pub(crate) denied: Arc<Mutex<Option<String>>>,
 }
 
 impl Deliveries {
     /// Takes the fault recorded since the last call.
     pub(crate) fn take_fault(&self) -> Option<(String, String)> {
         self.fault.lock().unwrap_or_else(|e| e.into_inner()).take()
+    }
+
+    /// Takes the topic the producer was refused since the last call.
+    pub(crate) fn take_denied(&self) -> Option<String> {
+        self.denied.lock().unwrap_or_else(|e| e.into_inner()).take()
     }
 }
 
@@ -118,6 +146,11 @@ impl ProducerContext for Deliveries {
         let Some(code) = error.rdkafka_error_code() else {
             return;
         };
+        if code == RDKafkaErrorCode::TopicAuthorizationFailed {
+            let mut denied = self.denied.lock().unwrap_or_else(|e| e.into_inner());
+            denied.get_or_insert_with(|| message.topic().to_owned());
+            return;
+        }
         if record_fault(code) {
             let what = format!(
                 "the broker refused a record for `{}` ({} bytes): {error}",

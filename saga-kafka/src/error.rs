@@ -58,6 +58,31 @@ pub enum Error {
         /// The bound.
         after: std::time::Duration,
     },
+    /// The cluster did not accept this client's credentials (SASL) or the
+    /// TLS handshake failed (certificate, CA): nothing works until the
+    /// configuration is fixed.
+    #[error("cannot authenticate to Kafka as {principal}: {reason}")]
+    Authentication {
+        /// Who the client tried to be (`User:<sasl.username>`, or what the
+        /// configuration implies).
+        principal: String,
+        /// The client's words.
+        reason: String,
+    },
+    /// The cluster's authorizer refused an operation: the principal needs
+    /// an ACL ([`acl::AclPlan`](crate::acl::AclPlan) lists what each
+    /// service needs).
+    #[error("not authorized: {principal} may not {operation} {resource}: {reason}")]
+    Authorization {
+        /// The principal refused.
+        principal: String,
+        /// The operation refused (`CREATE`, `READ`, `WRITE`, `DESCRIBE_CONFIGS`).
+        operation: String,
+        /// The resource, e.g. ``topic `orders.state` ``.
+        resource: String,
+        /// The client's words.
+        reason: String,
+    },
     /// The runtime (or the worker serving this request) is shut down.
     #[error("the Kafka runtime is shut down")]
     Shutdown,

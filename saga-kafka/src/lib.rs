@@ -130,6 +130,7 @@
 #![deny(missing_docs)]
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
+pub mod acl;
 mod admin;
 mod config;
 mod context;

@@ -11,7 +11,9 @@ use saga_core::{
     SagaDefinition, SagaError, SagaHandle,
 };
 
-use crate::admin::{check_copartitioned, ensure_topics_blocking, TopicSpec};
+use crate::admin::{
+    check_copartitioned, ensure_topics_blocking, preflight, verify_compacted, TopicSpec,
+};
 use crate::config::KafkaConfig;
 use crate::error::{Error, Result};
 use crate::participant::ParticipantProc;
@@ -33,11 +35,13 @@ pub struct KafkaRuntime {
     publisher: Arc<Publisher>,
     registry: Registry,
     health: HealthBoard,
+    /// Whether the cluster took this runtime's credentials once.
+    connected: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// The service name of [`Runtime::publish`]'s producer: its transactional
 /// id is `<prefix>-saga-kafka.publish-<instance id>`.
-const PUBLISH_SERVICE: &str = "saga-kafka.publish";
+pub(crate) const PUBLISH_SERVICE: &str = "saga-kafka.publish";
 
 impl std::fmt::Debug for KafkaRuntime {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -47,10 +51,34 @@ impl std::fmt::Debug for KafkaRuntime {
     }
 }
 
+/// Checks the credentials once per runtime ([`preflight`]).
+fn connect(cfg: &KafkaConfig, connected: &std::sync::atomic::AtomicBool) -> Result<()> {
+    use std::sync::atomic::Ordering;
+    if !connected.load(Ordering::Acquire) {
+        preflight(cfg)?;
+        connected.store(true, Ordering::Release);
+    }
+    Ok(())
+}
+
+/// Creates `specs` if the configuration says so; else checks that the
+/// compacted ones are compacted (their existence and partitions are
+/// checked next, with co-partitioning).
+fn setup_topics(cfg: &KafkaConfig, specs: &[TopicSpec]) -> Result<()> {
+    if cfg.create_topics {
+        ensure_topics_blocking(cfg, specs)
+    } else {
+        verify_compacted(cfg, specs)
+    }
+}
+
 fn refused(what: &str, e: Error) -> SagaError {
     match e {
         Error::Shutdown => SagaError::Shutdown,
-        e @ (Error::Config { .. } | Error::Topic { .. }) => SagaError::Runtime {
+        e @ (Error::Config { .. }
+        | Error::Topic { .. }
+        | Error::Authentication { .. }
+        | Error::Authorization { .. }) => SagaError::Runtime {
             what: what.to_owned(),
             source: Box::new(e),
         },
@@ -81,6 +109,7 @@ impl KafkaRuntime {
             workers: Mutex::new(Vec::new()),
             registry: Registry::default(),
             health,
+            connected: Arc::default(),
         })
     }
 
@@ -149,6 +178,7 @@ impl Runtime for KafkaRuntime {
         self.registry.add_saga(&def)?;
         let registered = def.name().to_owned();
         let cfg = self.cfg.clone();
+        let connected = self.connected.clone();
         let stats = self.stats.clone();
         let health = self.health.clone();
         let view = Arc::new(View::new());
@@ -171,9 +201,8 @@ impl Runtime for KafkaRuntime {
         let (def2, view2) = (def.clone(), view.clone());
         let w = self
             .blocking(move || {
-                if cfg.create_topics {
-                    ensure_topics_blocking(&cfg, &specs)?;
-                }
+                connect(&cfg, &connected)?;
+                setup_topics(&cfg, &specs)?;
                 let partitions = check_copartitioned(&cfg, &copart)?;
                 let proc = SagaProc::new(def2, &cfg, partitions as u32, view2, rx);
                 worker::spawn(cfg, &name, &format!("saga.{name}"), proc, stats, health)
@@ -220,6 +249,7 @@ impl Runtime for KafkaRuntime {
         self.registry.add_participant(channel, &policy)?;
         let registered = policy.name.clone();
         let cfg = self.cfg.clone();
+        let connected = self.connected.clone();
         let stats = self.stats.clone();
         let health = self.health.clone();
         let rt = tokio::runtime::Handle::current();
@@ -235,9 +265,8 @@ impl Runtime for KafkaRuntime {
         let proc = ParticipantProc::new(driver, rt);
         let w = self
             .blocking(move || {
-                if cfg.create_topics {
-                    ensure_topics_blocking(&cfg, &specs)?;
-                }
+                connect(&cfg, &connected)?;
+                setup_topics(&cfg, &specs)?;
                 check_copartitioned(&cfg, &copart)?;
                 worker::spawn(cfg, &name, &name, proc, stats, health)
             })
@@ -259,10 +288,12 @@ impl Runtime for KafkaRuntime {
         F: FnMut(&Envelope) + Send + 'static,
     {
         let cfg = self.cfg.clone();
+        let connected = self.connected.clone();
         let group = group.to_owned();
         let channels: Vec<String> = channels.iter().map(|c| (*c).to_owned()).collect();
         let w = self
             .blocking(move || {
+                connect(&cfg, &connected)?;
                 if cfg.create_topics {
                     let specs: Vec<TopicSpec> = channels.iter().map(TopicSpec::messages).collect();
                     ensure_topics_blocking(&cfg, &specs)?;

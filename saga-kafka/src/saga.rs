@@ -174,6 +174,11 @@ impl<D: SagaData> SagaProc<D> {
 pub(crate) fn unavailable(what: &str, e: Error) -> SagaError {
     match e {
         Error::Shutdown => SagaError::Shutdown,
+        // Trying again does not help until the configuration or the ACLs change.
+        e @ (Error::Authentication { .. } | Error::Authorization { .. }) => SagaError::Runtime {
+            what: what.to_owned(),
+            source: Box::new(e),
+        },
         e => SagaError::Unavailable {
             what: what.to_owned(),
             source: Box::new(e),

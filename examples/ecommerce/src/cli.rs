@@ -7,7 +7,7 @@ use std::sync::Arc;
 use clap::{Parser, Subcommand};
 
 use crate::messages::Topics;
-use crate::system::{Config, RuntimeKind, Services, System};
+use crate::system::{kafka, Config, RuntimeKind, Services, System};
 use crate::{demo, dlq_client, http, notification, order};
 
 #[derive(Debug, Parser)]
@@ -45,8 +45,33 @@ struct Args {
     /// process of a deployment.
     #[arg(long, global = true)]
     fast: bool,
+    /// On Kafka, do not create topics on start: check that they exist
+    /// (co-partitioned, state topics and ledgers compacted) and stop with a
+    /// clear message if not. Create them as an admin with `topics create`.
+    /// Also $ECOMMERCE_CREATE_TOPICS=false.
+    #[arg(long, global = true)]
+    no_create_topics: bool,
     #[command(subcommand)]
     command: Option<Command>,
+}
+
+/// How `acls` prints the bindings.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum AclFormat {
+    /// `<principal> ALLOW <operation> <resource> <pattern> <name>`, one
+    /// binding per line (Kafka's enum names, for an admin client).
+    Lines,
+    /// `kafka-acls.sh --add …` commands (set $BOOTSTRAP and $ADMIN_CONFIG).
+    KafkaAcls,
+}
+
+/// What `topics` does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Subcommand)]
+enum TopicsAction {
+    /// Create every topic of the system (run as a principal allowed to).
+    Create,
+    /// List every topic with its kind: what to provision.
+    List,
 }
 
 /// The fake email API's behaviour (where the notification service runs).
@@ -112,6 +137,25 @@ enum Command {
         #[command(subcommand)]
         action: Option<dlq_client::DlqCommand>,
     },
+    /// Print the Kafka ACLs a service needs, derived from its wiring with
+    /// this configuration (topic prefix, app, transactional-id prefix,
+    /// topic creation).
+    Acls {
+        /// The service: order, inventory, notification, analytics or dlq.
+        #[arg(long)]
+        service: String,
+        /// The service's principal (default `User:<service>`).
+        #[arg(long)]
+        principal: Option<String>,
+        /// Output form.
+        #[arg(long, value_enum, default_value_t = AclFormat::Lines)]
+        format: AclFormat,
+    },
+    /// The system's topics on Kafka.
+    Topics {
+        #[command(subcommand)]
+        action: TopicsAction,
+    },
 }
 
 fn init_tracing(default: &str) {
@@ -175,12 +219,86 @@ fn config(args: &Args, kafka: Option<String>, services: Services) -> Result<Conf
         ),
         app: args.app.clone(),
         instance_id: args.instance_id.clone(),
+        create_topics: create_topics(args.no_create_topics, env("ECOMMERCE_CREATE_TOPICS"))?,
         ..Config::default()
     };
     if args.fast {
         config = config.fast();
     }
     Ok(config)
+}
+
+/// Whether processes create topics: not with `--no-create-topics`, else
+/// as `ECOMMERCE_CREATE_TOPICS` says (default yes).
+fn create_topics(flag_off: bool, env: Option<String>) -> Result<bool, String> {
+    if flag_off {
+        return Ok(false);
+    }
+    match env.as_deref().map(str::to_ascii_lowercase).as_deref() {
+        None | Some("true" | "1" | "yes" | "on") => Ok(true),
+        Some("false" | "0" | "no" | "off") => Ok(false),
+        Some(other) => Err(format!(
+            "ECOMMERCE_CREATE_TOPICS=`{other}` is not `true` or `false`"
+        )),
+    }
+}
+
+/// `acls`: the service's bindings, printed.
+async fn acls(
+    args: &Args,
+    service: &str,
+    principal: Option<String>,
+    format: AclFormat,
+) -> Result<(), String> {
+    let services = Services::only(service).ok_or_else(|| {
+        format!("no service `{service}` (order, inventory, notification, analytics, dlq)")
+    })?;
+    // The address plays no part in the bindings.
+    let kafka = args
+        .kafka
+        .clone()
+        .or_else(env_bootstrap)
+        .unwrap_or_else(|| "127.0.0.1:9092".into());
+    let config = config(args, Some(kafka.clone()), services)?;
+    let kcfg = kafka::kafka_config(&config, &kafka)?;
+    let plan = kafka::acl_plan(&config, &kcfg).await?;
+    let principal = principal.unwrap_or_else(|| format!("User:{service}"));
+    match format {
+        AclFormat::Lines => print!("{}", plan.to_lines(&principal)),
+        AclFormat::KafkaAcls => print!("{}", plan.to_kafka_acls(&principal)),
+    }
+    Ok(())
+}
+
+/// `topics create|list`.
+async fn topics(args: &Args, action: TopicsAction) -> Result<(), String> {
+    let kafka = bootstrap(
+        args.kafka.clone(),
+        action == TopicsAction::Create,
+        env_bootstrap(),
+    )?
+    .unwrap_or_else(|| "127.0.0.1:9092".into());
+    let config = config(args, Some(kafka.clone()), Services::ALL)?;
+    let specs = match action {
+        TopicsAction::List => kafka::kafka_topics(&config).map_err(|e| e.to_string())?,
+        TopicsAction::Create => {
+            let kcfg = kafka::kafka_config(&config, &kafka)?;
+            kafka::create_topics(&config, &kcfg).await?
+        }
+    };
+    for s in specs {
+        let kind = match s.kind {
+            saga_kafka::TopicKind::Compacted => "compacted",
+            saga_kafka::TopicKind::DeadLetters => "dead-letters",
+            _ => "messages",
+        };
+        println!(
+            "{}\t{kind}\t{}",
+            s.name,
+            s.partitions.map_or(config.partitions, |n| n as usize)
+        );
+    }
+    Ok(())
 }
 
 async fn serve(config: Config, addr: SocketAddr, email: EmailArgs) -> Result<(), String> {
@@ -341,6 +459,18 @@ async fn run(args: Args) -> std::process::ExitCode {
                 .unwrap_or_else(|| "operator".into());
             dlq_client::run(api, &operator, action.clone()).await
         }
+        Some(Command::Acls {
+            service,
+            principal,
+            format,
+        }) => {
+            init_tracing("error");
+            acls(&args, service, principal.clone(), *format).await
+        }
+        Some(Command::Topics { action }) => {
+            init_tracing("warn");
+            topics(&args, *action).await
+        }
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
@@ -382,6 +512,17 @@ mod tests {
         assert!(matches!(a.command, Some(Command::Dlq { action: None, .. })));
         assert_eq!(a.kafka.as_deref(), Some("b:9092"));
         assert_eq!(a.instance_id.as_deref(), Some("dlq-1"));
+    }
+
+    #[test]
+    fn topic_creation_is_on_unless_the_flag_or_the_environment_turns_it_off() {
+        assert_eq!(create_topics(false, None), Ok(true));
+        assert_eq!(create_topics(true, Some("true".into())), Ok(false));
+        assert_eq!(create_topics(false, Some("False".into())), Ok(false));
+        assert_eq!(create_topics(false, Some("1".into())), Ok(true));
+        assert!(create_topics(false, Some("maybe".into())).is_err());
+        let a = parse(&["--no-create-topics", "inventory"]).unwrap();
+        assert!(a.no_create_topics && is_inventory(&a));
     }
 
     #[test]

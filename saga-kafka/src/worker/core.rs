@@ -13,10 +13,15 @@ use saga_core::driver::Incoming;
 use saga_core::{HealthBoard, Timestamp};
 
 use crate::config::KafkaConfig;
+use crate::context::denied;
 use crate::error::Result;
 use crate::store::read_stream;
 use crate::worker::txn::{StatsInner, Txn};
 use crate::worker::{Processor, Request};
+
+/// How long a worker the cluster refused for want of an ACL waits before
+/// trying again.
+pub(crate) const UNAUTHORIZED_PAUSE: Duration = Duration::from_secs(5);
 
 /// A worker's processor with its transaction and the open batch.
 pub(crate) struct Core<P> {
@@ -49,6 +54,8 @@ pub(crate) struct Core<P> {
     single: Option<(String, i32, i64)>,
     /// Batches failed in a row.
     failures: u32,
+    /// The consumer group (for messages).
+    pub(crate) group: String,
     /// Records of partitions being restored that were fetched before the
     /// pause took effect, in order: handled once the state is in.
     held: BTreeMap<u32, Vec<Held>>,
@@ -112,6 +119,7 @@ impl<P: Processor> Core<P> {
             poison: BTreeMap::new(),
             single: None,
             failures: 0,
+            group: String::new(),
             held: BTreeMap::new(),
         }
     }
@@ -258,8 +266,14 @@ impl<P: Processor> Core<P> {
             Err(e) => {
                 let fault = self.txn.record_fault();
                 tracing::warn!(transactional_id = %self.txn.id, error = %e, fault = ?fault, "batch failed: aborting and redoing it");
-                self.failures += 1;
-                if self.failures >= 3 {
+                let denied = e.rdkafka_error_code().and_then(denied);
+                if let Some(kind) = denied {
+                    let topic = self.txn.denied_topic();
+                    self.unauthorized(kind, &e, topic);
+                } else {
+                    self.failures += 1;
+                }
+                if self.failures >= 3 && denied.is_none() {
                     let why = format!("{} batches failed in a row: {e}", self.failures);
                     self.health
                         .report(self.proc.name(), None, why, Timestamp::now());
@@ -296,7 +310,9 @@ impl<P: Processor> Core<P> {
                 if let Some((p, why)) = stall {
                     self.stall(consumer, p, &why);
                 }
-                if self.failures >= 2 {
+                if denied.is_some() {
+                    std::thread::sleep(UNAUTHORIZED_PAUSE);
+                } else if self.failures >= 2 {
                     // Do not spin on a batch that keeps failing (the broker
                     // away, a record it keeps refusing): back off a little.
                     let pause = 50u64.saturating_mul(1 << self.failures.min(7));
@@ -304,6 +320,37 @@ impl<P: Processor> Core<P> {
                 }
             }
         }
+    }
+
+    /// The cluster refused this worker for want of an ACL (`kind`: the
+    /// resource kind of the error; `topic`: the topic a produce was
+    /// refused on, if known). Reported at once, naming the principal, the
+    /// operation and the resource, and counted; the caller waits
+    /// [`UNAUTHORIZED_PAUSE`] before trying again, so the worker recovers
+    /// by itself once the ACL is granted (and the problem clears with the
+    /// next commit).
+    pub(crate) fn unauthorized(&mut self, kind: &str, e: &RdError, topic: Option<String>) {
+        let principal = self.cfg().principal();
+        let (operation, resource) = match (kind, topic) {
+            ("topic", Some(t)) => ("WRITE", format!("topic `{t}`")),
+            ("topic", None) => ("READ or WRITE", "one of its topics".to_owned()),
+            ("group", _) => ("READ", format!("group `{}`", self.group)),
+            ("transactional id", _) => ("WRITE", format!("transactional id `{}`", self.txn.id)),
+            _ => ("IDEMPOTENT_WRITE", "the cluster".to_owned()),
+        };
+        let why = format!(
+            "not authorized: {principal} may not {operation} {resource} ({e}); trying again every {}s",
+            UNAUTHORIZED_PAUSE.as_secs()
+        );
+        self.failures = self.failures.max(1);
+        self.txn
+            .stats
+            .authorization_failures
+            .fetch_add(1, Ordering::Relaxed);
+        metrics::counter!("saga_kafka_authorization_failures_total", "component" => self.proc.name().to_owned())
+            .increment(1);
+        self.health
+            .report(self.proc.name(), None, why, Timestamp::now());
     }
 
     /// The open batch did not commit: its inputs are read again. At least
@@ -616,8 +663,9 @@ impl<P: Processor> Core<P> {
                     .stats
                     .failed_requests
                     .fetch_add(callers.len() as u64, Ordering::Relaxed);
+                let denied_topic = self.txn.denied_topic();
                 self.abort(&e);
-                Err((what, e))
+                Err((what, e, denied_topic))
             }
         };
         self.clear_batch();
@@ -627,7 +675,11 @@ impl<P: Processor> Core<P> {
             self.assigned(consumer, &parts);
         }
         for done in callers {
-            done(result.clone().map_err(|(what, e)| self.txn.error(what, &e)));
+            done(
+                result
+                    .clone()
+                    .map_err(|(what, e, topic)| self.txn.error_on(what, &e, topic.as_deref())),
+            );
         }
     }
 

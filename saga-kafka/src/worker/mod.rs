@@ -25,6 +25,7 @@ use saga_core::driver::{Incoming, Record, RECORD_KIND_HEADER};
 use saga_core::{HealthBoard, Timestamp};
 
 use crate::config::KafkaConfig;
+use crate::context::denied;
 use crate::error::{Error, Result};
 
 pub(crate) use self::core::Core;
@@ -178,6 +179,7 @@ pub(crate) fn spawn<P: Processor>(
         .txn
         .ensure_producer()
         .map_err(|e| Error::client(format!("creating the producer `{txn_id}`"), e))?;
+    lock(&core).group = group.to_owned();
     let consumer = subscribe(&cfg, group, &topics, &core)?;
     let stop = Arc::new(AtomicU8::new(RUN));
     let flag = stop.clone();
@@ -347,7 +349,13 @@ fn run<P: Processor>(
                     tracing::error!(error = %e, "fatal consumer error");
                     return Exit::Fatal(e);
                 }
-                Some(Err(e)) => tracing::warn!(error = %e, "consumer error"),
+                Some(Err(e)) => match e.rdkafka_error_code().and_then(denied) {
+                    Some(kind) => {
+                        lock(core).unauthorized(kind, &e, None);
+                        std::thread::sleep(Duration::from_secs(1));
+                    }
+                    None => tracing::warn!(error = %e, "consumer error"),
+                },
                 None => {}
             }
             let mut c = lock(core);

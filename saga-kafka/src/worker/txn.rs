@@ -15,7 +15,7 @@ use rdkafka::TopicPartitionList;
 use saga_core::driver::{Record, RECORD_KIND_HEADER};
 
 use crate::config::{DeliveryMode, KafkaConfig};
-use crate::context::{record_fault, Deliveries};
+use crate::context::{denied, record_fault, Deliveries};
 use crate::error::Error;
 
 /// Counters of one runtime's transactions (all workers).
@@ -28,6 +28,7 @@ pub(crate) struct StatsInner {
     pub pending: AtomicU64,
     pub owned_partitions: AtomicU64,
     pub failed_requests: AtomicU64,
+    pub authorization_failures: AtomicU64,
 }
 
 /// A snapshot of a runtime's transaction counters.
@@ -51,6 +52,10 @@ pub struct Stats {
     /// Requests (saga starts, operator actions, publishes) that failed and
     /// were reported to the caller.
     pub failed_requests: u64,
+    /// Batches and polls the cluster refused for want of an ACL (also the
+    /// counter `saga_kafka_authorization_failures_total`, label
+    /// `component`).
+    pub authorization_failures: u64,
 }
 
 impl StatsInner {
@@ -63,6 +68,7 @@ impl StatsInner {
             pending: self.pending.load(Ordering::Relaxed),
             owned_partitions: self.owned_partitions.load(Ordering::Relaxed),
             failed_requests: self.failed_requests.load(Ordering::Relaxed),
+            authorization_failures: self.authorization_failures.load(Ordering::Relaxed),
         }
     }
 }
@@ -270,6 +276,12 @@ impl Txn {
         Ok(())
     }
 
+    /// The topic the open transaction was not authorized to write to, if
+    /// the cluster said so.
+    pub(crate) fn denied_topic(&self) -> Option<String> {
+        self.deliveries.take_denied()
+    }
+
     /// Why the open transaction failed, if a record of it was refused as
     /// it is (writing it again would fail again).
     pub(crate) fn record_fault(&mut self) -> Option<(String, String)> {
@@ -282,6 +294,7 @@ impl Txn {
         self.failed = None;
         self.fault = None;
         let _ = self.deliveries.take_fault();
+        let _ = self.deliveries.take_denied();
         self.stats
             .pending
             .fetch_sub(self.pending, Ordering::Relaxed);
@@ -329,6 +342,29 @@ impl Txn {
 
     /// The caller-facing error of a failed transaction.
     pub(crate) fn error(&self, what: &str, e: &RdError) -> Error {
+        self.error_on(what, e, None)
+    }
+
+    /// Like [`Txn::error`], knowing the topic a produce was refused on:
+    /// an authorization error names the principal, operation and resource.
+    pub(crate) fn error_on(&self, what: &str, e: &RdError, topic: Option<&str>) -> Error {
+        if let Some(kind) = e.rdkafka_error_code().and_then(denied) {
+            let (operation, resource) = match (kind, topic) {
+                ("topic", Some(t)) => ("WRITE".to_owned(), format!("topic `{t}`")),
+                ("topic", None) => ("WRITE".to_owned(), "a topic written".to_owned()),
+                ("transactional id", _) => (
+                    "WRITE".to_owned(),
+                    format!("transactional id `{}`", self.id),
+                ),
+                (other, _) => ("use".to_owned(), format!("the {other}")),
+            };
+            return Error::Authorization {
+                principal: self.cfg.principal(),
+                operation,
+                resource,
+                reason: format!("{what}: {e}"),
+            };
+        }
         Error::Transaction {
             transactional_id: self.id.clone(),
             what: what.into(),

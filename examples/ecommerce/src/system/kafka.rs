@@ -4,9 +4,13 @@ use std::sync::Arc;
 
 use saga_core::driver::{ledger_topic, state_topic};
 use saga_core::{Clock, ParticipantPolicy, SagaError};
+use saga_kafka::acl::{AclPlan, AclRecorder};
 use saga_kafka::{KafkaConfig, KafkaRuntime, TopicSpec};
 
-use crate::messages::ALL_CHANNELS;
+use crate::messages::{
+    ALL_CHANNELS, INVENTORY_EVENTS, INVENTORY_REQUESTS, NOTIFICATIONS_EVENTS,
+    NOTIFICATIONS_REQUESTS, ORDERS_EVENTS,
+};
 use crate::notification;
 use crate::order;
 use crate::system::wiring::{wire, Options};
@@ -85,6 +89,80 @@ pub fn kafka_config(config: &Config, bootstrap: &str) -> Result<KafkaConfig, Str
         .filter(|n| *n > 0)
         .ok_or_else(|| format!("invalid partition count {}", config.partitions))?;
     Ok(cfg.partitions(partitions))
+}
+
+/// The ACL bindings the one service of `config.services` needs on Kafka
+/// with `kcfg`: recorded from the service's own wiring (the same code that
+/// registers it), plus the topics it writes to by name (events, replies to
+/// the order saga, the DLQ processor's redrives), and CREATE on every
+/// topic of the system when processes create them ([`Config::create_topics`]).
+///
+/// # Errors
+/// If the wiring fails (an invalid definition) or `config.services` is
+/// not one service.
+pub async fn acl_plan(config: &Config, kcfg: &KafkaConfig) -> Result<AclPlan, String> {
+    let names = config.services.names();
+    let [name] = names.as_slice() else {
+        return Err(format!(
+            "ACLs are per service: name one, not {}",
+            names.join(", ")
+        ));
+    };
+    let kcfg = kcfg.clone().create_topics(config.create_topics);
+    let recorder = Arc::new(AclRecorder::new(&kcfg).generated_groups());
+    let opts = Options {
+        services: config.services,
+        sharded_inventory: true,
+        // Recorded as prefixes: processes add a generated suffix.
+        fresh_groups: false,
+        clock: Clock::system(),
+    };
+    wire(recorder.clone(), config, opts, Observer::Kafka).await?;
+    let mut plan = recorder.plan();
+    let topics = &config.topics;
+    let saga = order::saga(&config.order, topics).map_err(|e| e.to_string())?;
+    match *name {
+        "order" => {
+            plan.writes(&[&topics.name(ORDERS_EVENTS)]);
+        }
+        "inventory" => {
+            plan.replies_to(&topics.name(INVENTORY_REQUESTS), &saga)
+                .writes(&[&topics.name(INVENTORY_EVENTS)]);
+        }
+        "notification" => {
+            plan.replies_to(&topics.name(NOTIFICATIONS_REQUESTS), &saga)
+                .writes(&[&topics.name(NOTIFICATIONS_EVENTS)]);
+        }
+        "dlq" => {
+            // Redrives go back to the command topics dead letters came
+            // from; the SMS fallback reports on the notification events.
+            let commands = saga.command_channels();
+            let mut targets: Vec<&str> = commands.iter().map(String::as_str).collect();
+            let events = topics.name(NOTIFICATIONS_EVENTS);
+            targets.push(&events);
+            plan.publisher(&targets);
+        }
+        _ => {}
+    }
+    if config.create_topics {
+        let specs = kafka_topics(config).map_err(|e| e.to_string())?;
+        let names: Vec<&str> = specs.iter().map(|s| s.name.as_str()).collect();
+        plan.creates(&names);
+    }
+    Ok(plan)
+}
+
+/// Creates every topic of the system (what an admin runs once when the
+/// services run with topic creation off).
+///
+/// # Errors
+/// What the cluster refused, named.
+pub async fn create_topics(config: &Config, kcfg: &KafkaConfig) -> Result<Vec<TopicSpec>, String> {
+    let specs = kafka_topics(config).map_err(|e| e.to_string())?;
+    saga_kafka::ensure_topics(kcfg, &specs)
+        .await
+        .map_err(|e| format!("cannot create the topics: {e}"))?;
+    Ok(specs)
 }
 
 /// Starts `config.services` on Kafka at `bootstrap`.
