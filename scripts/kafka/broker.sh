@@ -294,7 +294,6 @@ write_config() {
 process.roles=broker,controller
 node.id=1
 controller.quorum.bootstrap.servers=127.0.0.1:$cport
-log.dirs=$dir/kraft-logs
 EOF
     if [[ "$SECURITY" == sasl ]]; then
       listener_config_sasl "$port" "$cport" "$ADMIN_PASSWORD"
@@ -302,6 +301,7 @@ EOF
       listener_config_plaintext "$port" "$cport"
     fi
     cat <<EOF
+log.dirs=$dir/kraft-logs
 
 # A single node: every internal topic has one replica.
 offsets.topic.replication.factor=1
