@@ -12,6 +12,23 @@
 #   scripts/kafka/broker.sh resume    start the crashed broker again on the same data
 #                                     dir and address, wait until it answers
 #
+# A secured broker (SAGA_KAFKA_SECURITY=sasl at start) takes these as well:
+#   scripts/kafka/broker.sh admin-config       print the path of the admin's client
+#                                              properties (Kafka's Java tools)
+#   scripts/kafka/broker.sh users NAME=PW ...  create/update SCRAM-SHA-512 users;
+#                                              returns once they can log in
+#   scripts/kafka/broker.sh acls add FILE      create the ACL bindings of FILE ("-":
+#                                              stdin); returns once they apply
+#   scripts/kafka/broker.sh acls remove FILE   delete exactly those bindings
+#   scripts/kafka/broker.sh acls list          print all bindings, sorted, as FILE lines
+# FILE has one binding a line ('#' comments and blank lines are ignored):
+#   <principal> <ALLOW|DENY> <operation> <resource-type> <pattern-type> <resource-name>
+#   User:inventory ALLOW READ TOPIC LITERAL inventory.requests
+#   User:order ALLOW WRITE TRANSACTIONAL_ID PREFIXED ecommerce-order-
+#   User:order ALLOW IDEMPOTENT_WRITE CLUSTER LITERAL kafka-cluster
+# (names of Kafka's AclOperation, ResourceType, PatternType; host always *).
+# Each of these runs scripts/kafka/SecurityAdmin.java: one JVM, ~1.5-2 s.
+#
 # crash and resume are for fault tests (a broker that dies and comes back);
 # give such a test a broker of its own with SAGA_KAFKA_STATE_DIR, so no other
 # test sees the outage.
@@ -29,10 +46,21 @@
 #   SAGA_KAFKA_READY_TIMEOUT    seconds to wait for the broker to answer (default: 90)
 #   SAGA_KAFKA_HEAP_OPTS        broker JVM heap (default: -Xms256m -Xmx768m)
 #   SAGA_KAFKA_KEEP_DATA=1      keep the data dir (and its broker.log) on stop
+#   SAGA_KAFKA_SECURITY         plaintext (default) or sasl, read by start: sasl makes
+#                               the client listener SASL_PLAINTEXT with SCRAM-SHA-512,
+#                               authorizes with ACLs (deny by default) and creates a
+#                               super user "admin" with a fresh random password
+#
+# Secured broker, for a test that connects as a user (after `users` and `acls`):
+#   bootstrap.servers=$(broker.sh address)   security.protocol=SASL_PLAINTEXT
+#   sasl.mechanism=SCRAM-SHA-512   sasl.username=NAME   sasl.password=PW
+# $SAGA_KAFKA_STATE_DIR/broker.env (mode 600) records security=sasl,
+# admin_user, admin_password and admin_config (the admin's properties file).
 #
 # Readiness is decided by asking the broker: kafka_probe.py sends ApiVersions and
 # a Metadata request over the Kafka protocol and requires the answer to list this
-# broker and an active controller. The broker's log is only read to report a failure.
+# broker and an active controller (on a secured broker it first logs in as the
+# admin with SCRAM-SHA-512). The broker's log is only read to report a failure.
 set -euo pipefail
 
 SCRIPT_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
