@@ -53,8 +53,13 @@ def cluster_id():
     while True:
         raw = os.urandom(16)
         # Uuid.ZERO_UUID and Uuid.METADATA_TOPIC_ID (0...01) are reserved.
-        if int.from_bytes(raw, "big") > 1:
-            return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+        if int.from_bytes(raw, "big") <= 1:
+            continue
+        text = base64.urlsafe_b64encode(raw).decode().rstrip("=")
+        # An id starting with '-' is read as an option by the storage tool's
+        # argument parser (`format -t -xyz...` fails), once in 64 starts.
+        if not text.startswith("-"):
+            return text
 
 
 class Reader:
