@@ -10,16 +10,28 @@
 `ready` speaks the Kafka wire protocol directly (ApiVersions v0, then a Metadata
 request of a non-flexible version the broker supports), so polling for readiness
 does not start a JVM each time.
+
+With KAFKA_PROBE_SASL_USERNAME and KAFKA_PROBE_SASL_PASSWORD set (in the
+environment, so the password is not on a command line), `ready` first
+authenticates with SASL/SCRAM-SHA-512 (SaslHandshake, then SaslAuthenticate
+carrying the RFC 5802 exchange), as a SASL_PLAINTEXT listener requires. The
+broker is then only called ready once it accepts those credentials, i.e. once
+the SCRAM credentials from its metadata log are loaded.
 """
 
 import base64
+import hashlib
+import hmac
 import os
 import socket
 import struct
 import sys
 
 API_METADATA = 3
+API_SASL_HANDSHAKE = 17
 API_VERSIONS = 18
+API_SASL_AUTHENTICATE = 36
+SCRAM_MECHANISM = "SCRAM-SHA-512"
 CLIENT_ID = b"saga-rs-broker-probe"
 
 
@@ -41,8 +53,13 @@ def cluster_id():
     while True:
         raw = os.urandom(16)
         # Uuid.ZERO_UUID and Uuid.METADATA_TOPIC_ID (0...01) are reserved.
-        if int.from_bytes(raw, "big") > 1:
-            return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+        if int.from_bytes(raw, "big") <= 1:
+            continue
+        text = base64.urlsafe_b64encode(raw).decode().rstrip("=")
+        # An id starting with '-' is read as an option by the storage tool's
+        # argument parser (`format -t -xyz...` fails), once in 64 starts.
+        if not text.startswith("-"):
+            return text
 
 
 class Reader:
@@ -53,6 +70,14 @@ class Reader:
         (v,) = struct.unpack_from(fmt, self.buf, self.pos)
         self.pos += struct.calcsize(fmt)
         return v
+
+    def bytes_(self):
+        n = self.take(">i")
+        if n < 0:
+            return None
+        b = self.buf[self.pos : self.pos + n]
+        self.pos += n
+        return b
 
     def string(self, nullable=False):
         n = self.take(">h")
@@ -87,11 +112,81 @@ def request(sock, api_key, version, corr, body):
     return r
 
 
+def kstring(s):
+    b = s.encode()
+    return struct.pack(">h", len(b)) + b
+
+
+def kbytes(b):
+    return struct.pack(">i", len(b)) + b
+
+
+def pick_version(ranges, api, lo_want, hi_want):
+    lo, hi = ranges.get(api, (0, -1))
+    version = min(hi, hi_want)
+    if version < max(lo, lo_want):
+        raise ValueError("no usable version of API %d in %d..%d" % (api, lo, hi))
+    return version
+
+
+def scram_escape(name):
+    return name.replace("=", "=3D").replace(",", "=2C")
+
+
+def sasl_scram(sock, ranges, username, password, corr):
+    """SASL/SCRAM-SHA-512 (RFC 5802, RFC 7677 with SHA-512) over Kafka's
+    SaslHandshake v1 + SaslAuthenticate v0/v1. Raises on any failure."""
+    r = request(sock, API_SASL_HANDSHAKE, pick_version(ranges, API_SASL_HANDSHAKE, 1, 1),
+                corr, kstring(SCRAM_MECHANISM))
+    err = r.take(">h")
+    enabled = [r.string() for _ in range(r.take(">i"))]
+    if err != 0:
+        raise ValueError("SaslHandshake error code %d (enabled mechanisms: %s)" % (err, enabled))
+
+    auth_version = pick_version(ranges, API_SASL_AUTHENTICATE, 0, 1)
+
+    def authenticate(payload, corr):
+        r = request(sock, API_SASL_AUTHENTICATE, auth_version, corr, kbytes(payload))
+        err = r.take(">h")
+        message = r.string(nullable=True)
+        data = r.bytes_() or b""
+        if err != 0:
+            raise ValueError("SASL authentication failed (error code %d): %s" % (err, message))
+        return data.decode()
+
+    nonce = base64.b64encode(os.urandom(24)).decode()
+    client_first_bare = "n=%s,r=%s" % (scram_escape(username), nonce)
+    server_first = authenticate(("n,," + client_first_bare).encode(), corr + 1)
+    fields = dict(f.split("=", 1) for f in server_first.split(","))
+    server_nonce, salt, iterations = fields["r"], base64.b64decode(fields["s"]), int(fields["i"])
+    if not server_nonce.startswith(nonce):
+        raise ValueError("SCRAM: the server nonce does not extend ours")
+    salted = hashlib.pbkdf2_hmac("sha512", password.encode(), salt, iterations)
+    client_key = hmac.new(salted, b"Client Key", hashlib.sha512).digest()
+    stored_key = hashlib.sha512(client_key).digest()
+    without_proof = "c=biws,r=%s" % server_nonce
+    auth_message = ",".join([client_first_bare, server_first, without_proof]).encode()
+    signature = hmac.new(stored_key, auth_message, hashlib.sha512).digest()
+    proof = bytes(a ^ b for a, b in zip(client_key, signature))
+    server_final = authenticate(
+        ("%s,p=%s" % (without_proof, base64.b64encode(proof).decode())).encode(), corr + 2)
+    server_key = hmac.new(salted, b"Server Key", hashlib.sha512).digest()
+    expected = hmac.new(server_key, auth_message, hashlib.sha512).digest()
+    fields = dict(f.split("=", 1) for f in server_final.split(","))
+    if "e" in fields:
+        raise ValueError("SCRAM: server error %s" % fields["e"])
+    if not hmac.compare_digest(base64.b64decode(fields.get("v", "")), expected):
+        raise ValueError("SCRAM: the server's signature does not match")
+
+
 def ready(addr, timeout=5.0):
     host, _, port = addr.rpartition(":")
+    username = os.environ.get("KAFKA_PROBE_SASL_USERNAME")
+    password = os.environ.get("KAFKA_PROBE_SASL_PASSWORD")
     with socket.create_connection((host, int(port)), timeout=timeout) as sock:
         sock.settimeout(timeout)
-        # ApiVersions v0 is answered by every broker version.
+        # ApiVersions v0 is answered by every broker version (and, on a SASL
+        # listener, before authentication).
         r = request(sock, API_VERSIONS, 0, 1, b"")
         err = r.take(">h")
         if err != 0:
@@ -100,6 +195,10 @@ def ready(addr, timeout=5.0):
         for _ in range(r.take(">i")):
             key, lo, hi = r.take(">h"), r.take(">h"), r.take(">h")
             ranges[key] = (lo, hi)
+        sasl = ""
+        if username:
+            sasl_scram(sock, ranges, username, password or "", 10)
+            sasl = " sasl=%s user=%s" % (SCRAM_MECHANISM, username)
         lo, hi = ranges.get(API_METADATA, (0, -1))
         # Versions 4..8 share the non-flexible layout handled here.
         version = min(hi, 8)
@@ -108,7 +207,7 @@ def ready(addr, timeout=5.0):
         body = struct.pack(">i?", -1, False)  # all topics, no auto-creation
         if version >= 8:
             body += struct.pack(">??", False, False)
-        r = request(sock, API_METADATA, version, 2, body)
+        r = request(sock, API_METADATA, version, 20, body)
         r.take(">i")  # throttle_time_ms
         brokers = []
         for _ in range(r.take(">i")):
@@ -119,11 +218,12 @@ def ready(addr, timeout=5.0):
         controller = r.take(">i")
         if not brokers or controller < 0:
             raise ValueError("not ready: brokers=%s controller=%d" % (brokers, controller))
-        return "cluster=%s controller=%d brokers=%s metadata_v%d" % (
+        return "cluster=%s controller=%d brokers=%s metadata_v%d%s" % (
             cluster,
             controller,
             ",".join(brokers),
             version,
+            sasl,
         )
 
 
@@ -138,7 +238,7 @@ def main(argv):
         try:
             print(ready(argv[2]))
             return 0
-        except (OSError, ValueError, struct.error) as e:
+        except (OSError, ValueError, KeyError, struct.error) as e:
             print("not ready: %s" % e, file=sys.stderr)
             return 1
     print(__doc__, file=sys.stderr)
