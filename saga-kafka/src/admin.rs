@@ -9,8 +9,9 @@ use std::time::Instant;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, ResourceSpecifier, TopicReplication};
 use rdkafka::client::ClientContext;
 use rdkafka::config::RDKafkaLogLevel;
-use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
+use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::KafkaError;
+use rdkafka::producer::{BaseProducer, DeliveryResult, Producer, ProducerContext};
 use rdkafka::types::RDKafkaErrorCode;
 
 use crate::config::KafkaConfig;
@@ -235,7 +236,11 @@ impl ClientContext for Probe {
     }
 }
 
-impl ConsumerContext for Probe {}
+impl ProducerContext for Probe {
+    type DeliveryOpaque = ();
+
+    fn delivery(&self, _: &DeliveryResult<'_>, _: ()) {}
+}
 
 /// How long [`preflight`] waits for a first answer.
 const PREFLIGHT: Duration = Duration::from_secs(10);
@@ -247,8 +252,10 @@ const PREFLIGHT: Duration = Duration::from_secs(10);
 /// that follow wait for it, within their own bounds).
 pub(crate) fn preflight(config: &KafkaConfig) -> Result<()> {
     let probe = Probe::default();
-    let c: BaseConsumer<Probe> = config
-        .reader_config()
+    // A producer: a consumer with a group id would look for its group's
+    // coordinator, which needs an ACL some services do not have.
+    let c: BaseProducer<Probe> = config
+        .admin_config()
         .create_with_context(probe.clone())
         .map_err(|e| Error::client("creating a client", e))?;
     let started = Instant::now();
@@ -260,7 +267,9 @@ pub(crate) fn preflight(config: &KafkaConfig) -> Result<()> {
             .clone()
     };
     while started.elapsed() < PREFLIGHT {
-        let answer = c.fetch_metadata(None, Duration::from_millis(500));
+        let answer = c.client().fetch_metadata(None, Duration::from_millis(300));
+        // Client errors reach the context only when the client is polled.
+        c.poll(Duration::from_millis(50));
         if let Some(reason) = failed() {
             return Err(Error::Authentication {
                 principal: config.principal(),

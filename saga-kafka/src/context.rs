@@ -128,6 +128,15 @@ impl Deliveries {
 
 impl ClientContext for Deliveries {
     fn log(&self, level: RDKafkaLogLevel, fac: &str, message: &str) {
+        // A transaction refused a topic: the client names it only here
+        // (`Failed to add partition "t" [2] to transaction: Broker: Topic
+        // authorization failed`), not in the error the commit returns.
+        if fac == "ADDPARTS" && message.contains("Topic authorization failed") {
+            if let Some(topic) = message.split('"').nth(1) {
+                let mut denied = self.denied.lock().unwrap_or_else(|e| e.into_inner());
+                denied.get_or_insert_with(|| topic.to_owned());
+            }
+        }
         log(level, fac, message)
     }
 

@@ -123,7 +123,12 @@ pub async fn acl_plan(config: &Config, kcfg: &KafkaConfig) -> Result<AclPlan, St
     let saga = order::saga(&config.order, topics).map_err(|e| e.to_string())?;
     match *name {
         "order" => {
-            plan.writes(&[&topics.name(ORDERS_EVENTS)]);
+            // Its steps' events, and NOTIFICATION_FAILED when the email
+            // step gives up.
+            plan.writes(&[
+                &topics.name(ORDERS_EVENTS),
+                &topics.name(NOTIFICATIONS_EVENTS),
+            ]);
         }
         "inventory" => {
             plan.replies_to(&topics.name(INVENTORY_REQUESTS), &saga)
