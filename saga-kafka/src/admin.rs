@@ -228,7 +228,10 @@ impl ClientContext for Probe {
     }
 
     fn error(&self, error: KafkaError, reason: &str) {
-        if error.rdkafka_error_code().is_some_and(unauthenticated) {
+        // A failed TLS handshake comes as a transport failure; its text
+        // says what it is.
+        let tls = reason.contains("SSL handshake failed");
+        if tls || error.rdkafka_error_code().is_some_and(unauthenticated) {
             let mut f = self.failure.lock().unwrap_or_else(|e| e.into_inner());
             f.get_or_insert_with(|| reason.to_owned());
         }
