@@ -5,10 +5,11 @@
 //!
 //! - the three seed flows go through, and a DLQ retry is published;
 //! - a wrong password stops a service within 10 s, naming authentication;
-//! - an ACL revoked while the inventory works turns its `/health` to 503
-//!   within 10 s, naming the principal, operation and resource; once the
-//!   ACL is back, the order settles and the stock reserved is exactly that
-//!   of the confirmed orders.
+//! - an ACL revoked while the inventory works (WRITE on its reply topic,
+//!   then READ on its group) turns its `/health` to 503 within 10 s,
+//!   naming the principal, operation and resource; once the ACL is back,
+//!   the order settles and the stock reserved is exactly that of the
+//!   confirmed orders.
 //!
 //! SASL_PLAINTEXT rather than SASL_SSL: a TLS listener adds a keystore to
 //! generate, not another path through the authentication or authorization
@@ -486,6 +487,51 @@ async fn on_a_secured_broker_the_services_run_with_exactly_the_generated_acls_an
     let keyboards = 1 + if o4["status"] == "CONFIRMED" { 2 } else { 0 };
     assert_eq!(reserved(&inv, "KEYBOARD-001"), keyboards, "order 4: {o4}");
     assert_eq!(reserved(&inv, "LAPTOP-001"), 1);
+
+    // The inventory loses READ on its consumer group.
+    let revoked = format!("User:inventory ALLOW READ GROUP LITERAL {prefix}inventory\n");
+    assert!(acls.contains(&revoked), "{acls}");
+    broker.run(&["acls", "remove", "-"], Some(&revoked));
+    let id5 = place(
+        &client,
+        order_api,
+        json!({"customer_id": "c-fay", "items": [
+            {"sku": "KEYBOARD-001", "quantity": 3, "unit_price": "79.99"}
+        ]}),
+    )
+    .await;
+    let health = poll(
+        &client,
+        &format!("{inventory_api}/health"),
+        Duration::from_secs(10),
+        |s, _| s == 503,
+    )
+    .await;
+    let problem = health["problems"].to_string();
+    assert!(
+        problem.contains(&format!(
+            "not authorized: User:inventory may not READ group `{prefix}inventory`"
+        )),
+        "{problem}"
+    );
+    broker.run(&["acls", "add", "-"], Some(&revoked));
+    let o5 = settled(&client, order_api, &id5, Duration::from_secs(90)).await;
+    poll(
+        &client,
+        &format!("{inventory_api}/health"),
+        Duration::from_secs(30),
+        |s, _| s == 200,
+    )
+    .await;
+    let inv = poll(
+        &client,
+        &format!("{inventory_api}/inventory"),
+        Duration::from_secs(5),
+        |s, _| s == 200,
+    )
+    .await;
+    let keyboards = keyboards + if o5["status"] == "CONFIRMED" { 3 } else { 0 };
+    assert_eq!(reserved(&inv, "KEYBOARD-001"), keyboards, "order 5: {o5}");
     eprintln!(
         "secured flows in {:.1} s (order 4: {})",
         t0.elapsed().as_secs_f64(),

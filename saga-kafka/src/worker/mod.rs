@@ -117,6 +117,12 @@ impl<P: Processor> ClientContext for Ctx<P> {
     }
 
     fn error(&self, error: RdError, reason: &str) {
+        // The group coordinator refusing the group comes here, not from
+        // `poll`: reported like any refusal during work. (Called from the
+        // worker's own `poll`, which holds no lock.)
+        if let Some(kind) = error.rdkafka_error_code().and_then(denied) {
+            lock(&self.core).unauthorized(kind, &error, None);
+        }
         crate::context::client_error(error, reason)
     }
 }
