@@ -23,10 +23,12 @@
 //! [`notification`] (participants), [`analytics`] (a projection), [`dlq`]
 //! (the dead-letter processor); [`messages`] holds the contracts between
 //! them; [`system`] wires them on a runtime (in memory or on Kafka, once,
-//! through saga-core's `Runtime`); [`http`] is the API, [`demo`] the
-//! embedded demo and [`cli`] the command line.
+//! through saga-core's `Runtime`); [`http`] is the API and [`auth`] who may
+//! call it (bearer tokens by role), [`demo`] the embedded demo and [`cli`]
+//! the command line.
 
 pub mod analytics;
+pub mod auth;
 pub mod cli;
 pub mod demo;
 pub mod dlq;
