@@ -7,7 +7,7 @@
 //! cargo run --example ecommerce                      # the demo: the seed's three flows, in memory
 //! cargo run --example ecommerce -- serve             # the HTTP API on 127.0.0.1:8080, in memory
 //! cargo run --example ecommerce -- serve --kafka localhost:9092   # the same system on Kafka
-//! cargo run --example ecommerce -- dlq list          # operate the DLQ of a running `serve`
+//! ECOMMERCE_API_TOKEN=… cargo run --example ecommerce -- dlq list   # operate the DLQ of a running `serve`
 //!
 //! # one process per service (Kafka: --kafka HOST:PORT, before or after the
 //! # command, else KAFKA_BOOTSTRAP_SERVERS)
