@@ -1,9 +1,14 @@
 //! A client whose security settings do not match the cluster fails its
-//! first call within seconds, naming the cause, instead of timing out.
+//! first call within seconds, naming the cause, instead of timing out;
+//! topics provisioned wrongly are refused by name.
+
+mod common;
 
 use std::time::{Duration, Instant};
 
-use saga_kafka::{ensure_topics, Error, KafkaConfig, TopicSpec};
+use common::{order_saga, TestBed};
+use saga_core::{Runtime, SagaError};
+use saga_kafka::{ensure_topics, Error, KafkaConfig, KafkaRuntime, TopicSpec};
 
 fn bootstrap() -> String {
     std::env::var("KAFKA_BOOTSTRAP_SERVERS")
@@ -27,4 +32,33 @@ async fn tls_against_a_plaintext_listener_fails_within_seconds_naming_the_handsh
     let text = err.to_string();
     assert!(text.contains("cannot authenticate to Kafka"), "{text}");
     assert!(text.contains("SSL handshake failed"), "{text}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs Kafka: scripts/test.sh"]
+async fn without_topic_creation_a_state_topic_that_is_not_compacted_is_refused_by_name() {
+    let bed = TestBed::new().await;
+    let t = &bed.t;
+    let config = bed.config("0");
+    let mut specs: Vec<TopicSpec> = [
+        t.replies(),
+        t.inventory.clone(),
+        t.payments.clone(),
+        t.dlq(),
+    ]
+    .into_iter()
+    .map(TopicSpec::messages)
+    .collect();
+    // The state topic, wrongly made with the default delete policy.
+    specs.push(TopicSpec::messages(t.state()));
+    ensure_topics(&config, &specs).await.unwrap();
+    let rt = KafkaRuntime::new(config.create_topics(false)).unwrap();
+    let err = rt
+        .saga(order_saga(t, Duration::from_millis(100)))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, SagaError::Runtime { .. }), "{err:?}");
+    let text = format!("{err}: {:?}", std::error::Error::source(&err));
+    assert!(text.contains(&t.state()), "{text}");
+    assert!(text.contains("cleanup.policy=delete"), "{text}");
 }

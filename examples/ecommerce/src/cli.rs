@@ -2,13 +2,14 @@
 //! DLQ operators' client.
 
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
 
 use crate::messages::Topics;
 use crate::system::{kafka, Config, RuntimeKind, Services, System};
-use crate::{demo, dlq_client, http, notification, order};
+use crate::{auth, demo, dlq_client, http, notification, order};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -51,6 +52,11 @@ struct Args {
     /// Also $ECOMMERCE_CREATE_TOPICS=false.
     #[arg(long, global = true)]
     no_create_topics: bool,
+    /// The API's bearer tokens, one `<role> <name> <token>` line each
+    /// (default $ECOMMERCE_API_TOKENS_FILE; $ECOMMERCE_API_TOKENS adds
+    /// lines). Without any, random tokens are generated and printed.
+    #[arg(long, global = true, value_name = "FILE")]
+    api_tokens_file: Option<PathBuf>,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -128,9 +134,11 @@ enum Command {
         /// The API of the running `serve` or `dlq` process (actions).
         #[arg(long, default_value = "http://127.0.0.1:8080")]
         api: String,
-        /// Who acts (recorded in the audit archive); default $USER.
+        /// An operator's API token (default $ECOMMERCE_API_TOKEN, better:
+        /// a flag shows in the process list); the archive records the
+        /// operator it belongs to.
         #[arg(long)]
-        operator: Option<String>,
+        token: Option<String>,
         /// Where the DLQ processor service listens (no action).
         #[arg(long, default_value = "127.0.0.1:8084")]
         addr: SocketAddr,
@@ -301,7 +309,13 @@ async fn topics(args: &Args, action: TopicsAction) -> Result<(), String> {
     Ok(())
 }
 
-async fn serve(config: Config, addr: SocketAddr, email: EmailArgs) -> Result<(), String> {
+async fn serve(
+    config: Config,
+    addr: SocketAddr,
+    email: EmailArgs,
+    tokens_file: Option<&Path>,
+) -> Result<(), String> {
+    let tokens = auth::ApiTokens::configured(tokens_file)?;
     let system = Arc::new(System::start(config).await?);
     for s in &email.email_script {
         match s.split_once('=') {
@@ -319,11 +333,12 @@ async fn serve(config: Config, addr: SocketAddr, email: EmailArgs) -> Result<(),
         .await
         .map_err(|e| format!("cannot listen on {addr}: {e}"))?;
     let local = listener.local_addr().map_err(|e| e.to_string())?;
+    let tokens = auth::for_process(tokens, local);
     let services = system.services.names().join(", ");
     let runtime = system.runtime_name();
     tracing::info!(addr = %local, runtime, services, "e-commerce API listening");
     eprintln!("e-commerce [{services}] on {runtime}: listening on http://{local}; ctrl-c to stop");
-    let app = http::router(system.clone());
+    let app = http::router(system.clone(), tokens);
     let stopping = system.clone();
     axum::serve(listener, app)
         .with_graceful_shutdown(async move {
@@ -368,7 +383,8 @@ async fn service(
 ) -> Result<(), String> {
     let services = Services::only(name).ok_or_else(|| format!("no service `{name}`"))?;
     let kafka = bootstrap(args.kafka.clone(), true, env_bootstrap())?;
-    serve(config(args, kafka, services)?, addr, email).await
+    let tokens_file = args.api_tokens_file.as_deref();
+    serve(config(args, kafka, services)?, addr, email, tokens_file).await
 }
 
 /// Runs the command line with the process's arguments; the exit code says
@@ -420,7 +436,7 @@ async fn run(args: Args) -> std::process::ExitCode {
             match bootstrap(args.kafka.clone(), false, None)
                 .and_then(|k| config(&args, k, Services::ALL))
             {
-                Ok(c) => serve(c, *addr, email.clone()).await,
+                Ok(c) => serve(c, *addr, email.clone(), args.api_tokens_file.as_deref()).await,
                 Err(e) => Err(e),
             }
         }
@@ -448,16 +464,22 @@ async fn run(args: Args) -> std::process::ExitCode {
         }
         Some(Command::Dlq {
             api,
-            operator,
+            token,
             action: Some(action),
             ..
         }) => {
             init_tracing("warn");
-            let operator = operator
+            let token = token
                 .clone()
-                .or_else(|| std::env::var("USER").ok())
-                .unwrap_or_else(|| "operator".into());
-            dlq_client::run(api, &operator, action.clone()).await
+                .or_else(|| std::env::var(auth::CLIENT_TOKEN_ENV).ok())
+                .filter(|t| !t.trim().is_empty());
+            match token {
+                Some(token) => dlq_client::run(api, &token, action.clone()).await,
+                None => Err(format!(
+                    "the DLQ API needs an operator's token: --token or {}",
+                    auth::CLIENT_TOKEN_ENV
+                )),
+            }
         }
         Some(Command::Acls {
             service,

@@ -2,6 +2,11 @@
 //! runtime, playing the seed's three flows through the HTTP API (in
 //! process, no socket), then printing each order's timeline, the stock,
 //! the analytics and the dead-letter queue.
+//!
+//! Like `serve` without configured tokens, it generates API tokens for an
+//! operator and its customers, prints them, and calls the API with them:
+//! each order with its customer's token, the DLQ action with the
+//! operator's.
 
 use std::io::Write;
 use std::sync::Arc;
@@ -13,25 +18,36 @@ use axum::Router;
 use serde_json::{json, Value};
 use tower::ServiceExt;
 
+use crate::auth::{ApiTokens, Role};
 use crate::notification::FakeOutcome;
 use crate::system::{Config, System};
 
-/// Calls the API in process: `(status, JSON body)`.
+/// Calls the API in process with bearer `token` (none: no
+/// `Authorization` header): `(status, JSON body)`. The body, if any, is
+/// sent as `application/json`; so is an empty `POST`.
 pub async fn call(
     router: &Router,
+    token: Option<&str>,
     method: &str,
     path: &str,
     body: Option<Value>,
 ) -> (StatusCode, Value) {
-    let req = Request::builder()
-        .method(method)
-        .uri(path)
-        .header("content-type", "application/json")
-        .body(match body {
-            Some(b) => Body::from(b.to_string()),
-            None => Body::empty(),
-        })
-        .expect("a valid request");
+    let mut req = Request::builder().method(method).uri(path);
+    if body.is_some() || method == "POST" {
+        req = req.header("content-type", "application/json");
+    }
+    if let Some(token) = token {
+        req = req.header("authorization", format!("Bearer {token}"));
+    }
+    let req = req.body(match body {
+        Some(b) => Body::from(b.to_string()),
+        None => Body::empty(),
+    });
+    let req = match req {
+        Ok(req) => req,
+        // A method, path or token that cannot be in a request.
+        Err(e) => return (StatusCode::BAD_REQUEST, Value::String(e.to_string())),
+    };
     let res = router
         .clone()
         .oneshot(req)
@@ -64,11 +80,12 @@ fn flows() -> Vec<Flow> {
     vec![
         Flow {
             title: "Flow 1: a successful order",
-            explain: "1 laptop and 2 mice: stock is reserved, the order is CONFIRMED, the email goes out.",
+            explain: "1 laptop and 2 mice, at the catalogue's prices (999.99 and 29.99): stock is \
+                      reserved, the order is CONFIRMED, the email goes out.",
             customer: "c-ana",
             items: json!([
-                {"sku": "LAPTOP-001", "quantity": 1, "unit_price": "999.99"},
-                {"sku": "MOUSE-001", "quantity": 2, "unit_price": "29.99"}
+                {"sku": "LAPTOP-001", "quantity": 1},
+                {"sku": "MOUSE-001", "quantity": 2}
             ]),
         },
         Flow {
@@ -76,7 +93,7 @@ fn flows() -> Vec<Flow> {
             explain: "100 laptops (50 on hand, 1 already reserved by flow 1): the inventory refuses and changes \
                       nothing; the order is CANCELLED with the reason and the customer is told.",
             customer: "c-ben",
-            items: json!([{"sku": "LAPTOP-001", "quantity": 100, "unit_price": "999.99"}]),
+            items: json!([{"sku": "LAPTOP-001", "quantity": 100}]),
         },
         Flow {
             title: "Flow 3: the email provider fails -> dead-letter queue",
@@ -85,19 +102,39 @@ fn flows() -> Vec<Flow> {
                       goes to notifications.dlq. The order stays CONFIRMED.",
             customer: "c-eva",
             items: json!([
-                {"sku": "KEYBOARD-001", "quantity": 1, "unit_price": "79.99"},
-                {"sku": "MOUSE-001", "quantity": 1, "unit_price": "29.99"}
+                {"sku": "KEYBOARD-001", "quantity": 1},
+                {"sku": "MOUSE-001", "quantity": 1}
             ]),
         },
     ]
 }
+
+/// The operator the demo acts as.
+pub const DEMO_OPERATOR: &str = "demo-operator";
 
 /// Runs the demo, writing to `out`. Takes about 11 s of (tokio) time,
 /// almost all of it the notification retries of flow 3.
 pub async fn run(out: &mut dyn Write) -> Result<Outcome, String> {
     let io = |e: std::io::Error| e.to_string();
     let system = Arc::new(System::start(Config::default()).await?);
-    let api = crate::http::router(system.clone());
+    let customers: Vec<&str> = flows().iter().map(|f| f.customer).collect();
+    let tokens = ApiTokens::generate(DEMO_OPERATOR, &customers);
+    // Who got which token (the router takes the tokens).
+    let issued: Vec<(Role, String, String)> = tokens
+        .callers()
+        .filter_map(|c| {
+            let t = tokens.token_of(c.role, &c.name)?;
+            Some((c.role, c.name.clone(), t.to_owned()))
+        })
+        .collect();
+    let token = |role: Role, name: &str| {
+        issued
+            .iter()
+            .find(|(r, n, _)| *r == role && n == name)
+            .map(|(_, _, t)| t.clone())
+            .ok_or_else(|| format!("no demo token for {} `{name}`", role.as_str()))
+    };
+    let operator = token(Role::Operator, DEMO_OPERATOR)?;
     let mut outcome = Outcome::default();
 
     writeln!(
@@ -110,6 +147,21 @@ pub async fn run(out: &mut dyn Write) -> Result<Outcome, String> {
         "on the in-memory runtime, driven through the HTTP API in this process.\n"
     )
     .map_err(io)?;
+    writeln!(
+        out,
+        "API tokens generated for this run (`serve` does the same when none are configured):"
+    )
+    .map_err(io)?;
+    for (role, name, t) in &issued {
+        writeln!(out, "  {:<8} {name:<13} {t}", role.as_str()).map_err(io)?;
+    }
+    writeln!(
+        out,
+        "(every request carries `Authorization: Bearer <token>`; against `serve`, e.g.\n  \
+         curl -s -H 'Authorization: Bearer {operator}' http://127.0.0.1:8080/dlq)\n"
+    )
+    .map_err(io)?;
+    let api = crate::http::router(system.clone(), tokens);
 
     for (n, flow) in flows().into_iter().enumerate() {
         writeln!(out, "=== {} ===", flow.title).map_err(io)?;
@@ -123,8 +175,9 @@ pub async fn run(out: &mut dyn Write) -> Result<Outcome, String> {
             ]);
         }
         let body = json!({"customer_id": flow.customer, "items": flow.items});
-        writeln!(out, "POST /orders {body}").map_err(io)?;
-        let (status, created) = call(&api, "POST", "/orders", Some(body)).await;
+        let customer = token(Role::Customer, flow.customer)?;
+        writeln!(out, "POST /orders {body}  (as customer {})", flow.customer).map_err(io)?;
+        let (status, created) = call(&api, Some(&customer), "POST", "/orders", Some(body)).await;
         writeln!(out, "  -> {} {created}", status.as_u16()).map_err(io)?;
         if status != StatusCode::ACCEPTED {
             return Err(format!("POST /orders answered {status}: {created}"));
@@ -133,7 +186,8 @@ pub async fn run(out: &mut dyn Write) -> Result<Outcome, String> {
         if !system.wait_idle(Duration::from_secs(60)).await {
             return Err(format!("order {id} did not settle within 60 s"));
         }
-        let (_, order) = call(&api, "GET", &format!("/orders/{id}"), None).await;
+        let path = format!("/orders/{id}");
+        let (_, order) = call(&api, Some(&customer), "GET", &path, None).await;
         writeln!(out, "GET /orders/{id}").map_err(io)?;
         let mut summary = format!(
             "  -> status {}, total {}",
@@ -164,7 +218,8 @@ pub async fn run(out: &mut dyn Write) -> Result<Outcome, String> {
 
     writeln!(out, "=== Orders ===").map_err(io)?;
     for id in &outcome.orders {
-        let (_, o) = call(&api, "GET", &format!("/orders/{id}"), None).await;
+        let path = format!("/orders/{id}");
+        let (_, o) = call(&api, Some(&operator), "GET", &path, None).await;
         let mut line = format!(
             "{id}  {:<9}  total {:>9}",
             o["status"].as_str().unwrap_or("?"),
@@ -246,14 +301,12 @@ pub async fn run(out: &mut dyn Write) -> Result<Outcome, String> {
     }
     if let Some(first) = entries.first() {
         let path = format!("/dlq/{}/sms", first.dlq_id);
-        writeln!(out, "\nThe operator uses the fallback channel: POST {path}").map_err(io)?;
-        let (status, entry) = call(
-            &api,
-            "POST",
-            &path,
-            Some(json!({"operator": "demo-operator"})),
+        writeln!(
+            out,
+            "\nThe operator ({DEMO_OPERATOR}, by its token) uses the fallback channel: POST {path}"
         )
-        .await;
+        .map_err(io)?;
+        let (status, entry) = call(&api, Some(&operator), "POST", &path, None).await;
         writeln!(out, "  -> {} {entry}", status.as_u16()).map_err(io)?;
         for sms in system.dlq().sms_gateway().sent() {
             writeln!(out, "  SMS to {}: \"{}\"", sms.to, sms.text).map_err(io)?;

@@ -54,8 +54,9 @@ fn encode(id: &str) -> String {
     id.replace('%', "%25").replace('/', "%2F")
 }
 
-/// Runs `cmd` against the API at `api` as `operator`; prints the answer.
-pub async fn run(api: &str, operator: &str, cmd: DlqCommand) -> Result<(), String> {
+/// Runs `cmd` against the API at `api` with the operator's bearer `token`
+/// (the archive records the operator it belongs to); prints the answer.
+pub async fn run(api: &str, token: &str, cmd: DlqCommand) -> Result<(), String> {
     let api = api.trim_end_matches('/');
     let client = reqwest::Client::new();
     let action = |id: &str, what: &str, body: Value| {
@@ -74,7 +75,7 @@ pub async fn run(api: &str, operator: &str, cmd: DlqCommand) -> Result<(), Strin
             None,
         ),
         DlqCommand::Retry { id, payload, note } => {
-            let mut body = json!({"operator": operator, "note": note});
+            let mut body = json!({"note": note});
             if let Some(p) = payload {
                 let p: Value = serde_json::from_str(p)
                     .map_err(|e| format!("--payload is not valid JSON: {e}"))?;
@@ -82,15 +83,11 @@ pub async fn run(api: &str, operator: &str, cmd: DlqCommand) -> Result<(), Strin
             }
             action(id, "retry", body)
         }
-        DlqCommand::Discard { id, note } => {
-            action(id, "discard", json!({"operator": operator, "note": note}))
-        }
-        DlqCommand::Alert { id, note } => {
-            action(id, "alert", json!({"operator": operator, "note": note}))
-        }
-        DlqCommand::Sms { id } => action(id, "sms", json!({"operator": operator})),
+        DlqCommand::Discard { id, note } => action(id, "discard", json!({"note": note})),
+        DlqCommand::Alert { id, note } => action(id, "alert", json!({"note": note})),
+        DlqCommand::Sms { id } => action(id, "sms", json!({})),
     };
-    let mut req = client.request(method, &url);
+    let mut req = client.request(method, &url).bearer_auth(token);
     if let Some(b) = body {
         req = req.json(&b);
     }

@@ -1,6 +1,44 @@
 //! The HTTP API (axum): orders, inventory, analytics, the DLQ processor,
 //! Prometheus metrics and health.
 //!
+//! ## Who may call what
+//!
+//! Every route but `GET /health` and `GET /metrics` needs an
+//! `Authorization: Bearer <token>` header with a configured token (see
+//! [`crate::auth`] for the configuration); without one, or with an unknown
+//! one, the answer is 401 with `WWW-Authenticate: Bearer`; a token whose
+//! role may not do it gets 403.
+//!
+//! | route | customer token (customer id `c`) | operator token |
+//! |---|---|---|
+//! | `GET /health`, `GET /metrics` | open, no token needed | open |
+//! | `POST /orders` | for `customer_id` `c` only (else 403) | for any customer |
+//! | `GET /orders` | `c`'s orders | every order |
+//! | `GET /orders/{id}`, `…/timeline` | `c`'s orders; another's is 404, as if it did not exist | any |
+//! | `GET /catalogue`, `GET /inventory`, `GET /inventory/{sku}` | yes | yes |
+//! | `GET /analytics` | 403 | yes |
+//! | `GET /dlq…`, `POST /dlq/{id}/…` (customers' emails) | 403 | yes |
+//!
+//! `/health` and `/metrics` are open so load balancers and Prometheus need
+//! no secret: they show counts and partitions, no customer data. Another
+//! customer's order answers 404, not 403, so a customer cannot learn which
+//! order ids exist. The DLQ archive records the operator's configured
+//! name as who acted (an `X-Operator` header or an `operator` field is
+//! not taken).
+//!
+//! `POST` routes take `Content-Type: application/json` only (415
+//! otherwise, even with an empty body), so a web page cannot post to the
+//! API with a plain form.
+//!
+//! ## Prices
+//!
+//! An order line costs the catalogue's price (`GET /catalogue`): a
+//! `unit_price` in the request is optional; equal to the catalogue's it is
+//! accepted, different it is refused with 422 (`"field":
+//! "items[0].unit_price"`) and nothing is placed.
+//!
+//! ## Errors
+//!
 //! Every error is JSON: `{"error": "...", "field": "items[0].quantity"}`;
 //! 4xx when the request is wrong, 503 with `"retryable": true` and a
 //! `Retry-After` header when the runtime could not take the write in time
@@ -22,15 +60,17 @@ use std::sync::{Arc, OnceLock};
 
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::extract::{DefaultBodyLimit, FromRequestParts, Path, State};
+use axum::http::request::Parts;
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, MethodRouter};
-use axum::{Json, Router};
+use axum::{Extension, Json, Router};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
+use crate::auth::{ApiTokens, Caller, Role};
 use crate::dlq::DlqError;
 use crate::order::{OrderRequest, OrderView};
 use crate::system::{PlaceError, System};
@@ -78,11 +118,89 @@ impl IntoResponse for ApiError {
             res.headers_mut()
                 .insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
         }
+        if self.status == StatusCode::UNAUTHORIZED {
+            res.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                header::HeaderValue::from_static("Bearer realm=\"ecommerce\""),
+            );
+        }
         res
     }
 }
 
 type ApiResult<T> = Result<T, ApiError>;
+
+/// The caller of a route that needs a token: whose token the
+/// `Authorization: Bearer` header carries (401 without a known one).
+struct Authed(Caller);
+
+impl<S: Send + Sync> FromRequestParts<S> for Authed {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, ApiError> {
+        let unauthorized = |why: &str| ApiError::new(StatusCode::UNAUTHORIZED, why);
+        let presented = parts
+            .headers
+            .get(header::AUTHORIZATION)
+            .ok_or_else(|| unauthorized("this endpoint needs an `Authorization: Bearer` token"))?
+            .to_str()
+            .ok()
+            .and_then(|v| {
+                let (scheme, token) = v.trim().split_once(' ')?;
+                scheme
+                    .eq_ignore_ascii_case("bearer")
+                    .then(|| token.trim().to_owned())
+            })
+            .ok_or_else(|| unauthorized("the Authorization header must be `Bearer <token>`"))?;
+        parts
+            .extensions
+            .get::<Arc<ApiTokens>>()
+            .and_then(|tokens| tokens.authenticate(&presented).cloned())
+            .map(Authed)
+            .ok_or_else(|| unauthorized("unknown token"))
+    }
+}
+
+/// The caller of an operator's route: 401 without a known token, 403 with
+/// a customer's.
+struct Operator(Caller);
+
+impl<S: Send + Sync> FromRequestParts<S> for Operator {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        let Authed(caller) = Authed::from_request_parts(parts, state).await?;
+        if caller.role == Role::Operator {
+            Ok(Operator(caller))
+        } else {
+            Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                "this endpoint is for operators",
+            ))
+        }
+    }
+}
+
+/// 415 unless the request says its body is JSON (`application/json`,
+/// parameters such as `charset` allowed): a web page's plain form cannot
+/// send that without the browser asking the API first (CORS), which it
+/// does not allow.
+fn require_json(headers: &HeaderMap) -> ApiResult<()> {
+    let is_json = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|mime| mime.trim().eq_ignore_ascii_case("application/json"));
+    if is_json {
+        Ok(())
+    } else {
+        Err(ApiError {
+            status: StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            error: "Content-Type must be application/json".into(),
+            field: Some("Content-Type".into()),
+        })
+    }
+}
 
 fn body_error(rejection: BytesRejection) -> ApiError {
     if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
@@ -131,12 +249,14 @@ pub fn metrics_handle() -> PrometheusHandle {
         .clone()
 }
 
-/// The API over `system`.
-pub fn router(system: Arc<System>) -> Router {
+/// The API over `system`, for the callers of `tokens` (see
+/// [`crate::auth`]; with no token, only `/health` and `/metrics` answer).
+pub fn router(system: Arc<System>, tokens: ApiTokens) -> Router {
     let _ = metrics_handle();
     Router::new()
         .route("/health", get(health))
         .route("/metrics", get(metrics_text))
+        .route("/catalogue", get(catalogue))
         .route("/orders", post(create_order).get(list_orders))
         .route("/orders/{id}", get(get_order))
         .route("/orders/{id}/timeline", get(get_timeline))
@@ -152,6 +272,7 @@ pub fn router(system: Arc<System>) -> Router {
         .route("/dlq/{id}/sms", dlq_action(DlqAction::Sms))
         .fallback(|| async { ApiError::not_found("no such endpoint") })
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(Extension(Arc::new(tokens)))
         .with_state(system)
 }
 
@@ -207,9 +328,11 @@ async fn metrics_text(State(s): State<Arc<System>>) -> impl IntoResponse {
 
 async fn create_order(
     State(s): State<Arc<System>>,
+    Authed(caller): Authed,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> ApiResult<Response> {
+    require_json(&headers)?;
     if !s.services.order {
         return Err(not_here("order"));
     }
@@ -223,6 +346,16 @@ async fn create_order(
     };
     let body = body.map_err(body_error)?;
     let req: OrderRequest = parse_json(&body)?;
+    if !caller.may_act_for(&req.customer_id) {
+        return Err(ApiError {
+            status: StatusCode::FORBIDDEN,
+            error: format!(
+                "the token of customer `{}` cannot place orders for `{}`",
+                caller.name, req.customer_id
+            ),
+            field: Some("customer_id".into()),
+        });
+    }
     match s.place_order(&req, key).await {
         Ok(order) => {
             let location = format!("/orders/{}", order.order_id);
@@ -261,13 +394,18 @@ fn storage_error(e: String) -> ApiError {
     )
 }
 
-async fn list_orders(State(s): State<Arc<System>>) -> ApiResult<Json<Value>> {
+/// Every order for an operator, the caller's own for a customer.
+async fn list_orders(
+    State(s): State<Arc<System>>,
+    Authed(caller): Authed,
+) -> ApiResult<Json<Value>> {
     if !s.services.order {
         return Err(not_here("order"));
     }
     let orders = s.orders().await.map_err(storage_error)?;
     let list: Vec<Value> = orders
         .into_iter()
+        .filter(|o| caller.may_act_for(&o.data.customer_id))
         .map(|o| {
             json!({
                 "order_id": o.data.order_id,
@@ -280,23 +418,38 @@ async fn list_orders(State(s): State<Arc<System>>) -> ApiResult<Json<Value>> {
     Ok(Json(json!({ "orders": list })))
 }
 
-async fn get_order(
-    State(s): State<Arc<System>>,
-    Path(id): Path<String>,
-) -> ApiResult<Json<OrderView>> {
+/// Order `id` if `caller` may see it; another customer's order is 404,
+/// as an unknown one.
+async fn visible_order(
+    s: &System,
+    caller: &Caller,
+    id: &str,
+) -> ApiResult<saga_core::SagaInstance<crate::order::Order>> {
     if !s.services.order {
         return Err(not_here("order"));
     }
-    match s.order(&id).await.map_err(storage_error)? {
-        Some(inst) => Ok(Json(inst.into())),
-        None => Err(ApiError::not_found(format!("no order `{id}`"))),
+    match s.order(id).await.map_err(storage_error)? {
+        Some(inst) if caller.may_act_for(&inst.data.customer_id) => Ok(inst),
+        _ => Err(ApiError::not_found(format!("no order `{id}`"))),
     }
+}
+
+async fn get_order(
+    State(s): State<Arc<System>>,
+    Authed(caller): Authed,
+    Path(id): Path<String>,
+) -> ApiResult<Json<OrderView>> {
+    Ok(Json(visible_order(&s, &caller, &id).await?.into()))
 }
 
 async fn get_timeline(
     State(s): State<Arc<System>>,
+    Authed(caller): Authed,
     Path(id): Path<String>,
 ) -> ApiResult<Json<Value>> {
+    if caller.role != Role::Operator {
+        visible_order(&s, &caller, &id).await?;
+    }
     if !s.services.order {
         return Err(not_here("order"));
     }
@@ -307,9 +460,19 @@ async fn get_timeline(
     Ok(Json(json!({ "order_id": id, "timeline": lines })))
 }
 
+/// The list price of every SKU: what an order line costs.
+async fn catalogue(State(s): State<Arc<System>>, _: Authed) -> Json<Value> {
+    let items: Vec<Value> = s
+        .prices()
+        .iter()
+        .map(|(sku, price)| json!({"sku": sku, "unit_price": price}))
+        .collect();
+    Json(json!({ "items": items }))
+}
+
 /// The stock; on Kafka also its shards (one per partition of
 /// `inventory.requests`, see `inventory.rs`) as this process has them.
-async fn list_inventory(State(s): State<Arc<System>>) -> ApiResult<Json<Value>> {
+async fn list_inventory(State(s): State<Arc<System>>, _: Authed) -> ApiResult<Json<Value>> {
     let inv = part(&s.inventory, "inventory")?;
     let mut body = json!({ "stock": inv.levels() });
     if inv.is_sharded() {
@@ -320,6 +483,7 @@ async fn list_inventory(State(s): State<Arc<System>>) -> ApiResult<Json<Value>> 
 
 async fn get_inventory(
     State(s): State<Arc<System>>,
+    _: Authed,
     Path(sku): Path<String>,
 ) -> ApiResult<Json<Value>> {
     part(&s.inventory, "inventory")?
@@ -328,37 +492,40 @@ async fn get_inventory(
         .ok_or_else(|| ApiError::not_found(format!("unknown SKU `{sku}`")))
 }
 
-async fn analytics(State(s): State<Arc<System>>) -> ApiResult<Json<Value>> {
+async fn analytics(State(s): State<Arc<System>>, _: Operator) -> ApiResult<Json<Value>> {
     Ok(Json(json!(part(&s.analytics, "analytics")?.summary())))
 }
 
-async fn list_dlq(State(s): State<Arc<System>>) -> ApiResult<Json<Value>> {
+async fn list_dlq(State(s): State<Arc<System>>, _: Operator) -> ApiResult<Json<Value>> {
     let dlq = part(&s.dlq, "dlq")?;
     Ok(Json(
         json!({ "open": dlq.open_count(), "entries": dlq.list() }),
     ))
 }
 
-async fn dlq_archive(State(s): State<Arc<System>>) -> ApiResult<Json<Value>> {
+async fn dlq_archive(State(s): State<Arc<System>>, _: Operator) -> ApiResult<Json<Value>> {
     let dlq = part(&s.dlq, "dlq")?;
     Ok(Json(
         json!({ "archive": dlq.archive(), "alerts": dlq.alerts() }),
     ))
 }
 
-async fn get_dlq(State(s): State<Arc<System>>, Path(id): Path<String>) -> ApiResult<Json<Value>> {
+async fn get_dlq(
+    State(s): State<Arc<System>>,
+    _: Operator,
+    Path(id): Path<String>,
+) -> ApiResult<Json<Value>> {
     part(&s.dlq, "dlq")?
         .get(&id)
         .map(|e| Json(json!(e)))
         .ok_or_else(|| ApiError::not_found(format!("no dead letter `{id}`")))
 }
 
-/// The body of the DLQ actions (all fields optional; the body may be empty).
+/// The body of the DLQ actions (all fields optional; the body may be
+/// empty). Who acts is the token's operator, never the request's say.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct DlqActionBody {
-    /// Who acts (else the `X-Operator` header, else "anonymous").
-    operator: Option<String>,
     /// A note for the archive.
     note: Option<String>,
     /// For retry: the corrected payload to send instead of the original.
@@ -368,24 +535,14 @@ struct DlqActionBody {
 fn action_body(
     headers: &HeaderMap,
     body: Result<Bytes, BytesRejection>,
-) -> ApiResult<(DlqActionBody, String)> {
+) -> ApiResult<DlqActionBody> {
+    require_json(headers)?;
     let body = body.map_err(body_error)?;
-    let parsed: DlqActionBody = if body.iter().all(u8::is_ascii_whitespace) {
-        DlqActionBody::default()
+    if body.iter().all(u8::is_ascii_whitespace) {
+        Ok(DlqActionBody::default())
     } else {
-        parse_json(&body)?
-    };
-    let operator = parsed
-        .operator
-        .clone()
-        .or_else(|| {
-            headers
-                .get("x-operator")
-                .and_then(|v| v.to_str().ok())
-                .map(str::to_owned)
-        })
-        .unwrap_or_else(|| "anonymous".into());
-    Ok((parsed, operator))
+        parse_json(&body)
+    }
 }
 
 fn dlq_result(r: Result<crate::dlq::ArchiveEntry, DlqError>) -> ApiResult<Json<Value>> {
@@ -419,10 +576,12 @@ enum DlqAction {
 fn dlq_action(action: DlqAction) -> MethodRouter<Arc<System>> {
     post(
         move |State(s): State<Arc<System>>,
+              Operator(operator): Operator,
               Path(id): Path<String>,
               headers: HeaderMap,
               body: Result<Bytes, BytesRejection>| async move {
-            let (b, who) = action_body(&headers, body)?;
+            let b = action_body(&headers, body)?;
+            let who = operator.name;
             let dlq = part(&s.dlq, "dlq")?;
             let note = b.note.as_deref().unwrap_or("");
             dlq_result(match action {

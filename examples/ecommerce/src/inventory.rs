@@ -64,6 +64,17 @@ pub const CATALOGUE: &[(&str, u32)] = &[
     ("HEADSET-001", 80),
 ];
 
+/// The seed's list prices, in cents, of the SKUs of [`CATALOGUE`]: the
+/// price of an order line is the server's, never the client's (see
+/// `order::validate`).
+pub const PRICES: &[(&str, i64)] = &[
+    ("LAPTOP-001", 99_999),
+    ("MOUSE-001", 2_999),
+    ("KEYBOARD-001", 7_999),
+    ("MONITOR-001", 24_950),
+    ("HEADSET-001", 5_999),
+];
+
 /// Stock of one SKU.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct StockLevel {

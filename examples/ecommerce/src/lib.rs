@@ -7,7 +7,7 @@
 //! cargo run --example ecommerce                      # the demo: the seed's three flows, in memory
 //! cargo run --example ecommerce -- serve             # the HTTP API on 127.0.0.1:8080, in memory
 //! cargo run --example ecommerce -- serve --kafka localhost:9092   # the same system on Kafka
-//! cargo run --example ecommerce -- dlq list          # operate the DLQ of a running `serve`
+//! ECOMMERCE_API_TOKEN=… cargo run --example ecommerce -- dlq list   # operate the DLQ of a running `serve`
 //!
 //! # one process per service (Kafka: --kafka HOST:PORT, before or after the
 //! # command, else KAFKA_BOOTSTRAP_SERVERS)
@@ -23,10 +23,12 @@
 //! [`notification`] (participants), [`analytics`] (a projection), [`dlq`]
 //! (the dead-letter processor); [`messages`] holds the contracts between
 //! them; [`system`] wires them on a runtime (in memory or on Kafka, once,
-//! through saga-core's `Runtime`); [`http`] is the API, [`demo`] the
-//! embedded demo and [`cli`] the command line.
+//! through saga-core's `Runtime`); [`http`] is the API and [`auth`] who may
+//! call it (bearer tokens by role), [`demo`] the embedded demo and [`cli`]
+//! the command line.
 
 pub mod analytics;
+pub mod auth;
 pub mod cli;
 pub mod demo;
 pub mod dlq;

@@ -365,9 +365,13 @@ pub struct ItemRequest {
     pub sku: String,
     /// How many (must be ≥ 1).
     pub quantity: i64,
-    /// The unit price, a decimal string like "999.99" (a JSON number is
-    /// accepted too).
-    pub unit_price: Value,
+    /// Optional: the unit price the client expects, a decimal string like
+    /// "999.99" (a JSON number is accepted too). The price is the
+    /// catalogue's: absent, the line costs the catalogue's price; equal to
+    /// it, accepted; different, the order is refused (422), so a client
+    /// never pays a price it did not see, and never chooses one.
+    #[serde(default)]
+    pub unit_price: Option<Value>,
 }
 
 /// What is wrong with an order request.
@@ -419,10 +423,13 @@ pub fn parse_price(v: &Value) -> Result<Decimal, String> {
     Ok(price)
 }
 
-/// Checks a request against the catalogue (`known_sku`) and builds the lines.
+/// Checks a request against the catalogue (`price_of`: the list price of
+/// a SKU, `None` if unknown) and builds the lines, at the catalogue's
+/// prices. A line's `unit_price`, when given, must be well-formed and
+/// equal to the catalogue's.
 pub fn validate(
     req: &OrderRequest,
-    known_sku: impl Fn(&str) -> bool,
+    price_of: impl Fn(&str) -> Option<Decimal>,
 ) -> Result<Vec<OrderItem>, Invalid> {
     if req.customer_id.trim().is_empty() {
         return Err(invalid("customer_id", "must not be empty"));
@@ -453,9 +460,9 @@ pub fn validate(
     let mut lines = Vec::with_capacity(req.items.len());
     for (i, item) in req.items.iter().enumerate() {
         let at = |f: &str| format!("items[{i}].{f}");
-        if !known_sku(&item.sku) {
+        let Some(list_price) = price_of(&item.sku) else {
             return Err(invalid(at("sku"), format!("unknown SKU `{}`", item.sku)));
-        }
+        };
         if item.quantity <= 0 {
             return Err(invalid(
                 at("quantity"),
@@ -468,8 +475,22 @@ pub fn validate(
                 format!("must be at most {MAX_QUANTITY}, got {}", item.quantity),
             ));
         }
-        let unit_price = parse_price(&item.unit_price)
-            .map_err(|m| invalid(at("unit_price"), format!("malformed price: {m}")))?;
+        if let Some(asked) = &item.unit_price {
+            let asked = parse_price(asked)
+                .map_err(|m| invalid(at("unit_price"), format!("malformed price: {m}")))?;
+            if asked != list_price {
+                return Err(invalid(
+                    at("unit_price"),
+                    format!(
+                        "{} costs {list_price}, not {asked} (leave unit_price out to pay the \
+                         catalogue's price)",
+                        item.sku
+                    ),
+                ));
+            }
+        }
+        let mut unit_price = list_price;
+        unit_price.rescale(2);
         lines.push(OrderItem {
             sku: item.sku.clone(),
             quantity: item.quantity as u32,
@@ -588,6 +609,39 @@ mod tests {
         ];
         let o = Order::new("o".into(), "c".into(), items);
         assert_eq!(o.total.to_string(), "1059.97");
+    }
+
+    fn request(items: Value) -> OrderRequest {
+        serde_json::from_value(json!({"customer_id": "c-1", "items": items})).unwrap()
+    }
+
+    fn list_price(sku: &str) -> Option<Decimal> {
+        (sku == "MOUSE-001").then(|| Decimal::new(2_999, 2))
+    }
+
+    #[test]
+    fn the_catalogue_sets_the_price_and_a_different_one_is_refused() {
+        let absent = validate(
+            &request(json!([{"sku": "MOUSE-001", "quantity": 2}])),
+            list_price,
+        )
+        .unwrap();
+        assert_eq!(absent[0].unit_price.to_string(), "29.99");
+        let equal = validate(
+            &request(json!([{"sku": "MOUSE-001", "quantity": 1, "unit_price": "29.990"}])),
+            list_price,
+        )
+        .unwrap();
+        assert_eq!(equal[0].unit_price.to_string(), "29.99");
+        let cheaper = validate(
+            &request(json!([{"sku": "MOUSE-001", "quantity": 1, "unit_price": "0.01"}])),
+            list_price,
+        )
+        .unwrap_err();
+        assert_eq!(cheaper.field, "items[0].unit_price");
+        assert!(cheaper
+            .message
+            .starts_with("MOUSE-001 costs 29.99, not 0.01"));
     }
 
     #[test]

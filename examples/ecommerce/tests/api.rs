@@ -1,17 +1,35 @@
 //! The e-commerce example through its HTTP API, in memory, under tokio's
 //! paused clock (the notification backoffs take no real time): the seed's
-//! three flows, the DLQ processor, idempotency, and every bad request.
+//! three flows, the DLQ processor, idempotency, every bad request, and who
+//! may call what (bearer tokens by role, JSON-only writes, catalogue
+//! prices).
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, StatusCode};
 use axum::Router;
 use serde_json::{json, Value};
 
-use ecommerce::demo::call;
+use ecommerce::auth::ApiTokens;
 use ecommerce::notification::FakeOutcome;
 use ecommerce::system::{Config, System};
+
+/// The operator the tests act as, and its token.
+const OPERATOR: &str = "alice";
+const OPERATOR_TOKEN: &str = "operator-alice-token-0001";
+/// Customers c-1 and c-2's tokens.
+const C1_TOKEN: &str = "customer-c-1-token-0001";
+const C2_TOKEN: &str = "customer-c-2-token-0001";
+
+fn tokens() -> ApiTokens {
+    ApiTokens::parse(&format!(
+        "operator {OPERATOR} {OPERATOR_TOKEN}\n\
+         customer c-1 {C1_TOKEN}\n\
+         customer c-2 {C2_TOKEN}\n"
+    ))
+    .expect("the test tokens parse")
+}
 
 async fn start() -> (Arc<System>, Router) {
     let system = Arc::new(
@@ -19,8 +37,44 @@ async fn start() -> (Arc<System>, Router) {
             .await
             .expect("the system starts"),
     );
-    let api = ecommerce::http::router(system.clone());
+    let api = ecommerce::http::router(system.clone(), tokens());
     (system, api)
+}
+
+/// Calls the API as the operator.
+async fn call(api: &Router, method: &str, path: &str, body: Option<Value>) -> (StatusCode, Value) {
+    ecommerce::demo::call(api, Some(OPERATOR_TOKEN), method, path, body).await
+}
+
+/// Sends a request with exactly `headers` and `body`; the status, the
+/// headers and the JSON body (`Null` if not JSON).
+async fn raw(
+    api: &Router,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> (StatusCode, HeaderMap, Value) {
+    let mut req = axum::http::Request::builder().method(method).uri(path);
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let req = req.body(axum::body::Body::from(body.to_owned())).unwrap();
+    let res = tower::ServiceExt::oneshot(api.clone(), req).await.unwrap();
+    let status = res.status();
+    let headers = res.headers().clone();
+    let bytes = axum::body::to_bytes(res.into_body(), usize::MAX)
+        .await
+        .unwrap();
+    (
+        status,
+        headers,
+        serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+    )
+}
+
+fn bearer(token: &str) -> (&'static str, String) {
+    ("authorization", format!("Bearer {token}"))
 }
 
 fn seed_order() -> Value {
@@ -241,7 +295,7 @@ async fn the_dlq_processor_retries_corrected_alerts_discards_and_archives() {
         &api,
         "POST",
         "/dlq/dlq-1/alert",
-        Some(json!({"operator": "alice", "note": "email API rejects us"})),
+        Some(json!({"note": "email API rejects us"})),
     )
     .await;
     assert_eq!(status, StatusCode::OK, "{alert}");
@@ -254,7 +308,7 @@ async fn the_dlq_processor_retries_corrected_alerts_discards_and_archives() {
         &api,
         "POST",
         "/dlq/dlq-1/retry",
-        Some(json!({"operator": "alice", "payload": corrected})),
+        Some(json!({"payload": corrected})),
     )
     .await;
     assert_eq!(status, StatusCode::OK, "{retried}");
@@ -274,15 +328,9 @@ async fn the_dlq_processor_retries_corrected_alerts_discards_and_archives() {
     assert_eq!(status, StatusCode::CONFLICT);
     assert!(again["error"].as_str().unwrap().contains("already handled"));
 
-    // Discard the other, with the operator from the header.
-    let req = axum::http::Request::builder()
-        .method("POST")
-        .uri("/dlq/dlq-2/discard")
-        .header("x-operator", "bob")
-        .body(axum::body::Body::empty())
-        .unwrap();
-    let res = tower::ServiceExt::oneshot(api.clone(), req).await.unwrap();
-    assert_eq!(res.status(), StatusCode::OK);
+    // Discard the other.
+    let (status, _) = call(&api, "POST", "/dlq/dlq-2/discard", None).await;
+    assert_eq!(status, StatusCode::OK);
 
     let archive = get(&api, "/dlq/archive").await;
     let done: Vec<(String, String, String)> = archive["archive"]
@@ -300,7 +348,7 @@ async fn the_dlq_processor_retries_corrected_alerts_discards_and_archives() {
     let expected: Vec<(String, String, String)> = [
         ("dlq-1", "alert", "alice"),
         ("dlq-1", "retry", "alice"),
-        ("dlq-2", "discard", "bob"),
+        ("dlq-2", "discard", "alice"),
     ]
     .iter()
     .map(|(a, b, c)| ((*a).into(), (*b).into(), (*c).into()))
@@ -325,13 +373,7 @@ async fn the_sms_fallback_tells_the_customer_and_counts_as_sent() {
     let (system, api) = start().await;
     system.email.script([FakeOutcome::Status(400)]);
     let id = place(&system, &api, seed_order()).await;
-    let (status, done) = call(
-        &api,
-        "POST",
-        "/dlq/dlq-1/sms",
-        Some(json!({"operator": "carol"})),
-    )
-    .await;
+    let (status, done) = call(&api, "POST", "/dlq/dlq-1/sms", None).await;
     assert_eq!(status, StatusCode::OK, "{done}");
     assert_eq!(done["action"], "sms");
     let sms = system.dlq().sms_gateway().sent();
@@ -394,6 +436,7 @@ async fn post_keyed(api: &Router, key: &str, body: &Value) -> (StatusCode, Value
         .method("POST")
         .uri("/orders")
         .header("content-type", "application/json")
+        .header("authorization", format!("Bearer {OPERATOR_TOKEN}"))
         .header("idempotency-key", key)
         .body(Body::from(body.to_string()))
         .unwrap();
@@ -518,6 +561,7 @@ async fn reject(body: &str) -> (StatusCode, String, Value) {
         .method("POST")
         .uri("/orders")
         .header("content-type", "application/json")
+        .header("authorization", format!("Bearer {OPERATOR_TOKEN}"))
         .body(axum::body::Body::from(body.to_owned()))
         .unwrap();
     let res = tower::ServiceExt::oneshot(api, req).await.unwrap();
@@ -635,6 +679,8 @@ async fn a_runtime_that_cannot_take_the_write_is_503_and_retryable() {
     let req = axum::http::Request::builder()
         .method("POST")
         .uri("/orders")
+        .header("content-type", "application/json")
+        .header("authorization", format!("Bearer {OPERATOR_TOKEN}"))
         .body(axum::body::Body::from(seed_order().to_string()))
         .unwrap();
     let res = tower::ServiceExt::oneshot(api.clone(), req).await.unwrap();
@@ -652,4 +698,265 @@ async fn a_runtime_that_cannot_take_the_write_is_503_and_retryable() {
     system.set_accepting(true);
     let (status, _) = call(&api, "POST", "/orders", Some(seed_order())).await;
     assert_eq!(status, StatusCode::ACCEPTED);
+}
+
+// ---- Who may call what. ----
+
+/// An order of `customer` for one mouse, at the catalogue's price.
+fn mouse_for(customer: &str) -> Value {
+    json!({"customer_id": customer, "items": [{"sku": "MOUSE-001", "quantity": 1}]})
+}
+
+#[tokio::test(start_paused = true)]
+async fn no_token_or_an_unknown_one_is_401_with_www_authenticate_on_orders_and_the_dlq() {
+    let (system, api) = start().await;
+    let json_type = ("content-type", "application/json");
+    let body = mouse_for("c-1").to_string();
+    let unknown = bearer("not-a-configured-token-01");
+    let garbled = ("authorization", "Basic YWxpY2U6c2VjcmV0".to_owned());
+    for (method, path) in [
+        ("POST", "/orders"),
+        ("GET", "/orders"),
+        ("GET", "/orders/ORD-1"),
+        ("GET", "/dlq"),
+        ("GET", "/dlq/archive"),
+        ("GET", "/dlq/dlq-1"),
+        ("POST", "/dlq/dlq-1/retry"),
+        ("GET", "/analytics"),
+        ("GET", "/inventory"),
+    ] {
+        for auth in [None, Some(&unknown), Some(&garbled)] {
+            let mut headers = vec![json_type];
+            if let Some((k, v)) = auth {
+                headers.push((*k, v.as_str()));
+            }
+            let (status, h, v) = raw(&api, method, path, &headers, &body).await;
+            assert_eq!(
+                status,
+                StatusCode::UNAUTHORIZED,
+                "{method} {path} {auth:?}: {v}"
+            );
+            assert!(
+                h["www-authenticate"]
+                    .to_str()
+                    .unwrap()
+                    .starts_with("Bearer"),
+                "{method} {path}"
+            );
+            assert!(v["error"].is_string(), "{v}");
+        }
+    }
+    assert!(system.orders().await.unwrap().is_empty());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_customer_token_is_403_on_the_dlq_and_analytics() {
+    let (system, api) = start().await;
+    system.email.script([FakeOutcome::Status(400)]);
+    let _ = place(&system, &api, seed_order()).await;
+    let customer = bearer(C1_TOKEN);
+    let auth = (customer.0, customer.1.as_str());
+    for (method, path) in [
+        ("GET", "/dlq"),
+        ("GET", "/dlq/archive"),
+        ("GET", "/dlq/dlq-1"),
+        ("POST", "/dlq/dlq-1/retry"),
+        ("POST", "/dlq/dlq-1/discard"),
+        ("POST", "/dlq/dlq-1/sms"),
+        ("GET", "/analytics"),
+    ] {
+        let headers = [auth, ("content-type", "application/json")];
+        let (status, _, v) = raw(&api, method, path, &headers, "").await;
+        assert_eq!(status, StatusCode::FORBIDDEN, "{method} {path}: {v}");
+        assert_eq!(v["error"], "this endpoint is for operators");
+    }
+    // Nothing was done to the dead letter.
+    assert!(system.dlq().sms_gateway().sent().is_empty());
+    assert_eq!(call(&api, "GET", "/dlq", None).await.1["open"], 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_customer_cannot_place_an_order_for_another_nor_see_one() {
+    let (system, api) = start().await;
+    let as_c1 = |method: &'static str, path: String, body: Option<Value>| {
+        let api = api.clone();
+        async move { ecommerce::demo::call(&api, Some(C1_TOKEN), method, &path, body).await }
+    };
+    // c-1 orders for itself: accepted.
+    let (status, mine) = as_c1("POST", "/orders".into(), Some(mouse_for("c-1"))).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{mine}");
+    let mine = mine["order_id"].as_str().unwrap().to_owned();
+    // c-1 orders for c-2: refused, nothing placed.
+    let (status, refused) = as_c1("POST", "/orders".into(), Some(mouse_for("c-2"))).await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{refused}");
+    assert_eq!(refused["field"], "customer_id");
+    assert_eq!(system.orders().await.unwrap().len(), 1);
+    // c-2's own order: c-1 gets 404, as for an order that does not exist.
+    let (status, theirs) = ecommerce::demo::call(
+        &api,
+        Some(C2_TOKEN),
+        "POST",
+        "/orders",
+        Some(mouse_for("c-2")),
+    )
+    .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{theirs}");
+    let theirs = theirs["order_id"].as_str().unwrap().to_owned();
+    assert!(system.wait_idle(Duration::from_secs(60)).await);
+    for path in [
+        format!("/orders/{theirs}"),
+        format!("/orders/{theirs}/timeline"),
+    ] {
+        let (status, body) = as_c1("GET", path.clone(), None).await;
+        assert_eq!(status, StatusCode::NOT_FOUND, "{path}: {body}");
+        assert_eq!(body["error"], format!("no order `{theirs}`"));
+    }
+    // c-1 sees its own order, and lists only its own; the operator all.
+    let (status, own) = as_c1("GET", format!("/orders/{mine}"), None).await;
+    assert_eq!(
+        (status, &own["customer_id"]),
+        (StatusCode::OK, &json!("c-1"))
+    );
+    let (status, _) = as_c1("GET", format!("/orders/{mine}/timeline"), None).await;
+    assert_eq!(status, StatusCode::OK);
+    let (_, listed) = as_c1("GET", "/orders".into(), None).await;
+    let ids: Vec<&str> = listed["orders"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|o| o["order_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, [mine.as_str()]);
+    assert_eq!(
+        get(&api, "/orders").await["orders"]
+            .as_array()
+            .unwrap()
+            .len(),
+        2
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_write_without_a_json_content_type_is_415_and_does_nothing() {
+    let (system, api) = start().await;
+    system.email.script([FakeOutcome::Status(400)]);
+    let _ = place(&system, &api, seed_order()).await;
+    let operator = bearer(OPERATOR_TOKEN);
+    let auth = (operator.0, operator.1.as_str());
+    let body = seed_order().to_string();
+    for (path, content_type) in [
+        ("/orders", None),
+        ("/orders", Some("text/plain")),
+        ("/orders", Some("application/x-www-form-urlencoded")),
+        ("/orders", Some("multipart/form-data; boundary=x")),
+        ("/dlq/dlq-1/discard", None),
+        ("/dlq/dlq-1/sms", Some("text/plain")),
+    ] {
+        let mut headers = vec![auth];
+        if let Some(t) = content_type {
+            headers.push(("content-type", t));
+        }
+        let (status, _, v) = raw(&api, "POST", path, &headers, &body).await;
+        assert_eq!(
+            status,
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "{path} {content_type:?}: {v}"
+        );
+        assert_eq!(v["error"], "Content-Type must be application/json");
+    }
+    assert_eq!(system.orders().await.unwrap().len(), 1);
+    assert_eq!(call(&api, "GET", "/dlq", None).await.1["open"], 1);
+    // With parameters, it is JSON still.
+    let headers = [auth, ("content-type", "application/json; charset=utf-8")];
+    let (status, _, v) = raw(&api, "POST", "/orders", &headers, &body).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{v}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_unit_price_other_than_the_catalogues_is_422_and_nothing_is_placed() {
+    let (system, api) = start().await;
+    let cheap = json!({"customer_id": "c-1", "items": [
+        {"sku": "MOUSE-001", "quantity": 1, "unit_price": "29.99"},
+        {"sku": "LAPTOP-001", "quantity": 1, "unit_price": "0.01"}
+    ]});
+    let (status, refused) = call(&api, "POST", "/orders", Some(cheap)).await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{refused}");
+    assert_eq!(refused["field"], "items[1].unit_price");
+    assert!(
+        refused["error"]
+            .as_str()
+            .unwrap()
+            .starts_with("items[1].unit_price: LAPTOP-001 costs 999.99, not 0.01"),
+        "{refused}"
+    );
+    assert!(system.orders().await.unwrap().is_empty());
+    assert_eq!(get(&api, "/inventory/LAPTOP-001").await["reserved"], 0);
+    // Without a price, the line costs the catalogue's.
+    let (status, created) = call(
+        &api,
+        "POST",
+        "/orders",
+        Some(json!({"customer_id": "c-1", "items": [{"sku": "LAPTOP-001", "quantity": 2}]})),
+    )
+    .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{created}");
+    assert_eq!(created["total"], "1999.98");
+    // The catalogue says what things cost.
+    let catalogue = get(&api, "/catalogue").await;
+    assert!(
+        catalogue["items"]
+            .as_array()
+            .unwrap()
+            .contains(&json!({"sku": "LAPTOP-001", "unit_price": "999.99"})),
+        "{catalogue}"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_dlq_archive_records_the_tokens_operator_whatever_x_operator_says() {
+    let (system, api) = start().await;
+    system
+        .email
+        .script([FakeOutcome::Status(400), FakeOutcome::Status(400)]);
+    let _ = place(&system, &api, seed_order()).await;
+    let _ = place(&system, &api, seed_order()).await;
+    let operator = bearer(OPERATOR_TOKEN);
+    let headers = [
+        (operator.0, operator.1.as_str()),
+        ("content-type", "application/json"),
+        ("x-operator", "mallory"),
+    ];
+    let (status, _, done) = raw(&api, "POST", "/dlq/dlq-1/discard", &headers, "").await;
+    assert_eq!(status, StatusCode::OK, "{done}");
+    assert_eq!(done["by"], OPERATOR);
+    // Nor can the body say who acts.
+    let body = json!({"operator": "mallory", "note": "n"}).to_string();
+    let (status, _, refused) = raw(&api, "POST", "/dlq/dlq-2/discard", &headers, &body).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{refused}");
+    assert!(
+        refused["error"]
+            .as_str()
+            .unwrap()
+            .contains("unknown field `operator`"),
+        "{refused}"
+    );
+    let archive = get(&api, "/dlq/archive").await;
+    let by: Vec<&str> = archive["archive"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["by"].as_str().unwrap())
+        .collect();
+    assert_eq!(by, [OPERATOR]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn health_and_metrics_answer_without_a_token() {
+    let (_system, api) = start().await;
+    let (status, health) = ecommerce::demo::call(&api, None, "GET", "/health", None).await;
+    assert_eq!(status, StatusCode::OK, "{health}");
+    assert_eq!(health["status"], "ok");
+    let (status, metrics) = ecommerce::demo::call(&api, None, "GET", "/metrics", None).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(metrics.as_str().unwrap().contains("ecommerce_dlq_open"));
 }

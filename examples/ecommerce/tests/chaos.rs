@@ -169,10 +169,9 @@ async fn orders_survive_killed_services_and_a_broker_restart() {
 
     // The client: one order every 1/rate s, each retried with its key
     // until accepted (503s, refused connections and timeouts included).
-    let client = reqwest::Client::builder()
-        .timeout(Duration::from_secs(10))
-        .build()
-        .unwrap();
+    // The processes get the tests' token configuration; the client sends
+    // the operator's token.
+    let client = common::client(Duration::from_secs(10));
     let posted = Arc::new(Mutex::new(Posted::default()));
     let started = Instant::now();
     let mut tasks = Vec::new();

@@ -13,7 +13,9 @@ use axum::http::StatusCode;
 use axum::Router;
 use serde_json::{json, Value};
 
-use ecommerce::demo::call;
+mod common;
+
+use common::call;
 use ecommerce::messages::Topics;
 use ecommerce::notification::FakeOutcome;
 use ecommerce::system::{Config, RuntimeKind, System};
@@ -46,7 +48,7 @@ async fn start_on_kafka() -> (Arc<System>, Router) {
             .await
             .expect("the system starts on Kafka"),
     );
-    let api = ecommerce::http::router(system.clone());
+    let api = ecommerce::http::router(system.clone(), common::api_tokens());
     (system, api)
 }
 
@@ -222,14 +224,9 @@ async fn the_three_flows_on_kafka_through_the_http_api() {
 
     // The operator tells the customer by SMS: published on Kafka through
     // the runtime, counted by the analytics.
-    let (status, body) = call(
-        &api,
-        "POST",
-        "/dlq/dlq-1/sms",
-        Some(json!({"operator": "test"})),
-    )
-    .await;
+    let (status, body) = call(&api, "POST", "/dlq/dlq-1/sms", None).await;
     assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["by"], common::OPERATOR, "{body}");
     poll(&api, "/analytics", Duration::from_secs(30), |a| {
         a["notifications.sent"] == 3
     })

@@ -24,7 +24,9 @@ use saga_kafka::KafkaConfig;
 use serde_json::{json, Value};
 use tower::ServiceExt;
 
-use ecommerce::demo::call;
+mod common;
+
+use common::call;
 use ecommerce::messages::{OrderEvent, Topics};
 use ecommerce::system::{Config, RuntimeKind, Services, System};
 
@@ -49,6 +51,10 @@ async fn post_order(api: &Router, key: &str) -> (StatusCode, Option<String>, Val
         .method("POST")
         .uri("/orders")
         .header("content-type", "application/json")
+        .header(
+            "authorization",
+            format!("Bearer {}", common::OPERATOR_TOKEN),
+        )
         .header("idempotency-key", key)
         .body(Body::from(order_body().to_string()))
         .unwrap();
@@ -156,7 +162,7 @@ async fn a_broker_that_cannot_take_the_write_gets_a_retryable_503_and_nothing_ha
             .await
             .expect("the system starts on the mock cluster"),
     );
-    let api = ecommerce::http::router(system.clone());
+    let api = ecommerce::http::router(system.clone(), common::api_tokens());
     let (status, health) = call(&api, "GET", "/health", None).await;
     assert_eq!(
         (status, &health["runtime"]),

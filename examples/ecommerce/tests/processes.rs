@@ -69,10 +69,9 @@ async fn services_as_processes_settle_200_orders_without_overselling() {
     procs.url("notification-1", started);
     eprintln!("services up in {:.1} s", t0.elapsed().as_secs_f64());
 
-    let client = reqwest::Client::builder()
-        .timeout(Duration::from_secs(20))
-        .build()
-        .unwrap();
+    // The processes get the tests' token configuration; the client sends
+    // the operator's token.
+    let client = common::client(Duration::from_secs(20));
 
     // 200 orders, at most CONCURRENCY in flight; a 503 or a lost answer is
     // retried with the same Idempotency-Key (never a second order).

@@ -21,16 +21,17 @@ pub mod kafka;
 pub mod memory;
 pub mod wiring;
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use rust_decimal::Decimal;
 use saga_core::{Envelope, Runtime, SagaError, SagaHandle, SagaId, SagaInstance, SagaQuery};
 
 use crate::analytics::Analytics;
 use crate::dlq::DlqProcessor;
-use crate::inventory::{Inventory, CATALOGUE};
+use crate::inventory::{Inventory, CATALOGUE, PRICES};
 use crate::messages::Topics;
 use crate::notification::{FakeEmailProvider, NotificationPolicy, NotificationService};
 use crate::order::{self, Invalid, Order, OrderPolicy, OrderRequest};
@@ -107,6 +108,34 @@ impl Services {
     }
 }
 
+/// One product of the catalogue.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CatalogueItem {
+    /// The product.
+    pub sku: String,
+    /// Units in the warehouse at start.
+    pub on_hand: u32,
+    /// The price of one unit: what an order line costs, whatever the
+    /// client says (a different `unit_price` in a request is refused).
+    pub unit_price: Decimal,
+}
+
+/// The seed's catalogue: [`CATALOGUE`]'s stock at [`PRICES`]' prices (a
+/// SKU without a price is left out: nobody could order it).
+pub fn seed_catalogue() -> Vec<CatalogueItem> {
+    CATALOGUE
+        .iter()
+        .filter_map(|(sku, on_hand)| {
+            let cents = PRICES.iter().find(|(s, _)| s == sku)?.1;
+            Some(CatalogueItem {
+                sku: (*sku).into(),
+                on_hand: *on_hand,
+                unit_price: Decimal::new(cents, 2),
+            })
+        })
+        .collect()
+}
+
 /// How the system is set up.
 #[derive(Clone, Debug)]
 pub struct Config {
@@ -118,8 +147,8 @@ pub struct Config {
     pub notification: NotificationPolicy,
     /// Order saga timings.
     pub order: OrderPolicy,
-    /// SKU and units on hand.
-    pub catalogue: Vec<(String, u32)>,
+    /// The products: SKU, units on hand and list price.
+    pub catalogue: Vec<CatalogueItem>,
     /// Partitions per channel (Kafka: of the topics it creates, and the
     /// number of inventory stock shards).
     pub partitions: usize,
@@ -143,7 +172,7 @@ impl Default for Config {
             services: Services::ALL,
             notification: NotificationPolicy::default(),
             order: OrderPolicy::default(),
-            catalogue: CATALOGUE.iter().map(|(s, n)| ((*s).into(), *n)).collect(),
+            catalogue: seed_catalogue(),
             partitions: 3,
             topics: Topics::default(),
             app: None,
@@ -284,7 +313,8 @@ pub struct System {
     pub dlq: Option<DlqProcessor>,
     /// Every message of every channel, where the order service runs.
     log: ChannelLog,
-    catalogue: BTreeSet<String>,
+    /// The list price of every SKU.
+    prices: BTreeMap<String, Decimal>,
 }
 
 impl System {
@@ -341,7 +371,17 @@ impl System {
 
     /// Whether the catalogue has `sku`.
     pub fn knows_sku(&self, sku: &str) -> bool {
-        self.catalogue.contains(sku)
+        self.prices.contains_key(sku)
+    }
+
+    /// The list price of `sku`, if the catalogue has it.
+    pub fn price_of(&self, sku: &str) -> Option<Decimal> {
+        self.prices.get(sku).copied()
+    }
+
+    /// Every SKU and its list price, by SKU.
+    pub fn prices(&self) -> &BTreeMap<String, Decimal> {
+        &self.prices
     }
 
     fn orders_handle(&self) -> Result<&SagaHandle<Order>, String> {
@@ -456,7 +496,7 @@ impl System {
         req: &OrderRequest,
         idempotency_key: Option<&str>,
     ) -> Result<Order, PlaceError> {
-        let items = order::validate(req, |s| self.knows_sku(s)).map_err(PlaceError::Invalid)?;
+        let items = order::validate(req, |s| self.price_of(s)).map_err(PlaceError::Invalid)?;
         if let Some(key) = idempotency_key {
             check_key(key).map_err(PlaceError::Invalid)?;
         }

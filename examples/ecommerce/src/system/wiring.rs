@@ -45,7 +45,7 @@ fn catalogue(config: &Config) -> Vec<(&str, u32)> {
     config
         .catalogue
         .iter()
-        .map(|(s, n)| (s.as_str(), *n))
+        .map(|c| (c.sku.as_str(), c.on_hand))
         .collect()
 }
 
@@ -175,6 +175,10 @@ pub(crate) async fn wire<R: Runtime>(
         analytics,
         dlq,
         log,
-        catalogue: config.catalogue.iter().map(|(s, _)| s.clone()).collect(),
+        prices: config
+            .catalogue
+            .iter()
+            .map(|c| (c.sku.clone(), c.unit_price))
+            .collect(),
     })
 }

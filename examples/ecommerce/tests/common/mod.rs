@@ -1,5 +1,6 @@
-//! What the multi-process tests share: the example's services as OS
-//! processes (started, killed, restarted), and the orders they post.
+//! What the tests share: the API token they call with, the example's
+//! services as OS processes (started, killed, restarted), and the orders
+//! they post.
 #![allow(dead_code)]
 
 use std::io::Read;
@@ -7,7 +8,48 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use axum::http::StatusCode;
+use axum::Router;
 use serde_json::{json, Value};
+
+/// The operator the tests act as.
+pub const OPERATOR: &str = "test-operator";
+/// Its API token (operators may place orders for any customer).
+pub const OPERATOR_TOKEN: &str = "test-operator-token-0001";
+
+/// The token configuration of the tests (the processes get it through
+/// `ECOMMERCE_API_TOKENS`).
+pub fn token_lines() -> String {
+    format!("operator {OPERATOR} {OPERATOR_TOKEN}")
+}
+
+/// [`token_lines`] for an in-process router.
+pub fn api_tokens() -> ecommerce::auth::ApiTokens {
+    ecommerce::auth::ApiTokens::parse(&token_lines()).expect("the test tokens parse")
+}
+
+/// Calls the in-process API as the operator.
+pub async fn call(
+    api: &Router,
+    method: &str,
+    path: &str,
+    body: Option<Value>,
+) -> (StatusCode, Value) {
+    ecommerce::demo::call(api, Some(OPERATOR_TOKEN), method, path, body).await
+}
+
+/// An HTTP client that sends the operator's token with every request.
+pub fn client(timeout: Duration) -> reqwest::Client {
+    let mut auth = reqwest::header::HeaderValue::from_str(&format!("Bearer {OPERATOR_TOKEN}"))
+        .expect("a header value");
+    auth.set_sensitive(true);
+    let headers = reqwest::header::HeaderMap::from_iter([(reqwest::header::AUTHORIZATION, auth)]);
+    reqwest::Client::builder()
+        .timeout(timeout)
+        .default_headers(headers)
+        .build()
+        .expect("an HTTP client")
+}
 
 /// A service process to run: its name (also its instance id), the
 /// subcommand, and where it listens.
@@ -88,6 +130,8 @@ impl Processes {
             .args(&self.common)
             .args(["--instance-id", &s.name, "--addr", &s.addr])
             .env("RUST_LOG", "warn,rdkafka=off,librdkafka=off")
+            .env(ecommerce::auth::TOKENS_ENV, token_lines())
+            .env_remove(ecommerce::auth::TOKENS_FILE_ENV)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)
