@@ -28,8 +28,9 @@ use crate::messages::{
 pub const CHANNELS: &[&str] = &[NOTIFICATIONS_DLQ, ORDERS_DLQ];
 
 /// How the processor publishes (a retried command, an SMS event):
-/// asynchronously, failing with a message when the runtime cannot take it.
-pub type Publish = Arc<dyn Fn(Envelope) -> BoxFuture<'static, Result<(), String>> + Send + Sync>;
+/// asynchronously, failing with [`DlqError::Unavailable`] when the runtime
+/// cannot take it now, [`DlqError::Refused`] when it never will.
+pub type Publish = Arc<dyn Fn(Envelope) -> BoxFuture<'static, Result<(), DlqError>> + Send + Sync>;
 
 /// What an action does once checked, before it is archived.
 struct Plan {
@@ -109,6 +110,10 @@ pub enum DlqError {
     Invalid(String),
     /// The runtime could not take the message; nothing was done, retry.
     Unavailable(String),
+    /// The runtime refused the message for a reason retrying does not fix
+    /// (the service may not write the topic: an ACL is missing); nothing
+    /// was done.
+    Refused(String),
 }
 
 impl std::fmt::Display for DlqError {
@@ -117,7 +122,8 @@ impl std::fmt::Display for DlqError {
             DlqError::NotFound(m)
             | DlqError::Closed(m)
             | DlqError::Invalid(m)
-            | DlqError::Unavailable(m) => f.write_str(m),
+            | DlqError::Unavailable(m)
+            | DlqError::Refused(m) => f.write_str(m),
         }
     }
 }
@@ -316,7 +322,7 @@ impl DlqProcessor {
             (i, dead.id.to_string(), plan(dead, now)?)
         };
         if let Some(env) = plan.publish {
-            (self.publish)(env).await.map_err(DlqError::Unavailable)?;
+            (self.publish)(env).await?;
         }
         if let Some(sms) = plan.sms {
             self.sms.send(sms);

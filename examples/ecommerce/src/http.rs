@@ -551,6 +551,10 @@ fn dlq_result(r: Result<crate::dlq::ArchiveEntry, DlqError>) -> ApiResult<Json<V
         Err(DlqError::NotFound(m)) => Err(ApiError::not_found(m)),
         Err(DlqError::Closed(m)) => Err(ApiError::new(StatusCode::CONFLICT, m)),
         Err(DlqError::Invalid(m)) => Err(ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, m)),
+        Err(DlqError::Refused(m)) => Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            format!("{m}; nothing was done"),
+        )),
         Err(DlqError::Unavailable(m)) => Err(ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             format!("{m}; nothing was done, please retry"),

@@ -22,7 +22,7 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{example_binary, repo_root};
+use common::{example_binary, repo_root, token_lines};
 use serde_json::{json, Value};
 
 /// The secured broker, stopped when dropped.
@@ -138,6 +138,7 @@ impl Example {
         let mut c = Command::new(example_binary());
         c.args(&self.common)
             .env("RUST_LOG", "warn,librdkafka=error")
+            .env("ECOMMERCE_API_TOKENS", token_lines())
             .env_remove("KAFKA_BOOTSTRAP_SERVERS")
             .envs(env.iter().map(|(k, v)| (k, v)));
         c
@@ -362,10 +363,7 @@ async fn on_a_secured_broker_the_services_run_with_exactly_the_generated_acls_an
         .collect();
     let (order_api, inventory_api, dlq_api) = (&urls[0], &urls[1], &urls[4]);
     eprintln!("services up in {:.1} s", t0.elapsed().as_secs_f64());
-    let client = reqwest::Client::builder()
-        .timeout(Duration::from_secs(20))
-        .build()
-        .unwrap();
+    let client = common::client(Duration::from_secs(20));
 
     // Flow 1: confirmed, email sent.
     let id1 = place(
@@ -417,6 +415,27 @@ async fn on_a_secured_broker_the_services_run_with_exactly_the_generated_acls_an
     )
     .await;
     let entry = dlq["entries"][0]["dlq_id"].as_str().unwrap().to_owned();
+    // Without WRITE on the command topic the redrive is refused for good:
+    // 403 naming the authorization, not a retryable 503.
+    let revoked = format!("User:dlq ALLOW WRITE TOPIC LITERAL {prefix}notifications.requests\n");
+    assert!(acls.contains(&revoked), "{acls}");
+    broker.run(&["acls", "remove", "-"], Some(&revoked));
+    let r = client
+        .post(format!("{dlq_api}/dlq/{entry}/retry"))
+        .json(&json!({"note": "email is back"}))
+        .send()
+        .await
+        .unwrap();
+    let status = r.status().as_u16();
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(status, 403, "{body}");
+    assert!(body["retryable"].is_null(), "{body}");
+    assert!(
+        body.to_string()
+            .contains("not authorized: User:dlq may not WRITE"),
+        "{body}"
+    );
+    broker.run(&["acls", "add", "-"], Some(&revoked));
     let r = client
         .post(format!("{dlq_api}/dlq/{entry}/retry"))
         .json(&json!({"note": "email is back"}))

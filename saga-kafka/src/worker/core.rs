@@ -56,6 +56,8 @@ pub(crate) struct Core<P> {
     failures: u32,
     /// The consumer group (for messages).
     pub(crate) group: String,
+    /// The topic the failing batch was refused, while its callers are told.
+    denied_topic: Option<String>,
     /// Records of partitions being restored that were fetched before the
     /// pause took effect, in order: handled once the state is in.
     held: BTreeMap<u32, Vec<Held>>,
@@ -120,6 +122,7 @@ impl<P: Processor> Core<P> {
             single: None,
             failures: 0,
             group: String::new(),
+            denied_topic: None,
             held: BTreeMap::new(),
         }
     }
@@ -266,9 +269,13 @@ impl<P: Processor> Core<P> {
             Err(e) => {
                 let fault = self.txn.record_fault();
                 tracing::warn!(transactional_id = %self.txn.id, error = %e, fault = ?fault, "batch failed: aborting and redoing it");
-                let denied = e.rdkafka_error_code().and_then(denied);
+                let topic = self.txn.denied_topic();
+                let denied = e
+                    .rdkafka_error_code()
+                    .and_then(denied)
+                    .or(topic.as_ref().map(|_| "topic"));
                 if let Some(kind) = denied {
-                    let topic = self.txn.denied_topic();
+                    self.denied_topic.clone_from(&topic);
                     self.unauthorized(kind, &e, topic);
                 } else {
                     self.failures += 1;
@@ -297,12 +304,15 @@ impl<P: Processor> Core<P> {
                     (None, _) => {}
                 }
                 self.abort(&e);
-                if refused {
+                if refused || denied.is_some() {
                     // A refused record leaves a gap in the idempotent
-                    // producer's sequence numbers: start afresh.
+                    // producer's sequence numbers; a refused topic stays
+                    // refused in the client's metadata for minutes after
+                    // the ACL is granted: start afresh.
                     self.txn.discard_producer();
                 }
                 self.settle_requests(Some(&e));
+                self.denied_topic = None;
                 if rewind {
                     self.redo(consumer);
                 }
@@ -597,7 +607,11 @@ impl<P: Processor> Core<P> {
                         .stats
                         .failed_requests
                         .fetch_add(1, Ordering::Relaxed);
-                    done(Err(self.txn.error("committing the batch", e)));
+                    done(Err(self.txn.error_on(
+                        "committing the batch",
+                        e,
+                        self.denied_topic.as_deref(),
+                    )));
                 }
             }
         }
@@ -665,6 +679,9 @@ impl<P: Processor> Core<P> {
                     .fetch_add(callers.len() as u64, Ordering::Relaxed);
                 let denied_topic = self.txn.denied_topic();
                 self.abort(&e);
+                if denied_topic.is_some() || e.rdkafka_error_code().and_then(denied).is_some() {
+                    self.txn.discard_producer();
+                }
                 Err((what, e, denied_topic))
             }
         };

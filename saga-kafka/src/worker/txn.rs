@@ -228,6 +228,16 @@ impl Txn {
                     }
                     Err((e, _)) => {
                         tracing::warn!(transactional_id = %self.id, topic = %r.topic, error = %e, "cannot produce");
+                        if e.rdkafka_error_code()
+                            == Some(RDKafkaErrorCode::TopicAuthorizationFailed)
+                        {
+                            let mut d = self
+                                .deliveries
+                                .denied
+                                .lock()
+                                .unwrap_or_else(|e| e.into_inner());
+                            d.get_or_insert_with(|| r.topic.clone());
+                        }
                         if e.rdkafka_error_code().is_some_and(record_fault) {
                             let why = format!(
                                 "a record for `{}` of {} bytes cannot be produced: {e}",
@@ -348,7 +358,13 @@ impl Txn {
     /// Like [`Txn::error`], knowing the topic a produce was refused on:
     /// an authorization error names the principal, operation and resource.
     pub(crate) fn error_on(&self, what: &str, e: &RdError, topic: Option<&str>) -> Error {
-        if let Some(kind) = e.rdkafka_error_code().and_then(denied) {
+        // A refused record's delivery report may be the only word of it
+        // (the commit then fails with "message(s) failed delivery").
+        let kind = e
+            .rdkafka_error_code()
+            .and_then(denied)
+            .or(topic.map(|_| "topic"));
+        if let Some(kind) = kind {
             let (operation, resource) = match (kind, topic) {
                 ("topic", Some(t)) => ("WRITE".to_owned(), format!("topic `{t}`")),
                 ("topic", None) => ("WRITE".to_owned(), "a topic written".to_owned()),

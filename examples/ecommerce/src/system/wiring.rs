@@ -5,7 +5,7 @@ use std::sync::Arc;
 use saga_core::{Clock, ParticipantPolicy, Runtime};
 
 use crate::analytics::Analytics;
-use crate::dlq::{DlqProcessor, FakeSms, Publish};
+use crate::dlq::{DlqError, DlqProcessor, FakeSms, Publish};
 use crate::inventory::Inventory;
 use crate::messages::{
     Topics, ALL_CHANNELS, INVENTORY_EVENTS, INVENTORY_REQUESTS, NOTIFICATIONS_EVENTS,
@@ -143,7 +143,16 @@ pub(crate) async fn wire<R: Runtime>(
         let publisher = runtime.clone();
         let publish: Publish = Arc::new(move |env| {
             let rt = publisher.clone();
-            Box::pin(async move { rt.publish(vec![env]).await.map_err(|e| e.to_string()) })
+            Box::pin(async move {
+                rt.publish(vec![env]).await.map_err(|e| {
+                    // An ACL refusal is not fixed by trying again.
+                    if e.is_retryable() {
+                        DlqError::Unavailable(e.to_string())
+                    } else {
+                        DlqError::Refused(e.to_string())
+                    }
+                })
+            })
         });
         let dlq = DlqProcessor::new(publish, opts.clock, FakeSms::default())
             .events_on(topics.name(NOTIFICATIONS_EVENTS));
