@@ -46,14 +46,22 @@ pub enum OperatorAction {
     Retry,
     /// Consider the parked step done (forward) or undone (compensating) and go on.
     Skip,
+    /// Give up a saga parked on a forward step before its point of no
+    /// return: the parked step counts as not done (as possibly done if its
+    /// outcome is unknown and it is compensatable: it is compensated too)
+    /// and the steps done are compensated. Refused past the point of no
+    /// return (after a pivot or on a retryable step) and while
+    /// compensating.
+    Abort,
 }
 
 impl OperatorAction {
-    /// `"retry"` or `"skip"`.
+    /// `"retry"`, `"skip"` or `"abort"`.
     pub fn as_str(self) -> &'static str {
         match self {
             OperatorAction::Retry => "retry",
             OperatorAction::Skip => "skip",
+            OperatorAction::Abort => "abort",
         }
     }
 }
@@ -109,6 +117,11 @@ impl Operation {
     /// [`OperatorAction::Skip`] by `operator`.
     pub fn skip(operator: impl Into<String>) -> Self {
         Self::new(OperatorAction::Skip, operator)
+    }
+
+    /// [`OperatorAction::Abort`] by `operator`.
+    pub fn abort(operator: impl Into<String>) -> Self {
+        Self::new(OperatorAction::Abort, operator)
     }
 
     /// Adds a note saying why.
@@ -1177,6 +1190,62 @@ impl<D: SagaData> Machine<'_, D> {
         self.drive();
     }
 
+    /// [`OperatorAction::Abort`] of a saga parked on step `i`.
+    fn abort(&mut self, i: usize, op: Operation) -> Result<Handled, SagaError> {
+        let name = self.step_name(i);
+        let steps = self.def.steps();
+        let first_no_return = steps.iter().position(|s| s.kind != StepKind::Compensatable);
+        let past_no_return = self.inst.phase != Phase::Forward
+            || first_no_return
+                .is_some_and(|f| i > f || (i == f && steps[f].kind == StepKind::Retryable));
+        if past_no_return {
+            return Err(SagaError::InvalidAction {
+                saga_id: self.inst.id.clone(),
+                action: "abort".into(),
+                status: format!(
+                    "{} on step `{name}`, past the point of no return",
+                    self.inst.status
+                ),
+            });
+        }
+        let kind = steps[i].kind;
+        for t in self.inst.timers.clone() {
+            if matches!(
+                t.kind,
+                TimerKind::AttemptDeadline { .. } | TimerKind::Backoff { .. }
+            ) {
+                self.disarm(&t.id);
+            }
+        }
+        self.inst.awaiting = None;
+        let rec = &mut self.inst.steps[i];
+        // The operator answers for a pivot (they checked it did not take
+        // effect); a compensatable step that may have applied is undone.
+        rec.state = match kind {
+            StepKind::Compensatable if rec.state == StepState::Indeterminate || rec.uncertain => {
+                StepState::Indeterminate
+            }
+            _ => StepState::Failed,
+        };
+        let reason = if op.note.is_empty() {
+            format!("aborted by {}", op.operator)
+        } else {
+            format!("aborted by {}: {}", op.operator, op.note)
+        };
+        self.inst.failure = Some(reason);
+        self.inst.phase = Phase::Compensation;
+        self.inst.status = SagaStatus::Compensating;
+        let note = (!op.note.is_empty()).then_some(op.note);
+        self.inst.record_by(
+            self.now,
+            format!("operator: abort at step `{name}`: compensating"),
+            Some(op.operator),
+            note,
+        );
+        self.drive();
+        Ok(Handled::Applied)
+    }
+
     fn on_operator(&mut self, op: Operation) -> Result<Handled, SagaError> {
         let SagaStatus::Parked { .. } = self.inst.status else {
             return Err(SagaError::InvalidAction {
@@ -1195,6 +1264,9 @@ impl<D: SagaData> Machine<'_, D> {
                     status: format!("{} on step `{name}`", self.inst.status),
                 });
             }
+        }
+        if op.action == OperatorAction::Abort {
+            return self.abort(i, op);
         }
         // The parked command is abandoned; a late success reply to it is
         // still applied after a retry (its attempt number is lower).
@@ -1235,6 +1307,7 @@ impl<D: SagaData> Machine<'_, D> {
                     format!("operator: mark step `{name}` compensated"),
                 )
             }
+            (OperatorAction::Abort, _) => unreachable!("handled above"),
         };
         self.inst.status = status;
         let note = (!op.note.is_empty()).then_some(op.note);

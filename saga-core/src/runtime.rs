@@ -427,6 +427,7 @@ impl SagaQuery {
         Page {
             items: items.into_iter().cloned().collect(),
             next,
+            as_of: None,
         }
     }
 }
@@ -439,4 +440,17 @@ pub struct Page<T> {
     pub items: Vec<T>,
     /// Where the next page starts ([`SagaQuery::after`]), if there is one.
     pub next: Option<SagaId>,
+    /// How fresh the listing is when it comes from a view that follows
+    /// the runtime's storage at a distance (on Kafka: the last time every
+    /// partition of the state topic had been read to its end); `None`
+    /// when the listing is exact.
+    pub as_of: Option<Timestamp>,
+}
+
+impl<T> Page<T> {
+    /// The page, saying it is as fresh as `as_of`.
+    pub fn with_as_of(mut self, as_of: Option<Timestamp>) -> Self {
+        self.as_of = as_of;
+        self
+    }
 }

@@ -336,6 +336,56 @@ fn a_pivot_whose_outcome_is_unknown_parks_with_a_dead_letter_and_resumes_on_retr
 }
 
 #[test]
+fn an_operators_abort_of_a_parked_pivot_compensates_and_records_who_and_why() {
+    let mut t = SagaHarness::new(order_saga());
+    t.start("o-abort", Order::default()).unwrap();
+    t.advance(Duration::from_secs(11)).unwrap();
+    assert!(t.status().is_parked(), "{:?}", t.status());
+    t.operator(Operation::abort("alice").note("the warehouse never got it"))
+        .unwrap();
+    t.then_status(&SagaStatus::Compensated);
+    assert_eq!(
+        t.data().cancelled.as_deref(),
+        Some("aborted by alice: the warehouse never got it")
+    );
+    let entry = t
+        .instance()
+        .history
+        .iter()
+        .find(|h| h.what.contains("operator: abort"))
+        .unwrap();
+    assert_eq!(entry.operator.as_deref(), Some("alice"));
+    assert_eq!(entry.note.as_deref(), Some("the warehouse never got it"));
+    // A late reply to the abandoned attempt changes nothing.
+    let handled = t
+        .reply_to_attempt("reserve", 1, &Reserved { ok: true })
+        .unwrap();
+    assert!(matches!(handled, Handled::Ignored(_)), "{handled:?}");
+    t.then_status(&SagaStatus::Compensated);
+}
+
+#[test]
+fn an_abort_past_the_point_of_no_return_is_refused() {
+    let saga = SagaDefinition::<Order>::builder("late")
+        .step(reserve_step(|| StepError::permanent("no")).pivot())
+        .step(
+            Step::<Order>::local("confirm", |_| Err(StepError::permanent("down")))
+                .retryable()
+                .retry(RetryPolicy::fixed(Duration::from_secs(1)).with_max_attempts(1)),
+        )
+        .build()
+        .unwrap();
+    let mut t = SagaHarness::new(saga);
+    t.start("l-1", Order::default()).unwrap();
+    t.reply_ok("reserve", &Reserved { ok: true }).unwrap();
+    assert!(t.status().is_parked(), "{:?}", t.status());
+    let err = t.operator(Operation::abort("bob")).unwrap_err();
+    assert!(matches!(err, SagaError::InvalidAction { .. }), "{err:?}");
+    assert!(err.to_string().contains("point of no return"), "{err}");
+    assert!(t.status().is_parked());
+}
+
+#[test]
 fn a_late_reply_resumes_a_parked_pivot() {
     let mut t = SagaHarness::new(order_saga());
     t.start("o-late", Order::default()).unwrap();

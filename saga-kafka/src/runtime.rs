@@ -216,6 +216,7 @@ impl Runtime for KafkaRuntime {
             cfg: self.cfg.clone(),
             view,
             requests: tx,
+            catalog: Arc::new(crate::catalog::Catalog::new()),
         }))
     }
 

@@ -16,6 +16,7 @@ use saga_core::{
 };
 use tokio::sync::Notify;
 
+use crate::catalog::Catalog;
 use crate::config::KafkaConfig;
 use crate::error::Error;
 use crate::store::read_key;
@@ -32,9 +33,9 @@ pub(crate) struct View<D> {
     pub notify: Notify,
 }
 
-struct ViewMap<D> {
+pub(crate) struct ViewMap<D> {
     /// Shared with the driver: a commit adds a reference, not a copy.
-    sagas: HashMap<SagaId, Arc<SagaInstance<D>>>,
+    pub(crate) sagas: HashMap<SagaId, Arc<SagaInstance<D>>>,
     /// Settled sagas in `sagas`, oldest first.
     settled: VecDeque<SagaId>,
 }
@@ -54,19 +55,26 @@ impl<D: Clone> View<D> {
         self.map.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn get(&self, id: &SagaId) -> Option<SagaInstance<D>> {
-        self.lock().sagas.get(id).map(|i| (**i).clone())
+    /// The instances of the view (references, not copies).
+    fn snapshot(&self) -> Vec<Arc<SagaInstance<D>>> {
+        self.lock().sagas.values().cloned().collect()
     }
 
-    /// The page of `query` among the instances of the view.
-    fn page(&self, query: &SagaQuery, now: Timestamp) -> Page<SagaInstance<D>> {
-        let map = self.lock();
-        query.page(map.sagas.values().map(|i| &**i), now)
+    fn get(&self, id: &SagaId) -> Option<SagaInstance<D>> {
+        self.lock().sagas.get(id).map(|i| (**i).clone())
     }
 }
 
 impl<D: Clone> ViewMap<D> {
-    fn put(&mut self, inst: &Arc<SagaInstance<D>>) {
+    /// An empty map.
+    pub(crate) fn new() -> Self {
+        Self {
+            sagas: HashMap::new(),
+            settled: VecDeque::new(),
+        }
+    }
+
+    pub(crate) fn put(&mut self, inst: &Arc<SagaInstance<D>>) {
         let settled = inst.status.is_final();
         let was = self.sagas.insert(inst.id.clone(), inst.clone());
         let was_settled = was.is_some_and(|w| w.status.is_final());
@@ -81,6 +89,13 @@ impl<D: Clone> ViewMap<D> {
                     self.sagas.remove(&old);
                 }
             }
+        }
+    }
+
+    /// Forgets `id` (its tombstone was read).
+    pub(crate) fn remove(&mut self, id: &SagaId) {
+        if self.sagas.remove(id).is_some_and(|i| i.status.is_final()) {
+            self.settled.retain(|s| s != id);
         }
     }
 
@@ -320,6 +335,14 @@ pub(crate) struct KafkaSagas<D> {
     pub(crate) cfg: Arc<KafkaConfig>,
     pub(crate) view: Arc<View<D>>,
     pub(crate) requests: mpsc::Sender<SagaRequest<D>>,
+    /// Every partition's sagas, for queries.
+    pub(crate) catalog: Arc<Catalog<D>>,
+}
+
+impl<D> Drop for KafkaSagas<D> {
+    fn drop(&mut self) {
+        self.catalog.stop();
+    }
 }
 
 /// Waits for `work` at most `limit`.
@@ -414,10 +437,29 @@ impl<D: SagaData> SagaService<D> for KafkaSagas<D> {
         }
     }
 
-    /// The sagas of the partitions this process owns, and the most
-    /// recently settled ones.
+    /// The sagas of every partition: those this process owns from its
+    /// own view, the others from the saga type's catalog (started by the
+    /// first query: it reads the state topic to its end once, within the
+    /// request timeout, then follows it); [`Page::as_of`] says how fresh
+    /// the catalog is. Keeps the sagas not settled and the 10,000 most
+    /// recently settled in memory, like a worker.
     async fn list(&self, query: &SagaQuery) -> Result<Page<SagaInstance<D>>, SagaError> {
-        Ok(self.view.page(query, Timestamp::now()))
+        self.catalog
+            .ensure_started(&self.cfg, &state_topic(self.def.name()));
+        self.catalog
+            .caught_up(self.cfg.request_timeout)
+            .await
+            .map_err(|reason| {
+                unavailable(
+                    "listing sagas",
+                    Error::TimedOut {
+                        what: format!("reading the saga catalog: {reason}"),
+                        after: self.cfg.request_timeout,
+                    },
+                )
+            })?;
+        let own = self.view.snapshot();
+        Ok(self.catalog.page(query, &own, Timestamp::now()))
     }
 
     /// Checks the saga is parked, then writes the request for its owner,

@@ -1,0 +1,157 @@
+//! Operating sagas on Kafka: a query through any instance's handle covers
+//! every partition (the saga type's catalog follows the state topic), and
+//! an operator's action reaches the saga's owner wherever it runs.
+
+mod common;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use common::TestBed;
+use saga_core::driver::partition_for;
+use saga_core::*;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+struct Payment {
+    charged: bool,
+}
+
+/// One pivot step on `channel`: 1 s per attempt, one attempt, so a saga
+/// whose participant does not answer parks within seconds.
+fn payment_saga(name: &str, channel: &str) -> SagaDefinition<Payment> {
+    SagaDefinition::<Payment>::builder(name)
+        .step(
+            Step::remote("charge", channel)
+                .command(|_: &Payment| "CHARGE")
+                .on_reply(|ctx, _: Value| {
+                    ctx.data_mut().charged = true;
+                    Ok(())
+                })
+                .timeout(Duration::from_secs(1))
+                .retry(RetryPolicy::fixed(Duration::from_millis(100)).with_max_attempts(1))
+                .pivot(),
+        )
+        .build()
+        .unwrap()
+}
+
+/// A bank that is down (a retryable failure: the pivot's outcome is
+/// unknown, the saga parks) until `up` is set.
+#[derive(Clone, Default)]
+struct Bank {
+    up: Arc<AtomicBool>,
+}
+
+#[async_trait]
+impl Participant for Bank {
+    type Command = Value;
+    type Reply = Value;
+    type Error = StepError;
+
+    async fn handle(&self, _: Value, _: &mut ParticipantContext) -> Result<Value, StepError> {
+        if self.up.load(Ordering::SeqCst) {
+            Ok(serde_json::json!({"charged": true}))
+        } else {
+            Err(StepError::retryable("the bank is down"))
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "needs Kafka: scripts/test.sh"]
+async fn a_query_finds_parked_sagas_of_every_instance_and_a_retry_completes_them() {
+    let bed = TestBed::new().await;
+    let name = bed.fx.topic("payment");
+    let channel = bed.fx.topic("bank");
+    let a = bed.runtime("a");
+    let b = bed.runtime("b");
+    let sagas_a = a.saga(payment_saga(&name, &channel)).await.unwrap();
+    let _sagas_b = b.saga(payment_saga(&name, &channel)).await.unwrap();
+    // The bank runs on b: a's partitions are only the saga's.
+    let bank = Bank::default();
+    b.participant(
+        &channel,
+        ParticipantPolicy::new(bed.fx.topic("bank")).retry(RetryPolicy::no_retry()),
+        bank.clone(),
+    )
+    .await
+    .unwrap();
+
+    // Ids on every partition of the three; the bank is down, so every saga
+    // parks with its pivot's outcome unknown.
+    let mut ids: Vec<SagaId> = Vec::new();
+    let mut n = 0;
+    while (0..3).any(|p| !ids.iter().any(|id| partition_for(id.as_str(), 3) == p)) || ids.len() < 6
+    {
+        let id = SagaId::new(format!("pay-{n}"));
+        n += 1;
+        sagas_a.start(id.clone(), Payment::default()).await.unwrap();
+        ids.push(id);
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let parked = loop {
+        let page = sagas_a
+            .list(&SagaQuery::all().status(StatusFilter::Parked))
+            .await
+            .unwrap();
+        // Both instances in the group (the rebalance may trail the starts).
+        if page.items.len() == ids.len() && a.stats().owned_partitions < 3 {
+            break page;
+        }
+        assert!(Instant::now() < deadline, "parked: {:?}", page.items.len());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert!(parked.as_of.is_some(), "the catalog says how fresh it is");
+    let owned = a.stats().owned_partitions;
+    assert!(
+        owned < 3,
+        "instance a owns {owned} of 3 partitions: b owns the rest, and their sagas are listed too"
+    );
+    for inst in &parked.items {
+        assert_eq!(inst.steps[0].name, "charge");
+    }
+
+    // The fault is fixed; the operator retries each saga through a (some
+    // are owned by b: the request goes to their owner).
+    bank.up.store(true, Ordering::SeqCst);
+    for id in &ids {
+        sagas_a
+            .operate(
+                id,
+                Operation::retry("alice")
+                    .note("the bank is back")
+                    .on_step("charge"),
+            )
+            .await
+            .unwrap();
+    }
+    for id in &ids {
+        let done = sagas_a
+            .wait_settled(id, Duration::from_secs(60))
+            .await
+            .unwrap();
+        assert_eq!(
+            done.status,
+            SagaStatus::Completed,
+            "{id}: {:?}",
+            done.history
+        );
+        assert!(done.data.charged);
+        let entry = done
+            .history
+            .iter()
+            .find(|h| h.what.contains("operator: retry"))
+            .expect("the retry is in the history");
+        assert_eq!(entry.operator.as_deref(), Some("alice"));
+        assert_eq!(entry.note.as_deref(), Some("the bank is back"));
+    }
+    let left = sagas_a
+        .list(&SagaQuery::all().status(StatusFilter::Parked))
+        .await
+        .unwrap();
+    assert!(left.items.is_empty(), "{:?}", left.items.len());
+}
