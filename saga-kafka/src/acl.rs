@@ -201,6 +201,7 @@ pub struct AclPlan {
     txn_prefix: String,
     reader_group: String,
     create_topics: bool,
+    transactional: bool,
     bindings: BTreeSet<AclBinding>,
 }
 
@@ -211,6 +212,7 @@ impl AclPlan {
             txn_prefix: config.transactional_id_base().to_owned(),
             reader_group: config.reader_group(),
             create_topics: config.create_topics,
+            transactional: config.delivery_mode() == crate::DeliveryMode::ExactlyOnce,
             bindings: BTreeSet::new(),
         }
     }
@@ -224,6 +226,13 @@ impl AclPlan {
         self.add(AclResource::Topic, AclPattern::Literal, name, op);
     }
 
+    /// A compacted topic the runtime checks when it creates no topics.
+    fn checked(&mut self, topic: &str) {
+        if !self.create_topics {
+            self.topic(topic, AclOperation::DescribeConfigs);
+        }
+    }
+
     /// Topics the runtime creates when the configuration says so.
     fn created(&mut self, names: &[String]) {
         if self.create_topics {
@@ -233,9 +242,14 @@ impl AclPlan {
         }
     }
 
-    /// A transactional (or idempotent) producer of `service`: its
-    /// transactional ids on every instance.
+    /// A transactional producer of `service`: its transactional ids on
+    /// every instance (`<prefix>-<service>-`, which also matches the ids of
+    /// a service whose name starts with `<service>-`). At least once the
+    /// producer is idempotent only and uses none.
     fn producer(&mut self, service: &str) {
+        if !self.transactional {
+            return;
+        }
         let prefix = format!("{}-{service}-", self.txn_prefix);
         self.add(
             AclResource::TransactionalId,
@@ -258,10 +272,11 @@ impl AclPlan {
     }
 
     /// What [`Runtime::saga`] needs for `def`: Read on its reply topics
-    /// and group `saga.<name>`; Read, Write and DescribeConfigs on its state
-    /// topic (restored with the reader group); Write on its reply topic
-    /// (starts and operator actions), command topics and dead-letter
-    /// topics; its transactional ids; Create on them all if topics are
+    /// and group `saga.<name>`; Read and Write on its state topic
+    /// (restored with the reader group; DescribeConfigs too when topics are
+    /// not created: it is checked); Write on its reply topic (starts and
+    /// operator actions), command topics and dead-letter topics; its
+    /// transactional ids (exactly once); Create on them all if topics are
     /// created. Event topics its steps emit to are not known from the
     /// definition: add them with [`AclPlan::writes`].
     pub fn saga<D: SagaData>(&mut self, def: &SagaDefinition<D>) -> &mut Self {
@@ -290,7 +305,7 @@ impl AclPlan {
         }
         self.reader(&state);
         self.topic(&state, AclOperation::Write);
-        self.topic(&state, AclOperation::DescribeConfigs);
+        self.checked(&state);
         created.push(state);
         self.created(&created);
         self.add(
@@ -304,9 +319,10 @@ impl AclPlan {
     }
 
     /// What [`Runtime::participant`] needs on command topic `channel`:
-    /// Read on it and on group `policy.name`; Read, Write and
-    /// DescribeConfigs on its ledger; Write on its dead-letter topic; its
-    /// transactional ids; Create on its topics if they are created. The
+    /// Read on it and on group `policy.name`; Read and Write on its ledger
+    /// (DescribeConfigs too when topics are not created); Write on its
+    /// dead-letter topic; its transactional ids (exactly once); Create on
+    /// its topics if they are created. The
     /// topics it replies and emits to are named by the commands and the
     /// handler: add them with [`AclPlan::replies_to`] and
     /// [`AclPlan::writes`].
@@ -321,7 +337,7 @@ impl AclPlan {
         );
         self.reader(&ledger);
         self.topic(&ledger, AclOperation::Write);
-        self.topic(&ledger, AclOperation::DescribeConfigs);
+        self.checked(&ledger);
         self.topic(&policy.dead_letter_channel, AclOperation::Write);
         self.created(&[
             channel.to_owned(),
@@ -381,7 +397,7 @@ impl AclPlan {
     }
 
     /// What [`Runtime::publish`] needs to write to `topics`: Write on them
-    /// and the publisher's transactional ids.
+    /// and the publisher's transactional ids (exactly once).
     pub fn publisher(&mut self, topics: &[&str]) -> &mut Self {
         self.writes(topics);
         self.producer(PUBLISH_SERVICE);
@@ -681,6 +697,20 @@ mod tests {
         let mut creating = AclPlan::new(&KafkaConfig::new("b:1").app("shop"));
         creating.saga(&saga());
         assert!(has(&creating, t, "order.state", AclOperation::Create));
+        assert!(
+            !has(&creating, t, "order.state", AclOperation::DescribeConfigs),
+            "checked only when not created"
+        );
+        let alo = KafkaConfig::new("b:1").delivery(crate::DeliveryMode::AtLeastOnce);
+        let mut alo_plan = AclPlan::new(&alo);
+        alo_plan.saga(&saga());
+        assert!(
+            !alo_plan
+                .bindings()
+                .iter()
+                .any(|b| b.resource == AclResource::TransactionalId),
+            "at least once, no transactional id"
+        );
     }
 
     #[test]

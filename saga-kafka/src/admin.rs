@@ -252,8 +252,9 @@ const PREFLIGHT: Duration = Duration::from_secs(10);
 /// wrong CA fail the start within seconds, named as such, instead of
 /// surfacing as a timeout of the first admin or transaction call. A
 /// cluster that does not answer at all is not an error here (the calls
-/// that follow wait for it, within their own bounds).
-pub(crate) fn preflight(config: &KafkaConfig) -> Result<()> {
+/// that follow wait for it, within their own bounds); the result says
+/// whether it answered.
+pub(crate) fn preflight(config: &KafkaConfig) -> Result<bool> {
     let probe = Probe::default();
     // A producer: a consumer with a group id would look for its group's
     // coordinator, which needs an ACL some services do not have.
@@ -280,7 +281,7 @@ pub(crate) fn preflight(config: &KafkaConfig) -> Result<()> {
             });
         }
         match answer {
-            Ok(_) => return Ok(()),
+            Ok(_) => return Ok(true),
             Err(e) if e.rdkafka_error_code().is_some_and(unauthenticated) => {
                 return Err(Error::Authentication {
                     principal: config.principal(),
@@ -291,7 +292,7 @@ pub(crate) fn preflight(config: &KafkaConfig) -> Result<()> {
         }
     }
     tracing::warn!(bootstrap = config.bootstrap_servers(), waited = ?PREFLIGHT, "the Kafka cluster did not answer yet");
-    Ok(())
+    Ok(false)
 }
 
 /// Checks that the compacted topics among `topics` are compacted: a state

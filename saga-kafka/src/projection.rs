@@ -8,18 +8,20 @@ use std::time::{Duration, Instant};
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
 use rdkafka::message::{Headers, Message};
 use rdkafka::{Offset, TopicPartitionList};
-use saga_core::Envelope;
+use saga_core::{Envelope, HealthBoard, Timestamp};
 
 use crate::config::KafkaConfig;
-use crate::context::Quiet;
+use crate::context::{denied, Quiet};
 use crate::error::{Error, Result};
-use crate::worker::{WorkerHandle, RUN};
+use crate::worker::{StatsInner, WorkerHandle, RUN, UNAUTHORIZED_PAUSE};
 
 pub(crate) fn spawn<F>(
     cfg: Arc<KafkaConfig>,
     group: &str,
     channels: &[&str],
     mut handler: F,
+    health: HealthBoard,
+    stats: Arc<StatsInner>,
 ) -> Result<WorkerHandle>
 where
     F: FnMut(&Envelope) + Send + 'static,
@@ -63,9 +65,13 @@ where
                 }
             };
             let mut last = Instant::now();
+            let mut refused = false;
             while flag.load(Ordering::SeqCst) == RUN {
                 match consumer.poll(Duration::from_millis(50)) {
                     Some(Ok(m)) => {
+                        if std::mem::take(&mut refused) {
+                            health.clear(&group, None);
+                        }
                         // The runtime's own records (a saga's state
                         // announced on its reply topics) are not messages.
                         let runtime_record = m.headers().is_some_and(|h| {
@@ -103,7 +109,27 @@ where
                             }
                         }
                     }
-                    Some(Err(e)) => tracing::warn!(group = %group, error = %e, "consumer error"),
+                    Some(Err(e)) => match e.rdkafka_error_code().and_then(denied) {
+                        // Reported and counted like a worker's refusal; the
+                        // client tries again by itself.
+                        Some(kind) => {
+                            refused = true;
+                            let resource = match kind {
+                                "group" => format!("group `{group}`"),
+                                _ => "one of its topics".to_owned(),
+                            };
+                            let why = format!(
+                                "not authorized: {} may not READ {resource} ({e})",
+                                cfg.principal()
+                            );
+                            stats.authorization_failures.fetch_add(1, Ordering::Relaxed);
+                            metrics::counter!("saga_kafka_authorization_failures_total", "component" => group.clone())
+                                .increment(1);
+                            health.report(&group, None, why, Timestamp::now());
+                            std::thread::sleep(UNAUTHORIZED_PAUSE);
+                        }
+                        None => tracing::warn!(group = %group, error = %e, "consumer error"),
+                    },
                     None => {}
                 }
                 if !next.is_empty() && last.elapsed() >= cfg.batch_timeout {

@@ -12,7 +12,8 @@ use saga_core::{
 };
 
 use crate::admin::{
-    check_copartitioned, ensure_topics_blocking, preflight, verify_compacted, TopicSpec,
+    check_copartitioned, ensure_topics_blocking, partition_counts, preflight, verify_compacted,
+    TopicSpec,
 };
 use crate::config::KafkaConfig;
 use crate::error::{Error, Result};
@@ -54,20 +55,21 @@ impl std::fmt::Debug for KafkaRuntime {
 /// Checks the credentials once per runtime ([`preflight`]).
 fn connect(cfg: &KafkaConfig, connected: &std::sync::atomic::AtomicBool) -> Result<()> {
     use std::sync::atomic::Ordering;
-    if !connected.load(Ordering::Acquire) {
-        preflight(cfg)?;
+    if !connected.load(Ordering::Acquire) && preflight(cfg)? {
         connected.store(true, Ordering::Release);
     }
     Ok(())
 }
 
-/// Creates `specs` if the configuration says so; else checks that the
-/// compacted ones are compacted (their existence and partitions are
-/// checked next, with co-partitioning).
+/// Creates `specs` if the configuration says so; else checks that they
+/// all exist and that the compacted ones are compacted (co-partitioning
+/// is checked next).
 fn setup_topics(cfg: &KafkaConfig, specs: &[TopicSpec]) -> Result<()> {
     if cfg.create_topics {
         ensure_topics_blocking(cfg, specs)
     } else {
+        let names: Vec<String> = specs.iter().map(|s| s.name.clone()).collect();
+        partition_counts(cfg, &names)?;
         verify_compacted(cfg, specs)
     }
 }
@@ -290,17 +292,16 @@ impl Runtime for KafkaRuntime {
     {
         let cfg = self.cfg.clone();
         let connected = self.connected.clone();
+        let (health, stats) = (self.health.clone(), self.stats.clone());
         let group = group.to_owned();
         let channels: Vec<String> = channels.iter().map(|c| (*c).to_owned()).collect();
         let w = self
             .blocking(move || {
                 connect(&cfg, &connected)?;
-                if cfg.create_topics {
-                    let specs: Vec<TopicSpec> = channels.iter().map(TopicSpec::messages).collect();
-                    ensure_topics_blocking(&cfg, &specs)?;
-                }
+                let specs: Vec<TopicSpec> = channels.iter().map(TopicSpec::messages).collect();
+                setup_topics(&cfg, &specs)?;
                 let refs: Vec<&str> = channels.iter().map(String::as_str).collect();
-                crate::projection::spawn(cfg.clone(), &group, &refs, handler)
+                crate::projection::spawn(cfg.clone(), &group, &refs, handler, health, stats)
             })
             .await
             .map_err(|e| refused("starting the projection", e))?;

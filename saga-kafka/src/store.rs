@@ -10,7 +10,7 @@ use rdkafka::message::{BorrowedMessage, Message};
 use rdkafka::{Offset, TopicPartitionList};
 
 use crate::config::KafkaConfig;
-use crate::context::Quiet;
+use crate::context::{denied, Quiet};
 use crate::error::{Error, Result};
 
 type Reader = BaseConsumer<Quiet>;
@@ -33,7 +33,7 @@ pub(crate) fn read_stream(
 ) -> Result<()> {
     let deadline = Instant::now() + limit;
     let consumer = reader(cfg, topic)?;
-    read_to_end(&consumer, topic, partitions, deadline, |m| {
+    read_to_end(cfg, &consumer, topic, partitions, deadline, |m| {
         let Some(key) = m.key() else { return };
         // The runtime writes UTF-8 keys (saga and message ids); another
         // key could collide with one once made readable: skipped.
@@ -58,7 +58,7 @@ pub(crate) fn read_all(cfg: &KafkaConfig, topic: &str, limit: Duration) -> Resul
     let consumer = reader(cfg, topic)?;
     let parts = all_partitions(&consumer, topic, deadline)?;
     let mut out = Vec::new();
-    read_to_end(&consumer, topic, &parts, deadline, |m| {
+    read_to_end(cfg, &consumer, topic, &parts, deadline, |m| {
         if let Some(v) = m.payload() {
             out.push(v.to_vec());
         }
@@ -84,7 +84,7 @@ pub(crate) fn read_key(
     let p = saga_core::driver::partition_for(key, n as u32) as i32;
     // Only the key's latest record is kept while the partition is read.
     let mut found = None;
-    read_to_end(&consumer, topic, &[p], deadline, |m| {
+    read_to_end(cfg, &consumer, topic, &[p], deadline, |m| {
         if m.key() == Some(key.as_bytes()) {
             found = m.payload().map(<[u8]>::to_vec);
         }
@@ -110,6 +110,7 @@ fn all_partitions(consumer: &Reader, topic: &str, deadline: Instant) -> Result<V
 /// stable offset when the read starts), handing each record to `each` in
 /// offset order; fails if that takes past `deadline`.
 fn read_to_end(
+    cfg: &KafkaConfig,
     consumer: &Reader,
     topic: &str,
     parts: &[i32],
@@ -140,7 +141,21 @@ fn read_to_end(
             Some(Err(RdError::PartitionEOF(p))) => {
                 left.remove(&p);
             }
-            Some(Err(e)) => tracing::warn!(topic, error = %e, "error while reading"),
+            Some(Err(e)) => {
+                if let Some(kind) = e.rdkafka_error_code().and_then(denied) {
+                    let resource = match kind {
+                        "group" => format!("group `{}`", cfg.reader_group()),
+                        _ => format!("topic `{topic}`"),
+                    };
+                    return Err(Error::Authorization {
+                        principal: cfg.principal(),
+                        operation: "READ".into(),
+                        resource,
+                        reason: e.to_string(),
+                    });
+                }
+                tracing::warn!(topic, error = %e, "error while reading")
+            }
             Some(Ok(m)) => each(&m),
         }
     }

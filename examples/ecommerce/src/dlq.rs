@@ -110,9 +110,9 @@ pub enum DlqError {
     Invalid(String),
     /// The runtime could not take the message; nothing was done, retry.
     Unavailable(String),
-    /// The runtime refused the message for a reason retrying does not fix
-    /// (the service may not write the topic: an ACL is missing); nothing
-    /// was done.
+    /// The runtime refused the message for want of an authorization (the
+    /// service may not write the topic: an ACL is missing); nothing was
+    /// done, and retrying does not help until the ACL is granted.
     Refused(String),
 }
 

@@ -105,7 +105,8 @@ impl ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let retryable = self.status.is_server_error();
+        // Only a 503 says "try again": a 500 is a fault retrying does not fix.
+        let retryable = self.status == StatusCode::SERVICE_UNAVAILABLE;
         let mut body = json!({ "error": self.error });
         if let Some(f) = self.field {
             body["field"] = Value::String(f);
@@ -379,6 +380,7 @@ async fn create_order(
         Err(PlaceError::Unavailable(msg)) => {
             Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, msg))
         }
+        Err(PlaceError::Refused(msg)) => Err(ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, msg)),
         Err(PlaceError::KeyReused(msg)) => Err(ApiError {
             status: StatusCode::UNPROCESSABLE_ENTITY,
             error: msg,

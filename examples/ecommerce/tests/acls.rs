@@ -1,7 +1,8 @@
 //! The ACLs `ecommerce acls` prints: derived from each service's wiring,
 //! and the README's list kept equal to them.
 
-use ecommerce::system::kafka::{acl_plan, kafka_config, kafka_topics};
+use ecommerce::system::kafka::{acl_plan, kafka_topics};
+use saga_kafka::KafkaConfig;
 use ecommerce::system::{Config, Services};
 
 const SERVICES: [&str; 5] = ["order", "inventory", "notification", "analytics", "dlq"];
@@ -13,7 +14,8 @@ async fn lines(service: &str, create_topics: bool) -> String {
         create_topics,
         ..Config::default()
     };
-    let kcfg = kafka_config(&config, "127.0.0.1:9092").unwrap();
+    // Built here, not from the environment: the list must not depend on it.
+    let kcfg = KafkaConfig::new("127.0.0.1:9092").app("ecommerce");
     acl_plan(&config, &kcfg)
         .await
         .unwrap()
@@ -71,7 +73,7 @@ async fn a_topic_prefix_and_app_name_the_bindings() {
         create_topics: false,
         ..Config::default()
     };
-    let kcfg = kafka_config(&config, "127.0.0.1:9092").unwrap();
+    let kcfg = KafkaConfig::new("127.0.0.1:9092").app("shop");
     let text = acl_plan(&config, &kcfg).await.unwrap().to_lines("User:inv");
     assert!(
         text.contains("User:inv ALLOW READ TOPIC LITERAL t1.inventory.requests\n"),

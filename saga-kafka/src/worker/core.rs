@@ -58,6 +58,8 @@ pub(crate) struct Core<P> {
     pub(crate) group: String,
     /// The topic the failing batch was refused, while its callers are told.
     denied_topic: Option<String>,
+    /// The consumer was refused and has not recovered yet.
+    consumer_denied: bool,
     /// Records of partitions being restored that were fetched before the
     /// pause took effect, in order: handled once the state is in.
     held: BTreeMap<u32, Vec<Held>>,
@@ -123,6 +125,7 @@ impl<P: Processor> Core<P> {
             failures: 0,
             group: String::new(),
             denied_topic: None,
+            consumer_denied: false,
             held: BTreeMap::new(),
         }
     }
@@ -261,7 +264,11 @@ impl<P: Processor> Core<P> {
                     .retain(|key, (o, _)| offsets.get(key).is_none_or(|next| next <= o));
                 if self.failures > 0 {
                     self.failures = 0;
-                    self.health.clear(self.proc.name(), None);
+                    // A refusal of the consumer stays until the consumer
+                    // recovers (a message or an assignment).
+                    if !self.consumer_denied {
+                        self.health.clear(self.proc.name(), None);
+                    }
                 }
                 self.clear_batch();
                 self.settle_requests(None);
@@ -340,10 +347,30 @@ impl<P: Processor> Core<P> {
     /// by itself once the ACL is granted (and the problem clears with the
     /// next commit).
     pub(crate) fn unauthorized(&mut self, kind: &str, e: &RdError, topic: Option<String>) {
+        self.failures = self.failures.max(1);
+        self.report_denied(kind, e, topic);
+    }
+
+    /// The consumer was refused (its group, a topic it reads): reported
+    /// like [`Core::unauthorized`], until [`Core::consumer_ok`].
+    pub(crate) fn consumer_denied(&mut self, kind: &str, e: &RdError) {
+        self.consumer_denied = true;
+        self.report_denied(kind, e, None);
+    }
+
+    /// The consumer works (a message came, partitions were assigned): a
+    /// refusal it reported is over.
+    pub(crate) fn consumer_ok(&mut self) {
+        if std::mem::take(&mut self.consumer_denied) && self.failures == 0 {
+            self.health.clear(self.proc.name(), None);
+        }
+    }
+
+    fn report_denied(&mut self, kind: &str, e: &RdError, topic: Option<String>) {
         let principal = self.cfg().principal();
         let (operation, resource) = match (kind, topic) {
             ("topic", Some(t)) => ("WRITE", format!("topic `{t}`")),
-            ("topic", None) => ("READ or WRITE", "one of its topics".to_owned()),
+            ("topic", None) => ("READ", "one of its topics".to_owned()),
             ("group", _) => ("READ", format!("group `{}`", self.group)),
             ("transactional id", _) => ("WRITE", format!("transactional id `{}`", self.txn.id)),
             _ => ("IDEMPOTENT_WRITE", "the cluster".to_owned()),
@@ -352,7 +379,6 @@ impl<P: Processor> Core<P> {
             "not authorized: {principal} may not {operation} {resource} ({e}); trying again every {}s",
             UNAUTHORIZED_PAUSE.as_secs()
         );
-        self.failures = self.failures.max(1);
         self.txn
             .stats
             .authorization_failures
@@ -415,6 +441,7 @@ impl<P: Processor> Core<P> {
         if parts.is_empty() {
             return;
         }
+        self.consumer_ok();
         if let Err(e) = consumer.pause(&self.tpl_of(parts)) {
             tracing::warn!(partitions = ?parts, error = %e, "cannot pause partitions: their records are skipped until restored");
         }

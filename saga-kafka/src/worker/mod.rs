@@ -28,7 +28,7 @@ use crate::config::KafkaConfig;
 use crate::context::denied;
 use crate::error::{Error, Result};
 
-pub(crate) use self::core::Core;
+pub(crate) use self::core::{Core, UNAUTHORIZED_PAUSE};
 pub use txn::Stats;
 pub(crate) use txn::StatsInner;
 
@@ -116,13 +116,9 @@ impl<P: Processor> ClientContext for Ctx<P> {
         crate::context::log(level, fac, message)
     }
 
+    // A refusal reported here is returned by `poll` as well, where the
+    // worker reports it: only logged here (and no lock taken).
     fn error(&self, error: RdError, reason: &str) {
-        // The group coordinator refusing the group comes here, not from
-        // `poll`: reported like any refusal during work. (Called from the
-        // worker's own `poll`, which holds no lock.)
-        if let Some(kind) = error.rdkafka_error_code().and_then(denied) {
-            lock(&self.core).unauthorized(kind, &error, None);
-        }
         crate::context::client_error(error, reason)
     }
 }
@@ -181,10 +177,20 @@ pub(crate) fn spawn<P: Processor>(
         stats,
         health,
     )));
-    lock(&core)
-        .txn
-        .ensure_producer()
-        .map_err(|e| Error::client(format!("creating the producer `{txn_id}`"), e))?;
+    lock(&core).txn.ensure_producer().map_err(|e| {
+        match e.rdkafka_error_code().and_then(denied) {
+            Some(kind) => Error::Authorization {
+                principal: cfg.principal(),
+                operation: "WRITE".into(),
+                resource: match kind {
+                    "transactional id" => format!("transactional id `{txn_id}`"),
+                    other => format!("the {other}"),
+                },
+                reason: e.to_string(),
+            },
+            None => Error::client(format!("creating the producer `{txn_id}`"), e),
+        }
+    })?;
     lock(&core).group = group.to_owned();
     let consumer = subscribe(&cfg, group, &topics, &core)?;
     let stop = Arc::new(AtomicU8::new(RUN));
@@ -347,7 +353,9 @@ fn run<P: Processor>(
             let mut more = false;
             match consumer.poll(wait) {
                 Some(Ok(m)) => {
-                    lock(core).handle_message(&incoming(&m));
+                    let mut c = lock(core);
+                    c.consumer_ok();
+                    c.handle_message(&incoming(&m));
                     more = true;
                 }
                 Some(Err(RdError::PartitionEOF(_))) => {}
@@ -357,8 +365,9 @@ fn run<P: Processor>(
                 }
                 Some(Err(e)) => match e.rdkafka_error_code().and_then(denied) {
                     Some(kind) => {
-                        lock(core).unauthorized(kind, &e, None);
-                        std::thread::sleep(Duration::from_secs(1));
+                        lock(core).consumer_denied(kind, &e);
+                        // The client retries by itself; do not spin on it.
+                        std::thread::sleep(UNAUTHORIZED_PAUSE);
                     }
                     None => tracing::warn!(error = %e, "consumer error"),
                 },

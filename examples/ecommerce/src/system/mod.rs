@@ -208,6 +208,10 @@ pub enum PlaceError {
     /// The `Idempotency-Key` was used before with a different request
     /// (HTTP 422).
     KeyReused(String),
+    /// The runtime refused the write for a reason retrying does not fix
+    /// (a missing ACL, its configuration): HTTP 500, not retryable; the
+    /// details are in the service's log and `/health`, not the answer.
+    Refused(String),
 }
 
 /// The longest `Idempotency-Key` taken.
@@ -522,6 +526,13 @@ impl System {
         };
         let order = Order::new(id, req.customer_id.clone(), items);
         if let Err(e) = handle.start(order.order_id.clone(), order.clone()).await {
+            if !e.is_retryable() {
+                tracing::error!(error = %e, "order refused by the runtime");
+                return Err(PlaceError::Refused(
+                    "the order service cannot record orders (see its log and /health); nothing was placed"
+                        .into(),
+                ));
+            }
             tracing::warn!(error = %e, "order not started");
             return Err(unavailable(e.to_string()));
         }

@@ -146,10 +146,10 @@ pub(crate) async fn wire<R: Runtime>(
             Box::pin(async move {
                 rt.publish(vec![env]).await.map_err(|e| {
                     // An ACL refusal is not fixed by trying again.
-                    if e.is_retryable() {
-                        DlqError::Unavailable(e.to_string())
-                    } else {
+                    if not_authorized(&e) {
                         DlqError::Refused(e.to_string())
+                    } else {
+                        DlqError::Unavailable(e.to_string())
                     }
                 })
             })
@@ -190,4 +190,16 @@ pub(crate) async fn wire<R: Runtime>(
             .map(|c| (c.sku.clone(), c.unit_price))
             .collect(),
     })
+}
+
+/// Whether the runtime refused for want of an authorization (on Kafka, a
+/// missing ACL).
+fn not_authorized(e: &saga_core::SagaError) -> bool {
+    let saga_core::SagaError::Runtime { source, .. } = e else {
+        return false;
+    };
+    matches!(
+        source.downcast_ref::<saga_kafka::Error>(),
+        Some(saga_kafka::Error::Authorization { .. })
+    )
 }
