@@ -9,7 +9,7 @@ use clap::{Parser, Subcommand};
 
 use crate::messages::Topics;
 use crate::system::{kafka, Config, RuntimeKind, Services, System};
-use crate::{auth, demo, dlq_client, http, notification, order};
+use crate::{auth, demo, dlq_client, http, notification, order, sagas_client};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -145,6 +145,21 @@ enum Command {
         #[command(subcommand)]
         action: Option<dlq_client::DlqCommand>,
     },
+    /// Operate the order sagas of a running `serve` or `order` process:
+    /// list (e.g. `--status parked --older-than 5m`), show, retry, skip,
+    /// abort.
+    Sagas {
+        /// The API of the running `serve` or `order` process.
+        #[arg(long, default_value = "http://127.0.0.1:8080")]
+        api: String,
+        /// An operator's API token (default $ECOMMERCE_API_TOKEN, better:
+        /// a flag shows in the process list); the saga's history records
+        /// the operator it belongs to.
+        #[arg(long)]
+        token: Option<String>,
+        #[command(subcommand)]
+        action: sagas_client::SagasCommand,
+    },
     /// Print the Kafka ACLs a service needs, derived from its wiring with
     /// this configuration (topic prefix, app, transactional-id prefix,
     /// topic creation).
@@ -234,6 +249,19 @@ fn config(args: &Args, kafka: Option<String>, services: Services) -> Result<Conf
         config = config.fast();
     }
     Ok(config)
+}
+
+/// The operator's token of a client command: `--token`, else
+/// $ECOMMERCE_API_TOKEN.
+fn operator_token(flag: Option<String>, what: &str) -> Result<String, String> {
+    flag.or_else(|| std::env::var(auth::CLIENT_TOKEN_ENV).ok())
+        .filter(|t| !t.trim().is_empty())
+        .ok_or_else(|| {
+            format!(
+                "the {what} API needs an operator's token: --token or {}",
+                auth::CLIENT_TOKEN_ENV
+            )
+        })
 }
 
 /// Whether processes create topics: not with `--no-create-topics`, else
@@ -469,16 +497,16 @@ async fn run(args: Args) -> std::process::ExitCode {
             ..
         }) => {
             init_tracing("warn");
-            let token = token
-                .clone()
-                .or_else(|| std::env::var(auth::CLIENT_TOKEN_ENV).ok())
-                .filter(|t| !t.trim().is_empty());
-            match token {
-                Some(token) => dlq_client::run(api, &token, action.clone()).await,
-                None => Err(format!(
-                    "the DLQ API needs an operator's token: --token or {}",
-                    auth::CLIENT_TOKEN_ENV
-                )),
+            match operator_token(token.clone(), "DLQ") {
+                Ok(token) => dlq_client::run(api, &token, action.clone()).await,
+                Err(e) => Err(e),
+            }
+        }
+        Some(Command::Sagas { api, token, action }) => {
+            init_tracing("warn");
+            match operator_token(token.clone(), "sagas") {
+                Ok(token) => sagas_client::run(api, &token, action.clone()).await,
+                Err(e) => Err(e),
             }
         }
         Some(Command::Acls {
@@ -545,6 +573,28 @@ mod tests {
         assert!(create_topics(false, Some("maybe".into())).is_err());
         let a = parse(&["--no-create-topics", "inventory"]).unwrap();
         assert!(a.no_create_topics && is_inventory(&a));
+    }
+
+    #[test]
+    fn sagas_takes_the_filters_and_actions_of_the_admin_api() {
+        let a = parse(&["sagas", "list", "--status", "parked", "--older-than", "5m"]).unwrap();
+        let Some(Command::Sagas { action, .. }) = a.command else {
+            panic!("{a:?}");
+        };
+        assert!(matches!(
+            action,
+            sagas_client::SagasCommand::List { status: Some(s), older_than: Some(o), .. }
+                if s == "parked" && o == "5m"
+        ));
+        let a = parse(&["sagas", "abort", "ORD-1", "--note", "customer asked"]).unwrap();
+        assert!(matches!(
+            a.command,
+            Some(Command::Sagas {
+                action: sagas_client::SagasCommand::Abort(_),
+                ..
+            })
+        ));
+        assert!(parse(&["sagas", "retry"]).is_err(), "an id is needed");
     }
 
     #[test]

@@ -87,7 +87,28 @@ pub async fn run(api: &str, token: &str, cmd: DlqCommand) -> Result<(), String> 
         DlqCommand::Alert { id, note } => action(id, "alert", json!({"note": note})),
         DlqCommand::Sms { id } => action(id, "sms", json!({})),
     };
-    let mut req = client.request(method, &url).bearer_auth(token);
+    let value = request(&client, api, token, method, &url, body).await?;
+    match cmd {
+        DlqCommand::List => print_list(&value),
+        _ => println!(
+            "{}",
+            serde_json::to_string_pretty(&value).unwrap_or_else(|_| value.to_string())
+        ),
+    }
+    Ok(())
+}
+
+/// Sends one request to the API at `api` with the bearer `token`; the
+/// JSON answer, or the API's error as text.
+pub(crate) async fn request(
+    client: &reqwest::Client,
+    api: &str,
+    token: &str,
+    method: reqwest::Method,
+    url: &str,
+    body: Option<Value>,
+) -> Result<Value, String> {
+    let mut req = client.request(method, url).bearer_auth(token);
     if let Some(b) = body {
         req = req.json(&b);
     }
@@ -106,14 +127,12 @@ pub async fn run(api: &str, token: &str, cmd: DlqCommand) -> Result<(), String> 
             value["error"].as_str().unwrap_or(&value.to_string())
         ));
     }
-    match cmd {
-        DlqCommand::List => print_list(&value),
-        _ => println!(
-            "{}",
-            serde_json::to_string_pretty(&value).unwrap_or_else(|_| value.to_string())
-        ),
-    }
-    Ok(())
+    Ok(value)
+}
+
+/// Percent-encodes what would end a path segment.
+pub(crate) fn encode_segment(id: &str) -> String {
+    encode(id)
 }
 
 fn print_list(v: &Value) {

@@ -67,12 +67,15 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, MethodRouter};
 use axum::{Extension, Json, Router};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use saga_core::{
+    Operation, OperatorAction, SagaError, SagaInstance, SagaQuery, StatusFilter, Timestamp,
+};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
 use crate::auth::{ApiTokens, Caller, Role};
 use crate::dlq::DlqError;
-use crate::order::{OrderRequest, OrderView};
+use crate::order::{Order, OrderRequest, OrderView};
 use crate::system::{PlaceError, System};
 
 /// The largest request body accepted.
@@ -264,6 +267,11 @@ pub fn router(system: Arc<System>, tokens: ApiTokens) -> Router {
         .route("/inventory", get(list_inventory))
         .route("/inventory/{sku}", get(get_inventory))
         .route("/analytics", get(analytics))
+        .route("/sagas", get(list_sagas))
+        .route("/sagas/{id}", get(get_saga))
+        .route("/sagas/{id}/retry", saga_action(OperatorAction::Retry))
+        .route("/sagas/{id}/skip", saga_action(OperatorAction::Skip))
+        .route("/sagas/{id}/abort", saga_action(OperatorAction::Abort))
         .route("/dlq", get(list_dlq))
         .route("/dlq/archive", get(dlq_archive))
         .route("/dlq/{id}", get(get_dlq))
@@ -562,6 +570,162 @@ fn dlq_result(r: Result<crate::dlq::ArchiveEntry, DlqError>) -> ApiResult<Json<V
             format!("{m}; nothing was done, please retry"),
         )),
     }
+}
+
+/// The filters of `GET /sagas`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SagasParams {
+    /// running, compensating, completed, compensated, parked, active, final.
+    status: Option<String>,
+    /// The step the saga is at.
+    step: Option<String>,
+    /// Unchanged for longer than this (`5m`, `30s`, `2h`, `1d`).
+    older_than: Option<String>,
+    /// The page after this saga id.
+    after: Option<String>,
+    /// At most this many (default 100, at most 1,000).
+    limit: Option<usize>,
+}
+
+fn saga_query(p: SagasParams) -> ApiResult<SagaQuery> {
+    let bad = |field: &str, error: String| ApiError {
+        status: StatusCode::BAD_REQUEST,
+        error,
+        field: Some(field.into()),
+    };
+    let mut q = SagaQuery::all().limit(p.limit.unwrap_or(100).clamp(1, 1_000));
+    if let Some(s) = p.status {
+        let status: StatusFilter = s.parse().map_err(|e| bad("status", e))?;
+        q = q.status(status);
+    }
+    if let Some(step) = p.step {
+        q = q.step(step);
+    }
+    if let Some(age) = p.older_than {
+        let d = humantime::parse_duration(&age).map_err(|e| {
+            bad(
+                "older_than",
+                format!("`{age}` is not a duration like 5m: {e}"),
+            )
+        })?;
+        q = q.older_than(d);
+    }
+    if let Some(after) = p.after {
+        q = q.after(saga_core::SagaId::new(after));
+    }
+    Ok(q)
+}
+
+/// One line of a saga listing: where it stands and since when.
+fn saga_summary(i: &SagaInstance<Order>, now: Timestamp) -> Value {
+    json!({
+        "id": i.id,
+        "saga": i.saga,
+        "status": i.status.name(),
+        "reason": match &i.status {
+            saga_core::SagaStatus::Parked { reason } => Some(reason.clone()),
+            _ => i.failure.clone(),
+        },
+        "step": (!i.status.is_final()).then(|| i.current_step()).flatten(),
+        "created_at": i.created_at,
+        "updated_at": i.updated_at,
+        "age_ms": now.saturating_since(i.created_at).as_millis() as u64,
+        "idle_ms": now.saturating_since(i.updated_at).as_millis() as u64,
+    })
+}
+
+fn saga_error(e: SagaError) -> ApiError {
+    match e {
+        SagaError::UnknownSaga { saga_id, .. } => {
+            ApiError::not_found(format!("no saga `{saga_id}`"))
+        }
+        e @ SagaError::InvalidAction { .. } => ApiError::new(StatusCode::CONFLICT, e.to_string()),
+        e if e.is_retryable() => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+        e => ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
+}
+
+/// `GET /sagas`: the order sagas the filters select, a page at a time
+/// (operators).
+async fn list_sagas(
+    State(s): State<Arc<System>>,
+    Operator(_): Operator,
+    params: Result<axum::extract::Query<SagasParams>, axum::extract::rejection::QueryRejection>,
+) -> ApiResult<Json<Value>> {
+    if !s.services.order {
+        return Err(not_here("order"));
+    }
+    let params = params
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.body_text()))?
+        .0;
+    let page = s.sagas(&saga_query(params)?).await.map_err(saga_error)?;
+    let now = Timestamp::now();
+    Ok(Json(json!({
+        "sagas": page.items.iter().map(|i| saga_summary(i, now)).collect::<Vec<_>>(),
+        "next": page.next,
+        "as_of": page.as_of,
+    })))
+}
+
+/// `GET /sagas/{id}`: one order saga with its data, steps and history
+/// (operators).
+async fn get_saga(
+    State(s): State<Arc<System>>,
+    Operator(_): Operator,
+    Path(id): Path<String>,
+) -> ApiResult<Json<Value>> {
+    if !s.services.order {
+        return Err(not_here("order"));
+    }
+    match s.order(&id).await.map_err(storage_error)? {
+        Some(i) => Ok(Json(json!(i))),
+        None => Err(ApiError::not_found(format!("no saga `{id}`"))),
+    }
+}
+
+/// The body of `POST /sagas/{id}/<action>`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SagaActionBody {
+    /// Why (recorded in the saga's history).
+    note: Option<String>,
+    /// The step the operator saw the saga parked on: the action is refused
+    /// if it is parked elsewhere by then.
+    step: Option<String>,
+}
+
+/// The route of an operator's action on a parked saga: recorded in its
+/// history with the token's operator and the note; 202 once the runtime
+/// took it (on Kafka its owner applies it when it reads it).
+fn saga_action(action: OperatorAction) -> MethodRouter<Arc<System>> {
+    post(
+        move |State(s): State<Arc<System>>,
+              Operator(operator): Operator,
+              Path(id): Path<String>,
+              headers: HeaderMap,
+              body: Result<Bytes, BytesRejection>| async move {
+            require_json(&headers)?;
+            if !s.services.order {
+                return Err(not_here("order"));
+            }
+            let body = body.map_err(body_error)?;
+            let b: SagaActionBody = if body.iter().all(u8::is_ascii_whitespace) {
+                SagaActionBody::default()
+            } else {
+                parse_json(&body)?
+            };
+            let mut op = Operation::new(action, operator.name).note(b.note.unwrap_or_default());
+            if let Some(step) = b.step {
+                op = op.on_step(step);
+            }
+            s.operate(&id, op).await.map_err(saga_error)?;
+            Ok((
+                StatusCode::ACCEPTED,
+                Json(json!({"saga": id, "action": action.as_str(), "accepted": true})),
+            ))
+        },
+    )
 }
 
 /// An operator's action on a dead letter (`POST /dlq/{id}/<action>`).

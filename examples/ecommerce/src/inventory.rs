@@ -176,6 +176,9 @@ impl State {
 pub struct Inventory {
     state: Arc<Mutex<State>>,
     events: String,
+    /// Set: the warehouse system is down and every command fails with
+    /// this (retryable) error (fault injection, as the fake email API's).
+    down: Arc<Mutex<Option<String>>>,
 }
 
 impl Inventory {
@@ -197,7 +200,16 @@ impl Inventory {
         Self {
             state: Arc::new(Mutex::new(st)),
             events: INVENTORY_EVENTS.into(),
+            down: Arc::default(),
         }
+    }
+
+    /// Makes every command fail with the retryable error `why` (the
+    /// warehouse system down) until called with `None`: a reservation then
+    /// retries, and its saga parks with the outcome unknown, for an
+    /// operator to retry once the fault is fixed.
+    pub fn set_down(&self, why: Option<&str>) {
+        *self.down.lock().unwrap_or_else(|e| e.into_inner()) = why.map(str::to_owned);
     }
 
     /// An inventory holding `catalogue` (SKU, units on hand) in one shard,
@@ -334,6 +346,9 @@ impl Participant for Inventory {
         command: InventoryCommand,
         ctx: &mut ParticipantContext,
     ) -> Result<InventoryReply, StepError> {
+        if let Some(why) = self.down.lock().unwrap_or_else(|e| e.into_inner()).clone() {
+            return Err(StepError::retryable(why));
+        }
         match command {
             InventoryCommand::Reserve { order_id, items } => {
                 let (reply, changed) = self.reserve(ctx.partition(), &order_id, &items);

@@ -38,5 +38,6 @@ pub mod inventory;
 pub mod messages;
 pub mod notification;
 pub mod order;
+pub mod sagas_client;
 pub mod system;
 pub mod timeline;

@@ -2,8 +2,8 @@
 //! and the README's list kept equal to them.
 
 use ecommerce::system::kafka::{acl_plan, kafka_topics};
-use saga_kafka::KafkaConfig;
 use ecommerce::system::{Config, Services};
+use saga_kafka::KafkaConfig;
 
 const SERVICES: [&str; 5] = ["order", "inventory", "notification", "analytics", "dlq"];
 

@@ -960,3 +960,111 @@ async fn health_and_metrics_answer_without_a_token() {
     assert_eq!(status, StatusCode::OK);
     assert!(metrics.as_str().unwrap().contains("ecommerce_dlq_open"));
 }
+
+#[tokio::test(start_paused = true)]
+async fn an_operator_finds_a_parked_order_and_retries_it_once_the_fault_is_fixed() {
+    let (system, api) = start().await;
+    let inventory = system.inventory.as_ref().unwrap();
+    inventory.set_down(Some("the warehouse system is down"));
+    let (status, created) = call(&api, "POST", "/orders", Some(seed_order())).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{created}");
+    let id = created["order_id"].as_str().unwrap().to_owned();
+    assert!(system.wait_idle(Duration::from_secs(120)).await);
+
+    // The reservation's outcome is unknown after its retries: parked.
+    let parked = get(&api, "/sagas?status=parked").await;
+    let sagas = parked["sagas"].as_array().unwrap();
+    assert_eq!(sagas.len(), 1, "{parked}");
+    assert_eq!(sagas[0]["id"], id.as_str());
+    assert_eq!(sagas[0]["step"], "reserve-inventory");
+    assert!(
+        sagas[0]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("warehouse system is down"),
+        "{parked}"
+    );
+    assert!(parked["as_of"].is_null(), "in memory the listing is exact");
+    let later = get(&api, "/sagas?status=parked&older_than=1h").await;
+    assert!(later["sagas"].as_array().unwrap().is_empty(), "{later}");
+    let (status, _) = call(&api, "GET", "/sagas?status=stuck", None).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    let (status, _) = ecommerce::demo::call(&api, Some(C1_TOKEN), "GET", "/sagas", None).await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "operators only");
+
+    // A retry is refused for another step than the one it is parked on.
+    let (status, body) = call(
+        &api,
+        "POST",
+        &format!("/sagas/{id}/retry"),
+        Some(json!({"step": "confirm-order"})),
+    )
+    .await;
+    assert_eq!(status, StatusCode::CONFLICT, "{body}");
+
+    // The fault is fixed; the operator retries.
+    inventory.set_down(None);
+    let (status, body) = call(
+        &api,
+        "POST",
+        &format!("/sagas/{id}/retry"),
+        Some(json!({"step": "reserve-inventory", "note": "the warehouse is back"})),
+    )
+    .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+    assert!(system.wait_idle(Duration::from_secs(120)).await);
+    let order = get(&api, &format!("/orders/{id}")).await;
+    assert_eq!(order["status"], "CONFIRMED", "{order}");
+    let saga = get(&api, &format!("/sagas/{id}")).await;
+    let retry = saga["history"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|h| h["what"].as_str().unwrap().contains("operator: retry"))
+        .unwrap_or_else(|| panic!("{saga}"));
+    assert_eq!(retry["operator"], OPERATOR);
+    assert_eq!(retry["note"], "the warehouse is back");
+    assert!(get(&api, "/sagas?status=parked").await["sagas"]
+        .as_array()
+        .unwrap()
+        .is_empty());
+    let (status, _) = call(&api, "POST", &format!("/sagas/{id}/abort"), None).await;
+    assert_eq!(
+        status,
+        StatusCode::CONFLICT,
+        "a completed saga is not parked"
+    );
+    let (status, _) = call(&api, "POST", "/sagas/nope/retry", None).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_operator_aborts_a_parked_order_and_it_is_cancelled_with_the_note() {
+    let (system, api) = start().await;
+    system
+        .inventory
+        .as_ref()
+        .unwrap()
+        .set_down(Some("the warehouse system is down"));
+    let (_, created) = call(&api, "POST", "/orders", Some(seed_order())).await;
+    let id = created["order_id"].as_str().unwrap().to_owned();
+    assert!(system.wait_idle(Duration::from_secs(120)).await);
+    let (status, body) = call(
+        &api,
+        "POST",
+        &format!("/sagas/{id}/abort"),
+        Some(json!({"note": "customer called to cancel"})),
+    )
+    .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+    assert!(system.wait_idle(Duration::from_secs(120)).await);
+    let order = get(&api, &format!("/orders/{id}")).await;
+    assert_eq!(order["status"], "CANCELLED", "{order}");
+    assert!(
+        order["reason"]
+            .as_str()
+            .unwrap()
+            .contains("customer called to cancel"),
+        "{order}"
+    );
+}

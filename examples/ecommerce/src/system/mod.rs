@@ -27,7 +27,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use rust_decimal::Decimal;
-use saga_core::{Envelope, Runtime, SagaError, SagaHandle, SagaId, SagaInstance, SagaQuery};
+use saga_core::{
+    Envelope, Operation, Page, Runtime, SagaError, SagaHandle, SagaId, SagaInstance, SagaQuery,
+};
 
 use crate::analytics::Analytics;
 use crate::dlq::DlqProcessor;
@@ -405,8 +407,40 @@ impl System {
             .map_err(|e| e.to_string())
     }
 
-    /// Every order saga this process knows (on Kafka: of the partitions
-    /// its orchestrator owns).
+    /// A page of the order sagas `query` selects (on Kafka: of every
+    /// partition; the page's `as_of` says how fresh the listing is).
+    ///
+    /// # Errors
+    /// [`SagaError::Runtime`] if this process does not run the order
+    /// service; the runtime's error if it cannot list.
+    pub async fn sagas(&self, query: &SagaQuery) -> Result<Page<SagaInstance<Order>>, SagaError> {
+        self.orders_handle()
+            .map_err(|e| SagaError::Runtime {
+                what: "listing sagas".into(),
+                source: e.into(),
+            })?
+            .list(query)
+            .await
+    }
+
+    /// Applies an operator's `operation` to order saga `id` (parked).
+    ///
+    /// # Errors
+    /// [`SagaError::UnknownSaga`], [`SagaError::InvalidAction`] (not
+    /// parked, or parked on another step than `operation` names), or the
+    /// runtime's error.
+    pub async fn operate(&self, id: &str, operation: Operation) -> Result<(), SagaError> {
+        self.orders_handle()
+            .map_err(|e| SagaError::Runtime {
+                what: "operating a saga".into(),
+                source: e.into(),
+            })?
+            .operate(&SagaId::new(id), operation)
+            .await
+    }
+
+    /// Every order saga this process knows (on Kafka: of every partition,
+    /// through the saga type's catalog).
     ///
     /// # Errors
     /// As [`System::order`].
