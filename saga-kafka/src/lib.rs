@@ -135,6 +135,7 @@ mod admin;
 mod config;
 mod context;
 mod error;
+mod metrics;
 mod participant;
 mod projection;
 mod runtime;
