@@ -321,3 +321,79 @@ async fn the_three_flows_on_kafka_through_the_http_api() {
         t0.elapsed().as_secs_f64()
     );
 }
+
+/// The sum of `saga_kafka_consumer_lag` over the partitions of `group`, as
+/// the process's recorder renders it (`None` before any is reported).
+fn group_lag(group: &str) -> Option<f64> {
+    let text = ecommerce::http::metrics_handle().render();
+    let lags: Vec<f64> = samples(&text, "saga_kafka_consumer_lag")
+        .into_iter()
+        .filter(|(l, _)| label(l, "group") == Some(group))
+        .map(|(_, v)| v)
+        .collect();
+    (!lags.is_empty()).then(|| lags.iter().sum())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs Kafka: scripts/test.sh"]
+async fn consumer_lag_counts_what_a_slow_projection_has_not_processed_then_drops_to_zero() {
+    use saga_core::{Envelope, MessageId, Runtime, SagaId, Timestamp};
+    use saga_kafka::testing::KafkaFixture;
+    use saga_kafka::KafkaRuntime;
+
+    let _ = ecommerce::http::metrics_handle();
+    let fx = KafkaFixture::on(bootstrap());
+    let topic = fx.topic("lag.events");
+    fx.create_topics(&[&topic]).await;
+    let runtime = KafkaRuntime::new(fx.config("0")).expect("a runtime");
+    const EVENTS: usize = 60;
+    let events: Vec<Envelope> = (0..EVENTS)
+        .map(|i| {
+            Envelope::event(
+                MessageId::new(format!("lag-{i}")),
+                topic.clone(),
+                SagaId::new(format!("saga-{i}")),
+                "lag",
+                json!({"n": i}),
+                Timestamp::now(),
+            )
+        })
+        .collect();
+    runtime
+        .publish(events)
+        .await
+        .expect("the events are written");
+
+    // 100 ms per event: about 6 s of backlog, longer than the 2 s between
+    // two statistics reports.
+    let group = fx.topic("lag-projection");
+    let seen = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let count = seen.clone();
+    runtime
+        .projection(&group, &[&topic], move |_| {
+            std::thread::sleep(Duration::from_millis(100));
+            count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        })
+        .await
+        .expect("the projection starts");
+
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut max_lag = 0.0f64;
+    loop {
+        let lag = group_lag(&group);
+        max_lag = max_lag.max(lag.unwrap_or(0.0));
+        let done = seen.load(std::sync::atomic::Ordering::SeqCst) == EVENTS;
+        if done && max_lag > 0.0 && lag == Some(0.0) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "lag of {group}: now {lag:?}, at most {max_lag}; {} of {EVENTS} events handled",
+            seen.load(std::sync::atomic::Ordering::SeqCst)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(max_lag <= EVENTS as f64, "{max_lag}");
+    eprintln!("projection lag peaked at {max_lag} of {EVENTS} events");
+    runtime.shutdown().await;
+}
