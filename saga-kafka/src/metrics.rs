@@ -83,6 +83,7 @@ fn recorder_id() -> usize {
 /// The records and bytes one worker produced to one topic: the counters,
 /// and what the open transaction added (counted once it commits).
 struct Produced {
+    topic: String,
     records: Counter,
     bytes: Counter,
     pending_records: u64,
@@ -96,6 +97,7 @@ impl Produced {
             ("topic", SharedString::from(topic.to_owned())),
         ];
         Self {
+            topic: topic.to_owned(),
             records: metrics::counter!("saga_kafka_records_produced_total", &labels),
             bytes: metrics::counter!("saga_kafka_bytes_produced_total", &labels),
             pending_records: 0,
@@ -114,7 +116,9 @@ pub(crate) struct WorkerMetrics {
     message: Histogram,
     aborts: [Counter; 5],
     authorization: Counter,
-    produced: HashMap<String, Produced>,
+    /// Per topic written, in order of first use: a worker writes a few
+    /// topics, so a scan comparing names beats hashing each one.
+    produced: Vec<Produced>,
 }
 
 impl WorkerMetrics {
@@ -129,7 +133,7 @@ impl WorkerMetrics {
             message,
             aborts,
             authorization,
-            produced: HashMap::new(),
+            produced: Vec::new(),
         }
     }
 
@@ -162,8 +166,8 @@ impl WorkerMetrics {
         (self.commit, self.batch, self.message) = (commit, batch, message);
         self.aborts = aborts;
         self.authorization = authorization;
-        for (topic, p) in &mut self.produced {
-            let fresh = Produced::new(&self.component, topic);
+        for p in &mut self.produced {
+            let fresh = Produced::new(&self.component, &p.topic);
             (p.records, p.bytes) = (fresh.records, fresh.bytes);
         }
     }
@@ -179,7 +183,7 @@ impl WorkerMetrics {
             self.message
                 .record(now.saturating_duration_since(*at).as_secs_f64());
         }
-        for p in self.produced.values_mut() {
+        for p in &mut self.produced {
             if p.pending_records > 0 {
                 p.records.increment(p.pending_records);
                 p.bytes.increment(p.pending_bytes);
@@ -199,7 +203,7 @@ impl WorkerMetrics {
     /// What the open transaction produced will not be counted (it ended
     /// without a commit, or was never counted as an abort).
     pub(crate) fn forget_pending(&mut self) {
-        for p in self.produced.values_mut() {
+        for p in &mut self.produced {
             p.pending_records = 0;
             p.pending_bytes = 0;
         }
@@ -213,13 +217,14 @@ impl WorkerMetrics {
     /// A record of `bytes` (key and value) was produced to `topic` in the
     /// open transaction.
     pub(crate) fn produced(&mut self, topic: &str, bytes: usize) {
-        let p = match self.produced.get_mut(topic) {
-            Some(p) => p,
+        let i = match self.produced.iter().position(|p| p.topic == topic) {
+            Some(i) => i,
             None => {
-                let fresh = Produced::new(&self.component, topic);
-                self.produced.entry(topic.to_owned()).or_insert(fresh)
+                self.produced.push(Produced::new(&self.component, topic));
+                self.produced.len() - 1
             }
         };
+        let p = &mut self.produced[i];
         p.pending_records += 1;
         p.pending_bytes += bytes as u64;
     }
