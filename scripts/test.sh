@@ -4,7 +4,9 @@
 #   scripts/test.sh
 #
 # It checks formatting, lints, docs, the committed public API listings
-# (scripts/public-api.sh) and runs every test, including the ones that
+# (scripts/public-api.sh), the Prometheus alert rules (promtool, installed
+# from Debian's `prometheus` package when missing and possible) and runs
+# every test, including the ones that
 # need a real Kafka broker (`#[ignore = "needs Kafka: ..."]`, run here with
 # --include-ignored, so none of them passes by being skipped).
 #
@@ -164,6 +166,39 @@ phase doc env RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --all-f
 # The committed public API listings (saga-core/public-api.txt,
 # saga-kafka/public-api.txt) match the code; scripts/public-api.sh updates them.
 phase public-api scripts/public-api.sh --check
+# The alert rules (deploy/prometheus/rules.yml) and their unit tests
+# (rules_test.yml), by promtool.
+promtool_rules() {
+  promtool check rules deploy/prometheus/rules.yml &&
+    promtool test rules deploy/prometheus/rules_test.yml
+}
+# promtool comes with Debian's `prometheus` package: installed when missing,
+# if this runs as root or may use sudo without a password.
+ensure_promtool() {
+  command -v promtool >/dev/null 2>&1 && return 0
+  command -v apt-get >/dev/null 2>&1 || return 1
+  local as_root=()
+  if ((EUID != 0)); then
+    sudo -n true 2>/dev/null || return 1
+    as_root=(sudo -n)
+  fi
+  local install=("${as_root[@]}" env DEBIAN_FRONTEND=noninteractive
+    apt-get install -y -qq --no-install-recommends prometheus)
+  echo "==> installing promtool (Debian package prometheus)"
+  "${install[@]}" >/dev/null ||
+    { "${as_root[@]}" apt-get update -qq && "${install[@]}" >/dev/null; } ||
+    return 1
+  command -v promtool >/dev/null 2>&1
+}
+echo
+if ensure_promtool; then
+  version promtool --version
+  phase promtool promtool_rules
+else
+  echo "==> NOTE: promtool is not available and could not be installed (needs apt-get"
+  echo "    as root or passwordless sudo): the alert rules are not checked by promtool."
+  SUMMARY+=("$(printf '  skipped %8s  %s' "-" "promtool (not available)")")
+fi
 # Doc tests first, so that the output ends with the main test run.
 phase doctest cargo_test --workspace --doc --all-features
 phase test cargo_test --workspace --all-targets --all-features --no-fail-fast -- --include-ignored

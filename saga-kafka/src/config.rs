@@ -593,6 +593,14 @@ impl KafkaConfig {
                 "heartbeat.interval.ms",
                 (self.session_timeout.as_millis() / 4).max(100).to_string(),
             );
+        // The statistics the lag gauges come from, unless set otherwise
+        // (`KafkaConfig::set("statistics.interval.ms", "0")`: none).
+        if !self.properties.contains_key("statistics.interval.ms") {
+            c.set(
+                "statistics.interval.ms",
+                crate::metrics::LAG_INTERVAL_MS.to_string(),
+            );
+        }
         c
     }
 

@@ -68,6 +68,40 @@ impl ClientContext for Quiet {
 
 impl ConsumerContext for Quiet {}
 
+/// [`Quiet`], and the consumer's lag gauges set from its statistics (a
+/// projection's consumer).
+pub(crate) struct Lagging {
+    lag: Mutex<crate::metrics::LagGauges>,
+}
+
+impl Lagging {
+    /// The context of a consumer of `topics` in `group`.
+    pub(crate) fn new(group: &str, topics: &[String]) -> Self {
+        Self {
+            lag: Mutex::new(crate::metrics::LagGauges::new(group, topics)),
+        }
+    }
+}
+
+impl ClientContext for Lagging {
+    fn log(&self, level: RDKafkaLogLevel, fac: &str, message: &str) {
+        log(level, fac, message)
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        client_error(error, reason)
+    }
+
+    fn stats_raw(&self, statistics: &[u8]) {
+        self.lag
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .report(statistics);
+    }
+}
+
+impl ConsumerContext for Lagging {}
+
 /// The kind of resource an authorization error is about, if `code` is one.
 pub(crate) fn denied(code: RDKafkaErrorCode) -> Option<&'static str> {
     match code {

@@ -136,6 +136,7 @@ mod catalog;
 mod config;
 mod context;
 mod error;
+mod metrics;
 mod participant;
 mod projection;
 mod runtime;

@@ -11,7 +11,7 @@ use rdkafka::{Offset, TopicPartitionList};
 use saga_core::{Envelope, HealthBoard, Timestamp};
 
 use crate::config::KafkaConfig;
-use crate::context::{denied, Quiet};
+use crate::context::{denied, Lagging};
 use crate::error::{Error, Result};
 use crate::worker::{StatsInner, WorkerHandle, RUN, UNAUTHORIZED_PAUSE};
 
@@ -29,10 +29,10 @@ where
     let subscribe = {
         let (cfg, group) = (cfg.clone(), group.to_owned());
         let channels: Vec<String> = channels.iter().map(|c| (*c).to_owned()).collect();
-        move || -> Result<BaseConsumer<Quiet>> {
-            let consumer: BaseConsumer<Quiet> = cfg
+        move || -> Result<BaseConsumer<Lagging>> {
+            let consumer: BaseConsumer<Lagging> = cfg
                 .consumer_config(&group)
-                .create_with_context(Quiet)
+                .create_with_context(Lagging::new(&group, &channels))
                 .map_err(|e| {
                     Error::client(format!("creating the consumer of group `{group}`"), e)
                 })?;
@@ -53,7 +53,7 @@ where
             // The next offset per (topic, partition), committed now and
             // then (a map: the client's list finds entries by scanning).
             let mut next: BTreeMap<(String, i32), i64> = BTreeMap::new();
-            let commit = |consumer: &BaseConsumer<Quiet>, next: &mut BTreeMap<(String, i32), i64>| {
+            let commit = |consumer: &BaseConsumer<Lagging>, next: &mut BTreeMap<(String, i32), i64>| {
                 let mut tpl = TopicPartitionList::new();
                 for ((topic, partition), offset) in std::mem::take(next) {
                     let _ = tpl.add_partition_offset(&topic, partition, Offset::Offset(offset));

@@ -6,6 +6,7 @@
 //! consumer groups and transactional ids live under a random prefix, so
 //! runs sharing one broker do not meet.
 
+use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -87,6 +88,81 @@ async fn place(api: &Router, body: Value) -> Value {
         |o| matches!(o["saga_status"].as_str(), Some("completed" | "compensated")),
     )
     .await
+}
+
+/// The `saga_kafka_*` metrics of the table in docs/METRICS.md.
+fn documented_kafka_metrics() -> Vec<String> {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../docs/METRICS.md");
+    let doc = std::fs::read_to_string(path).expect("docs/METRICS.md");
+    doc.lines()
+        .filter_map(|l| l.strip_prefix("| `"))
+        .filter_map(|l| l.split_once('`'))
+        .map(|(name, _)| name.to_owned())
+        .filter(|name| name.starts_with("saga_kafka_"))
+        .collect()
+}
+
+/// The samples of `name` in a Prometheus text exposition: each one's
+/// labels and value.
+fn samples(text: &str, name: &str) -> Vec<(Vec<(String, String)>, f64)> {
+    text.lines()
+        .filter_map(|l| l.strip_prefix(name)?.strip_prefix('{'))
+        .filter_map(|l| {
+            let (labels, value) = l.rsplit_once("} ")?;
+            let labels = labels
+                .split("\",")
+                .filter_map(|kv| kv.split_once("=\""))
+                .map(|(k, v)| (k.to_owned(), v.trim_end_matches('"').to_owned()))
+                .collect();
+            Some((labels, value.trim().parse().ok()?))
+        })
+        .collect()
+}
+
+fn label<'a>(labels: &'a [(String, String)], key: &str) -> Option<&'a str> {
+    labels
+        .iter()
+        .find(|(k, _)| k == key)
+        .map(|(_, v)| v.as_str())
+}
+
+/// After the flows, `/metrics` (no token) shows every documented
+/// saga-kafka metric, and the order saga's lag for each partition of its
+/// reply topic, which drops to 0 once everything is processed.
+async fn metrics_after_the_flows(system: &System, api: &Router) {
+    let kafka_metrics = documented_kafka_metrics();
+    assert!(kafka_metrics.len() >= 8, "{kafka_metrics:?}");
+    let group = format!("saga.{}", system.topics.name(ecommerce::order::SAGA));
+    let replies = format!("{}.replies", system.topics.name(ecommerce::order::SAGA));
+    // Lag is reported every 2 s, from the consumers' statistics.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (status, body) = ecommerce::demo::call(api, None, "GET", "/metrics", None).await;
+        assert_eq!(status, StatusCode::OK);
+        let text = body.as_str().expect("the metrics text").to_owned();
+        let missing: Vec<&String> = kafka_metrics
+            .iter()
+            .filter(|name| !text.contains(name.as_str()))
+            .collect();
+        let lag: Vec<(u32, f64)> = samples(&text, "saga_kafka_consumer_lag")
+            .into_iter()
+            .filter(|(l, _)| {
+                label(l, "group") == Some(group.as_str()) && label(l, "topic") == Some(&replies)
+            })
+            .filter_map(|(l, v)| Some((label(&l, "partition")?.parse().ok()?, v)))
+            .collect();
+        let partitions: BTreeSet<u32> = lag.iter().map(|(p, _)| *p).collect();
+        let settled = lag.iter().all(|(_, v)| *v == 0.0);
+        if missing.is_empty() && partitions == BTreeSet::from([0, 1, 2]) && settled {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "after the flows, /metrics lacks {missing:?}, or the lag of {group} on {replies} \
+             is not 0 on partitions 0, 1, 2 (got {lag:?}):\n{text}"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
 }
 
 fn stock(inventory: &Value, sku: &str) -> (u64, u64) {
@@ -237,9 +313,87 @@ async fn the_three_flows_on_kafka_through_the_http_api() {
     let text = timeline.to_string();
     assert!(text.contains("dead letter: max retries reached"), "{text}");
 
+    metrics_after_the_flows(&system, &api).await;
+
     system.shutdown().await;
     eprintln!(
         "three flows on Kafka in {:.1} s",
         t0.elapsed().as_secs_f64()
     );
+}
+
+/// The sum of `saga_kafka_consumer_lag` over the partitions of `group`, as
+/// the process's recorder renders it (`None` before any is reported).
+fn group_lag(group: &str) -> Option<f64> {
+    let text = ecommerce::http::metrics_handle().render();
+    let lags: Vec<f64> = samples(&text, "saga_kafka_consumer_lag")
+        .into_iter()
+        .filter(|(l, _)| label(l, "group") == Some(group))
+        .map(|(_, v)| v)
+        .collect();
+    (!lags.is_empty()).then(|| lags.iter().sum())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs Kafka: scripts/test.sh"]
+async fn consumer_lag_counts_what_a_slow_projection_has_not_processed_then_drops_to_zero() {
+    use saga_core::{Envelope, MessageId, Runtime, SagaId, Timestamp};
+    use saga_kafka::testing::KafkaFixture;
+    use saga_kafka::KafkaRuntime;
+
+    let _ = ecommerce::http::metrics_handle();
+    let fx = KafkaFixture::on(bootstrap());
+    let topic = fx.topic("lag.events");
+    fx.create_topics(&[&topic]).await;
+    let runtime = KafkaRuntime::new(fx.config("0")).expect("a runtime");
+    const EVENTS: usize = 60;
+    let events: Vec<Envelope> = (0..EVENTS)
+        .map(|i| {
+            Envelope::event(
+                MessageId::new(format!("lag-{i}")),
+                topic.clone(),
+                SagaId::new(format!("saga-{i}")),
+                "lag",
+                json!({"n": i}),
+                Timestamp::now(),
+            )
+        })
+        .collect();
+    runtime
+        .publish(events)
+        .await
+        .expect("the events are written");
+
+    // 100 ms per event: about 6 s of backlog, longer than the 2 s between
+    // two statistics reports.
+    let group = fx.topic("lag-projection");
+    let seen = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let count = seen.clone();
+    runtime
+        .projection(&group, &[&topic], move |_| {
+            std::thread::sleep(Duration::from_millis(100));
+            count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        })
+        .await
+        .expect("the projection starts");
+
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut max_lag = 0.0f64;
+    loop {
+        let lag = group_lag(&group);
+        max_lag = max_lag.max(lag.unwrap_or(0.0));
+        let done = seen.load(std::sync::atomic::Ordering::SeqCst) == EVENTS;
+        if done && max_lag > 0.0 && lag == Some(0.0) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "lag of {group}: now {lag:?}, at most {max_lag}; {} of {EVENTS} events handled",
+            seen.load(std::sync::atomic::Ordering::SeqCst)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(max_lag <= EVENTS as f64, "{max_lag}");
+    eprintln!("projection lag peaked at {max_lag} of {EVENTS} events");
+    runtime.shutdown().await;
 }

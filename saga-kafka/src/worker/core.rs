@@ -15,6 +15,7 @@ use saga_core::{HealthBoard, Timestamp};
 use crate::config::KafkaConfig;
 use crate::context::denied;
 use crate::error::Result;
+use crate::metrics::AbortCause;
 use crate::store::read_stream;
 use crate::worker::txn::{StatsInner, Txn};
 use crate::worker::{Processor, Request};
@@ -63,6 +64,9 @@ pub(crate) struct Core<P> {
     /// Records of partitions being restored that were fetched before the
     /// pause took effect, in order: handled once the state is in.
     held: BTreeMap<u32, Vec<Held>>,
+    /// When each message of the open batch reached the worker, for
+    /// `saga_kafka_message_seconds` (the buffer is reused).
+    arrivals: Vec<Instant>,
 }
 
 /// A copy of a consumed record, held until its partition is restored.
@@ -107,9 +111,10 @@ impl<P: Processor> Core<P> {
         stats: Arc<StatsInner>,
         health: HealthBoard,
     ) -> Self {
+        let component = proc.name().to_owned();
         Self {
             proc,
-            txn: Txn::new(cfg, txn_id, stats),
+            txn: Txn::new(cfg, txn_id, stats, &component),
             offsets: BTreeMap::new(),
             batch_start: BTreeMap::new(),
             count: 0,
@@ -127,6 +132,7 @@ impl<P: Processor> Core<P> {
             denied_topic: None,
             consumer_denied: false,
             held: BTreeMap::new(),
+            arrivals: Vec::new(),
         }
     }
 
@@ -167,7 +173,11 @@ impl<P: Processor> Core<P> {
             return;
         }
         let (topic, partition, offset) = (msg.topic, msg.partition as i32, msg.offset as i64);
+        if self.count == 0 {
+            self.txn.metrics.refresh();
+        }
         self.single = (self.count == 0).then(|| (topic.to_owned(), partition, offset));
+        self.arrivals.push(Instant::now());
         let now = Timestamp::now();
         let mut out = Vec::new();
         // The poison mark stays until the batch that rejects it commits.
@@ -222,6 +232,7 @@ impl<P: Processor> Core<P> {
         self.batch_start.clear();
         self.count = 0;
         self.single = None;
+        self.arrivals.clear();
     }
 
     /// Commits the open batch; on failure aborts it and, when `rewind`,
@@ -237,12 +248,13 @@ impl<P: Processor> Core<P> {
             self.clear_batch();
             return;
         }
+        self.txn.metrics.refresh();
         if self.txn.failed.is_none() {
             let mut out = Vec::new();
             match self.proc.before_commit(&mut out) {
                 Ok(()) => self.txn.send(out),
                 Err((partition, why)) => {
-                    self.abort(&RdError::Canceled);
+                    self.abort(&RdError::Canceled, AbortCause::RecordRefused);
                     self.settle_requests(Some(&RdError::Canceled));
                     if rewind {
                         self.redo(consumer);
@@ -254,8 +266,11 @@ impl<P: Processor> Core<P> {
             }
         }
         let offsets = self.offsets_tpl();
+        let started = Instant::now();
         match self.txn.commit(&offsets, Some(consumer)) {
             Ok(()) => {
+                let took = started.elapsed().as_secs_f64();
+                self.txn.metrics.committed(self.count, took, &self.arrivals);
                 self.txn.stats.commits.fetch_add(1, Ordering::Relaxed);
                 self.proc.committed();
                 self.isolate = self.isolate.saturating_sub(1);
@@ -310,7 +325,14 @@ impl<P: Processor> Core<P> {
                     }
                     (None, _) => {}
                 }
-                self.abort(&e);
+                let cause = if denied.is_some() {
+                    AbortCause::NotAuthorized
+                } else if refused {
+                    AbortCause::RecordRefused
+                } else {
+                    cause_of(&e)
+                };
+                self.abort(&e, cause);
                 if refused || denied.is_some() {
                     // A refused record leaves a gap in the idempotent
                     // producer's sequence numbers; a refused topic stays
@@ -383,8 +405,8 @@ impl<P: Processor> Core<P> {
             .stats
             .authorization_failures
             .fetch_add(1, Ordering::Relaxed);
-        metrics::counter!("saga_kafka_authorization_failures_total", "component" => self.proc.name().to_owned())
-            .increment(1);
+        self.txn.metrics.refresh();
+        self.txn.metrics.unauthorized();
         self.health
             .report(self.proc.name(), None, why, Timestamp::now());
     }
@@ -563,8 +585,12 @@ impl<P: Processor> Core<P> {
             .report(self.proc.name(), Some(partition), why, Timestamp::now());
     }
 
-    /// Aborts the open transaction and rolls the processor back.
-    pub(crate) fn abort(&mut self, cause: &RdError) {
+    /// Aborts the open transaction (for `why`, counted if one was open)
+    /// and rolls the processor back.
+    pub(crate) fn abort(&mut self, cause: &RdError, why: AbortCause) {
+        if self.txn.open {
+            self.txn.metrics.aborted(why);
+        }
         self.txn.abort(cause);
         self.proc.rolled_back();
     }
@@ -572,7 +598,7 @@ impl<P: Processor> Core<P> {
     /// The assignment was lost: drop the open batch without committing.
     pub(crate) fn drop_batch(&mut self) {
         if self.txn.open {
-            self.abort(&RdError::Canceled);
+            self.abort(&RdError::Canceled, AbortCause::Rebalance);
         }
         self.clear_batch();
         self.settle_requests(Some(&RdError::Canceled));
@@ -687,6 +713,9 @@ impl<P: Processor> Core<P> {
         reqs: Vec<Request>,
         consumer: Option<&BaseConsumer<C>>,
     ) {
+        self.txn.metrics.refresh();
+        let inputs = reqs.len();
+        let started = Instant::now();
         let mut out = Vec::new();
         let mut callers = Vec::with_capacity(reqs.len());
         for req in reqs {
@@ -695,6 +724,8 @@ impl<P: Processor> Core<P> {
         }
         let result = match self.request_txn(out) {
             Ok(()) => {
+                let took = started.elapsed().as_secs_f64();
+                self.txn.metrics.committed(inputs, took, &[]);
                 self.txn.stats.commits.fetch_add(1, Ordering::Relaxed);
                 self.proc.committed();
                 Ok(())
@@ -705,8 +736,17 @@ impl<P: Processor> Core<P> {
                     .failed_requests
                     .fetch_add(callers.len() as u64, Ordering::Relaxed);
                 let denied_topic = self.txn.denied_topic();
-                self.abort(&e);
-                if denied_topic.is_some() || e.rdkafka_error_code().and_then(denied).is_some() {
+                let not_authorized =
+                    denied_topic.is_some() || e.rdkafka_error_code().and_then(denied).is_some();
+                let cause = if not_authorized {
+                    AbortCause::NotAuthorized
+                } else if self.txn.record_fault().is_some() {
+                    AbortCause::RecordRefused
+                } else {
+                    cause_of(&e)
+                };
+                self.abort(&e, cause);
+                if not_authorized {
                     self.txn.discard_producer();
                 }
                 Err((what, e, denied_topic))
@@ -743,5 +783,14 @@ impl<P: Processor> Core<P> {
         self.txn
             .commit(&TopicPartitionList::new(), none)
             .map_err(|e| ("committing", e))
+    }
+}
+
+/// Why a batch whose commit failed with `e` is aborted, when neither an
+/// ACL nor a refused record is to blame.
+fn cause_of(e: &RdError) -> AbortCause {
+    match e {
+        RdError::Transaction(t) if t.is_fatal() => AbortCause::Fatal,
+        _ => AbortCause::CommitFailed,
     }
 }

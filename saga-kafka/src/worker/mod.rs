@@ -27,6 +27,7 @@ use saga_core::{HealthBoard, Timestamp};
 use crate::config::KafkaConfig;
 use crate::context::denied;
 use crate::error::{Error, Result};
+use crate::metrics::LagGauges;
 
 pub(crate) use self::core::{Core, UNAUTHORIZED_PAUSE};
 pub use txn::Stats;
@@ -105,6 +106,8 @@ fn tpl_partitions(tpl: &TopicPartitionList) -> Vec<u32> {
 
 struct Ctx<P> {
     core: Arc<Mutex<Core<P>>>,
+    /// The consumer's lag gauges, set from its statistics.
+    lag: Mutex<LagGauges>,
 }
 
 fn lock<P>(m: &Mutex<Core<P>>) -> MutexGuard<'_, Core<P>> {
@@ -120,6 +123,14 @@ impl<P: Processor> ClientContext for Ctx<P> {
     // worker reports it: only logged here (and no lock taken).
     fn error(&self, error: RdError, reason: &str) {
         crate::context::client_error(error, reason)
+    }
+
+    fn stats_raw(&self, statistics: &[u8]) {
+        // Called from the worker's own `poll`, every `LAG_INTERVAL_MS`.
+        self.lag
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .report(statistics);
     }
 }
 
@@ -267,7 +278,10 @@ fn subscribe<P: Processor>(
 ) -> Result<BaseConsumer<Ctx<P>>> {
     let consumer: BaseConsumer<Ctx<P>> = cfg
         .consumer_config(group)
-        .create_with_context(Ctx { core: core.clone() })
+        .create_with_context(Ctx {
+            core: core.clone(),
+            lag: Mutex::new(LagGauges::new(group, topics)),
+        })
         .map_err(|e| Error::client(format!("creating the consumer of group `{group}`"), e))?;
     let refs: Vec<&str> = topics.iter().map(String::as_str).collect();
     consumer

@@ -17,6 +17,7 @@ use saga_core::driver::{Record, RECORD_KIND_HEADER};
 use crate::config::{DeliveryMode, KafkaConfig};
 use crate::context::{denied, record_fault, Deliveries};
 use crate::error::Error;
+use crate::metrics::WorkerMetrics;
 
 /// Counters of one runtime's transactions (all workers).
 #[derive(Debug, Default)]
@@ -106,10 +107,17 @@ pub(crate) struct Txn {
     /// A record of the open transaction the client refused as it is: its
     /// topic, and why.
     fault: Option<(String, String)>,
+    /// The worker's metric handles.
+    pub(crate) metrics: WorkerMetrics,
 }
 
 impl Txn {
-    pub(crate) fn new(cfg: Arc<KafkaConfig>, id: String, stats: Arc<StatsInner>) -> Self {
+    pub(crate) fn new(
+        cfg: Arc<KafkaConfig>,
+        id: String,
+        stats: Arc<StatsInner>,
+        component: &str,
+    ) -> Self {
         Self {
             cfg,
             id,
@@ -120,6 +128,7 @@ impl Txn {
             stats,
             deliveries: Deliveries::default(),
             fault: None,
+            metrics: WorkerMetrics::new(component),
         }
     }
 
@@ -220,6 +229,7 @@ impl Txn {
                     Ok(()) => {
                         self.pending += 1;
                         self.stats.pending.fetch_add(1, Ordering::Relaxed);
+                        self.metrics.produced(&r.topic, r.size());
                         break;
                     }
                     Err((RdError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
@@ -300,6 +310,8 @@ impl Txn {
 
     /// The transaction ended (committed or aborted): forget it.
     pub(crate) fn clear(&mut self) {
+        // Counted by `WorkerMetrics::committed` if it committed.
+        self.metrics.forget_pending();
         self.open = false;
         self.failed = None;
         self.fault = None;
