@@ -281,7 +281,7 @@ function renderFlow(inst, def) {
         el("strong", { text: step.name }),
         el("small", { text: [step.kind, where].filter(Boolean).join(", ") }),
         el("span", { class: "state", text: `${rec.state}${rec.attempts ? ` · ${rec.attempts} attempt${rec.attempts > 1 ? "s" : ""}` : ""}` }),
-        rec.last_error ? el("span", { class: "error", text: rec.last_error }) : null,
+        rec.last_error && rec.state !== "succeeded" ? el("span", { class: "error", text: rec.last_error }) : null,
       ),
     );
   }
