@@ -16,6 +16,12 @@
 # when it exits, also on failure or ctrl-c. A broker that `scripts/kafka/broker.sh
 # start` already runs for this checkout is used and left running.
 #
+# Chromium: the operators' page is tested in a real headless Chromium
+# (examples/ecommerce/tests/ui.rs, `#[ignore = "needs Chromium: ..."]`, run
+# here with the others). The browser is Debian's `chromium` package, installed
+# here when missing (as root, or with `sudo -n`); CHROME names another binary.
+# Without one the run fails, saying so: the test is never skipped.
+#
 # Every phase runs even if an earlier one failed, so one run reports everything;
 # the script exits non-zero if any phase failed.
 set -euo pipefail
@@ -141,6 +147,44 @@ fi
 
 export RUST_BACKTRACE="${RUST_BACKTRACE:-1}"
 
+# The browser of the UI test: CHROME if set, else Debian's `chromium`,
+# installed with apt-get when missing.
+chromium_needed() {
+  echo "scripts/test.sh: the operators' page test needs Chromium: install Debian's" \
+    "package \`chromium\` (apt-get install -y --no-install-recommends chromium, as" \
+    "root), or set CHROME to a Chromium binary. $*" >&2
+  return 1
+}
+ensure_chromium() {
+  local bin
+  if [[ -n "${CHROME:-}" ]]; then
+    bin="$(command -v "$CHROME")" || chromium_needed "CHROME=$CHROME is not a program."
+  else
+    bin="$(command -v chromium || command -v chromium-browser)" || {
+      local sudo=()
+      if ((EUID != 0)); then
+        if command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then
+          sudo=(sudo -n)
+        else
+          chromium_needed "It is missing, and installing it needs root (or sudo -n)."
+          return 1
+        fi
+      fi
+      command -v apt-get >/dev/null 2>&1 \
+        || { chromium_needed "It is missing, and there is no apt-get here."; return 1; }
+      echo "  chromium is missing: installing Debian's package"
+      "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get update -qq \
+        && "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive \
+          apt-get install -y -qq --no-install-recommends chromium \
+        || { chromium_needed "apt-get could not install it."; return 1; }
+      bin="$(command -v chromium)" || { chromium_needed "apt-get installed no chromium."; return 1; }
+    }
+  fi
+  [[ -n "${bin:-}" ]] || return 1
+  # Debian's wrapper script prints a shell warning on stderr; the version is on stdout.
+  echo "  $("$bin" --version 2>/dev/null | head -n 1) ($bin)"
+}
+
 if [[ -n "${KAFKA_BOOTSTRAP_SERVERS:-}" ]]; then
   echo
   echo "==> using the Kafka broker at KAFKA_BOOTSTRAP_SERVERS=$KAFKA_BOOTSTRAP_SERVERS"
@@ -160,6 +204,7 @@ else
 fi
 export KAFKA_BOOTSTRAP_SERVERS
 
+phase chromium ensure_chromium
 phase fmt cargo fmt --all -- --check
 phase clippy cargo clippy --workspace --all-targets --all-features -- -D warnings
 phase doc env RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --all-features

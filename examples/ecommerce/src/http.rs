@@ -18,6 +18,8 @@
 //! | `GET /catalogue`, `GET /inventory`, `GET /inventory/{sku}` | yes | yes |
 //! | `GET /analytics` | 403 | yes |
 //! | `GET /dlq…`, `POST /dlq/{id}/…` (customers' emails) | 403 | yes |
+//! | `GET /sagas…`, `POST /sagas/{id}/…`, `GET /sagas/definition` | 403 | yes |
+//! | `GET /ui` (the operators' page, see [`crate::ui`]) | open: the page asks for a token | open |
 //!
 //! `/health` and `/metrics` are open so load balancers and Prometheus need
 //! no secret: they show counts and partitions, no customer data. Another
@@ -284,6 +286,9 @@ pub fn router(system: Arc<System>, tokens: ApiTokens) -> Router {
     Router::new()
         .route("/health", get(health))
         .route("/metrics", get(metrics_text))
+        .route("/ui", get(crate::ui::page))
+        .route("/ui/app.js", get(crate::ui::script))
+        .route("/ui/app.css", get(crate::ui::style))
         .route("/catalogue", get(catalogue))
         .route("/orders", post(create_order).get(list_orders))
         .route("/orders/{id}", get(get_order))
@@ -292,6 +297,7 @@ pub fn router(system: Arc<System>, tokens: ApiTokens) -> Router {
         .route("/inventory/{sku}", get(get_inventory))
         .route("/analytics", get(analytics))
         .route("/sagas", get(list_sagas))
+        .route("/sagas/definition", get(saga_definition))
         .route("/sagas/{id}", get(get_saga))
         .route("/sagas/{id}/retry", saga_action(OperatorAction::Retry))
         .route("/sagas/{id}/skip", saga_action(OperatorAction::Skip))
@@ -706,6 +712,34 @@ async fn get_saga(
         Some(i) => Ok(Json(json!(i))),
         None => Err(ApiError::not_found(format!("no saga `{id}`"))),
     }
+}
+
+/// `GET /sagas/definition`: the order saga's steps (name, kind, the
+/// channel of a remote step's command, whether it has a compensation) and
+/// its diagram as Mermaid text (operators; the web page draws the steps).
+async fn saga_definition(
+    State(s): State<Arc<System>>,
+    Operator(_): Operator,
+) -> ApiResult<Json<Value>> {
+    let def = part(&s.orders, "order")?.definition();
+    let steps: Vec<Value> = def
+        .steps()
+        .iter()
+        .map(|step| {
+            json!({
+                "name": step.name(),
+                "kind": step.kind(),
+                "channel": step.channel(),
+                "compensation": step.has_compensation(),
+                "compensation_channel": step.compensation_channel(),
+            })
+        })
+        .collect();
+    Ok(Json(json!({
+        "saga": def.name(),
+        "steps": steps,
+        "mermaid": def.to_mermaid(),
+    })))
 }
 
 /// The body of `POST /sagas/{id}/<action>`.

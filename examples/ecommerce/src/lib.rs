@@ -23,8 +23,8 @@
 //! [`notification`] (participants), [`analytics`] (a projection), [`dlq`]
 //! (the dead-letter processor); [`messages`] holds the contracts between
 //! them; [`system`] wires them on a runtime (in memory or on Kafka, once,
-//! through saga-core's `Runtime`); [`http`] is the API and [`auth`] who may
-//! call it (bearer tokens by role), [`demo`] the embedded demo and [`cli`]
+//! through saga-core's `Runtime`); [`http`] is the API, [`auth`] who may
+//! call it (bearer tokens by role) and [`ui`] the operators' web page, [`demo`] the embedded demo and [`cli`]
 //! the command line.
 
 pub mod analytics;
@@ -41,3 +41,4 @@ pub mod order;
 pub mod sagas_client;
 pub mod system;
 pub mod timeline;
+pub mod ui;

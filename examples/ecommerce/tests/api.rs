@@ -1068,3 +1068,101 @@ async fn an_operator_aborts_a_parked_order_and_it_is_cancelled_with_the_note() {
         "{order}"
     );
 }
+
+#[tokio::test(start_paused = true)]
+async fn the_operators_page_loads_without_a_token_under_a_strict_policy() {
+    let (_system, api) = start().await;
+    let (status, headers, _) = raw(&api, "GET", "/ui", &[], "").await;
+    assert_eq!(status, StatusCode::OK);
+    let csp = headers["content-security-policy"].to_str().unwrap();
+    assert!(csp.starts_with("default-src 'self'"), "{csp}");
+    for directive in [
+        "script-src 'self'",
+        "style-src 'self'",
+        "frame-ancestors 'none'",
+    ] {
+        assert!(csp.contains(directive), "{csp}");
+    }
+    assert!(!csp.contains("unsafe"), "nothing inline: {csp}");
+    assert_eq!(headers["x-content-type-options"], "nosniff");
+    assert!(headers["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("text/html"));
+    for (path, kind) in [
+        ("/ui/app.js", "text/javascript"),
+        ("/ui/app.css", "text/css"),
+    ] {
+        let (status, headers, _) = raw(&api, "GET", path, &[], "").await;
+        assert_eq!(status, StatusCode::OK, "{path}");
+        assert!(
+            headers["content-type"].to_str().unwrap().starts_with(kind),
+            "{path}"
+        );
+        assert_eq!(headers["x-content-type-options"], "nosniff", "{path}");
+    }
+    // The page needs no token; what it calls does.
+    let (status, _, _) = raw(&api, "GET", "/sagas", &[], "").await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+}
+
+#[test]
+fn the_operators_page_loads_nothing_from_elsewhere_and_nothing_inline() {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/ui");
+    let html = std::fs::read_to_string(format!("{dir}/index.html")).unwrap();
+    assert!(!html.contains("<style"), "no inline style element");
+    assert!(!html.contains("style="), "no inline style attribute");
+    let handler = html.match_indices(" on").any(|(i, _)| {
+        let rest = &html[i + 3..];
+        let name = rest.len()
+            - rest
+                .trim_start_matches(|c: char| c.is_ascii_lowercase())
+                .len();
+        name > 0 && rest[name..].starts_with('=')
+    });
+    assert!(!handler, "no inline event handler (onclick=…)");
+    assert_eq!(
+        html.matches("<script").count(),
+        html.matches("<script src=\"/ui/").count(),
+        "scripts come from /ui/ only"
+    );
+    for file in ["index.html", "app.js", "app.css"] {
+        let text = std::fs::read_to_string(format!("{dir}/{file}")).unwrap();
+        assert!(
+            !text.contains("http://") && !text.contains("https://") && !text.contains("//cdn"),
+            "{file} refers to another site"
+        );
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_saga_definition_gives_operators_the_steps_and_the_mermaid_text() {
+    let (_system, api) = start().await;
+    let def = get(&api, "/sagas/definition").await;
+    assert_eq!(def["saga"], "order");
+    let steps: Vec<(&str, &str)> = def["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| (s["name"].as_str().unwrap(), s["kind"].as_str().unwrap()))
+        .collect();
+    assert_eq!(
+        steps,
+        [
+            ("create-order", "compensatable"),
+            ("reserve-inventory", "pivot"),
+            ("confirm-order", "retryable"),
+            ("notify-confirmation", "retryable"),
+        ]
+    );
+    assert_eq!(def["steps"][1]["channel"], "inventory.requests");
+    assert!(def["steps"][0]["channel"].is_null(), "a local step");
+    assert_eq!(def["steps"][0]["compensation"], true);
+    assert!(def["mermaid"]
+        .as_str()
+        .unwrap()
+        .starts_with("stateDiagram-v2"));
+    let (status, _) =
+        ecommerce::demo::call(&api, Some(C1_TOKEN), "GET", "/sagas/definition", None).await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "operators only");
+}
