@@ -51,7 +51,9 @@ pub enum OperatorAction {
     /// outcome is unknown and it is compensatable: it is compensated too)
     /// and the steps done are compensated. Refused past the point of no
     /// return (after a pivot or on a retryable step) and while
-    /// compensating.
+    /// compensating. Aborting a pivot whose outcome is unknown is the
+    /// operator's word that it did not take effect: a late success reply
+    /// to its abandoned command is ignored, so check the participant first.
     Abort,
 }
 
@@ -128,6 +130,58 @@ impl Operation {
     pub fn note(mut self, note: impl Into<String>) -> Self {
         self.note = note.into();
         self
+    }
+
+    /// Whether the operation applies to `instance` (of `def`) as it stands:
+    /// it must be parked, on [`Operation::step`] if given, and an abort
+    /// must come before the point of no return. Runtimes check this before
+    /// sending an operation to a saga's owner, which checks it again.
+    ///
+    /// # Errors
+    /// [`SagaError::InvalidAction`] saying why not.
+    pub fn check<D: SagaData>(
+        &self,
+        def: &SagaDefinition<D>,
+        instance: &SagaInstance<D>,
+    ) -> Result<(), SagaError> {
+        let refuse = |action: String, status: String| SagaError::InvalidAction {
+            saga_id: instance.id.clone(),
+            action,
+            status,
+        };
+        if !instance.status.is_parked() {
+            return Err(refuse(
+                self.action.as_str().to_owned(),
+                instance.status.to_string(),
+            ));
+        }
+        let steps = def.steps();
+        let i = instance.cursor.min(steps.len().saturating_sub(1));
+        let name = steps.get(i).map_or("", |s| s.name.as_str());
+        if let Some(expected) = &self.step {
+            if expected != name {
+                return Err(refuse(
+                    format!("{} step `{expected}`", self.action),
+                    format!("{} on step `{name}`", instance.status),
+                ));
+            }
+        }
+        if self.action == OperatorAction::Abort {
+            let first_no_return = steps.iter().position(|s| s.kind != StepKind::Compensatable);
+            let past = instance.phase != Phase::Forward
+                || first_no_return
+                    .is_some_and(|f| i > f || (i == f && steps[f].kind == StepKind::Retryable));
+            if past {
+                return Err(refuse(
+                    "abort".into(),
+                    format!(
+                        "{} on step `{name}`, past the point of no return",
+                        instance.status
+                    ),
+                ));
+            }
+        }
+        Ok(())
     }
 
     /// Applies only if the saga is still parked on `step` (the step the
@@ -1194,20 +1248,6 @@ impl<D: SagaData> Machine<'_, D> {
     fn abort(&mut self, i: usize, op: Operation) -> Result<Handled, SagaError> {
         let name = self.step_name(i);
         let steps = self.def.steps();
-        let first_no_return = steps.iter().position(|s| s.kind != StepKind::Compensatable);
-        let past_no_return = self.inst.phase != Phase::Forward
-            || first_no_return
-                .is_some_and(|f| i > f || (i == f && steps[f].kind == StepKind::Retryable));
-        if past_no_return {
-            return Err(SagaError::InvalidAction {
-                saga_id: self.inst.id.clone(),
-                action: "abort".into(),
-                status: format!(
-                    "{} on step `{name}`, past the point of no return",
-                    self.inst.status
-                ),
-            });
-        }
         let kind = steps[i].kind;
         for t in self.inst.timers.clone() {
             if matches!(
@@ -1247,24 +1287,9 @@ impl<D: SagaData> Machine<'_, D> {
     }
 
     fn on_operator(&mut self, op: Operation) -> Result<Handled, SagaError> {
-        let SagaStatus::Parked { .. } = self.inst.status else {
-            return Err(SagaError::InvalidAction {
-                saga_id: self.inst.id.clone(),
-                action: op.action.as_str().to_owned(),
-                status: self.inst.status.to_string(),
-            });
-        };
+        op.check(self.def, &self.inst)?;
         let i = self.inst.cursor.min(self.def.steps().len() - 1);
         let name = self.step_name(i);
-        if let Some(expected) = &op.step {
-            if expected != &name {
-                return Err(SagaError::InvalidAction {
-                    saga_id: self.inst.id.clone(),
-                    action: format!("{} step `{expected}`", op.action),
-                    status: format!("{} on step `{name}`", self.inst.status),
-                });
-            }
-        }
         if op.action == OperatorAction::Abort {
             return self.abort(i, op);
         }

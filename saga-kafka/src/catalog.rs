@@ -13,7 +13,7 @@
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::KafkaError as RdError;
@@ -23,8 +23,11 @@ use saga_core::driver::decode_state;
 use saga_core::{Page, SagaData, SagaId, SagaInstance, SagaQuery, Timestamp};
 
 use crate::config::KafkaConfig;
-use crate::context::Quiet;
+use crate::context::{denied, Quiet};
 use crate::saga::ViewMap;
+
+/// How often the catalog checks it is current.
+const CHECK_EVERY: Duration = Duration::from_secs(2);
 
 /// The catalog of one saga type.
 pub(crate) struct Catalog<D> {
@@ -141,6 +144,52 @@ impl<D: SagaData> Catalog<D> {
         }
     }
 
+    fn caught_up_now(&self) {
+        let was_unknown = {
+            let mut s = self.lock();
+            let was = s.as_of.is_none();
+            s.as_of = Some(Timestamp::now());
+            s.error = None;
+            was
+        };
+        if was_unknown {
+            self.notify.notify_waiters();
+        }
+    }
+
+    /// Whether every partition has been read up to its high watermark
+    /// (`None`: the partition count changed, the topic must be read again).
+    fn current(
+        &self,
+        consumer: &BaseConsumer<Quiet>,
+        topic: &str,
+        parts: &[i32],
+    ) -> Result<Option<bool>, String> {
+        let md = consumer
+            .fetch_metadata(Some(topic), Duration::from_secs(2))
+            .map_err(|e| e.to_string())?;
+        let now_parts = md.topics().first().map_or(0, |t| t.partitions().len());
+        if now_parts != parts.len() {
+            return Ok(None);
+        }
+        let positions = consumer.position().map_err(|e| e.to_string())?;
+        for p in parts {
+            let (_, high) = consumer
+                .fetch_watermarks(topic, *p, Duration::from_secs(2))
+                .map_err(|e| e.to_string())?;
+            let at = positions
+                .find_partition(topic, *p)
+                .and_then(|e| e.offset().to_raw())
+                .unwrap_or(0);
+            // An invalid position (nothing read yet) is behind unless the
+            // partition is empty.
+            if at.max(0) < high {
+                return Ok(Some(false));
+            }
+        }
+        Ok(Some(true))
+    }
+
     fn read(&self, cfg: &KafkaConfig, topic: &str) -> Result<(), String> {
         let consumer: BaseConsumer<Quiet> = cfg
             .reader_config()
@@ -173,6 +222,7 @@ impl<D: SagaData> Catalog<D> {
             s.error = None;
         }
         let mut at_end: BTreeSet<i32> = BTreeSet::new();
+        let mut next_check = Instant::now() + CHECK_EVERY;
         while !self.stop.load(Ordering::Acquire) {
             match consumer.poll(Duration::from_millis(200)) {
                 Some(Ok(m)) => {
@@ -180,32 +230,54 @@ impl<D: SagaData> Catalog<D> {
                     let Some(key) = m.key().and_then(|k| std::str::from_utf8(k).ok()) else {
                         continue;
                     };
+                    let id = SagaId::new(key);
                     let mut s = self.lock();
                     match m.payload().filter(|v| !v.is_empty()) {
-                        None => s.map.remove(&SagaId::new(key)),
+                        None => s.map.remove(&id),
+                        // A record that does not decode, or names another
+                        // saga than its key, is not listed (restores refuse
+                        // it the same way).
                         Some(v) => match decode_state::<D>(key, v) {
-                            Ok(inst) => s.map.put(&Arc::new(inst)),
-                            Err(e) => {
-                                tracing::warn!(topic, key, error = %e, "the saga catalog skips an unreadable state record")
+                            Ok(inst) if inst.id == id => s.map.put(&Arc::new(inst)),
+                            Ok(_) | Err(_) => {
+                                s.map.remove(&id);
+                                tracing::warn!(
+                                    topic,
+                                    key,
+                                    "the saga catalog skips an unreadable state record"
+                                );
                             }
                         },
                     }
                 }
                 Some(Err(RdError::PartitionEOF(p))) => {
                     at_end.insert(p);
+                    if at_end.len() == parts.len() {
+                        self.caught_up_now();
+                    }
+                }
+                Some(Err(e)) if e.rdkafka_error_code().and_then(denied).is_some() => {
+                    return Err(format!(
+                        "not authorized: {} may not READ `{topic}`: {e}",
+                        cfg.principal()
+                    ));
                 }
                 Some(Err(e)) => tracing::debug!(topic, error = %e, "catalog reader"),
                 None => {}
             }
-            if at_end.len() == parts.len() {
-                let was_unknown = {
-                    let mut s = self.lock();
-                    let was = s.as_of.is_none();
-                    s.as_of = Some(Timestamp::now());
-                    was
-                };
-                if was_unknown {
-                    self.notify.notify_waiters();
+            // Freshness is claimed only on evidence: every few seconds the
+            // positions are compared with the broker's high watermarks (a
+            // broker out of reach leaves `as_of` where it was). A changed
+            // partition count reads the topic again.
+            if Instant::now() >= next_check {
+                next_check = Instant::now() + CHECK_EVERY;
+                match self.current(&consumer, topic, &parts) {
+                    Ok(Some(true)) => self.caught_up_now(),
+                    Ok(Some(false)) => {}
+                    Ok(None) => return Ok(()),
+                    Err(e) => {
+                        tracing::debug!(topic, error = %e, "the saga catalog cannot check its freshness")
+                    }
                 }
             }
         }

@@ -352,6 +352,17 @@ impl LagGauges {
     }
 }
 
+/// A consumer that goes away (stopped, or replaced after a fatal error)
+/// no longer reports its partitions: their gauges go to 0, so a stale
+/// value does not outlive it.
+impl Drop for LagGauges {
+    fn drop(&mut self) {
+        for g in self.gauges.values() {
+            g.set(0.0);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -26,6 +26,7 @@ pub(crate) fn spawn<F>(
 where
     F: FnMut(&Envelope) + Send + 'static,
 {
+    let channels_owned: Vec<String> = channels.iter().map(|c| (*c).to_owned()).collect();
     let subscribe = {
         let (cfg, group) = (cfg.clone(), group.to_owned());
         let channels: Vec<String> = channels.iter().map(|c| (*c).to_owned()).collect();
@@ -66,6 +67,9 @@ where
             };
             let mut last = Instant::now();
             let mut refused = false;
+            let mut refused_checked = Instant::now();
+            let mut refused_topic = false;
+            let topics: Vec<String> = channels_owned.clone();
             while flag.load(Ordering::SeqCst) == RUN {
                 match consumer.poll(Duration::from_millis(50)) {
                     Some(Ok(m)) => {
@@ -114,6 +118,8 @@ where
                         // client tries again by itself.
                         Some(kind) => {
                             refused = true;
+                            refused_topic = kind == "topic";
+                            refused_checked = Instant::now();
                             let resource = match kind {
                                 "group" => format!("group `{group}`"),
                                 _ => "one of its topics".to_owned(),
@@ -131,6 +137,15 @@ where
                         None => tracing::warn!(group = %group, error = %e, "consumer error"),
                     },
                     None => {}
+                }
+                // On a quiet topic no message says a refusal is over: its
+                // metadata does.
+                if refused && refused_topic && refused_checked.elapsed() >= UNAUTHORIZED_PAUSE {
+                    refused_checked = Instant::now();
+                    if crate::worker::topics_readable(&consumer, &topics) {
+                        refused = false;
+                        health.clear(&group, None);
+                    }
                 }
                 if !next.is_empty() && last.elapsed() >= cfg.batch_timeout {
                     commit(&consumer, &mut next);

@@ -441,8 +441,10 @@ impl<D: SagaData> SagaService<D> for KafkaSagas<D> {
     /// own view, the others from the saga type's catalog (started by the
     /// first query: it reads the state topic to its end once, within the
     /// request timeout, then follows it); [`Page::as_of`] says how fresh
-    /// the catalog is. Keeps the sagas not settled and the 10,000 most
-    /// recently settled in memory, like a worker.
+    /// the catalog is. It keeps every saga not settled, of every
+    /// partition, and about 10,000 settled ones (the last read) in this
+    /// process's memory: query from the processes meant to answer
+    /// operators.
     async fn list(&self, query: &SagaQuery) -> Result<Page<SagaInstance<D>>, SagaError> {
         self.catalog
             .ensure_started(&self.cfg, &state_topic(self.def.name()));
@@ -462,20 +464,17 @@ impl<D: SagaData> SagaService<D> for KafkaSagas<D> {
         Ok(self.catalog.page(query, &own, Timestamp::now()))
     }
 
-    /// Checks the saga is parked, then writes the request for its owner,
-    /// which applies it when it consumes it.
+    /// Checks the operation applies ([`Operation::check`]: parked, on the
+    /// step named, an abort before the point of no return), then writes the
+    /// request for its owner, which applies it when it consumes it.
     async fn operate(&self, id: &SagaId, operation: Operation) -> Result<(), SagaError> {
         let inst = self.get(id).await?.ok_or_else(|| SagaError::UnknownSaga {
             saga_id: id.clone(),
             message_id: MessageId::new(format!("{id}/operator/{}", operation.action)),
         })?;
-        if !inst.status.is_parked() {
-            return Err(SagaError::InvalidAction {
-                saga_id: id.clone(),
-                action: operation.action.to_string(),
-                status: inst.status.to_string(),
-            });
-        }
+        // Checked here too, so the caller hears of a refusal (its owner
+        // checks again when it applies the request).
+        operation.check(&self.def, &inst)?;
         let records = vec![operator_record(&self.def, id, &operation)?];
         let (done, answer) = tokio::sync::oneshot::channel();
         self.ask(

@@ -59,8 +59,10 @@ pub(crate) struct Core<P> {
     pub(crate) group: String,
     /// The topic the failing batch was refused, while its callers are told.
     denied_topic: Option<String>,
-    /// The consumer was refused and has not recovered yet.
-    consumer_denied: bool,
+    /// The kind of resource the consumer was refused, until it recovers.
+    consumer_denied: Option<&'static str>,
+    /// When the consumer's topics were last checked after a refusal.
+    pub(crate) denied_checked: Instant,
     /// Records of partitions being restored that were fetched before the
     /// pause took effect, in order: handled once the state is in.
     held: BTreeMap<u32, Vec<Held>>,
@@ -130,7 +132,8 @@ impl<P: Processor> Core<P> {
             failures: 0,
             group: String::new(),
             denied_topic: None,
-            consumer_denied: false,
+            consumer_denied: None,
+            denied_checked: Instant::now(),
             held: BTreeMap::new(),
             arrivals: Vec::new(),
         }
@@ -281,7 +284,7 @@ impl<P: Processor> Core<P> {
                     self.failures = 0;
                     // A refusal of the consumer stays until the consumer
                     // recovers (a message or an assignment).
-                    if !self.consumer_denied {
+                    if self.consumer_denied.is_none() {
                         self.health.clear(self.proc.name(), None);
                     }
                 }
@@ -375,15 +378,23 @@ impl<P: Processor> Core<P> {
 
     /// The consumer was refused (its group, a topic it reads): reported
     /// like [`Core::unauthorized`], until [`Core::consumer_ok`].
-    pub(crate) fn consumer_denied(&mut self, kind: &str, e: &RdError) {
-        self.consumer_denied = true;
+    pub(crate) fn consumer_denied(&mut self, kind: &'static str, e: &RdError) {
+        self.consumer_denied = Some(kind);
+        self.denied_checked = Instant::now();
         self.report_denied(kind, e, None);
     }
 
-    /// The consumer works (a message came, partitions were assigned): a
-    /// refusal it reported is over.
+    /// Whether a refusal of the consumer is due for a check of its topics
+    /// (on a quiet topic no message tells it is over).
+    /// Only a topic's refusal: a group's ends with an assignment.
+    pub(crate) fn recheck_due(&self) -> bool {
+        self.consumer_denied == Some("topic") && self.denied_checked.elapsed() >= UNAUTHORIZED_PAUSE
+    }
+
+    /// The consumer works (a message came, partitions were assigned, its
+    /// topics' metadata answers again): a refusal it reported is over.
     pub(crate) fn consumer_ok(&mut self) {
-        if std::mem::take(&mut self.consumer_denied) && self.failures == 0 {
+        if self.consumer_denied.take().is_some() && self.failures == 0 {
             self.health.clear(self.proc.name(), None);
         }
     }

@@ -290,6 +290,22 @@ fn subscribe<P: Processor>(
     Ok(consumer)
 }
 
+/// Whether the cluster describes every topic of `topics` to this client
+/// again (READ implies DESCRIBE: a refused topic answers with an
+/// authorization error).
+pub(crate) fn topics_readable<C: ConsumerContext>(
+    consumer: &BaseConsumer<C>,
+    topics: &[String],
+) -> bool {
+    topics.iter().all(|t| {
+        consumer
+            .fetch_metadata(Some(t), Duration::from_secs(2))
+            .ok()
+            .and_then(|md| md.topics().first().map(|m| m.error().is_none()))
+            .unwrap_or(false)
+    })
+}
+
 /// Why a worker's loop ended.
 enum Exit {
     /// Asked to stop (or to die).
@@ -386,6 +402,15 @@ fn run<P: Processor>(
                     None => tracing::warn!(error = %e, "consumer error"),
                 },
                 None => {}
+            }
+            if lock(core).recheck_due() {
+                let topics = lock(core).proc.topics();
+                let readable = topics_readable(consumer, &topics);
+                let mut c = lock(core);
+                c.denied_checked = Instant::now();
+                if readable {
+                    c.consumer_ok();
+                }
             }
             let mut c = lock(core);
             if !c.busy() {
