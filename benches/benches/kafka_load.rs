@@ -885,7 +885,7 @@ async fn restore_child(bootstrap: &str, ns: &str, n: usize, args: &Args) {
     let steady = status_bytes("VmRSS");
     let peak = status_bytes("VmHWM");
     let running = jobs
-        .list(&SagaQuery::default().limit(n + 1))
+        .list(&SagaQuery::default().local().limit(n + 1))
         .await
         .map(|l| l.items.len())
         .unwrap_or(0);

@@ -332,6 +332,10 @@ pub struct SagaQuery {
     pub after: Option<SagaId>,
     /// At most this many (default 100).
     pub limit: usize,
+    /// Only the sagas this process's workers hold now (on Kafka: of the
+    /// partitions it owns, without the saga type's catalog); in memory
+    /// every saga is local.
+    pub local: bool,
 }
 
 impl Default for SagaQuery {
@@ -349,6 +353,7 @@ impl SagaQuery {
             older_than: None,
             after: None,
             limit: 100,
+            local: false,
         }
     }
 
@@ -373,6 +378,12 @@ impl SagaQuery {
     /// The page after the saga `id`.
     pub fn after(mut self, id: SagaId) -> Self {
         self.after = Some(id);
+        self
+    }
+
+    /// Only the sagas this process's workers hold now ([`SagaQuery::local`]).
+    pub fn local(mut self) -> Self {
+        self.local = true;
         self
     }
 

@@ -437,7 +437,9 @@ impl<D: SagaData> SagaService<D> for KafkaSagas<D> {
         }
     }
 
-    /// The sagas of every partition: those this process owns from its
+    /// With [`SagaQuery::local`], the sagas of the partitions this process
+    /// owns (and the ones it settled recently), from its own view. Else the
+    /// sagas of every partition: those this process owns from its
     /// own view, the others from the saga type's catalog (started by the
     /// first query: it reads the state topic to its end once, within the
     /// request timeout, then follows it); [`Page::as_of`] says how fresh
@@ -446,6 +448,10 @@ impl<D: SagaData> SagaService<D> for KafkaSagas<D> {
     /// process's memory: query from the processes meant to answer
     /// operators.
     async fn list(&self, query: &SagaQuery) -> Result<Page<SagaInstance<D>>, SagaError> {
+        if query.local {
+            let own = self.view.snapshot();
+            return Ok(query.page(own.iter().map(|i| &**i), Timestamp::now()));
+        }
         self.catalog
             .ensure_started(&self.cfg, &state_topic(self.def.name()));
         self.catalog

@@ -387,7 +387,7 @@ pub fn event_types(events: &[Envelope], id: &str) -> Vec<String> {
 /// Every saga `orders` holds: those of the partitions this process owns.
 pub async fn owned<D: SagaData>(orders: &SagaHandle<D>) -> Vec<SagaInstance<D>> {
     let mut all = Vec::new();
-    let mut query = SagaQuery::all().limit(1000);
+    let mut query = SagaQuery::all().local().limit(1000);
     loop {
         let page = orders.list(&query).await.expect("listing the sagas");
         all.extend(page.items);
