@@ -572,14 +572,16 @@ struct DlqActionBody {
     payload: Option<Value>,
 }
 
-fn action_body(
+/// An action's JSON body (an empty one is `T::default()`); 415 unless the
+/// request says it is JSON.
+fn action_body<T: Default + serde::de::DeserializeOwned>(
     headers: &HeaderMap,
     body: Result<Bytes, BytesRejection>,
-) -> ApiResult<DlqActionBody> {
+) -> ApiResult<T> {
     require_json(headers)?;
     let body = body.map_err(body_error)?;
     if body.iter().all(u8::is_ascii_whitespace) {
-        Ok(DlqActionBody::default())
+        Ok(T::default())
     } else {
         parse_json(&body)
     }
@@ -763,16 +765,10 @@ fn saga_action(action: OperatorAction) -> MethodRouter<Arc<System>> {
               Path(id): Path<String>,
               headers: HeaderMap,
               body: Result<Bytes, BytesRejection>| async move {
-            require_json(&headers)?;
+            let b: SagaActionBody = action_body(&headers, body)?;
             if !s.services.order {
                 return Err(not_here("order"));
             }
-            let body = body.map_err(body_error)?;
-            let b: SagaActionBody = if body.iter().all(u8::is_ascii_whitespace) {
-                SagaActionBody::default()
-            } else {
-                parse_json(&body)?
-            };
             let mut op = Operation::new(action, operator.name).note(b.note.unwrap_or_default());
             if let Some(step) = b.step {
                 op = op.on_step(step);
@@ -808,7 +804,7 @@ fn dlq_action(action: DlqAction) -> MethodRouter<Arc<System>> {
               Path(id): Path<String>,
               headers: HeaderMap,
               body: Result<Bytes, BytesRejection>| async move {
-            let b = action_body(&headers, body)?;
+            let b: DlqActionBody = action_body(&headers, body)?;
             let who = operator.name;
             let dlq = part(&s.dlq, "dlq")?;
             let note = b.note.as_deref().unwrap_or("");

@@ -263,6 +263,49 @@ fn reserved(inventory: &Value, sku: &str) -> u64 {
         .unwrap()
 }
 
+/// Revokes the ACL binding `line` while the inventory works, places an
+/// order of `units` keyboards for `customer`, checks the inventory's
+/// `/health` turns 503 within 10 s with `problem`, grants the binding
+/// again and returns the order once it settled and the inventory is
+/// healthy again.
+async fn ride_out_revocation(
+    broker: &Broker,
+    client: &reqwest::Client,
+    (order_api, inventory_api): (&str, &str),
+    line: &str,
+    (customer, units): (&str, u64),
+    problem: &str,
+) -> Value {
+    broker.run(&["acls", "remove", "-"], Some(line));
+    let id = place(
+        client,
+        order_api,
+        json!({"customer_id": customer, "items": [
+            {"sku": "KEYBOARD-001", "quantity": units, "unit_price": "79.99"}
+        ]}),
+    )
+    .await;
+    let health = poll(
+        client,
+        &format!("{inventory_api}/health"),
+        Duration::from_secs(10),
+        |s, _| s == 503,
+    )
+    .await;
+    let problems = health["problems"].to_string();
+    assert!(problems.contains(problem), "{problems}");
+    broker.run(&["acls", "add", "-"], Some(line));
+    let order = settled(client, order_api, &id, Duration::from_secs(90)).await;
+    poll(
+        client,
+        &format!("{inventory_api}/health"),
+        Duration::from_secs(30),
+        |s, _| s == 200,
+    )
+    .await;
+    order
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 #[ignore = "needs Java and Maven: scripts/test.sh (starts a secured broker of its own)"]
 async fn on_a_secured_broker_the_services_run_with_exactly_the_generated_acls_and_fail_loudly() {
@@ -454,48 +497,34 @@ async fn on_a_secured_broker_the_services_run_with_exactly_the_generated_acls_an
     assert_eq!(reserved(&inv, "LAPTOP-001"), 1);
     assert_eq!(reserved(&inv, "KEYBOARD-001"), 1);
 
-    // The inventory loses WRITE on its reply topic while it works.
-    let revoked = format!("User:inventory ALLOW WRITE TOPIC LITERAL {prefix}inventory.responses\n");
-    assert!(acls.contains(&revoked), "{acls}");
-    broker.run(&["acls", "remove", "-"], Some(&revoked));
+    // The inventory loses WRITE on its reply topic while it works, then
+    // READ on its consumer group.
     let revoked_at = Instant::now();
-    let id4 = place(
+    let o4 = ride_out_revocation(
+        &broker,
         &client,
-        order_api,
-        json!({"customer_id": "c-dan", "items": [
-            {"sku": "KEYBOARD-001", "quantity": 2, "unit_price": "79.99"}
-        ]}),
+        (order_api, inventory_api),
+        &format!("User:inventory ALLOW WRITE TOPIC LITERAL {prefix}inventory.responses\n"),
+        ("c-dan", 2),
+        &format!(
+            "not authorized: User:inventory may not WRITE topic `{prefix}inventory.responses`"
+        ),
     )
     .await;
-    let health = poll(
-        &client,
-        &format!("{inventory_api}/health"),
-        Duration::from_secs(10),
-        |s, _| s == 503,
-    )
-    .await;
-    let problem = health["problems"].to_string();
-    assert!(
-        problem.contains("not authorized: User:inventory may not WRITE topic"),
-        "{problem}"
-    );
-    assert!(problem.contains("inventory.responses"), "{problem}");
     eprintln!(
-        "revoked ACL reported after {:.1} s",
+        "revoked ACL ridden out in {:.1} s",
         revoked_at.elapsed().as_secs_f64()
     );
-
-    // The ACL is back: the inventory goes on by itself, the order settles,
-    // and only confirmed orders hold stock.
-    broker.run(&["acls", "add", "-"], Some(&revoked));
-    let o4 = settled(&client, order_api, &id4, Duration::from_secs(90)).await;
-    poll(
+    let o5 = ride_out_revocation(
+        &broker,
         &client,
-        &format!("{inventory_api}/health"),
-        Duration::from_secs(30),
-        |s, _| s == 200,
+        (order_api, inventory_api),
+        &format!("User:inventory ALLOW READ GROUP LITERAL {prefix}inventory\n"),
+        ("c-fay", 3),
+        &format!("not authorized: User:inventory may not READ group `{prefix}inventory`"),
     )
     .await;
+    // Only confirmed orders hold stock.
     let inv = poll(
         &client,
         &format!("{inventory_api}/inventory"),
@@ -503,54 +532,10 @@ async fn on_a_secured_broker_the_services_run_with_exactly_the_generated_acls_an
         |s, _| s == 200,
     )
     .await;
-    let keyboards = 1 + if o4["status"] == "CONFIRMED" { 2 } else { 0 };
-    assert_eq!(reserved(&inv, "KEYBOARD-001"), keyboards, "order 4: {o4}");
+    let confirmed = |o: &Value, n: u64| if o["status"] == "CONFIRMED" { n } else { 0 };
+    let keyboards = 1 + confirmed(&o4, 2) + confirmed(&o5, 3);
+    assert_eq!(reserved(&inv, "KEYBOARD-001"), keyboards, "{o4} {o5}");
     assert_eq!(reserved(&inv, "LAPTOP-001"), 1);
-
-    // The inventory loses READ on its consumer group.
-    let revoked = format!("User:inventory ALLOW READ GROUP LITERAL {prefix}inventory\n");
-    assert!(acls.contains(&revoked), "{acls}");
-    broker.run(&["acls", "remove", "-"], Some(&revoked));
-    let id5 = place(
-        &client,
-        order_api,
-        json!({"customer_id": "c-fay", "items": [
-            {"sku": "KEYBOARD-001", "quantity": 3, "unit_price": "79.99"}
-        ]}),
-    )
-    .await;
-    let health = poll(
-        &client,
-        &format!("{inventory_api}/health"),
-        Duration::from_secs(10),
-        |s, _| s == 503,
-    )
-    .await;
-    let problem = health["problems"].to_string();
-    assert!(
-        problem.contains(&format!(
-            "not authorized: User:inventory may not READ group `{prefix}inventory`"
-        )),
-        "{problem}"
-    );
-    broker.run(&["acls", "add", "-"], Some(&revoked));
-    let o5 = settled(&client, order_api, &id5, Duration::from_secs(90)).await;
-    poll(
-        &client,
-        &format!("{inventory_api}/health"),
-        Duration::from_secs(30),
-        |s, _| s == 200,
-    )
-    .await;
-    let inv = poll(
-        &client,
-        &format!("{inventory_api}/inventory"),
-        Duration::from_secs(5),
-        |s, _| s == 200,
-    )
-    .await;
-    let keyboards = keyboards + if o5["status"] == "CONFIRMED" { 3 } else { 0 };
-    assert_eq!(reserved(&inv, "KEYBOARD-001"), keyboards, "order 5: {o5}");
     eprintln!(
         "secured flows in {:.1} s (order 4: {})",
         t0.elapsed().as_secs_f64(),
