@@ -34,7 +34,9 @@ pub enum Input {
     Operator(Operation),
 }
 
-/// What an operator can do with a parked saga.
+/// What an operator can do with a parked saga, or with a stuck one (a
+/// saga waiting on its current step: a command in flight with no reply
+/// yet, or a backoff before the next attempt).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 #[non_exhaustive]
@@ -43,8 +45,18 @@ pub enum OperatorAction {
     /// budget. The new command has a new message id, so the participant
     /// runs it again (its own idempotency, by
     /// [`Envelope::idempotency_key`], keeps it from acting twice).
+    ///
+    /// On a stuck saga (running or compensating, waiting on its current
+    /// step) it is "retry now": the backoff is cut short, or the command
+    /// in flight is abandoned as if its deadline had passed (a forward
+    /// step then counts as possibly applied, so it is compensated if the
+    /// saga later compensates), and the next attempt is sent at once, with
+    /// a fresh retry budget. A late success reply to the abandoned command
+    /// is still applied.
     Retry,
-    /// Consider the parked step done (forward) or undone (compensating) and go on.
+    /// Consider the parked step done (forward) or undone (compensating) and
+    /// go on. Parked sagas only: a step still waiting on a reply or a
+    /// backoff is retried or aborted instead.
     Skip,
     /// Give up a saga parked on a forward step before its point of no
     /// return: the parked step counts as not done (as possibly done if its
@@ -54,6 +66,11 @@ pub enum OperatorAction {
     /// compensating. Aborting a pivot whose outcome is unknown is the
     /// operator's word that it did not take effect: a late success reply
     /// to its abandoned command is ignored, so check the participant first.
+    ///
+    /// A stuck saga may be aborted too while its current step is
+    /// compensatable; a command of that step still in flight counts as
+    /// possibly applied, so the step is compensated as well. A stuck saga
+    /// waiting on a pivot is not aborted: its reply or deadline decides.
     Abort,
 }
 
@@ -133,7 +150,8 @@ impl Operation {
     }
 
     /// Whether the operation applies to `instance` (of `def`) as it stands:
-    /// it must be parked, on [`Operation::step`] if given, and an abort
+    /// it must be parked (or, for a retry or an abort, stuck: see
+    /// [`OperatorAction`]), on [`Operation::step`] if given, and an abort
     /// must come before the point of no return. Runtimes check this before
     /// sending an operation to a saga's owner, which checks it again.
     ///
@@ -149,15 +167,30 @@ impl Operation {
             action,
             status,
         };
-        if !instance.status.is_parked() {
-            return Err(refuse(
-                self.action.as_str().to_owned(),
-                instance.status.to_string(),
-            ));
-        }
         let steps = def.steps();
         let i = instance.cursor.min(steps.len().saturating_sub(1));
         let name = steps.get(i).map_or("", |s| s.name.as_str());
+        if !instance.status.is_parked() {
+            let stuck = match self.action {
+                OperatorAction::Retry => waiting_on(instance, i).is_some(),
+                OperatorAction::Abort => {
+                    instance.status == SagaStatus::Running
+                        && waiting_on(instance, i).is_some()
+                        && steps
+                            .get(i)
+                            .is_some_and(|s| s.kind == StepKind::Compensatable)
+                }
+                OperatorAction::Skip => false,
+            };
+            if !stuck {
+                let status = if waiting_on(instance, i).is_some() {
+                    format!("{} on step `{name}`, not parked", instance.status)
+                } else {
+                    instance.status.to_string()
+                };
+                return Err(refuse(self.action.as_str().to_owned(), status));
+            }
+        }
         if let Some(expected) = &self.step {
             if expected != name {
                 return Err(refuse(
@@ -190,6 +223,39 @@ impl Operation {
         self.step = Some(step.into());
         self
     }
+}
+
+/// What a saga that is neither parked nor settled waits on at step `i`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Waiting {
+    /// A command in flight, with no reply and no verdict yet.
+    Reply,
+    /// A backoff before the next attempt.
+    Backoff,
+}
+
+/// What `instance` waits on at step `i` in its current phase, if anything
+/// (running or compensating sagas only).
+fn waiting_on<D>(instance: &SagaInstance<D>, i: usize) -> Option<Waiting> {
+    let phase = match instance.status {
+        SagaStatus::Running => Phase::Forward,
+        SagaStatus::Compensating => Phase::Compensation,
+        _ => return None,
+    };
+    if instance.phase != phase {
+        return None;
+    }
+    let in_flight = instance
+        .awaiting
+        .as_ref()
+        .is_some_and(|a| a.step == i && a.phase == phase && a.in_flight);
+    if in_flight {
+        return Some(Waiting::Reply);
+    }
+    let backoff = instance.timers.iter().any(
+        |t| matches!(t.kind, TimerKind::Backoff { step, phase: p } if step == i && p == phase),
+    );
+    backoff.then_some(Waiting::Backoff)
 }
 
 /// What the driver must carry out after a transition, in order.
@@ -1249,6 +1315,7 @@ impl<D: SagaData> Machine<'_, D> {
         let name = self.step_name(i);
         let steps = self.def.steps();
         let kind = steps[i].kind;
+        let in_flight = waiting_on(&self.inst, i) == Some(Waiting::Reply);
         for t in self.inst.timers.clone() {
             if matches!(
                 t.kind,
@@ -1262,7 +1329,9 @@ impl<D: SagaData> Machine<'_, D> {
         // The operator answers for a pivot (they checked it did not take
         // effect); a compensatable step that may have applied is undone.
         rec.state = match kind {
-            StepKind::Compensatable if rec.state == StepState::Indeterminate || rec.uncertain => {
+            StepKind::Compensatable
+                if in_flight || rec.state == StepState::Indeterminate || rec.uncertain =>
+            {
                 StepState::Indeterminate
             }
             _ => StepState::Failed,
@@ -1286,12 +1355,60 @@ impl<D: SagaData> Machine<'_, D> {
         Ok(Handled::Applied)
     }
 
+    /// [`OperatorAction::Retry`] of a stuck saga: the wait on step `i` is
+    /// cut short and the next attempt sent now, with a fresh budget.
+    fn retry_now(&mut self, i: usize, waiting: Waiting, op: Operation) -> Handled {
+        let name = self.step_name(i);
+        let phase = self.inst.phase;
+        self.disarm_step(i, phase);
+        let rec = &mut self.inst.steps[i];
+        let cut = match waiting {
+            Waiting::Reply => {
+                let attempt = self.inst.awaiting.as_ref().map_or(0, |a| a.attempt);
+                if let Some(a) = &mut self.inst.awaiting {
+                    a.in_flight = false;
+                }
+                // Its reply may never come, or come late: the attempt may
+                // have applied.
+                if phase == Phase::Forward {
+                    rec.uncertain = true;
+                }
+                format!("abandons command {attempt}, still unanswered")
+            }
+            Waiting::Backoff => "skips the backoff".to_owned(),
+        };
+        match phase {
+            Phase::Forward => {
+                rec.attempts = 0;
+                rec.first_attempt_at = None;
+            }
+            Phase::Compensation => {
+                rec.compensation_attempts = 0;
+                rec.first_compensation_at = None;
+            }
+        }
+        rec.executions = 0;
+        let what = match phase {
+            Phase::Forward => format!("operator: retry step `{name}` now ({cut})"),
+            Phase::Compensation => {
+                format!("operator: retry compensation of step `{name}` now ({cut})")
+            }
+        };
+        let note = (!op.note.is_empty()).then_some(op.note);
+        self.inst.record_by(self.now, what, Some(op.operator), note);
+        self.drive();
+        Handled::Applied
+    }
+
     fn on_operator(&mut self, op: Operation) -> Result<Handled, SagaError> {
         op.check(self.def, &self.inst)?;
         let i = self.inst.cursor.min(self.def.steps().len() - 1);
         let name = self.step_name(i);
         if op.action == OperatorAction::Abort {
             return self.abort(i, op);
+        }
+        if let Some(waiting) = waiting_on(&self.inst, i) {
+            return Ok(self.retry_now(i, waiting, op));
         }
         // The parked command is abandoned; a late success reply to it is
         // still applied after a retry (its attempt number is lower).

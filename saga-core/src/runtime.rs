@@ -143,7 +143,7 @@ pub trait SagaService<D: SagaData>: Send + Sync + 'static {
 }
 
 /// The instances of one saga type on a runtime: start them, read them,
-/// act on parked ones. Cheap to clone; the same type on every runtime.
+/// act on parked or stuck ones. Cheap to clone; the same type on every runtime.
 pub struct SagaHandle<D> {
     service: Arc<dyn SagaService<D>>,
 }
@@ -219,14 +219,16 @@ impl<D: SagaData> SagaHandle<D> {
         self.service.list(query).await
     }
 
-    /// Asks for `operation` on parked saga `id`; it is recorded in the
+    /// Asks for `operation` on saga `id`, parked or stuck (see
+    /// [`OperatorAction`](crate::OperatorAction)); it is recorded in the
     /// saga's history with the operator and the note. Returns once the
     /// request is durable; the saga's owner applies it in order with the
     /// saga's other inputs.
     ///
     /// # Errors
-    /// [`SagaError::UnknownSaga`], [`SagaError::InvalidAction`] if the saga
-    /// is not parked, [`SagaError::Unavailable`] if the request could not be
+    /// [`SagaError::UnknownSaga`], [`SagaError::InvalidAction`] if the
+    /// action does not apply ([`Operation::check`](crate::Operation::check)),
+    /// [`SagaError::Unavailable`] if the request could not be
     /// written.
     pub async fn operate(&self, id: &SagaId, operation: Operation) -> Result<(), SagaError> {
         self.service.operate(id, operation).await

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use saga_core::driver::{Effect, Handled, Ignored, Input};
+use saga_core::driver::{Effect, Handled, Ignored, Input, TimerKind};
 use saga_core::testing::{eventually, SagaHarness};
 use saga_core::*;
 use serde::{Deserialize, Serialize};
@@ -238,12 +238,173 @@ async fn a_reply_for_an_unknown_saga_is_dead_lettered_and_does_not_block() {
 }
 
 #[test]
-fn operator_actions_on_a_running_saga_are_rejected() {
+fn operator_actions_on_a_settled_saga_and_skips_of_a_stuck_one_are_rejected() {
     let mut t = SagaHarness::new(order_saga());
     t.start("o-3", Order::default()).unwrap();
-    let err = t.operator(Operation::retry("alice")).unwrap_err();
+    // Waiting on the pivot's reply: a skip would race that reply.
+    let err = t.operator(Operation::skip("alice")).unwrap_err();
     assert!(matches!(err, SagaError::InvalidAction { .. }));
-    assert!(err.to_string().contains("while running"), "{err}");
+    assert!(
+        err.to_string()
+            .contains("while running on step `reserve`, not parked"),
+        "{err}"
+    );
+    // Nor is a stuck pivot aborted: its reply or deadline decides.
+    let err = t.operator(Operation::abort("alice")).unwrap_err();
+    assert!(err.to_string().contains("not parked"), "{err}");
+    t.reply_ok("reserve", &Reserved { ok: true }).unwrap();
+    t.then_status(&SagaStatus::Completed);
+    for op in [
+        Operation::retry("alice"),
+        Operation::skip("alice"),
+        Operation::abort("alice"),
+    ] {
+        let err = t.operator(op).unwrap_err();
+        assert!(err.to_string().contains("while completed"), "{err}");
+    }
+}
+
+/// `reserve`, compensatable and with no attempt timeout (a lost reply
+/// leaves it waiting for good), after a local `create`; retries back off
+/// for an hour.
+fn stuck_saga() -> SagaDefinition<Order> {
+    SagaDefinition::<Order>::builder("stuck")
+        .step(
+            Step::<Order>::local("create", |_| Ok(())).compensate_local(|ctx| {
+                let reason = ctx.failure_reason().unwrap_or("?").to_owned();
+                ctx.data_mut().cancelled = Some(reason);
+                Ok(())
+            }),
+        )
+        .step(
+            reserve_step(|| StepError::retryable("inventory busy"))
+                .retry(RetryPolicy::fixed(Duration::from_secs(3600)).with_max_attempts(3))
+                .compensate_remote("inventory.requests", |_: &Order| "RELEASE"),
+        )
+        .build()
+        .unwrap()
+}
+
+#[test]
+fn an_operators_retry_of_a_step_in_its_backoff_sends_the_next_attempt_now() {
+    let mut t = SagaHarness::new(stuck_saga());
+    t.start("s-1", Order::default()).unwrap();
+    t.reply_ok("reserve", &Reserved { ok: false }).unwrap();
+    assert_eq!(t.commands().len(), 1, "waiting out an hour's backoff");
+    assert!(!t.status().is_parked());
+    t.operator(
+        Operation::retry("alice")
+            .on_step("reserve")
+            .note("inventory is back"),
+    )
+    .unwrap();
+    let ids: Vec<String> = t.commands().iter().map(|c| c.id.to_string()).collect();
+    assert_eq!(
+        ids,
+        ["stuck:s-1/reserve/forward/1", "stuck:s-1/reserve/forward/2"]
+    );
+    assert!(
+        !t.instance()
+            .timers
+            .iter()
+            .any(|tm| matches!(tm.kind, TimerKind::Backoff { .. })),
+        "the backoff is disarmed: {:?}",
+        t.instance().timers
+    );
+    assert_eq!(t.instance().steps[1].attempts, 1, "a fresh retry budget");
+    let entry = t
+        .instance()
+        .history
+        .iter()
+        .find(|h| {
+            h.what
+                .contains("operator: retry step `reserve` now (skips the backoff)")
+        })
+        .unwrap();
+    assert_eq!(entry.operator.as_deref(), Some("alice"));
+    assert_eq!(entry.note.as_deref(), Some("inventory is back"));
+    t.reply_ok("reserve", &Reserved { ok: true }).unwrap();
+    t.then_status(&SagaStatus::Completed);
+    // The hour passes: nothing more is sent.
+    t.advance(Duration::from_secs(3600)).unwrap();
+    assert_eq!(t.commands().len(), 2);
+}
+
+#[test]
+fn an_operators_retry_of_an_unanswered_command_resends_and_a_late_answer_still_counts() {
+    let mut t = SagaHarness::new(stuck_saga());
+    t.start("s-2", Order::default()).unwrap();
+    // Its reply was lost: with no attempt timeout, nothing would move.
+    t.operator(Operation::retry("bob")).unwrap();
+    assert_eq!(t.commands().len(), 2);
+    assert_eq!(
+        t.commands()[1].id.as_str(),
+        "stuck:s-2/reserve/forward/2",
+        "a new command, so the participant runs it again"
+    );
+    assert!(
+        t.instance().steps[1].uncertain,
+        "command 1 may have applied"
+    );
+    assert!(t.instance().history.iter().any(|h| h
+        .what
+        .contains("operator: retry step `reserve` now (abandons command 1, still unanswered)")));
+    // The first command's answer arrives after all: it counts.
+    let handled = t
+        .reply_to_attempt("reserve", 1, &Reserved { ok: true })
+        .unwrap();
+    assert_eq!(handled, Handled::Applied);
+    t.then_status(&SagaStatus::Completed);
+}
+
+#[test]
+fn an_operators_abort_of_a_stuck_step_compensates_it_as_possibly_applied() {
+    let mut t = SagaHarness::new(stuck_saga());
+    t.start("s-3", Order::default()).unwrap();
+    t.operator(Operation::abort("carol").note("customer cancelled by phone"))
+        .unwrap();
+    assert_eq!(t.status(), &SagaStatus::Compensating);
+    let last = (*t.commands().last().unwrap()).clone();
+    assert_eq!(
+        last.phase,
+        Some(Phase::Compensation),
+        "the unanswered reserve may have applied: it is released"
+    );
+    t.reply_ok("reserve", &"released").unwrap();
+    t.then_status(&SagaStatus::Compensated);
+    assert_eq!(
+        t.data().cancelled.as_deref(),
+        Some("aborted by carol: customer cancelled by phone")
+    );
+}
+
+#[test]
+fn an_operators_retry_of_a_compensation_in_its_backoff_sends_it_now() {
+    let saga = SagaDefinition::<Order>::builder("undo")
+        .step(
+            reserve_step(|| StepError::permanent("no"))
+                .compensate_remote("inventory.requests", |_: &Order| "RELEASE")
+                .compensation_retry(RetryPolicy::fixed(Duration::from_secs(3600))),
+        )
+        .step(Step::<Order>::local("fail", |_| {
+            Err(StepError::permanent("card declined"))
+        }))
+        .build()
+        .unwrap();
+    let mut t = SagaHarness::new(saga);
+    t.start("u-1", Order::default()).unwrap();
+    t.reply_ok("reserve", &Reserved { ok: true }).unwrap();
+    assert_eq!(t.status(), &SagaStatus::Compensating);
+    t.reply_failure("reserve", ErrorClass::Retryable, "inventory down")
+        .unwrap();
+    let sent = t.commands().len();
+    t.operator(Operation::retry("dave")).unwrap();
+    assert_eq!(t.commands().len(), sent + 1, "the compensation is sent now");
+    assert!(t.instance().history.iter().any(|h| h
+        .what
+        .contains("operator: retry compensation of step `reserve` now (skips the backoff)")));
+    t.reply_ok("reserve", &"released").unwrap();
+    t.then_status(&SagaStatus::Compensated);
 }
 
 #[test]

@@ -470,8 +470,8 @@ impl<D: SagaData> SagaService<D> for KafkaSagas<D> {
         Ok(self.catalog.page(query, &own, Timestamp::now()))
     }
 
-    /// Checks the operation applies ([`Operation::check`]: parked, on the
-    /// step named, an abort before the point of no return), then writes the
+    /// Checks the operation applies ([`Operation::check`]: parked or
+    /// stuck, on the step named, an abort before the point of no return), then writes the
     /// request for its owner, which applies it when it consumes it.
     async fn operate(&self, id: &SagaId, operation: Operation) -> Result<(), SagaError> {
         let inst = self.get(id).await?.ok_or_else(|| SagaError::UnknownSaga {

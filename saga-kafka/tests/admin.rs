@@ -174,3 +174,89 @@ async fn a_query_finds_parked_sagas_of_every_instance_and_a_retry_completes_them
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "needs Kafka: scripts/test.sh"]
+async fn a_saga_stuck_on_a_long_backoff_is_found_and_retried_now_through_another_instance() {
+    let bed = TestBed::new().await;
+    let name = bed.fx.topic("stuck");
+    let channel = bed.fx.topic("bank");
+    // The bank fails retryably and the next attempt is an hour away: the
+    // saga is running, not parked, and nothing moves by itself.
+    let saga = || {
+        SagaDefinition::<Payment>::builder(&name)
+            .step(
+                Step::remote("charge", &channel)
+                    .command(|_: &Payment| "CHARGE")
+                    .on_reply(|ctx, _: Value| {
+                        ctx.data_mut().charged = true;
+                        Ok(())
+                    })
+                    .timeout(Duration::from_secs(5))
+                    .retry(RetryPolicy::fixed(Duration::from_secs(3600)).with_max_attempts(3)),
+            )
+            .build()
+            .unwrap()
+    };
+    let a = bed.runtime("a");
+    let b = bed.runtime("b");
+    let sagas_b = b.saga(saga()).await.unwrap();
+    let bank = Bank::default();
+    b.participant(
+        &channel,
+        ParticipantPolicy::new(bed.fx.topic("bank")).retry(RetryPolicy::no_retry()),
+        bank.clone(),
+    )
+    .await
+    .unwrap();
+    // a joins after the start and only queries and operates: whichever
+    // instance owns the saga after the rebalance, a's handle reaches it.
+    let id = SagaId::new("stuck-1");
+    sagas_b.start(id.clone(), Payment::default()).await.unwrap();
+    let sagas_a = a.saga(saga()).await.unwrap();
+
+    let query = SagaQuery::all()
+        .status(StatusFilter::Active)
+        .older_than(Duration::from_millis(500));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let stuck = loop {
+        let page = sagas_a.list(&query).await.unwrap();
+        if let Some(inst) = page.items.into_iter().find(|i| i.id == id) {
+            break inst;
+        }
+        assert!(Instant::now() < deadline, "the stuck saga is not listed");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(stuck.status, SagaStatus::Running);
+    assert_eq!(stuck.current_step(), Some("charge"));
+    // Skipping a step that is not parked is refused at once.
+    let err = sagas_a
+        .operate(&id, Operation::skip("alice"))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, SagaError::InvalidAction { .. }), "{err:?}");
+
+    bank.up.store(true, Ordering::SeqCst);
+    sagas_a
+        .operate(
+            &id,
+            Operation::retry("alice")
+                .on_step("charge")
+                .note("the bank is back"),
+        )
+        .await
+        .unwrap();
+    let done = sagas_a
+        .wait_settled(&id, Duration::from_secs(60))
+        .await
+        .unwrap();
+    assert_eq!(done.status, SagaStatus::Completed, "{:?}", done.history);
+    assert!(done.data.charged);
+    let entry = done
+        .history
+        .iter()
+        .find(|h| h.what.contains("operator: retry step `charge` now"))
+        .unwrap_or_else(|| panic!("{:?}", done.history));
+    assert_eq!(entry.operator.as_deref(), Some("alice"));
+    assert_eq!(entry.note.as_deref(), Some("the bank is back"));
+}

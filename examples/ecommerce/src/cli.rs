@@ -146,8 +146,8 @@ enum Command {
         action: Option<dlq_client::DlqCommand>,
     },
     /// Operate the order sagas of a running `serve` or `order` process:
-    /// list (e.g. `--status parked --older-than 5m`), show, retry, skip,
-    /// abort.
+    /// list (e.g. `--status parked --older-than 5m`, or `--status active`
+    /// for stuck ones), show, retry, skip, abort.
     Sagas {
         /// The API of the running `serve` or `order` process.
         #[arg(long, default_value = "http://127.0.0.1:8080")]

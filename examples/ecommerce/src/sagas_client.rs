@@ -34,11 +34,14 @@ pub enum SagasCommand {
         /// The saga (order) id.
         id: String,
     },
-    /// Run the parked step (or compensation) again, with a fresh budget.
+    /// Run the parked step (or compensation) again, with a fresh budget;
+    /// on a stuck saga (waiting on a backoff or an unanswered command),
+    /// run it again now.
     Retry(ActionArgs),
     /// Count the parked step as done (or undone) and go on.
     Skip(ActionArgs),
-    /// Compensate a saga parked before its point of no return.
+    /// Compensate a saga parked before its point of no return, or a stuck
+    /// one waiting on a compensatable step.
     Abort(ActionArgs),
 }
 

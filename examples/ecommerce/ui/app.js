@@ -299,7 +299,15 @@ function renderDetail(inst, def) {
   badge.dataset.status = status;
   $("detail-reason").textContent = (inst.status && inst.status.reason) || inst.failure || "";
   renderFlow(inst, def);
-  $("saga-actions").hidden = status !== "parked";
+  // Parked sagas take every action; running or compensating ones (stuck
+  // on a reply or a backoff) a retry now or an abort, which the server
+  // refuses with a reason when they do not apply.
+  const parked = status === "parked";
+  const active = parked || status === "running" || status === "compensating";
+  $("saga-actions").hidden = !active;
+  $("actions-title").textContent = parked ? "Act on the parked saga" : "Act on the stuck saga";
+  const skip = document.querySelector('#saga-actions [data-action="skip"]');
+  if (skip) skip.disabled = !parked;
   const history = $("history");
   clear(history);
   for (const h of inst.history || []) {

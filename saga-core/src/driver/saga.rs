@@ -497,7 +497,8 @@ impl<D: SagaData> SagaDriver<D> {
     ///
     /// # Errors
     /// [`SagaError::UnknownSaga`] if the driver does not hold `id`,
-    /// [`SagaError::InvalidAction`] if the saga is not parked (or settled),
+    /// [`SagaError::InvalidAction`] if the action does not apply
+    /// ([`Operation::check`]; a settled saga takes none),
     /// [`SagaError::Encode`] or [`SagaError::RecordTooLarge`] if the new
     /// state cannot be written.
     pub fn operate(
