@@ -6,7 +6,8 @@
 //! membership, nothing committed) assigned every partition, read from the
 //! beginning once and then tailed, keeping the sagas not settled and the
 //! most recently settled ones (as the worker's view does). It is started
-//! by the first query of a handle and stops with the handle. Its freshness
+//! by the first query of a handle and stops with the handle or with its
+//! runtime, whichever goes first. Its freshness
 //! is the last time every partition had been read to its end
 //! ([`Page::as_of`](saga_core::Page::as_of)).
 
@@ -50,6 +51,17 @@ impl<D> Catalog<D> {
     pub(crate) fn stop(&self) {
         self.stop.store(true, Ordering::Release);
     }
+
+    /// The flag that stops the reader, for the runtime to set when it
+    /// shuts down.
+    pub(crate) fn stop_flag(&self) -> Arc<AtomicBool> {
+        self.stop.clone()
+    }
+
+    /// Whether the reader was stopped (no query is answered after that).
+    pub(crate) fn stopped(&self) -> bool {
+        self.stop.load(Ordering::Acquire)
+    }
 }
 
 impl<D: SagaData> Catalog<D> {
@@ -72,7 +84,7 @@ impl<D: SagaData> Catalog<D> {
 
     /// Starts following `topic` unless already started.
     pub(crate) fn ensure_started(self: &Arc<Self>, cfg: &Arc<KafkaConfig>, topic: &str) {
-        if self.started.swap(true, Ordering::AcqRel) {
+        if self.stopped() || self.started.swap(true, Ordering::AcqRel) {
             return;
         }
         let me = self.clone();
@@ -139,7 +151,10 @@ impl<D: SagaData> Catalog<D> {
                 tracing::warn!(topic, error = %e, "the saga catalog cannot follow the state topic: trying again in 5 s");
                 self.lock().error = Some(e);
                 self.notify.notify_waiters();
-                std::thread::sleep(Duration::from_secs(5));
+                let again = Instant::now() + Duration::from_secs(5);
+                while Instant::now() < again && !self.stopped() {
+                    std::thread::sleep(Duration::from_millis(100));
+                }
             }
         }
     }

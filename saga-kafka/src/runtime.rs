@@ -33,6 +33,9 @@ pub struct KafkaRuntime {
     cfg: Arc<KafkaConfig>,
     stats: Arc<StatsInner>,
     workers: Mutex<Vec<WorkerHandle>>,
+    /// The stop flags of the saga handles' catalogs: their readers stop
+    /// with the runtime, whoever still holds a handle.
+    catalogs: Mutex<Vec<Arc<std::sync::atomic::AtomicBool>>>,
     publisher: Arc<Publisher>,
     registry: Registry,
     health: HealthBoard,
@@ -109,6 +112,7 @@ impl KafkaRuntime {
             cfg,
             stats,
             workers: Mutex::new(Vec::new()),
+            catalogs: Mutex::new(Vec::new()),
             registry: Registry::default(),
             health,
             connected: Arc::default(),
@@ -141,7 +145,19 @@ impl KafkaRuntime {
             .push(w);
     }
 
+    fn stop_catalogs(&self) {
+        for stop in self
+            .catalogs
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+        {
+            stop.store(true, Ordering::Release);
+        }
+    }
+
     async fn stop_all(&self, how: u8) {
+        self.stop_catalogs();
         let workers = std::mem::take(&mut *self.workers.lock().unwrap_or_else(|e| e.into_inner()));
         for w in &workers {
             w.stop.store(how, Ordering::SeqCst);
@@ -213,12 +229,17 @@ impl Runtime for KafkaRuntime {
             .map_err(|e| refused("starting the saga's worker", e));
         let w = w.inspect_err(|_| self.registry.forget(&registered))?;
         self.push(w);
+        let catalog = Arc::new(crate::catalog::Catalog::new());
+        self.catalogs
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(catalog.stop_flag());
         Ok(SagaHandle::new(KafkaSagas {
             def,
             cfg: self.cfg.clone(),
             view,
             requests: tx,
-            catalog: Arc::new(crate::catalog::Catalog::new()),
+            catalog,
         }))
     }
 
@@ -363,6 +384,7 @@ impl Runtime for KafkaRuntime {
 
 impl Drop for KafkaRuntime {
     fn drop(&mut self) {
+        self.stop_catalogs();
         for w in self
             .workers
             .lock()

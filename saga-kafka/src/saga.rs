@@ -446,11 +446,15 @@ impl<D: SagaData> SagaService<D> for KafkaSagas<D> {
     /// the catalog is. It keeps every saga not settled, of every
     /// partition, and about 10,000 settled ones (the last read) in this
     /// process's memory: query from the processes meant to answer
-    /// operators.
+    /// operators. Once the runtime shut down, such a query is
+    /// [`SagaError::Shutdown`] (the catalog stops with it).
     async fn list(&self, query: &SagaQuery) -> Result<Page<SagaInstance<D>>, SagaError> {
         if query.local {
             let own = self.view.snapshot();
             return Ok(query.page(own.iter().map(|i| &**i), Timestamp::now()));
+        }
+        if self.catalog.stopped() {
+            return Err(SagaError::Shutdown);
         }
         self.catalog
             .ensure_started(&self.cfg, &state_topic(self.def.name()));

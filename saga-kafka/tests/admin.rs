@@ -4,7 +4,7 @@
 
 mod common;
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -14,6 +14,10 @@ use saga_core::driver::partition_for;
 use saga_core::*;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
+
+/// The tests of this file one at a time: one counts the catalogs' reader
+/// threads, which the others start.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 struct Payment {
@@ -44,6 +48,8 @@ fn payment_saga(name: &str, channel: &str) -> SagaDefinition<Payment> {
 #[derive(Clone, Default)]
 struct Bank {
     up: Arc<AtomicBool>,
+    /// Commands handled.
+    calls: Arc<AtomicUsize>,
 }
 
 #[async_trait]
@@ -53,6 +59,7 @@ impl Participant for Bank {
     type Error = StepError;
 
     async fn handle(&self, _: Value, _: &mut ParticipantContext) -> Result<Value, StepError> {
+        self.calls.fetch_add(1, Ordering::SeqCst);
         if self.up.load(Ordering::SeqCst) {
             Ok(serde_json::json!({"charged": true}))
         } else {
@@ -64,6 +71,7 @@ impl Participant for Bank {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 #[ignore = "needs Kafka: scripts/test.sh"]
 async fn a_query_finds_parked_sagas_of_every_instance_and_a_retry_completes_them() {
+    let _serial = SERIAL.lock().await;
     let bed = TestBed::new().await;
     let name = bed.fx.topic("payment");
     let channel = bed.fx.topic("bank");
@@ -98,8 +106,14 @@ async fn a_query_finds_parked_sagas_of_every_instance_and_a_retry_completes_them
             .list(&SagaQuery::all().status(StatusFilter::Parked))
             .await
             .unwrap();
-        // Both instances in the group (the rebalance may trail the starts).
-        if page.items.len() == ids.len() && a.stats().owned_partitions < 3 {
+        // Both instances in the group (the rebalance may trail the starts),
+        // and every command answered: one the bank has not seen yet would
+        // park its saga by its deadline, and succeed once the bank is up,
+        // before the operator's retry.
+        if page.items.len() == ids.len()
+            && a.stats().owned_partitions < 3
+            && bank.calls.load(Ordering::SeqCst) >= ids.len()
+        {
             break page;
         }
         assert!(Instant::now() < deadline, "parked: {:?}", page.items.len());
@@ -178,6 +192,7 @@ async fn a_query_finds_parked_sagas_of_every_instance_and_a_retry_completes_them
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 #[ignore = "needs Kafka: scripts/test.sh"]
 async fn a_saga_stuck_on_a_long_backoff_is_found_and_retried_now_through_another_instance() {
+    let _serial = SERIAL.lock().await;
     let bed = TestBed::new().await;
     let name = bed.fx.topic("stuck");
     let channel = bed.fx.topic("bank");
@@ -259,4 +274,48 @@ async fn a_saga_stuck_on_a_long_backoff_is_found_and_retried_now_through_another
         .unwrap_or_else(|| panic!("{:?}", done.history));
     assert_eq!(entry.operator.as_deref(), Some("alice"));
     assert_eq!(entry.note.as_deref(), Some("the bank is back"));
+}
+
+/// The threads of this process whose name starts with `prefix` (Linux).
+fn threads_named(prefix: &str) -> usize {
+    std::fs::read_dir("/proc/self/task")
+        .map(|tasks| {
+            tasks
+                .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+                .filter(|name| name.starts_with(prefix))
+                .count()
+        })
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "needs Kafka: scripts/test.sh"]
+async fn the_catalogs_reader_stops_with_its_runtime_and_later_queries_are_shutdown() {
+    let _serial = SERIAL.lock().await;
+    let bed = TestBed::new().await;
+    let name = bed.fx.topic("gone");
+    let channel = bed.fx.topic("bank");
+    let rt = bed.runtime("a");
+    let sagas = rt.saga(payment_saga(&name, &channel)).await.unwrap();
+    // Thread names are cut at 15 bytes: `saga-kafka-cata`.
+    let prefix = "saga-kafka-cata";
+    let before = threads_named(prefix);
+    sagas.list(&SagaQuery::all()).await.unwrap();
+    assert_eq!(
+        threads_named(prefix),
+        before + 1,
+        "the first query starts it"
+    );
+    rt.shutdown().await;
+    // The handle is still held; its reader stops within a poll.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while threads_named(prefix) > before {
+        assert!(
+            Instant::now() < deadline,
+            "the catalog's reader outlives its runtime"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let err = sagas.list(&SagaQuery::all()).await.unwrap_err();
+    assert!(matches!(err, SagaError::Shutdown), "{err:?}");
 }
