@@ -138,15 +138,17 @@ impl ParticipantContext {
         let mut out = Vec::new();
         for (n, (channel, value)) in std::mem::take(&mut self.emitted).into_iter().enumerate() {
             let payload = value.map_err(|e| format!("cannot encode event for `{channel}`: {e}"))?;
-            out.push(Envelope::event(
-                MessageId::new(format!("{}/event/{}", self.message_id, n + 1)),
-                channel,
-                self.saga_id.clone(),
-                saga,
-                payload,
-                self.now,
-            )
-            .with_traceparent(self.trace));
+            out.push(
+                Envelope::event(
+                    MessageId::new(format!("{}/event/{}", self.message_id, n + 1)),
+                    channel,
+                    self.saga_id.clone(),
+                    saga,
+                    payload,
+                    self.now,
+                )
+                .with_traceparent(self.trace),
+            );
         }
         Ok(out)
     }

@@ -457,7 +457,7 @@ fn hex_digit(b: &[u8], at: usize) -> Result<u8, TraceParseError> {
 }
 
 fn hex_byte(b: &[u8], at: usize) -> Result<u8, TraceParseError> {
-    Ok(hex_digit(b, at)? << 4 | hex_digit(b, at + 1)?)
+    Ok((hex_digit(b, at)? << 4) | hex_digit(b, at + 1)?)
 }
 
 #[cfg(test)]
@@ -469,7 +469,10 @@ mod tests {
     #[test]
     fn a_valid_traceparent_parses_and_formats_back_the_same() {
         let ctx = TraceContext::parse(SAMPLE).unwrap();
-        assert_eq!(ctx.trace_id().to_string(), "4bf92f3577b34da6a3ce929d0e0e4736");
+        assert_eq!(
+            ctx.trace_id().to_string(),
+            "4bf92f3577b34da6a3ce929d0e0e4736"
+        );
         assert_eq!(ctx.span_id().to_string(), "00f067aa0ba902b7");
         assert_eq!(ctx.flags(), 1);
         assert!(ctx.is_sampled());

@@ -103,7 +103,7 @@ impl<P: Participant> Erased for P {
                 }
             }
         };
-        let span = tracing::debug_span!("participant.attempt", saga_id = %command.saga_id, saga = %command.saga, step = command.step.as_deref().unwrap_or(""), attempt, trace_id = tracing::field::Empty, span_id = tracing::field::Empty, parent_span_id = tracing::field::Empty);
+        let span = tracing::info_span!("participant.attempt", saga_id = %command.saga_id, saga = %command.saga, step = command.step.as_deref().unwrap_or(""), attempt, trace_id = tracing::field::Empty, span_id = tracing::field::Empty, parent_span_id = tracing::field::Empty);
         // In the command's trace: the reply and events carry this span.
         let trace = command.traceparent.map(|p| link_span(&span, Some(&p)));
         if let Some(t) = trace {
@@ -885,7 +885,9 @@ impl ParticipantDriver {
             Err(kind) => return Err(format!("unknown record kind `{kind}`")),
         }
         rec.value.ok_or("an empty record (tombstone)")?;
-        let env = rec.envelope().map_err(|e| format!("not an envelope: {e}"))?;
+        let env = rec
+            .envelope()
+            .map_err(|e| format!("not an envelope: {e}"))?;
         match env.kind {
             MessageKind::Command => {}
             MessageKind::Event => {
