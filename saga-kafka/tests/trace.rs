@@ -65,7 +65,7 @@ async fn every_record_of_a_traced_saga_has_the_traceparent_header_and_participan
     // in the caller's trace, and it says what the envelope says.
     let mut seen = 0;
     for topic in [&t.inventory, &t.payments, &t.replies(), &t.events] {
-        for r in bed.fx.read_committed(topic) {
+        for r in bed.fx.read_committed_records(topic) {
             if r.key != "order-traced" || r.kind.is_some() {
                 continue;
             }
@@ -83,7 +83,7 @@ async fn every_record_of_a_traced_saga_has_the_traceparent_header_and_participan
     // reserve, pay: two commands and two replies; two events.
     assert!(seen >= 6, "only {seen} records of the saga");
     // The saga's state record is traced too (no header: not a message).
-    let state = bed.fx.read_committed(&t.state());
+    let state = bed.fx.read_committed_records(&t.state());
     assert!(state.iter().any(|r| r.key == "order-traced"));
 
     // The handlers ran in the trace.

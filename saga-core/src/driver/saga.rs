@@ -1368,4 +1368,84 @@ mod tests {
         assert!(fresh.get(&SagaId::new("a")).is_none());
         assert_eq!(fresh.next_due(), None);
     }
+
+    #[test]
+    fn a_start_record_carries_its_trace_to_the_owner_which_starts_the_saga_in_it() {
+        let parent =
+            TraceContext::parse("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01").unwrap();
+        let def = definition();
+        let rec =
+            start_record_traced(&def, &SagaId::new("j-1"), &Job::default(), Some(parent)).unwrap();
+        // As a header (for the runtime) and in the request (for runtimes
+        // without headers).
+        assert_eq!(rec.traceparent, Some(parent));
+        let value = rec.value.clone().unwrap();
+        let json: serde_json::Value = serde_json::from_slice(&value).unwrap();
+        assert_eq!(json["trace"], parent.to_string());
+
+        // The owner reads it without the header: the request's field.
+        let mut d = driver();
+        let mut out = Vec::new();
+        d.on_record(&incoming(&value, Some(b"start")), T0, &mut out);
+        let inst = d.get(&SagaId::new("j-1")).unwrap();
+        let trace = inst.trace.unwrap();
+        assert_eq!(trace.trace_id(), parent.trace_id());
+        let command = out.iter().find(|r| r.topic == "svc").unwrap();
+        assert_eq!(
+            command.traceparent.map(|t| t.trace_id()),
+            Some(parent.trace_id())
+        );
+
+        // With a header, the header wins.
+        let other = TraceContext::root();
+        let header = other.to_header();
+        let mut d = driver();
+        let mut out = Vec::new();
+        let mut rec = incoming(&value, Some(b"start"));
+        rec.traceparent = Some(&header);
+        d.on_record(&rec, T0, &mut out);
+        let inst = d.get(&SagaId::new("j-1")).unwrap();
+        assert_eq!(inst.trace.unwrap().trace_id(), other.trace_id());
+
+        // A start record from before traces: a new trace.
+        let old = start_record(&def, &SagaId::new("j-1"), &Job::default()).unwrap();
+        assert_eq!(old.traceparent, None);
+        let mut d = driver();
+        let mut out = Vec::new();
+        d.on_record(
+            &incoming(old.value.as_deref().unwrap(), Some(b"start")),
+            T0,
+            &mut out,
+        );
+        assert!(d.get(&SagaId::new("j-1")).unwrap().trace.is_some());
+    }
+
+    #[test]
+    fn a_reply_from_a_span_of_the_trace_keeps_the_saga_in_its_trace() {
+        let parent = TraceContext::root();
+        let mut d = driver();
+        let mut out = Vec::new();
+        d.start_traced(
+            0,
+            SagaId::new("j-1"),
+            Job::default(),
+            Some(parent),
+            T0,
+            &mut out,
+        )
+        .unwrap();
+        let reply = reply_to(&out, "ok");
+        let mut env = Envelope::from_bytes(&reply).unwrap();
+        let replier = parent.child();
+        env.traceparent = Some(replier);
+        let mut out = Vec::new();
+        d.on_record(&incoming(&env.to_bytes(), None), T0, &mut out);
+        let inst = d.get(&SagaId::new("j-1"));
+        // One step: the saga completed; its state (and no further
+        // message) was written, still in the trace.
+        assert!(inst.is_none() || inst.unwrap().trace.is_some());
+        let state = out.iter().find(|r| r.topic == "job.state").unwrap();
+        let back = decode_state::<Job>("j-1", state.value.as_deref().unwrap()).unwrap();
+        assert_eq!(back.trace.map(|t| t.trace_id()), Some(parent.trace_id()));
+    }
 }
