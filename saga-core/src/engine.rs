@@ -21,6 +21,7 @@ use crate::instance::{
 };
 use crate::message::{DeadLetter, Envelope, MessageKind, Phase, ReplyOutcome};
 use crate::retry::{ErrorClass, GiveUpReason, RetryDecision};
+use crate::trace::TraceContext;
 
 /// Something that happens to a running saga.
 #[derive(Clone, Debug, PartialEq)]
@@ -349,6 +350,24 @@ impl<D: SagaData> SagaDefinition<D> {
     /// # Errors
     /// None today; the `Result` leaves room for checks on the start input.
     pub fn start(&self, id: SagaId, data: D, now: Timestamp) -> Result<Transition<D>, SagaError> {
+        self.start_traced(id, data, now, None)
+    }
+
+    /// Like [`SagaDefinition::start`], in trace `trace`: the instance
+    /// keeps it ([`SagaInstance::trace`]) and every message it sends
+    /// carries it ([`Envelope::traceparent`]). The engine draws no ids: a
+    /// driver links its span to the caller's trace and passes the span's
+    /// context here.
+    ///
+    /// # Errors
+    /// None today; the `Result` leaves room for checks on the start input.
+    pub fn start_traced(
+        &self,
+        id: SagaId,
+        data: D,
+        now: Timestamp,
+        trace: Option<TraceContext>,
+    ) -> Result<Transition<D>, SagaError> {
         let inst = SagaInstance {
             id,
             saga: self.name().to_owned(),
@@ -369,6 +388,7 @@ impl<D: SagaData> SagaDefinition<D> {
             created_at: now,
             updated_at: now,
             history: Vec::new(),
+            trace,
         };
         let _span =
             tracing::debug_span!("saga.start", saga_id = %inst.id, saga = %inst.saga).entered();
@@ -668,6 +688,7 @@ impl<D: SagaData> Machine<'_, D> {
                 env.phase = Some(phase);
                 env.attempt = seq;
                 env.reply_to = reply_to.clone();
+                env.traceparent = self.inst.trace;
                 self.effects.push(Effect::Send(env.clone()));
                 self.inst.awaiting = Some(Awaiting {
                     step: i,
@@ -755,7 +776,8 @@ impl<D: SagaData> Machine<'_, D> {
                 self.inst.saga.clone(),
                 payload,
                 self.now,
-            );
+            )
+            .with_traceparent(self.inst.trace);
             self.effects.push(Effect::Send(env));
         }
         Ok(())
@@ -1047,6 +1069,7 @@ impl<D: SagaData> Machine<'_, D> {
         env.step = Some(name);
         env.phase = Some(phase);
         env.attempt = attempt;
+        env.traceparent = self.inst.trace;
         env
     }
 

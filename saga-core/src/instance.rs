@@ -6,6 +6,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::ids::{SagaId, Timestamp};
 use crate::message::{Envelope, Phase};
+use crate::trace::TraceContext;
 
 /// Where a saga instance stands.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -303,6 +304,15 @@ pub struct SagaInstance<D> {
     pub updated_at: Timestamp,
     /// What happened, oldest first (at most [`MAX_HISTORY`] entries).
     pub history: Vec<HistoryEntry>,
+    /// The trace the saga runs in: its trace id and the span that started
+    /// it. Its messages carry it (with their sender's span id). `None` for
+    /// sagas started before traces were kept (and left out then).
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "crate::trace::lenient"
+    )]
+    pub trace: Option<TraceContext>,
 }
 
 impl<D> SagaInstance<D> {

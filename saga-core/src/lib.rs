@@ -195,6 +195,10 @@
 //!   facade (the table is in [`driver`]'s docs).
 //! - `tokio`: `driver::Attempt::run`, an attempt cut off by its timeout on
 //!   tokio's clock (on with `memory`).
+//! - `otel`: the drivers' spans get their OpenTelemetry parent from the
+//!   saga's [`TraceContext`] (through `tracing-opentelemetry`), so the
+//!   exported spans of one saga, across services, form one trace (see
+//!   [`trace`]).
 //! - `testing`: the `testing` module, a harness for your own sagas: given/when/then
 //!   on the pure core with a virtual clock, scripted participants, and
 //!   `testing::eventually`.
@@ -213,6 +217,7 @@ mod message;
 mod participant;
 mod retry;
 mod runtime;
+pub mod trace;
 
 #[cfg(feature = "memory")]
 mod memory;
@@ -236,3 +241,4 @@ pub use message::{DeadLetter, Envelope, MessageKind, Phase, RecordOrigin, ReplyO
 pub use participant::{Participant, ParticipantContext, ParticipantPolicy};
 pub use retry::{Classify, ErrorClass, GiveUpReason, Jitter, RetryDecision, RetryPolicy};
 pub use runtime::{Page, Runtime, SagaHandle, SagaQuery, StatusFilter};
+pub use trace::{SpanId, TraceContext, TraceId, TraceParseError, TRACEPARENT_HEADER};

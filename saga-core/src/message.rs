@@ -5,6 +5,7 @@ use serde_json::Value;
 
 use crate::ids::{MessageId, SagaId, Timestamp};
 use crate::retry::ErrorClass;
+use crate::trace::TraceContext;
 
 /// What a message is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -126,6 +127,17 @@ pub struct Envelope {
     pub timestamp: Timestamp,
     /// The user's payload.
     pub payload: Value,
+    /// The trace the message belongs to (W3C `traceparent`), its span id
+    /// the span that sent it; left out when none. Runtimes also write it
+    /// as the [`TRACEPARENT_HEADER`](crate::TRACEPARENT_HEADER) record
+    /// header, which wins over this field when a record has both. A
+    /// malformed value reads as none.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "crate::trace::lenient"
+    )]
+    pub traceparent: Option<TraceContext>,
 }
 
 impl Envelope {
@@ -200,7 +212,9 @@ impl Envelope {
         serde_json::from_slice(bytes)
     }
 
-    /// Builds the reply to this command, sent to its `reply_to` channel.
+    /// Builds the reply to this command, sent to its `reply_to` channel,
+    /// in the command's trace (set [`Envelope::traceparent`] to the
+    /// replier's span).
     ///
     /// Returns `None` for a fire-and-forget command (no `reply_to`).
     pub fn reply(&self, outcome: ReplyOutcome, payload: Value, now: Timestamp) -> Option<Envelope> {
@@ -218,6 +232,7 @@ impl Envelope {
             outcome: Some(outcome),
             timestamp: now,
             payload,
+            traceparent: self.traceparent,
         })
     }
 
@@ -260,7 +275,14 @@ impl Envelope {
             outcome: None,
             timestamp: now,
             payload,
+            traceparent: None,
         }
+    }
+
+    /// The same envelope in trace `trace` (its span the sender's).
+    pub fn with_traceparent(mut self, trace: Option<TraceContext>) -> Self {
+        self.traceparent = trace;
+        self
     }
 }
 
@@ -380,7 +402,7 @@ impl DeadLetter {
     }
 
     /// The dead letter wrapped as an event envelope on its channel, keyed by
-    /// the original message's saga id.
+    /// the original message's saga id, in the original's trace.
     ///
     /// # Panics
     /// Never: a dead letter, like an envelope, is plain JSON data (strings,
@@ -394,6 +416,7 @@ impl DeadLetter {
             serde_json::to_value(self).expect("a dead letter is plain JSON data"),
             self.failure_timestamp,
         )
+        .with_traceparent(self.original.traceparent)
     }
 
     /// Reads a dead letter back from an envelope made by [`DeadLetter::to_envelope`].

@@ -17,6 +17,7 @@ use serde_json::Value;
 use crate::ids::{MessageId, SagaId, Timestamp};
 use crate::message::{DeadLetter, Envelope, Phase};
 use crate::retry::{Classify, RetryPolicy};
+use crate::trace::TraceContext;
 
 /// What a participant's handler sees besides the command: who sent it, and
 /// a way to publish events.
@@ -34,6 +35,7 @@ pub struct ParticipantContext {
     partition: u32,
     now: Timestamp,
     emitted: Vec<(String, Result<Value, String>)>,
+    trace: Option<TraceContext>,
 }
 
 impl ParticipantContext {
@@ -49,7 +51,25 @@ impl ParticipantContext {
             partition: 0,
             now,
             emitted: Vec::new(),
+            trace: command.traceparent,
         }
+    }
+
+    /// The same context, in the trace of the attempt's span (when the
+    /// command has one).
+    pub(crate) fn in_trace(mut self, trace: Option<TraceContext>) -> Self {
+        if trace.is_some() {
+            self.trace = trace;
+        }
+        self
+    }
+
+    /// The trace the command runs in: the context of the attempt's span
+    /// (its trace id is the saga's), for handlers that call other
+    /// services and pass it on (as a `traceparent` header) or log it.
+    /// `None` for a command that carries no trace.
+    pub fn trace(&self) -> Option<TraceContext> {
+        self.trace
     }
 
     /// The same context, for a command read from `partition` of its channel.
@@ -118,14 +138,17 @@ impl ParticipantContext {
         let mut out = Vec::new();
         for (n, (channel, value)) in std::mem::take(&mut self.emitted).into_iter().enumerate() {
             let payload = value.map_err(|e| format!("cannot encode event for `{channel}`: {e}"))?;
-            out.push(Envelope::event(
-                MessageId::new(format!("{}/event/{}", self.message_id, n + 1)),
-                channel,
-                self.saga_id.clone(),
-                saga,
-                payload,
-                self.now,
-            ));
+            out.push(
+                Envelope::event(
+                    MessageId::new(format!("{}/event/{}", self.message_id, n + 1)),
+                    channel,
+                    self.saga_id.clone(),
+                    saga,
+                    payload,
+                    self.now,
+                )
+                .with_traceparent(self.trace),
+            );
         }
         Ok(out)
     }

@@ -17,6 +17,7 @@ use crate::ids::{SagaId, Timestamp};
 use crate::instance::SagaInstance;
 use crate::message::{DeadLetter, Envelope};
 use crate::participant::{Participant, ParticipantPolicy};
+use crate::trace::TraceContext;
 
 /// Runs sagas, participants and projections: `InMemoryRuntime` (feature
 /// `memory`) and `saga_kafka::KafkaRuntime` implement it.
@@ -125,6 +126,18 @@ pub trait SagaService<D: SagaData>: Send + Sync + 'static {
     /// See [`SagaHandle::start`].
     async fn start(&self, id: SagaId, data: D) -> Result<SagaId, SagaError>;
 
+    /// See [`SagaHandle::start_traced`]. The default ignores `parent` and
+    /// calls [`SagaService::start`] (for services that keep no traces).
+    async fn start_traced(
+        &self,
+        id: SagaId,
+        data: D,
+        parent: Option<TraceContext>,
+    ) -> Result<SagaId, SagaError> {
+        let _ = parent;
+        self.start(id, data).await
+    }
+
     /// See [`SagaHandle::get`].
     async fn get(&self, id: &SagaId) -> Result<Option<SagaInstance<D>>, SagaError>;
 
@@ -197,6 +210,33 @@ impl<D: SagaData> SagaHandle<D> {
     /// shutdown.
     pub async fn start(&self, id: impl Into<SagaId>, data: D) -> Result<SagaId, SagaError> {
         self.service.start(id.into(), data).await
+    }
+
+    /// Like [`SagaHandle::start`], continuing trace `parent` (the caller's
+    /// span, e.g. from an incoming W3C `traceparent` header): the saga's
+    /// spans and messages join that trace. [`SagaHandle::start`] starts a
+    /// new trace instead. A saga that exists already keeps its trace.
+    ///
+    /// ```
+    /// # use saga_core::*;
+    /// # async fn example(orders: SagaHandle<serde_json::Value>) -> Result<(), Box<dyn std::error::Error>> {
+    /// let parent: TraceContext = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".parse()?;
+    /// orders.start_traced("order-1", serde_json::json!({}), parent).await?;
+    /// # Ok(())
+    /// # }
+    /// ```
+    ///
+    /// # Errors
+    /// As [`SagaHandle::start`].
+    pub async fn start_traced(
+        &self,
+        id: impl Into<SagaId>,
+        data: D,
+        parent: TraceContext,
+    ) -> Result<SagaId, SagaError> {
+        self.service
+            .start_traced(id.into(), data, Some(parent))
+            .await
     }
 
     /// The instance `id` as last committed, or `None`.

@@ -343,6 +343,7 @@ fn run(shapes: Vec<StepShape>, pivot: Option<usize>, tape: Vec<u8>) -> Result<()
                             key: Some(env.saga_id.as_str().as_bytes()),
                             value: Some(&bytes),
                             kind: None,
+                            traceparent: None,
                         };
                         let mut out = Vec::new();
                         if let Some(attempt) = side.driver.on_record(&rec, now, &mut out) {

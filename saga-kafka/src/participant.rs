@@ -74,8 +74,16 @@ impl ParticipantProc {
                 saga_id = %attempt.command().saga_id,
                 saga = %attempt.command().saga,
                 step = attempt.command().step.as_deref().unwrap_or(""),
-                attempt = attempt.number()
+                attempt = attempt.number(),
+                trace_id = tracing::field::Empty,
+                span_id = tracing::field::Empty,
+                parent_span_id = tracing::field::Empty,
             );
+            // In the command's trace (header or field): the attempt's own
+            // span nests in this one.
+            if let Some(parent) = attempt.command().traceparent {
+                saga_core::trace::link_span(&span, Some(&parent));
+            }
             async move {
                 let started = Instant::now();
                 let result = attempt.run(Timestamp::now()).await;
@@ -280,6 +288,7 @@ mod tests {
             key: Some(saga.as_bytes()),
             value: Some(&bytes),
             kind: None,
+            traceparent: None,
         };
         p.on_message(&msg, T0, out);
     }

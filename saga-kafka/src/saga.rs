@@ -7,12 +7,12 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use saga_core::driver::{
-    decode_state, operator_record, partition_for, start_record, state_topic, wait_settled,
+    decode_state, operator_record, partition_for, start_record_traced, state_topic, wait_settled,
     Incoming, Record, SagaDriver, SagaService,
 };
 use saga_core::{
     MessageId, Operation, Page, SagaData, SagaDefinition, SagaError, SagaId, SagaInstance,
-    SagaQuery, Timestamp,
+    SagaQuery, Timestamp, TraceContext,
 };
 use tokio::sync::Notify;
 
@@ -110,6 +110,7 @@ pub(crate) enum SagaRequest<D> {
     Start {
         id: SagaId,
         data: D,
+        trace: Option<TraceContext>,
         done: tokio::sync::oneshot::Sender<Result<SagaId, SagaError>>,
     },
     Write {
@@ -158,16 +159,24 @@ impl<D: SagaData> SagaProc<D> {
         &mut self,
         id: SagaId,
         data: D,
+        trace: Option<TraceContext>,
         done: tokio::sync::oneshot::Sender<Result<SagaId, SagaError>>,
     ) -> Option<Request> {
         let partition = partition_for(id.as_str(), self.partitions);
         let mut out = Vec::new();
         let made = if self.driver.owns(partition) {
             self.driver
-                .start(partition, id.clone(), data, Timestamp::now(), &mut out)
+                .start_traced(
+                    partition,
+                    id.clone(),
+                    data,
+                    trace,
+                    Timestamp::now(),
+                    &mut out,
+                )
                 .map(|_| ())
         } else {
-            start_record(self.driver.definition(), &id, &data).map(|r| out.push(r))
+            start_record_traced(self.driver.definition(), &id, &data, trace).map(|r| out.push(r))
         };
         if let Err(e) = made {
             let _ = done.send(Err(e));
@@ -299,8 +308,13 @@ impl<D: SagaData> Processor for SagaProc<D> {
                 // A caller that gave up (its request timed out) is not
                 // served late: it was told the start may not happen.
                 SagaRequest::Start { done, .. } if done.is_closed() => {}
-                SagaRequest::Start { id, data, done } => {
-                    if let Some(req) = self.start(id, data, done) {
+                SagaRequest::Start {
+                    id,
+                    data,
+                    trace,
+                    done,
+                } => {
+                    if let Some(req) = self.start(id, data, trace, done) {
                         return Some(req);
                     }
                 }
@@ -397,6 +411,18 @@ impl<D: SagaData> SagaService<D> for KafkaSagas<D> {
     /// when another process owns it, a start record goes to that owner.
     /// Waits at most the request timeout.
     async fn start(&self, id: SagaId, data: D) -> Result<SagaId, SagaError> {
+        self.start_traced(id, data, None).await
+    }
+
+    /// Like `start`, in trace `trace` (a start record for another
+    /// process's partition carries it, in its value and as its
+    /// `traceparent` header).
+    async fn start_traced(
+        &self,
+        id: SagaId,
+        data: D,
+        trace: Option<TraceContext>,
+    ) -> Result<SagaId, SagaError> {
         // In progress here: nothing to do. (A settled one is left to its
         // owner, which knows whether its retention has ended.)
         if self.view.get(&id).is_some_and(|i| !i.status.is_final()) {
@@ -405,7 +431,12 @@ impl<D: SagaData> SagaService<D> for KafkaSagas<D> {
         let (done, answer) = tokio::sync::oneshot::channel();
         self.ask(
             "starting the saga",
-            SagaRequest::Start { id, data, done },
+            SagaRequest::Start {
+                id,
+                data,
+                trace,
+                done,
+            },
             answer,
         )
         .await

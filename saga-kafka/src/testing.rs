@@ -43,6 +43,8 @@ pub struct CommittedRecord {
     pub key: String,
     /// The runtime's record-kind header, if any.
     pub kind: Option<String>,
+    /// The `traceparent` header, if any (lossily as text).
+    pub traceparent: Option<String>,
     /// The bytes (empty for a tombstone).
     pub value: Vec<u8>,
     /// Whether it is a tombstone (no value: its key is deleted).
@@ -164,17 +166,22 @@ impl KafkaFixture {
             assert!(Instant::now() < deadline, "reading {topic} took too long");
             match c.poll(Duration::from_millis(100)) {
                 Some(Ok(m)) => {
-                    let kind = m.headers().and_then(|h| {
-                        h.iter()
-                            .find(|h| h.key == RECORD_KIND_HEADER)
-                            .and_then(|h| h.value)
-                            .map(|v| String::from_utf8_lossy(v).into_owned())
-                    });
+                    let header = |name: &str| {
+                        m.headers().and_then(|h| {
+                            h.iter()
+                                .find(|h| h.key == name)
+                                .and_then(|h| h.value)
+                                .map(|v| String::from_utf8_lossy(v).into_owned())
+                        })
+                    };
+                    let kind = header(RECORD_KIND_HEADER);
+                    let traceparent = header(saga_core::TRACEPARENT_HEADER);
                     out.push(CommittedRecord {
                         partition: m.partition(),
                         offset: m.offset(),
                         key: String::from_utf8_lossy(m.key().unwrap_or(&[])).into_owned(),
                         kind,
+                        traceparent,
                         value: m.payload().unwrap_or(&[]).to_vec(),
                         tombstone: m.payload().is_none(),
                     });

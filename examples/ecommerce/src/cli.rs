@@ -57,6 +57,11 @@ struct Args {
     /// lines). Without any, random tokens are generated and printed.
     #[arg(long, global = true, value_name = "FILE")]
     api_tokens_file: Option<PathBuf>,
+    /// Export spans over OTLP/HTTP to this collector (a base URL such as
+    /// `http://localhost:4318`; default $OTEL_EXPORTER_OTLP_ENDPOINT).
+    /// Needs the `otel` feature.
+    #[arg(long, global = true, value_name = "URL")]
+    otlp_endpoint: Option<String>,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -181,13 +186,22 @@ enum Command {
     },
 }
 
+/// The OTLP endpoint of this run (flag, else environment), for
+/// [`init_tracing`].
+static OTLP_ENDPOINT: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+
+/// What [`init_tracing`] installed, flushed at the end of the run.
+static TELEMETRY: std::sync::Mutex<Option<crate::telemetry::Telemetry>> =
+    std::sync::Mutex::new(None);
+
 fn init_tracing(default: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .try_init();
+    let endpoint = OTLP_ENDPOINT.get().cloned().flatten();
+    match crate::telemetry::init(default, endpoint.as_deref()) {
+        Ok(t) => {
+            *TELEMETRY.lock().unwrap_or_else(|e| e.into_inner()) = Some(t);
+        }
+        Err(e) => eprintln!("warning: {e}; spans are not exported"),
+    }
 }
 
 /// Where Kafka is: `--kafka`'s value; else, for a per-service command
@@ -429,6 +443,11 @@ pub fn main() -> std::process::ExitCode {
 }
 
 async fn run(args: Args) -> std::process::ExitCode {
+    let _ = OTLP_ENDPOINT.set(
+        args.otlp_endpoint
+            .clone()
+            .or_else(|| std::env::var(crate::telemetry::OTLP_ENDPOINT_ENV).ok()),
+    );
     let no_email = || EmailArgs {
         email_script: Vec::new(),
         email_failure_rate: 0.0,
@@ -522,6 +541,11 @@ async fn run(args: Args) -> std::process::ExitCode {
             topics(&args, *action).await
         }
     };
+    let telemetry = TELEMETRY.lock().unwrap_or_else(|e| e.into_inner()).take();
+    if let Some(t) = telemetry {
+        // Off the async runtime: the exporter's last flush blocks.
+        let _ = tokio::task::spawn_blocking(move || t.shutdown()).await;
+    }
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {

@@ -50,6 +50,14 @@
 //! order, never a second one, so a client retries a 503 or a lost answer
 //! safely. The same key with other items is refused with 422.
 //!
+//! ## Tracing
+//!
+//! `POST /orders` continues the trace of a W3C `traceparent` request
+//! header (a malformed one is ignored: a new trace starts) and answers
+//! with a `traceparent` header, the request's span in that trace: the
+//! order's saga, its participants and notification attempts all run in
+//! it. `GET /sagas/{id}` shows the saga's `trace_id`.
+//!
 //! `GET /health` answers 200 when the runtime serves every partition, and
 //! 503 with the problems (a partition that cannot be restored or written,
 //! batches failing while the broker is away) otherwise.
@@ -71,6 +79,7 @@ use axum::{Extension, Json, Router};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use saga_core::{
     Operation, OperatorAction, SagaError, SagaInstance, SagaQuery, StatusFilter, Timestamp,
+    TraceContext, TRACEPARENT_HEADER,
 };
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -395,7 +404,29 @@ async fn create_order(
             field: Some("customer_id".into()),
         });
     }
-    match s.place_order(&req, key).await {
+    // The request's span continues the caller's trace (a W3C
+    // `traceparent` header) or starts one; the saga runs in it.
+    let incoming = match headers.get(TRACEPARENT_HEADER).map(|v| v.to_str()) {
+        None => None,
+        Some(Ok(v)) => TraceContext::parse(v.trim())
+            .map_err(|e| tracing::warn!(error = %e, "malformed traceparent header ignored"))
+            .ok(),
+        Some(Err(_)) => {
+            tracing::warn!("traceparent header: not visible ASCII, ignored");
+            None
+        }
+    };
+    let span = tracing::info_span!(
+        "api.create_order",
+        customer_id = %req.customer_id,
+        trace_id = tracing::field::Empty,
+        span_id = tracing::field::Empty,
+        parent_span_id = tracing::field::Empty,
+    );
+    let trace = saga_core::trace::link_span(&span, incoming.as_ref());
+    let placed =
+        tracing::Instrument::instrument(s.place_order_traced(&req, key, Some(trace)), span).await;
+    match placed {
         Ok(order) => {
             let location = format!("/orders/{}", order.order_id);
             let body = json!({
@@ -405,7 +436,13 @@ async fn create_order(
             });
             Ok((
                 StatusCode::ACCEPTED,
-                [(header::LOCATION, location)],
+                [
+                    (header::LOCATION, location),
+                    (
+                        header::HeaderName::from_static(TRACEPARENT_HEADER),
+                        trace.to_string(),
+                    ),
+                ],
                 Json(body),
             )
                 .into_response())
@@ -711,7 +748,12 @@ async fn get_saga(
         return Err(not_here("order"));
     }
     match s.order(&id).await.map_err(storage_error)? {
-        Some(i) => Ok(Json(json!(i))),
+        Some(i) => {
+            let trace_id = i.trace.map(|t| t.trace_id().to_string());
+            let mut body = json!(i);
+            body["trace_id"] = json!(trace_id);
+            Ok(Json(body))
+        }
         None => Err(ApiError::not_found(format!("no saga `{id}`"))),
     }
 }

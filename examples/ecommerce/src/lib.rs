@@ -25,7 +25,8 @@
 //! them; [`system`] wires them on a runtime (in memory or on Kafka, once,
 //! through saga-core's `Runtime`); [`http`] is the API, [`auth`] who may
 //! call it (bearer tokens by role) and [`ui`] the operators' web page, [`demo`] the embedded demo and [`cli`]
-//! the command line.
+//! the command line; [`telemetry`] sets up logs and (feature `otel`) OTLP
+//! span export.
 
 pub mod analytics;
 pub mod auth;
@@ -40,5 +41,6 @@ pub mod notification;
 pub mod order;
 pub mod sagas_client;
 pub mod system;
+pub mod telemetry;
 pub mod timeline;
 pub mod ui;

@@ -387,7 +387,20 @@ impl Participant for NotificationService {
                 outcome: String::new(),
             }),
         };
-        let result = self.provider.send(&email).await;
+        // One span per attempt at the email API, in the order's trace: a
+        // log search for the trace id finds every attempt.
+        let span = tracing::info_span!(
+            "notification.send",
+            order_id = %req.order_id,
+            attempt = ctx.attempt(),
+            trace_id = tracing::field::Empty,
+            span_id = tracing::field::Empty,
+            parent_span_id = tracing::field::Empty,
+        );
+        if let Some(parent) = ctx.trace() {
+            saga_core::trace::link_span(&span, Some(&parent));
+        }
+        let result = tracing::Instrument::instrument(self.provider.send(&email), span).await;
         guard.finish(match &result {
             Ok(()) => "sent".into(),
             Err(e) => e.to_string(),

@@ -1166,3 +1166,60 @@ async fn the_saga_definition_gives_operators_the_steps_and_the_mermaid_text() {
         ecommerce::demo::call(&api, Some(C1_TOKEN), "GET", "/sagas/definition", None).await;
     assert_eq!(status, StatusCode::FORBIDDEN, "operators only");
 }
+
+#[tokio::test(start_paused = true)]
+async fn an_order_continues_the_callers_traceparent_and_the_admin_view_shows_its_trace_id() {
+    let (system, api) = start().await;
+    let parent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let auth = bearer(OPERATOR_TOKEN);
+    let body = seed_order().to_string();
+    let (status, headers, created) = raw(
+        &api,
+        "POST",
+        "/orders",
+        &[
+            (auth.0, &auth.1),
+            ("content-type", "application/json"),
+            ("traceparent", parent),
+        ],
+        &body,
+    )
+    .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{created}");
+    let answered = headers["traceparent"].to_str().unwrap();
+    let answered = saga_core::TraceContext::parse(answered).unwrap();
+    assert_eq!(
+        answered.trace_id().to_string(),
+        "4bf92f3577b34da6a3ce929d0e0e4736"
+    );
+    // The API's own span: a child of the caller's.
+    assert_ne!(answered.span_id().to_string(), "00f067aa0ba902b7");
+    let id = created["order_id"].as_str().unwrap().to_owned();
+    assert!(system.wait_idle(Duration::from_secs(60)).await);
+    let saga = get(&api, &format!("/sagas/{id}")).await;
+    assert_eq!(
+        saga["trace_id"], "4bf92f3577b34da6a3ce929d0e0e4736",
+        "{saga}"
+    );
+
+    // A malformed header is ignored: the order is placed in a new trace.
+    let (status, headers, created) = raw(
+        &api,
+        "POST",
+        "/orders",
+        &[
+            (auth.0, &auth.1),
+            ("content-type", "application/json"),
+            ("traceparent", "00-not-a-trace"),
+        ],
+        &body,
+    )
+    .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{created}");
+    let fresh = saga_core::TraceContext::parse(headers["traceparent"].to_str().unwrap()).unwrap();
+    assert_ne!(fresh.trace_id(), answered.trace_id());
+    assert!(system.wait_idle(Duration::from_secs(60)).await);
+    let id = created["order_id"].as_str().unwrap();
+    let saga = get(&api, &format!("/sagas/{id}")).await;
+    assert_eq!(saga["trace_id"], fresh.trace_id().to_string(), "{saga}");
+}

@@ -130,6 +130,7 @@ impl Owner {
                 key: Some(key.as_bytes()),
                 value: value.as_deref(),
                 kind: kind.header().map(str::as_bytes),
+                traceparent: None,
             };
             let mut out = Vec::new();
             if inputs.contains(&topic) {

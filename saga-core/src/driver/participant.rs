@@ -2,7 +2,7 @@
 //! letters around a [`Participant`], for the partitions a worker owns.
 
 use std::collections::{BTreeSet, HashMap};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -17,6 +17,7 @@ use crate::ids::{MessageId, Timestamp};
 use crate::message::{DeadLetter, Envelope, MessageKind, Phase, RecordOrigin, ReplyOutcome};
 use crate::participant::{Participant, ParticipantContext, ParticipantPolicy};
 use crate::retry::{Classify, ErrorClass, RetryDecision};
+use crate::trace::{link_span, TraceContext};
 
 /// The ledger topic of participant `name`: `<name>.ledger`, compacted,
 /// co-partitioned with its command topic. It holds one entry per command
@@ -71,6 +72,7 @@ trait Erased: Send + Sync + 'static {
         attempt: u32,
         partition: u32,
         now: Timestamp,
+        span_trace: &OnceLock<TraceContext>,
     ) -> AttemptResult;
     fn snapshot(&self, partition: u32) -> Option<Value>;
     fn restore(
@@ -90,6 +92,7 @@ impl<P: Participant> Erased for P {
         attempt: u32,
         partition: u32,
         now: Timestamp,
+        span_trace: &OnceLock<TraceContext>,
     ) -> AttemptResult {
         let decoded: P::Command = match serde_json::from_value(command.payload.clone()) {
             Ok(c) => c,
@@ -100,8 +103,15 @@ impl<P: Participant> Erased for P {
                 }
             }
         };
-        let mut ctx = ParticipantContext::new(command, attempt, now).on_partition(partition);
-        let span = tracing::debug_span!("participant.attempt", saga_id = %command.saga_id, saga = %command.saga, step = command.step.as_deref().unwrap_or(""), attempt);
+        let span = tracing::info_span!("participant.attempt", saga_id = %command.saga_id, saga = %command.saga, step = command.step.as_deref().unwrap_or(""), attempt, trace_id = tracing::field::Empty, span_id = tracing::field::Empty, parent_span_id = tracing::field::Empty);
+        // In the command's trace: the reply and events carry this span.
+        let trace = command.traceparent.map(|p| link_span(&span, Some(&p)));
+        if let Some(t) = trace {
+            let _ = span_trace.set(t);
+        }
+        let mut ctx = ParticipantContext::new(command, attempt, now)
+            .on_partition(partition)
+            .in_trace(trace);
         let outcome = tracing::Instrument::instrument(self.handle(decoded, &mut ctx), span).await;
         match outcome {
             Ok(reply) => {
@@ -164,6 +174,8 @@ pub struct Attempt {
     number: u32,
     partition: u32,
     timeout: Option<Duration>,
+    /// The context of the attempt's span, once it ran in a trace.
+    trace: OnceLock<TraceContext>,
 }
 
 impl std::fmt::Debug for Attempt {
@@ -198,11 +210,19 @@ impl Attempt {
         self.timeout
     }
 
+    /// The trace the attempt runs in: once it ran, the context of its
+    /// `participant.attempt` span (what its reply carries); before, the
+    /// command's ([`Envelope::traceparent`]). `None` for a command
+    /// without one.
+    pub fn trace(&self) -> Option<TraceContext> {
+        self.trace.get().copied().or(self.command.traceparent)
+    }
+
     /// Runs the handler once, at `now`, without bounding it in time (see
     /// `Attempt::run`, feature `tokio`).
     pub async fn run_unbounded(&self, now: Timestamp) -> AttemptResult {
         self.participant
-            .attempt(&self.command, self.number, self.partition, now)
+            .attempt(&self.command, self.number, self.partition, now, &self.trace)
             .await
     }
 
@@ -691,6 +711,7 @@ impl ParticipantDriver {
         out: &mut Vec<Record>,
     ) {
         metrics::attempt(&self.policy.name, &result, took.as_secs_f64());
+        let trace = attempt.trace();
         let Attempt {
             command,
             number,
@@ -707,7 +728,9 @@ impl ParticipantDriver {
         let result = self.within_limit(&command, result);
         let entry = match result {
             AttemptResult::Replied { reply, events } => {
-                let answer = command.reply(ReplyOutcome::Success, reply.clone(), now);
+                let answer = command
+                    .reply(ReplyOutcome::Success, reply.clone(), now)
+                    .map(|a| a.with_traceparent(trace));
                 out.extend(events.iter().map(Record::message));
                 out.extend(answer.iter().map(Record::message));
                 if self.policy.remember_steps && command.step.is_some() {
@@ -743,6 +766,7 @@ impl ParticipantDriver {
                         };
                         match command.reply(failure, Value::Null, now) {
                             Some(reply) => {
+                                let reply = reply.with_traceparent(trace);
                                 out.push(Record::message(&reply));
                                 Entry::Answered {
                                     reply: Some(reply),
@@ -860,8 +884,10 @@ impl ParticipantDriver {
             Ok(kind) => return Err(format!("a {kind} record on a command topic")),
             Err(kind) => return Err(format!("unknown record kind `{kind}`")),
         }
-        let value = rec.value.ok_or("an empty record (tombstone)")?;
-        let env = Envelope::from_bytes(value).map_err(|e| format!("not an envelope: {e}"))?;
+        rec.value.ok_or("an empty record (tombstone)")?;
+        let env = rec
+            .envelope()
+            .map_err(|e| format!("not an envelope: {e}"))?;
         match env.kind {
             MessageKind::Command => {}
             MessageKind::Event => {
@@ -885,6 +911,7 @@ impl ParticipantDriver {
             number,
             partition,
             timeout: self.policy.timeout,
+            trace: OnceLock::new(),
         }
     }
 
@@ -1235,6 +1262,7 @@ mod tests {
             key: Some(b"s-1"),
             value: Some(bytes),
             kind: None,
+            traceparent: None,
         }
     }
 

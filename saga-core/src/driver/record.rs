@@ -4,6 +4,7 @@ use std::fmt;
 
 use crate::ids::{MessageId, SagaId, Timestamp};
 use crate::message::Envelope;
+use crate::trace::TraceContext;
 
 /// The header that says which kind of runtime record a record is, where one
 /// topic holds several kinds (a reply topic carries replies, saga state
@@ -85,6 +86,10 @@ pub struct Record {
     /// An explicit partition; `None`: the key's partition
     /// ([`partition_for`]).
     pub partition: Option<u32>,
+    /// The trace context to write as the
+    /// [`TRACEPARENT_HEADER`](crate::TRACEPARENT_HEADER) header: a
+    /// message's [`Envelope::traceparent`], a start request's trace.
+    pub traceparent: Option<TraceContext>,
 }
 
 impl Record {
@@ -96,6 +101,7 @@ impl Record {
             value: Some(env.to_bytes()),
             kind: RecordKind::Message,
             partition: None,
+            traceparent: env.traceparent,
         }
     }
 
@@ -112,7 +118,14 @@ impl Record {
             value,
             kind,
             partition: None,
+            traceparent: None,
         }
+    }
+
+    /// The same record, with the trace context header `trace`.
+    pub fn with_traceparent(mut self, trace: Option<TraceContext>) -> Self {
+        self.traceparent = trace;
+        self
     }
 
     /// The same record, produced to `partition` explicitly.
@@ -142,9 +155,28 @@ pub struct Incoming<'a> {
     pub value: Option<&'a [u8]>,
     /// The value of its [`RECORD_KIND_HEADER`] header, if any.
     pub kind: Option<&'a [u8]>,
+    /// The value of its [`TRACEPARENT_HEADER`](crate::TRACEPARENT_HEADER)
+    /// header, if any (runtimes without headers leave it `None`).
+    pub traceparent: Option<&'a [u8]>,
 }
 
 impl Incoming<'_> {
+    /// The record's value read as an envelope, its trace context taken
+    /// from the [`TRACEPARENT_HEADER`](crate::TRACEPARENT_HEADER) header
+    /// when the record has a well-formed one (other tools propagate
+    /// traces in headers), else from the envelope's own field. A malformed
+    /// header is ignored with a warning.
+    ///
+    /// # Errors
+    /// If the value is missing or not the JSON of an envelope.
+    pub fn envelope(&self) -> Result<Envelope, serde_json::Error> {
+        let mut env = Envelope::from_bytes(self.value.unwrap_or_default())?;
+        if let Some(trace) = crate::trace::from_header(self.traceparent) {
+            env.traceparent = Some(trace);
+        }
+        Ok(env)
+    }
+
     /// Where the record was read.
     pub fn origin(&self) -> crate::message::RecordOrigin {
         crate::message::RecordOrigin::new(self.topic, self.partition, self.offset)

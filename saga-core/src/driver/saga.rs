@@ -16,6 +16,7 @@ use crate::error::SagaError;
 use crate::ids::{MessageId, SagaId, Timestamp};
 use crate::instance::{SagaInstance, TimerId};
 use crate::message::{DeadLetter, Envelope, RecordOrigin};
+use crate::trace::{link_span, TraceContext};
 
 /// The largest record a driver writes by default (the value plus its key,
 /// with room for headers): librdkafka's default `message.max.bytes`.
@@ -78,6 +79,13 @@ struct OperatorRequest {
 struct StartRequest<D> {
     saga_id: SagaId,
     data: D,
+    /// The trace the saga is started in (also the record's header).
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "crate::trace::lenient"
+    )]
+    trace: Option<TraceContext>,
 }
 
 /// The record that asks the owner of saga `id` to apply `operation`: on
@@ -120,9 +128,26 @@ pub fn start_record<D: SagaData>(
     id: &SagaId,
     data: &D,
 ) -> Result<Record, SagaError> {
+    start_record_traced(def, id, data, None)
+}
+
+/// Like [`start_record`], for a saga started in trace `trace` (the
+/// caller's span: the saga's `saga.start` span becomes its child). The
+/// trace travels in the request and as the record's
+/// [`TRACEPARENT_HEADER`](crate::TRACEPARENT_HEADER) header.
+///
+/// # Errors
+/// [`SagaError::Encode`] if `data` cannot be serialized.
+pub fn start_record_traced<D: SagaData>(
+    def: &SagaDefinition<D>,
+    id: &SagaId,
+    data: &D,
+    trace: Option<TraceContext>,
+) -> Result<Record, SagaError> {
     let request = StartRequest {
         saga_id: id.clone(),
         data,
+        trace,
     };
     let value = serde_json::to_vec(&request).map_err(|source| SagaError::Encode {
         saga_id: id.clone(),
@@ -134,7 +159,8 @@ pub fn start_record<D: SagaData>(
         id.as_str(),
         Some(value),
         RecordKind::Start,
-    ))
+    )
+    .with_traceparent(trace))
 }
 
 /// An instance in progress and its partition. The instance is shared
@@ -473,13 +499,33 @@ impl<D: SagaData> SagaDriver<D> {
         now: Timestamp,
         out: &mut Vec<Record>,
     ) -> Result<bool, SagaError> {
+        self.start_traced(partition, id, data, None, now, out)
+    }
+
+    /// Like [`SagaDriver::start`], continuing trace `parent` (the
+    /// caller's span) or, without one, starting a new trace: the
+    /// `saga.start` span is linked to it ([`link_span`]) and the saga
+    /// keeps the span's context ([`SagaInstance::trace`]).
+    ///
+    /// # Errors
+    /// As [`SagaDriver::start`].
+    pub fn start_traced(
+        &mut self,
+        partition: u32,
+        id: SagaId,
+        data: D,
+        parent: Option<TraceContext>,
+        now: Timestamp,
+        out: &mut Vec<Record>,
+    ) -> Result<bool, SagaError> {
         if self.sagas.contains_key(&id) || self.settled.contains_key(&id) {
             tracing::debug!(saga = %self.def.name(), saga_id = %id, "start of an existing saga: nothing to do");
             return Ok(false);
         }
-        let span = tracing::info_span!("saga.start", saga_id = %id, saga = %self.def.name(), step = "", attempt = 0u32);
+        let span = tracing::info_span!("saga.start", saga_id = %id, saga = %self.def.name(), step = "", attempt = 0u32, trace_id = tracing::field::Empty, span_id = tracing::field::Empty, parent_span_id = tracing::field::Empty);
+        let trace = link_span(&span, parent.as_ref());
         let _g = span.enter();
-        let t = self.def.start(id.clone(), data, now)?;
+        let t = self.def.start_traced(id.clone(), data, now, Some(trace))?;
         let records = self.records_of(&t)?;
         out.extend(records);
         metrics::transition(None, &t);
@@ -522,10 +568,16 @@ impl<D: SagaData> SagaDriver<D> {
             });
         };
         let partition = owned.partition;
+        let span = tracing::info_span!("saga.operate", saga_id = %id, saga = %self.def.name(), action = %operation.action, trace_id = tracing::field::Empty, span_id = tracing::field::Empty, parent_span_id = tracing::field::Empty);
+        let trace = owned
+            .instance
+            .trace
+            .map(|parent| link_span(&span, Some(&parent)));
+        let _g = span.enter();
         let t = self
             .def
             .handle(&owned.instance, Input::Operator(operation), now)?;
-        self.apply(id, partition, t, out)
+        self.apply(id, partition, t, trace, out)
     }
 
     /// Handles one record read from a reply topic of a partition the worker
@@ -547,13 +599,16 @@ impl<D: SagaData> SagaDriver<D> {
             );
         };
         match RecordKind::from_header(rec.kind) {
-            Ok(RecordKind::Message) => match Envelope::from_bytes(value) {
+            Ok(RecordKind::Message) => match rec.envelope() {
                 Ok(env) => self.on_reply(rec, env, now, out),
                 Err(e) => self.poison(rec, format!("not an envelope: {e}"), now, out),
             },
             Ok(RecordKind::Start) => match serde_json::from_slice::<StartRequest<D>>(value) {
                 Ok(req) => {
-                    if let Err(e) = self.start(rec.partition, req.saga_id, req.data, now, out) {
+                    let parent = crate::trace::from_header(rec.traceparent).or(req.trace);
+                    let started =
+                        self.start_traced(rec.partition, req.saga_id, req.data, parent, now, out);
+                    if let Err(e) = started {
                         self.poison(rec, format!("start refused: {e}"), now, out);
                     }
                 }
@@ -605,12 +660,18 @@ impl<D: SagaData> SagaDriver<D> {
             return true;
         };
         let partition = owned.partition;
+        let span = tracing::info_span!("saga.timer", saga_id = %id, saga = %self.def.name(), timer = %timer, trace_id = tracing::field::Empty, span_id = tracing::field::Empty, parent_span_id = tracing::field::Empty);
+        let trace = owned
+            .instance
+            .trace
+            .map(|parent| link_span(&span, Some(&parent)));
+        let _g = span.enter();
         match self
             .def
             .handle(&owned.instance, Input::Timer(timer.clone()), now)
         {
             Ok(t) => {
-                if let Err(e) = self.apply(&id, partition, t, out) {
+                if let Err(e) = self.apply(&id, partition, t, trace, out) {
                     let original = self.stand_in(&id, &format!("timer `{timer}`"), now);
                     self.dead_letter(original, "timer", e.to_string(), now, None, out);
                 }
@@ -753,7 +814,14 @@ impl<D: SagaData> SagaDriver<D> {
             Some(a) => (self.def.steps()[a.step].name().to_owned(), a.attempt),
             None => (inst.current_step().unwrap_or("").to_owned(), 0),
         };
-        let span = tracing::info_span!("saga.reply", saga_id = %id, saga = %self.def.name(), step = %step, attempt);
+        let span = tracing::info_span!("saga.reply", saga_id = %id, saga = %self.def.name(), step = %step, attempt, trace_id = tracing::field::Empty, span_id = tracing::field::Empty, parent_span_id = tracing::field::Empty);
+        // The replier's span is the parent, if it is in the saga's trace.
+        let parent = match (env.traceparent, inst.trace) {
+            (Some(r), Some(i)) if r.trace_id() == i.trace_id() => Some(r),
+            (_, Some(i)) => Some(i),
+            (r, None) => r,
+        };
+        let trace = parent.map(|p| link_span(&span, Some(&p)));
         let _g = span.enter();
         let latency = match &inst.awaiting {
             Some(a) if env.step == a.command.step => Some((
@@ -769,7 +837,7 @@ impl<D: SagaData> SagaDriver<D> {
                         metrics::step_latency(self.def.name(), &step, d.as_secs_f64());
                     }
                 }
-                if let Err(e) = self.apply(&id, partition, t, out) {
+                if let Err(e) = self.apply(&id, partition, t, trace, out) {
                     self.dead_letter(env, rec.topic, e.to_string(), now, Some(rec.origin()), out);
                 }
             }
@@ -778,17 +846,26 @@ impl<D: SagaData> SagaDriver<D> {
     }
 
     /// Writes a transition and keeps its instance; an ignored input
-    /// changes nothing.
+    /// changes nothing. The messages it sends carry `trace`, the context
+    /// of the span that handled the input, when there is one.
     fn apply(
         &mut self,
         id: &SagaId,
         partition: u32,
-        t: Transition<D>,
+        mut t: Transition<D>,
+        trace: Option<TraceContext>,
         out: &mut Vec<Record>,
     ) -> Result<(), SagaError> {
         if let Handled::Ignored(why) = t.handled {
             tracing::debug!(saga_id = %id, %why, "input ignored");
             return Ok(());
+        }
+        if let Some(trace) = trace {
+            for effect in &mut t.effects {
+                if let Effect::Send(env) = effect {
+                    env.traceparent = Some(trace);
+                }
+            }
         }
         let records = self.records_of(&t)?;
         let before = self.sagas.get(id).map(|o| o.instance.status.clone());
@@ -950,6 +1027,7 @@ mod tests {
             key: Some(b"j-1"),
             value: Some(value),
             kind,
+            traceparent: None,
         }
     }
 
@@ -1290,5 +1368,85 @@ mod tests {
         assert!(!fresh.owns(0));
         assert!(fresh.get(&SagaId::new("a")).is_none());
         assert_eq!(fresh.next_due(), None);
+    }
+
+    #[test]
+    fn a_start_record_carries_its_trace_to_the_owner_which_starts_the_saga_in_it() {
+        let parent =
+            TraceContext::parse("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01").unwrap();
+        let def = definition();
+        let rec =
+            start_record_traced(&def, &SagaId::new("j-1"), &Job::default(), Some(parent)).unwrap();
+        // As a header (for the runtime) and in the request (for runtimes
+        // without headers).
+        assert_eq!(rec.traceparent, Some(parent));
+        let value = rec.value.clone().unwrap();
+        let json: serde_json::Value = serde_json::from_slice(&value).unwrap();
+        assert_eq!(json["trace"], parent.to_string());
+
+        // The owner reads it without the header: the request's field.
+        let mut d = driver();
+        let mut out = Vec::new();
+        d.on_record(&incoming(&value, Some(b"start")), T0, &mut out);
+        let inst = d.get(&SagaId::new("j-1")).unwrap();
+        let trace = inst.trace.unwrap();
+        assert_eq!(trace.trace_id(), parent.trace_id());
+        let command = out.iter().find(|r| r.topic == "svc").unwrap();
+        assert_eq!(
+            command.traceparent.map(|t| t.trace_id()),
+            Some(parent.trace_id())
+        );
+
+        // With a header, the header wins.
+        let other = TraceContext::root();
+        let header = other.to_header();
+        let mut d = driver();
+        let mut out = Vec::new();
+        let mut rec = incoming(&value, Some(b"start"));
+        rec.traceparent = Some(&header);
+        d.on_record(&rec, T0, &mut out);
+        let inst = d.get(&SagaId::new("j-1")).unwrap();
+        assert_eq!(inst.trace.unwrap().trace_id(), other.trace_id());
+
+        // A start record from before traces: a new trace.
+        let old = start_record(&def, &SagaId::new("j-1"), &Job::default()).unwrap();
+        assert_eq!(old.traceparent, None);
+        let mut d = driver();
+        let mut out = Vec::new();
+        d.on_record(
+            &incoming(old.value.as_deref().unwrap(), Some(b"start")),
+            T0,
+            &mut out,
+        );
+        assert!(d.get(&SagaId::new("j-1")).unwrap().trace.is_some());
+    }
+
+    #[test]
+    fn a_reply_from_a_span_of_the_trace_keeps_the_saga_in_its_trace() {
+        let parent = TraceContext::root();
+        let mut d = driver();
+        let mut out = Vec::new();
+        d.start_traced(
+            0,
+            SagaId::new("j-1"),
+            Job::default(),
+            Some(parent),
+            T0,
+            &mut out,
+        )
+        .unwrap();
+        let reply = reply_to(&out, "ok");
+        let mut env = Envelope::from_bytes(&reply).unwrap();
+        let replier = parent.child();
+        env.traceparent = Some(replier);
+        let mut out = Vec::new();
+        d.on_record(&incoming(&env.to_bytes(), None), T0, &mut out);
+        let inst = d.get(&SagaId::new("j-1"));
+        // One step: the saga completed; its state (and no further
+        // message) was written, still in the trace.
+        assert!(inst.is_none() || inst.unwrap().trace.is_some());
+        let state = out.iter().find(|r| r.topic == "job.state").unwrap();
+        let back = decode_state::<Job>("j-1", state.value.as_deref().unwrap()).unwrap();
+        assert_eq!(back.trace.map(|t| t.trace_id()), Some(parent.trace_id()));
     }
 }

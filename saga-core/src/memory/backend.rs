@@ -35,6 +35,7 @@ impl Stored {
             key: Some(self.key.as_bytes()),
             value: self.value.as_deref(),
             kind: self.kind.map(str::as_bytes),
+            traceparent: None,
         }
     }
 }

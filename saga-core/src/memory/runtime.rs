@@ -253,9 +253,23 @@ impl<D: SagaData> SagaService<D> for MemorySagas<D> {
     }
 
     async fn start(&self, id: SagaId, data: D) -> Result<SagaId, SagaError> {
+        self.start_traced(id, data, None).await
+    }
+
+    async fn start_traced(
+        &self,
+        id: SagaId,
+        data: D,
+        trace: Option<crate::trace::TraceContext>,
+    ) -> Result<SagaId, SagaError> {
         let (done, result) = oneshot::channel();
         self.worker(&id)
-            .send(Request::Start { id, data, done })
+            .send(Request::Start {
+                id,
+                data,
+                trace,
+                done,
+            })
             .map_err(|_| SagaError::Shutdown)?;
         result.await.map_err(|_| SagaError::Shutdown)?
     }

@@ -21,6 +21,7 @@ pub(crate) enum Request<D> {
     Start {
         id: SagaId,
         data: D,
+        trace: Option<crate::trace::TraceContext>,
         done: oneshot::Sender<Result<SagaId, SagaError>>,
     },
     Operate {
@@ -108,10 +109,15 @@ impl<D: SagaData> SagaWorker<D> {
         let backend = self.backend.clone();
         let mut st = backend.lock();
         match req {
-            Request::Start { id, data, done } => {
+            Request::Start {
+                id,
+                data,
+                trace,
+                done,
+            } => {
                 let result = self
                     .driver
-                    .start(self.partition, id.clone(), data, now, &mut out)
+                    .start_traced(self.partition, id.clone(), data, trace, now, &mut out)
                     .map(|_| id);
                 self.finish(&mut st, out, result.is_ok());
                 let _ = done.send(result);

@@ -79,6 +79,7 @@ struct Held {
     key: Option<Vec<u8>>,
     value: Option<Vec<u8>>,
     kind: Option<Vec<u8>>,
+    traceparent: Option<Vec<u8>>,
 }
 
 impl Held {
@@ -90,6 +91,7 @@ impl Held {
             key: msg.key.map(<[u8]>::to_vec),
             value: msg.value.map(<[u8]>::to_vec),
             kind: msg.kind.map(<[u8]>::to_vec),
+            traceparent: msg.traceparent.map(<[u8]>::to_vec),
         }
     }
 
@@ -101,6 +103,7 @@ impl Held {
             key: self.key.as_deref(),
             value: self.value.as_deref(),
             kind: self.kind.as_deref(),
+            traceparent: self.traceparent.as_deref(),
         }
     }
 }

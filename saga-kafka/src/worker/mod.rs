@@ -22,6 +22,7 @@ use rdkafka::error::KafkaError as RdError;
 use rdkafka::message::{Headers, Message};
 use rdkafka::{ClientContext, TopicPartitionList};
 use saga_core::driver::{Incoming, Record, RECORD_KIND_HEADER};
+use saga_core::TRACEPARENT_HEADER;
 use saga_core::{HealthBoard, Timestamp};
 
 use crate::config::KafkaConfig;
@@ -315,11 +316,17 @@ enum Exit {
 }
 
 fn incoming<'a>(m: &'a rdkafka::message::BorrowedMessage<'a>) -> Incoming<'a> {
-    let kind = m.headers().and_then(|h| {
-        h.iter()
-            .find(|h| h.key == RECORD_KIND_HEADER)
-            .and_then(|h| h.value)
-    });
+    // One pass over the (few) headers, borrowing their values.
+    let (mut kind, mut traceparent) = (None, None);
+    if let Some(headers) = m.headers() {
+        for h in headers.iter() {
+            if h.key == RECORD_KIND_HEADER {
+                kind = h.value;
+            } else if h.key == TRACEPARENT_HEADER {
+                traceparent = h.value;
+            }
+        }
+    }
     Incoming {
         topic: m.topic(),
         partition: m.partition() as u32,
@@ -327,6 +334,7 @@ fn incoming<'a>(m: &'a rdkafka::message::BorrowedMessage<'a>) -> Incoming<'a> {
         key: m.key(),
         value: m.payload(),
         kind,
+        traceparent,
     }
 }
 

@@ -13,6 +13,7 @@ use rdkafka::producer::{BaseRecord, Producer, ThreadedProducer};
 use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::TopicPartitionList;
 use saga_core::driver::{Record, RECORD_KIND_HEADER};
+use saga_core::TRACEPARENT_HEADER;
 
 use crate::config::{DeliveryMode, KafkaConfig};
 use crate::context::{denied, record_fault, Deliveries};
@@ -215,11 +216,25 @@ impl Txn {
             if let Some(v) = &r.value {
                 rec = rec.payload(v);
             }
-            if let Some(kind) = r.kind.header() {
-                rec = rec.headers(OwnedHeaders::new().insert(Header {
-                    key: RECORD_KIND_HEADER,
-                    value: Some(kind),
-                }));
+            // The trace context as text on the stack (55 bytes); the
+            // client copies headers into its own list.
+            let trace = r.traceparent.map(|t| t.to_header());
+            let count = usize::from(r.kind.header().is_some()) + usize::from(trace.is_some());
+            if count > 0 {
+                let mut headers = OwnedHeaders::new_with_capacity(count);
+                if let Some(kind) = r.kind.header() {
+                    headers = headers.insert(Header {
+                        key: RECORD_KIND_HEADER,
+                        value: Some(kind),
+                    });
+                }
+                if let Some(trace) = &trace {
+                    headers = headers.insert(Header {
+                        key: TRACEPARENT_HEADER,
+                        value: Some(&trace[..]),
+                    });
+                }
+                rec = rec.headers(headers);
             }
             if let Some(partition) = r.partition {
                 rec = rec.partition(i32::try_from(partition).unwrap_or(i32::MAX));

@@ -266,6 +266,7 @@ impl TestBed {
 struct Runs {
     by_command: HashMap<String, u32>,
     by_step: HashMap<String, u32>,
+    traces: Vec<Option<TraceContext>>,
 }
 
 /// Counts the runs of a participant's handler, by command (message id:
@@ -276,7 +277,9 @@ pub struct Applied(Arc<Mutex<Runs>>);
 
 impl Applied {
     pub fn add(&self, ctx: &ParticipantContext) {
+        tracing::info!(message_id = %ctx.message_id(), "handler ran");
         let mut runs = self.0.lock().unwrap();
+        runs.traces.push(ctx.trace());
         *runs
             .by_command
             .entry(ctx.message_id().as_str().to_owned())
@@ -308,6 +311,11 @@ impl Applied {
     /// Distinct steps run.
     pub fn steps(&self) -> usize {
         self.0.lock().unwrap().by_step.len()
+    }
+
+    /// The trace each run saw ([`ParticipantContext::trace`]), in order.
+    pub fn traces(&self) -> Vec<Option<TraceContext>> {
+        self.0.lock().unwrap().traces.clone()
     }
 
     /// Runs in all (counting repeats).

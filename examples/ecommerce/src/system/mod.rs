@@ -534,6 +534,20 @@ impl System {
         req: &OrderRequest,
         idempotency_key: Option<&str>,
     ) -> Result<Order, PlaceError> {
+        self.place_order_traced(req, idempotency_key, None).await
+    }
+
+    /// Like [`System::place_order`], the saga continuing trace `trace`
+    /// (the API request's span) instead of starting its own.
+    ///
+    /// # Errors
+    /// As [`System::place_order`].
+    pub async fn place_order_traced(
+        &self,
+        req: &OrderRequest,
+        idempotency_key: Option<&str>,
+        trace: Option<saga_core::TraceContext>,
+    ) -> Result<Order, PlaceError> {
         let items = order::validate(req, |s| self.price_of(s)).map_err(PlaceError::Invalid)?;
         if let Some(key) = idempotency_key {
             check_key(key).map_err(PlaceError::Invalid)?;
@@ -559,7 +573,15 @@ impl System {
             ),
         };
         let order = Order::new(id, req.customer_id.clone(), items);
-        if let Err(e) = handle.start(order.order_id.clone(), order.clone()).await {
+        let started = match trace {
+            Some(parent) => {
+                handle
+                    .start_traced(order.order_id.clone(), order.clone(), parent)
+                    .await
+            }
+            None => handle.start(order.order_id.clone(), order.clone()).await,
+        };
+        if let Err(e) = started {
             if !e.is_retryable() {
                 tracing::error!(error = %e, "order refused by the runtime");
                 return Err(PlaceError::Refused(
