@@ -357,15 +357,7 @@ impl<D: SagaData> SagaDefinition<D> {
             effects: Vec::new(),
         };
         let handled = match input {
-            Input::Reply(env) => {
-                let checked = env.clone();
-                let handled = m.on_reply(env)?;
-                if handled != Handled::Applied {
-                    // Ignored, but malformed is still an error.
-                    self.check_reply(&checked)?;
-                }
-                handled
-            }
+            Input::Reply(env) => m.on_reply(env)?,
             Input::Timer(id) => m.on_timer(&id),
             Input::Operator(op) => m.on_operator(op)?,
         };
@@ -428,19 +420,18 @@ impl<D: SagaData> Machine<'_, D> {
 
     /// Disarms the attempt deadlines and backoffs of step `i` in `phase`.
     fn disarm_step(&mut self, i: usize, phase: Phase) {
-        let ids: Vec<TimerId> = self
-            .inst
-            .timers
-            .iter()
-            .filter(|t| match t.kind {
-                TimerKind::AttemptDeadline { step, phase: p, .. }
-                | TimerKind::Backoff { step, phase: p } => step == i && p == phase,
-                _ => false,
-            })
-            .map(|t| t.id.clone())
-            .collect();
-        for id in ids {
-            self.disarm(&id);
+        let of_step = |t: &Timer| match t.kind {
+            TimerKind::AttemptDeadline { step, phase: p, .. }
+            | TimerKind::Backoff { step, phase: p } => step == i && p == phase,
+            _ => false,
+        };
+        // One at a time, in the timers' order, each taken out with any
+        // other timer of its id (as `disarm` does): no list of ids, no
+        // copies of them (a saga has a handful of timers at most).
+        while let Some(k) = self.inst.timers.iter().position(of_step) {
+            let timer = self.inst.timers.remove(k);
+            self.inst.timers.retain(|t| t.id != timer.id);
+            self.effects.push(Effect::CancelTimer(timer.id));
         }
     }
 
@@ -984,7 +975,7 @@ impl<D: SagaData> Machine<'_, D> {
         env
     }
 
-    fn on_reply(&mut self, env: Envelope) -> Result<Handled, SagaError> {
+    fn on_reply(&mut self, mut env: Envelope) -> Result<Handled, SagaError> {
         if env.kind != MessageKind::Reply {
             return Err(SagaError::WrongMessageKind {
                 message_id: env.id,
@@ -999,27 +990,33 @@ impl<D: SagaData> Machine<'_, D> {
                 message_id: env.id,
             });
         }
-        let step_name = env.step.clone().unwrap_or_default();
-        let Some(i) = self.def.step_index(&step_name) else {
+        let Some(i) = self.def.step_index(env.step.as_deref().unwrap_or_default()) else {
             return Err(SagaError::UnknownStep {
                 saga_id: env.saga_id,
-                step: step_name,
+                step: env.step.unwrap_or_default(),
                 message_id: env.id,
             });
         };
         let phase = env.phase.unwrap_or(Phase::Forward);
-        let outcome = env.outcome.clone().unwrap_or(ReplyOutcome::Success);
-        let Some(awaiting) = &self.inst.awaiting else {
+        // A reply ignored here is still checked: malformed is an error.
+        // (Past this point a reply is applied, or its payload was decoded
+        // by the step's reply handler, or it is a failure, which has no
+        // payload to check: no copy of it is kept for a check.)
+        let awaited = self
+            .inst
+            .awaiting
+            .as_ref()
+            .map(|a| (a.step, a.phase, a.attempt, a.in_flight));
+        let Some((awaited_step, awaited_phase, current, in_flight)) = awaited else {
+            self.def.check_reply(&env)?;
             return Ok(Handled::Ignored(Ignored::NothingAwaited));
         };
-        if awaiting.step != i || awaiting.phase != phase {
+        if awaited_step != i || awaited_phase != phase || env.attempt > current {
+            self.def.check_reply(&env)?;
             return Ok(Handled::Ignored(Ignored::NotAwaited));
         }
-        let current = awaiting.attempt;
-        let in_flight = awaiting.in_flight;
-        if env.attempt > current {
-            return Ok(Handled::Ignored(Ignored::NotAwaited));
-        }
+        let step_name = env.step.take().unwrap_or_default();
+        let outcome = env.outcome.take().unwrap_or(ReplyOutcome::Success);
         // The reply's verdict: a success the step's reply handler accepts
         // (its changes to the data and its messages are kept only then), or
         // a failure (the participant's, or the handler's judgement).
