@@ -15,7 +15,7 @@ use crate::definition::{
     StepKind,
 };
 use crate::error::SagaError;
-use crate::ids::{MessageId, SagaId, Timestamp};
+use crate::ids::{concat, MessageId, Part::N, Part::S, SagaId, Timestamp};
 use crate::instance::{
     Awaiting, SagaInstance, SagaStatus, StepRecord, StepState, Timer, TimerId, TimerKind,
 };
@@ -381,7 +381,13 @@ fn seed(id: &SagaId, step: usize, phase: Phase) -> u64 {
 }
 
 fn deadline_id(step: &str, phase: Phase, attempt: u32) -> TimerId {
-    TimerId(format!("{step}/{}/deadline/{attempt}", phase.as_str()))
+    TimerId(concat(&[
+        S(step),
+        S("/"),
+        S(phase.as_str()),
+        S("/deadline/"),
+        N(attempt.into()),
+    ]))
 }
 
 impl<D: SagaData> Machine<'_, D> {
@@ -573,7 +579,8 @@ impl<D: SagaData> Machine<'_, D> {
                         return self.failed(i, phase, err, false);
                     }
                 };
-                let name = self.step_name(i);
+                let def = self.def;
+                let name = def.steps()[i].name.as_str();
                 let rec = &mut self.inst.steps[i];
                 rec.sends += 1;
                 let seq = rec.sends;
@@ -582,14 +589,14 @@ impl<D: SagaData> Machine<'_, D> {
                     Phase::Compensation => rec.compensation_attempts,
                 };
                 let mut env = Envelope::command(
-                    Envelope::command_id(&self.inst.saga, &self.inst.id, &name, phase, seq),
+                    Envelope::command_id(&self.inst.saga, &self.inst.id, name, phase, seq),
                     channel.clone(),
                     self.inst.id.clone(),
                     self.inst.saga.clone(),
                     payload,
                     self.now,
                 );
-                env.step = Some(name.clone());
+                env.step = Some(name.to_owned());
                 env.phase = Some(phase);
                 env.attempt = seq;
                 env.reply_to = reply_to.clone();
@@ -603,13 +610,20 @@ impl<D: SagaData> Machine<'_, D> {
                 });
                 self.inst.record(
                     self.now,
-                    format!(
-                        "step `{name}`: {} command {seq} sent (attempt {budget_attempt})",
-                        phase.as_str()
-                    ),
+                    concat(&[
+                        S("step `"),
+                        S(name),
+                        S("`: "),
+                        S(phase.as_str()),
+                        S(" command "),
+                        N(seq.into()),
+                        S(" sent (attempt "),
+                        N(budget_attempt.into()),
+                        S(")"),
+                    ]),
                 );
                 if let Some(timeout) = self.def.steps()[i].timeout {
-                    let id = deadline_id(&name, phase, seq);
+                    let id = deadline_id(name, phase, seq);
                     self.arm(
                         TimerKind::AttemptDeadline {
                             step: i,
@@ -644,30 +658,32 @@ impl<D: SagaData> Machine<'_, D> {
             f(&mut ctx)
         };
         result?;
-        let mut messages = Vec::with_capacity(emitted.len());
+        for e in &emitted {
+            if let Err(err) = &e.value {
+                return Err(StepError::permanent(format!(
+                    "cannot encode message for `{}`: {err}",
+                    e.channel
+                )));
+            }
+        }
+        self.inst.data = data;
         for Emitted {
             channel,
             command,
             value,
         } in emitted
         {
-            match value {
-                Ok(payload) => messages.push((channel, command, payload)),
-                Err(e) => {
-                    return Err(StepError::permanent(format!(
-                        "cannot encode message for `{channel}`: {e}"
-                    )))
-                }
-            }
-        }
-        self.inst.data = data;
-        for (channel, command, payload) in messages {
+            // Every message encoded (checked above).
+            let Ok(payload) = value else { continue };
             self.inst.event_seq += 1;
-            let kind = if command { "command" } else { "event" };
-            let id = MessageId::new(format!(
-                "{}:{}/{kind}/{}",
-                self.inst.saga, self.inst.id, self.inst.event_seq
-            ));
+            let kind = if command { "/command/" } else { "/event/" };
+            let id = MessageId::from(concat(&[
+                S(&self.inst.saga),
+                S(":"),
+                S(self.inst.id.as_str()),
+                S(kind),
+                N(self.inst.event_seq),
+            ]));
             let make = if command {
                 Envelope::command
             } else {
@@ -691,9 +707,10 @@ impl<D: SagaData> Machine<'_, D> {
             Phase::Forward => self.step_succeeded(i),
             Phase::Compensation => {
                 self.inst.steps[i].state = StepState::Compensated;
+                let name = &self.def.steps()[i].name;
                 self.inst.record(
                     self.now,
-                    format!("step `{}`: compensated", self.step_name(i)),
+                    concat(&[S("step `"), S(name), S("`: compensated")]),
                 );
                 Flow::Continue
             }
@@ -702,8 +719,9 @@ impl<D: SagaData> Machine<'_, D> {
 
     fn step_succeeded(&mut self, i: usize) -> Flow {
         self.inst.steps[i].state = StepState::Succeeded;
+        let name = &self.def.steps()[i].name;
         self.inst
-            .record(self.now, format!("step `{}`: succeeded", self.step_name(i)));
+            .record(self.now, concat(&[S("step `"), S(name), S("`: succeeded")]));
         self.inst.cursor = i + 1;
         Flow::Continue
     }
@@ -761,7 +779,13 @@ impl<D: SagaData> Machine<'_, D> {
                     ),
                 );
                 let seq = self.inst.steps[i].sends;
-                let id = format!("{name}/{}/backoff/{seq}", phase.as_str());
+                let id = concat(&[
+                    S(&name),
+                    S("/"),
+                    S(phase.as_str()),
+                    S("/backoff/"),
+                    N(seq.into()),
+                ]);
                 self.arm(TimerKind::Backoff { step: i, phase }, id, delay);
                 Flow::Wait
             }
