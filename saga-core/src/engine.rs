@@ -275,6 +275,11 @@ struct Machine<'a, D> {
     inst: SagaInstance<D>,
     now: Timestamp,
     effects: Vec<Effect>,
+    /// For a reply: the command the input instance awaits, not copied
+    /// into `inst` (whose `awaiting` is then `None`) because the usual
+    /// outcome, a success, drops it. Copied in by `keep_awaiting` on every
+    /// other outcome; only `on_reply` and `handle` see it.
+    uncopied: Option<&'a Awaiting>,
 }
 
 impl<D: SagaData> SagaDefinition<D> {
@@ -311,6 +316,7 @@ impl<D: SagaData> SagaDefinition<D> {
             inst,
             now,
             effects: Vec::new(),
+            uncopied: None,
         };
         m.inst.record(now, "started".into());
         if let Some(timeout) = self.inner.timeout {
@@ -350,14 +356,28 @@ impl<D: SagaData> SagaDefinition<D> {
                 message_id: MessageId::new(format!("{}/instance", instance.id)),
             });
         }
-        let mut m = Machine {
-            def: self,
-            inst: instance.clone(),
-            now,
-            effects: Vec::new(),
+        let mut m = match (&input, &instance.awaiting) {
+            (Input::Reply(_), Some(awaiting)) => Machine {
+                def: self,
+                inst: instance.clone_for_transition(false),
+                now,
+                effects: Vec::new(),
+                uncopied: Some(awaiting),
+            },
+            _ => Machine {
+                def: self,
+                inst: instance.clone_for_transition(true),
+                now,
+                effects: Vec::new(),
+                uncopied: None,
+            },
         };
         let handled = match input {
-            Input::Reply(env) => m.on_reply(env)?,
+            Input::Reply(env) => {
+                let handled = m.on_reply(env)?;
+                m.keep_awaiting();
+                handled
+            }
             Input::Timer(id) => m.on_timer(&id),
             Input::Operator(op) => m.on_operator(op)?,
         };
@@ -398,6 +418,14 @@ impl<D: SagaData> Machine<'_, D> {
             instance: self.inst,
             effects: self.effects,
             handled,
+        }
+    }
+
+    /// Copies the awaited command into the instance if `handle` left it
+    /// out (see `Machine::uncopied`).
+    fn keep_awaiting(&mut self) {
+        if let Some(awaiting) = self.uncopied.take() {
+            self.inst.awaiting = Some(awaiting.clone());
         }
     }
 
@@ -1030,6 +1058,7 @@ impl<D: SagaData> Machine<'_, D> {
             .inst
             .awaiting
             .as_ref()
+            .or(self.uncopied)
             .map(|a| (a.step, a.phase, a.attempt, a.in_flight));
         let Some((awaited_step, awaited_phase, current, in_flight)) = awaited else {
             self.def.check_reply(&env)?;
@@ -1086,10 +1115,14 @@ impl<D: SagaData> Machine<'_, D> {
                 class == ErrorClass::Retryable,
             ),
         };
+        if verdict.is_err() {
+            self.keep_awaiting();
+        }
         match verdict {
             // A success answers every attempt of the step: each may have
             // taken effect.
             Ok(()) => {
+                self.uncopied = None;
                 self.resume_if_parked(&step_name, phase, env.attempt);
                 self.disarm_step(i, phase);
                 self.inst.awaiting = None;
