@@ -280,6 +280,11 @@ struct Machine<'a, D> {
     /// outcome, a success, drops it. Copied in by `keep_awaiting` on every
     /// other outcome; only `on_reply` and `handle` see it.
     uncopied: Option<&'a Awaiting>,
+    /// For an input to an instance: that instance's data, while
+    /// `inst.data` is still equal to it. User code then runs on
+    /// `inst.data` in place, and a failure copies this back: the data is
+    /// copied once per transition, not once more per step that runs.
+    input_data: Option<&'a D>,
 }
 
 impl<D: SagaData> SagaDefinition<D> {
@@ -317,6 +322,7 @@ impl<D: SagaData> SagaDefinition<D> {
             now,
             effects: Vec::new(),
             uncopied: None,
+            input_data: None,
         };
         m.inst.record(now, "started".into());
         if let Some(timeout) = self.inner.timeout {
@@ -363,6 +369,7 @@ impl<D: SagaData> SagaDefinition<D> {
                 now,
                 effects: Vec::new(),
                 uncopied: Some(awaiting),
+                input_data: Some(&instance.data),
             },
             _ => Machine {
                 def: self,
@@ -370,6 +377,7 @@ impl<D: SagaData> SagaDefinition<D> {
                 now,
                 effects: Vec::new(),
                 uncopied: None,
+                input_data: Some(&instance.data),
             },
         };
         let handled = match input {
@@ -398,6 +406,19 @@ fn seed(id: &SagaId, step: usize, phase: Phase) -> u64 {
     step.hash(&mut h);
     phase.hash(&mut h);
     h.finish()
+}
+
+/// A permanent error if a message user code emitted did not encode.
+fn all_encoded(emitted: &[Emitted]) -> Result<(), StepError> {
+    for e in emitted {
+        if let Err(err) = &e.value {
+            return Err(StepError::permanent(format!(
+                "cannot encode message for `{}`: {err}",
+                e.channel
+            )));
+        }
+    }
+    Ok(())
 }
 
 fn deadline_id(step: &str, phase: Phase, attempt: u32) -> TimerId {
@@ -667,34 +688,44 @@ impl<D: SagaData> Machine<'_, D> {
         }
     }
 
-    /// Runs user code on a copy of the data; keeps the copy and the emitted
-    /// messages only on success.
+    /// Runs user code on the data; keeps its changes and the emitted
+    /// messages only on success (a failure leaves the data as it was).
     fn run_user_code(
         &mut self,
         f: impl FnOnce(&mut StepContext<'_, D>) -> Result<(), StepError>,
     ) -> Result<(), StepError> {
-        let mut data = self.inst.data.clone();
         let mut emitted = Vec::new();
-        let result = {
-            let mut ctx = StepContext {
-                data: &mut data,
-                saga_id: &self.inst.id,
-                now: self.now,
-                failure: self.inst.failure.as_deref(),
-                emitted: &mut emitted,
-            };
-            f(&mut ctx)
-        };
-        result?;
-        for e in &emitted {
-            if let Err(err) = &e.value {
-                return Err(StepError::permanent(format!(
-                    "cannot encode message for `{}`: {err}",
-                    e.channel
-                )));
+        match self.input_data {
+            // The data is still the input instance's: the code runs on it
+            // in place, and a failure puts the input's back.
+            Some(input) => {
+                let mut ctx = StepContext {
+                    data: &mut self.inst.data,
+                    saga_id: &self.inst.id,
+                    now: self.now,
+                    failure: self.inst.failure.as_deref(),
+                    emitted: &mut emitted,
+                };
+                let result = f(&mut ctx).and_then(|()| all_encoded(&emitted));
+                if result.is_err() {
+                    self.inst.data = input.clone();
+                }
+                result?;
+                self.input_data = None;
+            }
+            None => {
+                let mut data = self.inst.data.clone();
+                let mut ctx = StepContext {
+                    data: &mut data,
+                    saga_id: &self.inst.id,
+                    now: self.now,
+                    failure: self.inst.failure.as_deref(),
+                    emitted: &mut emitted,
+                };
+                f(&mut ctx).and_then(|()| all_encoded(&emitted))?;
+                self.inst.data = data;
             }
         }
-        self.inst.data = data;
         for Emitted {
             channel,
             command,

@@ -1040,3 +1040,38 @@ fn replies_that_do_not_complete_the_step_keep_the_awaited_command() {
     assert_eq!(done.instance.status, SagaStatus::Completed);
     assert!(done.instance.awaiting.is_none());
 }
+
+#[test]
+fn a_reply_handler_that_changes_the_data_and_fails_leaves_the_data_as_it_was() {
+    let def = SagaDefinition::<Order>::builder("order")
+        .step(
+            Step::remote("reserve", "inventory.requests")
+                .command(|_: &Order| "RESERVE")
+                .on_reply(|ctx, r: Reserved| {
+                    ctx.data_mut().reserved = true;
+                    ctx.emit("orders.events", &"RESERVED");
+                    if r.ok {
+                        Ok(())
+                    } else {
+                        Err(StepError::retryable("busy"))
+                    }
+                }),
+        )
+        .build()
+        .unwrap();
+    let now = Timestamp::from_millis(1_000);
+    let t = def.start(SagaId::new("o-1"), Order::default(), now).unwrap();
+    let cmd = t.instance.awaiting.clone().unwrap().command;
+    let reply = |ok: bool| {
+        let payload = serde_json::json!({ "ok": ok });
+        Input::Reply(cmd.reply(ReplyOutcome::Success, payload, now).unwrap())
+    };
+    let refused = def.handle(&t.instance, reply(false), now).unwrap();
+    assert_eq!(refused.instance.data, Order::default());
+    assert!(!refused
+        .effects
+        .iter()
+        .any(|e| matches!(e, Effect::Send(env) if env.kind == MessageKind::Event)));
+    let accepted = def.handle(&refused.instance, reply(true), now).unwrap();
+    assert!(accepted.instance.data.reserved);
+}
