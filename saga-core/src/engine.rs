@@ -549,14 +549,17 @@ impl<D: SagaData> Machine<'_, D> {
         rec.first_attempt_at.get_or_insert(self.now);
         rec.state = StepState::Running;
         let attempt = rec.attempts;
-        let step = &self.def.steps()[i];
+        // Borrowed from the definition, not from `self`: no copy of the
+        // action (a remote one's channel names) to run it.
+        let def = self.def;
+        let step = &def.steps()[i];
         let _span =
             tracing::debug_span!("saga.step", step = %step.name, attempt, phase = "forward")
                 .entered();
-        let Some(action) = step.forward.clone() else {
+        let Some(action) = &step.forward else {
             return self.step_succeeded(i);
         };
-        self.run_action(i, Phase::Forward, &action)
+        self.run_action(i, Phase::Forward, action)
     }
 
     fn compensate_once(&mut self) -> Flow {
@@ -592,20 +595,20 @@ impl<D: SagaData> Machine<'_, D> {
         rec.compensation_attempts += 1;
         rec.first_compensation_at.get_or_insert(self.now);
         let attempt = rec.compensation_attempts;
-        let step = &self.def.steps()[i];
+        let def = self.def;
+        let step = &def.steps()[i];
         let _span =
             tracing::debug_span!("saga.step", step = %step.name, attempt, phase = "compensation")
                 .entered();
-        let Some(action) = step.compensation.clone() else {
+        let Some(action) = &step.compensation else {
             return Flow::Continue;
         };
-        self.run_action(i, Phase::Compensation, &action)
+        self.run_action(i, Phase::Compensation, action)
     }
 
     fn run_action(&mut self, i: usize, phase: Phase, action: &Action<D>) -> Flow {
         match action {
             Action::Local(f) => {
-                let f = f.clone();
                 match self.run_user_code(|ctx| f(ctx)) {
                     Ok(()) => self.succeeded(i, phase),
                     Err(e) => self.failed(i, phase, e, false),
