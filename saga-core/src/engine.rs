@@ -608,12 +608,10 @@ impl<D: SagaData> Machine<'_, D> {
 
     fn run_action(&mut self, i: usize, phase: Phase, action: &Action<D>) -> Flow {
         match action {
-            Action::Local(f) => {
-                match self.run_user_code(|ctx| f(ctx)) {
-                    Ok(()) => self.succeeded(i, phase),
-                    Err(e) => self.failed(i, phase, e, false),
-                }
-            }
+            Action::Local(f) => match self.run_user_code(|ctx| f(ctx)) {
+                Ok(()) => self.succeeded(i, phase),
+                Err(e) => self.failed(i, phase, e, false),
+            },
             Action::Remote {
                 channel,
                 reply_to,

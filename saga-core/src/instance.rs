@@ -341,7 +341,11 @@ impl<D: Clone> SagaInstance<D> {
             phase: *phase,
             cursor: *cursor,
             steps: steps.clone(),
-            awaiting: if with_awaiting { awaiting.clone() } else { None },
+            awaiting: if with_awaiting {
+                awaiting.clone()
+            } else {
+                None
+            },
             timers: timers.clone(),
             failure: failure.clone(),
             event_seq: *event_seq,

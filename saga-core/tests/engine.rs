@@ -999,7 +999,9 @@ fn replies_that_do_not_complete_the_step_keep_the_awaited_command() {
         .build()
         .unwrap();
     let now = Timestamp::from_millis(1_000);
-    let t = def.start(SagaId::new("o-1"), Order::default(), now).unwrap();
+    let t = def
+        .start(SagaId::new("o-1"), Order::default(), now)
+        .unwrap();
     let cmd = t.instance.awaiting.clone().unwrap().command;
     assert_eq!(t.instance.timers[0].id.0, "reserve/forward/deadline/1");
     let reply = |outcome: ReplyOutcome, ok: bool| {
@@ -1060,7 +1062,9 @@ fn a_reply_handler_that_changes_the_data_and_fails_leaves_the_data_as_it_was() {
         .build()
         .unwrap();
     let now = Timestamp::from_millis(1_000);
-    let t = def.start(SagaId::new("o-1"), Order::default(), now).unwrap();
+    let t = def
+        .start(SagaId::new("o-1"), Order::default(), now)
+        .unwrap();
     let cmd = t.instance.awaiting.clone().unwrap().command;
     let reply = |ok: bool| {
         let payload = serde_json::json!({ "ok": ok });
