@@ -15,7 +15,7 @@ use crate::definition::{
     StepKind,
 };
 use crate::error::SagaError;
-use crate::ids::{MessageId, SagaId, Timestamp};
+use crate::ids::{concat, MessageId, Part::N, Part::S, SagaId, Timestamp};
 use crate::instance::{
     Awaiting, SagaInstance, SagaStatus, StepRecord, StepState, Timer, TimerId, TimerKind,
 };
@@ -342,6 +342,16 @@ struct Machine<'a, D> {
     inst: SagaInstance<D>,
     now: Timestamp,
     effects: Vec<Effect>,
+    /// For a reply: the command the input instance awaits, not copied
+    /// into `inst` (whose `awaiting` is then `None`) because the usual
+    /// outcome, a success, drops it. Copied in by `keep_awaiting` on every
+    /// other outcome; only `on_reply` and `handle` see it.
+    uncopied: Option<&'a Awaiting>,
+    /// For an input to an instance: that instance's data, while
+    /// `inst.data` is still equal to it. User code then runs on
+    /// `inst.data` in place, and a failure copies this back: the data is
+    /// copied once per transition, not once more per step that runs.
+    input_data: Option<&'a D>,
 }
 
 impl<D: SagaData> SagaDefinition<D> {
@@ -397,6 +407,8 @@ impl<D: SagaData> SagaDefinition<D> {
             inst,
             now,
             effects: Vec::new(),
+            uncopied: None,
+            input_data: None,
         };
         m.inst.record(now, "started".into());
         if let Some(timeout) = self.inner.timeout {
@@ -436,20 +448,28 @@ impl<D: SagaData> SagaDefinition<D> {
                 message_id: MessageId::new(format!("{}/instance", instance.id)),
             });
         }
-        let mut m = Machine {
-            def: self,
-            inst: instance.clone(),
-            now,
-            effects: Vec::new(),
+        let mut m = match (&input, &instance.awaiting) {
+            (Input::Reply(_), Some(awaiting)) => Machine {
+                def: self,
+                inst: instance.clone_for_transition(false),
+                now,
+                effects: Vec::new(),
+                uncopied: Some(awaiting),
+                input_data: Some(&instance.data),
+            },
+            _ => Machine {
+                def: self,
+                inst: instance.clone_for_transition(true),
+                now,
+                effects: Vec::new(),
+                uncopied: None,
+                input_data: Some(&instance.data),
+            },
         };
         let handled = match input {
             Input::Reply(env) => {
-                let checked = env.clone();
                 let handled = m.on_reply(env)?;
-                if handled != Handled::Applied {
-                    // Ignored, but malformed is still an error.
-                    self.check_reply(&checked)?;
-                }
+                m.keep_awaiting();
                 handled
             }
             Input::Timer(id) => m.on_timer(&id),
@@ -474,8 +494,27 @@ fn seed(id: &SagaId, step: usize, phase: Phase) -> u64 {
     h.finish()
 }
 
+/// A permanent error if a message user code emitted did not encode.
+fn all_encoded(emitted: &[Emitted]) -> Result<(), StepError> {
+    for e in emitted {
+        if let Err(err) = &e.value {
+            return Err(StepError::permanent(format!(
+                "cannot encode message for `{}`: {err}",
+                e.channel
+            )));
+        }
+    }
+    Ok(())
+}
+
 fn deadline_id(step: &str, phase: Phase, attempt: u32) -> TimerId {
-    TimerId(format!("{step}/{}/deadline/{attempt}", phase.as_str()))
+    TimerId(concat(&[
+        S(step),
+        S("/"),
+        S(phase.as_str()),
+        S("/deadline/"),
+        N(attempt.into()),
+    ]))
 }
 
 impl<D: SagaData> Machine<'_, D> {
@@ -486,6 +525,14 @@ impl<D: SagaData> Machine<'_, D> {
             instance: self.inst,
             effects: self.effects,
             handled,
+        }
+    }
+
+    /// Copies the awaited command into the instance if `handle` left it
+    /// out (see `Machine::uncopied`).
+    fn keep_awaiting(&mut self) {
+        if let Some(awaiting) = self.uncopied.take() {
+            self.inst.awaiting = Some(awaiting.clone());
         }
     }
 
@@ -514,19 +561,18 @@ impl<D: SagaData> Machine<'_, D> {
 
     /// Disarms the attempt deadlines and backoffs of step `i` in `phase`.
     fn disarm_step(&mut self, i: usize, phase: Phase) {
-        let ids: Vec<TimerId> = self
-            .inst
-            .timers
-            .iter()
-            .filter(|t| match t.kind {
-                TimerKind::AttemptDeadline { step, phase: p, .. }
-                | TimerKind::Backoff { step, phase: p } => step == i && p == phase,
-                _ => false,
-            })
-            .map(|t| t.id.clone())
-            .collect();
-        for id in ids {
-            self.disarm(&id);
+        let of_step = |t: &Timer| match t.kind {
+            TimerKind::AttemptDeadline { step, phase: p, .. }
+            | TimerKind::Backoff { step, phase: p } => step == i && p == phase,
+            _ => false,
+        };
+        // One at a time, in the timers' order, each taken out with any
+        // other timer of its id (as `disarm` does): no list of ids, no
+        // copies of them (a saga has a handful of timers at most).
+        while let Some(k) = self.inst.timers.iter().position(of_step) {
+            let timer = self.inst.timers.remove(k);
+            self.inst.timers.retain(|t| t.id != timer.id);
+            self.effects.push(Effect::CancelTimer(timer.id));
         }
     }
 
@@ -589,14 +635,17 @@ impl<D: SagaData> Machine<'_, D> {
         rec.first_attempt_at.get_or_insert(self.now);
         rec.state = StepState::Running;
         let attempt = rec.attempts;
-        let step = &self.def.steps()[i];
+        // Borrowed from the definition, not from `self`: no copy of the
+        // action (a remote one's channel names) to run it.
+        let def = self.def;
+        let step = &def.steps()[i];
         let _span =
             tracing::debug_span!("saga.step", step = %step.name, attempt, phase = "forward")
                 .entered();
-        let Some(action) = step.forward.clone() else {
+        let Some(action) = &step.forward else {
             return self.step_succeeded(i);
         };
-        self.run_action(i, Phase::Forward, &action)
+        self.run_action(i, Phase::Forward, action)
     }
 
     fn compensate_once(&mut self) -> Flow {
@@ -632,25 +681,23 @@ impl<D: SagaData> Machine<'_, D> {
         rec.compensation_attempts += 1;
         rec.first_compensation_at.get_or_insert(self.now);
         let attempt = rec.compensation_attempts;
-        let step = &self.def.steps()[i];
+        let def = self.def;
+        let step = &def.steps()[i];
         let _span =
             tracing::debug_span!("saga.step", step = %step.name, attempt, phase = "compensation")
                 .entered();
-        let Some(action) = step.compensation.clone() else {
+        let Some(action) = &step.compensation else {
             return Flow::Continue;
         };
-        self.run_action(i, Phase::Compensation, &action)
+        self.run_action(i, Phase::Compensation, action)
     }
 
     fn run_action(&mut self, i: usize, phase: Phase, action: &Action<D>) -> Flow {
         match action {
-            Action::Local(f) => {
-                let f = f.clone();
-                match self.run_user_code(|ctx| f(ctx)) {
-                    Ok(()) => self.succeeded(i, phase),
-                    Err(e) => self.failed(i, phase, e, false),
-                }
-            }
+            Action::Local(f) => match self.run_user_code(|ctx| f(ctx)) {
+                Ok(()) => self.succeeded(i, phase),
+                Err(e) => self.failed(i, phase, e, false),
+            },
             Action::Remote {
                 channel,
                 reply_to,
@@ -668,7 +715,8 @@ impl<D: SagaData> Machine<'_, D> {
                         return self.failed(i, phase, err, false);
                     }
                 };
-                let name = self.step_name(i);
+                let def = self.def;
+                let name = def.steps()[i].name.as_str();
                 let rec = &mut self.inst.steps[i];
                 rec.sends += 1;
                 let seq = rec.sends;
@@ -677,14 +725,14 @@ impl<D: SagaData> Machine<'_, D> {
                     Phase::Compensation => rec.compensation_attempts,
                 };
                 let mut env = Envelope::command(
-                    Envelope::command_id(&self.inst.saga, &self.inst.id, &name, phase, seq),
+                    Envelope::command_id(&self.inst.saga, &self.inst.id, name, phase, seq),
                     channel.clone(),
                     self.inst.id.clone(),
                     self.inst.saga.clone(),
                     payload,
                     self.now,
                 );
-                env.step = Some(name.clone());
+                env.step = Some(name.to_owned());
                 env.phase = Some(phase);
                 env.attempt = seq;
                 env.reply_to = reply_to.clone();
@@ -699,13 +747,20 @@ impl<D: SagaData> Machine<'_, D> {
                 });
                 self.inst.record(
                     self.now,
-                    format!(
-                        "step `{name}`: {} command {seq} sent (attempt {budget_attempt})",
-                        phase.as_str()
-                    ),
+                    concat(&[
+                        S("step `"),
+                        S(name),
+                        S("`: "),
+                        S(phase.as_str()),
+                        S(" command "),
+                        N(seq.into()),
+                        S(" sent (attempt "),
+                        N(budget_attempt.into()),
+                        S(")"),
+                    ]),
                 );
                 if let Some(timeout) = self.def.steps()[i].timeout {
-                    let id = deadline_id(&name, phase, seq);
+                    let id = deadline_id(name, phase, seq);
                     self.arm(
                         TimerKind::AttemptDeadline {
                             step: i,
@@ -721,49 +776,61 @@ impl<D: SagaData> Machine<'_, D> {
         }
     }
 
-    /// Runs user code on a copy of the data; keeps the copy and the emitted
-    /// messages only on success.
+    /// Runs user code on the data; keeps its changes and the emitted
+    /// messages only on success (a failure leaves the data as it was).
     fn run_user_code(
         &mut self,
         f: impl FnOnce(&mut StepContext<'_, D>) -> Result<(), StepError>,
     ) -> Result<(), StepError> {
-        let mut data = self.inst.data.clone();
         let mut emitted = Vec::new();
-        let result = {
-            let mut ctx = StepContext {
-                data: &mut data,
-                saga_id: &self.inst.id,
-                now: self.now,
-                failure: self.inst.failure.as_deref(),
-                emitted: &mut emitted,
-            };
-            f(&mut ctx)
-        };
-        result?;
-        let mut messages = Vec::with_capacity(emitted.len());
+        match self.input_data {
+            // The data is still the input instance's: the code runs on it
+            // in place, and a failure puts the input's back.
+            Some(input) => {
+                let mut ctx = StepContext {
+                    data: &mut self.inst.data,
+                    saga_id: &self.inst.id,
+                    now: self.now,
+                    failure: self.inst.failure.as_deref(),
+                    emitted: &mut emitted,
+                };
+                let result = f(&mut ctx).and_then(|()| all_encoded(&emitted));
+                if result.is_err() {
+                    self.inst.data = input.clone();
+                }
+                result?;
+                self.input_data = None;
+            }
+            None => {
+                let mut data = self.inst.data.clone();
+                let mut ctx = StepContext {
+                    data: &mut data,
+                    saga_id: &self.inst.id,
+                    now: self.now,
+                    failure: self.inst.failure.as_deref(),
+                    emitted: &mut emitted,
+                };
+                f(&mut ctx).and_then(|()| all_encoded(&emitted))?;
+                self.inst.data = data;
+            }
+        }
         for Emitted {
             channel,
             command,
             value,
         } in emitted
         {
-            match value {
-                Ok(payload) => messages.push((channel, command, payload)),
-                Err(e) => {
-                    return Err(StepError::permanent(format!(
-                        "cannot encode message for `{channel}`: {e}"
-                    )))
-                }
-            }
-        }
-        self.inst.data = data;
-        for (channel, command, payload) in messages {
+            // Every message encoded (checked above).
+            let Ok(payload) = value else { continue };
             self.inst.event_seq += 1;
-            let kind = if command { "command" } else { "event" };
-            let id = MessageId::new(format!(
-                "{}:{}/{kind}/{}",
-                self.inst.saga, self.inst.id, self.inst.event_seq
-            ));
+            let kind = if command { "/command/" } else { "/event/" };
+            let id = MessageId::from(concat(&[
+                S(&self.inst.saga),
+                S(":"),
+                S(self.inst.id.as_str()),
+                S(kind),
+                N(self.inst.event_seq),
+            ]));
             let make = if command {
                 Envelope::command
             } else {
@@ -788,9 +855,10 @@ impl<D: SagaData> Machine<'_, D> {
             Phase::Forward => self.step_succeeded(i),
             Phase::Compensation => {
                 self.inst.steps[i].state = StepState::Compensated;
+                let name = &self.def.steps()[i].name;
                 self.inst.record(
                     self.now,
-                    format!("step `{}`: compensated", self.step_name(i)),
+                    concat(&[S("step `"), S(name), S("`: compensated")]),
                 );
                 Flow::Continue
             }
@@ -799,8 +867,9 @@ impl<D: SagaData> Machine<'_, D> {
 
     fn step_succeeded(&mut self, i: usize) -> Flow {
         self.inst.steps[i].state = StepState::Succeeded;
+        let name = &self.def.steps()[i].name;
         self.inst
-            .record(self.now, format!("step `{}`: succeeded", self.step_name(i)));
+            .record(self.now, concat(&[S("step `"), S(name), S("`: succeeded")]));
         self.inst.cursor = i + 1;
         Flow::Continue
     }
@@ -858,7 +927,13 @@ impl<D: SagaData> Machine<'_, D> {
                     ),
                 );
                 let seq = self.inst.steps[i].sends;
-                let id = format!("{name}/{}/backoff/{seq}", phase.as_str());
+                let id = concat(&[
+                    S(&name),
+                    S("/"),
+                    S(phase.as_str()),
+                    S("/backoff/"),
+                    N(seq.into()),
+                ]);
                 self.arm(TimerKind::Backoff { step: i, phase }, id, delay);
                 Flow::Wait
             }
@@ -1073,7 +1148,7 @@ impl<D: SagaData> Machine<'_, D> {
         env
     }
 
-    fn on_reply(&mut self, env: Envelope) -> Result<Handled, SagaError> {
+    fn on_reply(&mut self, mut env: Envelope) -> Result<Handled, SagaError> {
         if env.kind != MessageKind::Reply {
             return Err(SagaError::WrongMessageKind {
                 message_id: env.id,
@@ -1088,27 +1163,34 @@ impl<D: SagaData> Machine<'_, D> {
                 message_id: env.id,
             });
         }
-        let step_name = env.step.clone().unwrap_or_default();
-        let Some(i) = self.def.step_index(&step_name) else {
+        let Some(i) = self.def.step_index(env.step.as_deref().unwrap_or_default()) else {
             return Err(SagaError::UnknownStep {
                 saga_id: env.saga_id,
-                step: step_name,
+                step: env.step.unwrap_or_default(),
                 message_id: env.id,
             });
         };
         let phase = env.phase.unwrap_or(Phase::Forward);
-        let outcome = env.outcome.clone().unwrap_or(ReplyOutcome::Success);
-        let Some(awaiting) = &self.inst.awaiting else {
+        // A reply ignored here is still checked: malformed is an error.
+        // (Past this point a reply is applied, or its payload was decoded
+        // by the step's reply handler, or it is a failure, which has no
+        // payload to check: no copy of it is kept for a check.)
+        let awaited = self
+            .inst
+            .awaiting
+            .as_ref()
+            .or(self.uncopied)
+            .map(|a| (a.step, a.phase, a.attempt, a.in_flight));
+        let Some((awaited_step, awaited_phase, current, in_flight)) = awaited else {
+            self.def.check_reply(&env)?;
             return Ok(Handled::Ignored(Ignored::NothingAwaited));
         };
-        if awaiting.step != i || awaiting.phase != phase {
+        if awaited_step != i || awaited_phase != phase || env.attempt > current {
+            self.def.check_reply(&env)?;
             return Ok(Handled::Ignored(Ignored::NotAwaited));
         }
-        let current = awaiting.attempt;
-        let in_flight = awaiting.in_flight;
-        if env.attempt > current {
-            return Ok(Handled::Ignored(Ignored::NotAwaited));
-        }
+        let step_name = env.step.take().unwrap_or_default();
+        let outcome = env.outcome.take().unwrap_or(ReplyOutcome::Success);
         // The reply's verdict: a success the step's reply handler accepts
         // (its changes to the data and its messages are kept only then), or
         // a failure (the participant's, or the handler's judgement).
@@ -1154,10 +1236,14 @@ impl<D: SagaData> Machine<'_, D> {
                 class == ErrorClass::Retryable,
             ),
         };
+        if verdict.is_err() {
+            self.keep_awaiting();
+        }
         match verdict {
             // A success answers every attempt of the step: each may have
             // taken effect.
             Ok(()) => {
+                self.uncopied = None;
                 self.resume_if_parked(&step_name, phase, env.attempt);
                 self.disarm_step(i, phase);
                 self.inst.awaiting = None;

@@ -315,6 +315,60 @@ pub struct SagaInstance<D> {
     pub trace: Option<TraceContext>,
 }
 
+impl<D: Clone> SagaInstance<D> {
+    /// A copy for a transition to change: without the awaited command
+    /// unless `with_awaiting` (a transition on a reply usually drops it,
+    /// and copying its payload costs more than the rest), and with room
+    /// for the history lines a transition adds (a copy has none, and the
+    /// first line would copy the history once more to grow it).
+    pub(crate) fn clone_for_transition(&self, with_awaiting: bool) -> Self {
+        // Every field named: a field added later must be copied here too.
+        let SagaInstance {
+            id,
+            saga,
+            data,
+            status,
+            phase,
+            cursor,
+            steps,
+            awaiting,
+            timers,
+            failure,
+            event_seq,
+            version,
+            created_at,
+            updated_at,
+            history,
+            trace,
+        } = self;
+        let room = (history.len() + 4).min(MAX_HISTORY.max(history.len()));
+        let mut copied = Vec::with_capacity(room);
+        copied.extend_from_slice(history);
+        SagaInstance {
+            id: id.clone(),
+            saga: saga.clone(),
+            data: data.clone(),
+            status: status.clone(),
+            phase: *phase,
+            cursor: *cursor,
+            steps: steps.clone(),
+            awaiting: if with_awaiting {
+                awaiting.clone()
+            } else {
+                None
+            },
+            timers: timers.clone(),
+            failure: failure.clone(),
+            event_seq: *event_seq,
+            version: *version,
+            created_at: *created_at,
+            updated_at: *updated_at,
+            trace: *trace,
+            history: copied,
+        }
+    }
+}
+
 impl<D> SagaInstance<D> {
     /// The earliest armed timer, if any.
     pub fn next_timer(&self) -> Option<&Timer> {

@@ -3,7 +3,7 @@
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::ids::{MessageId, SagaId, Timestamp};
+use crate::ids::{concat, MessageId, Part::N, Part::S, SagaId, Timestamp};
 use crate::retry::ErrorClass;
 use crate::trace::TraceContext;
 
@@ -156,17 +156,32 @@ impl Envelope {
         phase: Phase,
         attempt: u32,
     ) -> MessageId {
-        MessageId::new(format!(
-            "{}/{attempt}",
-            Self::step_key(saga, saga_id, step, phase)
-        ))
+        MessageId::from(concat(&[
+            S(saga),
+            S(":"),
+            S(saga_id.as_str()),
+            S("/"),
+            S(step),
+            S("/"),
+            S(phase.as_str()),
+            S("/"),
+            N(attempt.into()),
+        ]))
     }
 
     /// The business key of `step` of saga `saga_id` (of type `saga`) in
     /// `phase`: `{saga}:{saga_id}/{step}/{phase}`, the same for every
     /// attempt (see [`Envelope::idempotency_key`]).
     pub fn step_key(saga: &str, saga_id: &SagaId, step: &str, phase: Phase) -> String {
-        format!("{saga}:{saga_id}/{step}/{}", phase.as_str())
+        concat(&[
+            S(saga),
+            S(":"),
+            S(saga_id.as_str()),
+            S("/"),
+            S(step),
+            S("/"),
+            S(phase.as_str()),
+        ])
     }
 
     /// The business key of a command: [`Envelope::step_key`] for a step's
@@ -220,7 +235,7 @@ impl Envelope {
     pub fn reply(&self, outcome: ReplyOutcome, payload: Value, now: Timestamp) -> Option<Envelope> {
         let reply_to = self.reply_to.clone()?;
         Some(Envelope {
-            id: MessageId::new(format!("{}/reply", self.id)),
+            id: MessageId::from(concat(&[S(self.id.as_str()), S("/reply")])),
             channel: reply_to,
             saga_id: self.saga_id.clone(),
             saga: self.saga.clone(),
@@ -355,7 +370,7 @@ impl DeadLetter {
         last_error: impl Into<String>,
     ) -> Self {
         Self {
-            id: MessageId::new(format!("{}/dead-letter", original.id)),
+            id: MessageId::from(concat(&[S(original.id.as_str()), S("/dead-letter")])),
             channel: channel.into(),
             source: source.into(),
             original,
@@ -425,5 +440,29 @@ impl DeadLetter {
     /// If the envelope's payload is not a dead letter.
     pub fn from_envelope(envelope: &Envelope) -> Result<Self, serde_json::Error> {
         serde_json::from_value(envelope.payload.clone())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_and_keys_keep_their_formats() {
+        let saga_id = SagaId::new("o-1");
+        let step = Envelope::step_key("order", &saga_id, "reserve", Phase::Compensation);
+        assert_eq!(step, "order:o-1/reserve/compensation");
+        let id = Envelope::command_id("order", &saga_id, "reserve", Phase::Forward, 12);
+        assert_eq!(id.as_str(), "order:o-1/reserve/forward/12");
+        let mut cmd = Envelope::command(id, "inv", saga_id, "order", Value::Null, Timestamp::EPOCH);
+        cmd.reply_to = Some("order.replies".into());
+        let reply = cmd.reply(ReplyOutcome::Success, Value::Null, Timestamp::EPOCH);
+        let reply = reply.unwrap();
+        assert_eq!(reply.id.as_str(), "order:o-1/reserve/forward/12/reply");
+        let dead = DeadLetter::new("dlq", "order", reply, Timestamp::EPOCH, 1, "why", "err");
+        assert_eq!(
+            dead.id.as_str(),
+            "order:o-1/reserve/forward/12/reply/dead-letter"
+        );
     }
 }

@@ -1148,3 +1148,95 @@ async fn a_runtime_refuses_a_step_that_gives_up_before_its_participant() {
     }
     runtime.shutdown().await;
 }
+
+#[test]
+fn replies_that_do_not_complete_the_step_keep_the_awaited_command() {
+    let def = SagaDefinition::<Order>::builder("order")
+        .step(
+            reserve_step(|| StepError::retryable("busy"))
+                .timeout(Duration::from_secs(5))
+                .retry(RetryPolicy::fixed(Duration::from_secs(1)).with_max_attempts(3)),
+        )
+        .build()
+        .unwrap();
+    let now = Timestamp::from_millis(1_000);
+    let t = def
+        .start(SagaId::new("o-1"), Order::default(), now)
+        .unwrap();
+    let cmd = t.instance.awaiting.clone().unwrap().command;
+    assert_eq!(t.instance.timers[0].id.0, "reserve/forward/deadline/1");
+    let reply = |outcome: ReplyOutcome, ok: bool| {
+        let payload = serde_json::json!({ "ok": ok });
+        Input::Reply(cmd.reply(outcome, payload, now).unwrap())
+    };
+
+    // Ignored (a reply to a command not sent yet): the instance as it was.
+    let mut early = cmd
+        .reply(ReplyOutcome::Success, serde_json::json!({"ok": true}), now)
+        .unwrap();
+    early.attempt = 2;
+    let ignored = def.handle(&t.instance, Input::Reply(early), now).unwrap();
+    assert_eq!(ignored.handled, Handled::Ignored(Ignored::NotAwaited));
+    assert_eq!(ignored.instance, t.instance);
+
+    // Refused by the step's reply handler, or a failure reply: the command
+    // is still awaited (judged, for a late success to it).
+    let failure = ReplyOutcome::failure(ErrorClass::Retryable, "busy");
+    for input in [reply(ReplyOutcome::Success, false), reply(failure, false)] {
+        let retried = def.handle(&t.instance, input, now).unwrap();
+        assert_eq!(retried.handled, Handled::Applied);
+        let awaiting = retried.instance.awaiting.as_ref().expect("still awaited");
+        assert_eq!(awaiting.command, cmd);
+        assert!(!awaiting.in_flight);
+        // And a later success to it completes the step.
+        let late = def
+            .handle(&retried.instance, reply(ReplyOutcome::Success, true), now)
+            .unwrap();
+        assert_eq!(late.instance.status, SagaStatus::Completed);
+        assert!(late.instance.awaiting.is_none());
+    }
+
+    // Accepted: nothing awaited any more.
+    let done = def
+        .handle(&t.instance, reply(ReplyOutcome::Success, true), now)
+        .unwrap();
+    assert_eq!(done.instance.status, SagaStatus::Completed);
+    assert!(done.instance.awaiting.is_none());
+}
+
+#[test]
+fn a_reply_handler_that_changes_the_data_and_fails_leaves_the_data_as_it_was() {
+    let def = SagaDefinition::<Order>::builder("order")
+        .step(
+            Step::remote("reserve", "inventory.requests")
+                .command(|_: &Order| "RESERVE")
+                .on_reply(|ctx, r: Reserved| {
+                    ctx.data_mut().reserved = true;
+                    ctx.emit("orders.events", &"RESERVED");
+                    if r.ok {
+                        Ok(())
+                    } else {
+                        Err(StepError::retryable("busy"))
+                    }
+                }),
+        )
+        .build()
+        .unwrap();
+    let now = Timestamp::from_millis(1_000);
+    let t = def
+        .start(SagaId::new("o-1"), Order::default(), now)
+        .unwrap();
+    let cmd = t.instance.awaiting.clone().unwrap().command;
+    let reply = |ok: bool| {
+        let payload = serde_json::json!({ "ok": ok });
+        Input::Reply(cmd.reply(ReplyOutcome::Success, payload, now).unwrap())
+    };
+    let refused = def.handle(&t.instance, reply(false), now).unwrap();
+    assert_eq!(refused.instance.data, Order::default());
+    assert!(!refused
+        .effects
+        .iter()
+        .any(|e| matches!(e, Effect::Send(env) if env.kind == MessageKind::Event)));
+    let accepted = def.handle(&refused.instance, reply(true), now).unwrap();
+    assert!(accepted.instance.data.reserved);
+}

@@ -830,7 +830,9 @@ impl<D: SagaData> SagaDriver<D> {
             )),
             _ => None,
         };
-        match self.def.handle(inst, Input::Reply(env.clone()), now) {
+        // The reply goes to the engine as it is, not a copy: the rare
+        // dead letter reads it again from the record.
+        match self.def.handle(inst, Input::Reply(env), now) {
             Ok(t) => {
                 if t.handled == Handled::Applied {
                     if let Some((step, d)) = latency {
@@ -838,11 +840,24 @@ impl<D: SagaData> SagaDriver<D> {
                     }
                 }
                 if let Err(e) = self.apply(&id, partition, t, trace, out) {
+                    let env = self.reread(rec, now);
                     self.dead_letter(env, rec.topic, e.to_string(), now, Some(rec.origin()), out);
                 }
             }
-            Err(e) => self.dead_letter(env, rec.topic, e.to_string(), now, Some(rec.origin()), out),
+            Err(e) => {
+                let env = self.reread(rec, now);
+                self.dead_letter(env, rec.topic, e.to_string(), now, Some(rec.origin()), out);
+            }
         }
+    }
+
+    /// The envelope of a reply record, read again from its bytes (it was
+    /// read once already, so only a record changed since would fall back
+    /// to the poison stand-in).
+    fn reread(&self, rec: &Incoming<'_>, now: Timestamp) -> Envelope {
+        rec.value
+            .and_then(|v| Envelope::from_bytes(v).ok())
+            .unwrap_or_else(|| rec.as_poison(self.def.name(), now))
     }
 
     /// Writes a transition and keeps its instance; an ignored input
@@ -1258,6 +1273,39 @@ mod tests {
         assert!(dead
             .iter()
             .all(|d| d.origin == Some(RecordOrigin::new("job.replies", 0, 7))));
+    }
+
+    #[test]
+    fn a_reply_the_saga_refuses_is_dead_lettered_as_it_was_read() {
+        let mut d = driver();
+        let mut out = Vec::new();
+        d.start(0, SagaId::new("j-1"), Job::default(), T0, &mut out)
+            .unwrap();
+        let cmd = out
+            .iter()
+            .filter(|r| r.topic == "svc")
+            .map(|r| Envelope::from_bytes(r.value.as_deref().unwrap()).unwrap())
+            .next()
+            .unwrap();
+        // The step's replies are strings: a number is a decode error.
+        let reply = cmd
+            .reply(
+                crate::message::ReplyOutcome::Success,
+                serde_json::json!(42),
+                T0,
+            )
+            .unwrap();
+        out.clear();
+        d.on_record(&incoming(&reply.to_bytes(), None), T0, &mut out);
+        let dead = dead_letters(&out);
+        assert_eq!(dead.len(), 1);
+        assert_eq!(dead[0].original, reply);
+        assert!(
+            dead[0].last_error.contains("reply"),
+            "{}",
+            dead[0].last_error
+        );
+        assert_eq!(dead[0].origin, Some(RecordOrigin::new("job.replies", 0, 7)));
     }
 
     #[test]
