@@ -269,8 +269,10 @@ pub enum Effect {
     ScheduleTimer(Timer),
     /// Disarm this timer.
     CancelTimer(TimerId),
-    /// Write this dead letter to its channel.
-    DeadLetter(DeadLetter),
+    /// Write this dead letter to its channel. Boxed: a dead letter is
+    /// large and rare, and every transition's list of effects would
+    /// otherwise be sized for it.
+    DeadLetter(Box<DeadLetter>),
 }
 
 /// Whether an input changed the saga.
@@ -1041,7 +1043,7 @@ impl<D: SagaData> Machine<'_, D> {
             why,
             err.message.clone(),
         );
-        self.effects.push(Effect::DeadLetter(dead));
+        self.effects.push(Effect::DeadLetter(Box::new(dead)));
         self.inst.awaiting = None;
         self.inst.steps[i].state = StepState::Failed;
         self.inst
@@ -1107,7 +1109,7 @@ impl<D: SagaData> Machine<'_, D> {
         // One saga may park on the same command more than once (after an
         // operator's retry): the version keeps the dead letters apart.
         dead.id = MessageId::new(format!("{}/{}", dead.id, self.inst.version));
-        self.effects.push(Effect::DeadLetter(dead));
+        self.effects.push(Effect::DeadLetter(Box::new(dead)));
         // While parked, a late reply to a command that may have taken
         // effect still resolves the step: keep waiting on it (judged: only
         // an operator sends it again).

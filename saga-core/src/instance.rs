@@ -239,8 +239,9 @@ pub struct Awaiting {
 pub struct HistoryEntry {
     /// When.
     pub at: Timestamp,
-    /// The saga's status after it.
-    pub status: String,
+    /// The saga's status after it ([`SagaStatus::name`]): borrowed when
+    /// written here, so copying a history copies no status text.
+    pub status: std::borrow::Cow<'static, str>,
     /// What happened.
     pub what: String,
     /// The operator who caused it, for an operator's action.
@@ -408,7 +409,7 @@ impl<D> SagaInstance<D> {
         }
         self.history.push(HistoryEntry {
             at,
-            status: self.status.name().to_owned(),
+            status: std::borrow::Cow::Borrowed(self.status.name()),
             what,
             operator,
             note,

@@ -103,7 +103,7 @@ impl<D: SagaData> SagaHarness<D> {
         for e in effects {
             match e {
                 Effect::Send(env) => self.sent.push(env),
-                Effect::DeadLetter(d) => self.dead_letters.push(d),
+                Effect::DeadLetter(d) => self.dead_letters.push(*d),
                 Effect::ScheduleTimer(_) | Effect::CancelTimer(_) => {}
             }
         }

@@ -569,7 +569,7 @@ impl From<SagaInstance<Order>> for OrderView {
                 .into_iter()
                 .map(|h| HistoryLine {
                     at: h.at.to_string(),
-                    status: h.status,
+                    status: h.status.into_owned(),
                     note: h.what,
                 })
                 .collect(),
