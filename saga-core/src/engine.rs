@@ -31,7 +31,7 @@ pub enum Input {
     Reply(Envelope),
     /// A timer the saga armed is due.
     Timer(TimerId),
-    /// An operator's decision about a parked saga.
+    /// An operator's decision about a parked or stuck saga.
     Operator(Operation),
 }
 
@@ -49,11 +49,13 @@ pub enum OperatorAction {
     ///
     /// On a stuck saga (running or compensating, waiting on its current
     /// step) it is "retry now": the backoff is cut short, or the command
-    /// in flight is abandoned as if its deadline had passed (a forward
-    /// step then counts as possibly applied, so it is compensated if the
-    /// saga later compensates), and the next attempt is sent at once, with
-    /// a fresh retry budget. A late success reply to the abandoned command
-    /// is still applied.
+    /// in flight is abandoned as if its deadline had passed (a
+    /// compensatable forward step then counts as possibly applied, so it
+    /// is compensated if the saga later compensates; a pivot is never
+    /// compensated), and the next attempt is sent at once, with a fresh
+    /// retry budget. A late success reply to the abandoned command is
+    /// still applied. Pass [`Operation::at_version`] so that the same
+    /// request sent twice does not abandon the command the first sent.
     Retry,
     /// Consider the parked step done (forward) or undone (compensating) and
     /// go on. Parked sagas only: a step still waiting on a reply or a
@@ -92,7 +94,7 @@ impl fmt::Display for OperatorAction {
     }
 }
 
-/// An operator's action on a parked saga, with who took it and why: both
+/// An operator's action on a parked or stuck saga, with who took it and why: both
 /// are recorded in the saga's history.
 ///
 /// ```
@@ -111,11 +113,19 @@ pub struct Operation {
     /// Why (free text, may be empty).
     #[serde(default)]
     pub note: String,
-    /// The step the operator saw the saga parked on, if given: the action
-    /// is refused if by the time it is applied the saga is parked elsewhere
-    /// (a late reply moved it on, and it parked again on another step).
+    /// The step the operator saw the saga parked (or stuck) on, if given:
+    /// the action is refused if by the time it is applied the saga is on
+    /// another step (a late reply moved it on).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub step: Option<String>,
+    /// The saga's [`SagaInstance::version`] the operator saw, if given:
+    /// the action is refused if the saga changed since (a reply moved it
+    /// on, or another action was applied first). It makes an action safe
+    /// to send twice (a double click, a retried request): the second one
+    /// is refused, where a second "retry now" would otherwise abandon the
+    /// command the first one just sent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<u64>,
 }
 
 impl Operation {
@@ -126,6 +136,7 @@ impl Operation {
             operator: operator.into(),
             note: String::new(),
             step: None,
+            version: None,
         }
     }
 
@@ -200,6 +211,17 @@ impl Operation {
                 ));
             }
         }
+        if let Some(seen) = self.version {
+            if seen != instance.version {
+                return Err(refuse(
+                    format!("{} the saga as of version {seen}", self.action),
+                    format!(
+                        "{} at version {} (it changed since)",
+                        instance.status, instance.version
+                    ),
+                ));
+            }
+        }
         if self.action == OperatorAction::Abort {
             let first_no_return = steps.iter().position(|s| s.kind != StepKind::Compensatable);
             let past = instance.phase != Phase::Forward
@@ -218,10 +240,17 @@ impl Operation {
         Ok(())
     }
 
-    /// Applies only if the saga is still parked on `step` (the step the
-    /// operator looked at).
+    /// Applies only if the saga is still parked (or stuck) on `step`
+    /// (the step the operator looked at).
     pub fn on_step(mut self, step: impl Into<String>) -> Self {
         self.step = Some(step.into());
+        self
+    }
+
+    /// Applies only if the saga is still at `version`
+    /// ([`SagaInstance::version`], as the operator saw it).
+    pub fn at_version(mut self, version: u64) -> Self {
+        self.version = Some(version);
         self
     }
 }
@@ -432,8 +461,8 @@ impl<D: SagaData> SagaDefinition<D> {
     /// [`SagaError::WrongSaga`] (an instance or reply of another saga),
     /// [`SagaError::WrongMessageKind`], [`SagaError::UnknownStep`],
     /// [`SagaError::Decode`] (a reply payload of the wrong type), and
-    /// [`SagaError::InvalidAction`] for an operator action on a saga that
-    /// is not parked.
+    /// [`SagaError::InvalidAction`] for an operator action that does not
+    /// apply ([`Operation::check`]).
     pub fn handle(
         &self,
         instance: &SagaInstance<D>,
@@ -1421,7 +1450,7 @@ impl<D: SagaData> Machine<'_, D> {
         self.drive();
     }
 
-    /// [`OperatorAction::Abort`] of a saga parked on step `i`.
+    /// [`OperatorAction::Abort`] of a saga parked or stuck on step `i`.
     fn abort(&mut self, i: usize, op: Operation) -> Result<Handled, SagaError> {
         let name = self.step_name(i);
         let steps = self.def.steps();

@@ -233,6 +233,25 @@ pub struct Awaiting {
     pub command: Envelope,
 }
 
+/// A history line's status read back: one of [`SagaStatus::name`]'s names
+/// is borrowed from it; anything else is kept as read.
+fn status_name<'de, De: serde::Deserializer<'de>>(
+    d: De,
+) -> Result<std::borrow::Cow<'static, str>, De::Error> {
+    const NAMES: [&str; 5] = [
+        "running",
+        "compensating",
+        "completed",
+        "compensated",
+        "parked",
+    ];
+    let read = String::deserialize(d)?;
+    Ok(match NAMES.iter().find(|n| **n == read) {
+        Some(name) => std::borrow::Cow::Borrowed(name),
+        None => std::borrow::Cow::Owned(read),
+    })
+}
+
 /// One line of a saga's history: what happened, when, and who did it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[non_exhaustive]
@@ -240,7 +259,8 @@ pub struct HistoryEntry {
     /// When.
     pub at: Timestamp,
     /// The saga's status after it ([`SagaStatus::name`]): borrowed when
-    /// written here, so copying a history copies no status text.
+    /// written or read back, so copying a history copies no status text.
+    #[serde(deserialize_with = "status_name")]
     pub status: std::borrow::Cow<'static, str>,
     /// What happened.
     pub what: String,
@@ -414,5 +434,20 @@ impl<D> SagaInstance<D> {
             operator,
             note,
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_history_status_read_back_is_borrowed_when_it_is_a_known_name() {
+        let known: HistoryEntry =
+            serde_json::from_str(r#"{"at":1,"status":"parked","what":"x"}"#).unwrap();
+        assert!(matches!(known.status, std::borrow::Cow::Borrowed("parked")));
+        let other: HistoryEntry =
+            serde_json::from_str(r#"{"at":1,"status":"paused","what":"x"}"#).unwrap();
+        assert!(matches!(other.status, std::borrow::Cow::Owned(ref s) if s == "paused"));
     }
 }

@@ -331,6 +331,23 @@ fn an_operators_retry_of_a_step_in_its_backoff_sends_the_next_attempt_now() {
 }
 
 #[test]
+fn the_same_retry_now_sent_twice_with_the_version_seen_is_applied_once() {
+    let mut t = SagaHarness::new(stuck_saga());
+    t.start("s-twice", Order::default()).unwrap();
+    let seen = t.instance().version;
+    let op = Operation::retry("bob").on_step("reserve").at_version(seen);
+    t.operator(op.clone()).unwrap();
+    assert_eq!(t.commands().len(), 2);
+    // A double click: the saga moved on to version seen + 1.
+    let err = t.operator(op).unwrap_err();
+    assert!(matches!(err, SagaError::InvalidAction { .. }), "{err:?}");
+    assert!(err.to_string().contains("it changed since"), "{err}");
+    assert_eq!(t.commands().len(), 2, "the second command is not abandoned");
+    t.reply_ok("reserve", &Reserved { ok: true }).unwrap();
+    t.then_status(&SagaStatus::Completed);
+}
+
+#[test]
 fn an_operators_retry_of_an_unanswered_command_resends_and_a_late_answer_still_counts() {
     let mut t = SagaHarness::new(stuck_saga());
     t.start("s-2", Order::default()).unwrap();

@@ -114,7 +114,11 @@ impl<D: SagaData> Catalog<D> {
                         return Err(e.clone());
                     }
                 }
-                notified.await;
+                if self.stopped() {
+                    return Err("the runtime shut down".to_owned());
+                }
+                // The stop flag is set without a wake-up: look again soon.
+                let _ = tokio::time::timeout(Duration::from_millis(100), notified).await;
             }
         };
         tokio::time::timeout(limit, wait).await.unwrap_or_else(|_| {

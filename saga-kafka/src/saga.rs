@@ -493,6 +493,9 @@ impl<D: SagaData> SagaService<D> for KafkaSagas<D> {
             .caught_up(self.cfg.request_timeout)
             .await
             .map_err(|reason| {
+                if self.catalog.stopped() {
+                    return SagaError::Shutdown;
+                }
                 unavailable(
                     "listing sagas",
                     Error::TimedOut {

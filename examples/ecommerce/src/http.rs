@@ -795,9 +795,12 @@ struct SagaActionBody {
     /// The step the operator saw the saga parked on: the action is refused
     /// if it is parked elsewhere by then.
     step: Option<String>,
+    /// The saga's version the operator saw: the action is refused if the
+    /// saga changed since (so a request sent twice acts once).
+    version: Option<u64>,
 }
 
-/// The route of an operator's action on a parked saga: recorded in its
+/// The route of an operator's action on a parked or stuck saga: recorded in its
 /// history with the token's operator and the note; 202 once the runtime
 /// took it (on Kafka its owner applies it when it reads it).
 fn saga_action(action: OperatorAction) -> MethodRouter<Arc<System>> {
@@ -814,6 +817,9 @@ fn saga_action(action: OperatorAction) -> MethodRouter<Arc<System>> {
             let mut op = Operation::new(action, operator.name).note(b.note.unwrap_or_default());
             if let Some(step) = b.step {
                 op = op.on_step(step);
+            }
+            if let Some(version) = b.version {
+                op = op.at_version(version);
             }
             s.operate(&id, op).await.map_err(saga_error)?;
             Ok((

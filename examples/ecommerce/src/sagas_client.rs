@@ -56,6 +56,10 @@ pub struct ActionArgs {
     /// The step it must still be parked on (refused otherwise).
     #[arg(long)]
     step: Option<String>,
+    /// The saga's version it must still be at, as `sagas show` printed it
+    /// (refused if it changed since).
+    #[arg(long)]
+    at_version: Option<u64>,
 }
 
 /// Runs `cmd` against the API at `api` with an operator's bearer `token`
@@ -70,6 +74,9 @@ pub async fn run(api: &str, token: &str, cmd: SagasCommand) -> Result<(), String
         let mut body = json!({"note": a.note});
         if let Some(step) = &a.step {
             body["step"] = json!(step);
+        }
+        if let Some(version) = a.at_version {
+            body["version"] = json!(version);
         }
         (
             reqwest::Method::POST,

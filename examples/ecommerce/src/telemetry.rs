@@ -49,7 +49,8 @@ impl Telemetry {
 /// endpoint is ignored). A second call changes nothing.
 ///
 /// # Errors
-/// If the OTLP exporter cannot be built (a malformed endpoint).
+/// If the OTLP exporter cannot be built (a malformed endpoint): the log
+/// lines are installed all the same, without the export.
 pub fn init(default_filter: &str, otlp_endpoint: Option<&str>) -> Result<Telemetry, String> {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter));
@@ -61,7 +62,14 @@ pub fn init(default_filter: &str, otlp_endpoint: Option<&str>) -> Result<Telemet
     };
     #[cfg(feature = "otel")]
     {
-        let provider = otlp_provider(endpoint)?;
+        let provider = match otlp_provider(endpoint) {
+            Ok(p) => p,
+            Err(e) => {
+                // The log lines are kept; only the export is off.
+                let _ = registry.try_init();
+                return Err(e);
+            }
+        };
         let tracer = opentelemetry::trace::TracerProvider::tracer(&provider, "ecommerce");
         let _ = registry
             .with(tracing_opentelemetry::layer().with_tracer(tracer))

@@ -1002,6 +1002,18 @@ async fn an_operator_finds_a_parked_order_and_retries_it_once_the_fault_is_fixed
     .await;
     assert_eq!(status, StatusCode::CONFLICT, "{body}");
 
+    // ... and for a version of the saga other than the one it is at (the
+    // page sends the version it shows, so a second press acts once).
+    let (status, body) = call(
+        &api,
+        "POST",
+        &format!("/sagas/{id}/retry"),
+        Some(json!({"step": "reserve-inventory", "version": 0})),
+    )
+    .await;
+    assert_eq!(status, StatusCode::CONFLICT, "{body}");
+    assert!(body.to_string().contains("it changed since"), "{body}");
+
     // The fault is fixed; the operator retries.
     inventory.set_down(None);
     let (status, body) = call(

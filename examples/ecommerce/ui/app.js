@@ -308,6 +308,8 @@ function renderDetail(inst, def) {
   $("actions-title").textContent = parked ? "Act on the parked saga" : "Act on the stuck saga";
   const skip = document.querySelector('#saga-actions [data-action="skip"]');
   if (skip) skip.disabled = !parked;
+  const abort = document.querySelector('#saga-actions [data-action="abort"]');
+  if (abort) abort.disabled = status === "compensating";
   const history = $("history");
   clear(history);
   for (const h of inst.history || []) {
@@ -352,7 +354,9 @@ async function act(action) {
   const inst = state.detail;
   if (!inst) return;
   const note = $("action-note").value.trim();
-  const body = { step: currentStep(inst) || undefined };
+  // The version shown: a second press (or a request sent again) after
+  // the saga moved on is refused instead of acting twice.
+  const body = { step: currentStep(inst) || undefined, version: inst.version };
   if (note) body.note = note;
   const r = await api("POST", `/sagas/${encodeURIComponent(inst.id)}/${action}`, body);
   const out = $("action-result");

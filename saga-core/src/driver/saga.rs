@@ -855,9 +855,9 @@ impl<D: SagaData> SagaDriver<D> {
     /// read once already, so only a record changed since would fall back
     /// to the poison stand-in).
     fn reread(&self, rec: &Incoming<'_>, now: Timestamp) -> Envelope {
-        rec.value
-            .and_then(|v| Envelope::from_bytes(v).ok())
-            .unwrap_or_else(|| rec.as_poison(self.def.name(), now))
+        // As first read: the header's trace wins over the JSON field.
+        rec.envelope()
+            .unwrap_or_else(|_| rec.as_poison(self.def.name(), now))
     }
 
     /// Writes a transition and keeps its instance; an ignored input
@@ -933,10 +933,7 @@ impl<D: SagaData> SagaDriver<D> {
     /// runtime whose broker refuses what handling it produced (a record
     /// over the broker's size limit), so the partition goes on.
     pub fn reject(&mut self, rec: &Incoming<'_>, why: &str, now: Timestamp, out: &mut Vec<Record>) {
-        let original = rec
-            .value
-            .and_then(|v| Envelope::from_bytes(v).ok())
-            .unwrap_or_else(|| rec.as_poison(self.def.name(), now));
+        let original = self.reread(rec, now);
         let reason = format!("its handling produced a record the broker refuses: {why}");
         self.dead_letter(original, rec.topic, reason, now, Some(rec.origin()), out);
     }
