@@ -311,9 +311,18 @@ async fn the_catalogs_reader_stops_with_its_runtime_and_later_queries_are_shutdo
     let channel = bed.fx.topic("bank");
     let rt = bed.runtime("a");
     let sagas = rt.saga(payment_saga(&name, &channel)).await.unwrap();
-    // Thread names are cut at 15 bytes: `saga-kafka-cata`.
+    // Thread names are cut at 15 bytes: `saga-kafka-cata`. The readers of
+    // the tests before this one stop at their next poll: wait for them.
     let prefix = "saga-kafka-cata";
-    let before = threads_named(prefix);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while threads_named(prefix) > 0 {
+        assert!(
+            Instant::now() < deadline,
+            "earlier tests' catalog readers still run"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let before = 0;
     sagas.list(&SagaQuery::all()).await.unwrap();
     assert_eq!(
         threads_named(prefix),
