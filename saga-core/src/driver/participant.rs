@@ -343,6 +343,7 @@ pub struct ParticipantDriver {
     /// Partitions being restored record by record: the latest state
     /// snapshot read so far (or why it cannot be read).
     restoring: HashMap<u32, Option<Result<Value, String>>>,
+    metrics: metrics::ParticipantMetrics,
 }
 
 impl std::fmt::Debug for ParticipantDriver {
@@ -367,6 +368,7 @@ impl ParticipantDriver {
         Self {
             participant,
             ledger_topic: ledger_topic(&policy.name),
+            metrics: metrics::ParticipantMetrics::new(&policy.name),
             policy,
             channel: channel.into(),
             owned: BTreeSet::new(),
@@ -710,7 +712,7 @@ impl ParticipantDriver {
         now: Timestamp,
         out: &mut Vec<Record>,
     ) {
-        metrics::attempt(&self.policy.name, &result, took.as_secs_f64());
+        self.metrics.attempt(&result, took.as_secs_f64());
         let trace = attempt.trace();
         let Attempt {
             command,

@@ -226,6 +226,7 @@ pub struct SagaDriver<D> {
     /// Partitions being restored record by record: the keys whose latest
     /// record so far cannot be read, and why.
     restoring: HashMap<u32, BTreeMap<String, String>>,
+    metrics: metrics::SagaMetrics,
 }
 
 impl<D: SagaData> std::fmt::Debug for SagaDriver<D> {
@@ -247,6 +248,7 @@ impl<D: SagaData> SagaDriver<D> {
     pub fn new(def: SagaDefinition<D>) -> Self {
         Self {
             state_topic: state_topic(def.name()),
+            metrics: metrics::SagaMetrics::new(def.name()),
             def,
             max_record_bytes: DEFAULT_MAX_RECORD_BYTES,
             settled_retention: DEFAULT_SETTLED_RETENTION,
@@ -528,7 +530,7 @@ impl<D: SagaData> SagaDriver<D> {
         let t = self.def.start_traced(id.clone(), data, now, Some(trace))?;
         let records = self.records_of(&t)?;
         out.extend(records);
-        metrics::transition(None, &t);
+        self.metrics.transition(None, &t);
         self.change(
             &id,
             Owned {
@@ -823,11 +825,12 @@ impl<D: SagaData> SagaDriver<D> {
         };
         let trace = parent.map(|p| link_span(&span, Some(&p)));
         let _g = span.enter();
+        // A reply to the awaited step: how long the step took (its name
+        // is `step`, the awaited step's).
         let latency = match &inst.awaiting {
-            Some(a) if env.step == a.command.step => Some((
-                a.command.step.clone().unwrap_or_default(),
-                now.saturating_since(a.command.timestamp),
-            )),
+            Some(a) if env.step == a.command.step => {
+                Some(now.saturating_since(a.command.timestamp))
+            }
             _ => None,
         };
         // The reply goes to the engine as it is, not a copy: the rare
@@ -835,8 +838,8 @@ impl<D: SagaData> SagaDriver<D> {
         match self.def.handle(inst, Input::Reply(env), now) {
             Ok(t) => {
                 if t.handled == Handled::Applied {
-                    if let Some((step, d)) = latency {
-                        metrics::step_latency(self.def.name(), &step, d.as_secs_f64());
+                    if let Some(d) = latency {
+                        self.metrics.step_latency(&step, d.as_secs_f64());
                     }
                 }
                 if let Err(e) = self.apply(&id, partition, t, trace, out) {
@@ -884,7 +887,7 @@ impl<D: SagaData> SagaDriver<D> {
         }
         let records = self.records_of(&t)?;
         let before = self.sagas.get(id).map(|o| o.instance.status.clone());
-        metrics::transition(before.as_ref(), &t);
+        self.metrics.transition(before.as_ref(), &t);
         out.extend(records);
         self.change(
             id,
@@ -1118,6 +1121,50 @@ mod tests {
         let created = d.start(0, SagaId::new("j-1"), Job::default(), T0, &mut again);
         assert!(!created.unwrap(), "a second start is a no-op");
         assert!(again.is_empty());
+    }
+
+    /// The driver registers its metric handles when it is built, before
+    /// any recorder here: the counts must still reach the recorder in use
+    /// when the saga runs.
+    #[cfg(feature = "metrics")]
+    #[test]
+    fn metrics_reach_the_recorder_in_use_even_one_installed_after_the_driver() {
+        use metrics_util::debugging::{DebugValue, DebuggingRecorder};
+        let mut d = driver();
+        let recorder = DebuggingRecorder::new();
+        let snapshotter = recorder.snapshotter();
+        ::metrics::with_local_recorder(&recorder, || {
+            let mut out = Vec::new();
+            d.start(0, SagaId::new("j-1"), Job::default(), T0, &mut out)
+                .unwrap();
+            let reply = reply_to(&out, "done");
+            out.clear();
+            d.on_record(&incoming(&reply, None), T0, &mut out);
+        });
+        let mut seen = std::collections::BTreeMap::new();
+        for (key, _, _, value) in snapshotter.snapshot().into_vec() {
+            let key = key.key();
+            let labels: Vec<String> = key
+                .labels()
+                .map(|l| format!("{}={}", l.key(), l.value()))
+                .collect();
+            let value = match value {
+                DebugValue::Counter(n) => n,
+                DebugValue::Histogram(samples) => samples.len() as u64,
+                DebugValue::Gauge(_) => continue,
+            };
+            seen.insert(format!("{}{{{}}}", key.name(), labels.join(",")), value);
+        }
+        let expected = [
+            ("saga_started_total{saga=job}", 1),
+            ("saga_completed_total{saga=job}", 1),
+            ("saga_duration_seconds{saga=job,status=completed}", 1),
+            ("saga_step_latency_seconds{saga=job,step=call}", 1),
+        ];
+        for (name, count) in expected {
+            assert_eq!(seen.get(name), Some(&count), "{name} in {seen:?}");
+        }
+        assert_eq!(seen.get("saga_compensated_total{saga=job}"), Some(&0));
     }
 
     #[test]
