@@ -59,7 +59,7 @@ async fn settled<D: SagaData>(handle: &SagaHandle<D>, id: &SagaId) -> SagaInstan
 fn history<D>(inst: &SagaInstance<D>) -> String {
     inst.history
         .iter()
-        .map(|h| h.what.as_str())
+        .map(|h| &*h.what)
         .collect::<Vec<_>>()
         .join("\n")
 }

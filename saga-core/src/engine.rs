@@ -15,7 +15,7 @@ use crate::definition::{
     StepKind,
 };
 use crate::error::SagaError;
-use crate::ids::{concat, MessageId, Part::N, Part::S, SagaId, Timestamp};
+use crate::ids::{concat, concat_shared, MessageId, Part::N, Part::S, SagaId, Timestamp};
 use crate::instance::{
     Awaiting, SagaInstance, SagaStatus, StepRecord, StepState, Timer, TimerId, TimerKind,
 };
@@ -441,7 +441,7 @@ impl<D: SagaData> SagaDefinition<D> {
             uncopied: None,
             input_data: None,
         };
-        m.inst.record(now, "started".into());
+        m.inst.record(now, "started");
         if let Some(timeout) = self.inner.timeout {
             m.arm(TimerKind::SagaDeadline, "saga-deadline".into(), timeout);
         }
@@ -613,7 +613,7 @@ impl<D: SagaData> Machine<'_, D> {
         }
     }
 
-    fn set_status(&mut self, status: SagaStatus, what: String) {
+    fn set_status(&mut self, status: SagaStatus, what: impl Into<std::sync::Arc<str>>) {
         self.inst.status = status;
         self.inst.record(self.now, what);
     }
@@ -655,7 +655,7 @@ impl<D: SagaData> Machine<'_, D> {
     fn forward_once(&mut self) -> Flow {
         let i = self.inst.cursor;
         if i >= self.def.steps().len() {
-            self.set_status(SagaStatus::Completed, "completed".into());
+            self.set_status(SagaStatus::Completed, "completed");
             return Flow::Wait;
         }
         let rec = &mut self.inst.steps[i];
@@ -699,7 +699,7 @@ impl<D: SagaData> Machine<'_, D> {
             break;
         }
         let Some(i) = next else {
-            self.set_status(SagaStatus::Compensated, "compensated".into());
+            self.set_status(SagaStatus::Compensated, "compensated");
             return Flow::Wait;
         };
         self.inst.cursor = i;
@@ -778,7 +778,7 @@ impl<D: SagaData> Machine<'_, D> {
                 });
                 self.inst.record(
                     self.now,
-                    concat(&[
+                    concat_shared(&[
                         S("step `"),
                         S(name),
                         S("`: "),
@@ -855,7 +855,7 @@ impl<D: SagaData> Machine<'_, D> {
             let Ok(payload) = value else { continue };
             self.inst.event_seq += 1;
             let kind = if command { "/command/" } else { "/event/" };
-            let id = MessageId::from(concat(&[
+            let id = MessageId::from(concat_shared(&[
                 S(&self.inst.saga),
                 S(":"),
                 S(self.inst.id.as_str()),
@@ -889,7 +889,7 @@ impl<D: SagaData> Machine<'_, D> {
                 let name = &self.def.steps()[i].name;
                 self.inst.record(
                     self.now,
-                    concat(&[S("step `"), S(name), S("`: compensated")]),
+                    concat_shared(&[S("step `"), S(name), S("`: compensated")]),
                 );
                 Flow::Continue
             }
@@ -899,8 +899,10 @@ impl<D: SagaData> Machine<'_, D> {
     fn step_succeeded(&mut self, i: usize) -> Flow {
         self.inst.steps[i].state = StepState::Succeeded;
         let name = &self.def.steps()[i].name;
-        self.inst
-            .record(self.now, concat(&[S("step `"), S(name), S("`: succeeded")]));
+        self.inst.record(
+            self.now,
+            concat_shared(&[S("step `"), S(name), S("`: succeeded")]),
+        );
         self.inst.cursor = i + 1;
         Flow::Continue
     }
@@ -1408,7 +1410,7 @@ impl<D: SagaData> Machine<'_, D> {
         if past_no_return {
             self.inst.record(
                 self.now,
-                "saga deadline passed after the point of no return: carrying on".into(),
+                "saga deadline passed after the point of no return: carrying on",
             );
             return;
         }

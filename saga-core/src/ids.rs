@@ -36,7 +36,13 @@ macro_rules! string_id {
 
         impl From<&str> for $name {
             fn from(s: &str) -> Self {
-                Self::new(s)
+                Self(Arc::from(s))
+            }
+        }
+
+        impl From<Arc<str>> for $name {
+            fn from(s: Arc<str>) -> Self {
+                Self(s)
             }
         }
 
@@ -54,10 +60,47 @@ macro_rules! string_id {
 
         impl<'de> Deserialize<'de> for $name {
             fn deserialize<De: serde::Deserializer<'de>>(d: De) -> Result<Self, De::Error> {
-                String::deserialize(d).map(Self::from)
+                // Straight from the input's text into the shared string: one
+                // allocation, not a `String` and then its copy.
+                deserialize_shared(d).map(Self)
             }
         }
     };
+}
+
+/// Reads a string into an `Arc<str>`, borrowing the input's text when
+/// it can.
+struct SharedStrVisitor;
+
+impl serde::de::Visitor<'_> for SharedStrVisitor {
+    type Value = Arc<str>;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a string")
+    }
+
+    fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<Arc<str>, E> {
+        Ok(Arc::from(s))
+    }
+
+    fn visit_string<E: serde::de::Error>(self, s: String) -> Result<Arc<str>, E> {
+        Ok(Arc::from(s))
+    }
+}
+
+/// Writes a shared string (for `serialize_with`).
+pub(crate) fn serialize_shared<S: serde::Serializer>(
+    s: &Arc<str>,
+    ser: S,
+) -> Result<S::Ok, S::Error> {
+    ser.serialize_str(s)
+}
+
+/// Reads a shared string in one allocation (for `deserialize_with`).
+pub(crate) fn deserialize_shared<'de, De: serde::Deserializer<'de>>(
+    d: De,
+) -> Result<Arc<str>, De::Error> {
+    d.deserialize_str(SharedStrVisitor)
 }
 
 /// One piece of a [`concat`]enated string.
@@ -80,6 +123,11 @@ pub(crate) fn concat(parts: &[Part<'_>]) -> String {
         })
         .sum();
     let mut out = String::with_capacity(size);
+    push_parts(&mut out, parts);
+    out
+}
+
+fn push_parts(out: &mut String, parts: &[Part<'_>]) {
     for p in parts {
         match p {
             Part::S(s) => out.push_str(s),
@@ -90,7 +138,25 @@ pub(crate) fn concat(parts: &[Part<'_>]) -> String {
             }
         }
     }
-    out
+}
+
+thread_local! {
+    /// The buffer [`concat_shared`] writes in, kept between calls.
+    static BUFFER: std::cell::RefCell<String> = const { std::cell::RefCell::new(String::new()) };
+}
+
+/// [`concat`] into a shared string (for ids), in one allocation: the
+/// pieces are joined in a buffer kept by the thread, then copied once.
+pub(crate) fn concat_shared(parts: &[Part<'_>]) -> Arc<str> {
+    BUFFER.with(|buffer| match buffer.try_borrow_mut() {
+        Ok(mut buffer) => {
+            buffer.clear();
+            push_parts(&mut buffer, parts);
+            Arc::from(buffer.as_str())
+        }
+        // Only if a part's formatting called back in here: no buffer then.
+        Err(_) => Arc::from(concat(parts)),
+    })
 }
 
 string_id! {
@@ -196,6 +262,24 @@ mod tests {
         assert_eq!(
             concat(&[S("a:"), S("b/"), N(0), S("/x/"), N(u64::MAX)]),
             format!("a:b/0/x/{}", u64::MAX)
+        );
+        let shared = concat_shared(&[S("saga:"), S("id/"), N(42)]);
+        assert_eq!(&*shared, "saga:id/42");
+        // The thread's buffer is reused: a shorter id after a longer one.
+        assert_eq!(&*concat_shared(&[S("x"), N(7)]), "x7");
+    }
+
+    #[test]
+    fn ids_read_from_json_borrowed_escaped_or_from_a_value() {
+        let plain: SagaId = serde_json::from_str(r#""order-1""#).unwrap();
+        assert_eq!(plain.as_str(), "order-1");
+        let escaped: MessageId = serde_json::from_str(r#""a\"b\u00e9""#).unwrap();
+        assert_eq!(escaped.as_str(), "a\"b\u{e9}");
+        let from_value: SagaId = serde_json::from_value(serde_json::json!("v-1")).unwrap();
+        assert_eq!(from_value, SagaId::from("v-1"));
+        assert!(
+            serde_json::from_str::<SagaId>("7").is_err(),
+            "a number is not an id"
         );
     }
 

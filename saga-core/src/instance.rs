@@ -262,8 +262,12 @@ pub struct HistoryEntry {
     /// written or read back, so copying a history copies no status text.
     #[serde(deserialize_with = "status_name")]
     pub status: std::borrow::Cow<'static, str>,
-    /// What happened.
-    pub what: String,
+    /// What happened (shared: copying a history copies no text).
+    #[serde(
+        serialize_with = "crate::ids::serialize_shared",
+        deserialize_with = "crate::ids::deserialize_shared"
+    )]
+    pub what: std::sync::Arc<str>,
     /// The operator who caused it, for an operator's action.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub operator: Option<String>,
@@ -413,14 +417,14 @@ impl<D> SagaInstance<D> {
         Some(self.steps[i].name.as_str())
     }
 
-    pub(crate) fn record(&mut self, at: Timestamp, what: String) {
+    pub(crate) fn record(&mut self, at: Timestamp, what: impl Into<std::sync::Arc<str>>) {
         self.record_by(at, what, None, None);
     }
 
     pub(crate) fn record_by(
         &mut self,
         at: Timestamp,
-        what: String,
+        what: impl Into<std::sync::Arc<str>>,
         operator: Option<String>,
         note: Option<String>,
     ) {
@@ -430,7 +434,7 @@ impl<D> SagaInstance<D> {
         self.history.push(HistoryEntry {
             at,
             status: std::borrow::Cow::Borrowed(self.status.name()),
-            what,
+            what: what.into(),
             operator,
             note,
         });

@@ -3,7 +3,7 @@
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::ids::{concat, MessageId, Part::N, Part::S, SagaId, Timestamp};
+use crate::ids::{concat, concat_shared, MessageId, Part::N, Part::S, SagaId, Timestamp};
 use crate::retry::ErrorClass;
 use crate::trace::TraceContext;
 
@@ -156,7 +156,7 @@ impl Envelope {
         phase: Phase,
         attempt: u32,
     ) -> MessageId {
-        MessageId::from(concat(&[
+        MessageId::from(concat_shared(&[
             S(saga),
             S(":"),
             S(saga_id.as_str()),
@@ -235,7 +235,7 @@ impl Envelope {
     pub fn reply(&self, outcome: ReplyOutcome, payload: Value, now: Timestamp) -> Option<Envelope> {
         let reply_to = self.reply_to.clone()?;
         Some(Envelope {
-            id: MessageId::from(concat(&[S(self.id.as_str()), S("/reply")])),
+            id: MessageId::from(concat_shared(&[S(self.id.as_str()), S("/reply")])),
             channel: reply_to,
             saga_id: self.saga_id.clone(),
             saga: self.saga.clone(),
@@ -370,7 +370,7 @@ impl DeadLetter {
         last_error: impl Into<String>,
     ) -> Self {
         Self {
-            id: MessageId::from(concat(&[S(original.id.as_str()), S("/dead-letter")])),
+            id: MessageId::from(concat_shared(&[S(original.id.as_str()), S("/dead-letter")])),
             channel: channel.into(),
             source: source.into(),
             original,

@@ -570,7 +570,7 @@ impl From<SagaInstance<Order>> for OrderView {
                 .map(|h| HistoryLine {
                     at: h.at.to_string(),
                     status: h.status.into_owned(),
-                    note: h.what,
+                    note: h.what.to_string(),
                 })
                 .collect(),
         }
