@@ -189,6 +189,15 @@ enum SettledUndo {
     Expired(SagaId, u32, Timestamp),
 }
 
+/// An instance as the driver keeps it until its next transition (seconds,
+/// or as long as a step takes): shared, and without the spare room its
+/// history was given for the lines a transition adds (up to four lines
+/// per saga in flight).
+fn kept<D>(mut instance: SagaInstance<D>) -> Arc<SagaInstance<D>> {
+    instance.history.shrink_to_fit();
+    Arc::new(instance)
+}
+
 /// Runs one saga type for a runtime worker, without I/O.
 ///
 /// The worker owns some partitions of the saga's topics. For them the
@@ -366,7 +375,7 @@ impl<D: SagaData> SagaDriver<D> {
         };
         let decoded = decode_state::<D>(key, bytes).and_then(|instance| {
             if instance.id.as_str() == key {
-                Ok(Arc::new(instance))
+                Ok(kept(instance))
             } else {
                 // Last-wins goes by key: an instance under another key
                 // could outlive its key's tombstone.
@@ -535,7 +544,7 @@ impl<D: SagaData> SagaDriver<D> {
             &id,
             Owned {
                 partition,
-                instance: Arc::new(t.instance),
+                instance: kept(t.instance),
             },
         );
         Ok(true)
@@ -893,7 +902,7 @@ impl<D: SagaData> SagaDriver<D> {
             id,
             Owned {
                 partition,
-                instance: Arc::new(t.instance),
+                instance: kept(t.instance),
             },
         );
         Ok(())
