@@ -40,7 +40,19 @@
 //! (`scripts/bench.sh`); `start_*` is how long the engine's starts took
 //! to be accepted (committed), from when they were due.
 //!
+//! **The allocator.** By default the process runs on the system
+//! allocator, as a user's service does unless it picks one.
+//! `--features mimalloc` builds it on mimalloc instead (both sides, the
+//! engine and the baseline), to measure what the allocator is worth:
+//! `cargo bench -p saga-benches --bench kafka_load --features mimalloc --
+//! --sagas 40000`.
+//!
 //! Loopback only; bounded by `--sagas` or `--duration`.
+
+/// With `--features mimalloc`: the whole process on mimalloc.
+#[cfg(feature = "mimalloc")]
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
