@@ -158,8 +158,6 @@ where
             key: "thread".into(),
             reason: format!("cannot spawn a projection thread: {e}"),
         })?;
-    Ok(WorkerHandle {
-        stop,
-        thread: Some(thread),
-    })
+    // It polls with a short timeout and needs no wakeup.
+    Ok(WorkerHandle::new(stop, Arc::default(), thread))
 }

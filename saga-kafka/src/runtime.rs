@@ -160,7 +160,7 @@ impl KafkaRuntime {
         self.stop_catalogs();
         let workers = std::mem::take(&mut *self.workers.lock().unwrap_or_else(|e| e.into_inner()));
         for w in &workers {
-            w.stop.store(how, Ordering::SeqCst);
+            w.signal(how);
         }
         let _ = tokio::task::spawn_blocking(move || {
             for mut w in workers {
@@ -201,6 +201,8 @@ impl Runtime for KafkaRuntime {
         let health = self.health.clone();
         let view = Arc::new(View::new());
         let (tx, rx) = mpsc::channel();
+        let wakeup = Arc::new(worker::Wakeup::default());
+        let alarm = wakeup.clone();
         let name = def.name().to_owned();
         let mut copart = def.reply_channels();
         copart.push(state_topic(&name));
@@ -223,7 +225,15 @@ impl Runtime for KafkaRuntime {
                 setup_topics(&cfg, &specs)?;
                 let partitions = check_copartitioned(&cfg, &copart)?;
                 let proc = SagaProc::new(def2, &cfg, partitions as u32, view2, rx);
-                worker::spawn(cfg, &name, &format!("saga.{name}"), proc, stats, health)
+                worker::spawn(
+                    cfg,
+                    &name,
+                    &format!("saga.{name}"),
+                    proc,
+                    alarm,
+                    stats,
+                    health,
+                )
             })
             .await
             .map_err(|e| refused("starting the saga's worker", e));
@@ -239,6 +249,7 @@ impl Runtime for KafkaRuntime {
             cfg: self.cfg.clone(),
             view,
             requests: tx,
+            wakeup,
             catalog,
         }))
     }
@@ -292,7 +303,7 @@ impl Runtime for KafkaRuntime {
                 connect(&cfg, &connected)?;
                 setup_topics(&cfg, &specs)?;
                 check_copartitioned(&cfg, &copart)?;
-                worker::spawn(cfg, &name, &name, proc, stats, health)
+                worker::spawn(cfg, &name, &name, proc, Arc::default(), stats, health)
             })
             .await
             .map_err(|e| refused("starting the participant's worker", e));
@@ -391,7 +402,7 @@ impl Drop for KafkaRuntime {
             .unwrap_or_else(|e| e.into_inner())
             .iter()
         {
-            w.stop.store(STOP, Ordering::SeqCst);
+            w.signal(STOP);
         }
     }
 }

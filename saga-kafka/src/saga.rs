@@ -349,6 +349,8 @@ pub(crate) struct KafkaSagas<D> {
     pub(crate) cfg: Arc<KafkaConfig>,
     pub(crate) view: Arc<View<D>>,
     pub(crate) requests: mpsc::Sender<SagaRequest<D>>,
+    /// Wakes the worker when a request is queued.
+    pub(crate) wakeup: Arc<crate::worker::Wakeup>,
     /// Every partition's sagas, for queries.
     pub(crate) catalog: Arc<Catalog<D>>,
 }
@@ -387,6 +389,7 @@ impl<D: SagaData> KafkaSagas<D> {
         self.requests
             .send(request)
             .map_err(|_| SagaError::Shutdown)?;
+        self.wakeup.wake();
         match tokio::time::timeout(self.cfg.request_timeout, answer).await {
             Ok(answer) => answer.map_err(|_| SagaError::Shutdown)?,
             Err(_) => Err(unavailable(

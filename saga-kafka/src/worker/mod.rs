@@ -92,9 +92,43 @@ pub(crate) const RUN: u8 = 0;
 pub(crate) const STOP: u8 = 1;
 pub(crate) const KILL: u8 = 2;
 
-/// The longest a worker waits in `poll` before checking requests and stop
-/// flags: how long a start request may wait to be seen by an idle worker.
-const IDLE_POLL: Duration = Duration::from_millis(5);
+/// The longest an idle worker sleeps without being woken. Input, requests
+/// and stops wake it at once ([`Wakeup`]): this only bounds how late it
+/// notices what wakes nothing (a rebalance event served just before more
+/// input was queued; a retry of a restore that failed).
+const IDLE_POLL: Duration = Duration::from_millis(20);
+
+/// Wakes a worker that waits for something to do: its consumer's queue
+/// became non-empty (librdkafka calls back from its own thread), a handle
+/// queued a request, or the runtime asked it to stop. The worker waits
+/// here instead of in the consumer's `poll`, which nothing but input
+/// could end early.
+#[derive(Debug, Default)]
+pub(crate) struct Wakeup {
+    woken: Mutex<bool>,
+    cv: std::sync::Condvar,
+}
+
+impl Wakeup {
+    /// Wakes the worker (or makes its next wait return at once).
+    pub(crate) fn wake(&self) {
+        let mut woken = self.woken.lock().unwrap_or_else(|e| e.into_inner());
+        if !*woken {
+            *woken = true;
+            self.cv.notify_one();
+        }
+    }
+
+    /// Waits until woken or `timeout` has passed, and takes the wakeup.
+    fn wait(&self, timeout: Duration) {
+        let woken = self.woken.lock().unwrap_or_else(|e| e.into_inner());
+        let (mut woken, _) = self
+            .cv
+            .wait_timeout_while(woken, timeout, |w| !*w)
+            .unwrap_or_else(|e| e.into_inner());
+        *woken = false;
+    }
+}
 
 fn tpl_partitions(tpl: &TopicPartitionList) -> Vec<u32> {
     let set: BTreeSet<u32> = tpl
@@ -166,17 +200,37 @@ impl<P: Processor> ConsumerContext for Ctx<P> {
 
 /// A running worker thread.
 pub(crate) struct WorkerHandle {
-    pub stop: Arc<AtomicU8>,
+    stop: Arc<AtomicU8>,
+    wakeup: Arc<Wakeup>,
     pub thread: Option<JoinHandle<()>>,
 }
 
+impl WorkerHandle {
+    /// The handle of `thread`, which watches `stop` and waits on `wakeup`.
+    pub(crate) fn new(stop: Arc<AtomicU8>, wakeup: Arc<Wakeup>, thread: JoinHandle<()>) -> Self {
+        Self {
+            stop,
+            wakeup,
+            thread: Some(thread),
+        }
+    }
+
+    /// Asks the worker to stop ([`STOP`]) or to die ([`KILL`]), at once.
+    pub(crate) fn signal(&self, how: u8) {
+        self.stop.store(how, Ordering::SeqCst);
+        self.wakeup.wake();
+    }
+}
+
 /// Starts a worker for `proc` on its own thread, consuming as `group` with
-/// the producer of `service`. Returns once the producer is initialised.
+/// the producer of `service`; whoever queues requests for `proc` wakes it
+/// through `wakeup`. Returns once the producer is initialised.
 pub(crate) fn spawn<P: Processor>(
     cfg: Arc<KafkaConfig>,
     service: &str,
     group: &str,
     proc: P,
+    wakeup: Arc<Wakeup>,
     stats: Arc<StatsInner>,
     health: HealthBoard,
 ) -> Result<WorkerHandle> {
@@ -204,9 +258,10 @@ pub(crate) fn spawn<P: Processor>(
         }
     })?;
     lock(&core).group = group.to_owned();
-    let consumer = subscribe(&cfg, group, &topics, &core)?;
+    let consumer = subscribe(&cfg, group, &topics, &core, &wakeup)?;
     let stop = Arc::new(AtomicU8::new(RUN));
     let flag = stop.clone();
+    let alarm = wakeup.clone();
     let span = tracing::info_span!("saga_kafka.worker", transactional_id = %txn_id, group = %group);
     let group = group.to_owned();
     let thread = std::thread::Builder::new()
@@ -214,7 +269,7 @@ pub(crate) fn spawn<P: Processor>(
         .spawn(move || {
             let _g = span.enter();
             let mut consumer = consumer;
-            while let Exit::Fatal(e) = run(&core, &consumer, &flag) {
+            while let Exit::Fatal(e) = run(&core, &consumer, &flag, &alarm) {
                 // The consumer cannot go on (a static member fenced, as
                 // librdkafka does after some coordinator failovers): drop
                 // its batch and partitions and join again with a new one.
@@ -233,7 +288,7 @@ pub(crate) fn spawn<P: Processor>(
                         return;
                     }
                     std::thread::sleep(Duration::from_secs(1));
-                    match subscribe(&cfg, &group, &topics, &core) {
+                    match subscribe(&cfg, &group, &topics, &core, &alarm) {
                         Ok(c) => break c,
                         Err(e) => {
                             tracing::warn!(error = %e, "cannot create the consumer again: retrying")
@@ -264,26 +319,27 @@ pub(crate) fn spawn<P: Processor>(
             key: "thread".into(),
             reason: format!("cannot spawn a worker thread: {e}"),
         })?;
-    Ok(WorkerHandle {
-        stop,
-        thread: Some(thread),
-    })
+    Ok(WorkerHandle::new(stop, wakeup, thread))
 }
 
-/// A consumer of `topics` in `group`, subscribed, whose rebalances go to `core`.
+/// A consumer of `topics` in `group`, subscribed, whose rebalances go to
+/// `core` and whose input wakes `wakeup`.
 fn subscribe<P: Processor>(
     cfg: &KafkaConfig,
     group: &str,
     topics: &[String],
     core: &Arc<Mutex<Core<P>>>,
+    wakeup: &Arc<Wakeup>,
 ) -> Result<BaseConsumer<Ctx<P>>> {
-    let consumer: BaseConsumer<Ctx<P>> = cfg
+    let mut consumer: BaseConsumer<Ctx<P>> = cfg
         .consumer_config(group)
         .create_with_context(Ctx {
             core: core.clone(),
             lag: Mutex::new(LagGauges::new(group, topics)),
         })
         .map_err(|e| Error::client(format!("creating the consumer of group `{group}`"), e))?;
+    let wakeup = wakeup.clone();
+    consumer.set_nonempty_callback(move || wakeup.wake());
     let refs: Vec<&str> = topics.iter().map(String::as_str).collect();
     consumer
         .subscribe(&refs)
@@ -342,6 +398,7 @@ fn run<P: Processor>(
     core: &Arc<Mutex<Core<P>>>,
     consumer: &BaseConsumer<Ctx<P>>,
     stop: &AtomicU8,
+    wakeup: &Wakeup,
 ) -> Exit {
     let (max, timeout, linger, idle) = {
         let c = lock(core);
@@ -389,7 +446,16 @@ fn run<P: Processor>(
                 wait
             };
             let mut more = false;
-            match consumer.poll(wait) {
+            // What is queued first; then, with nothing queued, wait to be
+            // woken (input, a request, a stop) or for the time to pass.
+            let polled = match consumer.poll(Duration::ZERO) {
+                None if !wait.is_zero() => {
+                    wakeup.wait(wait);
+                    consumer.poll(Duration::ZERO)
+                }
+                polled => polled,
+            };
+            match polled {
                 Some(Ok(m)) => {
                     let mut c = lock(core);
                     c.consumer_ok();
@@ -521,5 +587,65 @@ impl Publisher {
             }),
         });
         rx.recv().map_err(|_| Error::Shutdown)?
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Far longer than any test waits: a wait that lasts this long was not
+    /// woken.
+    const LONG: Duration = Duration::from_secs(60);
+
+    #[test]
+    fn a_wakeup_from_another_thread_ends_a_long_wait_early() {
+        let wakeup = Arc::new(Wakeup::default());
+        let waker = {
+            let wakeup = wakeup.clone();
+            std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_millis(50));
+                wakeup.wake();
+            })
+        };
+        let t0 = Instant::now();
+        wakeup.wait(LONG);
+        assert!(t0.elapsed() < LONG / 2, "woken after {:?}", t0.elapsed());
+        waker.join().unwrap();
+    }
+
+    #[test]
+    fn a_wakeup_before_the_wait_is_kept_and_taken_by_one_wait() {
+        let wakeup = Wakeup::default();
+        wakeup.wake();
+        wakeup.wake();
+        let t0 = Instant::now();
+        wakeup.wait(LONG);
+        assert!(t0.elapsed() < LONG / 2, "the early wakeup was lost");
+        // Taken: the next wait sleeps its time out.
+        let t0 = Instant::now();
+        wakeup.wait(Duration::from_millis(30));
+        assert!(t0.elapsed() >= Duration::from_millis(30));
+    }
+
+    #[test]
+    fn a_stop_signal_wakes_a_waiting_worker_and_sets_its_flag() {
+        let stop = Arc::new(AtomicU8::new(RUN));
+        let wakeup = Arc::new(Wakeup::default());
+        let (flag, alarm) = (stop.clone(), wakeup.clone());
+        let (tx, rx) = std::sync::mpsc::channel();
+        let thread = std::thread::spawn(move || {
+            let t0 = Instant::now();
+            while flag.load(Ordering::SeqCst) == RUN {
+                alarm.wait(LONG);
+            }
+            let _ = tx.send(t0.elapsed());
+        });
+        let mut handle = WorkerHandle::new(stop, wakeup, thread);
+        std::thread::sleep(Duration::from_millis(50));
+        handle.signal(STOP);
+        handle.thread.take().unwrap().join().unwrap();
+        let waited = rx.recv().unwrap();
+        assert!(waited < LONG / 2, "stopped after {waited:?}");
     }
 }
