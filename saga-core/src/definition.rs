@@ -302,7 +302,7 @@ where
 /// # let _ = reserve;
 /// ```
 pub struct Step<D> {
-    pub(crate) name: String,
+    pub(crate) name: std::sync::Arc<str>,
     pub(crate) kind: StepKind,
     pub(crate) forward: Option<Action<D>>,
     pub(crate) compensation: Option<Action<D>>,
@@ -348,7 +348,7 @@ impl<D> fmt::Debug for Step<D> {
 impl<D: SagaData> Step<D> {
     fn new(name: impl Into<String>, forward: Option<Action<D>>) -> Self {
         Self {
-            name: name.into(),
+            name: std::sync::Arc::from(name.into()),
             kind: StepKind::Compensatable,
             forward,
             compensation: None,
@@ -759,7 +759,7 @@ impl<D: SagaData> SagaDefinition<D> {
     }
 
     pub(crate) fn step_index(&self, name: &str) -> Option<usize> {
-        self.inner.steps.iter().position(|s| s.name == name)
+        self.inner.steps.iter().position(|s| &*s.name == name)
     }
 }
 
@@ -848,14 +848,14 @@ impl<D: SagaData> SagaBuilder<D> {
             if self.steps[..i].iter().any(|s| s.name == step.name) {
                 return Err(SagaError::DuplicateStep {
                     saga,
-                    step: step.name.clone(),
+                    step: step.name.to_string(),
                 });
             }
             if let Some(Action::Remote { command: None, .. }) = &step.forward {
                 {
                     return Err(SagaError::IncompleteStep {
                         saga,
-                        step: step.name.clone(),
+                        step: step.name.to_string(),
                     });
                 }
             }
@@ -864,7 +864,7 @@ impl<D: SagaData> SagaBuilder<D> {
             if step.compensation.is_some() && step.kind != StepKind::Compensatable {
                 return Err(SagaError::InvalidStep {
                     saga,
-                    step: step.name.clone(),
+                    step: step.name.to_string(),
                     reason: format!(
                         "a {} step is never compensated, so it cannot have a compensation",
                         step.kind
@@ -876,7 +876,7 @@ impl<D: SagaData> SagaBuilder<D> {
             {
                 return Err(SagaError::InvalidStep {
                     saga,
-                    step: step.name.clone(),
+                    step: step.name.to_string(),
                     reason: format!(
                         "only a retryable step can continue after giving up (on_exhausted(DeadLetterAndContinue)); a {} step's failure compensates",
                         step.kind
@@ -889,13 +889,13 @@ impl<D: SagaData> SagaBuilder<D> {
                         return Err(SagaError::MultiplePivots {
                             saga,
                             first: first.to_owned(),
-                            second: step.name.clone(),
+                            second: step.name.to_string(),
                         });
                     }
                     if let Some(after) = no_return {
                         return Err(SagaError::StepOrder {
                             saga,
-                            step: step.name.clone(),
+                            step: step.name.to_string(),
                             kind: step.kind.to_string(),
                             after: after.to_owned(),
                         });
@@ -907,7 +907,7 @@ impl<D: SagaData> SagaBuilder<D> {
                     if let Some(after) = no_return {
                         return Err(SagaError::StepOrder {
                             saga,
-                            step: step.name.clone(),
+                            step: step.name.to_string(),
                             kind: step.kind.to_string(),
                             after: after.to_owned(),
                         });

@@ -181,7 +181,7 @@ impl Operation {
         };
         let steps = def.steps();
         let i = instance.cursor.min(steps.len().saturating_sub(1));
-        let name = steps.get(i).map_or("", |s| s.name.as_str());
+        let name = steps.get(i).map_or("", |s| &*s.name);
         if !instance.status.is_parked() {
             let stuck = match self.action {
                 OperatorAction::Retry => waiting_on(instance, i).is_some(),
@@ -411,7 +411,7 @@ impl<D: SagaData> SagaDefinition<D> {
     ) -> Result<Transition<D>, SagaError> {
         let inst = SagaInstance {
             id,
-            saga: self.name().to_owned(),
+            saga: std::sync::Arc::from(self.name()),
             data,
             status: SagaStatus::Running,
             phase: Phase::Forward,
@@ -472,10 +472,10 @@ impl<D: SagaData> SagaDefinition<D> {
         let _span =
             tracing::debug_span!("saga.handle", saga_id = %instance.id, saga = %instance.saga)
                 .entered();
-        if instance.saga != self.name() {
+        if *instance.saga != *self.name() {
             return Err(SagaError::WrongSaga {
                 expected: self.name().to_owned(),
-                found: instance.saga.clone(),
+                found: instance.saga.to_string(),
                 message_id: MessageId::new(format!("{}/instance", instance.id)),
             });
         }
@@ -568,7 +568,7 @@ impl<D: SagaData> Machine<'_, D> {
     }
 
     fn step_name(&self, i: usize) -> String {
-        self.def.steps()[i].name.clone()
+        self.def.steps()[i].name.to_string()
     }
 
     fn arm(&mut self, kind: TimerKind, id: String, after: std::time::Duration) {
@@ -747,7 +747,7 @@ impl<D: SagaData> Machine<'_, D> {
                     }
                 };
                 let def = self.def;
-                let name = def.steps()[i].name.as_str();
+                let name = &*def.steps()[i].name;
                 let rec = &mut self.inst.steps[i];
                 rec.sends += 1;
                 let seq = rec.sends;
@@ -759,7 +759,7 @@ impl<D: SagaData> Machine<'_, D> {
                     Envelope::command_id(&self.inst.saga, &self.inst.id, name, phase, seq),
                     channel.clone(),
                     self.inst.id.clone(),
-                    self.inst.saga.clone(),
+                    self.inst.saga.to_string(),
                     payload,
                     self.now,
                 );
@@ -871,7 +871,7 @@ impl<D: SagaData> Machine<'_, D> {
                 id,
                 channel,
                 self.inst.id.clone(),
-                self.inst.saga.clone(),
+                self.inst.saga.to_string(),
                 payload,
                 self.now,
             )
@@ -1067,7 +1067,7 @@ impl<D: SagaData> Machine<'_, D> {
         let original = self.original_for(i, Phase::Forward);
         let dead = DeadLetter::new(
             self.dead_letter_channel(i),
-            self.inst.saga.clone(),
+            self.inst.saga.to_string(),
             original,
             self.now,
             attempts,
@@ -1130,7 +1130,7 @@ impl<D: SagaData> Machine<'_, D> {
         let original = self.original_for(i, phase);
         let mut dead = DeadLetter::new(
             self.dead_letter_channel(i),
-            self.inst.saga.clone(),
+            self.inst.saga.to_string(),
             original,
             self.now,
             attempts,
@@ -1166,7 +1166,7 @@ impl<D: SagaData> Machine<'_, D> {
             Envelope::command_id(&self.inst.saga, &self.inst.id, &name, phase, attempt),
             format!("{}.local", self.inst.saga),
             self.inst.id.clone(),
-            self.inst.saga.clone(),
+            self.inst.saga.to_string(),
             // The saga's data, as far as it encodes: the dead letter says
             // why if it does not.
             serde_json::to_value(&self.inst.data).unwrap_or_else(|e| {
@@ -1189,7 +1189,7 @@ impl<D: SagaData> Machine<'_, D> {
                 found: env.kind.as_str(),
             });
         }
-        if env.saga != self.inst.saga || env.saga_id != self.inst.id {
+        if *env.saga != *self.inst.saga || env.saga_id != self.inst.id {
             return Err(SagaError::WrongSaga {
                 expected: format!("{}/{}", self.inst.saga, self.inst.id),
                 found: format!("{}/{}", env.saga, env.saga_id),

@@ -109,8 +109,13 @@ impl StepState {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[non_exhaustive]
 pub struct StepRecord {
-    /// The step's name.
-    pub name: String,
+    /// The step's name (shared with the definition and every version of
+    /// the instance: copying the steps copies no text).
+    #[serde(
+        serialize_with = "crate::ids::serialize_shared",
+        deserialize_with = "crate::ids::deserialize_shared"
+    )]
+    pub name: std::sync::Arc<str>,
     /// Where it stands.
     pub state: StepState,
     /// Attempts of the action in the current retry budget (an operator's
@@ -148,7 +153,7 @@ pub struct StepRecord {
 }
 
 impl StepRecord {
-    pub(crate) fn new(name: String) -> Self {
+    pub(crate) fn new(name: std::sync::Arc<str>) -> Self {
         Self {
             name,
             state: StepState::Pending,
@@ -296,7 +301,11 @@ pub struct SagaInstance<D> {
     /// The instance's id.
     pub id: SagaId,
     /// The saga type's name.
-    pub saga: String,
+    #[serde(
+        serialize_with = "crate::ids::serialize_shared",
+        deserialize_with = "crate::ids::deserialize_shared"
+    )]
+    pub saga: std::sync::Arc<str>,
     /// The user's saga data.
     pub data: D,
     /// Where it stands.
@@ -407,14 +416,14 @@ impl<D> SagaInstance<D> {
 
     /// The record of the step named `name`.
     pub fn step(&self, name: &str) -> Option<&StepRecord> {
-        self.steps.iter().find(|s| s.name == name)
+        self.steps.iter().find(|s| &*s.name == name)
     }
 
     /// The name of the step being run, compensated, or parked on (the
     /// last step once the saga completed).
     pub fn current_step(&self) -> Option<&str> {
         let i = self.cursor.min(self.steps.len().checked_sub(1)?);
-        Some(self.steps[i].name.as_str())
+        Some(&*self.steps[i].name)
     }
 
     pub(crate) fn record(&mut self, at: Timestamp, what: impl Into<std::sync::Arc<str>>) {

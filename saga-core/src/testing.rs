@@ -165,7 +165,7 @@ impl<D: SagaData> SagaHarness<D> {
                     crate::MessageId::new(format!("{}/{step}/forward/1", inst.id)),
                     "",
                     inst.id.clone(),
-                    inst.saga.clone(),
+                    inst.saga.to_string(),
                     Value::Null,
                     self.now,
                 );

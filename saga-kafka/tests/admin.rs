@@ -127,7 +127,7 @@ async fn a_query_finds_parked_sagas_of_every_instance_and_a_retry_completes_them
         "instance a owns {owned} of 3 partitions: b owns the rest, and their sagas are listed too"
     );
     for inst in &parked.items {
-        assert_eq!(inst.steps[0].name, "charge");
+        assert_eq!(&*inst.steps[0].name, "charge");
     }
     // An action for another step is refused at once, not sent to the owner.
     let err = sagas_a

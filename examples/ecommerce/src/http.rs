@@ -690,7 +690,7 @@ fn saga_query(p: SagasParams) -> ApiResult<SagaQuery> {
 fn saga_summary(i: &SagaInstance<Order>, now: Timestamp) -> Value {
     json!({
         "id": i.id,
-        "saga": i.saga,
+        "saga": &*i.saga,
         "status": i.status.name(),
         "reason": match &i.status {
             saga_core::SagaStatus::Parked { reason } => Some(reason.clone()),

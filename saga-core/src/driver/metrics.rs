@@ -119,7 +119,7 @@ mod on {
                 match effect {
                     Effect::ScheduleTimer(timer) => {
                         if let TimerKind::Backoff { step, .. } = timer.kind {
-                            let step = t.instance.steps.get(step).map_or("", |s| s.name.as_str());
+                            let step = t.instance.steps.get(step).map_or("", |s| &*s.name);
                             m.step(step).retries.increment(1);
                         }
                     }
