@@ -627,7 +627,8 @@ pub struct SagaDefinition<D> {
 pub(crate) type HookFn<D> = Arc<dyn Fn(&mut StepContext<'_, D>) + Send + Sync>;
 
 pub(crate) struct DefinitionInner<D> {
-    pub(crate) name: String,
+    /// Shared with every instance of the saga.
+    pub(crate) name: Arc<str>,
     pub(crate) steps: Vec<Step<D>>,
     pub(crate) on_completed: Option<HookFn<D>>,
     pub(crate) on_compensated: Option<HookFn<D>>,
@@ -931,7 +932,7 @@ impl<D: SagaData> SagaBuilder<D> {
         }
         Ok(SagaDefinition {
             inner: Arc::new(DefinitionInner {
-                name: self.name,
+                name: Arc::from(self.name),
                 steps: self.steps,
                 on_completed: self.on_completed,
                 on_compensated: self.on_compensated,

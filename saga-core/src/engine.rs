@@ -411,7 +411,7 @@ impl<D: SagaData> SagaDefinition<D> {
     ) -> Result<Transition<D>, SagaError> {
         let inst = SagaInstance {
             id,
-            saga: std::sync::Arc::from(self.name()),
+            saga: self.inner.name.clone(),
             data,
             status: SagaStatus::Running,
             phase: Phase::Forward,

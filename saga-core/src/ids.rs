@@ -86,6 +86,17 @@ impl serde::de::Visitor<'_> for SharedStrVisitor {
     fn visit_string<E: serde::de::Error>(self, s: String) -> Result<Arc<str>, E> {
         Ok(Arc::from(s))
     }
+
+    fn visit_char<E: serde::de::Error>(self, c: char) -> Result<Arc<str>, E> {
+        Ok(Arc::from(c.encode_utf8(&mut [0; 4]) as &str))
+    }
+
+    // Formats that hand strings over as bytes.
+    fn visit_bytes<E: serde::de::Error>(self, b: &[u8]) -> Result<Arc<str>, E> {
+        std::str::from_utf8(b)
+            .map(Arc::from)
+            .map_err(|_| E::invalid_value(serde::de::Unexpected::Bytes(b), &self))
+    }
 }
 
 /// Writes a shared string (for `serialize_with`).

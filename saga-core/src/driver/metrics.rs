@@ -1,43 +1,74 @@
 //! The metrics the drivers record (the table is in the `driver` module's
 //! docs).
 //!
-//! Each driver keeps its metric handles: they are registered once per
-//! saga (or participant) and step, not at every transition, which would
-//! build the labels and look the metric up again each time. The handles
-//! are registered again if the recorder in use changes (one installed
-//! later, a thread-local one in a test).
+//! Each driver keeps its metric handles: they are registered on first use
+//! per saga (or participant) and step, not at every transition, which
+//! would build the labels and look the metric up again each time. The
+//! handles are registered again after a second, or at once if the
+//! recorder in use changes (one installed later, a thread-local one in a
+//! test), so an exporter that drops idle metrics gets them back.
 
 #[cfg(feature = "metrics")]
 mod on {
+    use std::time::{Duration, Instant};
+
     use metrics::{Counter, Histogram, SharedString};
 
     use crate::driver::participant::AttemptResult;
     use crate::engine::{Effect, Transition};
     use crate::instance::{SagaStatus, TimerKind};
 
+    /// How long a driver counts through its handles before it registers
+    /// them again: an exporter that drops a metric left idle (an idle
+    /// timeout) gets it back with its next count, as it did when every
+    /// count registered its metric.
+    const REFRESH: Duration = Duration::from_secs(1);
+
     /// An address that identifies the recorder in use.
     fn recorder_id() -> usize {
         metrics::with_recorder(|r| r as *const dyn metrics::Recorder as *const () as usize)
     }
 
-    /// One step's handles.
-    struct StepMetrics {
-        step: String,
-        latency: Histogram,
-        retries: Counter,
+    /// When and with which recorder the handles were registered.
+    struct Registered {
+        recorder: usize,
+        at: Instant,
     }
 
-    /// A saga driver's metric handles (label `saga`).
+    impl Registered {
+        fn now() -> Self {
+            Self {
+                recorder: recorder_id(),
+                at: Instant::now(),
+            }
+        }
+
+        /// Whether the handles must be registered again: the recorder
+        /// changed, or they are older than [`REFRESH`].
+        fn stale(&self) -> bool {
+            self.at.elapsed() >= REFRESH || self.recorder != recorder_id()
+        }
+    }
+
+    /// One step's handles, each registered on first use.
+    struct StepMetrics {
+        step: String,
+        latency: Option<Histogram>,
+        retries: Option<Counter>,
+    }
+
+    /// A saga driver's metric handles (label `saga`), each registered on
+    /// its first use (a series appears with its first count, as before).
     pub(crate) struct SagaMetrics {
         saga: SharedString,
-        recorder: usize,
-        started: Counter,
-        completed: Counter,
-        compensated: Counter,
-        parked: Counter,
-        completed_seconds: Histogram,
-        compensated_seconds: Histogram,
-        dead_letters: Counter,
+        registered: Registered,
+        started: Option<Counter>,
+        completed: Option<Counter>,
+        compensated: Option<Counter>,
+        parked: Option<Counter>,
+        completed_seconds: Option<Histogram>,
+        compensated_seconds: Option<Histogram>,
+        dead_letters: Option<Counter>,
         /// In order of first use: a saga has a few steps, so a scan
         /// comparing names beats hashing each one.
         steps: Vec<StepMetrics>,
@@ -45,54 +76,63 @@ mod on {
 
     impl SagaMetrics {
         pub(crate) fn new(saga: &str) -> Self {
-            let saga = SharedString::from(saga.to_owned());
-            let labels = [("saga", saga.clone())];
-            let duration = |status: &'static str| metrics::histogram!("saga_duration_seconds", "saga" => saga.clone(), "status" => status);
+            Self::named(SharedString::from(saga.to_owned()))
+        }
+
+        fn named(saga: SharedString) -> Self {
             Self {
-                recorder: recorder_id(),
-                started: metrics::counter!("saga_started_total", &labels),
-                completed: metrics::counter!("saga_completed_total", &labels),
-                compensated: metrics::counter!("saga_compensated_total", &labels),
-                parked: metrics::counter!("saga_parked_total", &labels),
-                completed_seconds: duration(SagaStatus::Completed.name()),
-                compensated_seconds: duration(SagaStatus::Compensated.name()),
-                dead_letters: metrics::counter!("saga_dead_letters_total", "source" => saga.clone()),
-                steps: Vec::new(),
                 saga,
+                registered: Registered::now(),
+                started: None,
+                completed: None,
+                compensated: None,
+                parked: None,
+                completed_seconds: None,
+                compensated_seconds: None,
+                dead_letters: None,
+                steps: Vec::new(),
             }
         }
 
-        /// The handles, registered again if the recorder changed.
+        /// The handles, dropped to be registered again if stale.
         fn current(&mut self) -> &mut Self {
-            if self.recorder != recorder_id() {
-                *self = Self::new(&self.saga);
+            if self.registered.stale() {
+                *self = Self::named(self.saga.clone());
             }
             self
         }
 
-        fn step(&mut self, step: &str) -> &StepMetrics {
+        fn step(&mut self, step: &str) -> &mut StepMetrics {
             let i = match self.steps.iter().position(|s| s.step == step) {
                 Some(i) => i,
                 None => {
-                    let labels = [
-                        ("saga", self.saga.clone()),
-                        ("step", SharedString::from(step.to_owned())),
-                    ];
                     self.steps.push(StepMetrics {
                         step: step.to_owned(),
-                        latency: metrics::histogram!("saga_step_latency_seconds", &labels),
-                        retries: metrics::counter!("saga_retries_total", &labels),
+                        latency: None,
+                        retries: None,
                     });
                     self.steps.len() - 1
                 }
             };
-            &self.steps[i]
+            &mut self.steps[i]
+        }
+
+        fn step_labels(&self, step: &str) -> [(&'static str, SharedString); 2] {
+            [
+                ("saga", self.saga.clone()),
+                ("step", SharedString::from(step.to_owned())),
+            ]
         }
 
         pub(crate) fn transition<D>(&mut self, before: Option<&SagaStatus>, t: &Transition<D>) {
             let m = self.current();
+            let saga = &m.saga;
+            let counter = |name: &'static str| metrics::counter!(name, "saga" => saga.clone());
+            let duration = |status: &'static str| metrics::histogram!("saga_duration_seconds", "saga" => saga.clone(), "status" => status);
             if before.is_none() {
-                m.started.increment(1);
+                m.started
+                    .get_or_insert_with(|| counter("saga_started_total"))
+                    .increment(1);
             }
             let after = &t.instance.status;
             if before != Some(after) {
@@ -104,14 +144,25 @@ mod on {
                 };
                 match after {
                     SagaStatus::Completed => {
-                        m.completed.increment(1);
-                        m.completed_seconds.record(secs());
+                        m.completed
+                            .get_or_insert_with(|| counter("saga_completed_total"))
+                            .increment(1);
+                        m.completed_seconds
+                            .get_or_insert_with(|| duration(SagaStatus::Completed.name()))
+                            .record(secs());
                     }
                     SagaStatus::Compensated => {
-                        m.compensated.increment(1);
-                        m.compensated_seconds.record(secs());
+                        m.compensated
+                            .get_or_insert_with(|| counter("saga_compensated_total"))
+                            .increment(1);
+                        m.compensated_seconds
+                            .get_or_insert_with(|| duration(SagaStatus::Compensated.name()))
+                            .record(secs());
                     }
-                    SagaStatus::Parked { .. } => m.parked.increment(1),
+                    SagaStatus::Parked { .. } => m
+                        .parked
+                        .get_or_insert_with(|| counter("saga_parked_total"))
+                        .increment(1),
                     _ => {}
                 }
             }
@@ -120,10 +171,21 @@ mod on {
                     Effect::ScheduleTimer(timer) => {
                         if let TimerKind::Backoff { step, .. } = timer.kind {
                             let step = t.instance.steps.get(step).map_or("", |s| &*s.name);
-                            m.step(step).retries.increment(1);
+                            let labels = m.step_labels(step);
+                            m.step(step)
+                                .retries
+                                .get_or_insert_with(|| {
+                                    metrics::counter!("saga_retries_total", &labels)
+                                })
+                                .increment(1);
                         }
                     }
-                    Effect::DeadLetter(d) if *d.source == *m.saga => m.dead_letters.increment(1),
+                    Effect::DeadLetter(d) if *d.source == *m.saga => {
+                        let saga = &m.saga;
+                        m.dead_letters
+                            .get_or_insert_with(|| metrics::counter!("saga_dead_letters_total", "source" => saga.clone()))
+                            .increment(1);
+                    }
                     Effect::DeadLetter(d) => dead_letter(&d.source),
                     _ => {}
                 }
@@ -131,46 +193,63 @@ mod on {
         }
 
         pub(crate) fn step_latency(&mut self, step: &str, secs: f64) {
-            self.current().step(step).latency.record(secs);
+            let m = self.current();
+            let labels = m.step_labels(step);
+            m.step(step)
+                .latency
+                .get_or_insert_with(|| metrics::histogram!("saga_step_latency_seconds", &labels))
+                .record(secs);
         }
     }
 
-    /// A participant driver's metric handles (label `participant`).
+    /// A participant driver's metric handles (label `participant`), each
+    /// registered on its first use.
     pub(crate) struct ParticipantMetrics {
         participant: SharedString,
-        recorder: usize,
-        replied: Counter,
-        failed: Counter,
-        seconds: Histogram,
+        registered: Registered,
+        replied: Option<Counter>,
+        failed: Option<Counter>,
+        seconds: Option<Histogram>,
     }
 
     impl ParticipantMetrics {
         pub(crate) fn new(participant: &str) -> Self {
-            let participant = SharedString::from(participant.to_owned());
-            let attempts = |result: &'static str| metrics::counter!("participant_attempts_total", "participant" => participant.clone(), "result" => result);
+            Self::named(SharedString::from(participant.to_owned()))
+        }
+
+        fn named(participant: SharedString) -> Self {
             Self {
-                recorder: recorder_id(),
-                replied: attempts("replied"),
-                failed: attempts("failed"),
-                seconds: metrics::histogram!("participant_attempt_seconds", "participant" => participant.clone()),
                 participant,
+                registered: Registered::now(),
+                replied: None,
+                failed: None,
+                seconds: None,
             }
         }
 
         fn current(&mut self) -> &mut Self {
-            if self.recorder != recorder_id() {
-                *self = Self::new(&self.participant);
+            if self.registered.stale() {
+                *self = Self::named(self.participant.clone());
             }
             self
         }
 
         pub(crate) fn attempt(&mut self, result: &AttemptResult, secs: f64) {
             let m = self.current();
+            let participant = &m.participant;
+            let attempts = |result: &'static str| metrics::counter!("participant_attempts_total", "participant" => participant.clone(), "result" => result);
             match result {
-                AttemptResult::Replied { .. } => m.replied.increment(1),
-                AttemptResult::Failed { .. } => m.failed.increment(1),
+                AttemptResult::Replied { .. } => {
+                    m.replied.get_or_insert_with(|| attempts("replied"))
+                }
+                AttemptResult::Failed { .. } => m.failed.get_or_insert_with(|| attempts("failed")),
             }
-            m.seconds.record(secs);
+            .increment(1);
+            m.seconds
+                .get_or_insert_with(|| {
+                    metrics::histogram!("participant_attempt_seconds", "participant" => participant.clone())
+                })
+                .record(secs);
         }
     }
 

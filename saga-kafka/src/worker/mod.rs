@@ -94,8 +94,9 @@ pub(crate) const KILL: u8 = 2;
 
 /// The longest an idle worker sleeps without being woken. Input, requests
 /// and stops wake it at once ([`Wakeup`]): this only bounds how late it
-/// notices what wakes nothing (a rebalance event served just before more
-/// input was queued; a retry of a restore that failed).
+/// notices what wakes nothing (input queued behind two events that are not
+/// messages, which [`poll_now`] does not see past; a retry of a restore
+/// that failed).
 const IDLE_POLL: Duration = Duration::from_millis(20);
 
 /// Wakes a worker that waits for something to do: its consumer's queue
@@ -394,6 +395,18 @@ fn incoming<'a>(m: &'a rdkafka::message::BorrowedMessage<'a>) -> Incoming<'a> {
     }
 }
 
+/// What the consumer has queued, without waiting. The client's `poll`
+/// also answers nothing after serving an event that is not a message (a
+/// rebalance, the statistics every few seconds); input queued behind such
+/// an event wakes nobody, so an empty answer is checked once more.
+fn poll_now<C: ConsumerContext>(
+    consumer: &BaseConsumer<C>,
+) -> Option<rdkafka::error::KafkaResult<rdkafka::message::BorrowedMessage<'_>>> {
+    consumer
+        .poll(Duration::ZERO)
+        .or_else(|| consumer.poll(Duration::ZERO))
+}
+
 fn run<P: Processor>(
     core: &Arc<Mutex<Core<P>>>,
     consumer: &BaseConsumer<Ctx<P>>,
@@ -448,10 +461,10 @@ fn run<P: Processor>(
             let mut more = false;
             // What is queued first; then, with nothing queued, wait to be
             // woken (input, a request, a stop) or for the time to pass.
-            let polled = match consumer.poll(Duration::ZERO) {
+            let polled = match poll_now(consumer) {
                 None if !wait.is_zero() => {
                     wakeup.wait(wait);
-                    consumer.poll(Duration::ZERO)
+                    poll_now(consumer)
                 }
                 polled => polled,
             };
