@@ -292,6 +292,11 @@ mod tests {
             serde_json::from_str::<SagaId>("7").is_err(),
             "a number is not an id"
         );
+        // Formats that hand strings over as bytes.
+        use serde::de::value::{BytesDeserializer, Error};
+        let bytes = SagaId::deserialize(BytesDeserializer::<Error>::new(b"b-1")).unwrap();
+        assert_eq!(bytes.as_str(), "b-1");
+        assert!(SagaId::deserialize(BytesDeserializer::<Error>::new(&[0xff])).is_err());
     }
 
     #[test]
