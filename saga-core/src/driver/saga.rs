@@ -1132,9 +1132,8 @@ mod tests {
         assert!(again.is_empty());
     }
 
-    /// The driver registers its metric handles when it is built, before
-    /// any recorder here: the counts must still reach the recorder in use
-    /// when the saga runs.
+    /// The driver is built before any recorder is in use here: its counts
+    /// must still reach the recorder in use when the saga runs.
     #[cfg(feature = "metrics")]
     #[test]
     fn metrics_reach_the_recorder_in_use_even_one_installed_after_the_driver() {
