@@ -19,7 +19,7 @@ use crate::ids::{concat, concat_shared, MessageId, Part::N, Part::S, SagaId, Tim
 use crate::instance::{
     Awaiting, SagaInstance, SagaStatus, StepRecord, StepState, Timer, TimerId, TimerKind,
 };
-use crate::message::{DeadLetter, Envelope, MessageKind, Phase, ReplyOutcome};
+use crate::message::{DeadLetter, EncodedEnvelope, Envelope, MessageKind, Phase, ReplyOutcome};
 use crate::retry::{ErrorClass, GiveUpReason, RetryDecision};
 use crate::trace::TraceContext;
 
@@ -768,13 +768,14 @@ impl<D: SagaData> Machine<'_, D> {
                 env.attempt = seq;
                 env.reply_to = reply_to.clone();
                 env.traceparent = self.inst.trace;
-                self.effects.push(Effect::Send(env.clone()));
+                let command = EncodedEnvelope::encode(&env);
+                self.effects.push(Effect::Send(env));
                 self.inst.awaiting = Some(Awaiting {
                     step: i,
                     phase,
                     attempt: seq,
                     in_flight: true,
-                    command: env,
+                    command,
                 });
                 self.inst.record(
                     self.now,
@@ -1110,7 +1111,16 @@ impl<D: SagaData> Machine<'_, D> {
     /// a stand-in for a local step.
     fn original_for(&self, i: usize, phase: Phase) -> Envelope {
         match &self.inst.awaiting {
-            Some(a) if a.step == i && a.phase == phase => a.command.clone(),
+            Some(a) if a.step == i && a.phase == phase => match a.command.decode() {
+                Ok(command) => command,
+                Err(e) => {
+                    // Only a state record written elsewhere can hold a
+                    // command that does not decode: the dead letter
+                    // still goes out, with the stand-in.
+                    tracing::warn!(saga_id = %self.inst.id, error = %e, "the awaited command does not decode: its dead letter carries a stand-in");
+                    self.local_envelope(i, phase)
+                }
+            },
             _ => self.local_envelope(i, phase),
         }
     }

@@ -5,7 +5,7 @@ use std::fmt;
 use serde::{Deserialize, Serialize};
 
 use crate::ids::{SagaId, Timestamp};
-use crate::message::{Envelope, Phase};
+use crate::message::{EncodedEnvelope, Phase};
 use crate::trace::TraceContext;
 
 /// Where a saga instance stands.
@@ -138,7 +138,7 @@ pub struct StepRecord {
     pub executions: u32,
     /// Commands sent for this step in all, action and compensation,
     /// operator retries included: numbers every command (its
-    /// [`Envelope::attempt`]) so each attempt is a new message.
+    /// [`Envelope::attempt`](crate::Envelope::attempt)) so each attempt is a new message.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub sends: u32,
     /// The last error seen, if any.
@@ -191,7 +191,7 @@ pub enum TimerKind {
         step: usize,
         /// Action or compensation.
         phase: Phase,
-        /// The command number ([`Envelope::attempt`]) it bounds.
+        /// The command number ([`Envelope::attempt`](crate::Envelope::attempt)) it bounds.
         attempt: u32,
     },
     /// The end of a retry backoff: the next attempt starts.
@@ -225,7 +225,7 @@ pub struct Awaiting {
     pub step: usize,
     /// Action or compensation.
     pub phase: Phase,
-    /// The number of the latest command sent ([`Envelope::attempt`]).
+    /// The number of the latest command sent ([`Envelope::attempt`](crate::Envelope::attempt)).
     pub attempt: u32,
     /// Whether that command is still in flight: no reply and no deadline
     /// yet. Once it has been judged (failed, timed out), a success reply to
@@ -234,8 +234,9 @@ pub struct Awaiting {
     /// took no effect: the saga compensates).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub in_flight: bool,
-    /// The command as sent (kept for the dead letter if it comes to that).
-    pub command: Envelope,
+    /// The command as sent, encoded (kept for the dead letter if it comes
+    /// to that; [`EncodedEnvelope::decode`] reads it).
+    pub command: EncodedEnvelope,
 }
 
 /// A history line's status read back: one of [`SagaStatus::name`]'s names

@@ -237,7 +237,9 @@ pub use instance::{HistoryEntry, SagaInstance, SagaStatus, StepRecord, StepState
 #[cfg(feature = "memory")]
 #[cfg_attr(docsrs, doc(cfg(feature = "memory")))]
 pub use memory::{Clock, InMemoryRuntime, MemoryBackend, DEFAULT_PARTITIONS};
-pub use message::{DeadLetter, Envelope, MessageKind, Phase, RecordOrigin, ReplyOutcome};
+pub use message::{
+    DeadLetter, EncodedEnvelope, Envelope, MessageKind, Phase, RecordOrigin, ReplyOutcome,
+};
 pub use participant::{Participant, ParticipantContext, ParticipantPolicy};
 pub use retry::{Classify, ErrorClass, GiveUpReason, Jitter, RetryDecision, RetryPolicy};
 pub use runtime::{Page, Runtime, SagaHandle, SagaQuery, StatusFilter};

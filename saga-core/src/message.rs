@@ -301,6 +301,108 @@ impl Envelope {
     }
 }
 
+/// An envelope kept in its encoded form, its JSON text, shared: what a
+/// saga instance keeps of the command it waits on
+/// ([`Awaiting::command`](crate::instance::Awaiting::command)).
+///
+/// An envelope kept as an [`Envelope`] costs about a kilobyte of memory
+/// (its strings and, above all, its payload's JSON map), and every state
+/// record written encodes it again. Kept as text it costs its JSON's size,
+/// copying it copies a pointer, writing it writes the text as it is, and
+/// reading a state record only checks it. [`EncodedEnvelope::decode`]
+/// gives the envelope back, for the rare dead letter that carries it.
+///
+/// In JSON it is written as the envelope itself (a nested object, not a
+/// string), so state records read and written by earlier versions are
+/// unchanged. It also keeps the envelope's
+/// [`timestamp`](EncodedEnvelope::timestamp), read once when it is made
+/// or read back.
+#[derive(Clone)]
+pub struct EncodedEnvelope {
+    json: std::sync::Arc<serde_json::value::RawValue>,
+    timestamp: Timestamp,
+}
+
+impl EncodedEnvelope {
+    /// Encodes `envelope`.
+    ///
+    /// # Panics
+    /// Never: an envelope is plain JSON data (see [`Envelope::to_bytes`]).
+    pub fn encode(envelope: &Envelope) -> Self {
+        let json =
+            serde_json::value::to_raw_value(envelope).expect("an envelope is plain JSON data");
+        Self {
+            json: json.into(),
+            timestamp: envelope.timestamp,
+        }
+    }
+
+    /// The envelope, decoded from its text.
+    ///
+    /// # Errors
+    /// If the text is not an envelope's JSON. An envelope encoded by
+    /// [`EncodedEnvelope::encode`] always decodes; one read back from a
+    /// record written elsewhere is only checked to be JSON when it is read.
+    pub fn decode(&self) -> Result<Envelope, serde_json::Error> {
+        serde_json::from_str(self.json.get())
+    }
+
+    /// The envelope's JSON text.
+    pub fn json(&self) -> &str {
+        self.json.get()
+    }
+
+    /// When the envelope was created ([`Envelope::timestamp`]).
+    pub fn timestamp(&self) -> Timestamp {
+        self.timestamp
+    }
+}
+
+impl From<&Envelope> for EncodedEnvelope {
+    fn from(envelope: &Envelope) -> Self {
+        Self::encode(envelope)
+    }
+}
+
+impl std::fmt::Debug for EncodedEnvelope {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("EncodedEnvelope")
+            .field(&self.json())
+            .finish()
+    }
+}
+
+impl PartialEq for EncodedEnvelope {
+    /// The same text.
+    fn eq(&self, other: &Self) -> bool {
+        self.json() == other.json()
+    }
+}
+
+impl Eq for EncodedEnvelope {}
+
+impl Serialize for EncodedEnvelope {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        self.json.serialize(serializer)
+    }
+}
+
+impl<'de> Deserialize<'de> for EncodedEnvelope {
+    fn deserialize<De: serde::Deserializer<'de>>(deserializer: De) -> Result<Self, De::Error> {
+        /// The one field read at once.
+        #[derive(Deserialize)]
+        struct Head {
+            timestamp: Timestamp,
+        }
+        let json = Box::<serde_json::value::RawValue>::deserialize(deserializer)?;
+        let head: Head = serde_json::from_str(json.get()).map_err(serde::de::Error::custom)?;
+        Ok(Self {
+            json: json.into(),
+            timestamp: head.timestamp,
+        })
+    }
+}
+
 /// A message that could not be processed, with why, parked for an operator.
 ///
 /// Written to a dead-letter channel; never dropped.
@@ -446,6 +548,70 @@ impl DeadLetter {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn a_command() -> Envelope {
+        let saga_id = SagaId::new("o-1");
+        let id = Envelope::command_id("order", &saga_id, "reserve", Phase::Forward, 1);
+        let payload = serde_json::json!({"items": [1, 2], "note": "a \"quoted\" word"});
+        let mut cmd = Envelope::command(
+            id,
+            "inv",
+            saga_id,
+            "order",
+            payload,
+            Timestamp::from_millis(42),
+        );
+        cmd.step = Some("reserve".into());
+        cmd.phase = Some(Phase::Forward);
+        cmd.reply_to = Some("order.replies".into());
+        cmd
+    }
+
+    #[test]
+    fn an_encoded_envelope_is_written_as_the_envelope_itself() {
+        let cmd = a_command();
+        let kept = EncodedEnvelope::encode(&cmd);
+        assert_eq!(kept.timestamp(), Timestamp::from_millis(42));
+        // Nested as an object, the same JSON as the envelope's own.
+        assert_eq!(
+            serde_json::to_string(&kept).unwrap(),
+            serde_json::to_string(&cmd).unwrap()
+        );
+        let wrapped = serde_json::to_value(serde_json::json!({ "command": &kept })).unwrap();
+        assert_eq!(wrapped["command"], serde_json::to_value(&cmd).unwrap());
+        assert_eq!(kept.decode().unwrap(), cmd);
+    }
+
+    #[test]
+    fn an_encoded_envelope_reads_back_from_text_and_from_a_value() {
+        let cmd = a_command();
+        let text = format!(
+            r#"{{"command": {} }}"#,
+            serde_json::to_string_pretty(&cmd).unwrap()
+        );
+        #[derive(Deserialize)]
+        struct Holder {
+            command: EncodedEnvelope,
+        }
+        let read: Holder = serde_json::from_str(&text).unwrap();
+        assert_eq!(read.command.timestamp(), Timestamp::from_millis(42));
+        assert_eq!(read.command.decode().unwrap(), cmd);
+        let value: serde_json::Value = serde_json::from_str(&text).unwrap();
+        let from_value: Holder = serde_json::from_value(value).unwrap();
+        assert_eq!(from_value.command.decode().unwrap(), cmd);
+        assert_eq!(from_value.command.timestamp(), Timestamp::from_millis(42));
+    }
+
+    #[test]
+    fn an_encoded_envelope_that_is_not_an_envelope_fails_to_decode_not_to_read() {
+        // Read: it is JSON with a timestamp; only decoding finds the rest missing.
+        let odd: EncodedEnvelope = serde_json::from_str(r#"{"timestamp": 7, "x": [1]}"#).unwrap();
+        assert_eq!(odd.timestamp(), Timestamp::from_millis(7));
+        assert!(odd.decode().is_err());
+        // Without a timestamp, or not JSON at all: refused when read.
+        assert!(serde_json::from_str::<EncodedEnvelope>(r#"{"x": 1}"#).is_err());
+        assert!(serde_json::from_str::<EncodedEnvelope>(r#"{"timestamp": 1"#).is_err());
+    }
 
     #[test]
     fn ids_and_keys_keep_their_formats() {

@@ -455,6 +455,45 @@ fn a_refused_pivot_compensates_earlier_steps_with_the_reason() {
 }
 
 #[test]
+fn a_dead_letter_carries_the_awaited_command_or_a_stand_in_when_it_does_not_decode() {
+    let def = order_saga();
+    let now = Timestamp::from_millis(1_000);
+    // Runs the instance's timers until it parks; `odd` replaces the
+    // awaited command first with JSON that is not an envelope (as a state
+    // record written elsewhere could hold).
+    let park = |odd: bool| {
+        let mut inst = def
+            .start(SagaId::new("o-8"), Order::default(), now)
+            .unwrap()
+            .instance;
+        for _ in 0..10 {
+            if let (true, Some(a)) = (odd, inst.awaiting.as_mut()) {
+                a.command = serde_json::from_str(r#"{"timestamp": 1000}"#).unwrap();
+            }
+            let timer = inst.next_timer().expect("a timer until it parks").clone();
+            let t = def
+                .handle(&inst, Input::Timer(timer.id), timer.fire_at)
+                .unwrap();
+            for effect in t.effects {
+                if let Effect::DeadLetter(dead) = effect {
+                    return dead;
+                }
+            }
+            inst = t.instance;
+        }
+        panic!("never parked");
+    };
+    let sent = park(false);
+    assert_eq!(sent.original.id.as_str(), "order:o-8/reserve/forward/2");
+    assert_eq!(sent.original.channel, "inventory.requests");
+    assert_eq!(sent.original.payload, serde_json::json!("RESERVE"));
+    let stand_in = park(true);
+    assert_eq!(stand_in.original.channel, "order.local");
+    assert_eq!(stand_in.original.step.as_deref(), Some("reserve"));
+    assert_eq!(stand_in.retry_count, sent.retry_count);
+}
+
+#[test]
 fn duplicate_and_stale_replies_are_ignored() {
     let mut t = SagaHarness::new(order_saga());
     t.start("o-6", Order::default()).unwrap();
@@ -1180,7 +1219,8 @@ fn replies_that_do_not_complete_the_step_keep_the_awaited_command() {
     let t = def
         .start(SagaId::new("o-1"), Order::default(), now)
         .unwrap();
-    let cmd = t.instance.awaiting.clone().unwrap().command;
+    let kept = t.instance.awaiting.clone().unwrap().command;
+    let cmd = kept.decode().unwrap();
     assert_eq!(t.instance.timers[0].id.0, "reserve/forward/deadline/1");
     let reply = |outcome: ReplyOutcome, ok: bool| {
         let payload = serde_json::json!({ "ok": ok });
@@ -1203,7 +1243,7 @@ fn replies_that_do_not_complete_the_step_keep_the_awaited_command() {
         let retried = def.handle(&t.instance, input, now).unwrap();
         assert_eq!(retried.handled, Handled::Applied);
         let awaiting = retried.instance.awaiting.as_ref().expect("still awaited");
-        assert_eq!(awaiting.command, cmd);
+        assert_eq!(awaiting.command, kept);
         assert!(!awaiting.in_flight);
         // And a later success to it completes the step.
         let late = def
@@ -1243,7 +1283,14 @@ fn a_reply_handler_that_changes_the_data_and_fails_leaves_the_data_as_it_was() {
     let t = def
         .start(SagaId::new("o-1"), Order::default(), now)
         .unwrap();
-    let cmd = t.instance.awaiting.clone().unwrap().command;
+    let cmd = t
+        .instance
+        .awaiting
+        .clone()
+        .unwrap()
+        .command
+        .decode()
+        .unwrap();
     let reply = |ok: bool| {
         let payload = serde_json::json!({ "ok": ok });
         Input::Reply(cmd.reply(ReplyOutcome::Success, payload, now).unwrap())

@@ -837,8 +837,8 @@ impl<D: SagaData> SagaDriver<D> {
         // A reply to the awaited step: how long the step took (its name
         // is `step`, the awaited step's).
         let latency = match &inst.awaiting {
-            Some(a) if env.step == a.command.step => {
-                Some(now.saturating_since(a.command.timestamp))
+            Some(a) if env.step.as_deref() == self.def.steps().get(a.step).map(|s| s.name()) => {
+                Some(now.saturating_since(a.command.timestamp()))
             }
             _ => None,
         };
