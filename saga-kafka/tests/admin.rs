@@ -151,10 +151,28 @@ async fn a_query_finds_parked_sagas_of_every_instance_and_a_retry_completes_them
             .unwrap();
     }
     for id in &ids {
-        let done = sagas_a
-            .wait_settled(id, Duration::from_secs(60))
-            .await
-            .unwrap();
+        // The owner applies a request after `operate` returns (it is
+        // durable then, not applied): until it has, the saga reads parked.
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let done = loop {
+            let inst = sagas_a
+                .wait_settled(id, Duration::from_secs(60))
+                .await
+                .unwrap();
+            if inst
+                .history
+                .iter()
+                .any(|h| h.what.contains("operator: retry"))
+            {
+                break inst;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{id}: the retry was never applied: {:?}",
+                inst.history
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
         assert_eq!(
             done.status,
             SagaStatus::Completed,
