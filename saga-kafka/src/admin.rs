@@ -14,6 +14,7 @@ use rdkafka::error::KafkaError;
 use rdkafka::producer::{BaseProducer, DeliveryResult, Producer, ProducerContext};
 use rdkafka::types::RDKafkaErrorCode;
 
+use crate::aside::Aside;
 use crate::config::KafkaConfig;
 use crate::context::{client_error, denied, log, unauthenticated, Quiet};
 use crate::error::{Error, Result};
@@ -102,9 +103,10 @@ pub(crate) fn ensure_topics_blocking(config: &KafkaConfig, topics: &[TopicSpec])
     if topics.is_empty() {
         return Ok(());
     }
-    let admin: AdminClient<Quiet> = config
+    let admin: Aside<AdminClient<Quiet>> = config
         .admin_config()
         .create_with_context(Quiet)
+        .map(Aside::new)
         .map_err(|e| Error::client("creating the admin client", e))?;
     let retention = config.dead_letter_retention.as_millis().to_string();
     let new: Vec<NewTopic<'_>> = topics
@@ -155,9 +157,10 @@ pub(crate) fn partition_counts(
     config: &KafkaConfig,
     topics: &[String],
 ) -> Result<Vec<(String, usize)>> {
-    let c: BaseConsumer<Quiet> = config
+    let c: Aside<BaseConsumer<Quiet>> = config
         .reader_config()
         .create_with_context(Quiet)
+        .map(Aside::new)
         .map_err(|e| Error::client("creating a metadata client", e))?;
     let mut out = Vec::new();
     for t in topics {
@@ -258,9 +261,10 @@ pub(crate) fn preflight(config: &KafkaConfig) -> Result<bool> {
     let probe = Probe::default();
     // A producer: a consumer with a group id would look for its group's
     // coordinator, which needs an ACL some services do not have.
-    let c: BaseProducer<Probe> = config
+    let c: Aside<BaseProducer<Probe>> = config
         .admin_config()
         .create_with_context(probe.clone())
+        .map(Aside::new)
         .map_err(|e| Error::client("creating a client", e))?;
     let started = Instant::now();
     let failed = || {
@@ -271,7 +275,11 @@ pub(crate) fn preflight(config: &KafkaConfig) -> Result<bool> {
             .clone()
     };
     while started.elapsed() < PREFLIGHT {
-        let answer = c.client().fetch_metadata(None, Duration::from_millis(300));
+        // An answer means this client is authenticated: no need to wait
+        // for errors.
+        let Err(e) = c.client().fetch_metadata(None, Duration::from_millis(300)) else {
+            return Ok(true);
+        };
         // Client errors reach the context only when the client is polled.
         c.poll(Duration::from_millis(50));
         if let Some(reason) = failed() {
@@ -280,15 +288,11 @@ pub(crate) fn preflight(config: &KafkaConfig) -> Result<bool> {
                 reason,
             });
         }
-        match answer {
-            Ok(_) => return Ok(true),
-            Err(e) if e.rdkafka_error_code().is_some_and(unauthenticated) => {
-                return Err(Error::Authentication {
-                    principal: config.principal(),
-                    reason: e.to_string(),
-                })
-            }
-            Err(_) => {}
+        if e.rdkafka_error_code().is_some_and(unauthenticated) {
+            return Err(Error::Authentication {
+                principal: config.principal(),
+                reason: e.to_string(),
+            });
         }
     }
     tracing::warn!(bootstrap = config.bootstrap_servers(), waited = ?PREFLIGHT, "the Kafka cluster did not answer yet");
@@ -307,9 +311,10 @@ pub(crate) fn verify_compacted(config: &KafkaConfig, topics: &[TopicSpec]) -> Re
     if compacted.is_empty() {
         return Ok(());
     }
-    let admin: AdminClient<Quiet> = config
+    let admin: Aside<AdminClient<Quiet>> = config
         .admin_config()
         .create_with_context(Quiet)
+        .map(Aside::new)
         .map_err(|e| Error::client("creating the admin client", e))?;
     let specs: Vec<ResourceSpecifier<'_>> = compacted
         .iter()

@@ -627,6 +627,20 @@ impl KafkaConfig {
         }
         c
     }
+
+    /// The configuration of a reader that reads a topic to its end and
+    /// stops (restores, admin reads): [`KafkaConfig::reader_config`], with
+    /// fetches that wait at most 10 ms for data. The end of a partition is
+    /// known when a fetch returns nothing new, and librdkafka's default
+    /// (500 ms) made every read to the end wait that long, an empty
+    /// partition's too. (`KafkaConfig::set` overrides it.)
+    pub(crate) fn read_to_end_config(&self) -> ClientConfig {
+        let mut c = self.reader_config();
+        if !self.properties.contains_key("fetch.wait.max.ms") {
+            c.set("fetch.wait.max.ms", "10");
+        }
+        c
+    }
 }
 
 #[cfg(test)]

@@ -132,6 +132,7 @@
 
 pub mod acl;
 mod admin;
+mod aside;
 mod catalog;
 mod config;
 mod context;

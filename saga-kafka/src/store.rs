@@ -9,15 +9,19 @@ use rdkafka::error::KafkaError as RdError;
 use rdkafka::message::{BorrowedMessage, Message};
 use rdkafka::{Offset, TopicPartitionList};
 
+use crate::aside::Aside;
 use crate::config::KafkaConfig;
 use crate::context::{denied, Quiet};
 use crate::error::{Error, Result};
 
-type Reader = BaseConsumer<Quiet>;
+/// A consumer that reads a topic to its end; closed aside (it is in the
+/// reader group).
+type Reader = Aside<BaseConsumer<Quiet>>;
 
 fn reader(cfg: &KafkaConfig, topic: &str) -> Result<Reader> {
-    cfg.reader_config()
+    cfg.read_to_end_config()
         .create_with_context(Quiet)
+        .map(Aside::new)
         .map_err(|e| Error::client(format!("creating a reader of `{topic}`"), e))
 }
 
@@ -33,6 +37,10 @@ pub(crate) fn read_stream(
 ) -> Result<()> {
     let deadline = Instant::now() + limit;
     let consumer = reader(cfg, topic)?;
+    // The topic's leaders known before the partitions are assigned: for a
+    // partition whose leader it does not know yet, librdkafka looks up
+    // the starting offset again only after 500 ms.
+    all_partitions(&consumer, topic, deadline)?;
     read_to_end(cfg, &consumer, topic, partitions, deadline, |m| {
         let Some(key) = m.key() else { return };
         // The runtime writes UTF-8 keys (saga and message ids); another
