@@ -293,8 +293,10 @@ pub const MAX_HISTORY: usize = 256;
 
 /// One saga instance: the user's data plus the engine's bookkeeping.
 ///
-/// A plain value: serialize it to persist it, deserialize it to resume.
-/// Instances are made by [`SagaDefinition::start`](crate::SagaDefinition::start)
+/// A plain value: serialize it to persist it, deserialize it to resume,
+/// with serde_json (text, bytes or a `serde_json::Value`: the state of a
+/// saga is JSON, and the awaited command is kept as its JSON text, see
+/// [`EncodedEnvelope`]). Instances are made by [`SagaDefinition::start`](crate::SagaDefinition::start)
 /// and changed only by the engine.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[non_exhaustive]
@@ -352,8 +354,8 @@ pub struct SagaInstance<D> {
 
 impl<D: Clone> SagaInstance<D> {
     /// A copy for a transition to change: without the awaited command
-    /// unless `with_awaiting` (a transition on a reply usually drops it,
-    /// and copying its payload costs more than the rest), and with room
+    /// unless `with_awaiting` (a transition on a reply usually drops it),
+    /// and with room
     /// for the history lines a transition adds (a copy has none, and the
     /// first line would copy the history once more to grow it).
     pub(crate) fn clone_for_transition(&self, with_awaiting: bool) -> Self {

@@ -314,9 +314,15 @@ impl Envelope {
 ///
 /// In JSON it is written as the envelope itself (a nested object, not a
 /// string), so state records read and written by earlier versions are
-/// unchanged. It also keeps the envelope's
+/// unchanged; the text read is written again as it is (spacing
+/// included). It also keeps the envelope's
 /// [`timestamp`](EncodedEnvelope::timestamp), read once when it is made
-/// or read back.
+/// or read back. Two are equal when their texts read as the same JSON.
+///
+/// It is written and read with serde_json only (text, bytes or a
+/// [`Value`]), and not inside `#[serde(flatten)]` or untagged and
+/// internally tagged enums, which buffer what they read: the state of a
+/// saga is JSON.
 #[derive(Clone)]
 pub struct EncodedEnvelope {
     json: std::sync::Arc<serde_json::value::RawValue>,
@@ -373,9 +379,17 @@ impl std::fmt::Debug for EncodedEnvelope {
 }
 
 impl PartialEq for EncodedEnvelope {
-    /// The same text.
+    /// The same JSON value: the same text, or text that reads as the same
+    /// value (another key order or spacing, as a store may write it).
     fn eq(&self, other: &Self) -> bool {
         self.json() == other.json()
+            || match (
+                serde_json::from_str::<Value>(self.json()),
+                serde_json::from_str::<Value>(other.json()),
+            ) {
+                (Ok(a), Ok(b)) => a == b,
+                _ => false,
+            }
     }
 }
 
@@ -600,6 +614,23 @@ mod tests {
         let from_value: Holder = serde_json::from_value(value).unwrap();
         assert_eq!(from_value.command.decode().unwrap(), cmd);
         assert_eq!(from_value.command.timestamp(), Timestamp::from_millis(42));
+    }
+
+    #[test]
+    fn encoded_envelopes_are_equal_when_their_texts_read_as_the_same_json() {
+        let cmd = a_command();
+        let kept = EncodedEnvelope::encode(&cmd);
+        // Through a `Value`, the keys come back in another order.
+        let value = serde_json::to_value(&kept).unwrap();
+        let reordered: EncodedEnvelope = serde_json::from_value(value).unwrap();
+        assert_ne!(reordered.json(), kept.json());
+        assert_eq!(reordered, kept);
+        let pretty: EncodedEnvelope =
+            serde_json::from_str(&serde_json::to_string_pretty(&cmd).unwrap()).unwrap();
+        assert_eq!(pretty, kept);
+        let mut other = cmd;
+        other.attempt = 2;
+        assert_ne!(EncodedEnvelope::encode(&other), kept);
     }
 
     #[test]

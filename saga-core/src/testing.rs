@@ -305,12 +305,12 @@ impl<D: SagaData> SagaHarness<D> {
     pub fn restart(&mut self) -> Result<(), SagaError> {
         let inst = self.current()?;
         let id = inst.id.clone();
-        let json = serde_json::to_value(inst).map_err(|source| SagaError::Encode {
+        let json = serde_json::to_vec(inst).map_err(|source| SagaError::Encode {
             saga_id: id.clone(),
             what: "saga instance".into(),
             source,
         })?;
-        let back = serde_json::from_value(json).map_err(|source| SagaError::CorruptState {
+        let back = serde_json::from_slice(&json).map_err(|source| SagaError::CorruptState {
             saga_id: id,
             source,
         })?;

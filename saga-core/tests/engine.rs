@@ -914,7 +914,11 @@ fn restart_round_trips_the_instance_and_the_saga_ends_as_without_it() {
         }
         t.advance(Duration::from_secs(5)).unwrap(); // a timer armed before the restart fires
         if restarts {
+            // Waiting on a command: the instance reads back equal.
+            let before = t.instance().clone();
             t.restart().unwrap();
+            assert_eq!(t.instance(), &before);
+            assert!(t.instance().awaiting.is_some());
         }
         t.advance(Duration::from_secs(1)).unwrap();
         t.reply_ok("call", &"done").unwrap();

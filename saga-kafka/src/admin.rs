@@ -275,8 +275,9 @@ pub(crate) fn preflight(config: &KafkaConfig) -> Result<bool> {
             .clone()
     };
     while started.elapsed() < PREFLIGHT {
-        // An answer means this client is authenticated: no need to wait
-        // for errors.
+        // An answer means this client is authenticated with the broker
+        // that gave it: no need to wait for errors. (A failure towards
+        // another broker of the list shows when a client first needs it.)
         let Err(e) = c.client().fetch_metadata(None, Duration::from_millis(300)) else {
             return Ok(true);
         };

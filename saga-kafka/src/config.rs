@@ -443,7 +443,12 @@ impl KafkaConfig {
 
     /// Sets a librdkafka property on every client (security settings,
     /// `client.id`, tuning). It overrides the runtime's tuning defaults
-    /// (producers: `linger.ms=1`, `retry.backoff.ms=10`); properties the
+    /// (producers: `linger.ms=1`, `retry.backoff.ms=10`; the readers of
+    /// state topics and ledgers: `queued.max.messages.kbytes=16384`,
+    /// `fetch.queue.backoff.ms=1`, and `fetch.wait.max.ms=10` for reads to
+    /// the end, such as restores), for every client it applies to: a
+    /// longer `fetch.wait.max.ms` set for the long-lived consumers also
+    /// makes every restore wait that long at its end. Properties the
     /// runtime needs for its delivery guarantees (idempotence, acks,
     /// transactional id, isolation level, auto commit) are set after these
     /// and win.
@@ -657,6 +662,20 @@ mod tests {
         assert_eq!(p.get("retry.backoff.ms"), Some("10"), "the default stays");
         assert_eq!(p.get("acks"), Some("all"), "the runtime's guarantee wins");
         assert_eq!(p.get("transactional.id"), Some("tx"));
+    }
+
+    #[test]
+    fn only_reads_to_the_end_wait_briefly_for_fetches_unless_the_user_says() {
+        let c = KafkaConfig::new("b:9092");
+        assert_eq!(c.read_to_end_config().get("fetch.wait.max.ms"), Some("10"));
+        // The long-lived consumers keep the client's default.
+        assert_eq!(c.reader_config().get("fetch.wait.max.ms"), None);
+        assert_eq!(c.consumer_config("g").get("fetch.wait.max.ms"), None);
+        let set = c.set("fetch.wait.max.ms", "100");
+        assert_eq!(
+            set.read_to_end_config().get("fetch.wait.max.ms"),
+            Some("100")
+        );
     }
 
     #[test]

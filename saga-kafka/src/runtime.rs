@@ -390,6 +390,9 @@ impl Runtime for KafkaRuntime {
     /// session timeout, unless this instance comes back before.
     async fn shutdown(&self) {
         self.stop_all(STOP).await;
+        // Short-lived clients still closing finish before the process
+        // may exit.
+        crate::aside::closed(std::time::Duration::from_secs(2)).await;
     }
 }
 

@@ -837,7 +837,7 @@ impl<D: SagaData> SagaDriver<D> {
         // A reply to the awaited step: how long the step took (its name
         // is `step`, the awaited step's).
         let latency = match &inst.awaiting {
-            Some(a) if env.step.as_deref() == self.def.steps().get(a.step).map(|s| s.name()) => {
+            Some(a) if env.step.as_deref() == Some(step.as_str()) => {
                 Some(now.saturating_since(a.command.timestamp()))
             }
             _ => None,
