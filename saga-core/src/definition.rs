@@ -635,6 +635,46 @@ pub(crate) struct DefinitionInner<D> {
     pub(crate) reply_channel: String,
     pub(crate) dead_letter_channel: String,
     pub(crate) timeout: Option<Duration>,
+    /// The history lines every instance writes alike.
+    pub(crate) lines: HistoryLines,
+}
+
+/// History lines that read the same in every instance of a saga, made
+/// once: an instance's history shares them instead of writing its own
+/// copy (a transition allocates no text for them, an instance in memory
+/// keeps none of its own).
+pub(crate) struct HistoryLines {
+    pub(crate) started: Arc<str>,
+    pub(crate) completed: Arc<str>,
+    pub(crate) compensated: Arc<str>,
+    /// Per step, in the definition's order.
+    pub(crate) steps: Vec<StepLines>,
+}
+
+/// The lines of one step (see [`HistoryLines`]).
+pub(crate) struct StepLines {
+    pub(crate) succeeded: Arc<str>,
+    pub(crate) compensated: Arc<str>,
+    pub(crate) nothing_to_compensate: Arc<str>,
+}
+
+impl HistoryLines {
+    fn new<D>(steps: &[Step<D>]) -> Self {
+        let line = |name: &str, what: &str| Arc::from(format!("step `{name}`: {what}"));
+        Self {
+            started: Arc::from("started"),
+            completed: Arc::from("completed"),
+            compensated: Arc::from("compensated"),
+            steps: steps
+                .iter()
+                .map(|s| StepLines {
+                    succeeded: line(&s.name, "succeeded"),
+                    compensated: line(&s.name, "compensated"),
+                    nothing_to_compensate: line(&s.name, "nothing to compensate"),
+                })
+                .collect(),
+        }
+    }
 }
 
 impl<D> Clone for SagaDefinition<D> {
@@ -933,6 +973,7 @@ impl<D: SagaData> SagaBuilder<D> {
         Ok(SagaDefinition {
             inner: Arc::new(DefinitionInner {
                 name: Arc::from(self.name),
+                lines: HistoryLines::new(&self.steps),
                 steps: self.steps,
                 on_completed: self.on_completed,
                 on_compensated: self.on_compensated,

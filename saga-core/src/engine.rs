@@ -15,7 +15,7 @@ use crate::definition::{
     StepKind,
 };
 use crate::error::SagaError;
-use crate::ids::{concat, concat_shared, MessageId, Part::N, Part::S, SagaId, Timestamp};
+use crate::ids::{concat_interned, concat_shared, MessageId, Part::N, Part::S, SagaId, Timestamp};
 use crate::instance::{
     Awaiting, SagaInstance, SagaStatus, StepRecord, StepState, Timer, TimerId, TimerKind,
 };
@@ -441,9 +441,9 @@ impl<D: SagaData> SagaDefinition<D> {
             uncopied: None,
             input_data: None,
         };
-        m.inst.record(now, "started");
+        m.inst.record(now, self.inner.lines.started.clone());
         if let Some(timeout) = self.inner.timeout {
-            m.arm(TimerKind::SagaDeadline, "saga-deadline".into(), timeout);
+            m.arm(TimerKind::SagaDeadline, TimerId::new("saga-deadline"), timeout);
         }
         m.drive();
         Ok(m.finish(Handled::Applied))
@@ -539,7 +539,7 @@ fn all_encoded(emitted: &[Emitted]) -> Result<(), StepError> {
 }
 
 fn deadline_id(step: &str, phase: Phase, attempt: u32) -> TimerId {
-    TimerId(concat(&[
+    TimerId(concat_interned(&[
         S(step),
         S("/"),
         S(phase.as_str()),
@@ -571,9 +571,9 @@ impl<D: SagaData> Machine<'_, D> {
         self.def.steps()[i].name.to_string()
     }
 
-    fn arm(&mut self, kind: TimerKind, id: String, after: std::time::Duration) {
+    fn arm(&mut self, kind: TimerKind, id: TimerId, after: std::time::Duration) {
         let timer = Timer {
-            id: TimerId(id),
+            id,
             fire_at: self.now.saturating_add(after),
             kind,
         };
@@ -655,7 +655,7 @@ impl<D: SagaData> Machine<'_, D> {
     fn forward_once(&mut self) -> Flow {
         let i = self.inst.cursor;
         if i >= self.def.steps().len() {
-            self.set_status(SagaStatus::Completed, "completed");
+            self.set_status(SagaStatus::Completed, self.def.inner.lines.completed.clone());
             return Flow::Wait;
         }
         let rec = &mut self.inst.steps[i];
@@ -689,17 +689,18 @@ impl<D: SagaData> Machine<'_, D> {
             }
             if self.def.steps()[i].compensation.is_none() {
                 self.inst.steps[i].state = StepState::Compensated;
-                self.inst.record(
-                    self.now,
-                    format!("step `{}`: nothing to compensate", self.step_name(i)),
-                );
+                let what = self.def.inner.lines.steps[i].nothing_to_compensate.clone();
+                self.inst.record(self.now, what);
                 continue;
             }
             next = Some(i);
             break;
         }
         let Some(i) = next else {
-            self.set_status(SagaStatus::Compensated, "compensated");
+            self.set_status(
+                SagaStatus::Compensated,
+                self.def.inner.lines.compensated.clone(),
+            );
             return Flow::Wait;
         };
         self.inst.cursor = i;
@@ -779,7 +780,7 @@ impl<D: SagaData> Machine<'_, D> {
                 });
                 self.inst.record(
                     self.now,
-                    concat_shared(&[
+                    concat_interned(&[
                         S("step `"),
                         S(name),
                         S("`: "),
@@ -799,7 +800,7 @@ impl<D: SagaData> Machine<'_, D> {
                             phase,
                             attempt: seq,
                         },
-                        id.0,
+                        id,
                         timeout,
                     );
                 }
@@ -887,11 +888,8 @@ impl<D: SagaData> Machine<'_, D> {
             Phase::Forward => self.step_succeeded(i),
             Phase::Compensation => {
                 self.inst.steps[i].state = StepState::Compensated;
-                let name = &self.def.steps()[i].name;
-                self.inst.record(
-                    self.now,
-                    concat_shared(&[S("step `"), S(name), S("`: compensated")]),
-                );
+                let what = self.def.inner.lines.steps[i].compensated.clone();
+                self.inst.record(self.now, what);
                 Flow::Continue
             }
         }
@@ -899,11 +897,8 @@ impl<D: SagaData> Machine<'_, D> {
 
     fn step_succeeded(&mut self, i: usize) -> Flow {
         self.inst.steps[i].state = StepState::Succeeded;
-        let name = &self.def.steps()[i].name;
-        self.inst.record(
-            self.now,
-            concat_shared(&[S("step `"), S(name), S("`: succeeded")]),
-        );
+        let what = self.def.inner.lines.steps[i].succeeded.clone();
+        self.inst.record(self.now, what);
         self.inst.cursor = i + 1;
         Flow::Continue
     }
@@ -961,13 +956,13 @@ impl<D: SagaData> Machine<'_, D> {
                     ),
                 );
                 let seq = self.inst.steps[i].sends;
-                let id = concat(&[
+                let id = TimerId(concat_interned(&[
                     S(&name),
                     S("/"),
                     S(phase.as_str()),
                     S("/backoff/"),
                     N(seq.into()),
-                ]);
+                ]));
                 self.arm(TimerKind::Backoff { step: i, phase }, id, delay);
                 Flow::Wait
             }

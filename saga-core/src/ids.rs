@@ -114,6 +114,93 @@ pub(crate) fn deserialize_shared<'de, De: serde::Deserializer<'de>>(
     d.deserialize_str(SharedStrVisitor)
 }
 
+/// Reads a text many instances repeat (a saga or step name, a timer id, a
+/// history line) as the thread's shared copy of it (see [`intern`]): a
+/// restored instance keeps no text of its own for them.
+pub(crate) fn deserialize_interned<'de, De: serde::Deserializer<'de>>(
+    d: De,
+) -> Result<Arc<str>, De::Error> {
+    d.deserialize_str(InternedStrVisitor)
+}
+
+/// Like [`SharedStrVisitor`], through [`intern`].
+struct InternedStrVisitor;
+
+impl serde::de::Visitor<'_> for InternedStrVisitor {
+    type Value = Arc<str>;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a string")
+    }
+
+    fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<Arc<str>, E> {
+        Ok(intern(s))
+    }
+
+    fn visit_char<E: serde::de::Error>(self, c: char) -> Result<Arc<str>, E> {
+        Ok(intern(c.encode_utf8(&mut [0; 4])))
+    }
+
+    fn visit_bytes<E: serde::de::Error>(self, b: &[u8]) -> Result<Arc<str>, E> {
+        std::str::from_utf8(b)
+            .map(intern)
+            .map_err(|_| E::invalid_value(serde::de::Unexpected::Bytes(b), &self))
+    }
+}
+
+/// The most texts [`intern`] keeps per thread; it forgets them all when
+/// full (the bound, not an eviction policy: the texts it serves repeat).
+const INTERNED_MAX: usize = 1024;
+
+/// The longest text [`intern`] keeps: longer ones (error messages, notes)
+/// rarely repeat, and the bound keeps the table's memory under
+/// `INTERNED_MAX` × this.
+const INTERNED_MAX_LEN: usize = 128;
+
+thread_local! {
+    /// The texts [`intern`] shares, per thread (no lock).
+    static INTERNED: std::cell::RefCell<std::collections::HashSet<Arc<str>>> =
+        std::cell::RefCell::new(std::collections::HashSet::new());
+}
+
+/// `s` as a shared string, the same allocation as the last time this
+/// thread interned the same text: the texts every instance of a saga
+/// writes alike ("step `reserve`: forward command 1 sent (attempt 1)")
+/// are kept once, not once per instance, and a hit allocates nothing.
+/// Texts longer than `INTERNED_MAX_LEN` are copied, not kept.
+pub(crate) fn intern(s: &str) -> Arc<str> {
+    if s.len() > INTERNED_MAX_LEN {
+        return Arc::from(s);
+    }
+    INTERNED.with(|set| {
+        let Ok(mut set) = set.try_borrow_mut() else {
+            return Arc::from(s);
+        };
+        if let Some(shared) = set.get(s) {
+            return shared.clone();
+        }
+        if set.len() >= INTERNED_MAX {
+            set.clear();
+        }
+        let shared: Arc<str> = Arc::from(s);
+        set.insert(shared.clone());
+        shared
+    })
+}
+
+/// [`concat`] through [`intern`]: for texts that repeat across instances
+/// (history lines, timer ids), not for unique ones (message ids).
+pub(crate) fn concat_interned(parts: &[Part<'_>]) -> Arc<str> {
+    BUFFER.with(|buffer| match buffer.try_borrow_mut() {
+        Ok(mut buffer) => {
+            buffer.clear();
+            push_parts(&mut buffer, parts);
+            intern(&buffer)
+        }
+        Err(_) => intern(&concat(parts)),
+    })
+}
+
 /// One piece of a [`concat`]enated string.
 pub(crate) enum Part<'a> {
     /// Text, as is.
@@ -297,6 +384,37 @@ mod tests {
         let bytes = SagaId::deserialize(BytesDeserializer::<Error>::new(b"b-1")).unwrap();
         assert_eq!(bytes.as_str(), "b-1");
         assert!(SagaId::deserialize(BytesDeserializer::<Error>::new(&[0xff])).is_err());
+    }
+
+    #[test]
+    fn interned_texts_are_one_allocation_short_ones_only_and_the_table_stays_bounded() {
+        use Part::{N, S};
+        let a = intern("step `reserve`: succeeded");
+        let b = concat_interned(&[S("step `reserve`: "), S("succeeded")]);
+        assert_eq!(&*b, "step `reserve`: succeeded");
+        assert!(Arc::ptr_eq(&a, &b), "the same text is the same allocation");
+        assert_eq!(&*concat_interned(&[S("x/"), N(3)]), "x/3");
+        // A long text is copied, not kept.
+        let long = "e".repeat(INTERNED_MAX_LEN + 1);
+        assert!(!Arc::ptr_eq(&intern(&long), &intern(&long)));
+        // Past its bound the table starts over: texts stay right, and it
+        // never holds more than the bound.
+        for i in 0..INTERNED_MAX + 10 {
+            assert_eq!(&*intern(&format!("line {i}")), format!("line {i}"));
+        }
+        assert!(INTERNED.with(|set| set.borrow().len()) <= INTERNED_MAX);
+        // Read from JSON, text, escapes or bytes, through the table.
+        #[derive(serde::Deserialize)]
+        struct Line(#[serde(deserialize_with = "deserialize_interned")] Arc<str>);
+        let one: Line = serde_json::from_str(r#""started""#).unwrap();
+        let two: Line = serde_json::from_str(r#""started""#).unwrap();
+        assert!(Arc::ptr_eq(&one.0, &two.0));
+        let escaped: Line = serde_json::from_str(r#""a\"b""#).unwrap();
+        assert_eq!(&*escaped.0, "a\"b");
+        use serde::de::value::{BytesDeserializer, Error};
+        let bytes = deserialize_interned(BytesDeserializer::<Error>::new(b"started")).unwrap();
+        assert!(Arc::ptr_eq(&bytes, &one.0));
+        assert!(deserialize_interned(BytesDeserializer::<Error>::new(&[0xff])).is_err());
     }
 
     #[test]

@@ -113,7 +113,7 @@ pub struct StepRecord {
     /// the instance: copying the steps copies no text).
     #[serde(
         serialize_with = "crate::ids::serialize_shared",
-        deserialize_with = "crate::ids::deserialize_shared"
+        deserialize_with = "crate::ids::deserialize_interned"
     )]
     pub name: std::sync::Arc<str>,
     /// Where it stands.
@@ -170,9 +170,30 @@ impl StepRecord {
 }
 
 /// A timer's identity within its saga instance.
+///
+/// The text is shared: copying a timer (into a transition's instance, an
+/// effect, a runtime's timer queue) copies no text.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(transparent)]
-pub struct TimerId(pub String);
+pub struct TimerId(
+    #[serde(
+        serialize_with = "crate::ids::serialize_shared",
+        deserialize_with = "crate::ids::deserialize_interned"
+    )]
+    pub std::sync::Arc<str>,
+);
+
+impl TimerId {
+    /// A timer id from its text.
+    pub fn new(id: impl Into<std::sync::Arc<str>>) -> Self {
+        Self(id.into())
+    }
+
+    /// The id's text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
 
 impl fmt::Display for TimerId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -271,7 +292,7 @@ pub struct HistoryEntry {
     /// What happened (shared: copying a history copies no text).
     #[serde(
         serialize_with = "crate::ids::serialize_shared",
-        deserialize_with = "crate::ids::deserialize_shared"
+        deserialize_with = "crate::ids::deserialize_interned"
     )]
     pub what: std::sync::Arc<str>,
     /// The operator who caused it, for an operator's action.
@@ -306,7 +327,7 @@ pub struct SagaInstance<D> {
     /// The saga type's name.
     #[serde(
         serialize_with = "crate::ids::serialize_shared",
-        deserialize_with = "crate::ids::deserialize_shared"
+        deserialize_with = "crate::ids::deserialize_interned"
     )]
     pub saga: std::sync::Arc<str>,
     /// The user's saga data.

@@ -1225,7 +1225,7 @@ fn replies_that_do_not_complete_the_step_keep_the_awaited_command() {
         .unwrap();
     let kept = t.instance.awaiting.clone().unwrap().command;
     let cmd = kept.decode().unwrap();
-    assert_eq!(t.instance.timers[0].id.0, "reserve/forward/deadline/1");
+    assert_eq!(t.instance.timers[0].id.as_str(), "reserve/forward/deadline/1");
     let reply = |outcome: ReplyOutcome, ok: bool| {
         let payload = serde_json::json!({ "ok": ok });
         Input::Reply(cmd.reply(outcome, payload, now).unwrap())
@@ -1307,4 +1307,38 @@ fn a_reply_handler_that_changes_the_data_and_fails_leaves_the_data_as_it_was() {
         .any(|e| matches!(e, Effect::Send(env) if env.kind == MessageKind::Event)));
     let accepted = def.handle(&refused.instance, reply(true), now).unwrap();
     assert!(accepted.instance.data.reserved);
+}
+
+/// The texts every instance writes alike (history lines, step names, timer
+/// ids) are one allocation shared by the instances, not a copy each, and
+/// instances read back from their state records share them too.
+#[test]
+fn instances_share_the_texts_they_write_alike_and_so_do_instances_read_back() {
+    use std::sync::Arc;
+    let def = order_saga();
+    let now = Timestamp::from_millis(1_000);
+    let a = def.start(SagaId::new("a"), Order::default(), now).unwrap();
+    let b = def.start(SagaId::new("b"), Order::default(), now).unwrap();
+    let (a, b) = (a.instance, b.instance);
+    assert_eq!(a.history.len(), b.history.len());
+    for (x, y) in a.history.iter().zip(&b.history) {
+        assert_eq!(x.what, y.what);
+        assert!(Arc::ptr_eq(&x.what, &y.what), "history line {:?}", x.what);
+    }
+    assert!(Arc::ptr_eq(&a.timers[0].id.0, &b.timers[0].id.0));
+    assert!(Arc::ptr_eq(&a.steps[1].name, &b.steps[1].name));
+
+    let bytes = |i: &SagaInstance<Order>| serde_json::to_vec(i).unwrap();
+    let ra: SagaInstance<Order> = serde_json::from_slice(&bytes(&a)).unwrap();
+    let rb: SagaInstance<Order> = serde_json::from_slice(&bytes(&b)).unwrap();
+    assert_eq!(ra, a, "read back as written");
+    assert!(Arc::ptr_eq(&ra.saga, &rb.saga));
+    assert!(Arc::ptr_eq(&ra.steps[0].name, &rb.steps[0].name));
+    assert!(Arc::ptr_eq(&ra.timers[0].id.0, &rb.timers[0].id.0));
+    for (x, y) in ra.history.iter().zip(&rb.history) {
+        assert!(Arc::ptr_eq(&x.what, &y.what), "history line {:?}", x.what);
+    }
+    // The timer id is written as its text, as before.
+    let json = serde_json::to_value(&a).unwrap();
+    assert_eq!(json["timers"][0]["id"], "reserve/forward/deadline/1");
 }
