@@ -443,7 +443,11 @@ impl<D: SagaData> SagaDefinition<D> {
         };
         m.inst.record(now, self.inner.lines.started.clone());
         if let Some(timeout) = self.inner.timeout {
-            m.arm(TimerKind::SagaDeadline, TimerId::new("saga-deadline"), timeout);
+            m.arm(
+                TimerKind::SagaDeadline,
+                TimerId::new("saga-deadline"),
+                timeout,
+            );
         }
         m.drive();
         Ok(m.finish(Handled::Applied))
@@ -655,7 +659,10 @@ impl<D: SagaData> Machine<'_, D> {
     fn forward_once(&mut self) -> Flow {
         let i = self.inst.cursor;
         if i >= self.def.steps().len() {
-            self.set_status(SagaStatus::Completed, self.def.inner.lines.completed.clone());
+            self.set_status(
+                SagaStatus::Completed,
+                self.def.inner.lines.completed.clone(),
+            );
             return Flow::Wait;
         }
         let rec = &mut self.inst.steps[i];

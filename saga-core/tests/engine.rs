@@ -1225,7 +1225,10 @@ fn replies_that_do_not_complete_the_step_keep_the_awaited_command() {
         .unwrap();
     let kept = t.instance.awaiting.clone().unwrap().command;
     let cmd = kept.decode().unwrap();
-    assert_eq!(t.instance.timers[0].id.as_str(), "reserve/forward/deadline/1");
+    assert_eq!(
+        t.instance.timers[0].id.as_str(),
+        "reserve/forward/deadline/1"
+    );
     let reply = |outcome: ReplyOutcome, ok: bool| {
         let payload = serde_json::json!({ "ok": ok });
         Input::Reply(cmd.reply(outcome, payload, now).unwrap())
