@@ -219,6 +219,11 @@ impl Envelope {
         out
     }
 
+    /// The length of [`Envelope::to_bytes`], without the bytes.
+    pub(crate) fn encoded_len(&self) -> usize {
+        json_len(self).expect("an envelope is plain JSON data")
+    }
+
     /// Parses an envelope from JSON bytes.
     ///
     /// # Errors
@@ -559,9 +564,44 @@ impl DeadLetter {
     }
 }
 
+/// The length of `value`'s JSON, counted without keeping the bytes.
+pub(crate) fn json_len<T: Serialize + ?Sized>(value: &T) -> Result<usize, serde_json::Error> {
+    struct Count(usize);
+    impl std::io::Write for Count {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0 += buf.len();
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut count = Count(0);
+    serde_json::to_writer(&mut count, value)?;
+    Ok(count.0)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_counted_json_length_is_the_length_of_the_bytes() {
+        let env = Envelope::command(
+            MessageId::new("m-1"),
+            "inventory.requests",
+            SagaId::new("o-\"1\""),
+            "order",
+            serde_json::json!({"items": ["a", "b\u{e9}"], "n": 3}),
+            Timestamp::from_millis(42),
+        );
+        assert_eq!(env.encoded_len(), env.to_bytes().len());
+        let value = serde_json::json!({"k": [1, 2.5, null, "x\ny"]});
+        assert_eq!(
+            json_len(&value).unwrap(),
+            serde_json::to_vec(&value).unwrap().len()
+        );
+    }
 
     fn a_command() -> Envelope {
         let saga_id = SagaId::new("o-1");

@@ -14,7 +14,9 @@ use crate::driver::record::{Incoming, Record, RecordKind};
 use crate::driver::saga::RECORD_OVERHEAD;
 use crate::error::SagaError;
 use crate::ids::{MessageId, Timestamp};
-use crate::message::{DeadLetter, Envelope, MessageKind, Phase, RecordOrigin, ReplyOutcome};
+use crate::message::{
+    json_len, DeadLetter, Envelope, MessageKind, Phase, RecordOrigin, ReplyOutcome,
+};
 use crate::participant::{Participant, ParticipantContext, ParticipantPolicy};
 use crate::retry::{Classify, ErrorClass, RetryDecision};
 use crate::trace::{link_span, TraceContext};
@@ -1026,11 +1028,10 @@ impl ParticipantDriver {
         };
         let limit = self.max_record_bytes.saturating_sub(RECORD_OVERHEAD);
         // The ledger entry holds the reply envelope: the larger of the two.
-        let reply_size =
-            serde_json::to_vec(reply).map_or(usize::MAX, |b| b.len()) + command.to_bytes().len();
+        let reply_size = json_len(reply).unwrap_or(usize::MAX) + command.encoded_len();
         let event_size = events
             .iter()
-            .map(|e| e.to_bytes().len() + e.key().len())
+            .map(|e| e.encoded_len() + e.key().len())
             .max()
             .unwrap_or(0);
         let size = reply_size.max(event_size);
