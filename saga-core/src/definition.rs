@@ -647,6 +647,8 @@ pub(crate) struct HistoryLines {
     pub(crate) started: Arc<str>,
     pub(crate) completed: Arc<str>,
     pub(crate) compensated: Arc<str>,
+    /// The id of the saga's deadline timer.
+    pub(crate) saga_deadline: crate::instance::TimerId,
     /// Per step, in the definition's order.
     pub(crate) steps: Vec<StepLines>,
 }
@@ -665,6 +667,7 @@ impl HistoryLines {
             started: Arc::from("started"),
             completed: Arc::from("completed"),
             compensated: Arc::from("compensated"),
+            saga_deadline: crate::instance::TimerId::new("saga-deadline"),
             steps: steps
                 .iter()
                 .map(|s| StepLines {

@@ -443,11 +443,8 @@ impl<D: SagaData> SagaDefinition<D> {
         };
         m.inst.record(now, self.inner.lines.started.clone());
         if let Some(timeout) = self.inner.timeout {
-            m.arm(
-                TimerKind::SagaDeadline,
-                TimerId::new("saga-deadline"),
-                timeout,
-            );
+            let id = self.inner.lines.saga_deadline.clone();
+            m.arm(TimerKind::SagaDeadline, id, timeout);
         }
         m.drive();
         Ok(m.finish(Handled::Applied))

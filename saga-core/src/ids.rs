@@ -148,57 +148,78 @@ impl serde::de::Visitor<'_> for InternedStrVisitor {
     }
 }
 
-/// The most texts [`intern`] keeps per thread; it forgets them all when
-/// full (the bound, not an eviction policy: the texts it serves repeat).
+/// How many texts [`intern`] keeps per thread in each of its two
+/// generations.
 const INTERNED_MAX: usize = 1024;
 
 /// The longest text [`intern`] keeps: longer ones (error messages, notes)
-/// rarely repeat, and the bound keeps the table's memory under
-/// `INTERNED_MAX` × this.
+/// rarely repeat.
 const INTERNED_MAX_LEN: usize = 128;
 
-thread_local! {
-    /// The texts [`intern`] shares, per thread (no lock).
-    static INTERNED: std::cell::RefCell<std::collections::HashSet<Arc<str>>> =
-        std::cell::RefCell::new(std::collections::HashSet::new());
+/// The texts [`intern`] shares, in two generations: a text is looked up
+/// in both, and one found in the old generation moves to the new one. When
+/// the new generation is full it becomes the old one (the old one is
+/// dropped): texts that keep repeating stay, texts seen once (a line with
+/// an error in it) leave after two turns. At most `2 × INTERNED_MAX` texts
+/// of at most `INTERNED_MAX_LEN` bytes: under 400 KiB per thread with the
+/// tables themselves, kept for the thread's life.
+#[derive(Default)]
+struct Interned {
+    new: std::collections::HashSet<Arc<str>>,
+    old: std::collections::HashSet<Arc<str>>,
 }
 
-/// `s` as a shared string, the same allocation as the last time this
-/// thread interned the same text: the texts every instance of a saga
-/// writes alike ("step `reserve`: forward command 1 sent (attempt 1)")
-/// are kept once, not once per instance, and a hit allocates nothing.
+impl Interned {
+    fn get(&mut self, s: &str) -> Arc<str> {
+        if let Some(shared) = self.new.get(s) {
+            return shared.clone();
+        }
+        let shared = self.old.take(s).unwrap_or_else(|| Arc::from(s));
+        if self.new.len() >= INTERNED_MAX {
+            self.old = std::mem::take(&mut self.new);
+        }
+        self.new.insert(shared.clone());
+        shared
+    }
+}
+
+thread_local! {
+    /// Per thread: no lock.
+    static INTERNED: std::cell::RefCell<Interned> = std::cell::RefCell::new(Interned::default());
+}
+
+/// `s` as a shared string: the same allocation as the last time this
+/// thread interned the same text, unless the thread's table has let it go
+/// since (see [`Interned`]). The texts every instance of a saga writes
+/// alike ("step `reserve`: forward command 1 sent (attempt 1)") are kept
+/// once per thread, not once per instance, and a hit allocates nothing.
 /// Texts longer than `INTERNED_MAX_LEN` are copied, not kept.
 pub(crate) fn intern(s: &str) -> Arc<str> {
     if s.len() > INTERNED_MAX_LEN {
         return Arc::from(s);
     }
-    INTERNED.with(|set| {
-        let Ok(mut set) = set.try_borrow_mut() else {
-            return Arc::from(s);
-        };
-        if let Some(shared) = set.get(s) {
-            return shared.clone();
-        }
-        if set.len() >= INTERNED_MAX {
-            set.clear();
-        }
-        let shared: Arc<str> = Arc::from(s);
-        set.insert(shared.clone());
-        shared
-    })
+    INTERNED
+        .try_with(|table| match table.try_borrow_mut() {
+            Ok(mut table) => table.get(s),
+            Err(_) => Arc::from(s),
+        })
+        // The thread is ending: its table is gone.
+        .unwrap_or_else(|_| Arc::from(s))
 }
 
 /// [`concat`] through [`intern`]: for texts that repeat across instances
 /// (history lines, timer ids), not for unique ones (message ids).
 pub(crate) fn concat_interned(parts: &[Part<'_>]) -> Arc<str> {
-    BUFFER.with(|buffer| match buffer.try_borrow_mut() {
-        Ok(mut buffer) => {
-            buffer.clear();
-            push_parts(&mut buffer, parts);
-            intern(&buffer)
-        }
-        Err(_) => intern(&concat(parts)),
-    })
+    BUFFER
+        .try_with(|buffer| match buffer.try_borrow_mut() {
+            Ok(mut buffer) => {
+                buffer.clear();
+                push_parts(&mut buffer, parts);
+                intern(&buffer)
+            }
+            Err(_) => intern(&concat(parts)),
+        })
+        .unwrap_or_else(|_| intern(&concat(parts)))
 }
 
 /// One piece of a [`concat`]enated string.
@@ -239,22 +260,26 @@ fn push_parts(out: &mut String, parts: &[Part<'_>]) {
 }
 
 thread_local! {
-    /// The buffer [`concat_shared`] writes in, kept between calls.
+    /// The buffer [`concat_shared`] and [`concat_interned`] write in, kept
+    /// between calls.
     static BUFFER: std::cell::RefCell<String> = const { std::cell::RefCell::new(String::new()) };
 }
 
 /// [`concat`] into a shared string (for ids), in one allocation: the
 /// pieces are joined in a buffer kept by the thread, then copied once.
 pub(crate) fn concat_shared(parts: &[Part<'_>]) -> Arc<str> {
-    BUFFER.with(|buffer| match buffer.try_borrow_mut() {
-        Ok(mut buffer) => {
-            buffer.clear();
-            push_parts(&mut buffer, parts);
-            Arc::from(buffer.as_str())
-        }
-        // Only if a part's formatting called back in here: no buffer then.
-        Err(_) => Arc::from(concat(parts)),
-    })
+    BUFFER
+        .try_with(|buffer| match buffer.try_borrow_mut() {
+            Ok(mut buffer) => {
+                buffer.clear();
+                push_parts(&mut buffer, parts);
+                Arc::from(buffer.as_str())
+            }
+            // Only if a part's formatting called back in here: no buffer then.
+            Err(_) => Arc::from(concat(parts)),
+        })
+        // The thread is ending: its buffer is gone.
+        .unwrap_or_else(|_| Arc::from(concat(parts)))
 }
 
 string_id! {
@@ -387,7 +412,8 @@ mod tests {
     }
 
     #[test]
-    fn interned_texts_are_one_allocation_short_ones_only_and_the_table_stays_bounded() {
+    fn interned_texts_stay_shared_while_they_repeat_long_ones_are_not_kept_and_the_table_is_bounded(
+    ) {
         use Part::{N, S};
         let a = intern("step `reserve`: succeeded");
         let b = concat_interned(&[S("step `reserve`: "), S("succeeded")]);
@@ -397,12 +423,28 @@ mod tests {
         // A long text is copied, not kept.
         let long = "e".repeat(INTERNED_MAX_LEN + 1);
         assert!(!Arc::ptr_eq(&intern(&long), &intern(&long)));
-        // Past its bound the table starts over: texts stay right, and it
-        // never holds more than the bound.
-        for i in 0..INTERNED_MAX + 10 {
+        // A text that keeps repeating stays shared while one-off texts
+        // pass through, many times the bound of a generation; the table
+        // holds at most two generations.
+        let hot = intern("step `reserve`: forward command 1 sent (attempt 1)");
+        for i in 0..5 * INTERNED_MAX {
             assert_eq!(&*intern(&format!("line {i}")), format!("line {i}"));
+            if i % 100 == 0 {
+                let again = intern("step `reserve`: forward command 1 sent (attempt 1)");
+                assert!(Arc::ptr_eq(&hot, &again), "after {i} one-off texts");
+            }
         }
-        assert!(INTERNED.with(|set| set.borrow().len()) <= INTERNED_MAX);
+        let held = INTERNED.with(|t| {
+            let t = t.borrow();
+            (t.new.len(), t.old.len())
+        });
+        assert!(held.0 <= INTERNED_MAX && held.1 <= INTERNED_MAX, "{held:?}");
+        // A one-off text is gone two generations later.
+        let once = intern("once");
+        for i in 0..2 * INTERNED_MAX + 1 {
+            intern(&format!("other {i}"));
+        }
+        assert!(!Arc::ptr_eq(&once, &intern("once")));
         // Read from JSON, text, escapes or bytes, through the table.
         #[derive(serde::Deserialize)]
         struct Line(#[serde(deserialize_with = "deserialize_interned")] Arc<str>);

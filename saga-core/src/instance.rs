@@ -110,7 +110,8 @@ impl StepState {
 #[non_exhaustive]
 pub struct StepRecord {
     /// The step's name (shared with the definition and every version of
-    /// the instance: copying the steps copies no text).
+    /// the instance, or, read back, with the instances the same thread
+    /// read: copying the steps copies no text).
     #[serde(
         serialize_with = "crate::ids::serialize_shared",
         deserialize_with = "crate::ids::deserialize_interned"
@@ -191,6 +192,24 @@ impl TimerId {
 
     /// The id's text.
     pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl From<&str> for TimerId {
+    fn from(id: &str) -> Self {
+        Self::new(id)
+    }
+}
+
+impl From<String> for TimerId {
+    fn from(id: String) -> Self {
+        Self::new(id)
+    }
+}
+
+impl AsRef<str> for TimerId {
+    fn as_ref(&self) -> &str {
         &self.0
     }
 }
@@ -319,6 +338,14 @@ pub const MAX_HISTORY: usize = 256;
 /// saga is JSON, and the awaited command is kept as its JSON text, see
 /// [`EncodedEnvelope`]). Instances are made by [`SagaDefinition::start`](crate::SagaDefinition::start)
 /// and changed only by the engine.
+///
+/// The texts instances write alike (the saga and step names, timer ids,
+/// most history lines) are shared between them: the ones an instance
+/// writes come from its definition or from a small table of texts each
+/// thread keeps, and an instance read back takes them from that table
+/// too (up to 2,048 texts of up to 128 bytes per thread, for the
+/// thread's life). Copies and equality are unaffected: they are plain
+/// `Arc<str>`s, equal by their text.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[non_exhaustive]
 pub struct SagaInstance<D> {

@@ -1028,7 +1028,9 @@ impl ParticipantDriver {
         };
         let limit = self.max_record_bytes.saturating_sub(RECORD_OVERHEAD);
         // The ledger entry holds the reply envelope: the larger of the two.
-        let reply_size = json_len(reply).unwrap_or(usize::MAX) + command.encoded_len();
+        let reply_size = json_len(reply)
+            .unwrap_or(usize::MAX)
+            .saturating_add(command.encoded_len());
         let event_size = events
             .iter()
             .map(|e| e.encoded_len() + e.key().len())
