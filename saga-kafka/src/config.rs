@@ -336,9 +336,11 @@ impl KafkaConfig {
 
     /// Exactly once, `start()` and `operate()` calls join the open batch's
     /// transaction (many starts share one commit); a batch that has callers
-    /// waiting commits at most `linger` after the first of them joined, even
-    /// if its own timeout is longer (default 10 ms, never more than the
-    /// batch timeout).
+    /// waiting stops waiting for more input `linger` after the first of them
+    /// joined, even if its own timeout is longer (default 10 ms, never more
+    /// than the batch timeout), and commits once it has taken the input
+    /// already received (within [`KafkaConfig::batch`]'s bounds: replies
+    /// are not starved by a stream of starts, whatever the linger).
     pub fn start_linger(mut self, linger: Duration) -> Self {
         self.start_linger = linger;
         self

@@ -446,3 +446,57 @@ async fn starts_are_idempotent_from_any_instance_and_settled_sagas_are_tombstone
     a.shutdown().await;
     b.shutdown().await;
 }
+
+/// Starts that keep a batch short (a linger of 0: each batch commits as
+/// soon as a start joined it) do not starve the replies: a batch still
+/// takes every reply already received. Before, such a batch ended after
+/// one message, replies queued behind a stream of starts without end, and
+/// a saga started into that stream settled only once the starts stopped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "needs Kafka: scripts/test.sh"]
+async fn a_stream_of_starts_with_no_linger_does_not_starve_the_replies() {
+    let bed = TestBed::new().await;
+    let rt = KafkaRuntime::new(bed.config("0").start_linger(Duration::ZERO)).unwrap();
+    bed.run_participants(&rt).await;
+    let orders = bed.orders(&rt, Duration::from_millis(100)).await;
+    let warm = orders.start("warm", Order::new(100)).await.unwrap();
+    orders
+        .wait_settled(&warm, Duration::from_secs(60))
+        .await
+        .unwrap();
+
+    // Four callers start sagas back to back until the probe below settles.
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut starters = Vec::new();
+    for k in 0..4 {
+        let (orders, stop) = (orders.clone(), stop.clone());
+        starters.push(tokio::spawn(async move {
+            let mut n = 0u32;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                orders
+                    .start(format!("s{k}-{n}"), Order::new(100))
+                    .await
+                    .unwrap();
+                n += 1;
+            }
+            n
+        }));
+    }
+    // Two seconds in, a saga started into the stream settles while the
+    // stream goes on (its two replies queue behind every reply before it).
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let probe = orders.start("probe", Order::new(100)).await.unwrap();
+    let began = std::time::Instant::now();
+    let settled = orders.wait_settled(&probe, Duration::from_secs(6)).await;
+    let took = began.elapsed();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut started = 0;
+    for s in starters {
+        started += s.await.unwrap();
+    }
+    let settled = settled.unwrap_or_else(|e| {
+        panic!("the probe did not settle in {took:?} while {started} sagas started: {e}")
+    });
+    assert_eq!(settled.status, SagaStatus::Completed);
+    assert!(started > 100, "the stream started {started} sagas");
+}

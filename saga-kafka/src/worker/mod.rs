@@ -437,11 +437,15 @@ fn run<P: Processor>(
         lock(core).restore_due(consumer);
         lock(core).serve_requests(false, consumer);
         // The batch's clock starts with its first message, timer or request.
+        // `deadline` is when the batch stops waiting for more input (its
+        // timeout, or sooner with callers waiting: their linger); `hard` is
+        // its timeout, when it ends even with input still queued.
         let mut deadline: Option<Instant> = if lock(core).waiting.is_empty() {
             None
         } else {
             Some(Instant::now() + linger.min(timeout))
         };
+        let mut hard: Option<Instant> = deadline.map(|_| Instant::now() + timeout);
         loop {
             let wait = {
                 let c = lock(core);
@@ -510,7 +514,17 @@ fn run<P: Processor>(
             if busy && deadline.is_none() {
                 deadline = Some(Instant::now() + timeout);
             }
-            let expired = deadline.is_some_and(|d| Instant::now() >= d);
+            if busy && hard.is_none() {
+                hard = Some(Instant::now() + timeout);
+            }
+            let now = Instant::now();
+            // Past the deadline the batch waits for nothing more, but input
+            // already received still joins it (up to its timeout and size):
+            // a batch cut at every message would commit far fewer messages
+            // than arrive once callers keep it short (a linger of 0), and
+            // input would queue without end.
+            let expired =
+                hard.is_some_and(|d| now >= d) || (deadline.is_some_and(|d| now >= d) && !more);
             // Nothing more came: the open batch ends now (but for requests
             // just taken, which join it first).
             let drained = busy && !more && !c.proc.has_request();
@@ -521,6 +535,9 @@ fn run<P: Processor>(
             c.serve_requests(busy, consumer);
             if deadline.is_none() && c.txn.open {
                 deadline = Some(Instant::now() + timeout);
+            }
+            if hard.is_none() && c.txn.open {
+                hard = Some(Instant::now() + timeout);
             }
             if !had_callers && !c.waiting.is_empty() {
                 // Callers are waiting on this batch: end it soon.
