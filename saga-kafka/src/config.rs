@@ -445,7 +445,8 @@ impl KafkaConfig {
 
     /// Sets a librdkafka property on every client (security settings,
     /// `client.id`, tuning). It overrides the runtime's tuning defaults
-    /// (producers: `linger.ms=1`, `retry.backoff.ms=10`; the readers of
+    /// (producers: `linger.ms=1`, `retry.backoff.ms=10`,
+    /// `delivery.report.only.error=true`; the readers of
     /// state topics and ledgers: `queued.max.messages.kbytes=16384`,
     /// `fetch.queue.backoff.ms=1`, and `fetch.wait.max.ms=10` for reads to
     /// the end, such as restores), for every client it applies to: a
@@ -561,6 +562,11 @@ impl KafkaConfig {
         if !user_set(&["retry.backoff.ms"]) {
             c.set("retry.backoff.ms", "10");
         }
+        // Only failures need a delivery report: a commit waits for the
+        // client's count of messages in flight, not for reports.
+        if !user_set(&["delivery.report.only.error"]) {
+            c.set("delivery.report.only.error", "true");
+        }
         if let Some(id) = transactional_id {
             c.set("transactional.id", id).set(
                 "transaction.timeout.ms",
@@ -662,6 +668,14 @@ mod tests {
         let p = c.producer_config(Some("tx"));
         assert_eq!(p.get("linger.ms"), Some("0"));
         assert_eq!(p.get("retry.backoff.ms"), Some("10"), "the default stays");
+        assert_eq!(p.get("delivery.report.only.error"), Some("true"));
+        let reports = c.clone().set("delivery.report.only.error", "false");
+        assert_eq!(
+            reports
+                .producer_config(None)
+                .get("delivery.report.only.error"),
+            Some("false")
+        );
         assert_eq!(p.get("acks"), Some("all"), "the runtime's guarantee wins");
         assert_eq!(p.get("transactional.id"), Some("tx"));
     }
