@@ -340,7 +340,10 @@ impl KafkaConfig {
     /// joined, even if its own timeout is longer (default 10 ms, never more
     /// than the batch timeout), and commits once it has taken the input
     /// already received (within [`KafkaConfig::batch`]'s bounds: replies
-    /// are not starved by a stream of starts, whatever the linger).
+    /// are not starved by a stream of starts, whatever the linger). Under a
+    /// steady load a caller may so wait up to the batch timeout; keep that
+    /// shorter than [`KafkaConfig::request_timeout`] (a warning says so
+    /// when clients are created).
     pub fn start_linger(mut self, linger: Duration) -> Self {
         self.start_linger = linger;
         self
@@ -518,6 +521,15 @@ impl KafkaConfig {
                     self.message_timeout, self.transaction_timeout
                 ),
             });
+        }
+        if self.batch_timeout >= self.request_timeout {
+            // Allowed, but a start can then time out while its batch, busy
+            // with input already received, has not committed yet.
+            tracing::warn!(
+                batch_timeout = ?self.batch_timeout,
+                request_timeout = ?self.request_timeout,
+                "the batch timeout is not shorter than the request timeout: under load, starts may time out before their batch commits"
+            );
         }
         Ok(())
     }

@@ -139,13 +139,16 @@ pub(crate) fn record_fault(code: RDKafkaErrorCode) -> bool {
 }
 
 /// A producer's context: remembers the first delivery of the open
-/// transaction that failed because of its record.
+/// transaction that failed because of its record, and the first that
+/// failed at all.
 #[derive(Clone, Debug, Default)]
 pub(crate) struct Deliveries {
     /// The topic of the refused record, and why.
     pub(crate) fault: Arc<Mutex<Option<(String, String)>>>,
     /// The first topic the producer was not authorized to write to.
     pub(crate) denied: Arc<Mutex<Option<String>>>,
+    /// The error of the first delivery that failed, whatever the cause.
+    pub(crate) failed: Arc<Mutex<Option<RDKafkaErrorCode>>>,
 }
 
 impl Deliveries {
@@ -157,6 +160,12 @@ impl Deliveries {
     /// Takes the topic the producer was refused since the last call.
     pub(crate) fn take_denied(&self) -> Option<String> {
         self.denied.lock().unwrap_or_else(|e| e.into_inner()).take()
+    }
+
+    /// Takes the error of the first delivery that failed since the last
+    /// call.
+    pub(crate) fn take_failed(&self) -> Option<RDKafkaErrorCode> {
+        self.failed.lock().unwrap_or_else(|e| e.into_inner()).take()
     }
 }
 
@@ -189,6 +198,10 @@ impl ProducerContext for Deliveries {
         let Some(code) = error.rdkafka_error_code() else {
             return;
         };
+        self.failed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get_or_insert(code);
         if code == RDKafkaErrorCode::TopicAuthorizationFailed {
             let mut denied = self.denied.lock().unwrap_or_else(|e| e.into_inner());
             denied.get_or_insert_with(|| message.topic().to_owned());

@@ -279,7 +279,10 @@ impl<P: Processor> Core<P> {
                 self.txn.metrics.committed(self.count, took, &self.arrivals);
                 self.txn.stats.commits.fetch_add(1, Ordering::Relaxed);
                 self.proc.committed();
-                self.isolate = self.isolate.saturating_sub(1);
+                // A batch of requests alone isolated no input.
+                if !self.batch_start.is_empty() {
+                    self.isolate = self.isolate.saturating_sub(1);
+                }
                 let offsets = &self.offsets;
                 self.poison
                     .retain(|key, (o, _)| offsets.get(key).is_none_or(|next| next <= o));

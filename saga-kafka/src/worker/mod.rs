@@ -431,11 +431,18 @@ fn run<P: Processor>(
                 return Exit::Stopped;
             }
         }
-        let max = if lock(core).isolating() { 1 } else { max };
+        let isolating = lock(core).isolating();
+        let max = if isolating { 1 } else { max };
         // Between batches: partitions due for their restore come first,
         // before requests open the next batch (so load cannot starve them).
         lock(core).restore_due(consumer);
-        lock(core).serve_requests(false, consumer);
+        // A batch that isolates an input takes that input alone: requests
+        // wait for the next batch (joining it, they would make it more
+        // than one input again, and a refused record could never be
+        // pinned on its input).
+        if !isolating {
+            lock(core).serve_requests(false, consumer);
+        }
         // The batch's clock starts with its first message, timer or request.
         // `deadline` is when the batch stops waiting for more input (its
         // timeout, or sooner with callers waiting: their linger); `hard` is
@@ -464,13 +471,19 @@ fn run<P: Processor>(
             };
             let mut more = false;
             // What is queued first; then, with nothing queued, wait to be
-            // woken (input, a request, a stop) or for the time to pass.
-            let polled = match poll_now(consumer) {
-                None if !wait.is_zero() => {
-                    wakeup.wait(wait);
-                    poll_now(consumer)
+            // woken (input, a request, a stop) or for the time to pass. A
+            // full batch takes no more (an isolating batch: one input).
+            let full = lock(core).count >= max;
+            let polled = if full {
+                None
+            } else {
+                match poll_now(consumer) {
+                    None if !wait.is_zero() => {
+                        wakeup.wait(wait);
+                        poll_now(consumer)
+                    }
+                    polled => polled,
                 }
-                polled => polled,
             };
             match polled {
                 Some(Ok(m)) => {
@@ -517,12 +530,19 @@ fn run<P: Processor>(
             if busy && hard.is_none() {
                 hard = Some(Instant::now() + timeout);
             }
+            if !busy && c.waiting.is_empty() {
+                // No batch is open (one may have been committed inside the
+                // poll, by a rebalance): its clock starts again.
+                deadline = None;
+                hard = None;
+            }
             let now = Instant::now();
             // Past the deadline the batch waits for nothing more, but input
-            // already received still joins it (up to its timeout and size):
-            // a batch cut at every message would commit far fewer messages
-            // than arrive once callers keep it short (a linger of 0), and
-            // input would queue without end.
+            // already received still joins it (within its timeout and
+            // size): a batch cut at every message would commit far fewer
+            // messages than arrive once callers keep it short (a linger of
+            // 0), and input would queue without end. Under a steady load a
+            // caller may so wait up to the batch timeout.
             let expired =
                 hard.is_some_and(|d| now >= d) || (deadline.is_some_and(|d| now >= d) && !more);
             // Nothing more came: the open batch ends now (but for requests

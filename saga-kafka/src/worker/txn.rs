@@ -77,7 +77,7 @@ impl StatsInner {
 
 pub(crate) type Producer_ = ThreadedProducer<Deliveries>;
 
-/// Waits until every message produced so far has its delivery report (or
+/// Waits until every message produced so far is acknowledged or reported failed (or
 /// `limit` passed). The producer's own thread serves the reports; without
 /// this, the client's flush before a commit waits out a fixed 100 ms poll
 /// whenever a message is still in flight, which is most commits.
@@ -304,6 +304,12 @@ impl Txn {
             })?;
         } else {
             p.flush(self.cfg.message_timeout)?;
+            // A flush ends once nothing is in flight, delivered or not: a
+            // record that failed must not have its input's offset
+            // committed (the batch is redone instead).
+            if let Some(code) = self.deliveries.take_failed() {
+                return Err(RdError::MessageProduction(code));
+            }
             if let (Some(consumer), true) = (consumer, offsets.count() > 0) {
                 consumer.commit(offsets, CommitMode::Sync)?;
             }
@@ -332,6 +338,7 @@ impl Txn {
         self.fault = None;
         let _ = self.deliveries.take_fault();
         let _ = self.deliveries.take_denied();
+        let _ = self.deliveries.take_failed();
         self.stats
             .pending
             .fetch_sub(self.pending, Ordering::Relaxed);
