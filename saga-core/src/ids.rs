@@ -68,9 +68,10 @@ macro_rules! string_id {
     };
 }
 
-/// Reads a string into an `Arc<str>`, borrowing the input's text when
-/// it can.
-struct SharedStrVisitor;
+/// Reads a string into an `Arc<str>` made by its function (a plain copy,
+/// or [`intern`]), from the input's text without an owned `String` first
+/// when the input lends it.
+struct SharedStrVisitor(fn(&str) -> Arc<str>);
 
 impl serde::de::Visitor<'_> for SharedStrVisitor {
     type Value = Arc<str>;
@@ -80,21 +81,17 @@ impl serde::de::Visitor<'_> for SharedStrVisitor {
     }
 
     fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<Arc<str>, E> {
-        Ok(Arc::from(s))
-    }
-
-    fn visit_string<E: serde::de::Error>(self, s: String) -> Result<Arc<str>, E> {
-        Ok(Arc::from(s))
+        Ok((self.0)(s))
     }
 
     fn visit_char<E: serde::de::Error>(self, c: char) -> Result<Arc<str>, E> {
-        Ok(Arc::from(c.encode_utf8(&mut [0; 4]) as &str))
+        Ok((self.0)(c.encode_utf8(&mut [0; 4])))
     }
 
     // Formats that hand strings over as bytes.
     fn visit_bytes<E: serde::de::Error>(self, b: &[u8]) -> Result<Arc<str>, E> {
         std::str::from_utf8(b)
-            .map(Arc::from)
+            .map(self.0)
             .map_err(|_| E::invalid_value(serde::de::Unexpected::Bytes(b), &self))
     }
 }
@@ -111,7 +108,7 @@ pub(crate) fn serialize_shared<S: serde::Serializer>(
 pub(crate) fn deserialize_shared<'de, De: serde::Deserializer<'de>>(
     d: De,
 ) -> Result<Arc<str>, De::Error> {
-    d.deserialize_str(SharedStrVisitor)
+    d.deserialize_str(SharedStrVisitor(|s| Arc::from(s)))
 }
 
 /// Reads a text many instances repeat (a saga or step name, a timer id, a
@@ -120,32 +117,7 @@ pub(crate) fn deserialize_shared<'de, De: serde::Deserializer<'de>>(
 pub(crate) fn deserialize_interned<'de, De: serde::Deserializer<'de>>(
     d: De,
 ) -> Result<Arc<str>, De::Error> {
-    d.deserialize_str(InternedStrVisitor)
-}
-
-/// Like [`SharedStrVisitor`], through [`intern`].
-struct InternedStrVisitor;
-
-impl serde::de::Visitor<'_> for InternedStrVisitor {
-    type Value = Arc<str>;
-
-    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("a string")
-    }
-
-    fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<Arc<str>, E> {
-        Ok(intern(s))
-    }
-
-    fn visit_char<E: serde::de::Error>(self, c: char) -> Result<Arc<str>, E> {
-        Ok(intern(c.encode_utf8(&mut [0; 4])))
-    }
-
-    fn visit_bytes<E: serde::de::Error>(self, b: &[u8]) -> Result<Arc<str>, E> {
-        std::str::from_utf8(b)
-            .map(intern)
-            .map_err(|_| E::invalid_value(serde::de::Unexpected::Bytes(b), &self))
-    }
+    d.deserialize_str(SharedStrVisitor(intern))
 }
 
 /// How many texts [`intern`] keeps per thread in each of its two
