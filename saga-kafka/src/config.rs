@@ -448,7 +448,7 @@ impl KafkaConfig {
 
     /// Sets a librdkafka property on every client (security settings,
     /// `client.id`, tuning). It overrides the runtime's tuning defaults
-    /// (producers: `linger.ms=1`, `retry.backoff.ms=10`,
+    /// (producers: `linger.ms=1`, `retry.backoff.ms=2`,
     /// `delivery.report.only.error=true`; the readers of
     /// state topics and ledgers: `queued.max.messages.kbytes=16384`,
     /// `fetch.queue.backoff.ms=1`, and `fetch.wait.max.ms=10` for reads to
@@ -561,18 +561,22 @@ impl KafkaConfig {
             );
         // Tuning defaults, chosen by measurement (`KafkaConfig::set`
         // overrides them):
-        // - a batch's records are sent as they are produced and the commit
-        //   waits for them, so lingering only delays the commit (the
-        //   client's default is 5 ms);
-        // - retries inside a transaction (CONCURRENT_TRANSACTIONS right
-        //   after the previous commit, above all) are short waits: the
-        //   client's 100 ms default stalls every such batch by that much.
+        // - the commit waits for a batch's records (exactly once they are
+        //   all produced at the commit), so lingering only delays the
+        //   commit (the client's default is 5 ms);
+        // - retries inside a transaction are short waits: above all the
+        //   CONCURRENT_TRANSACTIONS answered to a transaction's offsets
+        //   while the coordinator still writes the previous commit's
+        //   markers, which takes a millisecond or two. The client's 100 ms
+        //   default stalls every such batch by that much, and 10 ms was
+        //   mostly waiting; the client backs off exponentially from this
+        //   value for a retry that keeps failing.
         let user_set = |keys: &[&str]| keys.iter().any(|k| self.properties.contains_key(*k));
         if !user_set(&["linger.ms", "queue.buffering.max.ms"]) {
             c.set("linger.ms", "1");
         }
         if !user_set(&["retry.backoff.ms"]) {
-            c.set("retry.backoff.ms", "10");
+            c.set("retry.backoff.ms", "2");
         }
         // Only failures need a delivery report: a commit waits for the
         // client's count of messages in flight, not for reports.
@@ -679,7 +683,7 @@ mod tests {
             .set("acks", "1");
         let p = c.producer_config(Some("tx"));
         assert_eq!(p.get("linger.ms"), Some("0"));
-        assert_eq!(p.get("retry.backoff.ms"), Some("10"), "the default stays");
+        assert_eq!(p.get("retry.backoff.ms"), Some("2"), "the default stays");
         assert_eq!(p.get("delivery.report.only.error"), Some("true"));
         let reports = c.clone().set("delivery.report.only.error", "false");
         assert_eq!(

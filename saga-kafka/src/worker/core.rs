@@ -793,6 +793,7 @@ impl<P: Processor> Core<P> {
             return Err(("beginning the transaction", e));
         }
         self.txn.send(out);
+        self.txn.produce_held();
         if let Some(e) = self.txn.failed.take() {
             return Err(("producing", e));
         }

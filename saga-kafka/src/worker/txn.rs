@@ -102,6 +102,9 @@ pub(crate) struct Txn {
     pub(crate) failed: Option<RdError>,
     /// Records produced in the open transaction.
     pub(crate) pending: u64,
+    /// Exactly once: records of the open transaction not produced yet
+    /// (see [`Txn::send`]).
+    held: Vec<Record>,
     pub(crate) stats: Arc<StatsInner>,
     /// The producer's delivery reports.
     deliveries: Deliveries,
@@ -126,6 +129,7 @@ impl Txn {
             open: false,
             failed: None,
             pending: 0,
+            held: Vec::new(),
             stats,
             deliveries: Deliveries::default(),
             fault: None,
@@ -202,9 +206,41 @@ impl Txn {
         }
     }
 
-    /// Produces `records` in the open transaction; the first error marks
-    /// the transaction failed and drops the rest.
+    /// Adds `records` to the open transaction. Exactly once they are held
+    /// until the commit, which produces them after the consumed offsets are
+    /// in the transaction (see [`Txn::commit`]); at least once they are
+    /// produced at once.
     pub(crate) fn send(&mut self, records: Vec<Record>) {
+        if self.failed.is_some() {
+            return;
+        }
+        if self.eos() {
+            // In the open transaction from now on: counted as pending.
+            self.pending += records.len() as u64;
+            self.stats
+                .pending
+                .fetch_add(records.len() as u64, Ordering::Relaxed);
+            if self.held.is_empty() {
+                self.held = records;
+            } else {
+                self.held.extend(records);
+            }
+        } else {
+            self.produce(records, true);
+        }
+    }
+
+    /// Produces the records [`Txn::send`] held (exactly once); an error
+    /// marks the transaction failed.
+    pub(crate) fn produce_held(&mut self) {
+        let held = std::mem::take(&mut self.held);
+        self.produce(held, false);
+    }
+
+    /// Produces `records` in the open transaction (counting them as
+    /// pending if `count_pending`); the first error marks the transaction
+    /// failed and drops the rest.
+    fn produce(&mut self, records: Vec<Record>, count_pending: bool) {
         for r in records {
             if self.failed.is_some() {
                 return;
@@ -242,8 +278,10 @@ impl Txn {
             loop {
                 match p.send(rec) {
                     Ok(()) => {
-                        self.pending += 1;
-                        self.stats.pending.fetch_add(1, Ordering::Relaxed);
+                        if count_pending {
+                            self.pending += 1;
+                            self.stats.pending.fetch_add(1, Ordering::Relaxed);
+                        }
                         self.metrics.produced(&r.topic, r.size());
                         break;
                     }
@@ -281,6 +319,17 @@ impl Txn {
 
     /// Commits the open transaction with the consumer's `offsets` (exactly
     /// once), or flushes and commits the offsets (at least once).
+    ///
+    /// Exactly once, the offsets go into the transaction first and the held
+    /// records are produced after. Right after a commit the coordinator
+    /// still writes that transaction's markers, and it answers the next
+    /// transaction's first request with `CONCURRENT_TRANSACTIONS` until
+    /// they are written. The client retries adding offsets after
+    /// `retry.backoff.ms`, but adding partitions (a transaction's first
+    /// produce to each) only after a fixed 20 ms, which about a fifth of
+    /// the orchestrator's commits paid under a steady load when records were produced as
+    /// they were made. Produced together, the records also add all their
+    /// partitions in one request rather than one request after another.
     pub(crate) fn commit<C: ConsumerContext>(
         &mut self,
         offsets: &TopicPartitionList,
@@ -289,20 +338,27 @@ impl Txn {
         if let Some(e) = self.failed.take() {
             return Err(e);
         }
-        let p = self.producer.as_ref().ok_or(RdError::Canceled)?;
-        drain(p, self.cfg.message_timeout);
         if self.eos() {
             if offsets.count() > 0 {
+                let p = self.producer.as_ref().ok_or(RdError::Canceled)?;
                 let consumer = consumer.ok_or(RdError::Canceled)?;
                 let gm = consumer.group_metadata().ok_or(RdError::Canceled)?;
                 self.retry("send_offsets_to_transaction", || {
                     p.send_offsets_to_transaction(offsets, &gm, self.cfg.transaction_timeout)
                 })?;
             }
+            self.produce_held();
+            if let Some(e) = self.failed.take() {
+                return Err(e);
+            }
+            let p = self.producer.as_ref().ok_or(RdError::Canceled)?;
+            drain(p, self.cfg.message_timeout);
             self.retry("commit_transaction", || {
                 p.commit_transaction(self.cfg.transaction_timeout)
             })?;
         } else {
+            let p = self.producer.as_ref().ok_or(RdError::Canceled)?;
+            drain(p, self.cfg.message_timeout);
             p.flush(self.cfg.message_timeout)?;
             // A flush ends once nothing is in flight, delivered or not: a
             // record that failed must not have its input's offset
@@ -336,6 +392,7 @@ impl Txn {
         self.open = false;
         self.failed = None;
         self.fault = None;
+        self.held.clear();
         let _ = self.deliveries.take_fault();
         let _ = self.deliveries.take_denied();
         let _ = self.deliveries.take_failed();
@@ -349,6 +406,7 @@ impl Txn {
     /// fails, discards the producer: the next transaction builds a new one
     /// with the same transactional id, fencing the old).
     pub(crate) fn abort(&mut self, cause: &RdError) {
+        self.held.clear();
         let fatal = matches!(cause, RdError::Transaction(e) if e.is_fatal());
         let mut rebuild = fatal;
         if !self.eos() && self.open {
