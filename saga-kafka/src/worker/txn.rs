@@ -327,9 +327,10 @@ impl Txn {
     /// they are written. The client retries adding offsets after
     /// `retry.backoff.ms`, but adding partitions (a transaction's first
     /// produce to each) only after a fixed 20 ms, which about a fifth of
-    /// the orchestrator's commits paid under a steady load when records were produced as
-    /// they were made. Produced together, the records also add all their
-    /// partitions in one request rather than one request after another.
+    /// the orchestrator's commits paid under a steady load when records
+    /// were produced as they were made. Produced together, the records
+    /// also add all their partitions in one request rather than one
+    /// request after another.
     pub(crate) fn commit<C: ConsumerContext>(
         &mut self,
         offsets: &TopicPartitionList,
