@@ -90,6 +90,12 @@ fn drain(p: &Producer_, limit: Duration) {
     }
 }
 
+/// The most bytes of records an exactly-once batch holds before it
+/// produces them (see [`Txn::send`]). A batch at a steady load holds tens
+/// of kilobytes; a full batch (5,000 inputs by default) of kilobyte
+/// records passes it.
+const HELD_MAX_BYTES: usize = 4 << 20;
+
 /// A worker's producer and the state of its open transaction (exactly
 /// once) or batch (at least once).
 pub(crate) struct Txn {
@@ -103,8 +109,9 @@ pub(crate) struct Txn {
     /// Records produced in the open transaction.
     pub(crate) pending: u64,
     /// Exactly once: records of the open transaction not produced yet
-    /// (see [`Txn::send`]).
+    /// (see [`Txn::send`]), and their bytes.
     held: Vec<Record>,
+    held_bytes: usize,
     pub(crate) stats: Arc<StatsInner>,
     /// The producer's delivery reports.
     deliveries: Deliveries,
@@ -130,6 +137,7 @@ impl Txn {
             failed: None,
             pending: 0,
             held: Vec::new(),
+            held_bytes: 0,
             stats,
             deliveries: Deliveries::default(),
             fault: None,
@@ -208,8 +216,10 @@ impl Txn {
 
     /// Adds `records` to the open transaction. Exactly once they are held
     /// until the commit, which produces them after the consumed offsets are
-    /// in the transaction (see [`Txn::commit`]); at least once they are
-    /// produced at once.
+    /// in the transaction (see [`Txn::commit`]), unless the batch holds
+    /// more than [`HELD_MAX_BYTES`]: then what it holds is produced at
+    /// once, so a large batch's memory stays bounded and its records flow
+    /// while it runs. At least once they are produced at once.
     pub(crate) fn send(&mut self, records: Vec<Record>) {
         if self.failed.is_some() {
             return;
@@ -220,10 +230,14 @@ impl Txn {
             self.stats
                 .pending
                 .fetch_add(records.len() as u64, Ordering::Relaxed);
+            self.held_bytes += records.iter().map(Record::size).sum::<usize>();
             if self.held.is_empty() {
                 self.held = records;
             } else {
                 self.held.extend(records);
+            }
+            if self.held_bytes > HELD_MAX_BYTES {
+                self.produce_held();
             }
         } else {
             self.produce(records, true);
@@ -234,6 +248,7 @@ impl Txn {
     /// marks the transaction failed.
     pub(crate) fn produce_held(&mut self) {
         let held = std::mem::take(&mut self.held);
+        self.held_bytes = 0;
         self.produce(held, false);
     }
 
@@ -394,6 +409,7 @@ impl Txn {
         self.failed = None;
         self.fault = None;
         self.held.clear();
+        self.held_bytes = 0;
         let _ = self.deliveries.take_fault();
         let _ = self.deliveries.take_denied();
         let _ = self.deliveries.take_failed();
@@ -408,6 +424,7 @@ impl Txn {
     /// with the same transactional id, fencing the old).
     pub(crate) fn abort(&mut self, cause: &RdError) {
         self.held.clear();
+        self.held_bytes = 0;
         let fatal = matches!(cause, RdError::Transaction(e) if e.is_fatal());
         let mut rebuild = fatal;
         if !self.eos() && self.open {
@@ -479,5 +496,48 @@ impl Txn {
             what: what.into(),
             source: Box::new(e.clone()),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use saga_core::driver::RecordKind;
+
+    fn txn(delivery: DeliveryMode) -> Txn {
+        let cfg = KafkaConfig::new("127.0.0.1:9").delivery(delivery);
+        Txn::new(Arc::new(cfg), "t".into(), Arc::default(), "test")
+    }
+
+    fn record(bytes: usize) -> Record {
+        Record::new("topic", "key", Some(vec![b'x'; bytes]), RecordKind::Message)
+    }
+
+    #[test]
+    fn an_exactly_once_batch_holds_its_records_until_it_passes_the_byte_bound() {
+        // No producer: what is produced is dropped, what is held stays.
+        let mut t = txn(DeliveryMode::ExactlyOnce);
+        t.send(vec![record(1000), record(1000)]);
+        t.send(vec![record(1000)]);
+        assert_eq!(t.held.len(), 3, "held until the commit");
+        assert_eq!(t.pending, 3, "counted as pending when added");
+        assert_eq!(t.stats.pending.load(Ordering::Relaxed), 3);
+        t.send(vec![record(HELD_MAX_BYTES)]);
+        assert!(t.held.is_empty(), "past the bound, produced at once");
+        assert_eq!(t.held_bytes, 0);
+        assert_eq!(t.pending, 4);
+        t.send(vec![record(10)]);
+        assert_eq!(t.held.len(), 1, "held again after");
+        t.clear();
+        assert!(t.held.is_empty(), "a transaction that ends forgets them");
+        assert_eq!((t.held_bytes, t.pending), (0, 0));
+        assert_eq!(t.stats.pending.load(Ordering::Relaxed), 0);
+    }
+
+    #[test]
+    fn an_at_least_once_batch_holds_nothing() {
+        let mut t = txn(DeliveryMode::AtLeastOnce);
+        t.send(vec![record(10)]);
+        assert!(t.held.is_empty());
     }
 }
