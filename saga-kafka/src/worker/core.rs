@@ -329,7 +329,13 @@ impl<P: Processor> Core<P> {
                         }
                     }
                     (Some(_), _) => {
-                        self.isolate = self.count.max(1);
+                        // Inputs after the one whose record the client
+                        // refused as it was made need no isolating.
+                        let upto = self
+                            .txn
+                            .refused_input()
+                            .map_or(self.count, |n| n.min(self.count));
+                        self.isolate = upto.max(1);
                         tracing::warn!(transactional_id = %self.txn.id, inputs = self.isolate, "the broker refused a record: redoing the batch one input at a time");
                     }
                     (None, _) => {}

@@ -47,7 +47,9 @@ pub struct Stats {
     pub retries: u64,
     /// Producers rebuilt after a fatal error.
     pub producer_rebuilds: u64,
-    /// Messages produced in transactions not yet committed.
+    /// Messages of transactions not yet committed (exactly once counted
+    /// when the batch adds them, although they are produced at its
+    /// commit).
     pub pending: u64,
     /// Partitions currently assigned to this runtime's workers (summed over workers).
     pub owned_partitions: u64,
@@ -106,12 +108,18 @@ pub(crate) struct Txn {
     pub(crate) open: bool,
     /// The open transaction failed: it must be aborted.
     pub(crate) failed: Option<RdError>,
-    /// Records produced in the open transaction.
+    /// Records of the open transaction (held or produced).
     pub(crate) pending: u64,
     /// Exactly once: records of the open transaction not produced yet
-    /// (see [`Txn::send`]), and their bytes.
+    /// (see [`Txn::send`]), and their keys' and values' bytes.
     held: Vec<Record>,
     held_bytes: usize,
+    /// Calls of [`Txn::send`] in the open transaction (one per input, in
+    /// order), and where each one's records start in `held`.
+    sends: usize,
+    held_from: Vec<(usize, usize)>,
+    /// The call of [`Txn::send`] whose record the client refused as it is.
+    refused_send: Option<usize>,
     pub(crate) stats: Arc<StatsInner>,
     /// The producer's delivery reports.
     deliveries: Deliveries,
@@ -138,6 +146,9 @@ impl Txn {
             pending: 0,
             held: Vec::new(),
             held_bytes: 0,
+            sends: 0,
+            held_from: Vec::new(),
+            refused_send: None,
             stats,
             deliveries: Deliveries::default(),
             fault: None,
@@ -224,7 +235,11 @@ impl Txn {
         if self.failed.is_some() {
             return;
         }
+        self.sends += 1;
         if self.eos() {
+            if !records.is_empty() {
+                self.held_from.push((self.held.len(), self.sends));
+            }
             // In the open transaction from now on: counted as pending.
             self.pending += records.len() as u64;
             self.stats
@@ -239,8 +254,8 @@ impl Txn {
             if self.held_bytes > HELD_MAX_BYTES {
                 self.produce_held();
             }
-        } else {
-            self.produce(records, true);
+        } else if self.produce(records, true).is_some() {
+            self.refused_send = Some(self.sends);
         }
     }
 
@@ -249,19 +264,37 @@ impl Txn {
     pub(crate) fn produce_held(&mut self) {
         let held = std::mem::take(&mut self.held);
         self.held_bytes = 0;
-        self.produce(held, false);
+        let from = std::mem::take(&mut self.held_from);
+        if let Some(i) = self.produce(held, false) {
+            // The call that added the record: the last to start at or
+            // before it.
+            self.refused_send = from.iter().rev().find(|(at, _)| *at <= i).map(|(_, n)| *n);
+        }
+    }
+
+    /// Which input of the open transaction (1 for the first) made the
+    /// record the client refused as it is, if one was (see
+    /// [`Txn::record_fault`]): a batch redone one input at a time need
+    /// isolate no input after it.
+    pub(crate) fn refused_input(&self) -> Option<usize> {
+        self.refused_send
     }
 
     /// Produces `records` in the open transaction (counting them as
     /// pending if `count_pending`); the first error marks the transaction
-    /// failed and drops the rest.
-    fn produce(&mut self, records: Vec<Record>, count_pending: bool) {
-        for r in records {
+    /// failed and drops the rest. Returns the index of a record the client
+    /// refused as it is (see [`Txn::record_fault`]).
+    fn produce(&mut self, records: Vec<Record>, count_pending: bool) -> Option<usize> {
+        let mut refused = None;
+        for (i, r) in records.into_iter().enumerate() {
             if self.failed.is_some() {
-                return;
+                break;
             }
             let Some(p) = self.producer.as_ref() else {
-                return;
+                // Only between an abort and the end of its batch; never
+                // drop records without failing their transaction.
+                self.failed = Some(RdError::Canceled);
+                break;
             };
             let mut rec = BaseRecord::to(&r.topic).key(&r.key);
             if let Some(v) = &r.value {
@@ -323,6 +356,7 @@ impl Txn {
                                 r.size()
                             );
                             self.fault = Some((r.topic.clone(), why));
+                            refused = Some(i);
                         }
                         self.failed = Some(e);
                         break;
@@ -330,6 +364,7 @@ impl Txn {
                 }
             }
         }
+        refused
     }
 
     /// Commits the open transaction with the consumer's `offsets` (exactly
@@ -410,6 +445,9 @@ impl Txn {
         self.fault = None;
         self.held.clear();
         self.held_bytes = 0;
+        self.held_from.clear();
+        self.sends = 0;
+        self.refused_send = None;
         let _ = self.deliveries.take_fault();
         let _ = self.deliveries.take_denied();
         let _ = self.deliveries.take_failed();
@@ -425,6 +463,7 @@ impl Txn {
     pub(crate) fn abort(&mut self, cause: &RdError) {
         self.held.clear();
         self.held_bytes = 0;
+        self.held_from.clear();
         let fatal = matches!(cause, RdError::Transaction(e) if e.is_fatal());
         let mut rebuild = fatal;
         if !self.eos() && self.open {
@@ -504,9 +543,24 @@ mod tests {
     use super::*;
     use saga_core::driver::RecordKind;
 
-    fn txn(delivery: DeliveryMode) -> Txn {
-        let cfg = KafkaConfig::new("127.0.0.1:9").delivery(delivery);
-        Txn::new(Arc::new(cfg), "t".into(), Arc::default(), "test")
+    /// A transaction of `delivery` whose producer, when `producer`, is a
+    /// plain one towards no broker: what it produces waits in its queue
+    /// (`message.max.bytes` of 10,000 bytes).
+    fn txn(delivery: DeliveryMode, producer: bool) -> Txn {
+        let cfg = KafkaConfig::new("127.0.0.1:1")
+            .delivery(delivery)
+            .set("message.max.bytes", "10000");
+        let mut t = Txn::new(Arc::new(cfg), "t".into(), Arc::default(), "test");
+        if producer {
+            let p: Producer_ = t
+                .cfg
+                .producer_config(None)
+                .create_with_context(Deliveries::default())
+                .unwrap();
+            t.producer = Some(p);
+        }
+        t.open = true;
+        t
     }
 
     fn record(bytes: usize) -> Record {
@@ -515,29 +569,68 @@ mod tests {
 
     #[test]
     fn an_exactly_once_batch_holds_its_records_until_it_passes_the_byte_bound() {
-        // No producer: what is produced is dropped, what is held stays.
-        let mut t = txn(DeliveryMode::ExactlyOnce);
+        let mut t = txn(DeliveryMode::ExactlyOnce, true);
         t.send(vec![record(1000), record(1000)]);
         t.send(vec![record(1000)]);
         assert_eq!(t.held.len(), 3, "held until the commit");
         assert_eq!(t.pending, 3, "counted as pending when added");
         assert_eq!(t.stats.pending.load(Ordering::Relaxed), 3);
-        t.send(vec![record(HELD_MAX_BYTES)]);
-        assert!(t.held.is_empty(), "past the bound, produced at once");
+        // Each record is 5,003 bytes with its key: sent until what is held
+        // is produced, which must be when it passes the bound.
+        let mut n = 0;
+        while !t.held.is_empty() && n < 10_000 {
+            t.send(vec![record(5000)]);
+            n += 1;
+        }
+        let held_before = |k: usize| 3 * 1003 + k * 5003;
+        assert!(held_before(n) > HELD_MAX_BYTES, "{n}");
+        assert!(
+            held_before(n - 1) <= HELD_MAX_BYTES,
+            "held past the bound: {n}"
+        );
         assert_eq!(t.held_bytes, 0);
-        assert_eq!(t.pending, 4);
+        assert!(t.failed.is_none(), "{:?}", t.failed);
+        let queued = t.producer.as_ref().unwrap().in_flight_count();
+        // The client's count includes its own requests.
+        assert!(queued as usize >= 3 + n, "every record produced: {queued}");
         t.send(vec![record(10)]);
         assert_eq!(t.held.len(), 1, "held again after");
         t.clear();
         assert!(t.held.is_empty(), "a transaction that ends forgets them");
-        assert_eq!((t.held_bytes, t.pending), (0, 0));
+        assert_eq!((t.held_bytes, t.pending, t.sends), (0, 0, 0));
         assert_eq!(t.stats.pending.load(Ordering::Relaxed), 0);
     }
 
     #[test]
     fn an_at_least_once_batch_holds_nothing() {
-        let mut t = txn(DeliveryMode::AtLeastOnce);
+        let mut t = txn(DeliveryMode::AtLeastOnce, true);
         t.send(vec![record(10)]);
         assert!(t.held.is_empty());
+        assert_eq!(t.pending, 1, "produced (counted when produced)");
+    }
+
+    #[test]
+    fn held_records_without_a_producer_fail_their_transaction() {
+        let mut t = txn(DeliveryMode::ExactlyOnce, false);
+        t.send(vec![record(10)]);
+        t.produce_held();
+        assert!(t.failed.is_some(), "not dropped quietly");
+    }
+
+    #[test]
+    fn a_record_refused_as_it_is_produced_names_the_input_that_made_it() {
+        for delivery in [DeliveryMode::ExactlyOnce, DeliveryMode::AtLeastOnce] {
+            let mut t = txn(delivery, true);
+            t.send(vec![record(10)]);
+            t.send(Vec::new());
+            t.send(vec![record(10), record(20_000)]);
+            t.send(vec![record(10)]);
+            t.produce_held();
+            assert!(t.failed.is_some(), "{delivery:?}");
+            assert!(t.record_fault().is_some(), "{delivery:?}");
+            assert_eq!(t.refused_input(), Some(3), "{delivery:?}");
+            t.clear();
+            assert_eq!(t.refused_input(), None);
+        }
     }
 }
