@@ -48,6 +48,12 @@ run() {
   echo "$line label=$label" >>"$results"
 }
 
+# A warm-up, not recorded: a broker just started serves its first bursts
+# far slower (its JVM compiling), which made the first run of every suite
+# an outlier for both sides.
+echo "== warm-up (not recorded)" >&2
+cargo bench -q -p saga-benches --bench kafka_load -- --sagas 10000 >target/bench/warm-up.log 2>&1 || true
+
 for i in $(seq "$RUNS"); do
   run burst --sagas "$BURST"
   run burst-alo --sagas "$BURST" --delivery alo
