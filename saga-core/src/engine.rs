@@ -383,6 +383,9 @@ struct Machine<'a, D> {
     /// `inst.data` in place, and a failure copies this back: the data is
     /// copied once per transition, not once more per step that runs.
     input_data: Option<&'a D>,
+    /// The trace context the messages sent carry: the instance's, or the
+    /// span of the driver that handles the input.
+    send_trace: Option<TraceContext>,
 }
 
 impl<D: SagaData> SagaDefinition<D> {
@@ -440,6 +443,7 @@ impl<D: SagaData> SagaDefinition<D> {
             effects: Vec::new(),
             uncopied: None,
             input_data: None,
+            send_trace: trace,
         };
         m.inst.record(now, self.inner.lines.started.clone());
         if let Some(timeout) = self.inner.timeout {
@@ -470,6 +474,19 @@ impl<D: SagaData> SagaDefinition<D> {
         input: Input,
         now: Timestamp,
     ) -> Result<Transition<D>, SagaError> {
+        self.handle_sending_in(instance, input, now, instance.trace)
+    }
+
+    /// Like [`SagaDefinition::handle`], the messages sent carrying trace
+    /// context `send_trace` (a driver's span for the input) instead of the
+    /// instance's.
+    pub(crate) fn handle_sending_in(
+        &self,
+        instance: &SagaInstance<D>,
+        input: Input,
+        now: Timestamp,
+        send_trace: Option<TraceContext>,
+    ) -> Result<Transition<D>, SagaError> {
         let _span =
             tracing::debug_span!("saga.handle", saga_id = %instance.id, saga = %instance.saga)
                 .entered();
@@ -488,6 +505,7 @@ impl<D: SagaData> SagaDefinition<D> {
                 effects: Vec::new(),
                 uncopied: Some(awaiting),
                 input_data: Some(&instance.data),
+                send_trace,
             },
             _ => Machine {
                 def: self,
@@ -496,6 +514,7 @@ impl<D: SagaData> SagaDefinition<D> {
                 effects: Vec::new(),
                 uncopied: None,
                 input_data: Some(&instance.data),
+                send_trace,
             },
         };
         let handled = match input {
@@ -772,7 +791,7 @@ impl<D: SagaData> Machine<'_, D> {
                 env.phase = Some(phase);
                 env.attempt = seq;
                 env.reply_to = reply_to.clone();
-                env.traceparent = self.inst.trace;
+                env.traceparent = self.send_trace;
                 let command = EncodedEnvelope::encode(&env);
                 self.effects.push(Effect::Send(env));
                 self.inst.awaiting = Some(Awaiting {
@@ -881,7 +900,7 @@ impl<D: SagaData> Machine<'_, D> {
                 payload,
                 self.now,
             )
-            .with_traceparent(self.inst.trace);
+            .with_traceparent(self.send_trace);
             self.effects.push(Effect::Send(env));
         }
         Ok(())

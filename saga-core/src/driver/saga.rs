@@ -15,7 +15,7 @@ use crate::engine::{Effect, Handled, Input, Operation, Transition};
 use crate::error::SagaError;
 use crate::ids::{MessageId, SagaId, Timestamp};
 use crate::instance::{SagaInstance, TimerId};
-use crate::message::{DeadLetter, Envelope, RecordOrigin};
+use crate::message::{DeadLetter, Envelope, MessageKind, RecordOrigin};
 use crate::trace::{link_span, TraceContext};
 
 /// The largest record a driver writes by default (the value plus its key,
@@ -36,6 +36,21 @@ pub(crate) const RECORD_OVERHEAD: usize = 128;
 /// by saga id, co-partitioned with the saga's reply topics.
 pub fn state_topic(saga: &str) -> String {
     format!("{saga}.state")
+}
+
+/// The JSON text of `env` if it is the step command `instance` awaits,
+/// which the transition that sent it encoded into the instance
+/// ([`Awaiting::command`](crate::instance::Awaiting::command)): the same
+/// envelope (its step, phase, attempt and creation time), the same text as
+/// [`Envelope::to_bytes`] would write.
+fn awaited_text<'a, D: SagaData>(instance: &'a SagaInstance<D>, env: &Envelope) -> Option<&'a str> {
+    let a = instance.awaiting.as_ref()?;
+    let same = env.kind == MessageKind::Command
+        && env.phase == Some(a.phase)
+        && env.attempt == a.attempt
+        && env.timestamp == a.command.timestamp()
+        && env.step.as_deref() == instance.steps.get(a.step).map(|r| &*r.name);
+    same.then(|| a.command.json())
 }
 
 /// An instance as stored in the state topic.
@@ -585,10 +600,11 @@ impl<D: SagaData> SagaDriver<D> {
             .trace
             .map(|parent| link_span(&span, Some(&parent)));
         let _g = span.enter();
-        let t = self
-            .def
-            .handle(&owned.instance, Input::Operator(operation), now)?;
-        self.apply(id, partition, t, trace, out)
+        let send = trace.or(owned.instance.trace);
+        let t =
+            self.def
+                .handle_sending_in(&owned.instance, Input::Operator(operation), now, send)?;
+        self.apply(id, partition, t, out)
     }
 
     /// Handles one record read from a reply topic of a partition the worker
@@ -677,12 +693,13 @@ impl<D: SagaData> SagaDriver<D> {
             .trace
             .map(|parent| link_span(&span, Some(&parent)));
         let _g = span.enter();
+        let send = trace.or(owned.instance.trace);
         match self
             .def
-            .handle(&owned.instance, Input::Timer(timer.clone()), now)
+            .handle_sending_in(&owned.instance, Input::Timer(timer.clone()), now, send)
         {
             Ok(t) => {
-                if let Err(e) = self.apply(&id, partition, t, trace, out) {
+                if let Err(e) = self.apply(&id, partition, t, out) {
                     let original = self.stand_in(&id, &format!("timer `{timer}`"), now);
                     self.dead_letter(original, "timer", e.to_string(), now, None, out);
                 }
@@ -844,14 +861,17 @@ impl<D: SagaData> SagaDriver<D> {
         };
         // The reply goes to the engine as it is, not a copy: the rare
         // dead letter reads it again from the record.
-        match self.def.handle(inst, Input::Reply(env), now) {
+        match self
+            .def
+            .handle_sending_in(inst, Input::Reply(env), now, trace.or(inst.trace))
+        {
             Ok(t) => {
                 if t.handled == Handled::Applied {
                     if let Some(d) = latency {
                         self.metrics.step_latency(&step, d.as_secs_f64());
                     }
                 }
-                if let Err(e) = self.apply(&id, partition, t, trace, out) {
+                if let Err(e) = self.apply(&id, partition, t, out) {
                     let env = self.reread(rec, now);
                     self.dead_letter(env, rec.topic, e.to_string(), now, Some(rec.origin()), out);
                 }
@@ -873,26 +893,19 @@ impl<D: SagaData> SagaDriver<D> {
     }
 
     /// Writes a transition and keeps its instance; an ignored input
-    /// changes nothing. The messages it sends carry `trace`, the context
-    /// of the span that handled the input, when there is one.
+    /// changes nothing. (The messages it sends carry the context of the
+    /// span that handled the input, when there is one: the engine was
+    /// given it.)
     fn apply(
         &mut self,
         id: &SagaId,
         partition: u32,
-        mut t: Transition<D>,
-        trace: Option<TraceContext>,
+        t: Transition<D>,
         out: &mut Vec<Record>,
     ) -> Result<(), SagaError> {
         if let Handled::Ignored(why) = t.handled {
             tracing::debug!(saga_id = %id, %why, "input ignored");
             return Ok(());
-        }
-        if let Some(trace) = trace {
-            for effect in &mut t.effects {
-                if let Effect::Send(env) = effect {
-                    env.traceparent = Some(trace);
-                }
-            }
         }
         let records = self.records_of(&t)?;
         let before = self.sagas.get(id).map(|o| o.instance.status.clone());
@@ -921,7 +934,19 @@ impl<D: SagaData> SagaDriver<D> {
         ));
         for effect in &t.effects {
             match effect {
-                Effect::Send(env) => records.push(Record::message(env)),
+                Effect::Send(env) => records.push(match awaited_text(&t.instance, env) {
+                    // The command the instance keeps, encoded once already:
+                    // its text is the record's value.
+                    Some(json) => Record {
+                        topic: env.channel.clone(),
+                        key: env.key().to_owned(),
+                        value: Some(json.as_bytes().to_vec()),
+                        kind: RecordKind::Message,
+                        partition: None,
+                        traceparent: env.traceparent,
+                    },
+                    None => Record::message(env),
+                }),
                 Effect::DeadLetter(d) => {
                     let limit = self.max_record_bytes.saturating_sub(RECORD_OVERHEAD);
                     records.push(Record::message(&d.to_envelope_within(limit)));
@@ -1130,6 +1155,47 @@ mod tests {
         let created = d.start(0, SagaId::new("j-1"), Job::default(), T0, &mut again);
         assert!(!created.unwrap(), "a second start is a no-op");
         assert!(again.is_empty());
+    }
+
+    #[test]
+    fn a_step_command_record_is_the_envelope_as_it_encodes_each_attempt() {
+        let mut d = driver();
+        let mut out = Vec::new();
+        let commands = |out: &[Record]| -> Vec<Record> {
+            out.iter().filter(|r| r.topic == "svc").cloned().collect()
+        };
+        d.start(0, SagaId::new("j-1"), Job::default(), T0, &mut out)
+            .unwrap();
+        d.committed(|_| {});
+        let first = commands(&out);
+        let first_kept = d.get(&SagaId::new("j-1")).unwrap().awaiting.clone();
+        // The attempt times out, then its backoff sends the second.
+        let deadline = T0.saturating_add(Duration::from_secs(5));
+        out.clear();
+        assert!(d.on_due(deadline, &mut out));
+        d.committed(|_| {});
+        assert!(commands(&out).is_empty(), "no command while backing off");
+        out.clear();
+        assert!(d.on_due(deadline.saturating_add(Duration::from_secs(1)), &mut out));
+        d.committed(|_| {});
+        let second = commands(&out);
+        let second_kept = d.get(&SagaId::new("j-1")).unwrap().awaiting.clone();
+        for (records, kept, attempt) in [(first, first_kept, 1), (second, second_kept, 2)] {
+            assert_eq!(records.len(), 1);
+            let r = &records[0];
+            let env = Envelope::from_bytes(r.value.as_deref().unwrap()).unwrap();
+            assert_eq!(env.attempt, attempt);
+            assert_eq!(env.step.as_deref(), Some("call"));
+            // Byte for byte what the envelope encodes to.
+            assert_eq!(r.value.as_deref(), Some(&env.to_bytes()[..]));
+            assert_eq!(
+                (r.key.as_str(), r.kind, r.partition, r.traceparent),
+                (env.key(), RecordKind::Message, None, env.traceparent)
+            );
+            // The instance keeps the command as sent, trace included.
+            let kept = kept.unwrap().command;
+            assert_eq!(kept.json().as_bytes(), &env.to_bytes()[..]);
+        }
     }
 
     /// The driver is built before any recorder is in use here: its counts
