@@ -343,10 +343,11 @@ impl KafkaConfig {
     /// are not starved by a stream of starts, whatever the linger). Under a
     /// steady load a caller may so wait up to the batch timeout; keep that
     /// shorter than [`KafkaConfig::request_timeout`] (a warning says so
-    /// when clients are created). At least once, the calls run in a flush
-    /// of their own once the open batch ends, and a batch with calls
-    /// waiting ends as soon as no more input is queued (or at its timeout,
-    /// under a steady load): it waits for no more.
+    /// when clients are created). At least once, the calls do not join a
+    /// batch and the linger does not apply: they run in a flush of their
+    /// own once the open batch ends, and a batch with calls waiting ends as
+    /// soon as no more input is queued (or at [`KafkaConfig::batch`]'s
+    /// bounds, if input keeps coming).
     pub fn start_linger(mut self, linger: Duration) -> Self {
         self.start_linger = linger;
         self
