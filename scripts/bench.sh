@@ -24,6 +24,11 @@ if [[ -z "${KAFKA_BOOTSTRAP_SERVERS:-}" ]]; then
   KAFKA_BOOTSTRAP_SERVERS=$(scripts/kafka/broker.sh address)
 fi
 export KAFKA_BOOTSTRAP_SERVERS
+# The broker's CPU per saga too, when it is the local one.
+BROKER_ARGS=()
+if [[ "$(scripts/kafka/broker.sh address 2>/dev/null || true)" == "$KAFKA_BOOTSTRAP_SERVERS" ]]; then
+  BROKER_ARGS=(--broker-pid "$(scripts/kafka/broker.sh pid)")
+fi
 
 if ! build=$(cargo bench -p saga-benches --bench kafka_load --no-run 2>&1); then
   echo "$build" >&2
@@ -39,7 +44,7 @@ run() {
   echo "== $label: kafka_load $*" >&2
   local line
   local log="target/bench/$label.log"
-  line=$(cargo bench -q -p saga-benches --bench kafka_load -- "$@" 2>>"$log" | tee -a /dev/stderr "$log" | grep '^RESULT' || true)
+  line=$(cargo bench -q -p saga-benches --bench kafka_load -- "$@" "${BROKER_ARGS[@]}" 2>>"$log" | tee -a /dev/stderr "$log" | grep '^RESULT' || true)
   if [[ -z "$line" ]]; then
     echo "   (no RESULT line: $label failed; see $log)" >&2
     tail -5 "$log" >&2

@@ -28,17 +28,28 @@
 //! **The figures.** Sagas per second and messages per second (six records
 //! per saga), latency from the moment a saga is requested (its scheduled
 //! time, at a fixed rate) to the moment the sink sees its event
-//! (p50/p95/p99/max), this process's CPU per saga (the broker's is not
-//! counted; from `/proc/self/stat` in 10 ms ticks, so runs of a few seconds
-//! or more), its resident memory at the end of the run (after the baseline
+//! (p50/p95/p99/max), this process's CPU per saga (from `/proc/self/stat`
+//! in 10 ms ticks, so runs of a few seconds or more), the bytes of keys
+//! and values it wrote per saga (every record: the engine's state records
+//! and ledger entries too), the broker's CPU per saga over the same window
+//! when its process id is given (`--broker-pid`, a broker on this machine;
+//! on two cores it shares them with the client, so its share decides the
+//! throughput as much as the client's), its resident memory at the end of
+//! the run (after the baseline
 //! in the same process: use `--only engine`, or the memory mode, for memory
 //! figures), and the ratio engine / baseline. In a burst the engine keeps
 //! `--concurrency` starts awaited at once, while the baseline's source
 //! writes open-loop: the engine is the one held back. The
 //! last line reads `RESULT mode=… sagas_per_s=… p50_ms=… p99_ms=…
-//! cpu_us_per_saga=… baseline_ratio=… start_p50_ms=…`, for scripts
+//! cpu_us_per_saga=… baseline_ratio=… start_p50_ms=… bytes_per_saga=…
+//! broker_cpu_us_per_saga=…`, for scripts
 //! (`scripts/bench.sh`); `start_*` is how long the engine's starts took
 //! to be accepted (committed), from when they were due.
+//!
+//! **Bytes.** The baseline's records are small (a stamp and 40 bytes);
+//! the engine's are JSON envelopes and state. `--baseline-value-bytes N`
+//! pads the baseline's values to `N` bytes, to see what the engine's
+//! record sizes alone cost a pipeline with no saga logic.
 //!
 //! **The allocator.** By default the process runs on the system
 //! allocator, as a user's service does unless it picks one.
@@ -55,7 +66,7 @@
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -118,6 +129,15 @@ struct Args {
     /// (`0ms`: they take what has arrived and commit).
     #[arg(long, value_parser = parse_duration, default_value = "0ms")]
     baseline_linger: Duration,
+    /// The baseline's record values padded to this many bytes (default: a
+    /// stamp and 40 bytes, about 57), to compare at the engine's record
+    /// sizes.
+    #[arg(long)]
+    baseline_value_bytes: Option<usize>,
+    /// The broker's process id (a broker on this machine, e.g. `$(scripts/kafka/broker.sh pid)`):
+    /// report its CPU per saga over each side's window as well.
+    #[arg(long)]
+    broker_pid: Option<u32>,
     /// Memory mode: start this many sagas that stay in flight (their
     /// participant is not running), report RSS per saga, then restore them
     /// in a fresh process and report its time and peak.
@@ -217,7 +237,13 @@ fn micros_at(at: Instant) -> u64 {
 
 /// This process's CPU time (user + system), from `/proc/self/stat`.
 fn cpu_time() -> Duration {
-    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    process_cpu("self")
+}
+
+/// A process's CPU time (user + system), from `/proc/<pid>/stat` (zero if
+/// it cannot be read).
+fn process_cpu(pid: &str) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     // Fields after the command name (which may hold spaces), 1-based from 3.
     let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
     let f: Vec<u64> = rest
@@ -261,6 +287,10 @@ struct Report {
     rss: u64,
     /// The engine: how long starts took to be accepted (sorted).
     accepted: Vec<Duration>,
+    /// Bytes of keys and values written in the window.
+    bytes: u64,
+    /// The broker's CPU in the window (with `--broker-pid`).
+    broker_cpu: Option<Duration>,
 }
 
 impl Report {
@@ -276,9 +306,16 @@ impl Report {
     fn cpu_us_per_saga(&self) -> f64 {
         self.cpu.as_secs_f64() * 1e6 / self.done().max(1) as f64
     }
+    fn bytes_per_saga(&self) -> f64 {
+        self.bytes as f64 / self.done().max(1) as f64
+    }
+    fn broker_cpu_us_per_saga(&self) -> Option<f64> {
+        self.broker_cpu
+            .map(|c| c.as_secs_f64() * 1e6 / self.done().max(1) as f64)
+    }
     fn print(&self) {
         println!(
-            "{:<22} {:>7}/{:<7} {:>6.2} s {:>8.0} sagas/s {:>8.0} msgs/s  p50 {:>7.1}  p95 {:>7.1}  p99 {:>7.1}  max {:>7.1} ms  cpu {:>6.1} µs/saga  rss {:>5} MB",
+            "{:<22} {:>7}/{:<7} {:>6.2} s {:>8.0} sagas/s {:>8.0} msgs/s  p50 {:>7.1}  p95 {:>7.1}  p99 {:>7.1}  max {:>7.1} ms  cpu {:>6.1} µs/saga  rss {:>5} MB  {:>5.0} B/saga{}",
             self.name,
             self.done(),
             self.requested,
@@ -291,6 +328,9 @@ impl Report {
             ms(self.p(1.0)),
             self.cpu_us_per_saga(),
             self.rss >> 20,
+            self.bytes_per_saga(),
+            self.broker_cpu_us_per_saga()
+                .map_or(String::new(), |b| format!("  broker cpu {b:>6.1} µs/saga")),
         );
     }
 }
@@ -371,6 +411,9 @@ struct Topics {
     state: String,
 }
 
+/// A baseline hop panicked (`stop`'s value): the run ends.
+const FAILED: usize = 2;
+
 /// One hop: read `from`, write each message to `to` and to the side state
 /// topic, commit offsets and output together; stops when `stop` says so.
 fn hop(
@@ -380,6 +423,7 @@ fn hop(
     eos: bool,
     batching: Batching,
     (ready, stop): (&AtomicUsize, &AtomicUsize),
+    written: &AtomicU64,
 ) {
     let c = consumer(bootstrap, &format!("{ns}-{from}"), from);
     let p = producer(bootstrap, eos.then(|| format!("{ns}-{from}-tx")).as_deref());
@@ -422,6 +466,7 @@ fn hop(
         }
         let mut offsets: HashMap<i32, i64> = HashMap::new();
         for (part, off, key, payload) in &batch {
+            written.fetch_add(2 * (key.len() + payload.len()) as u64, Ordering::Relaxed);
             for topic in [to, state] {
                 let mut rec = BaseRecord::to(topic).key(key).payload(payload);
                 while let Err((e, back)) = p.send(rec) {
@@ -459,7 +504,7 @@ fn sink(
     topic: &str,
     want: usize,
     limit: Duration,
-    ready: &AtomicUsize,
+    (ready, stop): (&AtomicUsize, &AtomicUsize),
 ) -> Vec<Duration> {
     let c = consumer(bootstrap, group, topic);
     let mut out = Vec::with_capacity(want);
@@ -467,7 +512,7 @@ fn sink(
     let mut seen = std::collections::HashSet::with_capacity(want);
     let mut joined = false;
     let deadline = Instant::now() + limit;
-    while out.len() < want && Instant::now() < deadline {
+    while out.len() < want && Instant::now() < deadline && stop.load(Ordering::SeqCst) != FAILED {
         if let Some(Ok(m)) = c.poll(Duration::from_millis(20)) {
             if !seen.insert(m.key().map(<[u8]>::to_vec)) {
                 continue;
@@ -499,7 +544,15 @@ struct Batching {
     linger: Duration,
 }
 
-fn baseline(bootstrap: &str, ns: &str, load: Load, eos: bool, batching: Batching) -> Report {
+fn baseline(
+    bootstrap: &str,
+    ns: &str,
+    load: Load,
+    eos: bool,
+    batching: Batching,
+    value_bytes: Option<usize>,
+    broker_pid: Option<u32>,
+) -> Report {
     let t = Arc::new(Topics {
         a: format!("{ns}.a"),
         b: format!("{ns}.b"),
@@ -508,44 +561,64 @@ fn baseline(bootstrap: &str, ns: &str, load: Load, eos: bool, batching: Batching
     });
     let ready = Arc::new(AtomicUsize::new(0));
     let stop = Arc::new(AtomicUsize::new(0));
+    let written = Arc::new(AtomicU64::new(0));
     let want = load.total() + 1; // + the warm-up item
     let hops: Vec<_> = [(t.a.clone(), t.b.clone()), (t.b.clone(), t.c.clone())]
         .into_iter()
         .map(|(from, to)| {
-            let (bs, ns, t, ready, stop) = (
+            let (bs, ns, t, ready, stop, written) = (
                 bootstrap.to_owned(),
                 ns.to_owned(),
                 t.clone(),
                 ready.clone(),
                 stop.clone(),
+                written.clone(),
             );
             std::thread::spawn(move || {
-                hop(
-                    &bs,
-                    &ns,
-                    (&from, &to, &t.state),
-                    eos,
-                    batching,
-                    (&ready, &stop),
-                )
+                let run = std::panic::AssertUnwindSafe(|| {
+                    hop(
+                        &bs,
+                        &ns,
+                        (&from, &to, &t.state),
+                        eos,
+                        batching,
+                        (&ready, &stop),
+                        &written,
+                    );
+                });
+                if std::panic::catch_unwind(run).is_err() {
+                    // Its panic is printed: end the run now rather than
+                    // let the sink wait out its limit.
+                    stop.store(FAILED, Ordering::SeqCst);
+                }
             })
         })
         .collect();
     let sink_thread = {
-        let (bs, group, topic, ready) = (
+        let (bs, group, topic, ready, stop) = (
             bootstrap.to_owned(),
             format!("{ns}-sink"),
             t.c.clone(),
             ready.clone(),
+            stop.clone(),
         );
         std::thread::spawn(move || {
-            sink(&bs, &group, &topic, want, Duration::from_secs(600), &ready)
+            let limit = Duration::from_secs(600);
+            sink(&bs, &group, &topic, want, limit, (&ready, &stop))
         })
     };
     let p = producer(bootstrap, eos.then(|| format!("{ns}-start-tx")).as_deref());
     let send = |i: usize, stamp: u64| {
         let key = format!("m-{i}");
-        let payload = format!("{stamp}:{}", "x".repeat(40));
+        let mut payload = format!("{stamp}:{}", "x".repeat(40));
+        if let Some(n) = value_bytes {
+            // Padded or cut to `n` bytes; the sink reads the stamp before
+            // the colon.
+            payload.truncate(n.max(stamp.to_string().len() + 1));
+            let short = n.saturating_sub(payload.len());
+            payload.extend(std::iter::repeat_n('x', short));
+        }
+        written.fetch_add(2 * (key.len() + payload.len()) as u64, Ordering::Relaxed);
         for topic in [&t.a, &t.state] {
             let mut rec = BaseRecord::to(topic).key(&key).payload(&payload);
             while let Err((_, back)) = p.send(rec) {
@@ -555,8 +628,10 @@ fn baseline(bootstrap: &str, ns: &str, load: Load, eos: bool, batching: Batching
             }
         }
     };
+    let failed = || stop.load(Ordering::SeqCst) == FAILED;
     // Warm-up: one item through every hop, so that every group has joined.
     while ready.load(Ordering::SeqCst) < 3 {
+        assert!(!failed(), "a baseline hop failed before it joined (above)");
         std::thread::sleep(Duration::from_millis(20));
     }
     if eos {
@@ -565,8 +640,12 @@ fn baseline(bootstrap: &str, ns: &str, load: Load, eos: bool, batching: Batching
     send(usize::MAX, now_micros());
     commit(&p, eos, None);
     while ready.load(Ordering::SeqCst) < 4 {
+        assert!(!failed(), "a baseline hop failed in the warm-up (above)");
         std::thread::sleep(Duration::from_millis(5));
     }
+    let broker = broker_pid.map(|p| p.to_string());
+    let broker0 = broker.as_deref().map(process_cpu);
+    let written0 = written.load(Ordering::Relaxed);
     let cpu0 = cpu_time();
     let t0 = Instant::now();
     let total = load.total();
@@ -602,8 +681,18 @@ fn baseline(bootstrap: &str, ns: &str, load: Load, eos: bool, batching: Batching
         commit(&p, eos, None);
     }
     let mut latencies = sink_thread.join().expect("sink");
+    if failed() {
+        eprintln!(
+            "the baseline failed (a hop panicked, above): its figures count only what went through"
+        );
+    }
     let elapsed = t0.elapsed();
     let cpu = cpu_time().saturating_sub(cpu0);
+    let broker_cpu = broker
+        .as_deref()
+        .zip(broker0)
+        .map(|(p, c0)| process_cpu(p).saturating_sub(c0));
+    let bytes = written.load(Ordering::Relaxed) - written0;
     let rss = status_bytes("VmRSS");
     stop.store(1, Ordering::SeqCst);
     for h in hops {
@@ -622,6 +711,8 @@ fn baseline(bootstrap: &str, ns: &str, load: Load, eos: bool, batching: Batching
         cpu,
         rss,
         accepted: Vec::new(),
+        bytes,
+        broker_cpu,
     }
 }
 
@@ -749,6 +840,10 @@ async fn engine(bootstrap: &str, ns: &str, load: Load, args: &Args) -> Report {
     done.lock().unwrap().clear();
 
     let total = load.total();
+    let written = || -> u64 { runtimes.iter().map(|r| r.stats().bytes_produced).sum() };
+    let broker = args.broker_pid.map(|p| p.to_string());
+    let broker0 = broker.as_deref().map(process_cpu);
+    let written0 = written();
     let cpu0 = cpu_time();
     let t0 = Instant::now();
     // How long each start took to be accepted, from when it was due.
@@ -795,6 +890,11 @@ async fn engine(bootstrap: &str, ns: &str, load: Load, args: &Args) -> Report {
     }
     let elapsed = t0.elapsed();
     let cpu = cpu_time().saturating_sub(cpu0);
+    let broker_cpu = broker
+        .as_deref()
+        .zip(broker0)
+        .map(|(p, c0)| process_cpu(p).saturating_sub(c0));
+    let bytes = written().saturating_sub(written0);
     let rss = status_bytes("VmRSS");
     for rt in runtimes {
         rt.shutdown().await;
@@ -811,6 +911,8 @@ async fn engine(bootstrap: &str, ns: &str, load: Load, args: &Args) -> Report {
         cpu,
         rss,
         accepted,
+        bytes,
+        broker_cpu,
     }
 }
 
@@ -964,9 +1066,12 @@ async fn main() {
             linger: args.baseline_linger,
         };
         let (bs, ns2) = (bootstrap.clone(), ns.clone());
-        let r = tokio::task::spawn_blocking(move || baseline(&bs, &ns2, load, eos, batching))
-            .await
-            .expect("baseline");
+        let (value_bytes, broker_pid) = (args.baseline_value_bytes, args.broker_pid);
+        let r = tokio::task::spawn_blocking(move || {
+            baseline(&bs, &ns2, load, eos, batching, value_bytes, broker_pid)
+        })
+        .await
+        .expect("baseline");
         r.print();
         Some(r)
     } else {
@@ -993,7 +1098,7 @@ async fn main() {
         );
     }
     println!(
-        "RESULT mode={} side={} delivery={:?} instances={} partitions={} sagas={} done={} sagas_per_s={:.0} msgs_per_s={:.0} p50_ms={:.1} p95_ms={:.1} p99_ms={:.1} max_ms={:.1} cpu_us_per_saga={:.1} rss_mb={} baseline_sagas_per_s={} baseline_p99_ms={} baseline_ratio={} start_p50_ms={} start_p99_ms={}",
+        "RESULT mode={} side={} delivery={:?} instances={} partitions={} sagas={} done={} sagas_per_s={:.0} msgs_per_s={:.0} p50_ms={:.1} p95_ms={:.1} p99_ms={:.1} max_ms={:.1} cpu_us_per_saga={:.1} rss_mb={} baseline_sagas_per_s={} baseline_p99_ms={} baseline_ratio={} start_p50_ms={} start_p99_ms={} bytes_per_saga={:.0} broker_cpu_us_per_saga={} baseline_cpu_us_per_saga={} baseline_bytes_per_saga={} baseline_broker_cpu_us_per_saga={}",
         load.name(),
         if eng.is_some() { "engine" } else { "baseline" },
         args.delivery,
@@ -1014,7 +1119,17 @@ async fn main() {
         ratio.map_or("-".into(), |r| format!("{r:.2}")),
         start_ms(&main.accepted, 0.50),
         start_ms(&main.accepted, 0.99),
+        main.bytes_per_saga(),
+        per_saga(main.broker_cpu_us_per_saga()),
+        per_saga(base.as_ref().map(Report::cpu_us_per_saga)),
+        per_saga(base.as_ref().map(Report::bytes_per_saga)),
+        per_saga(base.as_ref().and_then(Report::broker_cpu_us_per_saga)),
     );
+}
+
+/// A per-saga figure for the RESULT line (`-` when not measured).
+fn per_saga(v: Option<f64>) -> String {
+    v.map_or("-".into(), |v| format!("{v:.1}"))
 }
 
 /// A percentile of how long the engine's starts took to be accepted.

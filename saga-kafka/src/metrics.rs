@@ -174,8 +174,14 @@ impl WorkerMetrics {
 
     /// A batch of `inputs` (messages, timers, requests) committed; the
     /// commit took `secs`; its messages reached the worker at `arrivals`.
-    /// What it produced is counted.
-    pub(crate) fn committed(&mut self, inputs: usize, secs: f64, arrivals: &[Instant]) {
+    /// What it produced is counted, and returned: records, and bytes of
+    /// keys and values.
+    pub(crate) fn committed(
+        &mut self,
+        inputs: usize,
+        secs: f64,
+        arrivals: &[Instant],
+    ) -> (u64, u64) {
         self.commit.record(secs);
         self.batch.record(inputs as f64);
         let now = Instant::now();
@@ -183,14 +189,18 @@ impl WorkerMetrics {
             self.message
                 .record(now.saturating_duration_since(*at).as_secs_f64());
         }
+        let (mut records, mut bytes) = (0, 0);
         for p in &mut self.produced {
             if p.pending_records > 0 {
                 p.records.increment(p.pending_records);
                 p.bytes.increment(p.pending_bytes);
+                records += p.pending_records;
+                bytes += p.pending_bytes;
                 p.pending_records = 0;
                 p.pending_bytes = 0;
             }
         }
+        (records, bytes)
     }
 
     /// The open transaction was aborted for `cause`: what it produced is

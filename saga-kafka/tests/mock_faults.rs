@@ -54,6 +54,17 @@ async fn injected_faults_drive_retry_abort_and_fatal_paths() {
     let before = rt.stats();
     orders.start("ok-1", Order::new(1)).await.unwrap();
     wait_started(&rt, &before, &orders, "ok-1").await;
+    // Its committed transaction counted what it wrote: the saga's state
+    // record and its first command, each a JSON text over 100 bytes.
+    let after = rt.stats();
+    assert!(
+        after.records_produced >= before.records_produced + 2,
+        "{before:?} -> {after:?}"
+    );
+    assert!(
+        after.bytes_produced >= before.bytes_produced + 200,
+        "{before:?} -> {after:?}"
+    );
 
     // Retriable EndTxn errors: retried, the start succeeds.
     let before = rt.stats();

@@ -7,6 +7,7 @@
 #   scripts/kafka/broker.sh stop      stop it and delete its data dir
 #   scripts/kafka/broker.sh status    exit 0 if it runs and answers, 3 if not running
 #   scripts/kafka/broker.sh address   print its bootstrap address (host:port)
+#   scripts/kafka/broker.sh pid       print its process id (the load generator's --broker-pid)
 #   scripts/kafka/broker.sh fetch     only fetch the jars into the cache
 #   scripts/kafka/broker.sh crash     SIGKILL the broker, keeping its data dir and ports
 #   scripts/kafka/broker.sh resume    start the crashed broker again on the same data
@@ -588,6 +589,14 @@ cmd_address() {
   die "no running broker recorded in $STATE_DIR (run: $0 start)"
 }
 
+cmd_pid() {
+  if load_state && is_our_broker "$BROKER_PID" "$DATA_DIR"; then
+    echo "$BROKER_PID"
+    return 0
+  fi
+  die "no running broker recorded in $STATE_DIR (run: $0 start)"
+}
+
 # The running secured broker, or die.
 need_secured_broker() {
   load_state && is_our_broker "$BROKER_PID" "$DATA_DIR" \
@@ -661,6 +670,7 @@ case "${1:-}" in
   stop) cmd_stop ;;
   status) cmd_status ;;
   address) cmd_address ;;
+  pid) cmd_pid ;;
   crash) cmd_crash ;;
   resume) ensure_libs; cmd_resume ;;
   fetch) ensure_libs; echo "$LIBS_DIR" ;;

@@ -276,8 +276,7 @@ impl<P: Processor> Core<P> {
         match self.txn.commit(&offsets, Some(consumer)) {
             Ok(()) => {
                 let took = started.elapsed().as_secs_f64();
-                self.txn.metrics.committed(self.count, took, &self.arrivals);
-                self.txn.stats.commits.fetch_add(1, Ordering::Relaxed);
+                self.txn.committed(self.count, took, &self.arrivals);
                 self.proc.committed();
                 // A batch of requests alone isolated no input.
                 if !self.batch_start.is_empty() {
@@ -748,8 +747,7 @@ impl<P: Processor> Core<P> {
         let result = match self.request_txn(out) {
             Ok(()) => {
                 let took = started.elapsed().as_secs_f64();
-                self.txn.metrics.committed(inputs, took, &[]);
-                self.txn.stats.commits.fetch_add(1, Ordering::Relaxed);
+                self.txn.committed(inputs, took, &[]);
                 self.proc.committed();
                 Ok(())
             }

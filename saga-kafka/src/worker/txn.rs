@@ -4,7 +4,7 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext};
 use rdkafka::error::KafkaError as RdError;
@@ -31,6 +31,8 @@ pub(crate) struct StatsInner {
     pub owned_partitions: AtomicU64,
     pub failed_requests: AtomicU64,
     pub authorization_failures: AtomicU64,
+    pub records_produced: AtomicU64,
+    pub bytes_produced: AtomicU64,
 }
 
 /// A snapshot of a runtime's transaction counters.
@@ -60,6 +62,13 @@ pub struct Stats {
     /// counter `saga_kafka_authorization_failures_total`, label
     /// `component`).
     pub authorization_failures: u64,
+    /// Records written by committed transactions (at least once: by
+    /// flushed batches), every kind: messages, state records, ledger
+    /// entries (also the counter `saga_kafka_records_produced_total`).
+    pub records_produced: u64,
+    /// The bytes of those records' keys and values (also the counter
+    /// `saga_kafka_bytes_produced_total`).
+    pub bytes_produced: u64,
 }
 
 impl StatsInner {
@@ -73,6 +82,8 @@ impl StatsInner {
             owned_partitions: self.owned_partitions.load(Ordering::Relaxed),
             failed_requests: self.failed_requests.load(Ordering::Relaxed),
             authorization_failures: self.authorization_failures.load(Ordering::Relaxed),
+            records_produced: self.records_produced.load(Ordering::Relaxed),
+            bytes_produced: self.bytes_produced.load(Ordering::Relaxed),
         }
     }
 }
@@ -84,9 +95,9 @@ pub(crate) type Producer_ = ThreadedProducer<Deliveries>;
 /// this, the client's flush before a commit waits out a fixed 100 ms poll
 /// whenever a message is still in flight, which is most commits.
 fn drain(p: &Producer_, limit: Duration) {
-    let deadline = std::time::Instant::now() + limit;
+    let deadline = Instant::now() + limit;
     let mut pause = Duration::from_micros(50);
-    while p.in_flight_count() > 0 && std::time::Instant::now() < deadline {
+    while p.in_flight_count() > 0 && Instant::now() < deadline {
         std::thread::sleep(pause);
         pause = (pause * 2).min(Duration::from_millis(2));
     }
@@ -436,6 +447,21 @@ impl Txn {
         self.fault.take().or_else(|| self.deliveries.take_fault())
     }
 
+    /// The open transaction (or batch) of `inputs` committed; the commit
+    /// took `secs`; its messages reached the worker at `arrivals`. Counts
+    /// it, and what it produced, in the metrics and the runtime's
+    /// [`Stats`].
+    pub(crate) fn committed(&mut self, inputs: usize, secs: f64, arrivals: &[Instant]) {
+        let (records, bytes) = self.metrics.committed(inputs, secs, arrivals);
+        self.stats.commits.fetch_add(1, Ordering::Relaxed);
+        self.stats
+            .records_produced
+            .fetch_add(records, Ordering::Relaxed);
+        self.stats
+            .bytes_produced
+            .fetch_add(bytes, Ordering::Relaxed);
+    }
+
     /// The transaction ended (committed or aborted): forget it.
     pub(crate) fn clear(&mut self) {
         // Counted by `WorkerMetrics::committed` if it committed.
@@ -607,6 +633,32 @@ mod tests {
         t.send(vec![record(10)]);
         assert!(t.held.is_empty());
         assert_eq!(t.pending, 1, "produced (counted when produced)");
+    }
+
+    #[test]
+    fn stats_count_the_records_and_bytes_of_committed_transactions_only() {
+        let mut t = txn(DeliveryMode::ExactlyOnce, true);
+        t.send(vec![record(10), record(20)]);
+        t.produce_held();
+        t.committed(1, 0.0, &[]);
+        t.clear();
+        let s = t.stats.snapshot();
+        assert_eq!(s.commits, 1);
+        assert_eq!(s.records_produced, 2);
+        // Keys ("key") and values.
+        assert_eq!(s.bytes_produced, 3 + 10 + 3 + 20);
+        // A transaction that ends without committing counts nothing.
+        t.open = true;
+        t.send(vec![record(100)]);
+        t.produce_held();
+        t.clear();
+        t.open = true;
+        t.committed(0, 0.0, &[]);
+        let s = t.stats.snapshot();
+        assert_eq!(
+            (s.commits, s.records_produced, s.bytes_produced),
+            (2, 2, 36)
+        );
     }
 
     #[test]
