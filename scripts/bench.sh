@@ -44,7 +44,7 @@ run() {
   echo "== $label: kafka_load $*" >&2
   local line
   local log="target/bench/$label.log"
-  line=$(cargo bench -q -p saga-benches --bench kafka_load -- "$@" "${BROKER_ARGS[@]}" 2>>"$log" | tee -a /dev/stderr "$log" | grep '^RESULT' || true)
+  line=$(cargo bench -q -p saga-benches --bench kafka_load -- "$@" ${BROKER_ARGS[@]+"${BROKER_ARGS[@]}"} 2>>"$log" | tee -a /dev/stderr "$log" | grep '^RESULT' || true)
   if [[ -z "$line" ]]; then
     echo "   (no RESULT line: $label failed; see $log)" >&2
     tail -5 "$log" >&2

@@ -32,12 +32,12 @@
 //! in 10 ms ticks, so runs of a few seconds or more), the bytes of keys
 //! and values it wrote per saga (every record: the engine's state records
 //! and ledger entries too), the broker's CPU per saga over the same window
-//! when its process id is given (`--broker-pid`, a broker on this machine;
-//! on two cores it shares them with the client, so its share decides the
-//! throughput as much as the client's), its resident memory at the end of
-//! the run (after the baseline
-//! in the same process: use `--only engine`, or the memory mode, for memory
-//! figures), and the ratio engine / baseline. In a burst the engine keeps
+//! when its process id is given (`--broker-pid`, a broker on this machine,
+//! the whole process: its JIT and garbage collector count too; where it
+//! shares the client's cores, its share limits a burst as well), its
+//! resident memory at the end of the run (after the baseline in the same
+//! process: use `--only engine`, or the memory mode, for memory figures),
+//! and the ratio engine / baseline. In a burst the engine keeps
 //! `--concurrency` starts awaited at once, while the baseline's source
 //! writes open-loop: the engine is the one held back. The
 //! last line reads `RESULT mode=… sagas_per_s=… p50_ms=… p99_ms=…
@@ -129,13 +129,15 @@ struct Args {
     /// (`0ms`: they take what has arrived and commit).
     #[arg(long, value_parser = parse_duration, default_value = "0ms")]
     baseline_linger: Duration,
-    /// The baseline's record values padded to this many bytes (default: a
-    /// stamp and 40 bytes, about 57), to compare at the engine's record
-    /// sizes.
+    /// The baseline's record values padded (or cut) to this many bytes,
+    /// never below the stamp and its colon (default: a stamp and 40 bytes,
+    /// about 57), to compare at the engine's record sizes.
     #[arg(long)]
     baseline_value_bytes: Option<usize>,
     /// The broker's process id (a broker on this machine, e.g. `$(scripts/kafka/broker.sh pid)`):
-    /// report its CPU per saga over each side's window as well.
+    /// report its CPU per saga over each side's window as well (the whole
+    /// process: its JIT and garbage collector, and any other client's
+    /// requests, count too).
     #[arg(long)]
     broker_pid: Option<u32>,
     /// Memory mode: start this many sagas that stay in flight (their
@@ -237,13 +239,13 @@ fn micros_at(at: Instant) -> u64 {
 
 /// This process's CPU time (user + system), from `/proc/self/stat`.
 fn cpu_time() -> Duration {
-    process_cpu("self")
+    process_cpu("self").unwrap_or_default()
 }
 
-/// A process's CPU time (user + system), from `/proc/<pid>/stat` (zero if
-/// it cannot be read).
-fn process_cpu(pid: &str) -> Duration {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+/// A process's CPU time (user + system), from `/proc/<pid>/stat`; `None`
+/// if it cannot be read (no such process, or not on this machine).
+fn process_cpu(pid: &str) -> Option<Duration> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // Fields after the command name (which may hold spaces), 1-based from 3.
     let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
     let f: Vec<u64> = rest
@@ -252,7 +254,7 @@ fn process_cpu(pid: &str) -> Duration {
         .collect();
     // utime and stime are fields 14 and 15, in clock ticks (100 per second).
     let ticks = f.get(11).copied().unwrap_or(0) + f.get(12).copied().unwrap_or(0);
-    Duration::from_millis(ticks * 10)
+    Some(Duration::from_millis(ticks * 10))
 }
 
 /// A line of `/proc/self/status` in bytes (`VmRSS`, `VmHWM`).
@@ -291,6 +293,9 @@ struct Report {
     bytes: u64,
     /// The broker's CPU in the window (with `--broker-pid`).
     broker_cpu: Option<Duration>,
+    /// The baseline failed (a hop panicked): the figures count only what
+    /// went through.
+    failed: bool,
 }
 
 impl Report {
@@ -630,8 +635,13 @@ fn baseline(
     };
     let failed = || stop.load(Ordering::SeqCst) == FAILED;
     // Warm-up: one item through every hop, so that every group has joined.
+    let deadline = Instant::now() + Duration::from_secs(120);
     while ready.load(Ordering::SeqCst) < 3 {
         assert!(!failed(), "a baseline hop failed before it joined (above)");
+        assert!(
+            Instant::now() < deadline,
+            "the baseline's consumers did not join their groups in 120 s"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
     if eos {
@@ -641,16 +651,20 @@ fn baseline(
     commit(&p, eos, None);
     while ready.load(Ordering::SeqCst) < 4 {
         assert!(!failed(), "a baseline hop failed in the warm-up (above)");
+        assert!(
+            Instant::now() < deadline,
+            "the baseline's warm-up item did not go through in 120 s"
+        );
         std::thread::sleep(Duration::from_millis(5));
     }
     let broker = broker_pid.map(|p| p.to_string());
-    let broker0 = broker.as_deref().map(process_cpu);
+    let broker0 = broker.as_deref().and_then(process_cpu);
     let written0 = written.load(Ordering::Relaxed);
     let cpu0 = cpu_time();
     let t0 = Instant::now();
     let total = load.total();
     let mut i = 0;
-    while i < total {
+    while i < total && !failed() {
         let now = Instant::now();
         if load.due(t0, i) > now {
             std::thread::sleep(load.due(t0, i) - now);
@@ -681,17 +695,13 @@ fn baseline(
         commit(&p, eos, None);
     }
     let mut latencies = sink_thread.join().expect("sink");
-    if failed() {
-        eprintln!(
-            "the baseline failed (a hop panicked, above): its figures count only what went through"
-        );
-    }
     let elapsed = t0.elapsed();
     let cpu = cpu_time().saturating_sub(cpu0);
     let broker_cpu = broker
         .as_deref()
+        .and_then(process_cpu)
         .zip(broker0)
-        .map(|(p, c0)| process_cpu(p).saturating_sub(c0));
+        .map(|(c1, c0)| c1.saturating_sub(c0));
     let bytes = written.load(Ordering::Relaxed) - written0;
     let rss = status_bytes("VmRSS");
     stop.store(1, Ordering::SeqCst);
@@ -713,6 +723,7 @@ fn baseline(
         accepted: Vec::new(),
         bytes,
         broker_cpu,
+        failed: failed(),
     }
 }
 
@@ -842,7 +853,7 @@ async fn engine(bootstrap: &str, ns: &str, load: Load, args: &Args) -> Report {
     let total = load.total();
     let written = || -> u64 { runtimes.iter().map(|r| r.stats().bytes_produced).sum() };
     let broker = args.broker_pid.map(|p| p.to_string());
-    let broker0 = broker.as_deref().map(process_cpu);
+    let broker0 = broker.as_deref().and_then(process_cpu);
     let written0 = written();
     let cpu0 = cpu_time();
     let t0 = Instant::now();
@@ -892,8 +903,9 @@ async fn engine(bootstrap: &str, ns: &str, load: Load, args: &Args) -> Report {
     let cpu = cpu_time().saturating_sub(cpu0);
     let broker_cpu = broker
         .as_deref()
+        .and_then(process_cpu)
         .zip(broker0)
-        .map(|(p, c0)| process_cpu(p).saturating_sub(c0));
+        .map(|(c1, c0)| c1.saturating_sub(c0));
     let bytes = written().saturating_sub(written0);
     let rss = status_bytes("VmRSS");
     for rt in runtimes {
@@ -913,6 +925,7 @@ async fn engine(bootstrap: &str, ns: &str, load: Load, args: &Args) -> Report {
         accepted,
         bytes,
         broker_cpu,
+        failed: false,
     }
 }
 
@@ -1030,6 +1043,12 @@ async fn main() {
         restore_child(&bootstrap, ns, n, &args).await;
         return;
     }
+    if let Some(pid) = args.broker_pid {
+        if process_cpu(&pid.to_string()).is_none() {
+            eprintln!("kafka_load: --broker-pid {pid}: no such process on this machine (/proc/{pid}/stat); nothing measured");
+            std::process::exit(2);
+        }
+    }
     let ns = format!("load-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
     if let Some(n) = args.inflight {
         inflight(&bootstrap, &ns, n, &args).await;
@@ -1073,6 +1092,11 @@ async fn main() {
         .await
         .expect("baseline");
         r.print();
+        if r.failed {
+            // No RESULT line: a failed run must not count as a measurement.
+            eprintln!("kafka_load: the baseline failed (a hop panicked, above); nothing recorded");
+            std::process::exit(1);
+        }
         Some(r)
     } else {
         None
@@ -1122,7 +1146,8 @@ async fn main() {
         main.bytes_per_saga(),
         per_saga(main.broker_cpu_us_per_saga()),
         per_saga(base.as_ref().map(Report::cpu_us_per_saga)),
-        per_saga(base.as_ref().map(Report::bytes_per_saga)),
+        base.as_ref()
+            .map_or("-".into(), |b| format!("{:.0}", b.bytes_per_saga())),
         per_saga(base.as_ref().and_then(Report::broker_cpu_us_per_saga)),
     );
 }

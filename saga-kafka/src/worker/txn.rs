@@ -63,8 +63,9 @@ pub struct Stats {
     /// `component`).
     pub authorization_failures: u64,
     /// Records written by committed transactions (at least once: by
-    /// flushed batches), every kind: messages, state records, ledger
-    /// entries (also the counter `saga_kafka_records_produced_total`).
+    /// batches whose flush and offset commit succeeded), every kind:
+    /// messages, state records, ledger entries (also the counter
+    /// `saga_kafka_records_produced_total`).
     pub records_produced: u64,
     /// The bytes of those records' keys and values (also the counter
     /// `saga_kafka_bytes_produced_total`).
@@ -74,7 +75,7 @@ pub struct Stats {
 impl StatsInner {
     pub(crate) fn snapshot(&self) -> Stats {
         Stats {
-            commits: self.commits.load(Ordering::Relaxed),
+            commits: self.commits.load(Ordering::Acquire),
             aborts: self.aborts.load(Ordering::Relaxed),
             retries: self.retries.load(Ordering::Relaxed),
             producer_rebuilds: self.producer_rebuilds.load(Ordering::Relaxed),
@@ -453,18 +454,20 @@ impl Txn {
     /// [`Stats`].
     pub(crate) fn committed(&mut self, inputs: usize, secs: f64, arrivals: &[Instant]) {
         let (records, bytes) = self.metrics.committed(inputs, secs, arrivals);
-        self.stats.commits.fetch_add(1, Ordering::Relaxed);
+        // Before the commit count (released, and read first by
+        // `snapshot`): a reader that sees the commit sees what it wrote.
         self.stats
             .records_produced
             .fetch_add(records, Ordering::Relaxed);
         self.stats
             .bytes_produced
             .fetch_add(bytes, Ordering::Relaxed);
+        self.stats.commits.fetch_add(1, Ordering::Release);
     }
 
     /// The transaction ended (committed or aborted): forget it.
     pub(crate) fn clear(&mut self) {
-        // Counted by `WorkerMetrics::committed` if it committed.
+        // Counted by `Txn::committed` if it committed.
         self.metrics.forget_pending();
         self.open = false;
         self.failed = None;
@@ -659,6 +662,17 @@ mod tests {
             (s.commits, s.records_produced, s.bytes_produced),
             (2, 2, 36)
         );
+    }
+
+    #[test]
+    fn stats_count_an_at_least_once_batch_when_it_commits() {
+        let mut t = txn(DeliveryMode::AtLeastOnce, true);
+        t.send(vec![record(10)]);
+        assert_eq!(t.stats.snapshot().records_produced, 0, "not before");
+        t.committed(1, 0.0, &[]);
+        t.clear();
+        let s = t.stats.snapshot();
+        assert_eq!((s.records_produced, s.bytes_produced), (1, 13));
     }
 
     #[test]
