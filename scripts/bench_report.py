@@ -55,29 +55,30 @@ def table(rows):
     def col(label, key):
         return spread([r.get(key) for r in by.get(label, [])])
 
+    # The burst runs that took place, and the delivery each measured.
+    bursts = [(label, name) for label, name in (("burst", "exactly once"), ("burst-alo", "at least once")) if by.get(label)]
+
     out.append("### Throughput (burst: as many sagas as go)\n")
     out.append("min / **median** / max over the runs; the baseline ran in the same runs.\n")
     out.append("| delivery | engine sagas/s | baseline sagas/s | ratio | engine p99 ms | client CPU µs/saga | RSS MB |")
     out.append("|---|---|---|---|---|---|---|")
-    for label, name in (("burst", "exactly once"), ("burst-alo", "at least once")):
-        if by.get(label):
-            out.append(
-                f"| {name} | {col(label, 'sagas_per_s')} | {col(label, 'baseline_sagas_per_s')} | "
-                f"{col(label, 'baseline_ratio')} | {col(label, 'p99_ms')} | {col(label, 'cpu_us_per_saga')} | {col(label, 'rss_mb')} |"
-            )
-    if any(isinstance(r.get("broker_cpu_us_per_saga"), float) for label in ("burst", "burst-alo") for r in by.get(label, [])):
+    for label, name in bursts:
+        out.append(
+            f"| {name} | {col(label, 'sagas_per_s')} | {col(label, 'baseline_sagas_per_s')} | "
+            f"{col(label, 'baseline_ratio')} | {col(label, 'p99_ms')} | {col(label, 'cpu_us_per_saga')} | {col(label, 'rss_mb')} |"
+        )
+    if any(isinstance(r.get("broker_cpu_us_per_saga"), float) for label, _ in bursts for r in by[label]):
         out.append("\n### Where a saga's CPU goes (burst)\n")
         out.append("The client is this process; the broker shares the machine's cores with it. Bytes are the keys and values written per saga, every record.\n")
         out.append("| delivery | side | client CPU µs/saga | broker CPU µs/saga | bytes/saga |")
         out.append("|---|---|---|---|---|")
-        for label, name in (("burst", "exactly once"), ("burst-alo", "at least once")):
-            if by.get(label):
-                out.append(
-                    f"| {name} | engine | {col(label, 'cpu_us_per_saga')} | {col(label, 'broker_cpu_us_per_saga')} | {col(label, 'bytes_per_saga')} |"
-                )
-                out.append(
-                    f"| {name} | baseline | {col(label, 'baseline_cpu_us_per_saga')} | {col(label, 'baseline_broker_cpu_us_per_saga')} | {col(label, 'baseline_bytes_per_saga')} |"
-                )
+        for label, name in bursts:
+            out.append(
+                f"| {name} | engine | {col(label, 'cpu_us_per_saga')} | {col(label, 'broker_cpu_us_per_saga')} | {col(label, 'bytes_per_saga')} |"
+            )
+            out.append(
+                f"| {name} | baseline | {col(label, 'baseline_cpu_us_per_saga')} | {col(label, 'baseline_broker_cpu_us_per_saga')} | {col(label, 'baseline_bytes_per_saga')} |"
+            )
     if by.get("fixed-1000"):
         rs = by["fixed-1000"]
         out.append("\n### Latency at a fixed 1,000 sagas/s (exactly once)\n")

@@ -257,6 +257,14 @@ fn process_cpu(pid: &str) -> Option<Duration> {
     Some(Duration::from_millis(ticks * 10))
 }
 
+/// The CPU process `pid` used since it had used `start` (`None` without
+/// either).
+fn cpu_since(pid: Option<&str>, start: Option<Duration>) -> Option<Duration> {
+    pid.and_then(process_cpu)
+        .zip(start)
+        .map(|(now, start)| now.saturating_sub(start))
+}
+
 /// A line of `/proc/self/status` in bytes (`VmRSS`, `VmHWM`).
 fn status_bytes(field: &str) -> u64 {
     std::fs::read_to_string("/proc/self/status")
@@ -470,8 +478,9 @@ fn hop(
             p.begin_transaction().expect("begin_transaction");
         }
         let mut offsets: HashMap<i32, i64> = HashMap::new();
+        let bytes: usize = batch.iter().map(|(_, _, k, v)| k.len() + v.len()).sum();
+        written.fetch_add(2 * bytes as u64, Ordering::Relaxed);
         for (part, off, key, payload) in &batch {
-            written.fetch_add(2 * (key.len() + payload.len()) as u64, Ordering::Relaxed);
             for topic in [to, state] {
                 let mut rec = BaseRecord::to(topic).key(key).payload(payload);
                 while let Err((e, back)) = p.send(rec) {
@@ -697,11 +706,7 @@ fn baseline(
     let mut latencies = sink_thread.join().expect("sink");
     let elapsed = t0.elapsed();
     let cpu = cpu_time().saturating_sub(cpu0);
-    let broker_cpu = broker
-        .as_deref()
-        .and_then(process_cpu)
-        .zip(broker0)
-        .map(|(c1, c0)| c1.saturating_sub(c0));
+    let broker_cpu = cpu_since(broker.as_deref(), broker0);
     let bytes = written.load(Ordering::Relaxed) - written0;
     let rss = status_bytes("VmRSS");
     stop.store(1, Ordering::SeqCst);
@@ -901,11 +906,7 @@ async fn engine(bootstrap: &str, ns: &str, load: Load, args: &Args) -> Report {
     }
     let elapsed = t0.elapsed();
     let cpu = cpu_time().saturating_sub(cpu0);
-    let broker_cpu = broker
-        .as_deref()
-        .and_then(process_cpu)
-        .zip(broker0)
-        .map(|(c1, c0)| c1.saturating_sub(c0));
+    let broker_cpu = cpu_since(broker.as_deref(), broker0);
     let bytes = written().saturating_sub(written0);
     let rss = status_bytes("VmRSS");
     for rt in runtimes {
