@@ -12,7 +12,7 @@ use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{BaseRecord, Producer, ThreadedProducer};
 use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::TopicPartitionList;
-use saga_core::driver::{Record, RECORD_KIND_HEADER};
+use saga_core::driver::{Record, RecordKind, RECORD_KIND_HEADER};
 use saga_core::TRACEPARENT_HEADER;
 
 use crate::config::{DeliveryMode, KafkaConfig};
@@ -101,6 +101,21 @@ fn drain(p: &Producer_, limit: Duration) {
     while p.in_flight_count() > 0 && Instant::now() < deadline {
         std::thread::sleep(pause);
         pause = (pause * 2).min(Duration::from_millis(2));
+    }
+}
+
+/// The [`RECORD_KIND_HEADER`] a record is written with: none for saga
+/// states and ledger entries. Their topics are compacted and read by key
+/// (a restore, the saga catalog), never by header: a state topic holds
+/// states only, and in a ledger topic a record without the header is a
+/// ledger entry (the participant's per-partition state keeps its `shard`
+/// header). Half of a saga's records are these, and a header costs the
+/// client a list of its own per record, allocated here and freed by
+/// librdkafka's thread once delivered.
+fn kind_header(kind: RecordKind) -> Option<&'static str> {
+    match kind {
+        RecordKind::SagaState | RecordKind::Ledger => None,
+        other => other.header(),
     }
 }
 
@@ -315,10 +330,11 @@ impl Txn {
             // The trace context as text on the stack (55 bytes); the
             // client copies headers into its own list.
             let trace = r.traceparent.map(|t| t.to_header());
-            let count = usize::from(r.kind.header().is_some()) + usize::from(trace.is_some());
+            let kind = kind_header(r.kind);
+            let count = usize::from(kind.is_some()) + usize::from(trace.is_some());
             if count > 0 {
                 let mut headers = OwnedHeaders::new_with_capacity(count);
-                if let Some(kind) = r.kind.header() {
+                if let Some(kind) = kind {
                     headers = headers.insert(Header {
                         key: RECORD_KIND_HEADER,
                         value: Some(kind),
@@ -570,7 +586,6 @@ impl Txn {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use saga_core::driver::RecordKind;
 
     /// A transaction of `delivery` whose producer, when `producer`, is a
     /// plain one towards no broker: what it produces waits in its queue
@@ -681,6 +696,18 @@ mod tests {
         t.send(vec![record(10)]);
         t.produce_held();
         assert!(t.failed.is_some(), "not dropped quietly");
+    }
+
+    #[test]
+    fn only_records_sharing_a_topic_with_other_kinds_carry_the_kind_header() {
+        // Read by key from topics of their own: no header.
+        assert_eq!(kind_header(RecordKind::SagaState), None);
+        assert_eq!(kind_header(RecordKind::Ledger), None);
+        assert_eq!(kind_header(RecordKind::Message), None);
+        // On a reply topic beside replies, or beside ledger entries.
+        assert_eq!(kind_header(RecordKind::Start), Some("start"));
+        assert_eq!(kind_header(RecordKind::Operator), Some("operator"));
+        assert_eq!(kind_header(RecordKind::ParticipantState), Some("shard"));
     }
 
     #[test]
