@@ -368,6 +368,8 @@ pub struct SagaInstance<D> {
     /// One record per step of the definition.
     pub steps: Vec<StepRecord>,
     /// The command waiting on a reply, if any.
+    // Left out when none: every version reads a missing field as none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub awaiting: Option<Awaiting>,
     /// Armed timers.
     // Always written: earlier versions of this crate require the field.

@@ -293,21 +293,77 @@ impl<'de> Deserialize<'de> for TraceContext {
 pub(crate) fn lenient<'de, De: Deserializer<'de>>(
     d: De,
 ) -> Result<Option<TraceContext>, De::Error> {
-    let value = Option::<serde_json::Value>::deserialize(d)?;
-    Ok(match value {
-        Some(serde_json::Value::String(s)) => match TraceContext::parse(&s) {
-            Ok(ctx) => Some(ctx),
+    d.deserialize_any(Lenient)
+}
+
+/// Reads a trace context field as text where the input lends it (no copy,
+/// nothing built for a well-formed field), and anything else as none.
+struct Lenient;
+
+impl Lenient {
+    fn ignored<T: fmt::Display, E>(what: T) -> Result<Option<TraceContext>, E> {
+        tracing::warn!(traceparent = %what, "malformed traceparent ignored");
+        Ok(None)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for Lenient {
+    type Value = Option<TraceContext>;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a traceparent string")
+    }
+
+    fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<Self::Value, E> {
+        match TraceContext::parse(s) {
+            Ok(ctx) => Ok(Some(ctx)),
             Err(e) => {
                 tracing::warn!(traceparent = %s, error = %e, "malformed traceparent ignored");
-                None
+                Ok(None)
             }
-        },
-        Some(serde_json::Value::Null) | None => None,
-        Some(other) => {
-            tracing::warn!(traceparent = %other, "malformed traceparent ignored");
-            None
         }
-    })
+    }
+
+    fn visit_none<E>(self) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+
+    fn visit_unit<E>(self) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+
+    fn visit_some<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        d.deserialize_any(self)
+    }
+
+    fn visit_bool<E>(self, v: bool) -> Result<Self::Value, E> {
+        Self::ignored(v)
+    }
+
+    fn visit_i64<E>(self, v: i64) -> Result<Self::Value, E> {
+        Self::ignored(v)
+    }
+
+    fn visit_u64<E>(self, v: u64) -> Result<Self::Value, E> {
+        Self::ignored(v)
+    }
+
+    fn visit_f64<E>(self, v: f64) -> Result<Self::Value, E> {
+        Self::ignored(v)
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+        while seq.next_element::<serde::de::IgnoredAny>()?.is_some() {}
+        Self::ignored("a list")
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        while map
+            .next_entry::<serde::de::IgnoredAny, serde::de::IgnoredAny>()?
+            .is_some()
+        {}
+        Self::ignored("a map")
+    }
 }
 
 /// The context a record header gives, if it gives one; a malformed header
@@ -568,8 +624,26 @@ mod tests {
         }
         let bad: Holder = serde_json::from_str(r#"{"tp": "nonsense"}"#).unwrap();
         assert_eq!(bad.tp, None);
-        let number: Holder = serde_json::from_str(r#"{"tp": 7}"#).unwrap();
-        assert_eq!(number.tp, None);
+        for other in [
+            "7",
+            "-7",
+            "7.5",
+            "true",
+            "null",
+            "[1, [2]]",
+            r#"{"a": {"b": 1}}"#,
+        ] {
+            let read: Holder = serde_json::from_str(&format!(r#"{{"tp": {other}, "n": 1}}"#))
+                .unwrap_or_else(|e| panic!("{other}: {e}"));
+            assert_eq!(read.tp, None, "{other}");
+        }
+        let escaped: Holder = serde_json::from_str(&format!(
+            r#"{{"tp": "{}\u0034{}"}}"#,
+            &SAMPLE[..3],
+            &SAMPLE[4..]
+        ))
+        .unwrap();
+        assert_eq!(escaped.tp.map(|c| c.to_string()).as_deref(), Some(SAMPLE));
         let missing: Holder = serde_json::from_str("{}").unwrap();
         assert_eq!(missing.tp, None);
         let good: Holder = serde_json::from_str(&format!(r#"{{"tp": "{SAMPLE}"}}"#)).unwrap();

@@ -74,6 +74,30 @@ mod on {
         steps: Vec<StepMetrics>,
     }
 
+    /// Where `step`'s handles are in `steps`, added on first use.
+    fn step_index(steps: &mut Vec<StepMetrics>, step: &str) -> usize {
+        match steps.iter().position(|s| s.step == step) {
+            Some(i) => i,
+            None => {
+                steps.push(StepMetrics {
+                    step: step.to_owned(),
+                    latency: None,
+                    retries: None,
+                });
+                steps.len() - 1
+            }
+        }
+    }
+
+    /// A step metric's labels: built only when its handle is registered,
+    /// not at every count.
+    fn step_labels(saga: SharedString, step: &str) -> [(&'static str, SharedString); 2] {
+        [
+            ("saga", saga),
+            ("step", SharedString::from(step.to_owned())),
+        ]
+    }
+
     impl SagaMetrics {
         pub(crate) fn new(saga: &str) -> Self {
             Self::named(SharedString::from(saga.to_owned()))
@@ -100,28 +124,6 @@ mod on {
                 *self = Self::named(self.saga.clone());
             }
             self
-        }
-
-        fn step(&mut self, step: &str) -> &mut StepMetrics {
-            let i = match self.steps.iter().position(|s| s.step == step) {
-                Some(i) => i,
-                None => {
-                    self.steps.push(StepMetrics {
-                        step: step.to_owned(),
-                        latency: None,
-                        retries: None,
-                    });
-                    self.steps.len() - 1
-                }
-            };
-            &mut self.steps[i]
-        }
-
-        fn step_labels(&self, step: &str) -> [(&'static str, SharedString); 2] {
-            [
-                ("saga", self.saga.clone()),
-                ("step", SharedString::from(step.to_owned())),
-            ]
         }
 
         pub(crate) fn transition<D>(&mut self, before: Option<&SagaStatus>, t: &Transition<D>) {
@@ -171,10 +173,12 @@ mod on {
                     Effect::ScheduleTimer(timer) => {
                         if let TimerKind::Backoff { step, .. } = timer.kind {
                             let step = t.instance.steps.get(step).map_or("", |s| &*s.name);
-                            let labels = m.step_labels(step);
-                            m.step(step)
+                            let i = step_index(&mut m.steps, step);
+                            let saga = &m.saga;
+                            m.steps[i]
                                 .retries
                                 .get_or_insert_with(|| {
+                                    let labels = step_labels(saga.clone(), step);
                                     metrics::counter!("saga_retries_total", &labels)
                                 })
                                 .increment(1);
@@ -194,10 +198,14 @@ mod on {
 
         pub(crate) fn step_latency(&mut self, step: &str, secs: f64) {
             let m = self.current();
-            let labels = m.step_labels(step);
-            m.step(step)
+            let i = step_index(&mut m.steps, step);
+            let saga = &m.saga;
+            m.steps[i]
                 .latency
-                .get_or_insert_with(|| metrics::histogram!("saga_step_latency_seconds", &labels))
+                .get_or_insert_with(|| {
+                    let labels = step_labels(saga.clone(), step);
+                    metrics::histogram!("saga_step_latency_seconds", &labels)
+                })
                 .record(secs);
         }
     }

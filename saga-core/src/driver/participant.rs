@@ -15,7 +15,7 @@ use crate::driver::saga::RECORD_OVERHEAD;
 use crate::error::SagaError;
 use crate::ids::{MessageId, Timestamp};
 use crate::message::{
-    json_len, DeadLetter, Envelope, MessageKind, Phase, RecordOrigin, ReplyOutcome,
+    json_len, DeadLetter, EncodedEnvelope, Envelope, MessageKind, Phase, RecordOrigin, ReplyOutcome,
 };
 use crate::participant::{Participant, ParticipantContext, ParticipantPolicy};
 use crate::retry::{Classify, ErrorClass, RetryDecision};
@@ -246,9 +246,11 @@ impl Attempt {
 #[serde(tag = "state", rename_all = "snake_case")]
 enum Entry {
     /// Handled at `at`: the reply it got, sent again to a redelivery (none
-    /// for a fire-and-forget command).
+    /// for a fire-and-forget command). Kept as the text its record was
+    /// written with, encoded once for both.
     Answered {
-        reply: Option<Envelope>,
+        #[serde(default, deserialize_with = "buffered_reply")]
+        reply: Option<EncodedEnvelope>,
         #[serde(default)]
         at: Timestamp,
     },
@@ -259,9 +261,10 @@ enum Entry {
         #[serde(default)]
         at: Timestamp,
     },
-    /// Waiting for its next local attempt.
+    /// Waiting for its next local attempt (the command boxed: an entry
+    /// of the other kinds, the many, stays small).
     Retrying {
-        command: Envelope,
+        command: Box<Envelope>,
         attempts: u32,
         first_attempt_at: Timestamp,
         next_attempt_at: Timestamp,
@@ -285,6 +288,26 @@ impl Entry {
             Entry::Retrying { .. } => None,
         }
     }
+}
+
+/// Reads an answered entry's reply. The entry is an internally tagged
+/// enum, read through serde's buffer, which an [`EncodedEnvelope`] cannot
+/// be read from directly: the reply is read as an [`Envelope`] (so an
+/// entry whose reply is not one stays unreadable, as before) and encoded.
+/// Only restores read entries.
+fn buffered_reply<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<Option<EncodedEnvelope>, D::Error> {
+    Ok(Option::<Envelope>::deserialize(d)?.map(|reply| EncodedEnvelope::encode(&reply)))
+}
+
+/// Writes `reply`, if there is one, and gives what the ledger keeps of
+/// it: the reply is encoded once, for its record and its ledger entry.
+fn send_reply(reply: Option<Envelope>, out: &mut Vec<Record>) -> Option<EncodedEnvelope> {
+    let reply = reply?;
+    let encoded = EncodedEnvelope::encode(&reply);
+    out.push(Record::message_text(&reply, encoded.json()));
+    Some(encoded)
 }
 
 #[derive(Clone, Debug)]
@@ -322,6 +345,9 @@ pub struct ParticipantDriver {
     ledger_topic: String,
     owned: BTreeSet<u32>,
     entries: HashMap<String, Kept>,
+    /// How many of `entries` are fences: while none is, a command is
+    /// known not to be fenced without building its fence key.
+    fences: usize,
     retries: BTreeSet<(Timestamp, String)>,
     /// The command waiting for a local retry, by business key (at most one
     /// per step: a newer attempt supersedes it).
@@ -375,6 +401,7 @@ impl ParticipantDriver {
             channel: channel.into(),
             owned: BTreeSet::new(),
             entries: HashMap::new(),
+            fences: 0,
             retries: BTreeSet::new(),
             retrying: HashMap::new(),
             expiring: BTreeSet::new(),
@@ -571,7 +598,13 @@ impl ParticipantDriver {
             Some(Entry::Answered { reply, .. }) => {
                 tracing::debug!(participant = %self.policy.name, message_id = %command.id, "duplicate command: answering again");
                 if let Some(reply) = reply {
-                    out.push(Record::message(reply));
+                    // Its channel, key and trace are in the text.
+                    match reply.decode() {
+                        Ok(env) => out.push(Record::message_text(&env, reply.json())),
+                        Err(e) => {
+                            tracing::error!(participant = %self.policy.name, message_id = %command.id, error = %e, "the kept reply cannot be read: not sent again");
+                        }
+                    }
                 }
                 return None;
             }
@@ -605,8 +638,7 @@ impl ParticipantDriver {
             return;
         };
         let failure = ReplyOutcome::failure(ErrorClass::Permanent, reason.clone());
-        let reply = command.reply(failure, Value::Null, now);
-        out.extend(reply.iter().map(Record::message));
+        let reply = send_reply(command.reply(failure, Value::Null, now), out);
         let entry = Entry::Answered { reply, at: now };
         self.write(rec.partition, command.id.to_string(), entry, out);
         self.dead_letter(command, 0, "rejected".into(), reason, now, origin, out);
@@ -657,7 +689,7 @@ impl ParticipantDriver {
                 self.refuse_fenced(partition, &command, now, out);
                 continue;
             }
-            return Some(self.attempt(partition, command, attempts + 1));
+            return Some(self.attempt(partition, *command, attempts + 1));
         }
     }
 
@@ -732,17 +764,17 @@ impl ParticipantDriver {
         let result = self.within_limit(&command, result);
         let entry = match result {
             AttemptResult::Replied { reply, events } => {
+                // The payload is copied only if the step remembers it.
+                let remember = self.policy.remember_steps && command.step.is_some();
+                let remembered = remember.then(|| reply.clone());
                 let answer = command
-                    .reply(ReplyOutcome::Success, reply.clone(), now)
+                    .reply(ReplyOutcome::Success, reply, now)
                     .map(|a| a.with_traceparent(trace));
                 out.extend(events.iter().map(Record::message));
-                out.extend(answer.iter().map(Record::message));
-                if self.policy.remember_steps && command.step.is_some() {
+                let answer = send_reply(answer, out);
+                if let Some(payload) = remembered {
                     let key = step_entry_key(&command.idempotency_key());
-                    let remembered = Entry::Remembered {
-                        payload: reply,
-                        at: now,
-                    };
+                    let remembered = Entry::Remembered { payload, at: now };
                     self.write(partition, key, remembered, out);
                 }
                 Entry::Answered {
@@ -756,7 +788,7 @@ impl ParticipantDriver {
                 let elapsed = now.saturating_since(first);
                 match self.policy.retry.decide(class, number, elapsed, seed) {
                     RetryDecision::RetryAfter(delay) => Entry::Retrying {
-                        command: command.clone(),
+                        command: Box::new(command.clone()),
                         attempts: number,
                         first_attempt_at: first,
                         next_attempt_at: now.saturating_add(delay),
@@ -769,14 +801,10 @@ impl ParticipantDriver {
                             attempts: number,
                         };
                         match command.reply(failure, Value::Null, now) {
-                            Some(reply) => {
-                                let reply = reply.with_traceparent(trace);
-                                out.push(Record::message(&reply));
-                                Entry::Answered {
-                                    reply: Some(reply),
-                                    at: now,
-                                }
-                            }
+                            Some(reply) => Entry::Answered {
+                                reply: send_reply(Some(reply.with_traceparent(trace)), out),
+                                at: now,
+                            },
                             None => {
                                 self.dead_letter(
                                     command.clone(),
@@ -930,7 +958,7 @@ impl ParticipantDriver {
         out: &mut Vec<Record>,
         now: Timestamp,
     ) {
-        if command.step.is_none() {
+        if command.step.is_none() || self.retrying.is_empty() {
             return;
         }
         let Some(older) = self.retrying.get(&command.idempotency_key()).cloned() else {
@@ -948,6 +976,7 @@ impl ParticipantDriver {
 
     fn fenced(&self, command: &Envelope) -> bool {
         command.step.is_some()
+            && self.fences > 0
             && self
                 .entries
                 .contains_key(&fence_key(&command.idempotency_key()))
@@ -987,8 +1016,7 @@ impl ParticipantDriver {
         tracing::debug!(participant = %self.policy.name, message_id = %command.id, "forward command of a compensated step: refused");
         let failure =
             ReplyOutcome::failure(ErrorClass::Permanent, "compensated before it took effect");
-        let reply = command.reply(failure, Value::Null, now);
-        out.extend(reply.iter().map(Record::message));
+        let reply = send_reply(command.reply(failure, Value::Null, now), out);
         let entry = Entry::Answered { reply, at: now };
         self.write(partition, command.id.to_string(), entry, out);
     }
@@ -1013,8 +1041,7 @@ impl ParticipantDriver {
             return false;
         };
         tracing::debug!(participant = %self.policy.name, message_id = %command.id, "step already answered: answering again");
-        let reply = command.reply(ReplyOutcome::Success, payload, now);
-        out.extend(reply.iter().map(Record::message));
+        let reply = send_reply(command.reply(ReplyOutcome::Success, payload, now), out);
         let entry = Entry::Answered { reply, at: now };
         self.write(partition, command.id.to_string(), entry, out);
         true
@@ -1156,10 +1183,16 @@ impl ParticipantDriver {
                     self.retrying
                         .insert(command.idempotency_key(), key.to_owned());
                 }
-                self.entries.insert(key.to_owned(), kept);
+                let fence = matches!(kept.entry, Entry::Fenced { .. });
+                if let Some(old) = self.entries.insert(key.to_owned(), kept) {
+                    self.fences -= usize::from(matches!(old.entry, Entry::Fenced { .. }));
+                }
+                self.fences += usize::from(fence);
             }
             None => {
-                self.entries.remove(key);
+                if let Some(old) = self.entries.remove(key) {
+                    self.fences -= usize::from(matches!(old.entry, Entry::Fenced { .. }));
+                }
             }
         }
     }
@@ -1307,6 +1340,94 @@ mod tests {
         )
         .await;
         assert_eq!(*p.runs.lock().unwrap(), 2);
+    }
+
+    #[tokio::test]
+    async fn a_ledger_entry_holds_the_reply_as_written_and_a_restored_ledger_answers_with_it() {
+        let (mut d, _) = setup(vec![Ok(7)], ParticipantPolicy::new("svc"));
+        let cmd = command(Some(("call", Phase::Forward)), 1, Some("job.replies"));
+        let out = deliver(&mut d, &cmd).await;
+        let reply = out
+            .iter()
+            .find(|r| r.topic == "job.replies")
+            .expect("a reply");
+        let ledger = out
+            .iter()
+            .find(|r| r.kind == RecordKind::Ledger)
+            .expect("a ledger entry");
+        // The entry nests the reply's own text, as an object.
+        let entry: Value = serde_json::from_slice(ledger.value.as_deref().unwrap()).unwrap();
+        assert_eq!(entry["state"], "answered");
+        let sent: Value = serde_json::from_slice(reply.value.as_deref().unwrap()).unwrap();
+        assert_eq!(entry["reply"], sent);
+        let text = std::str::from_utf8(ledger.value.as_deref().unwrap()).unwrap();
+        let reply_text = std::str::from_utf8(reply.value.as_deref().unwrap()).unwrap();
+        assert!(text.contains(reply_text), "{text}");
+        d.committed();
+        // A process that restores the ledger answers a redelivery with the
+        // same record, without running the handler.
+        let (mut fresh, p) = setup(vec![], ParticipantPolicy::new("svc"));
+        fresh
+            .restore(0, vec![(ledger.key.clone(), ledger.value.clone().unwrap())])
+            .unwrap();
+        let again = deliver(&mut fresh, &cmd).await;
+        assert_eq!(*p.runs.lock().unwrap(), 0);
+        assert_eq!(again, vec![reply.clone()]);
+        // An entry whose reply is not an envelope stays unreadable.
+        let (mut bad, _) = setup(vec![], ParticipantPolicy::new("svc"));
+        let junk = br#"{"state":"answered","reply":{"x":1},"at":5}"#.to_vec();
+        bad.restore(0, vec![(ledger.key.clone(), junk)]).unwrap();
+        assert!(bad.entries.is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_compensation_fences_its_forward_command_through_rollbacks_and_restores() {
+        let forward = command(Some(("call", Phase::Forward)), 1, Some("job.replies"));
+        let compensation = command(Some(("call", Phase::Compensation)), 1, Some("job.replies"));
+        let other = command(Some(("other", Phase::Forward)), 1, Some("job.replies"));
+        let (mut d, p) = setup(vec![], ParticipantPolicy::new("svc"));
+        // A fence written in a batch that aborts fences nothing.
+        deliver(&mut d, &compensation).await;
+        d.rolled_back();
+        assert_eq!(d.fences, 0);
+        let runs = *p.runs.lock().unwrap();
+        deliver(&mut d, &forward).await;
+        assert_eq!(
+            *p.runs.lock().unwrap(),
+            runs + 1,
+            "no fence: the forward command ran"
+        );
+        d.rolled_back();
+        // Committed, the fence refuses the late forward command, and only it.
+        deliver(&mut d, &compensation).await;
+        d.committed();
+        let runs = *p.runs.lock().unwrap();
+        let refused = messages(&deliver(&mut d, &forward).await);
+        assert_eq!(*p.runs.lock().unwrap(), runs, "fenced: not run");
+        assert!(
+            refused
+                .iter()
+                .any(|m| m.kind == MessageKind::Reply && m.outcome != Some(ReplyOutcome::Success)),
+            "{refused:?}"
+        );
+        deliver(&mut d, &other).await;
+        assert_eq!(
+            *p.runs.lock().unwrap(),
+            runs + 1,
+            "another step is not fenced"
+        );
+        d.committed();
+        // A process that restores the ledger keeps the fence.
+        let ledger: Vec<(String, Vec<u8>)> = d
+            .entries
+            .iter()
+            .map(|(k, v)| (k.clone(), serde_json::to_vec(&v.entry).unwrap()))
+            .collect();
+        let (mut fresh, q) = setup(vec![], ParticipantPolicy::new("svc"));
+        fresh.restore(0, ledger).unwrap();
+        assert_eq!(fresh.fences, 1);
+        deliver(&mut fresh, &forward).await;
+        assert_eq!(*q.runs.lock().unwrap(), 0, "fenced after a restore");
     }
 
     #[tokio::test]

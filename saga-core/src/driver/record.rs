@@ -7,8 +7,11 @@ use crate::message::Envelope;
 use crate::trace::TraceContext;
 
 /// The header that says which kind of runtime record a record is, where one
-/// topic holds several kinds (a reply topic carries replies, saga state
-/// announcements and operator requests). Plain messages have no header.
+/// topic holds several kinds (a reply topic carries replies, start
+/// requests and operator requests). Plain messages have no header, and
+/// the Kafka runtime writes none on saga states and ledger entries either:
+/// they are read by key from compacted topics of their own (in a ledger
+/// topic, a record without it is a ledger entry).
 pub const RECORD_KIND_HEADER: &str = "saga-record";
 
 /// What a record is.
@@ -99,6 +102,19 @@ impl Record {
             topic: env.channel.clone(),
             key: env.key().to_owned(),
             value: Some(env.to_bytes()),
+            kind: RecordKind::Message,
+            partition: None,
+            traceparent: env.traceparent,
+        }
+    }
+
+    /// A message whose JSON, `json`, was encoded already (the text
+    /// [`Envelope::to_bytes`] writes for `env`).
+    pub(crate) fn message_text(env: &Envelope, json: &str) -> Self {
+        Self {
+            topic: env.channel.clone(),
+            key: env.key().to_owned(),
+            value: Some(json.as_bytes().to_vec()),
             kind: RecordKind::Message,
             partition: None,
             traceparent: env.traceparent,

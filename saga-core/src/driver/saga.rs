@@ -937,14 +937,7 @@ impl<D: SagaData> SagaDriver<D> {
                 Effect::Send(env) => records.push(match awaited_text(&t.instance, env) {
                     // The command the instance keeps, encoded once already:
                     // its text is the record's value.
-                    Some(json) => Record {
-                        topic: env.channel.clone(),
-                        key: env.key().to_owned(),
-                        value: Some(json.as_bytes().to_vec()),
-                        kind: RecordKind::Message,
-                        partition: None,
-                        traceparent: env.traceparent,
-                    },
+                    Some(json) => Record::message_text(env, json),
                     None => Record::message(env),
                 }),
                 Effect::DeadLetter(d) => {
@@ -1095,6 +1088,16 @@ mod tests {
             "{step}"
         );
         assert!(state.get("failure").is_none(), "{state}");
+        let mut settled = d.get(&SagaId::new("j-1")).unwrap().clone();
+        settled.awaiting = None;
+        let text = String::from_utf8(encode_state(&settled).unwrap()).unwrap();
+        assert!(!text.contains("awaiting"), "{text}");
+        assert_eq!(
+            decode_state::<Job>("j-1", text.as_bytes())
+                .unwrap()
+                .awaiting,
+            None
+        );
         // Earlier versions of the crate fail without these: always written.
         for field in ["timers", "event_seq"] {
             assert!(state.get(field).is_some(), "`{field}` missing: {state}");
