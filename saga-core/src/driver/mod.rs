@@ -38,7 +38,9 @@
 //!   when set, else to the partition of its key ([`partition_for`]), so a
 //!   saga's records share a partition number on every topic.
 //! - **Kinds.** Write [`Record::kind`] as the [`RECORD_KIND_HEADER`]
-//!   header and hand it back in [`Incoming::kind`].
+//!   header and hand it back in [`Incoming::kind`]. Records the drivers
+//!   restore from their own topics (saga states, ledger entries) are read
+//!   by key, and the kind may be left off them; the Kafka runtime does.
 //! - **Time.** Pass the wall-clock time in; the drivers never read a clock.
 //!
 //! Inputs a driver cannot handle (not an envelope, a reply to an unknown
