@@ -76,8 +76,9 @@ where
                         if std::mem::take(&mut refused) {
                             health.clear(&group, None);
                         }
-                        // The runtime's own records (a saga's state
-                        // announced on its reply topics) are not messages.
+                        // The runtime's own records on a saga's reply
+                        // topics (start and operator requests) are not
+                        // messages.
                         let runtime_record = m.headers().is_some_and(|h| {
                             h.iter().any(|h| h.key == saga_core::driver::RECORD_KIND_HEADER)
                         });

@@ -242,8 +242,10 @@ impl KafkaFixture {
             .expect("the record is written");
     }
 
-    /// Every committed envelope on `topic` (the runtime's own records, which
-    /// carry a record-kind header, left out).
+    /// Every committed envelope on `topic`: a message topic's (the start
+    /// and operator requests on a reply topic, which carry a record-kind
+    /// header, left out). Not for state or ledger topics, whose records
+    /// are not envelopes: see [`KafkaFixture::read_committed_records`].
     ///
     /// # Panics
     /// As [`KafkaFixture::read_committed_records`], or if a message record

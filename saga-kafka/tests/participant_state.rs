@@ -136,6 +136,9 @@ async fn killed_stateful_participant_resumes_from_its_snapshot() {
         if r.key == PARTICIPANT_STATE_KEY {
             assert_eq!(r.kind.as_deref(), Some("shard"));
             latest.insert(r.partition, serde_json::from_slice(&r.value).unwrap());
+        } else {
+            // Restored by key: ledger entries go without the header.
+            assert_eq!(r.kind, None, "ledger entry {}", r.key);
         }
     }
     let persisted: BTreeSet<String> = latest.into_values().flat_map(|s| s.ids).collect();

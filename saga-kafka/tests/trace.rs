@@ -83,13 +83,14 @@ async fn every_record_of_a_traced_saga_has_the_traceparent_header_and_participan
     // reserve, pay: two commands and two replies; two events.
     assert!(seen >= 6, "only {seen} records of the saga");
     // The saga's state record keeps its trace (in the JSON; no header:
-    // not a message).
+    // not a message), and goes without the kind header (restored by key).
     let state = bed.fx.read_committed_records(&t.state());
     let last = state
         .iter()
         .rev()
         .find(|r| r.key == "order-traced")
         .expect("the saga's state record");
+    assert_eq!((&last.kind, &last.traceparent), (&None, &None));
     let inst: serde_json::Value = serde_json::from_slice(&last.value).unwrap();
     let kept: TraceContext = inst["trace"].as_str().unwrap().parse().unwrap();
     assert_eq!(kept.trace_id(), parent.trace_id());

@@ -598,7 +598,10 @@ impl ParticipantDriver {
             Some(Entry::Answered { reply, .. }) => {
                 tracing::debug!(participant = %self.policy.name, message_id = %command.id, "duplicate command: answering again");
                 if let Some(reply) = reply {
-                    // Its channel, key and trace are in the text.
+                    // Its channel, key and trace are in the text. It was
+                    // encoded from an envelope (sent, or read back as one
+                    // by a restore), so it decodes; were it not to, the
+                    // saga's timeout would ask again.
                     match reply.decode() {
                         Ok(env) => out.push(Record::message_text(&env, reply.json())),
                         Err(e) => {

@@ -10,8 +10,9 @@ use crate::trace::TraceContext;
 /// topic holds several kinds (a reply topic carries replies, start
 /// requests and operator requests). Plain messages have no header, and
 /// the Kafka runtime writes none on saga states and ledger entries either:
-/// they are read by key from compacted topics of their own (in a ledger
-/// topic, a record without it is a ledger entry).
+/// they are restored by key from compacted topics of their own (a ledger
+/// topic's per-partition state is told from its entries by its key too;
+/// it keeps the header for other tools).
 pub const RECORD_KIND_HEADER: &str = "saga-record";
 
 /// What a record is.
@@ -20,8 +21,7 @@ pub const RECORD_KIND_HEADER: &str = "saga-record";
 pub enum RecordKind {
     /// An [`Envelope`] as JSON: a command, reply, event or dead letter (no header).
     Message,
-    /// A saga instance (in the saga's state topic, or announced on its reply
-    /// topics by a start).
+    /// A saga instance (in the saga's state topic, and nowhere else).
     SagaState,
     /// An operator's request for a saga (on its reply topic).
     Operator,
@@ -36,7 +36,8 @@ pub enum RecordKind {
 
 impl RecordKind {
     /// The value of the [`RECORD_KIND_HEADER`] header for this kind (`None`
-    /// for plain messages).
+    /// for plain messages; the Kafka runtime also leaves it off saga
+    /// states and ledger entries).
     pub fn header(self) -> Option<&'static str> {
         match self {
             RecordKind::Message => None,
@@ -84,7 +85,8 @@ pub struct Record {
     pub key: String,
     /// The bytes; `None` is a tombstone (deletes the key in a compacted topic).
     pub value: Option<Vec<u8>>,
-    /// What it is (written as the [`RECORD_KIND_HEADER`] header).
+    /// What it is (written as the [`RECORD_KIND_HEADER`] header where
+    /// its topic holds other kinds too; see [`RECORD_KIND_HEADER`]).
     pub kind: RecordKind,
     /// An explicit partition; `None`: the key's partition
     /// ([`partition_for`]).

@@ -107,11 +107,11 @@ fn drain(p: &Producer_, limit: Duration) {
 /// The [`RECORD_KIND_HEADER`] a record is written with: none for saga
 /// states and ledger entries. Their topics are compacted and read by key
 /// (a restore, the saga catalog), never by header: a state topic holds
-/// states only, and in a ledger topic a record without the header is a
-/// ledger entry (the participant's per-partition state keeps its `shard`
-/// header). Half of a saga's records are these, and a header costs the
-/// client a list of its own per record, allocated here and freed by
-/// librdkafka's thread once delivered.
+/// states only, and a restore tells a ledger topic's entries from the
+/// participant's per-partition state by key (the state keeps its `shard`
+/// header, for other tools). Half of a saga's records are these, and a
+/// header costs the client a list of its own per record, allocated here
+/// and freed by librdkafka's thread once delivered.
 fn kind_header(kind: RecordKind) -> Option<&'static str> {
     match kind {
         RecordKind::SagaState | RecordKind::Ledger => None,
