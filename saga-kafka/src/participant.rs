@@ -10,6 +10,7 @@
 //! partition is assigned, before any of its commands is handled.
 
 use std::collections::HashSet;
+use std::hash::{BuildHasher, RandomState};
 use std::time::Instant;
 
 use futures::StreamExt;
@@ -26,8 +27,11 @@ pub(crate) struct ParticipantProc {
     /// per saga: they run together (up to the policy's concurrency) when
     /// the batch ends or another command of one of their sagas arrives.
     pending: Vec<Attempt>,
-    /// The sagas of `pending` (their ids: the keys of their commands).
-    pending_sagas: HashSet<Vec<u8>>,
+    /// The sagas of `pending`, by a hash of their ids (the keys of their
+    /// commands): no copy of each id. Two ids with one hash only run the
+    /// queue early, which is always correct.
+    pending_sagas: HashSet<u64>,
+    hasher: RandomState,
 }
 
 impl ParticipantProc {
@@ -37,19 +41,25 @@ impl ParticipantProc {
             rt,
             pending: Vec::new(),
             pending_sagas: HashSet::new(),
+            hasher: RandomState::new(),
         }
+    }
+
+    /// The hash `pending_sagas` keeps of a saga id (a command's key).
+    fn saga_hash(&self, id: &[u8]) -> u64 {
+        self.hasher.hash_one(id)
     }
 
     /// Queues an attempt of the handler; a full queue (the policy's
     /// concurrency) runs at once.
     fn enqueue(&mut self, attempt: Attempt, out: &mut Vec<Record>) {
-        let saga = attempt.command().saga_id.as_str().as_bytes();
-        if self.pending_sagas.contains(saga) {
+        let saga = self.saga_hash(attempt.command().saga_id.as_str().as_bytes());
+        if self.pending_sagas.contains(&saga) {
             // (Not for commands keyed by their saga id, as the runtime
             // writes them: `on_message` ran the queue already.)
             self.run_pending(out);
         }
-        self.pending_sagas.insert(saga.to_vec());
+        self.pending_sagas.insert(saga);
         self.pending.push(attempt);
         if self.pending.len() >= self.driver.policy().concurrency.max(1) {
             self.run_pending(out);
@@ -139,7 +149,7 @@ impl Processor for ParticipantProc {
         // remembered attempt, a fence), which a queued command of the same
         // saga has not written yet: that one runs first.
         let queued = match msg.key {
-            Some(key) => self.pending_sagas.contains(key),
+            Some(key) => self.pending_sagas.contains(&self.saga_hash(key)),
             None => !self.pending.is_empty(),
         };
         if queued {

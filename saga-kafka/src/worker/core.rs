@@ -171,9 +171,10 @@ impl<P: Processor> Core<P> {
             return;
         }
         let key = (msg.topic.to_owned(), msg.partition as i32);
-        self.batch_start
-            .entry(key.clone())
-            .or_insert(msg.offset as i64);
+        // (A copy of the key only for a partition's first input of the batch.)
+        if !self.batch_start.contains_key(&key) {
+            self.batch_start.insert(key.clone(), msg.offset as i64);
+        }
         self.txn.begin();
         if self.txn.failed.is_some() {
             return;
@@ -187,7 +188,12 @@ impl<P: Processor> Core<P> {
         let now = Timestamp::now();
         let mut out = Vec::new();
         // The poison mark stays until the batch that rejects it commits.
-        match self.poison.get(&(topic.to_owned(), partition)) {
+        let poisoned = if self.poison.is_empty() {
+            None
+        } else {
+            self.poison.get(&key)
+        };
+        match poisoned {
             Some((o, why)) if *o == offset => {
                 tracing::error!(topic, partition, offset, %why, "input whose records the broker refuses: dead-lettered alone");
                 let why = why.clone();
