@@ -1,5 +1,6 @@
-//! The engine's own cost: pure-core transitions, and sagas end to end on the
-//! in-memory runtime. `cargo bench -p saga-core --bench engine`.
+//! The engine's own cost: pure-core transitions, sagas end to end on the
+//! in-memory runtime, and what a driver spends giving partitions up (a
+//! rebalance, a shutdown). `cargo bench -p saga-core --bench engine`.
 
 use std::time::Duration;
 
@@ -162,5 +163,102 @@ fn in_memory_runtime(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, pure_core, in_memory_runtime);
+/// Settled sagas and answered ledger entries a driver keeps per partition
+/// in the `release` benches: a quarter hour of a 100 sagas/s partition
+/// (the default settled retention).
+const KEPT_PER_PARTITION: usize = 90_000;
+
+/// A driver that restored three partitions of `KEPT_PER_PARTITION` settled
+/// sagas each.
+fn restored_saga_driver(settled: &[Vec<u8>]) -> saga_core::driver::SagaDriver<Order> {
+    let mut d = saga_core::driver::SagaDriver::new(order_saga());
+    for p in 0..3u32 {
+        d.restore_begin(p);
+        for (i, bytes) in settled.iter().enumerate() {
+            if i % 3 == p as usize {
+                d.restore_record(p, &format!("o-{i}"), Some(bytes), |_| {});
+            }
+        }
+        d.restore_end(p);
+    }
+    d
+}
+
+/// A participant driver that restored three partitions of
+/// `KEPT_PER_PARTITION` answered ledger entries each.
+fn restored_participant_driver(
+    entries: &[(String, Vec<u8>)],
+) -> saga_core::driver::ParticipantDriver {
+    let mut d = saga_core::driver::ParticipantDriver::new(
+        "inventory.requests",
+        ParticipantPolicy::new("inventory"),
+        std::sync::Arc::new(ScriptedParticipant::new(Scripted::Reply(json!({})))),
+    );
+    for p in 0..3u32 {
+        d.restore_begin(p);
+        for (i, (key, bytes)) in entries.iter().enumerate() {
+            if i % 3 == p as usize {
+                d.restore_record(p, key, Some(bytes));
+            }
+        }
+        d.restore_end(p).unwrap();
+    }
+    d
+}
+
+fn release(c: &mut Criterion) {
+    let def = order_saga();
+    let now = Timestamp::now();
+    let n = 3 * KEPT_PER_PARTITION;
+    // Settled sagas (each with its settled state record) and the ledger
+    // entries answering their commands.
+    let mut settled = Vec::with_capacity(n);
+    let mut entries = Vec::with_capacity(n);
+    for i in 0..n {
+        let t = def
+            .start(SagaId::new(format!("o-{i}")), order(i as u64), now)
+            .unwrap();
+        let cmd = t
+            .effects
+            .iter()
+            .find_map(|e| match e {
+                Effect::Send(env) if env.kind == MessageKind::Command => Some(env.clone()),
+                _ => None,
+            })
+            .unwrap();
+        let reply = cmd
+            .reply(ReplyOutcome::Success, json!({"status": "RESERVED"}), now)
+            .unwrap();
+        let entry = json!({"state": "answered", "reply": reply, "at": now});
+        entries.push((cmd.id.to_string(), serde_json::to_vec(&entry).unwrap()));
+        let done = def.handle(&t.instance, Input::Reply(reply), now).unwrap();
+        settled.push(saga_core::driver::encode_state(&done.instance).unwrap());
+    }
+    let mut g = c.benchmark_group("release");
+    g.sample_size(10);
+    g.throughput(Throughput::Elements(KEPT_PER_PARTITION as u64));
+    g.bench_function("saga_driver_one_of_three_partitions", |b| {
+        b.iter_batched(
+            || restored_saga_driver(&settled),
+            |mut d| {
+                d.release(&[1]);
+                d
+            },
+            BatchSize::PerIteration,
+        )
+    });
+    g.bench_function("participant_driver_one_of_three_partitions", |b| {
+        b.iter_batched(
+            || restored_participant_driver(&entries),
+            |mut d| {
+                d.release(&[1]);
+                d
+            },
+            BatchSize::PerIteration,
+        )
+    });
+    g.finish();
+}
+
+criterion_group!(benches, pure_core, in_memory_runtime, release);
 criterion_main!(benches);

@@ -352,8 +352,9 @@ pub struct ParticipantDriver {
     /// The command waiting for a local retry, by business key (at most one
     /// per step: a newer attempt supersedes it).
     retrying: HashMap<String, String>,
-    /// Entries that expire, by when they were written.
-    expiring: BTreeSet<(Timestamp, String)>,
+    /// Entries that expire, by when they were written, with their
+    /// partition (a release goes by it without looking each entry up).
+    expiring: BTreeSet<(Timestamp, String, u32)>,
     /// Restored entries written before entries carried their time: they
     /// count from the first time the driver is given (not from 1970).
     unstamped: Vec<String>,
@@ -541,16 +542,27 @@ impl ParticipantDriver {
 
     /// Gives up `partitions`: their ledger leaves memory.
     pub fn release(&mut self, partitions: &[u32]) {
-        let gone: Vec<String> = self
-            .entries
-            .iter()
-            .filter(|(_, k)| partitions.contains(&k.partition))
-            .map(|(key, _)| key.clone())
-            .collect();
-        for key in gone {
-            self.undo.remove(&key);
-            self.put(&key, None);
+        if partitions.is_empty() {
+            return;
         }
+        // One pass over each index, not a removal per entry: a partition
+        // keeps every entry within the dedupe horizon, and a rebalance or
+        // shutdown waits for this. The indexes hold keys of `entries`
+        // only.
+        let (undo, fences) = (&mut self.undo, &mut self.fences);
+        self.entries.retain(|key, kept| {
+            let keep = !partitions.contains(&kept.partition);
+            if !keep {
+                undo.remove(key);
+                *fences -= usize::from(matches!(kept.entry, Entry::Fenced { .. }));
+            }
+            keep
+        });
+        let entries = &self.entries;
+        self.expiring.retain(|(_, _, p)| !partitions.contains(p));
+        self.retries.retain(|(_, key)| entries.contains_key(key));
+        self.retrying.retain(|_, key| entries.contains_key(key));
+        self.unstamped.retain(|key| entries.contains_key(key));
         for p in partitions {
             if self.owned.remove(p) {
                 self.participant.revoke(*p);
@@ -655,7 +667,7 @@ impl ParticipantDriver {
             .expiring
             .iter()
             .next()
-            .map(|(at, _)| at.saturating_add(self.policy.dedupe_horizon));
+            .map(|(at, _, _)| at.saturating_add(self.policy.dedupe_horizon));
         match (retry, expiry) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
@@ -709,7 +721,7 @@ impl ParticipantDriver {
                     if *at == Timestamp::EPOCH =>
                 {
                     *at = now;
-                    self.expiring.insert((now, key));
+                    self.expiring.insert((now, key, kept.partition));
                 }
                 _ => {}
             }
@@ -719,16 +731,16 @@ impl ParticipantDriver {
     /// Deletes up to 500 ledger entries written before the dedupe horizon.
     fn expire(&mut self, now: Timestamp, out: &mut Vec<Record>) {
         for _ in 0..500 {
-            let Some((at, key)) = self.expiring.iter().next().cloned() else {
+            let Some((at, key, partition)) = self.expiring.iter().next().cloned() else {
                 return;
             };
             if at.saturating_add(self.policy.dedupe_horizon) > now {
                 return;
             }
-            let Some(partition) = self.entries.get(&key).map(|k| k.partition) else {
-                self.expiring.remove(&(at, key));
+            if !self.entries.contains_key(&key) {
+                self.expiring.remove(&(at, key, partition));
                 continue;
-            };
+            }
             out.push(
                 Record::new(&self.ledger_topic, key.clone(), None, RecordKind::Ledger)
                     .on_partition(partition),
@@ -1146,8 +1158,10 @@ impl ParticipantDriver {
     }
 
     fn put(&mut self, key: &str, new: Option<Kept>) {
-        if let Some(at) = self.entries.get(key).and_then(|k| k.entry.written_at()) {
-            self.expiring.remove(&(at, key.to_owned()));
+        if let Some(kept) = self.entries.get(key) {
+            if let Some(at) = kept.entry.written_at() {
+                self.expiring.remove(&(at, key.to_owned(), kept.partition));
+            }
         }
         if let Some(Kept {
             entry:
@@ -1172,7 +1186,7 @@ impl ParticipantDriver {
                 match kept.entry.written_at() {
                     Some(Timestamp::EPOCH) => self.unstamped.push(key.to_owned()),
                     Some(at) => {
-                        self.expiring.insert((at, key.to_owned()));
+                        self.expiring.insert((at, key.to_owned(), kept.partition));
                     }
                     None => {}
                 }
@@ -1749,6 +1763,47 @@ mod tests {
         d.release(&[1, 2]);
         assert_eq!(*p.0.lock().unwrap(), vec![1], "only a partition it held");
         assert!(d.owns(0) && !d.owns(1));
+    }
+
+    #[test]
+    fn releasing_one_partition_keeps_the_other_partitions_entries_fences_and_expiry() {
+        let policy = ParticipantPolicy::new("svc").dedupe_horizon(Duration::from_secs(60));
+        let mut d = ParticipantDriver::new("svc", policy, Arc::new(Scripted::default()));
+        let at = T0.as_millis();
+        let answered = format!(r#"{{"state":"answered","at":{at}}}"#);
+        let fenced = format!(r#"{{"state":"fenced","at":{at}}}"#);
+        for p in [0, 1] {
+            let records = vec![
+                (format!("answered-{p}"), answered.clone().into_bytes()),
+                (format!("fence/step-{p}"), fenced.clone().into_bytes()),
+            ];
+            d.restore(p, records).unwrap();
+        }
+        assert_eq!((d.entries.len(), d.fences), (4, 2));
+        d.release(&[0]);
+        assert!(!d.owns(0) && d.owns(1));
+        let mut kept: Vec<&str> = d.entries.keys().map(String::as_str).collect();
+        kept.sort_unstable();
+        assert_eq!(kept, ["answered-1", "fence/step-1"]);
+        assert_eq!(d.fences, 1, "the fence count follows the entries");
+        assert_eq!(d.expiring.len(), 2);
+        // Past the horizon, only partition 1's entries are deleted, in
+        // their own partition.
+        let mut out = Vec::new();
+        assert!(d
+            .take_due(T0.saturating_add(Duration::from_secs(61)), &mut out)
+            .is_none());
+        let mut tombstones: Vec<(&str, Option<u32>)> = out
+            .iter()
+            .filter(|r| r.value.is_none())
+            .map(|r| (r.key.as_str(), r.partition))
+            .collect();
+        tombstones.sort_unstable();
+        assert_eq!(
+            tombstones,
+            [("answered-1", Some(1)), ("fence/step-1", Some(1))]
+        );
+        assert_eq!((d.entries.len(), d.fences), (0, 0));
     }
 
     #[test]

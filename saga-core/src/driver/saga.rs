@@ -243,7 +243,9 @@ pub struct SagaDriver<D> {
     timers: BTreeSet<(Timestamp, SagaId, TimerId)>,
     /// Settled sagas: their partition and when they settled.
     settled: HashMap<SagaId, (u32, Timestamp)>,
-    settled_order: BTreeSet<(Timestamp, SagaId)>,
+    /// The settled sagas by when they settled, with their partition (a
+    /// release goes by it without looking each saga up).
+    settled_order: BTreeSet<(Timestamp, SagaId, u32)>,
     /// The value of each saga changed in the open batch before the batch.
     undo: HashMap<SagaId, Option<Owned<D>>>,
     settled_undo: Vec<SettledUndo>,
@@ -452,25 +454,26 @@ impl<D: SagaData> SagaDriver<D> {
 
     /// Gives up `partitions`: their sagas leave memory.
     pub fn release(&mut self, partitions: &[u32]) {
-        let gone: Vec<SagaId> = self
-            .sagas
-            .iter()
-            .filter(|(_, o)| partitions.contains(&o.partition))
-            .map(|(id, _)| id.clone())
-            .collect();
-        for id in gone {
-            self.undo.remove(&id);
-            self.put(&id, None);
+        if partitions.is_empty() {
+            return;
         }
-        let settled: Vec<SagaId> = self
-            .settled
-            .iter()
-            .filter(|(_, (p, _))| partitions.contains(p))
-            .map(|(id, _)| id.clone())
-            .collect();
-        for id in settled {
-            self.forget_settled(&id);
-        }
+        // One pass over each index, not a removal per saga: a partition
+        // remembers every saga settled within the retention (a quarter
+        // hour of its traffic by default), and a rebalance or shutdown
+        // waits for this.
+        let undo = &mut self.undo;
+        self.sagas.retain(|id, o| {
+            let keep = !partitions.contains(&o.partition);
+            if !keep {
+                undo.remove(id);
+            }
+            keep
+        });
+        let sagas = &self.sagas;
+        self.timers.retain(|(_, id, _)| sagas.contains_key(id));
+        self.settled.retain(|_, (p, _)| !partitions.contains(p));
+        self.settled_order
+            .retain(|(_, _, p)| !partitions.contains(p));
         for p in partitions {
             self.owned.remove(p);
             self.restoring.remove(p);
@@ -662,7 +665,7 @@ impl<D: SagaData> SagaDriver<D> {
             .settled_order
             .iter()
             .next()
-            .map(|(at, _)| at.saturating_add(self.settled_retention));
+            .map(|(at, _, _)| at.saturating_add(self.settled_retention));
         match (timer, expiry) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
@@ -713,13 +716,12 @@ impl<D: SagaData> SagaDriver<D> {
     fn expire(&mut self, now: Timestamp, out: &mut Vec<Record>) -> bool {
         let mut done = 0;
         while done < 500 {
-            let Some((at, id)) = self.settled_order.iter().next().cloned() else {
+            let Some((at, id, partition)) = self.settled_order.iter().next().cloned() else {
                 break;
             };
             if at.saturating_add(self.settled_retention) > now {
                 break;
             }
-            let partition = self.settled.get(&id).map_or(0, |(p, _)| *p);
             self.forget_settled(&id);
             out.push(
                 Record::new(&self.state_topic, id.as_str(), None, RecordKind::SagaState)
@@ -764,13 +766,13 @@ impl<D: SagaData> SagaDriver<D> {
     }
 
     fn remember_settled(&mut self, partition: u32, id: SagaId, at: Timestamp) {
-        self.settled_order.insert((at, id.clone()));
+        self.settled_order.insert((at, id.clone(), partition));
         self.settled.insert(id, (partition, at));
     }
 
     fn forget_settled(&mut self, id: &SagaId) {
-        if let Some((_, at)) = self.settled.remove(id) {
-            self.settled_order.remove(&(at, id.clone()));
+        if let Some((partition, at)) = self.settled.remove(id) {
+            self.settled_order.remove(&(at, id.clone(), partition));
         }
     }
 
@@ -1465,6 +1467,59 @@ mod tests {
         assert_eq!(report.sagas, 1);
         assert_eq!(report.corrupt.len(), 1);
         assert!(d.next_due().is_some());
+    }
+
+    #[test]
+    fn releasing_one_partition_keeps_the_other_partitions_sagas_timers_and_expiry() {
+        let mut d = driver();
+        let mut out = Vec::new();
+        for id in ["run-0", "done-0", "run-1", "done-1"] {
+            d.start(0, SagaId::new(id), Job::default(), T0, &mut out)
+                .unwrap();
+        }
+        let state = |id: &str, settled: bool| {
+            let bytes = out
+                .iter()
+                .find(|r| r.key == id && r.kind == RecordKind::SagaState)
+                .and_then(|r| r.value.clone())
+                .unwrap();
+            let mut instance: SagaInstance<Job> = serde_json::from_slice(&bytes).unwrap();
+            if settled {
+                instance.status = crate::SagaStatus::Completed;
+                instance.timers.clear();
+                instance.updated_at = T0;
+            }
+            serde_json::to_vec(&instance).unwrap()
+        };
+        let mut fresh =
+            SagaDriver::new(definition()).with_settled_retention(Duration::from_secs(60));
+        for p in [0, 1] {
+            let records = vec![
+                (format!("run-{p}"), state(&format!("run-{p}"), false)),
+                (format!("done-{p}"), state(&format!("done-{p}"), true)),
+            ];
+            let report = fresh.restore(p, records);
+            assert_eq!((report.sagas, report.settled), (1, 1), "{report:?}");
+        }
+        fresh.release(&[0]);
+        assert!(!fresh.owns(0) && fresh.owns(1));
+        assert!(fresh.get(&SagaId::new("run-0")).is_none());
+        assert!(!fresh.is_settled(&SagaId::new("done-0")));
+        assert!(fresh.get(&SagaId::new("run-1")).is_some());
+        assert!(fresh.is_settled(&SagaId::new("done-1")));
+        assert_eq!(fresh.len(), (1, 1));
+        assert_eq!(fresh.timers.len(), 1, "only partition 1's saga's timer");
+        // Past the retention, only partition 1's settled saga is deleted,
+        // in its own partition.
+        let mut expired = Vec::new();
+        assert!(fresh.on_due(T0.saturating_add(Duration::from_secs(61)), &mut expired));
+        let tombstones: Vec<(&str, Option<u32>)> = expired
+            .iter()
+            .filter(|r| r.value.is_none())
+            .map(|r| (r.key.as_str(), r.partition))
+            .collect();
+        assert_eq!(tombstones, [("done-1", Some(1))]);
+        assert!(!fresh.is_settled(&SagaId::new("done-1")));
     }
 
     #[test]
