@@ -247,6 +247,20 @@ fn release(c: &mut Criterion) {
             BatchSize::PerIteration,
         )
     });
+    g.bench_function("saga_driver_restore_one_partition_of_settled_sagas", |b| {
+        b.iter_batched(
+            || saga_core::driver::SagaDriver::new(order_saga()),
+            |mut d| {
+                d.restore_begin(1);
+                for (i, bytes) in settled.iter().enumerate().skip(1).step_by(3) {
+                    d.restore_record(1, &format!("o-{i}"), Some(bytes), |_| {});
+                }
+                d.restore_end(1);
+                d
+            },
+            BatchSize::PerIteration,
+        )
+    });
     g.bench_function("participant_driver_one_of_three_partitions", |b| {
         b.iter_batched(
             || restored_participant_driver(&entries),

@@ -8,7 +8,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use saga_core::driver::{
     decode_state, operator_record, partition_for, start_record_traced, state_topic, wait_settled,
-    Incoming, Record, SagaDriver, SagaService,
+    Incoming, Record, RestoredRecord, SagaDriver, SagaService,
 };
 use saga_core::{
     MessageId, Operation, Page, SagaData, SagaDefinition, SagaError, SagaId, SagaInstance,
@@ -127,8 +127,9 @@ pub(crate) struct SagaProc<D> {
     requests: mpsc::Receiver<SagaRequest<D>>,
     /// A request received by `has_request`, not taken yet.
     next: Option<SagaRequest<D>>,
-    /// Partitions being restored: the latest settled instances read.
-    restoring: HashMap<u32, VecDeque<Arc<SagaInstance<D>>>>,
+    /// Partitions being restored: the latest settled records read (key,
+    /// state), decoded for the view when the restore ends.
+    restoring: HashMap<u32, VecDeque<(String, Vec<u8>)>>,
 }
 
 impl<D: SagaData> SagaProc<D> {
@@ -230,30 +231,41 @@ impl<D: SagaData> Processor for SagaProc<D> {
 
     fn restore_record(&mut self, partition: u32, key: &str, value: Option<&[u8]>) {
         // Settled sagas stay readable from the view (the most recent
-        // ones), though the driver keeps only their ids: the latest
-        // settled ones read are kept until the restore ends.
-        let recent = self.restoring.entry(partition).or_default();
-        self.driver.restore_record(partition, key, value, |inst| {
-            if inst.status.is_final() {
-                recent.push_back(inst.clone());
-                if recent.len() > SETTLED_IN_VIEW {
-                    recent.pop_front();
-                }
+        // ones), though the driver keeps only their ids and does not
+        // decode them: the latest settled records read are kept, and
+        // decoded once the restore ends.
+        let settled = self.driver.restore_record(partition, key, value, |_| {});
+        if let (RestoredRecord::Settled, Some(bytes)) = (settled, value) {
+            let recent = self.restoring.entry(partition).or_default();
+            recent.push_back((key.to_owned(), bytes.to_vec()));
+            if recent.len() > SETTLED_IN_VIEW {
+                recent.pop_front();
             }
-        });
+        }
     }
 
     fn restore_end(&mut self, partition: u32) -> Result<(), String> {
         let report = self.driver.restore_end(partition);
         // The view gets the partition once it is read to its end: readers
         // never see a version a later record replaced.
-        let recent = self.restoring.remove(&partition).unwrap_or_default();
+        let recent: Vec<Arc<SagaInstance<D>>> = self
+            .restoring
+            .remove(&partition)
+            .unwrap_or_default()
+            .into_iter()
+            // Not if a later record deleted it or started it again.
+            .filter(|(key, _)| self.driver.is_settled(&SagaId::new(key.as_str())))
+            .filter_map(|(key, bytes)| match decode_state::<D>(&key, &bytes) {
+                Ok(inst) => Some(Arc::new(inst)),
+                Err(e) => {
+                    tracing::warn!(saga = %self.driver.definition().name(), partition, key, error = %e, "a settled saga's state does not read: not in the view (reads of it fail too)");
+                    None
+                }
+            })
+            .collect();
         let mut view = self.view.lock();
         for inst in &recent {
-            // Not if a later record deleted it or started it again.
-            if self.driver.is_settled(&inst.id) {
-                view.put(inst);
-            }
+            view.put(inst);
         }
         for inst in self.driver.instances_in(partition) {
             view.put(inst);

@@ -198,6 +198,34 @@ pub struct Restored {
     pub corrupt: Vec<(String, String)>,
 }
 
+/// What one record fed to [`SagaDriver::restore_record`] turned out to be.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum RestoredRecord {
+    /// A saga in progress (running, compensating or parked): installed,
+    /// and handed to the restore's `seen`.
+    InProgress,
+    /// A settled saga: remembered by id until its retention ends. Only its
+    /// id, status and time are read from the record, not the rest.
+    Settled,
+    /// A tombstone: the key holds nothing.
+    Deleted,
+    /// A record that cannot be read: skipped, and reported by
+    /// [`SagaDriver::restore_end`] unless a later record of its key
+    /// replaces it.
+    Unreadable,
+}
+
+/// What a restore needs of a settled saga's state record: the rest of it
+/// (its data, steps and history, most of the record) is skipped unread.
+#[derive(Deserialize)]
+struct StateHead<'a> {
+    #[serde(borrow)]
+    id: std::borrow::Cow<'a, str>,
+    status: crate::instance::SagaStatus,
+    updated_at: Timestamp,
+}
+
 /// A change the open batch made to the settled index, to undo.
 enum SettledUndo {
     /// A settled saga's state was deleted in the batch.
@@ -344,10 +372,13 @@ impl<D: SagaData> SagaDriver<D> {
         self.restore_with(partition, records, |_| {})
     }
 
-    /// Like [`SagaDriver::restore`], handing `seen` every instance read
-    /// (settled ones included: the driver keeps only their ids), for a
-    /// runtime that keeps a view for reads (sharing the instance, not a
-    /// copy).
+    /// Like [`SagaDriver::restore`], handing `seen` every saga in
+    /// progress read, for a runtime that keeps a view for reads (sharing
+    /// the instance, not a copy). Settled sagas are not decoded (the
+    /// driver keeps only their ids): a runtime that wants the latest of
+    /// them in its view feeds the records one by one
+    /// ([`SagaDriver::restore_record`] says which were settled) and
+    /// decodes those with [`decode_state`].
     pub fn restore_with(
         &mut self,
         partition: u32,
@@ -373,14 +404,17 @@ impl<D: SagaData> SagaDriver<D> {
     /// One record of a partition being restored (`value` `None`: a
     /// tombstone). A key's later record replaces what its earlier ones
     /// installed, so older versions and deleted sagas may be fed too.
-    /// `seen` gets the instance read, if any.
+    /// `seen` gets the instance read if it is in progress. A settled
+    /// saga's record is not decoded beyond its id, status and time (most
+    /// of what a partition holds after a while is sagas settled within the
+    /// retention); the answer says what the record was.
     pub fn restore_record(
         &mut self,
         partition: u32,
         key: &str,
         value: Option<&[u8]>,
         mut seen: impl FnMut(&Arc<SagaInstance<D>>),
-    ) {
+    ) -> RestoredRecord {
         if let Some(corrupt) = self.restoring.get_mut(&partition) {
             corrupt.remove(key);
         }
@@ -388,8 +422,16 @@ impl<D: SagaData> SagaDriver<D> {
         self.put(&id, None);
         self.forget_settled(&id);
         let Some(bytes) = value else {
-            return;
+            return RestoredRecord::Deleted;
         };
+        // A saga in progress, another key's state or an unreadable record
+        // is decoded in full (which says why it cannot be read).
+        if let Ok(head) = serde_json::from_slice::<StateHead<'_>>(bytes) {
+            if head.status.is_final() && head.id == key {
+                self.remember_settled(partition, id, head.updated_at);
+                return RestoredRecord::Settled;
+            }
+        }
         let decoded = decode_state::<D>(key, bytes).and_then(|instance| {
             if instance.id.as_str() == key {
                 Ok(kept(instance))
@@ -404,8 +446,9 @@ impl<D: SagaData> SagaDriver<D> {
         });
         match decoded {
             Ok(instance) if instance.status.is_final() => {
-                seen(&instance);
+                // Settled, though its head alone did not read.
                 self.remember_settled(partition, instance.id.clone(), instance.updated_at);
+                RestoredRecord::Settled
             }
             Ok(instance) => {
                 seen(&instance);
@@ -417,12 +460,14 @@ impl<D: SagaData> SagaDriver<D> {
                         instance,
                     }),
                 );
+                RestoredRecord::InProgress
             }
             Err(e) => {
                 self.restoring
                     .entry(partition)
                     .or_default()
                     .insert(key.to_owned(), e.to_string());
+                RestoredRecord::Unreadable
             }
         }
     }
@@ -1523,6 +1568,51 @@ mod tests {
     }
 
     #[test]
+    fn a_settled_state_is_restored_from_its_id_status_and_time_alone() {
+        let mut d = driver();
+        let mut out = Vec::new();
+        d.start(0, SagaId::new("s"), Job::default(), T0, &mut out)
+            .unwrap();
+        let state = out
+            .iter()
+            .find(|r| r.kind == RecordKind::SagaState)
+            .unwrap();
+        let mut settled: serde_json::Value =
+            serde_json::from_slice(state.value.as_deref().unwrap()).unwrap();
+        settled["status"] = serde_json::json!({"status": "completed"});
+        settled["updated_at"] = serde_json::json!(T0.as_millis());
+        // The rest is not read: not even data of another type.
+        settled["data"] = serde_json::json!("not a job");
+        let settled = serde_json::to_vec(&settled).unwrap();
+        let mut fresh = SagaDriver::<Job>::new(definition());
+        fresh.restore_begin(0);
+        assert_eq!(
+            fresh.restore_record(0, "s", Some(&settled), |_| panic!("not decoded")),
+            RestoredRecord::Settled
+        );
+        // Under another key it is read in full, and refused.
+        assert_eq!(
+            fresh.restore_record(0, "t", Some(&settled), |_| panic!("not decoded")),
+            RestoredRecord::Unreadable
+        );
+        let report = fresh.restore_end(0);
+        assert_eq!((report.sagas, report.settled), (0, 1), "{report:?}");
+        assert!(fresh.is_settled(&SagaId::new("s")));
+        assert_eq!(report.corrupt.len(), 1);
+        // Its retention runs from when it settled.
+        let mut expired = Vec::new();
+        assert!(fresh.on_due(
+            T0.saturating_add(Duration::from_secs(16 * 60)),
+            &mut expired
+        ));
+        assert_eq!(expired.len(), 1);
+        assert_eq!(
+            (expired[0].key.as_str(), expired[0].value.as_ref()),
+            ("s", None)
+        );
+    }
+
+    #[test]
     fn a_restore_fed_record_by_record_keeps_each_keys_latest_record() {
         let mut d = driver();
         let mut out = Vec::new();
@@ -1547,25 +1637,38 @@ mod tests {
         let mut feed = |d: &mut SagaDriver<Job>, key: &str, value: Option<&[u8]>| {
             d.restore_record(0, key, value, |_| seen += 1)
         };
+        use RestoredRecord::{Deleted, InProgress, Settled, Unreadable};
         // a: written twice, the later wins; b: in progress, then settled;
         // c: deleted by a tombstone; d: readable, then unreadable.
-        feed(&mut fresh, "a", Some(&state("a")));
-        feed(&mut fresh, "b", Some(&state("b")));
-        feed(&mut fresh, "c", Some(&state("c")));
-        feed(&mut fresh, "d", Some(&state("d")));
-        feed(&mut fresh, "e", Some(b"{"));
-        feed(&mut fresh, "a", Some(&state("a")));
-        feed(&mut fresh, "b", Some(&settled));
-        feed(&mut fresh, "c", None);
-        feed(&mut fresh, "d", Some(b"not json"));
-        feed(&mut fresh, "e", Some(&state("a")[..0]));
-        feed(&mut fresh, "e", None);
-        // f: a key holding another saga's state.
-        feed(&mut fresh, "f", Some(&state("a")));
+        let answers = [
+            feed(&mut fresh, "a", Some(&state("a"))),
+            feed(&mut fresh, "b", Some(&state("b"))),
+            feed(&mut fresh, "c", Some(&state("c"))),
+            feed(&mut fresh, "d", Some(&state("d"))),
+            feed(&mut fresh, "e", Some(b"{")),
+            feed(&mut fresh, "a", Some(&state("a"))),
+            feed(&mut fresh, "b", Some(&settled)),
+            feed(&mut fresh, "c", None),
+            feed(&mut fresh, "d", Some(b"not json")),
+            feed(&mut fresh, "e", Some(&state("a")[..0])),
+            feed(&mut fresh, "e", None),
+            // f: a key holding another saga's state.
+            feed(&mut fresh, "f", Some(&state("a"))),
+        ];
+        assert_eq!(
+            answers,
+            [
+                InProgress, InProgress, InProgress, InProgress, Unreadable, InProgress, Settled,
+                Deleted, Unreadable, Unreadable, Deleted, Unreadable
+            ]
+        );
         assert!(!fresh.owns(0), "not before the end");
         let report = fresh.restore_end(0);
         assert!(fresh.owns(0));
-        assert_eq!(seen, 6);
+        assert_eq!(
+            seen, 5,
+            "the sagas in progress read; the settled one is not decoded"
+        );
         assert_eq!((report.sagas, report.settled), (1, 1), "{report:?}");
         assert!(fresh.get(&SagaId::new("a")).is_some());
         assert!(fresh.get(&SagaId::new("b")).is_none() && fresh.is_settled(&SagaId::new("b")));
