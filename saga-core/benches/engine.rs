@@ -261,6 +261,29 @@ fn release(c: &mut Criterion) {
             BatchSize::PerIteration,
         )
     });
+    g.bench_function(
+        "participant_driver_restore_one_partition_of_answered_entries",
+        |b| {
+            b.iter_batched(
+                || {
+                    saga_core::driver::ParticipantDriver::new(
+                        "inventory.requests",
+                        ParticipantPolicy::new("inventory"),
+                        std::sync::Arc::new(ScriptedParticipant::new(Scripted::Reply(json!({})))),
+                    )
+                },
+                |mut d| {
+                    d.restore_begin(1);
+                    for (key, bytes) in entries.iter().skip(1).step_by(3) {
+                        d.restore_record(1, key, Some(bytes));
+                    }
+                    d.restore_end(1).unwrap();
+                    d
+                },
+                BatchSize::PerIteration,
+            )
+        },
+    );
     g.bench_function("participant_driver_one_of_three_partitions", |b| {
         b.iter_batched(
             || restored_participant_driver(&entries),

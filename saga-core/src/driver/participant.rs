@@ -242,14 +242,18 @@ impl Attempt {
 }
 
 /// What the ledger remembers of one command, or of one compensated step.
+///
+/// Written as an internally tagged enum (`"state"`), read through
+/// [`EntryFields`]: serde reads an internally tagged enum through a buffer
+/// of every field, which made a restore decode each kept reply as an
+/// [`Envelope`] and encode it again.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "state", rename_all = "snake_case")]
+#[serde(tag = "state", rename_all = "snake_case", try_from = "EntryFields")]
 enum Entry {
     /// Handled at `at`: the reply it got, sent again to a redelivery (none
     /// for a fire-and-forget command). Kept as the text its record was
     /// written with, encoded once for both.
     Answered {
-        #[serde(default, deserialize_with = "buffered_reply")]
         reply: Option<EncodedEnvelope>,
         #[serde(default)]
         at: Timestamp,
@@ -290,15 +294,74 @@ impl Entry {
     }
 }
 
-/// Reads an answered entry's reply. The entry is an internally tagged
-/// enum, read through serde's buffer, which an [`EncodedEnvelope`] cannot
-/// be read from directly: the reply is read as an [`Envelope`] (so an
-/// entry whose reply is not one stays unreadable, as before) and encoded.
-/// Only restores read entries.
-fn buffered_reply<'de, D: serde::Deserializer<'de>>(
-    d: D,
-) -> Result<Option<EncodedEnvelope>, D::Error> {
-    Ok(Option::<Envelope>::deserialize(d)?.map(|reply| EncodedEnvelope::encode(&reply)))
+/// The `"state"` of a ledger entry.
+#[derive(Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum EntryState {
+    Answered,
+    Remembered,
+    Retrying,
+    Fenced,
+}
+
+/// A ledger entry as read: the fields of every kind of [`Entry`] at once,
+/// read in place (a kept reply as its text, checked to be JSON with an
+/// envelope's `timestamp`), then checked against the entry's `state`.
+#[derive(Deserialize)]
+struct EntryFields {
+    state: EntryState,
+    #[serde(default)]
+    reply: Option<EncodedEnvelope>,
+    #[serde(default)]
+    at: Timestamp,
+    /// `Some(Value::Null)` for a `null` payload, `None` for none.
+    #[serde(default, deserialize_with = "present")]
+    payload: Option<Value>,
+    #[serde(default)]
+    command: Option<Box<Envelope>>,
+    #[serde(default)]
+    attempts: Option<u32>,
+    #[serde(default)]
+    first_attempt_at: Option<Timestamp>,
+    #[serde(default)]
+    next_attempt_at: Option<Timestamp>,
+    #[serde(default)]
+    last_error: Option<String>,
+}
+
+/// A field that is there, whatever its value (`null` included).
+fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Value>, D::Error> {
+    Value::deserialize(d).map(Some)
+}
+
+impl TryFrom<EntryFields> for Entry {
+    type Error = String;
+
+    fn try_from(f: EntryFields) -> Result<Self, String> {
+        let missing = |field: &str| format!("missing field `{field}`");
+        Ok(match f.state {
+            EntryState::Answered => Entry::Answered {
+                reply: f.reply,
+                at: f.at,
+            },
+            EntryState::Remembered => Entry::Remembered {
+                payload: f.payload.ok_or_else(|| missing("payload"))?,
+                at: f.at,
+            },
+            EntryState::Retrying => Entry::Retrying {
+                command: f.command.ok_or_else(|| missing("command"))?,
+                attempts: f.attempts.ok_or_else(|| missing("attempts"))?,
+                first_attempt_at: f
+                    .first_attempt_at
+                    .ok_or_else(|| missing("first_attempt_at"))?,
+                next_attempt_at: f
+                    .next_attempt_at
+                    .ok_or_else(|| missing("next_attempt_at"))?,
+                last_error: f.last_error.ok_or_else(|| missing("last_error"))?,
+            },
+            EntryState::Fenced => Entry::Fenced { at: f.at },
+        })
+    }
 }
 
 /// Writes `reply`, if there is one, and gives what the ledger keeps of
@@ -611,9 +674,10 @@ impl ParticipantDriver {
                 tracing::debug!(participant = %self.policy.name, message_id = %command.id, "duplicate command: answering again");
                 if let Some(reply) = reply {
                     // Its channel, key and trace are in the text. It was
-                    // encoded from an envelope (sent, or read back as one
-                    // by a restore), so it decodes; were it not to, the
-                    // saga's timeout would ask again.
+                    // encoded from an envelope when it was sent (a restore
+                    // only checks it is JSON with an envelope's timestamp),
+                    // so it decodes; were it not to, the saga's timeout
+                    // would ask again.
                     match reply.decode() {
                         Ok(env) => out.push(Record::message_text(&env, reply.json())),
                         Err(e) => {
@@ -1763,6 +1827,78 @@ mod tests {
         d.release(&[1, 2]);
         assert_eq!(*p.0.lock().unwrap(), vec![1], "only a partition it held");
         assert!(d.owns(0) && !d.owns(1));
+    }
+
+    #[test]
+    fn every_kind_of_ledger_entry_reads_back_as_written() {
+        let cmd = command(Some(("reserve", Phase::Forward)), 1, Some("job.replies"));
+        let reply = cmd
+            .reply(
+                ReplyOutcome::Success,
+                serde_json::json!({"ok": "a \"quoted\" é"}),
+                T0,
+            )
+            .unwrap();
+        let entries = [
+            Entry::Answered {
+                reply: Some(EncodedEnvelope::encode(&reply)),
+                at: T0,
+            },
+            Entry::Answered {
+                reply: None,
+                at: T0,
+            },
+            Entry::Remembered {
+                payload: Value::Null,
+                at: T0,
+            },
+            Entry::Remembered {
+                payload: serde_json::json!([1, {"a": null}]),
+                at: T0,
+            },
+            Entry::Retrying {
+                command: Box::new(cmd.clone()),
+                attempts: 2,
+                first_attempt_at: T0,
+                next_attempt_at: T0,
+                last_error: "busy".into(),
+            },
+            Entry::Fenced { at: T0 },
+        ];
+        for entry in entries {
+            let text = serde_json::to_string(&entry).unwrap();
+            let back: Entry = serde_json::from_str(&text).unwrap();
+            assert_eq!(back, entry, "{text}");
+            if let Entry::Answered { reply: Some(r), .. } = &back {
+                // The reply is kept as the very text it was written as.
+                assert!(text.contains(r.json()), "{text}");
+                assert_eq!(r.decode().unwrap(), reply);
+            }
+        }
+        // Entries written before `at` was kept read with no time.
+        let old: Entry = serde_json::from_str(r#"{"state":"fenced"}"#).unwrap();
+        assert_eq!(
+            old,
+            Entry::Fenced {
+                at: Timestamp::EPOCH
+            }
+        );
+        // What an entry of its kind needs, missing; an unknown kind; a
+        // reply without an envelope's timestamp: unreadable.
+        for junk in [
+            r#"{"state":"retrying","attempts":1}"#,
+            r#"{"state":"remembered","at":5}"#,
+            r#"{"state":"forgotten","at":5}"#,
+            r#"{"state":"answered","reply":{"x":1},"at":5}"#,
+            r#"{"at":5}"#,
+        ] {
+            let err = serde_json::from_str::<Entry>(junk).unwrap_err();
+            assert!(!err.to_string().is_empty(), "{junk}");
+        }
+        let err = serde_json::from_str::<Entry>(r#"{"state":"retrying","attempts":1}"#)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("missing field `command`"), "{err}");
     }
 
     #[test]
