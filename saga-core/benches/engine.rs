@@ -1,6 +1,7 @@
 //! The engine's own cost: pure-core transitions, sagas end to end on the
-//! in-memory runtime, and what a driver spends giving partitions up (a
-//! rebalance, a shutdown). `cargo bench -p saga-core --bench engine`.
+//! in-memory runtime, and what a driver spends taking a partition (a
+//! start, a rebalance) and giving one up (a rebalance, a shutdown).
+//! `cargo bench -p saga-core --bench engine`.
 
 use std::time::Duration;
 
@@ -163,9 +164,9 @@ fn in_memory_runtime(c: &mut Criterion) {
     g.finish();
 }
 
-/// Settled sagas and answered ledger entries a driver keeps per partition
-/// in the `release` benches: a quarter hour of a 100 sagas/s partition
-/// (the default settled retention).
+/// Records a driver keeps per partition in the `restore` and `release`
+/// benches: a quarter hour of a 100 sagas/s partition (the default
+/// settled retention; a ledger keeps an hour by default).
 const KEPT_PER_PARTITION: usize = 90_000;
 
 /// A driver that restored three partitions of `KEPT_PER_PARTITION` settled
@@ -206,18 +207,30 @@ fn restored_participant_driver(
     d
 }
 
-fn release(c: &mut Criterion) {
+/// A partition's worth of records, three times over (one per partition):
+/// the state records of settled sagas and of sagas in progress, and the
+/// ledger entries answering their commands.
+struct Kept {
+    settled: Vec<Vec<u8>>,
+    in_progress: Vec<Vec<u8>>,
+    entries: Vec<(String, Vec<u8>)>,
+}
+
+fn kept() -> Kept {
     let def = order_saga();
     let now = Timestamp::now();
     let n = 3 * KEPT_PER_PARTITION;
-    // Settled sagas (each with its settled state record) and the ledger
-    // entries answering their commands.
-    let mut settled = Vec::with_capacity(n);
-    let mut entries = Vec::with_capacity(n);
+    let mut kept = Kept {
+        settled: Vec::with_capacity(n),
+        in_progress: Vec::with_capacity(n),
+        entries: Vec::with_capacity(n),
+    };
     for i in 0..n {
         let t = def
             .start(SagaId::new(format!("o-{i}")), order(i as u64), now)
             .unwrap();
+        kept.in_progress
+            .push(saga_core::driver::encode_state(&t.instance).unwrap());
         let cmd = t
             .effects
             .iter()
@@ -230,39 +243,50 @@ fn release(c: &mut Criterion) {
             .reply(ReplyOutcome::Success, json!({"status": "RESERVED"}), now)
             .unwrap();
         let entry = json!({"state": "answered", "reply": reply, "at": now});
-        entries.push((cmd.id.to_string(), serde_json::to_vec(&entry).unwrap()));
+        kept.entries
+            .push((cmd.id.to_string(), serde_json::to_vec(&entry).unwrap()));
         let done = def.handle(&t.instance, Input::Reply(reply), now).unwrap();
-        settled.push(saga_core::driver::encode_state(&done.instance).unwrap());
+        kept.settled
+            .push(saga_core::driver::encode_state(&done.instance).unwrap());
     }
-    let mut g = c.benchmark_group("release");
+    kept
+}
+
+/// Restores partition 1 (every third record) of `states` into a new driver.
+fn restore_one_partition(states: &[Vec<u8>]) -> saga_core::driver::SagaDriver<Order> {
+    let mut d = saga_core::driver::SagaDriver::new(order_saga());
+    d.restore_begin(1);
+    for (i, bytes) in states.iter().enumerate().skip(1).step_by(3) {
+        d.restore_record(1, &format!("o-{i}"), Some(bytes), |_| {});
+    }
+    d.restore_end(1);
+    d
+}
+
+/// What a driver spends taking a partition (a start, a rebalance) and
+/// giving one up (a rebalance, a shutdown), with a quarter hour of a
+/// 100 sagas/s partition kept.
+fn restore_and_release(c: &mut Criterion) {
+    let kept = kept();
+    let mut g = c.benchmark_group("restore");
     g.sample_size(10);
     g.throughput(Throughput::Elements(KEPT_PER_PARTITION as u64));
-    g.bench_function("saga_driver_one_of_three_partitions", |b| {
+    g.bench_function("saga_driver_one_partition_of_settled_sagas", |b| {
         b.iter_batched(
-            || restored_saga_driver(&settled),
-            |mut d| {
-                d.release(&[1]);
-                d
-            },
+            || (),
+            |()| restore_one_partition(&kept.settled),
             BatchSize::PerIteration,
         )
     });
-    g.bench_function("saga_driver_restore_one_partition_of_settled_sagas", |b| {
+    g.bench_function("saga_driver_one_partition_of_sagas_in_progress", |b| {
         b.iter_batched(
-            || saga_core::driver::SagaDriver::new(order_saga()),
-            |mut d| {
-                d.restore_begin(1);
-                for (i, bytes) in settled.iter().enumerate().skip(1).step_by(3) {
-                    d.restore_record(1, &format!("o-{i}"), Some(bytes), |_| {});
-                }
-                d.restore_end(1);
-                d
-            },
+            || (),
+            |()| restore_one_partition(&kept.in_progress),
             BatchSize::PerIteration,
         )
     });
     g.bench_function(
-        "participant_driver_restore_one_partition_of_answered_entries",
+        "participant_driver_one_partition_of_answered_entries",
         |b| {
             b.iter_batched(
                 || {
@@ -274,7 +298,7 @@ fn release(c: &mut Criterion) {
                 },
                 |mut d| {
                     d.restore_begin(1);
-                    for (key, bytes) in entries.iter().skip(1).step_by(3) {
+                    for (key, bytes) in kept.entries.iter().skip(1).step_by(3) {
                         d.restore_record(1, key, Some(bytes));
                     }
                     d.restore_end(1).unwrap();
@@ -284,9 +308,24 @@ fn release(c: &mut Criterion) {
             )
         },
     );
+    g.finish();
+
+    let mut g = c.benchmark_group("release");
+    g.sample_size(10);
+    g.throughput(Throughput::Elements(KEPT_PER_PARTITION as u64));
+    g.bench_function("saga_driver_one_of_three_partitions", |b| {
+        b.iter_batched(
+            || restored_saga_driver(&kept.settled),
+            |mut d| {
+                d.release(&[1]);
+                d
+            },
+            BatchSize::PerIteration,
+        )
+    });
     g.bench_function("participant_driver_one_of_three_partitions", |b| {
         b.iter_batched(
-            || restored_participant_driver(&entries),
+            || restored_participant_driver(&kept.entries),
             |mut d| {
                 d.release(&[1]);
                 d
@@ -297,5 +336,5 @@ fn release(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, pure_core, in_memory_runtime, release);
+criterion_group!(benches, pure_core, in_memory_runtime, restore_and_release);
 criterion_main!(benches);

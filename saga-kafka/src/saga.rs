@@ -237,10 +237,18 @@ impl<D: SagaData> Processor for SagaProc<D> {
         let settled = self.driver.restore_record(partition, key, value, |_| {});
         if let (RestoredRecord::Settled, Some(bytes)) = (settled, value) {
             let recent = self.restoring.entry(partition).or_default();
-            recent.push_back((key.to_owned(), bytes.to_vec()));
-            if recent.len() > SETTLED_IN_VIEW {
-                recent.pop_front();
-            }
+            // Once the queue is full, the oldest record's buffers hold the
+            // newest.
+            let (mut k, mut v) = if recent.len() >= SETTLED_IN_VIEW {
+                recent.pop_front().unwrap_or_default()
+            } else {
+                Default::default()
+            };
+            k.clear();
+            k.push_str(key);
+            v.clear();
+            v.extend_from_slice(bytes);
+            recent.push_back((k, v));
         }
     }
 
@@ -575,5 +583,103 @@ impl<D: SagaData> SagaService<D> for KafkaSagas<D> {
             }
         })
         .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use saga_core::driver::encode_state;
+    use saga_core::{SagaStatus, Step};
+    use serde::{Deserialize, Serialize};
+
+    #[derive(Clone, Debug, Default, Serialize, Deserialize)]
+    struct Job {
+        n: u32,
+    }
+
+    fn definition() -> SagaDefinition<Job> {
+        SagaDefinition::<Job>::builder("job")
+            .step(Step::remote("call", "svc").command(|_: &Job| "CALL"))
+            .build()
+            .unwrap()
+    }
+
+    #[test]
+    fn a_restore_puts_the_latest_version_of_each_settled_saga_in_the_view() {
+        let def = definition();
+        let now = Timestamp::now();
+        let state = |id: &str, status: SagaStatus, version: u64| {
+            let mut inst = def
+                .start(SagaId::new(id), Job::default(), now)
+                .unwrap()
+                .instance;
+            inst.status = status;
+            inst.version = version;
+            if inst.status.is_settled() {
+                inst.timers.clear();
+                inst.awaiting = None;
+            }
+            encode_state(&inst).unwrap()
+        };
+        let done = SagaStatus::Completed;
+        let mut bad_data: serde_json::Value =
+            serde_json::from_slice(&state("d", done.clone(), 1)).unwrap();
+        bad_data["data"] = serde_json::json!("not a job");
+        let bad_data = serde_json::to_vec(&bad_data).unwrap();
+        let parked = state(
+            "f",
+            SagaStatus::Parked {
+                reason: "stuck".into(),
+            },
+            3,
+        );
+        let records: Vec<(&str, Option<Vec<u8>>)> = vec![
+            // a: settled twice, the later version counts.
+            ("a", Some(state("a", done.clone(), 1))),
+            ("a", Some(state("a", done.clone(), 2))),
+            // b: settled, then deleted.
+            ("b", Some(state("b", done.clone(), 1))),
+            ("b", None),
+            // c: settled, then started again.
+            ("c", Some(state("c", done.clone(), 1))),
+            ("c", Some(state("c", SagaStatus::Running, 1))),
+            // d: settled, with data that no longer reads.
+            ("d", Some(bad_data)),
+            // e: settled, then unreadable.
+            ("e", Some(state("e", done.clone(), 1))),
+            ("e", Some(b"{".to_vec())),
+            // f: parked (not settled for good: in progress).
+            ("f", Some(parked)),
+        ];
+        let view = Arc::new(View::new());
+        let (_tx, rx) = mpsc::channel();
+        let cfg = KafkaConfig::new("127.0.0.1:1");
+        let mut proc = SagaProc::new(def.clone(), &cfg, 1, view.clone(), rx);
+        proc.restore_begin(0);
+        for (key, value) in &records {
+            proc.restore_record(0, key, value.as_deref());
+        }
+        proc.restore_end(0).unwrap();
+        let seen = |id: &str| view.get(&SagaId::new(id)).map(|i| (i.status, i.version));
+        assert_eq!(seen("a"), Some((done.clone(), 2)));
+        assert_eq!(seen("b"), None);
+        assert_eq!(seen("c"), Some((SagaStatus::Running, 1)));
+        assert_eq!(seen("d"), None, "it does not read: not in the view");
+        assert!(
+            proc.driver.is_settled(&SagaId::new("d")),
+            "but remembered as settled"
+        );
+        assert_eq!(seen("e"), None);
+        assert!(!proc.driver.is_settled(&SagaId::new("e")));
+        assert_eq!(
+            seen("f"),
+            Some((
+                SagaStatus::Parked {
+                    reason: "stuck".into()
+                },
+                3
+            ))
+        );
     }
 }

@@ -610,8 +610,9 @@ impl ParticipantDriver {
         }
         // One pass over each index, not a removal per entry: a partition
         // keeps every entry within the dedupe horizon, and a rebalance or
-        // shutdown waits for this. The indexes hold keys of `entries`
-        // only.
+        // shutdown waits for this. The other indexes hold keys of
+        // `entries` (and `unstamped` perhaps keys since deleted, which go
+        // too).
         let (undo, fences) = (&mut self.undo, &mut self.fences);
         self.entries.retain(|key, kept| {
             let keep = !partitions.contains(&kept.partition);
@@ -1908,23 +1909,55 @@ mod tests {
         let at = T0.as_millis();
         let answered = format!(r#"{{"state":"answered","at":{at}}}"#);
         let fenced = format!(r#"{{"state":"fenced","at":{at}}}"#);
+        // Written before entries carried their time: stamped when first due.
+        let unstamped = r#"{"state":"answered"}"#;
+        // Waiting for a local retry a day away.
+        let retrying = |p: u32| {
+            let saga = SagaId::new(format!("s-{p}"));
+            let id = Envelope::command_id("job", &saga, "reserve", Phase::Forward, 1);
+            let mut cmd = Envelope::command(id, "svc", saga, "job", Value::Null, T0);
+            cmd.step = Some("reserve".into());
+            cmd.phase = Some(Phase::Forward);
+            let entry = Entry::Retrying {
+                command: Box::new(cmd),
+                attempts: 1,
+                first_attempt_at: T0,
+                next_attempt_at: T0.saturating_add(Duration::from_secs(86_400)),
+                last_error: "busy".into(),
+            };
+            serde_json::to_vec(&entry).unwrap()
+        };
         for p in [0, 1] {
             let records = vec![
                 (format!("answered-{p}"), answered.clone().into_bytes()),
                 (format!("fence/step-{p}"), fenced.clone().into_bytes()),
+                (format!("unstamped-{p}"), unstamped.as_bytes().to_vec()),
+                (format!("retrying-{p}"), retrying(p)),
             ];
             d.restore(p, records).unwrap();
         }
-        assert_eq!((d.entries.len(), d.fences), (4, 2));
+        assert_eq!((d.entries.len(), d.fences), (8, 2));
+        assert_eq!(
+            (d.retries.len(), d.retrying.len(), d.unstamped.len()),
+            (2, 2, 2)
+        );
         d.release(&[0]);
         assert!(!d.owns(0) && d.owns(1));
         let mut kept: Vec<&str> = d.entries.keys().map(String::as_str).collect();
         kept.sort_unstable();
-        assert_eq!(kept, ["answered-1", "fence/step-1"]);
+        assert_eq!(
+            kept,
+            ["answered-1", "fence/step-1", "retrying-1", "unstamped-1"]
+        );
         assert_eq!(d.fences, 1, "the fence count follows the entries");
         assert_eq!(d.expiring.len(), 2);
+        assert_eq!(
+            (d.retries.len(), d.retrying.len(), d.unstamped.len()),
+            (1, 1, 1)
+        );
+        assert_eq!(d.pending_retries(), 1);
         // Past the horizon, only partition 1's entries are deleted, in
-        // their own partition.
+        // their own partition (the unstamped one gets its time now).
         let mut out = Vec::new();
         assert!(d
             .take_due(T0.saturating_add(Duration::from_secs(61)), &mut out)
@@ -1939,7 +1972,7 @@ mod tests {
             tombstones,
             [("answered-1", Some(1)), ("fence/step-1", Some(1))]
         );
-        assert_eq!((d.entries.len(), d.fences), (0, 0));
+        assert_eq!((d.entries.len(), d.fences, d.expiring.len()), (2, 0, 1));
     }
 
     #[test]

@@ -194,7 +194,9 @@ pub struct Restored {
     pub sagas: usize,
     /// Settled sagas whose state is kept until their retention ends.
     pub settled: usize,
-    /// Records that could not be read: (key, why). They are skipped.
+    /// Records that could not be read: (key, why). They are skipped. Of a
+    /// settled saga's record only its id, status and time are decoded: the
+    /// rest is not checked here (a read of the saga fails instead).
     pub corrupt: Vec<(String, String)>,
 }
 
@@ -206,7 +208,8 @@ pub enum RestoredRecord {
     /// and handed to the restore's `seen`.
     InProgress,
     /// A settled saga: remembered by id until its retention ends. Only its
-    /// id, status and time are read from the record, not the rest.
+    /// id, status and time are decoded; the rest of the record is only
+    /// scanned as JSON.
     Settled,
     /// A tombstone: the key holds nothing.
     Deleted,
@@ -217,13 +220,25 @@ pub enum RestoredRecord {
 }
 
 /// What a restore needs of a settled saga's state record: the rest of it
-/// (its data, steps and history, most of the record) is skipped unread.
+/// (its data, steps and history, most of the record) is scanned as JSON,
+/// not decoded.
 #[derive(Deserialize)]
 struct StateHead<'a> {
     #[serde(borrow)]
     id: std::borrow::Cow<'a, str>,
     status: crate::instance::SagaStatus,
     updated_at: Timestamp,
+}
+
+/// Whether a state record may be a settled saga's: it holds the status of
+/// a completed or compensated saga as [`SagaInstance`] writes it. Text
+/// that merely contains it (in the saga's data) is read for its head and
+/// found not final; a record written with other spacing is decoded in
+/// full, which reads it as settled too.
+fn may_be_final(bytes: &[u8]) -> bool {
+    static FINAL: std::sync::LazyLock<memchr::memmem::Finder<'static>> =
+        std::sync::LazyLock::new(|| memchr::memmem::Finder::new(r#""status":{"status":"comp"#));
+    FINAL.find(bytes).is_some()
 }
 
 /// A change the open batch made to the settled index, to undo.
@@ -363,7 +378,8 @@ impl<D: SagaData> SagaDriver<D> {
     /// settled ones are only remembered until their retention ends (the
     /// state of those past it is deleted at the next
     /// [`on_due`](SagaDriver::on_due)). Records that cannot be read are
-    /// skipped and reported.
+    /// skipped and reported (of a settled saga's record only its id,
+    /// status and time are decoded).
     pub fn restore(
         &mut self,
         partition: u32,
@@ -425,11 +441,16 @@ impl<D: SagaData> SagaDriver<D> {
             return RestoredRecord::Deleted;
         };
         // A saga in progress, another key's state or an unreadable record
-        // is decoded in full (which says why it cannot be read).
-        if let Ok(head) = serde_json::from_slice::<StateHead<'_>>(bytes) {
-            if head.status.is_final() && head.id == key {
-                self.remember_settled(partition, id, head.updated_at);
-                return RestoredRecord::Settled;
+        // is decoded in full (which says why it cannot be read). Only a
+        // record that says it is completed or compensated, as an instance
+        // writes its status, is read for its head first: a saga in
+        // progress is not read twice.
+        if may_be_final(bytes) {
+            if let Ok(head) = serde_json::from_slice::<StateHead<'_>>(bytes) {
+                if head.status.is_final() && head.id == key {
+                    self.remember_settled(partition, id, head.updated_at);
+                    return RestoredRecord::Settled;
+                }
             }
         }
         let decoded = decode_state::<D>(key, bytes).and_then(|instance| {
@@ -446,7 +467,8 @@ impl<D: SagaData> SagaDriver<D> {
         });
         match decoded {
             Ok(instance) if instance.status.is_final() => {
-                // Settled, though its head alone did not read.
+                // A settled saga's record written with other spacing (the
+                // head of a record this crate writes always reads).
                 self.remember_settled(partition, instance.id.clone(), instance.updated_at);
                 RestoredRecord::Settled
             }
@@ -1595,21 +1617,67 @@ mod tests {
             fresh.restore_record(0, "t", Some(&settled), |_| panic!("not decoded")),
             RestoredRecord::Unreadable
         );
+        // Cut short, or with more after it: unreadable, not settled.
+        let cut = &settled[..settled.len() - 1];
+        let mut trailing = settled.clone();
+        trailing.extend_from_slice(b" {}");
+        for bad in [cut, &trailing[..]] {
+            assert_eq!(
+                fresh.restore_record(0, "u", Some(bad), |_| panic!("not decoded")),
+                RestoredRecord::Unreadable
+            );
+        }
         let report = fresh.restore_end(0);
         assert_eq!((report.sagas, report.settled), (0, 1), "{report:?}");
         assert!(fresh.is_settled(&SagaId::new("s")));
-        assert_eq!(report.corrupt.len(), 1);
-        // Its retention runs from when it settled.
-        let mut expired = Vec::new();
-        assert!(fresh.on_due(
-            T0.saturating_add(Duration::from_secs(16 * 60)),
-            &mut expired
-        ));
-        assert_eq!(expired.len(), 1);
+        let corrupt: Vec<&str> = report.corrupt.iter().map(|(k, _)| k.as_str()).collect();
+        assert_eq!(corrupt, ["t", "u"]);
+        // Its retention runs from when it settled, as its record says.
         assert_eq!(
-            (expired[0].key.as_str(), expired[0].value.as_ref()),
-            ("s", None)
+            fresh.next_due(),
+            Some(T0.saturating_add(DEFAULT_SETTLED_RETENTION))
         );
+    }
+
+    #[test]
+    fn a_restore_hands_sagas_in_progress_and_parked_to_seen_and_reads_escaped_ids() {
+        let mut d = driver();
+        let mut out = Vec::new();
+        let id = "quote\"d-\u{e9}";
+        d.start(0, SagaId::new(id), Job::default(), T0, &mut out)
+            .unwrap();
+        let state = out
+            .iter()
+            .find(|r| r.kind == RecordKind::SagaState)
+            .unwrap();
+        let running = state.value.clone().unwrap();
+        assert!(
+            std::str::from_utf8(&running)
+                .unwrap()
+                .contains(r#"quote\"d"#),
+            "an escaped id"
+        );
+        let mut parked: SagaInstance<Job> = serde_json::from_slice(&running).unwrap();
+        parked.status = crate::SagaStatus::Parked {
+            reason: "stuck".into(),
+        };
+        let parked = serde_json::to_vec(&parked).unwrap();
+        let mut settled: SagaInstance<Job> = serde_json::from_slice(&running).unwrap();
+        settled.status = crate::SagaStatus::Compensated;
+        settled.timers.clear();
+        let settled = serde_json::to_vec(&settled).unwrap();
+        let mut fresh = SagaDriver::<Job>::new(definition());
+        fresh.restore_begin(0);
+        let mut seen = Vec::new();
+        let mut feed = |d: &mut SagaDriver<Job>, value: &[u8]| {
+            d.restore_record(0, id, Some(value), |i| seen.push(i.status.name()))
+        };
+        assert_eq!(feed(&mut fresh, &running), RestoredRecord::InProgress);
+        assert_eq!(feed(&mut fresh, &parked), RestoredRecord::InProgress);
+        assert_eq!(feed(&mut fresh, &settled), RestoredRecord::Settled);
+        assert_eq!(seen, ["running", "parked"]);
+        fresh.restore_end(0);
+        assert!(fresh.is_settled(&SagaId::new(id)));
     }
 
     #[test]
