@@ -595,7 +595,7 @@ mod tests {
 
     #[derive(Clone, Debug, Default, Serialize, Deserialize)]
     struct Job {
-        n: u32,
+        note: String,
     }
 
     fn definition() -> SagaDefinition<Job> {
@@ -680,6 +680,52 @@ mod tests {
                 },
                 3
             ))
+        );
+    }
+
+    #[test]
+    fn a_restore_keeps_the_last_settled_sagas_of_a_partition_for_the_view() {
+        let def = definition();
+        let now = Timestamp::now();
+        let settled = |i: usize, note: &str| {
+            let job = Job { note: note.into() };
+            let mut inst = def
+                .start(SagaId::new(format!("s-{i}")), job, now)
+                .unwrap()
+                .instance;
+            inst.status = SagaStatus::Completed;
+            inst.timers.clear();
+            inst.awaiting = None;
+            encode_state(&inst).unwrap()
+        };
+        let view = Arc::new(View::new());
+        let (_tx, rx) = mpsc::channel();
+        let cfg = KafkaConfig::new("127.0.0.1:1");
+        let mut proc = SagaProc::new(def.clone(), &cfg, 1, view.clone(), rx);
+        proc.restore_begin(0);
+        // The first record is long; the last one, read into its buffers
+        // once the queue is full, is short.
+        let n = SETTLED_IN_VIEW + 1;
+        for i in 0..n {
+            let note = if i == 0 {
+                "x".repeat(4_000)
+            } else {
+                format!("{i}")
+            };
+            proc.restore_record(0, &format!("s-{i}"), Some(&settled(i, &note)));
+        }
+        proc.restore_end(0).unwrap();
+        let note = |i: usize| {
+            view.get(&SagaId::new(format!("s-{i}")))
+                .map(|s| s.data.note)
+        };
+        assert_eq!(note(0), None, "the oldest left the queue");
+        assert_eq!(note(1).as_deref(), Some("1"));
+        assert_eq!(note(n - 1), Some(format!("{}", n - 1)));
+        assert_eq!(view.snapshot().len(), SETTLED_IN_VIEW);
+        assert!(
+            proc.driver.is_settled(&SagaId::new("s-0")),
+            "still remembered"
         );
     }
 }

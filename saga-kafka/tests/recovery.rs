@@ -36,7 +36,8 @@ async fn restarted_orchestrator_restores_sagas_and_fires_their_timers() {
     let first = bed.runtime("orchestrator-0");
     let orders = bed.orders(&first, backoff).await;
     let n = 20;
-    let ready_at = Timestamp::now().as_millis() + 5_000;
+    // Far enough off for the straight-through half to settle first.
+    let ready_at = Timestamp::now().as_millis() + 15_000;
     let mut ids = Vec::new();
     for i in 0..n {
         let mut order = Order::new(100 + i);

@@ -234,11 +234,16 @@ struct StateHead<'a> {
 /// a completed or compensated saga as [`SagaInstance`] writes it. Text
 /// that merely contains it (in the saga's data) is read for its head and
 /// found not final; a record written with other spacing is decoded in
-/// full, which reads it as settled too.
+/// full, which reads it as settled if its data still reads (else it is
+/// unreadable, as every record was before heads were read).
 fn may_be_final(bytes: &[u8]) -> bool {
-    static FINAL: std::sync::LazyLock<memchr::memmem::Finder<'static>> =
-        std::sync::LazyLock::new(|| memchr::memmem::Finder::new(r#""status":{"status":"comp"#));
-    FINAL.find(bytes).is_some()
+    use memchr::memmem::Finder;
+    use std::sync::LazyLock;
+    static COMPLETED: LazyLock<Finder<'static>> =
+        LazyLock::new(|| Finder::new(r#""status":{"status":"completed"}"#));
+    static COMPENSATED: LazyLock<Finder<'static>> =
+        LazyLock::new(|| Finder::new(r#""status":{"status":"compensated"}"#));
+    COMPLETED.find(bytes).is_some() || COMPENSATED.find(bytes).is_some()
 }
 
 /// A change the open batch made to the settled index, to undo.
@@ -1602,7 +1607,8 @@ mod tests {
         let mut settled: serde_json::Value =
             serde_json::from_slice(state.value.as_deref().unwrap()).unwrap();
         settled["status"] = serde_json::json!({"status": "completed"});
-        settled["updated_at"] = serde_json::json!(T0.as_millis());
+        let settled_at = T0.saturating_add(Duration::from_secs(1));
+        settled["updated_at"] = serde_json::json!(settled_at.as_millis());
         // The rest is not read: not even data of another type.
         settled["data"] = serde_json::json!("not a job");
         let settled = serde_json::to_vec(&settled).unwrap();
@@ -1617,26 +1623,56 @@ mod tests {
             fresh.restore_record(0, "t", Some(&settled), |_| panic!("not decoded")),
             RestoredRecord::Unreadable
         );
-        // Cut short, or with more after it: unreadable, not settled.
-        let cut = &settled[..settled.len() - 1];
-        let mut trailing = settled.clone();
-        trailing.extend_from_slice(b" {}");
-        for bad in [cut, &trailing[..]] {
-            assert_eq!(
-                fresh.restore_record(0, "u", Some(bad), |_| panic!("not decoded")),
-                RestoredRecord::Unreadable
-            );
-        }
         let report = fresh.restore_end(0);
         assert_eq!((report.sagas, report.settled), (0, 1), "{report:?}");
         assert!(fresh.is_settled(&SagaId::new("s")));
         let corrupt: Vec<&str> = report.corrupt.iter().map(|(k, _)| k.as_str()).collect();
-        assert_eq!(corrupt, ["t", "u"]);
-        // Its retention runs from when it settled, as its record says.
+        assert_eq!(corrupt, ["t"]);
+        // Its retention runs from when it settled (not when it started),
+        // as its record says.
         assert_eq!(
             fresh.next_due(),
-            Some(T0.saturating_add(DEFAULT_SETTLED_RETENTION))
+            Some(settled_at.saturating_add(DEFAULT_SETTLED_RETENTION))
         );
+        // Under its own key but cut short, or with more after it:
+        // unreadable, not settled.
+        let cut = &settled[..settled.len() - 1];
+        let mut trailing = settled.clone();
+        trailing.extend_from_slice(b" {}");
+        for bad in [cut, &trailing[..]] {
+            let mut other = SagaDriver::<Job>::new(definition());
+            other.restore_begin(0);
+            assert_eq!(
+                other.restore_record(0, "s", Some(bad), |_| panic!("not decoded")),
+                RestoredRecord::Unreadable
+            );
+            assert!(!other.is_settled(&SagaId::new("s")));
+        }
+    }
+
+    #[test]
+    fn only_the_records_of_completed_and_compensated_sagas_are_read_for_their_head() {
+        let def = definition();
+        let mut inst = def
+            .start(SagaId::new("s"), Job::default(), T0)
+            .unwrap()
+            .instance;
+        for (status, settled) in [
+            (crate::SagaStatus::Running, false),
+            (crate::SagaStatus::Compensating, false),
+            (
+                crate::SagaStatus::Parked {
+                    reason: "stuck".into(),
+                },
+                false,
+            ),
+            (crate::SagaStatus::Completed, true),
+            (crate::SagaStatus::Compensated, true),
+        ] {
+            inst.status = status;
+            let bytes = encode_state(&inst).unwrap();
+            assert_eq!(may_be_final(&bytes), settled, "{}", inst.status);
+        }
     }
 
     #[test]
@@ -1665,6 +1701,9 @@ mod tests {
         let mut settled: SagaInstance<Job> = serde_json::from_slice(&running).unwrap();
         settled.status = crate::SagaStatus::Compensated;
         settled.timers.clear();
+        // Data that does not read: only the head can say it is settled.
+        let mut settled = serde_json::to_value(&settled).unwrap();
+        settled["data"] = serde_json::json!("not a job");
         let settled = serde_json::to_vec(&settled).unwrap();
         let mut fresh = SagaDriver::<Job>::new(definition());
         fresh.restore_begin(0);
