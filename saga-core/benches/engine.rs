@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
-use saga_core::driver::{Effect, Input};
+use saga_core::driver::{Effect, Input, Transition};
 use saga_core::testing::{Scripted, ScriptedParticipant};
 use saga_core::*;
 use serde::{Deserialize, Serialize};
@@ -62,6 +62,22 @@ fn order(id: u64) -> Order {
     }
 }
 
+/// The command a transition sends, and its participant's success reply.
+fn command_and_reply(t: &Transition<Order>, now: Timestamp) -> (Envelope, Envelope) {
+    let cmd = t
+        .effects
+        .iter()
+        .find_map(|e| match e {
+            Effect::Send(env) if env.kind == MessageKind::Command => Some(env.clone()),
+            _ => None,
+        })
+        .unwrap();
+    let reply = cmd
+        .reply(ReplyOutcome::Success, json!({"status": "RESERVED"}), now)
+        .unwrap();
+    (cmd, reply)
+}
+
 fn pure_core(c: &mut Criterion) {
     let def = order_saga();
     let now = Timestamp::from_millis(1_700_000_000_000);
@@ -91,17 +107,7 @@ fn pure_core(c: &mut Criterion) {
     // counts).
     g.bench_function("one_transition_reply_to_completed", |b| {
         let t = def.start(SagaId::new("o-1"), order(1), now).unwrap();
-        let cmd = t
-            .effects
-            .iter()
-            .find_map(|e| match e {
-                Effect::Send(env) if env.kind == MessageKind::Command => Some(env.clone()),
-                _ => None,
-            })
-            .unwrap();
-        let reply = cmd
-            .reply(ReplyOutcome::Success, json!({"status": "RESERVED"}), now)
-            .unwrap();
+        let (_, reply) = command_and_reply(&t, now);
         b.iter_batched(
             || reply.clone(),
             |reply| def.handle(&t.instance, Input::Reply(reply), now).unwrap(),
@@ -231,17 +237,7 @@ fn kept() -> Kept {
             .unwrap();
         kept.in_progress
             .push(saga_core::driver::encode_state(&t.instance).unwrap());
-        let cmd = t
-            .effects
-            .iter()
-            .find_map(|e| match e {
-                Effect::Send(env) if env.kind == MessageKind::Command => Some(env.clone()),
-                _ => None,
-            })
-            .unwrap();
-        let reply = cmd
-            .reply(ReplyOutcome::Success, json!({"status": "RESERVED"}), now)
-            .unwrap();
+        let (cmd, reply) = command_and_reply(&t, now);
         let entry = json!({"state": "answered", "reply": reply, "at": now});
         kept.entries
             .push((cmd.id.to_string(), serde_json::to_vec(&entry).unwrap()));

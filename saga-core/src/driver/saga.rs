@@ -1129,6 +1129,15 @@ mod tests {
             .unwrap()
     }
 
+    /// The latest state record of saga `id` among `out`.
+    fn state_record(out: &[Record], id: &str) -> Vec<u8> {
+        out.iter()
+            .rev()
+            .find(|r| r.key == id && r.kind == RecordKind::SagaState)
+            .and_then(|r| r.value.clone())
+            .expect("a state record")
+    }
+
     fn driver() -> SagaDriver<Job> {
         let mut d = SagaDriver::new(definition()).with_settled_retention(Duration::from_secs(60));
         d.restore(0, Vec::new());
@@ -1550,11 +1559,7 @@ mod tests {
                 .unwrap();
         }
         let state = |id: &str, settled: bool| {
-            let bytes = out
-                .iter()
-                .find(|r| r.key == id && r.kind == RecordKind::SagaState)
-                .and_then(|r| r.value.clone())
-                .unwrap();
+            let bytes = state_record(&out, id);
             let mut instance: SagaInstance<Job> = serde_json::from_slice(&bytes).unwrap();
             if settled {
                 instance.status = crate::SagaStatus::Completed;
@@ -1600,12 +1605,8 @@ mod tests {
         let mut out = Vec::new();
         d.start(0, SagaId::new("s"), Job::default(), T0, &mut out)
             .unwrap();
-        let state = out
-            .iter()
-            .find(|r| r.kind == RecordKind::SagaState)
-            .unwrap();
         let mut settled: serde_json::Value =
-            serde_json::from_slice(state.value.as_deref().unwrap()).unwrap();
+            serde_json::from_slice(&state_record(&out, "s")).unwrap();
         settled["status"] = serde_json::json!({"status": "completed"});
         let settled_at = T0.saturating_add(Duration::from_secs(1));
         settled["updated_at"] = serde_json::json!(settled_at.as_millis());
@@ -1682,11 +1683,7 @@ mod tests {
         let id = "quote\"d-\u{e9}";
         d.start(0, SagaId::new(id), Job::default(), T0, &mut out)
             .unwrap();
-        let state = out
-            .iter()
-            .find(|r| r.kind == RecordKind::SagaState)
-            .unwrap();
-        let running = state.value.clone().unwrap();
+        let running = state_record(&out, id);
         assert!(
             std::str::from_utf8(&running)
                 .unwrap()
@@ -1727,12 +1724,7 @@ mod tests {
             d.start(0, SagaId::new(id), Job::default(), T0, &mut out)
                 .unwrap();
         }
-        let state = |id: &str| {
-            out.iter()
-                .find(|r| r.key == id && r.kind == RecordKind::SagaState)
-                .and_then(|r| r.value.clone())
-                .unwrap()
-        };
+        let state = |id: &str| state_record(&out, id);
         let mut settled: SagaInstance<Job> = serde_json::from_slice(&state("b")).unwrap();
         settled.status = crate::SagaStatus::Completed;
         let settled = serde_json::to_vec(&settled).unwrap();
