@@ -622,6 +622,12 @@ impl ParticipantDriver {
             }
             keep
         });
+        // Entries the open batch deleted (expired): a rollback after the
+        // release must not bring back those of a partition given up.
+        self.undo.retain(|_, old| {
+            old.as_ref()
+                .is_none_or(|kept| !partitions.contains(&kept.partition))
+        });
         let entries = &self.entries;
         self.expiring.retain(|(_, _, p)| !partitions.contains(p));
         self.retries.retain(|(_, key)| entries.contains_key(key));
@@ -1900,6 +1906,52 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("missing field `command`"), "{err}");
+    }
+
+    #[test]
+    fn a_rollback_after_a_release_does_not_bring_back_the_released_partitions_expired_entries() {
+        let policy = ParticipantPolicy::new("svc").dedupe_horizon(Duration::from_secs(60));
+        let mut d = ParticipantDriver::new("svc", policy, Arc::new(Scripted::default()));
+        let at = T0.as_millis();
+        let answered = format!(r#"{{"state":"answered","at":{at}}}"#).into_bytes();
+        let fenced = format!(r#"{{"state":"fenced","at":{at}}}"#).into_bytes();
+        for p in [0, 1] {
+            let records = vec![
+                (format!("answered-{p}"), answered.clone()),
+                (format!("fence/step-{p}"), fenced.clone()),
+            ];
+            d.restore(p, records).unwrap();
+        }
+        // The open batch deletes all four, past the horizon, then
+        // partition 0 goes and the batch aborts.
+        let mut out = Vec::new();
+        let past = T0.saturating_add(Duration::from_secs(61));
+        assert!(d.take_due(past, &mut out).is_none());
+        assert_eq!(out.len(), 4, "every entry deleted");
+        assert_eq!((d.entries.len(), d.fences), (0, 0));
+        d.release(&[0]);
+        d.rolled_back();
+        let mut kept: Vec<&str> = d.entries.keys().map(String::as_str).collect();
+        kept.sort_unstable();
+        assert_eq!(
+            kept,
+            ["answered-1", "fence/step-1"],
+            "only the kept partition's"
+        );
+        assert_eq!(d.fences, 1, "the fence count follows the entries");
+        assert_eq!(d.expiring.len(), 2);
+        // Their deletion is due again, in their own partition only.
+        let mut again = Vec::new();
+        assert!(d.take_due(past, &mut again).is_none());
+        let mut deleted: Vec<(&str, Option<u32>)> = again
+            .iter()
+            .map(|r| (r.key.as_str(), r.partition))
+            .collect();
+        deleted.sort_unstable();
+        assert_eq!(
+            deleted,
+            [("answered-1", Some(1)), ("fence/step-1", Some(1))]
+        );
     }
 
     #[test]

@@ -546,6 +546,10 @@ impl<D: SagaData> SagaDriver<D> {
         self.settled.retain(|_, (p, _)| !partitions.contains(p));
         self.settled_order
             .retain(|(_, _, p)| !partitions.contains(p));
+        // Settled sagas the open batch deleted: a rollback after the
+        // release must not bring back those of a partition given up.
+        self.settled_undo
+            .retain(|SettledUndo::Expired(_, p, _)| !partitions.contains(p));
         for p in partitions {
             self.owned.remove(p);
             self.restoring.remove(p);
@@ -1597,6 +1601,54 @@ mod tests {
             .collect();
         assert_eq!(tombstones, [("done-1", Some(1))]);
         assert!(!fresh.is_settled(&SagaId::new("done-1")));
+    }
+
+    #[test]
+    fn a_rollback_after_a_release_does_not_bring_back_the_released_partitions_expired_sagas() {
+        let mut d =
+            SagaDriver::<Job>::new(definition()).with_settled_retention(Duration::from_secs(60));
+        let settled = |id: &str| {
+            let mut out = Vec::new();
+            let mut scratch = driver();
+            scratch
+                .start(0, SagaId::new(id), Job::default(), T0, &mut out)
+                .unwrap();
+            let mut state: serde_json::Value =
+                serde_json::from_slice(&state_record(&out, id)).unwrap();
+            state["status"] = serde_json::json!({"status": "completed"});
+            state["timers"] = serde_json::json!([]);
+            state["updated_at"] = serde_json::json!(T0.as_millis());
+            (id.to_owned(), serde_json::to_vec(&state).unwrap())
+        };
+        for p in [0, 1] {
+            let report = d.restore(p, vec![settled(&format!("done-{p}"))]);
+            assert_eq!(report.settled, 1, "{report:?}");
+        }
+        // The open batch deletes both, past their retention, then
+        // partition 0 goes and the batch aborts.
+        let mut out = Vec::new();
+        assert!(d.on_due(T0.saturating_add(Duration::from_secs(61)), &mut out));
+        assert_eq!(d.len(), (0, 0));
+        d.release(&[0]);
+        d.rolled_back();
+        assert!(
+            !d.is_settled(&SagaId::new("done-0")),
+            "released, not restored by the rollback"
+        );
+        assert!(
+            d.is_settled(&SagaId::new("done-1")),
+            "the kept partition's deletion undone"
+        );
+        assert_eq!(d.len(), (0, 1));
+        // Its deletion is due again, in its own partition only.
+        let mut again = Vec::new();
+        assert!(d.on_due(T0.saturating_add(Duration::from_secs(61)), &mut again));
+        let tombstones: Vec<&str> = again
+            .iter()
+            .filter(|r| r.value.is_none())
+            .map(|r| r.key.as_str())
+            .collect();
+        assert_eq!(tombstones, ["done-1"]);
     }
 
     #[test]
