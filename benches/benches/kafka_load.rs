@@ -51,6 +51,12 @@
 //! pads the baseline's values to `N` bytes, to see what the engine's
 //! record sizes alone cost a pipeline with no saga logic.
 //!
+//! **The saga catalog.** `--catalog` (with the engine) lists the sagas
+//! once the run is over, through a fresh catalog: a reader of the whole
+//! state topic, as an operator's first query starts one. It prints how
+//! long the first page took (`catalog_list_s`, the reader's start
+//! included) and the process's CPU meanwhile (`catalog_cpu_ms`).
+//!
 //! **The allocator.** By default the process runs on the system
 //! allocator, as a user's service does unless it picks one.
 //! `--features mimalloc` builds it on mimalloc instead (both sides, the
@@ -145,6 +151,11 @@ struct Args {
     /// in a fresh process and report its time and peak.
     #[arg(long)]
     inflight: Option<usize>,
+    /// After the engine's run, list the sagas through a saga catalog (a
+    /// reader of the whole state topic, as an operator's query starts):
+    /// report how long its first page took and the CPU it cost.
+    #[arg(long)]
+    catalog: bool,
     /// Internal: restore the sagas of this namespace (memory mode's child).
     #[arg(long, hide = true)]
     restore_ns: Option<String>,
@@ -909,6 +920,21 @@ async fn engine(bootstrap: &str, ns: &str, load: Load, args: &Args) -> Report {
     let broker_cpu = cpu_since(broker.as_deref(), broker0);
     let bytes = written().saturating_sub(written0);
     let rss = status_bytes("VmRSS");
+    if args.catalog {
+        // A fresh catalog reads the whole state topic: every version of
+        // every saga's state written in the run.
+        let (cpu0, t0) = (cpu_time(), Instant::now());
+        let page = handles[0]
+            .list(&SagaQuery::all().limit(1))
+            .await
+            .expect("a catalog page");
+        println!(
+            "catalog: first page in catalog_list_s={:.2}, catalog_cpu_ms={} ({} listed)",
+            t0.elapsed().as_secs_f64(),
+            cpu_time().saturating_sub(cpu0).as_millis(),
+            page.items.len(),
+        );
+    }
     for rt in runtimes {
         rt.shutdown().await;
     }

@@ -10,8 +10,14 @@
 //! runtime, whichever goes first. Its freshness
 //! is the last time every partition had been read to its end
 //! ([`Page::as_of`](saga_core::Page::as_of)).
+//!
+//! The reader keeps each saga's latest record as its bytes: a saga's state
+//! is written at each of its transitions, and most versions are replaced
+//! before anyone asks. Of a record only whether it is settled is read (its
+//! head, with [`settled_at`]); a query decodes the records it finds not
+//! yet decoded, once each.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -20,12 +26,12 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::KafkaError as RdError;
 use rdkafka::message::Message;
 use rdkafka::{Offset, TopicPartitionList};
-use saga_core::driver::decode_state;
+use saga_core::driver::{decode_state, settled_at};
 use saga_core::{Page, SagaData, SagaId, SagaInstance, SagaQuery, Timestamp};
 
 use crate::config::KafkaConfig;
 use crate::context::{denied, Quiet};
-use crate::saga::ViewMap;
+use crate::saga::SETTLED_IN_VIEW;
 
 /// How often the catalog checks it is current.
 const CHECK_EVERY: Duration = Duration::from_secs(2);
@@ -39,7 +45,7 @@ pub(crate) struct Catalog<D> {
 }
 
 struct State<D> {
-    map: ViewMap<D>,
+    map: CatalogMap<D>,
     /// When every partition was last read to its end.
     as_of: Option<Timestamp>,
     /// Why the reader cannot follow the topic, if it cannot.
@@ -68,7 +74,7 @@ impl<D: SagaData> Catalog<D> {
     pub(crate) fn new() -> Self {
         Self {
             state: Mutex::new(State {
-                map: ViewMap::new(),
+                map: CatalogMap::default(),
                 as_of: None,
                 error: None,
             }),
@@ -129,22 +135,22 @@ impl<D: SagaData> Catalog<D> {
     }
 
     /// The page of `query`, the instances of `fresher` (the worker's own
-    /// view, for the partitions it owns) taking precedence.
+    /// view, for the partitions it owns) taking precedence. Decodes the
+    /// records read since the last query (blocking: call it off the async
+    /// threads).
     pub(crate) fn page(
         &self,
         query: &SagaQuery,
         fresher: &[Arc<SagaInstance<D>>],
         now: Timestamp,
     ) -> Page<SagaInstance<D>> {
-        let s = self.lock();
-        let own: std::collections::HashSet<&SagaId> = fresher.iter().map(|i| &i.id).collect();
-        let all = fresher.iter().map(|i| &**i).chain(
-            s.map
-                .sagas
-                .values()
-                .filter(|i| !own.contains(&i.id))
-                .map(|i| &**i),
-        );
+        let mut s = self.lock();
+        s.map.decode_all();
+        let own: HashSet<&SagaId> = fresher.iter().map(|i| &i.id).collect();
+        let all = fresher
+            .iter()
+            .map(|i| &**i)
+            .chain(s.map.decoded().filter(|i| !own.contains(&i.id)));
         query.page(all, now).with_as_of(s.as_of)
     }
 
@@ -236,7 +242,7 @@ impl<D: SagaData> Catalog<D> {
         // Read from the beginning: what an earlier pass kept is replaced.
         {
             let mut s = self.lock();
-            s.map = ViewMap::new();
+            s.map = CatalogMap::default();
             s.as_of = None;
             s.error = None;
         }
@@ -250,23 +256,13 @@ impl<D: SagaData> Catalog<D> {
                         continue;
                     };
                     let id = SagaId::new(key);
+                    let value = m.payload().filter(|v| !v.is_empty());
+                    // Read outside the lock: a query may be decoding.
+                    let settled = value.and_then(|v| settled_at(key, v)).is_some();
                     let mut s = self.lock();
-                    match m.payload().filter(|v| !v.is_empty()) {
+                    match value {
                         None => s.map.remove(&id),
-                        // A record that does not decode, or names another
-                        // saga than its key, is not listed (restores refuse
-                        // it the same way).
-                        Some(v) => match decode_state::<D>(key, v) {
-                            Ok(inst) if inst.id == id => s.map.put(&Arc::new(inst)),
-                            Ok(_) | Err(_) => {
-                                s.map.remove(&id);
-                                tracing::warn!(
-                                    topic,
-                                    key,
-                                    "the saga catalog skips an unreadable state record"
-                                );
-                            }
-                        },
+                        Some(v) => s.map.put_raw(id, v, settled),
                     }
                 }
                 Some(Err(RdError::PartitionEOF(p))) => {
@@ -301,5 +297,255 @@ impl<D: SagaData> Catalog<D> {
             }
         }
         Ok(())
+    }
+}
+
+/// A saga's latest record, as the catalog keeps it.
+enum Slot<D> {
+    /// Not decoded yet: no query has read it.
+    Raw(Box<[u8]>),
+    Read(Arc<SagaInstance<D>>),
+    /// It does not decode, or names another saga than its key: not listed
+    /// (restores refuse it the same way).
+    Unreadable,
+}
+
+/// The sagas of the whole state topic: every saga not settled, and the
+/// last [`SETTLED_IN_VIEW`] settled ones read.
+struct CatalogMap<D> {
+    sagas: HashMap<SagaId, (bool, Slot<D>)>,
+    /// Settled sagas in `sagas` (flagged `true`), oldest first.
+    settled: VecDeque<SagaId>,
+    /// Records put since the last [`CatalogMap::decode_all`].
+    raw: usize,
+}
+
+impl<D> Default for CatalogMap<D> {
+    fn default() -> Self {
+        Self {
+            sagas: HashMap::new(),
+            settled: VecDeque::new(),
+            raw: 0,
+        }
+    }
+}
+
+impl<D: SagaData> CatalogMap<D> {
+    /// Keeps `bytes` as saga `id`'s latest record, `settled` if its head
+    /// says so ([`settled_at`]).
+    fn put_raw(&mut self, id: SagaId, bytes: &[u8], settled: bool) {
+        self.raw += 1;
+        let was = self
+            .sagas
+            .insert(id.clone(), (settled, Slot::Raw(bytes.into())));
+        self.settled_changed(id, was.is_some_and(|(s, _)| s), settled);
+    }
+
+    /// Keeps the settled queue in step with saga `id`'s new status.
+    fn settled_changed(&mut self, id: SagaId, was_settled: bool, settled: bool) {
+        if !settled && was_settled {
+            // Started again after its retention: it is live.
+            self.settled.retain(|s| *s != id);
+        }
+        if settled && !was_settled {
+            self.settled.push_back(id);
+            while self.settled.len() > SETTLED_IN_VIEW {
+                if let Some(old) = self.settled.pop_front() {
+                    self.sagas.remove(&old);
+                }
+            }
+        }
+    }
+
+    /// Forgets `id` (its tombstone was read).
+    fn remove(&mut self, id: &SagaId) {
+        if self.sagas.remove(id).is_some_and(|(settled, _)| settled) {
+            self.settled.retain(|s| s != id);
+        }
+    }
+
+    /// Decodes every record not decoded yet.
+    fn decode_all(&mut self) {
+        if self.raw == 0 {
+            return;
+        }
+        self.raw = 0;
+        // A settled saga's record written with other spacing than this
+        // crate's is found settled only now.
+        let mut late = Vec::new();
+        for (id, (settled, slot)) in &mut self.sagas {
+            let Slot::Raw(bytes) = slot else { continue };
+            *slot = match decode_state::<D>(id.as_str(), bytes) {
+                Ok(inst) if inst.id == *id => {
+                    if inst.status.is_final() && !*settled {
+                        late.push(id.clone());
+                    }
+                    Slot::Read(Arc::new(inst))
+                }
+                Ok(_) | Err(_) => {
+                    tracing::warn!(key = %id, "the saga catalog skips an unreadable state record");
+                    Slot::Unreadable
+                }
+            };
+        }
+        for id in late {
+            if let Some((settled, _)) = self.sagas.get_mut(&id) {
+                *settled = true;
+            }
+            self.settled_changed(id, false, true);
+        }
+    }
+
+    /// The instances decoded (all of them after [`CatalogMap::decode_all`]).
+    fn decoded(&self) -> impl Iterator<Item = &SagaInstance<D>> + '_ {
+        self.sagas.values().filter_map(|(_, slot)| match slot {
+            Slot::Read(inst) => Some(&**inst),
+            Slot::Raw(_) | Slot::Unreadable => None,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use saga_core::driver::encode_state;
+    use saga_core::{SagaDefinition, SagaStatus, Step};
+
+    #[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+    struct Job {
+        n: u64,
+    }
+
+    fn definition() -> SagaDefinition<Job> {
+        SagaDefinition::<Job>::builder("job")
+            .step(Step::remote("call", "svc").command(|_: &Job| "CALL"))
+            .build()
+            .unwrap()
+    }
+
+    /// Saga `id`'s state record with `status` and `n` in its data.
+    fn state(id: &str, status: SagaStatus, n: u64) -> Vec<u8> {
+        let mut inst = definition()
+            .start(SagaId::new(id), Job { n }, Timestamp::from_millis(1_000))
+            .unwrap()
+            .instance;
+        if status.is_settled() {
+            inst.timers.clear();
+            inst.awaiting = None;
+        }
+        inst.status = status;
+        encode_state(&inst).unwrap()
+    }
+
+    /// Puts a record as the reader does.
+    fn put(map: &mut CatalogMap<Job>, id: &str, value: Option<&[u8]>) {
+        let id = SagaId::new(id);
+        match value {
+            None => map.remove(&id),
+            Some(v) => {
+                let settled = settled_at(id.as_str(), v).is_some();
+                map.put_raw(id, v, settled);
+            }
+        }
+    }
+
+    /// The sagas listed, by id, with their status and data.
+    fn listed(map: &mut CatalogMap<Job>) -> Vec<(String, SagaStatus, u64)> {
+        map.decode_all();
+        let mut all: Vec<_> = map
+            .decoded()
+            .map(|i| (i.id.to_string(), i.status.clone(), i.data.n))
+            .collect();
+        all.sort_by(|a, b| a.0.cmp(&b.0));
+        all
+    }
+
+    #[test]
+    fn a_query_lists_each_sagas_latest_record_and_skips_unreadable_ones() {
+        let (running, done) = (SagaStatus::Running, SagaStatus::Completed);
+        let mut map = CatalogMap::default();
+        // a: three versions; b: unreadable, then readable; c: readable,
+        // then unreadable; d: another saga's state under its key; e:
+        // deleted.
+        put(&mut map, "a", Some(&state("a", running.clone(), 1)));
+        put(&mut map, "a", Some(&state("a", running.clone(), 2)));
+        put(&mut map, "b", Some(b"{"));
+        put(&mut map, "a", Some(&state("a", done.clone(), 3)));
+        put(&mut map, "b", Some(&state("b", running.clone(), 4)));
+        put(&mut map, "c", Some(&state("c", running.clone(), 5)));
+        put(&mut map, "c", Some(b"not json"));
+        put(&mut map, "d", Some(&state("x", running.clone(), 6)));
+        put(&mut map, "e", Some(&state("e", done.clone(), 7)));
+        put(&mut map, "e", None);
+        assert_eq!(
+            listed(&mut map),
+            [
+                ("a".to_owned(), done.clone(), 3),
+                ("b".to_owned(), running.clone(), 4)
+            ]
+        );
+        assert_eq!(map.settled, [SagaId::new("a")]);
+        // Decoded once: a later query finds nothing new, and a new record
+        // is decoded by the next one.
+        assert_eq!(map.raw, 0);
+        put(&mut map, "b", Some(&state("b", done.clone(), 8)));
+        assert_eq!(map.raw, 1);
+        assert_eq!(listed(&mut map)[1], ("b".to_owned(), done, 8));
+    }
+
+    #[test]
+    fn only_the_last_settled_sagas_are_kept_and_sagas_in_progress_all_are() {
+        let mut map = CatalogMap::default();
+        put(
+            &mut map,
+            "live",
+            Some(&state("live", SagaStatus::Running, 0)),
+        );
+        // Settled, then started again after its retention: live.
+        put(
+            &mut map,
+            "again",
+            Some(&state("again", SagaStatus::Completed, 0)),
+        );
+        put(
+            &mut map,
+            "again",
+            Some(&state("again", SagaStatus::Running, 1)),
+        );
+        let done = state("s", SagaStatus::Compensated, 0);
+        for i in 0..SETTLED_IN_VIEW + 5 {
+            let id = format!("s-{i:05}");
+            // The same bytes under other keys: their head names saga "s".
+            let text = String::from_utf8(done.clone()).unwrap();
+            let text = text.replacen(r#""id":"s""#, &format!(r#""id":"{id}""#), 1);
+            put(&mut map, &id, Some(text.as_bytes()));
+        }
+        assert_eq!(map.settled.len(), SETTLED_IN_VIEW);
+        assert_eq!(map.sagas.len(), SETTLED_IN_VIEW + 2);
+        let all = listed(&mut map);
+        assert_eq!(all.len(), SETTLED_IN_VIEW + 2, "every record reads");
+        let ids: HashSet<&str> = all.iter().map(|(id, ..)| id.as_str()).collect();
+        assert!(ids.contains("live") && ids.contains("again"));
+        assert!(!ids.contains("s-00004"), "among the oldest settled");
+        assert!(ids.contains("s-00005") && ids.contains(&*format!("s-{:05}", SETTLED_IN_VIEW + 4)));
+        // A tombstone of a settled saga leaves room for one more.
+        put(&mut map, "s-00005", None);
+        assert_eq!(map.settled.len(), SETTLED_IN_VIEW - 1);
+    }
+
+    #[test]
+    fn a_settled_record_written_with_other_spacing_counts_as_settled_once_decoded() {
+        let mut map = CatalogMap::default();
+        let compact = state("p", SagaStatus::Completed, 1);
+        let value: serde_json::Value = serde_json::from_slice(&compact).unwrap();
+        let pretty = serde_json::to_vec_pretty(&value).unwrap();
+        put(&mut map, "p", Some(&pretty));
+        assert!(map.settled.is_empty(), "its head is not read as settled");
+        assert_eq!(listed(&mut map).len(), 1);
+        assert_eq!(map.settled, [SagaId::new("p")], "settled once decoded");
+        assert!(matches!(
+            map.sagas[&SagaId::new("p")],
+            (true, Slot::Read(_))
+        ));
     }
 }

@@ -24,7 +24,7 @@ use crate::worker::{Processor, Request};
 
 /// How many settled sagas a view keeps for reads after they leave the
 /// driver (the most recent ones).
-const SETTLED_IN_VIEW: usize = 10_000;
+pub(crate) const SETTLED_IN_VIEW: usize = 10_000;
 
 /// The committed instances of the partitions a worker owns (and the most
 /// recently settled ones), shared with the handle for reads.
@@ -33,9 +33,9 @@ pub(crate) struct View<D> {
     pub notify: Notify,
 }
 
-pub(crate) struct ViewMap<D> {
+struct ViewMap<D> {
     /// Shared with the driver: a commit adds a reference, not a copy.
-    pub(crate) sagas: HashMap<SagaId, Arc<SagaInstance<D>>>,
+    sagas: HashMap<SagaId, Arc<SagaInstance<D>>>,
     /// Settled sagas in `sagas`, oldest first.
     settled: VecDeque<SagaId>,
 }
@@ -66,14 +66,6 @@ impl<D: Clone> View<D> {
 }
 
 impl<D: Clone> ViewMap<D> {
-    /// An empty map.
-    pub(crate) fn new() -> Self {
-        Self {
-            sagas: HashMap::new(),
-            settled: VecDeque::new(),
-        }
-    }
-
     pub(crate) fn put(&mut self, inst: &Arc<SagaInstance<D>>) {
         let settled = inst.status.is_final();
         let was = self.sagas.insert(inst.id.clone(), inst.clone());
@@ -89,13 +81,6 @@ impl<D: Clone> ViewMap<D> {
                     self.sagas.remove(&old);
                 }
             }
-        }
-    }
-
-    /// Forgets `id` (its tombstone was read).
-    pub(crate) fn remove(&mut self, id: &SagaId) {
-        if self.sagas.remove(id).is_some_and(|i| i.status.is_final()) {
-            self.settled.retain(|s| s != id);
         }
     }
 
@@ -500,7 +485,9 @@ impl<D: SagaData> SagaService<D> for KafkaSagas<D> {
     /// the catalog is. It keeps every saga not settled, of every
     /// partition, and about 10,000 settled ones (the last read) in this
     /// process's memory: query from the processes meant to answer
-    /// operators. Once the runtime shut down, such a query is
+    /// operators. It keeps each saga's latest state as it was read, and a
+    /// query decodes the states read since the previous one (on a blocking
+    /// thread): versions replaced before anyone asked are never decoded. Once the runtime shut down, such a query is
     /// [`SagaError::Shutdown`] (the catalog stops with it).
     async fn list(&self, query: &SagaQuery) -> Result<Page<SagaInstance<D>>, SagaError> {
         if query.local {
@@ -528,7 +515,20 @@ impl<D: SagaData> SagaService<D> for KafkaSagas<D> {
                 )
             })?;
         let own = self.view.snapshot();
-        Ok(self.catalog.page(query, &own, Timestamp::now()))
+        // The catalog decodes what was read since the last query.
+        let (catalog, query) = (self.catalog.clone(), query.clone());
+        tokio::task::spawn_blocking(move || catalog.page(&query, &own, Timestamp::now()))
+            .await
+            .map_err(|e| {
+                if e.is_cancelled() {
+                    SagaError::Shutdown
+                } else {
+                    SagaError::Runtime {
+                        what: "listing sagas".to_owned(),
+                        source: Box::new(e),
+                    }
+                }
+            })
     }
 
     /// Checks the operation applies ([`Operation::check`]: parked or
