@@ -1062,6 +1062,11 @@ async fn main() {
         return;
     }
     let args = Args::parse();
+    if args.catalog && args.only == Some(Side::Baseline) {
+        eprintln!(
+            "kafka_load: --catalog lists the engine's sagas: it does nothing with --only baseline"
+        );
+    }
     let Ok(bootstrap) = std::env::var("KAFKA_BOOTSTRAP_SERVERS") else {
         eprintln!("kafka_load: set KAFKA_BOOTSTRAP_SERVERS (e.g. `scripts/kafka/broker.sh start`); nothing measured");
         return;

@@ -14,8 +14,10 @@
 //! The reader keeps each saga's latest record as its bytes: a saga's state
 //! is written at each of its transitions, and most versions are replaced
 //! before anyone asks. Of a record only whether it is settled is read (its
-//! head, with [`settled_at`]); a query decodes the records it finds not
-//! yet decoded, once each.
+//! head, with [`final_at`]); a query decodes the records kept that are
+//! not decoded yet, once each, without holding the catalog's lock (the
+//! reader goes on meanwhile). A record that does not read is then
+//! forgotten, with a warning.
 
 use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -26,7 +28,7 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::KafkaError as RdError;
 use rdkafka::message::Message;
 use rdkafka::{Offset, TopicPartitionList};
-use saga_core::driver::{decode_state, settled_at};
+use saga_core::driver::{decode_state, final_at};
 use saga_core::{Page, SagaData, SagaId, SagaInstance, SagaQuery, Timestamp};
 
 use crate::config::KafkaConfig;
@@ -39,6 +41,8 @@ const CHECK_EVERY: Duration = Duration::from_secs(2);
 /// The catalog of one saga type.
 pub(crate) struct Catalog<D> {
     state: Mutex<State<D>>,
+    /// Held by the query decoding the records read since the last one.
+    decoding: Mutex<()>,
     stop: Arc<AtomicBool>,
     started: AtomicBool,
     notify: tokio::sync::Notify,
@@ -74,11 +78,12 @@ impl<D: SagaData> Catalog<D> {
     pub(crate) fn new() -> Self {
         Self {
             state: Mutex::new(State {
-                map: CatalogMap::default(),
+                map: CatalogMap::new(""),
                 as_of: None,
                 error: None,
             }),
             stop: Arc::new(AtomicBool::new(false)),
+            decoding: Mutex::new(()),
             started: AtomicBool::new(false),
             notify: tokio::sync::Notify::new(),
         }
@@ -144,8 +149,16 @@ impl<D: SagaData> Catalog<D> {
         fresher: &[Arc<SagaInstance<D>>],
         now: Timestamp,
     ) -> Page<SagaInstance<D>> {
+        // One query decodes at a time, with the state unlocked: the reader
+        // goes on meanwhile, and a second query finds the work done.
+        let one = self.decoding.lock().unwrap_or_else(|e| e.into_inner());
+        let todo = self.lock().map.undecoded();
+        let decoded = decode(todo);
         let mut s = self.lock();
+        s.map.install(decoded);
+        // Records read while it decoded (few).
         s.map.decode_all();
+        drop(one);
         let own: HashSet<&SagaId> = fresher.iter().map(|i| &i.id).collect();
         let all = fresher
             .iter()
@@ -242,7 +255,7 @@ impl<D: SagaData> Catalog<D> {
         // Read from the beginning: what an earlier pass kept is replaced.
         {
             let mut s = self.lock();
-            s.map = CatalogMap::default();
+            s.map = CatalogMap::new(topic);
             s.as_of = None;
             s.error = None;
         }
@@ -257,8 +270,8 @@ impl<D: SagaData> Catalog<D> {
                     };
                     let id = SagaId::new(key);
                     let value = m.payload().filter(|v| !v.is_empty());
-                    // Read outside the lock: a query may be decoding.
-                    let settled = value.and_then(|v| settled_at(key, v)).is_some();
+                    // Only the head: the rest is decoded by a query.
+                    let settled = value.and_then(|v| final_at(key, v)).is_some();
                     let mut s = self.lock();
                     match value {
                         None => s.map.remove(&id),
@@ -302,42 +315,55 @@ impl<D: SagaData> Catalog<D> {
 
 /// A saga's latest record, as the catalog keeps it.
 enum Slot<D> {
-    /// Not decoded yet: no query has read it.
-    Raw(Box<[u8]>),
+    /// Not decoded yet (no query has read it), and the number of the put
+    /// that wrote it (a decode outside the lock installs its result only
+    /// if no later record replaced it meanwhile).
+    Raw(Arc<[u8]>, u64),
     Read(Arc<SagaInstance<D>>),
-    /// It does not decode, or names another saga than its key: not listed
-    /// (restores refuse it the same way).
-    Unreadable,
 }
+
+/// Records taken out to decode: the saga, its put, its bytes.
+type Undecoded = Vec<(SagaId, u64, Arc<[u8]>)>;
+
+/// Decoded records: the saga, its put, and the instance or why it does
+/// not read.
+type Decoded<D> = Vec<(SagaId, u64, Result<Arc<SagaInstance<D>>, String>)>;
 
 /// The sagas of the whole state topic: every saga not settled, and the
 /// last [`SETTLED_IN_VIEW`] settled ones read.
 struct CatalogMap<D> {
+    /// The state topic (for the logs).
+    topic: String,
+    /// Each saga's latest record, and whether it is settled.
     sagas: HashMap<SagaId, (bool, Slot<D>)>,
     /// Settled sagas in `sagas` (flagged `true`), oldest first.
     settled: VecDeque<SagaId>,
-    /// Records put since the last [`CatalogMap::decode_all`].
+    /// How many slots are [`Slot::Raw`].
     raw: usize,
-}
-
-impl<D> Default for CatalogMap<D> {
-    fn default() -> Self {
-        Self {
-            sagas: HashMap::new(),
-            settled: VecDeque::new(),
-            raw: 0,
-        }
-    }
+    /// Records put so far.
+    puts: u64,
 }
 
 impl<D: SagaData> CatalogMap<D> {
+    fn new(topic: &str) -> Self {
+        Self {
+            topic: topic.to_owned(),
+            sagas: HashMap::new(),
+            settled: VecDeque::new(),
+            raw: 0,
+            puts: 0,
+        }
+    }
+
     /// Keeps `bytes` as saga `id`'s latest record, `settled` if its head
-    /// says so ([`settled_at`]).
+    /// says so ([`final_at`]).
     fn put_raw(&mut self, id: SagaId, bytes: &[u8], settled: bool) {
-        self.raw += 1;
-        let was = self
-            .sagas
-            .insert(id.clone(), (settled, Slot::Raw(bytes.into())));
+        self.puts += 1;
+        let slot = Slot::Raw(bytes.into(), self.puts);
+        let was = self.sagas.insert(id.clone(), (settled, slot));
+        if !matches!(was, Some((_, Slot::Raw(..)))) {
+            self.raw += 1;
+        }
         self.settled_changed(id, was.is_some_and(|(s, _)| s), settled);
     }
 
@@ -351,48 +377,81 @@ impl<D: SagaData> CatalogMap<D> {
             self.settled.push_back(id);
             while self.settled.len() > SETTLED_IN_VIEW {
                 if let Some(old) = self.settled.pop_front() {
-                    self.sagas.remove(&old);
+                    self.forget(&old);
                 }
             }
         }
     }
 
-    /// Forgets `id` (its tombstone was read).
+    /// Drops `id`'s slot (not its place in the settled queue).
+    fn forget(&mut self, id: &SagaId) -> Option<bool> {
+        let (settled, slot) = self.sagas.remove(id)?;
+        if matches!(slot, Slot::Raw(..)) {
+            self.raw -= 1;
+        }
+        Some(settled)
+    }
+
+    /// Forgets `id` (its tombstone was read, or its record does not read).
     fn remove(&mut self, id: &SagaId) {
-        if self.sagas.remove(id).is_some_and(|(settled, _)| settled) {
+        if self.forget(id) == Some(true) {
             self.settled.retain(|s| s != id);
         }
     }
 
-    /// Decodes every record not decoded yet.
-    fn decode_all(&mut self) {
+    /// The records not decoded yet (their bytes shared, not copied).
+    fn undecoded(&self) -> Undecoded {
         if self.raw == 0 {
-            return;
+            return Vec::new();
         }
-        self.raw = 0;
-        // A settled saga's record written with other spacing than this
-        // crate's is found settled only now.
-        let mut late = Vec::new();
-        for (id, (settled, slot)) in &mut self.sagas {
-            let Slot::Raw(bytes) = slot else { continue };
-            *slot = match decode_state::<D>(id.as_str(), bytes) {
-                Ok(inst) if inst.id == *id => {
-                    if inst.status.is_final() && !*settled {
-                        late.push(id.clone());
-                    }
-                    Slot::Read(Arc::new(inst))
-                }
-                Ok(_) | Err(_) => {
-                    tracing::warn!(key = %id, "the saga catalog skips an unreadable state record");
-                    Slot::Unreadable
-                }
+        self.sagas
+            .iter()
+            .filter_map(|(id, (_, slot))| match slot {
+                Slot::Raw(bytes, put) => Some((id.clone(), *put, bytes.clone())),
+                Slot::Read(_) => None,
+            })
+            .collect()
+    }
+
+    /// Installs what [`decode`] made of [`CatalogMap::undecoded`], where no
+    /// later record replaced it. A record that does not read, or names
+    /// another saga than its key, is forgotten (restores refuse it the same
+    /// way).
+    fn install(&mut self, decoded: Decoded<D>) {
+        let mut unreadable = Vec::new();
+        for (id, put, result) in decoded {
+            let Some((settled, slot)) = self.sagas.get_mut(&id) else {
+                continue;
             };
-        }
-        for id in late {
-            if let Some((settled, _)) = self.sagas.get_mut(&id) {
-                *settled = true;
+            if !matches!(slot, Slot::Raw(_, p) if *p == put) {
+                continue;
             }
-            self.settled_changed(id, false, true);
+            match result {
+                Ok(inst) => {
+                    // A settled saga's record written with other spacing
+                    // than this crate's is found settled only now.
+                    let late = inst.status.is_final() && !*settled;
+                    *settled |= late;
+                    *slot = Slot::Read(inst);
+                    self.raw -= 1;
+                    if late {
+                        self.settled_changed(id, false, true);
+                    }
+                }
+                Err(why) => unreadable.push((id, why)),
+            }
+        }
+        for (id, why) in unreadable {
+            tracing::warn!(topic = %self.topic, key = %id, error = %why, "the saga catalog skips an unreadable state record");
+            self.remove(&id);
+        }
+    }
+
+    /// Decodes every record not decoded yet, in place.
+    fn decode_all(&mut self) {
+        let todo = self.undecoded();
+        if !todo.is_empty() {
+            self.install(decode(todo));
         }
     }
 
@@ -400,9 +459,28 @@ impl<D: SagaData> CatalogMap<D> {
     fn decoded(&self) -> impl Iterator<Item = &SagaInstance<D>> + '_ {
         self.sagas.values().filter_map(|(_, slot)| match slot {
             Slot::Read(inst) => Some(&**inst),
-            Slot::Raw(_) | Slot::Unreadable => None,
+            Slot::Raw(..) => None,
         })
     }
+}
+
+/// Decodes records taken out of the map. A panic in the data type's
+/// `Deserialize` makes its record unreadable, not the query fail.
+fn decode<D: SagaData>(todo: Undecoded) -> Decoded<D> {
+    todo.into_iter()
+        .map(|(id, put, bytes)| {
+            let read = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                decode_state::<D>(id.as_str(), &bytes)
+            }));
+            let result = match read {
+                Ok(Ok(inst)) if inst.id == id => Ok(Arc::new(inst)),
+                Ok(Ok(inst)) => Err(format!("the record is saga `{}`'s", inst.id)),
+                Ok(Err(e)) => Err(e.to_string()),
+                Err(_) => Err("decoding it panicked".to_owned()),
+            };
+            (id, put, result)
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -421,6 +499,10 @@ mod tests {
             .step(Step::remote("call", "svc").command(|_: &Job| "CALL"))
             .build()
             .unwrap()
+    }
+
+    fn catalog() -> CatalogMap<Job> {
+        CatalogMap::new("job.state")
     }
 
     /// Saga `id`'s state record with `status` and `n` in its data.
@@ -443,7 +525,7 @@ mod tests {
         match value {
             None => map.remove(&id),
             Some(v) => {
-                let settled = settled_at(id.as_str(), v).is_some();
+                let settled = final_at(id.as_str(), v).is_some();
                 map.put_raw(id, v, settled);
             }
         }
@@ -460,13 +542,20 @@ mod tests {
         all
     }
 
+    fn read(map: &CatalogMap<Job>, id: &str) -> Arc<SagaInstance<Job>> {
+        match &map.sagas[&SagaId::new(id)].1 {
+            Slot::Read(inst) => inst.clone(),
+            Slot::Raw(..) => panic!("`{id}` not decoded"),
+        }
+    }
+
     #[test]
-    fn a_query_lists_each_sagas_latest_record_and_skips_unreadable_ones() {
+    fn a_query_lists_each_sagas_latest_record_and_forgets_unreadable_ones() {
         let (running, done) = (SagaStatus::Running, SagaStatus::Completed);
-        let mut map = CatalogMap::default();
+        let mut map = catalog();
         // a: three versions; b: unreadable, then readable; c: readable,
         // then unreadable; d: another saga's state under its key; e:
-        // deleted.
+        // deleted before any query.
         put(&mut map, "a", Some(&state("a", running.clone(), 1)));
         put(&mut map, "a", Some(&state("a", running.clone(), 2)));
         put(&mut map, "b", Some(b"{"));
@@ -477,6 +566,7 @@ mod tests {
         put(&mut map, "d", Some(&state("x", running.clone(), 6)));
         put(&mut map, "e", Some(&state("e", done.clone(), 7)));
         put(&mut map, "e", None);
+        assert_eq!(map.raw, 4, "a, b, c and d wait for a query");
         assert_eq!(
             listed(&mut map),
             [
@@ -484,18 +574,44 @@ mod tests {
                 ("b".to_owned(), running.clone(), 4)
             ]
         );
+        // Unreadable records leave the map, as before a query they did not.
+        let mut kept: Vec<&str> = map.sagas.keys().map(SagaId::as_str).collect();
+        kept.sort_unstable();
+        assert_eq!(kept, ["a", "b"]);
         assert_eq!(map.settled, [SagaId::new("a")]);
-        // Decoded once: a later query finds nothing new, and a new record
-        // is decoded by the next one.
         assert_eq!(map.raw, 0);
+        // Decoded once: a later query keeps the instance it decoded, and
+        // decodes only what was read since.
+        let a = read(&map, "a");
         put(&mut map, "b", Some(&state("b", done.clone(), 8)));
         assert_eq!(map.raw, 1);
         assert_eq!(listed(&mut map)[1], ("b".to_owned(), done, 8));
+        assert!(Arc::ptr_eq(&a, &read(&map, "a")), "`a` decoded again");
+    }
+
+    #[test]
+    fn a_decode_replaced_meanwhile_is_not_installed() {
+        let mut map = catalog();
+        put(&mut map, "a", Some(&state("a", SagaStatus::Running, 1)));
+        // A query takes the record out, and a newer one is read while it
+        // decodes.
+        let decoded = decode::<Job>(map.undecoded());
+        put(&mut map, "a", Some(&state("a", SagaStatus::Running, 2)));
+        map.install(decoded);
+        assert_eq!(map.raw, 1, "the newer record still waits");
+        assert_eq!(listed(&mut map)[0].2, 2);
+        // A record deleted while it decodes stays deleted.
+        put(&mut map, "b", Some(&state("b", SagaStatus::Running, 3)));
+        let decoded = decode::<Job>(map.undecoded());
+        put(&mut map, "b", None);
+        map.install(decoded);
+        assert!(!map.sagas.contains_key(&SagaId::new("b")));
+        assert_eq!(map.raw, 0);
     }
 
     #[test]
     fn only_the_last_settled_sagas_are_kept_and_sagas_in_progress_all_are() {
-        let mut map = CatalogMap::default();
+        let mut map = catalog();
         put(
             &mut map,
             "live",
@@ -512,30 +628,46 @@ mod tests {
             "again",
             Some(&state("again", SagaStatus::Running, 1)),
         );
-        let done = state("s", SagaStatus::Compensated, 0);
+        let done = String::from_utf8(state("s", SagaStatus::Compensated, 0)).unwrap();
         for i in 0..SETTLED_IN_VIEW + 5 {
+            // The same record with the saga's own id, under its key.
             let id = format!("s-{i:05}");
-            // The same bytes under other keys: their head names saga "s".
-            let text = String::from_utf8(done.clone()).unwrap();
-            let text = text.replacen(r#""id":"s""#, &format!(r#""id":"{id}""#), 1);
+            let text = done.replacen(r#""id":"s""#, &format!(r#""id":"{id}""#), 1);
             put(&mut map, &id, Some(text.as_bytes()));
         }
         assert_eq!(map.settled.len(), SETTLED_IN_VIEW);
         assert_eq!(map.sagas.len(), SETTLED_IN_VIEW + 2);
+        assert_eq!(map.raw, SETTLED_IN_VIEW + 2, "evicted before any query");
         let all = listed(&mut map);
         assert_eq!(all.len(), SETTLED_IN_VIEW + 2, "every record reads");
         let ids: HashSet<&str> = all.iter().map(|(id, ..)| id.as_str()).collect();
         assert!(ids.contains("live") && ids.contains("again"));
         assert!(!ids.contains("s-00004"), "among the oldest settled");
-        assert!(ids.contains("s-00005") && ids.contains(&*format!("s-{:05}", SETTLED_IN_VIEW + 4)));
+        let newest = format!("s-{:05}", SETTLED_IN_VIEW + 4);
+        assert!(ids.contains("s-00005") && ids.contains(newest.as_str()));
         // A tombstone of a settled saga leaves room for one more.
         put(&mut map, "s-00005", None);
         assert_eq!(map.settled.len(), SETTLED_IN_VIEW - 1);
     }
 
     #[test]
+    fn a_settled_record_that_does_not_read_gives_up_its_place_among_the_settled() {
+        let mut map = catalog();
+        // Its head reads (settled), its data does not.
+        let mut bad: serde_json::Value =
+            serde_json::from_slice(&state("bad", SagaStatus::Completed, 1)).unwrap();
+        bad["data"] = serde_json::json!("not a job");
+        put(&mut map, "bad", Some(&serde_json::to_vec(&bad).unwrap()));
+        put(&mut map, "ok", Some(&state("ok", SagaStatus::Completed, 2)));
+        assert_eq!(map.settled.len(), 2);
+        assert_eq!(listed(&mut map).len(), 1);
+        assert_eq!(map.settled, [SagaId::new("ok")]);
+        assert!(!map.sagas.contains_key(&SagaId::new("bad")));
+    }
+
+    #[test]
     fn a_settled_record_written_with_other_spacing_counts_as_settled_once_decoded() {
-        let mut map = CatalogMap::default();
+        let mut map = catalog();
         let compact = state("p", SagaStatus::Completed, 1);
         let value: serde_json::Value = serde_json::from_slice(&compact).unwrap();
         let pretty = serde_json::to_vec_pretty(&value).unwrap();
@@ -547,5 +679,28 @@ mod tests {
             map.sagas[&SagaId::new("p")],
             (true, Slot::Read(_))
         ));
+        // Started again: it leaves the settled queue.
+        put(&mut map, "p", Some(&state("p", SagaStatus::Running, 2)));
+        assert!(map.settled.is_empty());
+        assert_eq!(listed(&mut map)[0].1, SagaStatus::Running);
+    }
+
+    #[derive(Clone, Debug, serde::Serialize)]
+    struct Touchy;
+
+    impl<'de> serde::Deserialize<'de> for Touchy {
+        fn deserialize<De: serde::Deserializer<'de>>(_: De) -> Result<Self, De::Error> {
+            panic!("a data type whose Deserialize panics")
+        }
+    }
+
+    #[test]
+    fn a_record_whose_data_panics_as_it_decodes_is_forgotten_not_fatal() {
+        let good = state("a", SagaStatus::Running, 1);
+        let mut map = CatalogMap::<Touchy>::new("job.state");
+        map.put_raw(SagaId::new("a"), &good, false);
+        map.decode_all();
+        assert!(map.sagas.is_empty());
+        assert_eq!(map.raw, 0);
     }
 }

@@ -486,9 +486,10 @@ impl<D: SagaData> SagaService<D> for KafkaSagas<D> {
     /// partition, and about 10,000 settled ones (the last read) in this
     /// process's memory: query from the processes meant to answer
     /// operators. It keeps each saga's latest state as it was read, and a
-    /// query decodes the states read since the previous one (on a blocking
-    /// thread): versions replaced before anyone asked are never decoded. Once the runtime shut down, such a query is
-    /// [`SagaError::Shutdown`] (the catalog stops with it).
+    /// query decodes those not decoded yet (on a blocking thread):
+    /// versions replaced before anyone asked are never decoded. Once the
+    /// runtime shut down, such a query is [`SagaError::Shutdown`] (the
+    /// catalog stops with it).
     async fn list(&self, query: &SagaQuery) -> Result<Page<SagaInstance<D>>, SagaError> {
         if query.local {
             let own = self.view.snapshot();

@@ -82,7 +82,7 @@ pub use participant::{
 };
 pub use record::{murmur2, partition_for, Incoming, Record, RecordKind, RECORD_KIND_HEADER};
 pub use saga::{
-    decode_state, encode_state, operator_record, settled_at, start_record, start_record_traced,
+    decode_state, encode_state, final_at, operator_record, start_record, start_record_traced,
     state_topic, Restored, RestoredRecord, SagaDriver, DEFAULT_MAX_RECORD_BYTES,
     DEFAULT_SETTLED_RETENTION,
 };

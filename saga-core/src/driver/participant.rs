@@ -924,7 +924,10 @@ impl ParticipantDriver {
     /// back), and the partition cannot go on until the participant keeps
     /// less state in it.
     /// The partition and [`SagaError::Runtime`] if a snapshot or a ledger
-    /// entry of the batch could not be encoded: likewise.
+    /// entry of the batch could not be encoded: likewise. Such a fault is
+    /// kept through a [`release`](Self::release) of its partition (the
+    /// batch still must not commit), so the partition named may no longer
+    /// be owned.
     pub fn before_commit(&mut self, out: &mut Vec<Record>) -> Result<(), (u32, SagaError)> {
         if let Some(fault) = self.fault.take() {
             return Err(fault);

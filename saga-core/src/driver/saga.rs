@@ -80,20 +80,23 @@ pub fn decode_state<D: SagaData>(key: &str, bytes: &[u8]) -> Result<SagaInstance
     })
 }
 
-/// When saga `key` settled, if `bytes` is its state record and says it
-/// completed or was compensated: only the record's id, status and time are
-/// decoded, the rest (its data, steps and history, most of the record) is
-/// only scanned as JSON, so this costs a fraction of [`decode_state`].
+/// When saga `key` reached its final status, if `bytes` is its state
+/// record and says it completed or was compensated: only the record's id,
+/// status and time are decoded, the rest (its data, steps and history,
+/// most of the record) is only scanned as JSON, so this costs a fraction
+/// of [`decode_state`].
 ///
-/// For a runtime that keeps settled sagas apart from those in progress (a
-/// bounded read view, a catalog) without decoding every record. `None`
-/// for a saga in progress, another key's state, a tombstone's empty value
-/// and anything that is not a state record; also for a settled saga's
-/// record written with other spacing than [`encode_state`]'s (never by
-/// this crate), which [`decode_state`] reads.
+/// For a runtime that keeps finished sagas apart from those in progress
+/// (a bounded read view, a catalog) without decoding every record. `None`
+/// for a saga in progress (parked included, unlike
+/// [`SagaStatus::is_settled`](crate::SagaStatus::is_settled)), another
+/// key's state, a tombstone's empty value and anything that is not a state
+/// record; also for a finished saga's record written with other spacing
+/// than [`encode_state`]'s (never by this crate), which [`decode_state`]
+/// reads.
 ///
 /// ```
-/// use saga_core::driver::{settled_at, SagaDriver};
+/// use saga_core::driver::{final_at, SagaDriver};
 /// use saga_core::{SagaDefinition, SagaId, Step, Timestamp};
 ///
 /// // One local step: the saga completes as it starts.
@@ -105,12 +108,13 @@ pub fn decode_state<D: SagaData>(key: &str, bytes: &[u8]) -> Result<SagaInstance
 /// let (at, mut out) = (Timestamp::from_millis(1_000), Vec::new());
 /// driver.start(0, SagaId::new("o-1"), 7, at, &mut out)?;
 /// let state = out[0].value.as_deref().expect("the saga's state");
-/// assert_eq!(settled_at("o-1", state), Some(at));
-/// assert_eq!(settled_at("o-2", state), None, "another saga's state");
-/// assert_eq!(settled_at("o-1", b"{}"), None);
+/// assert_eq!(final_at("o-1", state), Some(at));
+/// assert_eq!(final_at("o-2", state), None, "another saga's state");
+/// assert_eq!(final_at("o-1", b"{}"), None);
 /// # Ok::<(), saga_core::SagaError>(())
 /// ```
-pub fn settled_at(key: &str, bytes: &[u8]) -> Option<Timestamp> {
+#[must_use]
+pub fn final_at(key: &str, bytes: &[u8]) -> Option<Timestamp> {
     if !may_be_final(bytes) {
         return None;
     }
@@ -488,7 +492,7 @@ impl<D: SagaData> SagaDriver<D> {
         // record that says it is completed or compensated, as an instance
         // writes its status, is read for its head first: a saga in
         // progress is not read twice.
-        if let Some(at) = settled_at(key, bytes) {
+        if let Some(at) = final_at(key, bytes) {
             self.remember_settled(partition, id, at);
             return RestoredRecord::Settled;
         }
@@ -1761,8 +1765,8 @@ mod tests {
             let bytes = encode_state(&inst).unwrap();
             assert_eq!(may_be_final(&bytes), settled, "{}", inst.status);
             let at = settled.then_some(inst.updated_at);
-            assert_eq!(settled_at("s", &bytes), at, "{}", inst.status);
-            assert_eq!(settled_at("t", &bytes), None, "another key");
+            assert_eq!(final_at("s", &bytes), at, "{}", inst.status);
+            assert_eq!(final_at("t", &bytes), None, "another key");
         }
     }
 
