@@ -15,9 +15,12 @@
 //! is written at each of its transitions, and most versions are replaced
 //! before anyone asks. Of a record only whether it is settled is read (its
 //! head, with [`final_at`]); a query decodes the records kept that are
-//! not decoded yet, once each, without holding the catalog's lock (the
-//! reader goes on meanwhile). A record that does not read is then
-//! forgotten, with a warning.
+//! not decoded yet, once each, most of them without holding the catalog's
+//! lock (the reader goes on meanwhile) and the last few read meanwhile
+//! under it. A record that does not read is then forgotten, with a
+//! warning. A settled saga's record written with other spacing than this
+//! crate writes is found settled only when a query decodes it, and joins
+//! the settled ones then (not in the order read).
 
 use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -37,6 +40,10 @@ use crate::saga::SETTLED_IN_VIEW;
 
 /// How often the catalog checks it is current.
 const CHECK_EVERY: Duration = Duration::from_secs(2);
+
+/// How many undecoded records a query decodes while holding the catalog's
+/// lock (more are decoded without it first).
+const UNDER_LOCK: usize = 256;
 
 /// The catalog of one saga type.
 pub(crate) struct Catalog<D> {
@@ -116,13 +123,21 @@ impl<D: SagaData> Catalog<D> {
         let wait = async {
             loop {
                 let notified = self.notify.notified();
+                // Not waiting for the lock on an async thread: a query may
+                // hold it while it builds a page; look again at the tick.
                 {
-                    let s = self.lock();
-                    if s.as_of.is_some() {
-                        return Ok(());
-                    }
-                    if let Some(e) = &s.error {
-                        return Err(e.clone());
+                    let locked = match self.state.try_lock() {
+                        Ok(s) => Some(s),
+                        Err(std::sync::TryLockError::Poisoned(e)) => Some(e.into_inner()),
+                        Err(std::sync::TryLockError::WouldBlock) => None,
+                    };
+                    if let Some(s) = locked {
+                        if s.as_of.is_some() {
+                            return Ok(());
+                        }
+                        if let Some(e) = &s.error {
+                            return Err(e.clone());
+                        }
                     }
                 }
                 if self.stopped() {
@@ -152,11 +167,17 @@ impl<D: SagaData> Catalog<D> {
         // One query decodes at a time, with the state unlocked: the reader
         // goes on meanwhile, and a second query finds the work done.
         let one = self.decoding.lock().unwrap_or_else(|e| e.into_inner());
-        let todo = self.lock().map.undecoded();
-        let decoded = decode(todo);
+        // Rounds while the reader adds many records (a first read of a
+        // busy topic); the last few are decoded under the lock.
+        for _ in 0..3 {
+            let todo = self.lock().map.undecoded();
+            if todo.len() <= UNDER_LOCK {
+                break;
+            }
+            let decoded = decode(todo);
+            self.lock().map.install(decoded);
+        }
         let mut s = self.lock();
-        s.map.install(decoded);
-        // Records read while it decoded (few).
         s.map.decode_all();
         drop(one);
         let own: HashSet<&SagaId> = fresher.iter().map(|i| &i.id).collect();
@@ -255,7 +276,7 @@ impl<D: SagaData> Catalog<D> {
         // Read from the beginning: what an earlier pass kept is replaced.
         {
             let mut s = self.lock();
-            s.map = CatalogMap::new(topic);
+            s.map = s.map.renewed(topic);
             s.as_of = None;
             s.error = None;
         }
@@ -352,6 +373,16 @@ impl<D: SagaData> CatalogMap<D> {
             settled: VecDeque::new(),
             raw: 0,
             puts: 0,
+        }
+    }
+
+    /// An empty map for a new read of `topic`, numbering its puts after
+    /// this one's: a decode taken out of this map before the read began
+    /// again must not match a record of the new one.
+    fn renewed(&self, topic: &str) -> Self {
+        Self {
+            puts: self.puts,
+            ..Self::new(topic)
         }
     }
 
@@ -574,7 +605,7 @@ mod tests {
                 ("b".to_owned(), running.clone(), 4)
             ]
         );
-        // Unreadable records leave the map, as before a query they did not.
+        // Unreadable records leave the map (before a query they stayed).
         let mut kept: Vec<&str> = map.sagas.keys().map(SagaId::as_str).collect();
         kept.sort_unstable();
         assert_eq!(kept, ["a", "b"]);
@@ -607,6 +638,75 @@ mod tests {
         map.install(decoded);
         assert!(!map.sagas.contains_key(&SagaId::new("b")));
         assert_eq!(map.raw, 0);
+    }
+
+    #[test]
+    fn a_decode_taken_before_the_topic_is_read_again_does_not_match_the_new_reads_records() {
+        let mut map = catalog();
+        put(&mut map, "x", Some(&state("x", SagaStatus::Running, 0)));
+        put(&mut map, "a", Some(&state("a", SagaStatus::Running, 1)));
+        let decoded = decode::<Job>(map.undecoded());
+        // The reader starts over (a changed partition count, an error):
+        // the same saga's newer record takes the same place in the order.
+        let mut map = map.renewed("job.state");
+        put(&mut map, "y", Some(&state("y", SagaStatus::Running, 0)));
+        put(&mut map, "a", Some(&state("a", SagaStatus::Completed, 2)));
+        map.install(decoded);
+        assert_eq!(map.raw, 2, "nothing installed");
+        let a = listed(&mut map)
+            .into_iter()
+            .find(|(id, ..)| id == "a")
+            .unwrap();
+        assert_eq!(a, ("a".to_owned(), SagaStatus::Completed, 2));
+    }
+
+    #[test]
+    fn a_decode_replaced_by_an_unreadable_record_removes_only_that_record() {
+        let mut map = catalog();
+        put(&mut map, "a", Some(b"{"));
+        let decoded = decode::<Job>(map.undecoded());
+        put(&mut map, "a", Some(&state("a", SagaStatus::Running, 1)));
+        map.install(decoded);
+        assert_eq!(listed(&mut map), [("a".to_owned(), SagaStatus::Running, 1)]);
+    }
+
+    #[test]
+    fn a_page_prefers_the_workers_own_view_and_lists_what_the_reader_kept() {
+        let catalog = Catalog::<Job>::new();
+        {
+            let mut s = catalog.lock();
+            s.map = s.map.renewed("job.state");
+            for (id, n) in [("mine", 1), ("theirs", 2)] {
+                put(&mut s.map, id, Some(&state(id, SagaStatus::Running, n)));
+            }
+            // More than a query decodes under the lock.
+            for i in 0..UNDER_LOCK + 10 {
+                let id = format!("t-{i:04}");
+                put(&mut s.map, &id, Some(&state(&id, SagaStatus::Running, 0)));
+            }
+        }
+        let own: Arc<SagaInstance<Job>> = Arc::new(
+            definition()
+                .start(
+                    SagaId::new("mine"),
+                    Job { n: 10 },
+                    Timestamp::from_millis(2_000),
+                )
+                .unwrap()
+                .instance,
+        );
+        let query = SagaQuery::all().limit(1_000);
+        let page = catalog.page(&query, &[own], Timestamp::from_millis(3_000));
+        let n = |id: &str| {
+            page.items
+                .iter()
+                .find(|i| i.id.as_str() == id)
+                .map(|i| i.data.n)
+        };
+        assert_eq!(page.items.len(), UNDER_LOCK + 12);
+        assert_eq!(n("mine"), Some(10), "the worker's own, fresher version");
+        assert_eq!(n("theirs"), Some(2));
+        assert_eq!(catalog.lock().map.raw, 0);
     }
 
     #[test]
