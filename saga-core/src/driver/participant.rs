@@ -1812,6 +1812,17 @@ mod tests {
         assert!(dead.truncated_from.is_some());
     }
 
+    /// The keys and partitions `out` deletes (its tombstones), sorted.
+    fn tombstones(out: &[Record]) -> Vec<(&str, Option<u32>)> {
+        let mut deleted: Vec<(&str, Option<u32>)> = out
+            .iter()
+            .filter(|r| r.value.is_none())
+            .map(|r| (r.key.as_str(), r.partition))
+            .collect();
+        deleted.sort_unstable();
+        deleted
+    }
+
     #[derive(Default)]
     struct Revoked(Mutex<Vec<u32>>);
 
@@ -1946,13 +1957,9 @@ mod tests {
         // Their deletion is due again, in their own partition only.
         let mut again = Vec::new();
         assert!(d.take_due(past, &mut again).is_none());
-        let mut deleted: Vec<(&str, Option<u32>)> = again
-            .iter()
-            .map(|r| (r.key.as_str(), r.partition))
-            .collect();
-        deleted.sort_unstable();
+        assert_eq!(again.len(), 2, "nothing but the deletions");
         assert_eq!(
-            deleted,
+            tombstones(&again),
             [("answered-1", Some(1)), ("fence/step-1", Some(1))]
         );
     }
@@ -2017,14 +2024,8 @@ mod tests {
         assert!(d
             .take_due(T0.saturating_add(Duration::from_secs(61)), &mut out)
             .is_none());
-        let mut tombstones: Vec<(&str, Option<u32>)> = out
-            .iter()
-            .filter(|r| r.value.is_none())
-            .map(|r| (r.key.as_str(), r.partition))
-            .collect();
-        tombstones.sort_unstable();
         assert_eq!(
-            tombstones,
+            tombstones(&out),
             [("answered-1", Some(1)), ("fence/step-1", Some(1))]
         );
         assert_eq!((d.entries.len(), d.fences, d.expiring.len()), (2, 0, 1));

@@ -1171,6 +1171,17 @@ mod tests {
             .unwrap()
     }
 
+    /// The keys and partitions `out` deletes (its tombstones), sorted.
+    fn tombstones(out: &[Record]) -> Vec<(&str, Option<u32>)> {
+        let mut deleted: Vec<(&str, Option<u32>)> = out
+            .iter()
+            .filter(|r| r.value.is_none())
+            .map(|r| (r.key.as_str(), r.partition))
+            .collect();
+        deleted.sort_unstable();
+        deleted
+    }
+
     /// The latest state record of saga `id` among `out`.
     fn state_record(out: &[Record], id: &str) -> Vec<u8> {
         out.iter()
@@ -1632,12 +1643,7 @@ mod tests {
         // in its own partition.
         let mut expired = Vec::new();
         assert!(fresh.on_due(T0.saturating_add(Duration::from_secs(61)), &mut expired));
-        let tombstones: Vec<(&str, Option<u32>)> = expired
-            .iter()
-            .filter(|r| r.value.is_none())
-            .map(|r| (r.key.as_str(), r.partition))
-            .collect();
-        assert_eq!(tombstones, [("done-1", Some(1))]);
+        assert_eq!(tombstones(&expired), [("done-1", Some(1))]);
         assert!(!fresh.is_settled(&SagaId::new("done-1")));
     }
 
@@ -1681,12 +1687,7 @@ mod tests {
         // Its deletion is due again, in its own partition only.
         let mut again = Vec::new();
         assert!(d.on_due(T0.saturating_add(Duration::from_secs(61)), &mut again));
-        let tombstones: Vec<&str> = again
-            .iter()
-            .filter(|r| r.value.is_none())
-            .map(|r| r.key.as_str())
-            .collect();
-        assert_eq!(tombstones, ["done-1"]);
+        assert_eq!(tombstones(&again), [("done-1", Some(1))]);
     }
 
     #[test]
