@@ -219,11 +219,6 @@ impl Envelope {
         out
     }
 
-    /// The length of [`Envelope::to_bytes`], without the bytes.
-    pub(crate) fn encoded_len(&self) -> usize {
-        json_len(self).expect("an envelope is plain JSON data")
-    }
-
     /// Parses an envelope from JSON bytes.
     ///
     /// # Errors
@@ -595,7 +590,7 @@ mod tests {
             serde_json::json!({"items": ["a", "b\u{e9}"], "n": 3}),
             Timestamp::from_millis(42),
         );
-        assert_eq!(env.encoded_len(), env.to_bytes().len());
+        assert_eq!(json_len(&env).unwrap(), env.to_bytes().len());
         let value = serde_json::json!({"k": [1, 2.5, null, "x\ny"]});
         assert_eq!(
             json_len(&value).unwrap(),

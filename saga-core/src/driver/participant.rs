@@ -373,6 +373,20 @@ fn send_reply(reply: Option<Envelope>, out: &mut Vec<Record>) -> Option<EncodedE
     Some(encoded)
 }
 
+/// A handler's success as [`ParticipantDriver::success`] encodes it.
+struct Success {
+    /// The events' records.
+    events: Vec<Record>,
+    /// The reply and its text, if the command takes one.
+    reply: Option<(Envelope, EncodedEnvelope)>,
+    /// The payload the step remembers, if it does.
+    remembered: Option<Value>,
+}
+
+/// What a ledger entry's JSON adds to the reply or payload it holds (its
+/// state, its time, the punctuation), with room to spare.
+const LEDGER_ENTRY_FRAMING: usize = 64;
+
 #[derive(Clone, Debug)]
 struct Kept {
     partition: u32,
@@ -480,10 +494,13 @@ impl ParticipantDriver {
         }
     }
 
-    /// The largest record (key and value) the driver writes: a reply too
-    /// large becomes a permanent failure, a dead letter too large keeps a
-    /// truncated copy of its original, and a state snapshot too large
-    /// stops its partition (see [`ParticipantDriver::before_commit`]).
+    /// The largest record (key and value) the driver writes, less 128
+    /// bytes kept for headers and framing: a handler's success whose
+    /// reply, ledger entry or event would be too large becomes a
+    /// permanent failure (sizes taken from the encoded records), a dead
+    /// letter too large keeps a truncated copy of its original, and a
+    /// state snapshot too large stops its partition (see
+    /// [`ParticipantDriver::before_commit`]).
     pub fn with_max_record_bytes(mut self, limit: usize) -> Self {
         self.max_record_bytes = limit.max(1024);
         self
@@ -847,28 +864,31 @@ impl ParticipantDriver {
             }) => *first_attempt_at,
             _ => now,
         };
-        let result = self.within_limit(&command, result);
-        let entry = match result {
+        let outcome = match result {
             AttemptResult::Replied { reply, events } => {
-                // The payload is copied only if the step remembers it.
-                let remember = self.policy.remember_steps && command.step.is_some();
-                let remembered = remember.then(|| reply.clone());
-                let answer = command
-                    .reply(ReplyOutcome::Success, reply, now)
-                    .map(|a| a.with_traceparent(trace));
-                out.extend(events.iter().map(Record::message));
-                let answer = send_reply(answer, out);
+                self.success(&command, reply, &events, trace, now)
+            }
+            AttemptResult::Failed { class, error } => Err((class, error)),
+        };
+        let entry = match outcome {
+            Ok(Success {
+                events,
+                reply,
+                remembered,
+            }) => {
+                out.extend(events);
+                let reply = reply.map(|(answer, encoded)| {
+                    out.push(Record::message_text(&answer, encoded.json()));
+                    encoded
+                });
                 if let Some(payload) = remembered {
                     let key = step_entry_key(&command.idempotency_key());
                     let remembered = Entry::Remembered { payload, at: now };
                     self.write(partition, key, remembered, out);
                 }
-                Entry::Answered {
-                    reply: answer,
-                    at: now,
-                }
+                Entry::Answered { reply, at: now }
             }
-            AttemptResult::Failed { class, error } => {
+            Err((class, error)) => {
                 tracing::debug!(participant = %self.policy.name, message_id = %command.id, attempt = number, %error, "attempt failed");
                 let seed = seed_of(&command.id);
                 let elapsed = now.saturating_since(first);
@@ -1136,33 +1156,60 @@ impl ParticipantDriver {
         true
     }
 
-    /// A result whose records would be over the size limit becomes a
-    /// permanent failure: the records could never be written.
-    fn within_limit(&self, command: &Envelope, result: AttemptResult) -> AttemptResult {
-        let AttemptResult::Replied { reply, events } = &result else {
-            return result;
-        };
+    /// A handler's success, encoded once: its events' records, its reply
+    /// (if the command takes one) and the payload a step remembers. A
+    /// success whose records would be over the size limit becomes a
+    /// permanent failure instead (the records could never be written).
+    fn success(
+        &self,
+        command: &Envelope,
+        payload: Value,
+        events: &[Envelope],
+        trace: Option<TraceContext>,
+        now: Timestamp,
+    ) -> Result<Success, (ErrorClass, String)> {
         let limit = self.max_record_bytes.saturating_sub(RECORD_OVERHEAD);
-        // The ledger entry holds the reply envelope: the larger of the two.
-        let reply_size = json_len(reply)
-            .unwrap_or(usize::MAX)
-            .saturating_add(command.encoded_len());
-        let event_size = events
+        let events: Vec<Record> = events.iter().map(Record::message).collect();
+        let remember = self.policy.remember_steps && command.step.is_some();
+        let remembered = remember.then(|| payload.clone());
+        let reply = command
+            .reply(ReplyOutcome::Success, payload, now)
+            .map(|answer| {
+                let answer = answer.with_traceparent(trace);
+                let encoded = EncodedEnvelope::encode(&answer);
+                (answer, encoded)
+            });
+        // The ledger entry holds the reply's text (or the remembered
+        // payload, when no reply is sent) and its key, the command id.
+        let entry_size = match (&reply, &remembered) {
+            (Some((_, encoded)), _) => encoded.json().len(),
+            (None, Some(payload)) => json_len(payload).unwrap_or(usize::MAX),
+            (None, None) => 0,
+        }
+        .saturating_add(LEDGER_ENTRY_FRAMING + command.id.as_str().len());
+        let size = events
             .iter()
-            .map(|e| e.encoded_len() + e.key().len())
-            .max()
-            .unwrap_or(0);
-        let size = reply_size.max(event_size);
-        if size <= limit {
-            return result;
+            .map(Record::size)
+            .chain(
+                reply
+                    .iter()
+                    .map(|(answer, encoded)| encoded.json().len() + answer.key().len()),
+            )
+            .fold(entry_size, usize::max);
+        if size > limit {
+            tracing::error!(participant = %self.policy.name, message_id = %command.id, size, limit, "reply or event over the record size limit: answered as a permanent failure");
+            return Err((
+                ErrorClass::Permanent,
+                format!(
+                    "the handler's reply or events need a record of about {size} bytes, over the limit of {limit}"
+                ),
+            ));
         }
-        tracing::error!(participant = %self.policy.name, message_id = %command.id, size, limit, "reply or event over the record size limit: answered as a permanent failure");
-        AttemptResult::Failed {
-            class: ErrorClass::Permanent,
-            error: format!(
-                "the handler's reply or events need a record of about {size} bytes, over the limit of {limit}"
-            ),
-        }
+        Ok(Success {
+            events,
+            reply,
+            remembered,
+        })
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -1198,8 +1245,17 @@ impl ParticipantDriver {
     /// that cannot be encoded fails the batch (see `before_commit`) rather
     /// than being written empty.
     fn write(&mut self, partition: u32, key: String, entry: Entry, out: &mut Vec<Record>) {
-        let bytes = match serde_json::to_vec(&entry) {
-            Ok(bytes) => bytes,
+        // Room for the reply the entry holds: growing the buffer step by
+        // step would copy it each time.
+        let room = match &entry {
+            Entry::Answered {
+                reply: Some(reply), ..
+            } => reply.json().len() + LEDGER_ENTRY_FRAMING,
+            _ => 128,
+        };
+        let mut bytes = Vec::with_capacity(room);
+        let bytes = match serde_json::to_writer(&mut bytes, &entry) {
+            Ok(()) => bytes,
             Err(e) => {
                 tracing::error!(participant = %self.policy.name, partition, key, error = %e, "ledger entry cannot be encoded: the batch fails");
                 let error = SagaError::Runtime {
@@ -1778,6 +1834,72 @@ mod tests {
             &replies[0].outcome,
             Some(ReplyOutcome::Failure { class: ErrorClass::Permanent, error, .. }) if error.contains("over the limit")
         ));
+    }
+
+    #[tokio::test]
+    async fn replies_near_the_size_limit_are_sent_if_every_record_fits_and_fail_if_one_would_not() {
+        let limit = 4096 - RECORD_OVERHEAD;
+        let (mut answered, mut failed, mut largest) = (0, 0, 0);
+        for n in (3_400..3_900).step_by(3) {
+            let policy = ParticipantPolicy::new("svc").remember_steps();
+            let mut d =
+                ParticipantDriver::new("svc", policy, Arc::new(Big(n))).with_max_record_bytes(4096);
+            d.restore(0, Vec::new()).unwrap();
+            let cmd = command(Some(("call", Phase::Forward)), 1, Some("job.replies"));
+            let out = deliver(&mut d, &cmd).await;
+            let biggest = out.iter().map(Record::size).max().unwrap();
+            assert!(biggest <= limit, "{n}: a record of {biggest} bytes");
+            match &messages(&out)[0].outcome {
+                Some(ReplyOutcome::Success) => {
+                    answered += 1;
+                    largest = largest.max(biggest);
+                }
+                Some(ReplyOutcome::Failure {
+                    class: ErrorClass::Permanent,
+                    ..
+                }) => failed += 1,
+                other => panic!("{n}: {other:?}"),
+            }
+        }
+        assert!(
+            answered > 0 && failed > 0,
+            "{answered} answered, {failed} failed"
+        );
+        assert!(
+            largest + 100 > limit,
+            "a success is refused only near the limit: the largest sent was {largest} bytes"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_small_reply_to_a_command_near_the_size_limit_is_sent() {
+        let mut d = ParticipantDriver::new("svc", ParticipantPolicy::new("svc"), Arc::new(Big(1)))
+            .with_max_record_bytes(4096);
+        d.restore(0, Vec::new()).unwrap();
+        let mut cmd = command(Some(("call", Phase::Forward)), 1, Some("job.replies"));
+        cmd.payload = Value::String("c".repeat(3_800));
+        assert!(
+            cmd.to_bytes().len() > 3_900,
+            "the command alone is near the limit"
+        );
+        let out = deliver(&mut d, &cmd).await;
+        assert_eq!(
+            messages(&out)[0].outcome,
+            Some(ReplyOutcome::Success),
+            "the reply does not hold the command"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_payload_over_the_size_limit_is_dropped_if_nobody_gets_it() {
+        let mut d =
+            ParticipantDriver::new("svc", ParticipantPolicy::new("svc"), Arc::new(Big(5000)))
+                .with_max_record_bytes(4096);
+        d.restore(0, Vec::new()).unwrap();
+        let out = deliver(&mut d, &command(None, 1, None)).await;
+        assert!(messages(&out).is_empty(), "no reply and no dead letter");
+        assert_eq!(out.len(), 1, "the ledger entry only");
+        assert!(out[0].size() <= 4096 - RECORD_OVERHEAD);
     }
 
     #[tokio::test]
