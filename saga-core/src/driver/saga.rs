@@ -288,10 +288,23 @@ fn may_be_final(bytes: &[u8]) -> bool {
     COMPLETED.find(bytes).is_some() || COMPENSATED.find(bytes).is_some()
 }
 
-/// A change the open batch made to the settled index, to undo.
-enum SettledUndo {
+/// A change the open batch made to the driver's indexes (not to a saga
+/// itself, which `undo` keeps), to undo.
+enum IndexUndo {
     /// A settled saga's state was deleted in the batch.
     Expired(SagaId, u32, Timestamp),
+    /// A due timer left the timer index (its saga in this partition): if
+    /// its transition failed and was dead-lettered, the saga did not
+    /// change, so only this brings the timer back.
+    Fired(Timestamp, SagaId, TimerId, u32),
+}
+
+impl IndexUndo {
+    fn partition(&self) -> u32 {
+        match self {
+            IndexUndo::Expired(_, p, _) | IndexUndo::Fired(_, _, _, p) => *p,
+        }
+    }
 }
 
 /// An instance as the driver keeps it until its next transition (seconds,
@@ -338,7 +351,7 @@ pub struct SagaDriver<D> {
     settled_order: BTreeSet<(Timestamp, SagaId, u32)>,
     /// The value of each saga changed in the open batch before the batch.
     undo: HashMap<SagaId, Option<Owned<D>>>,
-    settled_undo: Vec<SettledUndo>,
+    index_undo: Vec<IndexUndo>,
     /// Partitions being restored record by record: the keys whose latest
     /// record so far cannot be read, and why.
     restoring: HashMap<u32, BTreeMap<String, String>>,
@@ -374,7 +387,7 @@ impl<D: SagaData> SagaDriver<D> {
             settled: HashMap::new(),
             settled_order: BTreeSet::new(),
             undo: HashMap::new(),
-            settled_undo: Vec::new(),
+            index_undo: Vec::new(),
             restoring: HashMap::new(),
         }
     }
@@ -586,8 +599,8 @@ impl<D: SagaData> SagaDriver<D> {
             .retain(|(_, _, p)| !partitions.contains(p));
         // Settled sagas the open batch deleted: a rollback after the
         // release must not bring back those of a partition given up.
-        self.settled_undo
-            .retain(|SettledUndo::Expired(_, p, _)| !partitions.contains(p));
+        self.index_undo
+            .retain(|undo| !partitions.contains(&undo.partition()));
         for p in partitions {
             self.owned.remove(p);
             self.restoring.remove(p);
@@ -804,6 +817,8 @@ impl<D: SagaData> SagaDriver<D> {
             return true;
         };
         let partition = owned.partition;
+        self.index_undo
+            .push(IndexUndo::Fired(at, id.clone(), timer.clone(), partition));
         let span = tracing::info_span!("saga.timer", saga_id = %id, saga = %self.def.name(), timer = %timer, trace_id = tracing::field::Empty, span_id = tracing::field::Empty, parent_span_id = tracing::field::Empty);
         let trace = owned
             .instance
@@ -841,8 +856,7 @@ impl<D: SagaData> SagaDriver<D> {
                 Record::new(&self.state_topic, id.as_str(), None, RecordKind::SagaState)
                     .on_partition(partition),
             );
-            self.settled_undo
-                .push(SettledUndo::Expired(id, partition, at));
+            self.index_undo.push(IndexUndo::Expired(id, partition, at));
             done += 1;
         }
         done > 0
@@ -852,7 +866,7 @@ impl<D: SagaData> SagaDriver<D> {
     /// every saga the batch changed (a settled one for the last time
     /// before it leaves memory), shared rather than copied.
     pub fn committed(&mut self, mut seen: impl FnMut(&Arc<SagaInstance<D>>)) {
-        self.settled_undo.clear();
+        self.index_undo.clear();
         let changed: Vec<SagaId> = self.undo.drain().map(|(id, _)| id).collect();
         for id in changed {
             let Some(owned) = self.sagas.get(&id) else {
@@ -873,9 +887,24 @@ impl<D: SagaData> SagaDriver<D> {
         for (id, old) in std::mem::take(&mut self.undo) {
             self.put(&id, old);
         }
-        for undo in std::mem::take(&mut self.settled_undo).into_iter().rev() {
-            let SettledUndo::Expired(id, partition, at) = undo;
-            self.remember_settled(partition, id, at);
+        for undo in std::mem::take(&mut self.index_undo).into_iter().rev() {
+            match undo {
+                IndexUndo::Expired(id, partition, at) => self.remember_settled(partition, id, at),
+                IndexUndo::Fired(at, id, timer, _) => {
+                    // Armed again if the saga, as the rollback left it,
+                    // still waits on it (a transition that was undone
+                    // brought its timers back already).
+                    let armed = self.sagas.get(&id).is_some_and(|o| {
+                        o.instance
+                            .timers
+                            .iter()
+                            .any(|t| t.fire_at == at && t.id == timer)
+                    });
+                    if armed {
+                        self.timers.insert((at, id, timer));
+                    }
+                }
+            }
         }
     }
 
@@ -1645,6 +1674,39 @@ mod tests {
         assert!(fresh.on_due(T0.saturating_add(Duration::from_secs(61)), &mut expired));
         assert_eq!(tombstones(&expired), [("done-1", Some(1))]);
         assert!(!fresh.is_settled(&SagaId::new("done-1")));
+    }
+
+    #[test]
+    fn a_rollback_arms_again_a_timer_whose_transition_failed() {
+        // A saga waiting on its step, whose data can no longer be stored.
+        let mut out = Vec::new();
+        driver()
+            .start(0, SagaId::new("j-1"), Job::default(), T0, &mut out)
+            .unwrap();
+        let mut state: serde_json::Value =
+            serde_json::from_slice(&state_record(&out, "j-1")).unwrap();
+        state["data"]["poisoned"] = serde_json::json!(true);
+        let mut d =
+            SagaDriver::<Job>::new(definition()).with_settled_retention(Duration::from_secs(60));
+        let report = d.restore(
+            0,
+            vec![("j-1".to_owned(), serde_json::to_vec(&state).unwrap())],
+        );
+        assert_eq!(report.sagas, 1, "{report:?}");
+        let due = d.next_due().expect("the step's timeout");
+        // Its timeout fires in a batch: the transition cannot be encoded,
+        // so it is dead-lettered. Then the batch aborts.
+        let mut out = Vec::new();
+        assert!(d.on_due(due, &mut out));
+        assert!(out.iter().any(|r| r.topic == "job.dlq"), "a dead letter");
+        assert_eq!(d.next_due(), None, "taken while the batch is open");
+        d.rolled_back();
+        assert_eq!(d.next_due(), Some(due), "armed again by the rollback");
+        // Committed, it stays taken (its dead letter is written).
+        let mut out = Vec::new();
+        assert!(d.on_due(due, &mut out));
+        d.committed(|_| {});
+        assert_eq!(d.next_due(), None);
     }
 
     #[test]
