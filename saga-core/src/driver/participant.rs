@@ -379,8 +379,9 @@ struct Success {
     events: Vec<Record>,
     /// The reply and its text, if the command takes one.
     reply: Option<(Envelope, EncodedEnvelope)>,
-    /// The payload the step remembers, if it does.
-    remembered: Option<Value>,
+    /// The payload the step remembers and the key it goes under, if it
+    /// does.
+    remembered: Option<(String, Value)>,
 }
 
 /// What a ledger entry's JSON adds to the reply or payload it holds (its
@@ -496,8 +497,8 @@ impl ParticipantDriver {
 
     /// The largest record (key and value) the driver writes, less 128
     /// bytes kept for headers and framing: a handler's success whose
-    /// reply, ledger entry or event would be too large becomes a
-    /// permanent failure (sizes taken from the encoded records), a dead
+    /// reply, ledger entries (the answer, a remembered payload) or events
+    /// would be too large becomes a permanent failure, a dead
     /// letter too large keeps a truncated copy of its original, and a
     /// state snapshot too large stops its partition (see
     /// [`ParticipantDriver::before_commit`]).
@@ -881,8 +882,7 @@ impl ParticipantDriver {
                     out.push(Record::message_text(&answer, encoded.json()));
                     encoded
                 });
-                if let Some(payload) = remembered {
-                    let key = step_entry_key(&command.idempotency_key());
+                if let Some((key, payload)) = remembered {
                     let remembered = Entry::Remembered { payload, at: now };
                     self.write(partition, key, remembered, out);
                 }
@@ -1179,14 +1179,25 @@ impl ParticipantDriver {
                 let encoded = EncodedEnvelope::encode(&answer);
                 (answer, encoded)
             });
-        // The ledger entry holds the reply's text (or the remembered
-        // payload, when no reply is sent) and its key, the command id.
-        let entry_size = match (&reply, &remembered) {
-            (Some((_, encoded)), _) => encoded.json().len(),
-            (None, Some(payload)) => json_len(payload).unwrap_or(usize::MAX),
-            (None, None) => 0,
-        }
-        .saturating_add(LEDGER_ENTRY_FRAMING + command.id.as_str().len());
+        let text = reply.as_ref().map(|(_, encoded)| encoded.json().len());
+        // The ledger entry, under the command's id, holds the reply's text.
+        let entry_size = text
+            .unwrap_or(0)
+            .saturating_add(LEDGER_ENTRY_FRAMING + command.id.as_str().len());
+        // The remembered entry, under the step's key, holds the payload,
+        // which the reply's text holds too (when there is one).
+        let remembered = remembered.map(|payload| {
+            let key = step_entry_key(&command.idempotency_key());
+            let value = match text {
+                Some(len) => len,
+                None => json_len(&payload).unwrap_or(usize::MAX),
+            };
+            let size = value.saturating_add(LEDGER_ENTRY_FRAMING + key.len());
+            (key, payload, size)
+        });
+        let entry_size = remembered
+            .as_ref()
+            .map_or(entry_size, |(_, _, size)| entry_size.max(*size));
         let size = events
             .iter()
             .map(Record::size)
@@ -1208,7 +1219,7 @@ impl ParticipantDriver {
         Ok(Success {
             events,
             reply,
-            remembered,
+            remembered: remembered.map(|(key, payload, _)| (key, payload)),
         })
     }
 
@@ -1836,39 +1847,69 @@ mod tests {
         ));
     }
 
-    #[tokio::test]
-    async fn replies_near_the_size_limit_are_sent_if_every_record_fits_and_fail_if_one_would_not() {
+    /// Handles `cmd` with replies of sizes around the limit of 4,096
+    /// bytes: no record goes over it, and a success is refused only near
+    /// it. `remember`: with [`ParticipantPolicy::remember_steps`].
+    async fn sweep_near_the_size_limit(cmd: &Envelope, remember: bool) {
         let limit = 4096 - RECORD_OVERHEAD;
-        let (mut answered, mut failed, mut largest) = (0, 0, 0);
-        for n in (3_400..3_900).step_by(3) {
-            let policy = ParticipantPolicy::new("svc").remember_steps();
+        let (mut sent, mut refused, mut largest) = (0, 0, 0);
+        for n in (2_000..4_000).step_by(7) {
+            let mut policy = ParticipantPolicy::new("svc");
+            if remember {
+                policy = policy.remember_steps();
+            }
             let mut d =
                 ParticipantDriver::new("svc", policy, Arc::new(Big(n))).with_max_record_bytes(4096);
             d.restore(0, Vec::new()).unwrap();
-            let cmd = command(Some(("call", Phase::Forward)), 1, Some("job.replies"));
-            let out = deliver(&mut d, &cmd).await;
+            let out = deliver(&mut d, cmd).await;
             let biggest = out.iter().map(Record::size).max().unwrap();
             assert!(biggest <= limit, "{n}: a record of {biggest} bytes");
-            match &messages(&out)[0].outcome {
-                Some(ReplyOutcome::Success) => {
-                    answered += 1;
-                    largest = largest.max(biggest);
-                }
-                Some(ReplyOutcome::Failure {
-                    class: ErrorClass::Permanent,
-                    ..
-                }) => failed += 1,
-                other => panic!("{n}: {other:?}"),
+            // Refused: a failure reply, or a dead letter without one.
+            let failed = messages(&out).iter().any(|m| {
+                m.channel == "svc.dlq"
+                    || matches!(
+                        m.outcome,
+                        Some(ReplyOutcome::Failure {
+                            class: ErrorClass::Permanent,
+                            ..
+                        })
+                    )
+            });
+            if failed {
+                refused += 1;
+            } else {
+                sent += 1;
+                largest = largest.max(biggest);
             }
         }
-        assert!(
-            answered > 0 && failed > 0,
-            "{answered} answered, {failed} failed"
-        );
+        assert!(sent > 0 && refused > 0, "{sent} sent, {refused} refused");
         assert!(
             largest + 100 > limit,
             "a success is refused only near the limit: the largest sent was {largest} bytes"
         );
+    }
+
+    #[tokio::test]
+    async fn near_the_size_limit_no_record_goes_over_it_and_only_successes_close_to_it_fail() {
+        let cmd = command(Some(("call", Phase::Forward)), 1, Some("job.replies"));
+        sweep_near_the_size_limit(&cmd, true).await;
+    }
+
+    #[tokio::test]
+    async fn a_long_command_id_counts_against_the_size_limit_of_its_ledger_entry() {
+        let mut cmd = command(Some(("call", Phase::Forward)), 1, Some("job.replies"));
+        cmd.saga_id = SagaId::new("s".repeat(300));
+        cmd.id = Envelope::command_id("job", &cmd.saga_id, "call", Phase::Forward, 1);
+        sweep_near_the_size_limit(&cmd, false).await;
+    }
+
+    #[tokio::test]
+    async fn a_remembered_payload_counts_against_the_size_limit_under_its_step_key() {
+        // No reply, a short id, a long step key.
+        let mut cmd = command(Some(("call", Phase::Forward)), 1, None);
+        cmd.id = MessageId::new("c");
+        cmd.saga_id = SagaId::new("s".repeat(300));
+        sweep_near_the_size_limit(&cmd, true).await;
     }
 
     #[tokio::test]
