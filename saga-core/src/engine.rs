@@ -467,7 +467,8 @@ impl<D: SagaData> SagaDefinition<D> {
     /// [`SagaError::WrongMessageKind`], [`SagaError::UnknownStep`],
     /// [`SagaError::Decode`] (a reply payload of the wrong type), and
     /// [`SagaError::InvalidAction`] for an operator action that does not
-    /// apply ([`Operation::check`]).
+    /// apply ([`Operation::check`]), and [`SagaError::DefinitionMismatch`]
+    /// for an instance recorded with other steps than this definition's.
     pub fn handle(
         &self,
         instance: &SagaInstance<D>,
@@ -475,6 +476,57 @@ impl<D: SagaData> SagaDefinition<D> {
         now: Timestamp,
     ) -> Result<Transition<D>, SagaError> {
         self.handle_sending_in(instance, input, now, instance.trace)
+    }
+
+    /// Whether `instance` fits this definition: one record per step, in
+    /// the definition's order and with its names, and a cursor, awaited
+    /// command and timers that name steps it has. The engine indexes the
+    /// definition's steps by the instance's positions.
+    fn check_fits(&self, instance: &SagaInstance<D>) -> Result<(), SagaError> {
+        let steps = self.steps();
+        let mismatch = |reason: String| SagaError::DefinitionMismatch {
+            saga_id: instance.id.clone(),
+            reason,
+        };
+        if instance.steps.len() != steps.len() {
+            return Err(mismatch(format!(
+                "it was recorded with {} steps, the definition has {}",
+                instance.steps.len(),
+                steps.len()
+            )));
+        }
+        if let Some((i, (kept, step))) = instance
+            .steps
+            .iter()
+            .zip(steps)
+            .enumerate()
+            .find(|(_, (kept, step))| kept.name != step.name)
+        {
+            return Err(mismatch(format!(
+                "its step {} is `{}`, the definition's is `{}`",
+                i + 1,
+                kept.name,
+                step.name
+            )));
+        }
+        let step_of_timer = |t: &crate::instance::Timer| match t.kind {
+            TimerKind::AttemptDeadline { step, .. } | TimerKind::Backoff { step, .. } => Some(step),
+            TimerKind::SagaDeadline => None,
+        };
+        let out_of_range = [instance.cursor.checked_sub(1)]
+            .into_iter()
+            .chain([instance.awaiting.as_ref().map(|a| a.step)])
+            .chain(instance.timers.iter().map(step_of_timer))
+            .flatten()
+            .find(|i| *i >= steps.len());
+        match out_of_range {
+            Some(i) => Err(mismatch(format!(
+                "it refers to step {} of {}",
+                i + 1,
+                steps.len()
+            ))),
+            None => Ok(()),
+        }
     }
 
     /// Like [`SagaDefinition::handle`], the messages sent carrying trace
@@ -497,6 +549,7 @@ impl<D: SagaData> SagaDefinition<D> {
                 message_id: MessageId::new(format!("{}/instance", instance.id)),
             });
         }
+        self.check_fits(instance)?;
         let mut m = match (&input, &instance.awaiting) {
             (Input::Reply(_), Some(awaiting)) => Machine {
                 def: self,

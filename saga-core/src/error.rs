@@ -147,6 +147,17 @@ pub enum SagaError {
         /// The message.
         message_id: MessageId,
     },
+    /// A stored saga does not fit its definition: it was recorded by a
+    /// definition with other steps (a deployment changed them while it
+    /// was in progress), or its record was edited. The engine handles no
+    /// input for it; the runtime dead-letters the input.
+    #[error("saga `{saga_id}` does not fit its definition: {reason}")]
+    DefinitionMismatch {
+        /// The saga id.
+        saga_id: SagaId,
+        /// What differs.
+        reason: String,
+    },
     /// A payload could not be decoded into the expected type.
     #[error("saga `{saga_id}`, step `{step}`: cannot decode {what}: {source}")]
     Decode {

@@ -145,6 +145,50 @@ fn a_reply_of_the_wrong_type_is_a_decode_error_and_changes_nothing() {
 }
 
 #[test]
+fn a_saga_recorded_with_other_steps_than_its_definition_is_refused_not_a_panic() {
+    let mut t = SagaHarness::new(order_saga());
+    t.start("o-1", Order::default()).unwrap();
+    let instance = t.instance().clone();
+    let deadline = instance.timers[0].id.clone();
+    let now = instance.updated_at;
+    // A later deployment dropped the last two steps.
+    let fewer = SagaDefinition::<Order>::builder("order")
+        .step(Step::<Order>::local("create", |_| Ok(())))
+        .build()
+        .unwrap();
+    // Another renamed the second.
+    let renamed = SagaDefinition::<Order>::builder("order")
+        .step(Step::<Order>::local("create", |_| Ok(())))
+        .step(
+            Step::remote("reserve-stock", "inventory.requests")
+                .command(|_: &Order| "RESERVE")
+                .on_reply(|_, _: Reserved| Ok(())),
+        )
+        .step(Step::<Order>::local("confirm", |_| Ok(())))
+        .build()
+        .unwrap();
+    for (def, why) in [
+        (&fewer, "recorded with 3 steps, the definition has 1"),
+        (
+            &renamed,
+            "its step 2 is `reserve`, the definition's is `reserve-stock`",
+        ),
+    ] {
+        match def.handle(&instance, Input::Timer(deadline.clone()), now) {
+            Err(SagaError::DefinitionMismatch { saga_id, reason }) => {
+                assert_eq!(saga_id.as_str(), "o-1");
+                assert!(reason.contains(why), "{reason}");
+            }
+            other => panic!("expected DefinitionMismatch, got {other:?}"),
+        }
+    }
+    // The definition it was recorded with still handles it.
+    assert!(order_saga()
+        .handle(&instance, Input::Timer(deadline), now)
+        .is_ok());
+}
+
+#[test]
 fn replies_for_another_saga_or_step_and_non_replies_are_typed_errors() {
     let def = order_saga();
     let t = def

@@ -984,7 +984,16 @@ impl<D: SagaData> SagaDriver<D> {
         let partition = owned.partition;
         let inst = &owned.instance;
         let (step, attempt) = match &inst.awaiting {
-            Some(a) => (self.def.steps()[a.step].name().to_owned(), a.attempt),
+            // A saga that does not fit the definition names no step (the
+            // engine refuses the reply: it is dead-lettered).
+            Some(a) => (
+                self.def
+                    .steps()
+                    .get(a.step)
+                    .map_or("", |s| s.name())
+                    .to_owned(),
+                a.attempt,
+            ),
             None => (inst.current_step().unwrap_or("").to_owned(), 0),
         };
         let span = tracing::info_span!("saga.reply", saga_id = %id, saga = %self.def.name(), step = %step, attempt, trace_id = tracing::field::Empty, span_id = tracing::field::Empty, parent_span_id = tracing::field::Empty);
@@ -1674,6 +1683,40 @@ mod tests {
         assert!(fresh.on_due(T0.saturating_add(Duration::from_secs(61)), &mut expired));
         assert_eq!(tombstones(&expired), [("done-1", Some(1))]);
         assert!(!fresh.is_settled(&SagaId::new("done-1")));
+    }
+
+    #[test]
+    fn a_reply_to_a_saga_recorded_with_more_steps_is_dead_lettered_not_a_panic() {
+        // Recorded by a definition whose second step was the remote one.
+        let longer = SagaDefinition::<Job>::builder("job")
+            .step(Step::<Job>::local("prepare", |_| Ok(())))
+            .step(
+                Step::remote("call", "svc")
+                    .command(|_: &Job| "CALL")
+                    .on_reply(|_, _: String| Ok(())),
+            )
+            .build()
+            .unwrap();
+        let mut v1 = SagaDriver::new(longer);
+        v1.restore(0, Vec::new());
+        let mut out = Vec::new();
+        v1.start(0, SagaId::new("j-1"), Job::default(), T0, &mut out)
+            .unwrap();
+        let reply = reply_to(&out, "ok");
+        // Restored by a deployment with one step: the reply is refused.
+        let mut v2 = SagaDriver::new(definition());
+        let report = v2.restore(0, vec![("j-1".to_owned(), state_record(&out, "j-1"))]);
+        assert_eq!(report.sagas, 1, "{report:?}");
+        let mut out = Vec::new();
+        v2.on_record(&incoming(&reply, None), T0, &mut out);
+        let dead = dead_letters(&out);
+        assert_eq!(dead.len(), 1, "{out:?}");
+        assert!(
+            dead[0].last_error.contains("does not fit its definition"),
+            "{}",
+            dead[0].last_error
+        );
+        assert_eq!(out.len(), 1, "no state written");
     }
 
     #[test]
