@@ -392,7 +392,7 @@ impl<D: SagaData> SagaDefinition<D> {
     /// Starts a new instance `id` with `data` and runs it until it waits.
     ///
     /// # Errors
-    /// None today; the `Result` leaves room for checks on the start input.
+    /// [`SagaError::Panicked`] if the saga's code panicked.
     pub fn start(&self, id: SagaId, data: D, now: Timestamp) -> Result<Transition<D>, SagaError> {
         self.start_traced(id, data, now, None)
     }
@@ -404,7 +404,7 @@ impl<D: SagaData> SagaDefinition<D> {
     /// context here.
     ///
     /// # Errors
-    /// None today; the `Result` leaves room for checks on the start input.
+    /// [`SagaError::Panicked`] if the saga's code panicked.
     pub fn start_traced(
         &self,
         id: SagaId,
@@ -450,8 +450,14 @@ impl<D: SagaData> SagaDefinition<D> {
             let id = self.inner.lines.saga_deadline.clone();
             m.arm(TimerKind::SagaDeadline, id, timeout);
         }
-        m.drive();
-        Ok(m.finish(Handled::Applied))
+        // As in `handle`: a panic in the saga's code is an error for this
+        // start, not the end of the caller's thread.
+        let saga_id = m.inst.id.clone();
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            m.drive();
+            m.finish(Handled::Applied)
+        }))
+        .map_err(|panic| panicked(&saga_id, &*panic))
     }
 
     /// Handles one input for `instance` at time `now`.
@@ -467,8 +473,9 @@ impl<D: SagaData> SagaDefinition<D> {
     /// [`SagaError::WrongMessageKind`], [`SagaError::UnknownStep`],
     /// [`SagaError::Decode`] (a reply payload of the wrong type), and
     /// [`SagaError::InvalidAction`] for an operator action that does not
-    /// apply ([`Operation::check`]), and [`SagaError::DefinitionMismatch`]
-    /// for an instance recorded with other steps than this definition's.
+    /// apply ([`Operation::check`]), [`SagaError::DefinitionMismatch`]
+    /// for an instance recorded with other steps than this definition's,
+    /// and [`SagaError::Panicked`] if the saga's code panicked.
     pub fn handle(
         &self,
         instance: &SagaInstance<D>,
@@ -550,6 +557,22 @@ impl<D: SagaData> SagaDefinition<D> {
             });
         }
         self.check_fits(instance)?;
+        // The saga's own code (its steps' closures) runs on a copy: a panic
+        // in it leaves `instance` as it was, and is an error for this
+        // input rather than the end of the thread that runs the saga.
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            self.transition(instance, input, now, send_trace)
+        }))
+        .unwrap_or_else(|panic| Err(panicked(&instance.id, &*panic)))
+    }
+
+    fn transition(
+        &self,
+        instance: &SagaInstance<D>,
+        input: Input,
+        now: Timestamp,
+        send_trace: Option<TraceContext>,
+    ) -> Result<Transition<D>, SagaError> {
         let mut m = match (&input, &instance.awaiting) {
             (Input::Reply(_), Some(awaiting)) => Machine {
                 def: self,
@@ -587,6 +610,16 @@ impl<D: SagaData> SagaDefinition<D> {
             });
         }
         Ok(m.finish(handled))
+    }
+}
+
+/// The error for a panic in saga `id`'s code.
+fn panicked(id: &SagaId, panic: &(dyn std::any::Any + Send)) -> SagaError {
+    let message = crate::error::panic_message(panic);
+    tracing::error!(saga_id = %id, %message, "the saga's code panicked: input refused");
+    SagaError::Panicked {
+        saga_id: id.clone(),
+        message,
     }
 }
 

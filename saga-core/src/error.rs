@@ -158,6 +158,17 @@ pub enum SagaError {
         /// What differs.
         reason: String,
     },
+    /// The saga's own code (a step's closure: a command, a reply handler,
+    /// a local step, a compensation) panicked while handling an input.
+    /// The instance is left as it was; the runtime dead-letters the input
+    /// (or refuses the start).
+    #[error("saga `{saga_id}`: its code panicked: {message}")]
+    Panicked {
+        /// The saga id.
+        saga_id: SagaId,
+        /// The panic's message.
+        message: String,
+    },
     /// A payload could not be decoded into the expected type.
     #[error("saga `{saga_id}`, step `{step}`: cannot decode {what}: {source}")]
     Decode {
@@ -250,3 +261,12 @@ impl SagaError {
 
 /// Shorthand for results with [`SagaError`].
 pub type Result<T, E = SagaError> = std::result::Result<T, E>;
+
+/// The message a panic was raised with (its `&str` or `String` payload).
+pub(crate) fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic without a message".to_owned())
+}

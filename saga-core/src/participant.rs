@@ -204,7 +204,9 @@ pub trait Participant: Send + Sync + 'static {
     /// Handles one command. May run more than once for one message if the
     /// process crashes before the outcome is recorded, and runs again for
     /// every attempt the saga makes: keep outside side effects idempotent
-    /// on [`ParticipantContext::idempotency_key`].
+    /// on [`ParticipantContext::idempotency_key`]. A panic in it is a
+    /// retryable failure of the attempt (see
+    /// [`Attempt::run_unbounded`](crate::driver::Attempt::run_unbounded)).
     async fn handle(
         &self,
         command: Self::Command,

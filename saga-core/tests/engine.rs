@@ -189,6 +189,50 @@ fn a_saga_recorded_with_other_steps_than_its_definition_is_refused_not_a_panic()
 }
 
 #[test]
+fn a_panic_in_the_sagas_code_is_an_error_and_leaves_the_instance_as_it_was() {
+    let def = SagaDefinition::<Order>::builder("order")
+        .step(
+            Step::remote("reserve", "inventory.requests")
+                .command(|_: &Order| "RESERVE")
+                .on_reply(|_, r: Reserved| {
+                    assert!(r.ok, "a reply it cannot take");
+                    Ok(())
+                }),
+        )
+        .build()
+        .unwrap();
+    let mut t = SagaHarness::new(def);
+    t.start("o-1", Order::default()).unwrap();
+    let before = t.instance().clone();
+    match t.reply_ok("reserve", &Reserved { ok: false }) {
+        Err(SagaError::Panicked { saga_id, message }) => {
+            assert_eq!(saga_id.as_str(), "o-1");
+            assert!(message.contains("a reply it cannot take"), "{message}");
+        }
+        other => panic!("expected Panicked, got {other:?}"),
+    }
+    assert_eq!(t.instance(), &before, "nothing changed");
+    t.reply_ok("reserve", &Reserved { ok: true }).unwrap();
+    assert_eq!(t.status(), &SagaStatus::Completed);
+
+    // A start whose first step panics is refused.
+    let def = SagaDefinition::<Order>::builder("order")
+        .step(Step::<Order>::local("create", |_| {
+            panic!("no orders today")
+        }))
+        .build()
+        .unwrap();
+    match def.start(
+        SagaId::new("o-2"),
+        Order::default(),
+        Timestamp::from_millis(1),
+    ) {
+        Err(SagaError::Panicked { message, .. }) => assert_eq!(message, "no orders today"),
+        other => panic!("expected Panicked, got {:?}", other.map(|t| t.instance)),
+    }
+}
+
+#[test]
 fn replies_for_another_saga_or_step_and_non_replies_are_typed_errors() {
     let def = order_saga();
     let t = def

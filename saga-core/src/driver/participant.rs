@@ -6,6 +6,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use async_trait::async_trait;
+use futures::FutureExt;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
@@ -222,10 +223,29 @@ impl Attempt {
 
     /// Runs the handler once, at `now`, without bounding it in time (see
     /// `Attempt::run`, feature `tokio`).
+    ///
+    /// A panic in the handler (or in the command's or reply's serde code)
+    /// is a retryable failure of the attempt, with the panic's message:
+    /// the participant's retry policy bounds how often it runs again, and
+    /// the thread that runs it goes on.
     pub async fn run_unbounded(&self, now: Timestamp) -> AttemptResult {
-        self.participant
-            .attempt(&self.command, self.number, self.partition, now, &self.trace)
-            .await
+        let run =
+            self.participant
+                .attempt(&self.command, self.number, self.partition, now, &self.trace);
+        match std::panic::AssertUnwindSafe(run).catch_unwind().await {
+            Ok(result) => result,
+            Err(panic) => {
+                let error = format!(
+                    "the handler panicked: {}",
+                    crate::error::panic_message(&*panic)
+                );
+                tracing::error!(message_id = %self.command.id, attempt = self.number, %error, "participant handler panicked: a retryable failure");
+                AttemptResult::Failed {
+                    class: ErrorClass::Retryable,
+                    error,
+                }
+            }
+        }
     }
 
     /// Runs the handler once, at `now`, cut off after
@@ -1829,6 +1849,50 @@ mod tests {
         fn snapshot(&self, _: u32) -> Option<Value> {
             Some(Value::String("y".repeat(self.0)))
         }
+    }
+
+    /// Panics on a command whose payload is `"boom"`, answers others.
+    struct Fragile;
+
+    #[async_trait]
+    impl Participant for Fragile {
+        type Command = Value;
+        type Reply = u32;
+        type Error = StepError;
+        async fn handle(
+            &self,
+            command: Value,
+            _: &mut ParticipantContext,
+        ) -> Result<u32, StepError> {
+            assert_ne!(command, Value::from("boom"), "boom");
+            Ok(1)
+        }
+    }
+
+    #[tokio::test]
+    async fn a_panicking_handler_is_a_retryable_failure_and_the_driver_goes_on() {
+        let mut d = ParticipantDriver::new("svc", ParticipantPolicy::new("svc"), Arc::new(Fragile));
+        d.restore(0, Vec::new()).unwrap();
+        let mut boom = command(Some(("call", Phase::Forward)), 1, Some("job.replies"));
+        boom.payload = Value::from("boom");
+        let mut out = Vec::new();
+        let attempt = d
+            .on_record(&incoming(&boom.to_bytes()), T0, &mut out)
+            .expect("an attempt");
+        match attempt.run_unbounded(T0).await {
+            AttemptResult::Failed {
+                class: ErrorClass::Retryable,
+                error,
+            } => assert!(
+                error.contains("the handler panicked") && error.contains("boom"),
+                "{error}"
+            ),
+            other => panic!("expected a retryable failure, got {other:?}"),
+        }
+        // Another command is answered.
+        let fine = command(Some(("other", Phase::Forward)), 1, Some("job.replies"));
+        let replies = messages(&deliver(&mut d, &fine).await);
+        assert_eq!(replies[0].outcome, Some(ReplyOutcome::Success));
     }
 
     #[tokio::test]
