@@ -206,7 +206,14 @@ pub trait Participant: Send + Sync + 'static {
     /// every attempt the saga makes: keep outside side effects idempotent
     /// on [`ParticipantContext::idempotency_key`]. A panic in it is a
     /// retryable failure of the attempt (see
-    /// [`Attempt::run_unbounded`](crate::driver::Attempt::run_unbounded)).
+    /// [`Attempt::run_unbounded`](crate::driver::Attempt::run_unbounded)),
+    /// but what it changed in the participant's own state before it
+    /// panicked stays changed (and goes into the next
+    /// [`snapshot`](Participant::snapshot)), and a `std::sync::Mutex` it
+    /// held is poisoned: return errors rather than panic where state is
+    /// half changed. The other methods (`snapshot`, `restore`, `revoke`,
+    /// `on_dead_letter`) must not panic: they run on the runtime's worker
+    /// thread unguarded.
     async fn handle(
         &self,
         command: Self::Command,

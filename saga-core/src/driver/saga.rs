@@ -836,7 +836,14 @@ impl<D: SagaData> SagaDriver<D> {
                     self.dead_letter(original, "timer", e.to_string(), now, None, out);
                 }
             }
-            Err(e) => tracing::error!(saga_id = %id, %timer, error = %e, "timer rejected"),
+            Err(e) => {
+                // Refused (the saga's code panicked, it does not fit the
+                // definition): the timer is dead-lettered, not dropped in
+                // silence, and a rollback arms it again (`IndexUndo`).
+                tracing::error!(saga_id = %id, %timer, error = %e, "timer refused: dead-lettered");
+                let original = self.stand_in(&id, &format!("timer `{timer}`"), now);
+                self.dead_letter(original, "timer", e.to_string(), now, None, out);
+            }
         }
         true
     }
@@ -1717,6 +1724,39 @@ mod tests {
             dead[0].last_error
         );
         assert_eq!(out.len(), 1, "no state written");
+    }
+
+    #[test]
+    fn a_timer_the_engine_refuses_is_dead_lettered() {
+        let mut out = Vec::new();
+        driver()
+            .start(0, SagaId::new("j-1"), Job::default(), T0, &mut out)
+            .unwrap();
+        // Restored by a deployment that renamed the step.
+        let renamed = SagaDefinition::<Job>::builder("job")
+            .step(
+                Step::remote("call-v2", "svc")
+                    .command(|_: &Job| "CALL")
+                    .on_reply(|_, _: String| Ok(()))
+                    .timeout(Duration::from_secs(5)),
+            )
+            .build()
+            .unwrap();
+        let mut d = SagaDriver::new(renamed);
+        d.restore(0, vec![("j-1".to_owned(), state_record(&out, "j-1"))]);
+        let due = d.next_due().expect("the step's timeout");
+        let mut out = Vec::new();
+        assert!(d.on_due(due, &mut out));
+        let dead = dead_letters(&out);
+        assert_eq!(dead.len(), 1, "{out:?}");
+        assert!(
+            dead[0].last_error.contains("does not fit its definition"),
+            "{}",
+            dead[0].last_error
+        );
+        assert_eq!(out.len(), 1, "no state written");
+        d.rolled_back();
+        assert_eq!(d.next_due(), Some(due), "armed again by a rollback");
     }
 
     #[test]
