@@ -88,3 +88,19 @@ pub use saga::{
 };
 #[cfg(feature = "tokio")]
 pub use wait::wait_settled;
+
+#[cfg(test)]
+mod tests {
+    use super::Record;
+
+    /// The keys and partitions `out` deletes (its tombstones), sorted.
+    pub(crate) fn tombstones(out: &[Record]) -> Vec<(&str, Option<u32>)> {
+        let mut deleted: Vec<(&str, Option<u32>)> = out
+            .iter()
+            .filter(|r| r.value.is_none())
+            .map(|r| (r.key.as_str(), r.partition))
+            .collect();
+        deleted.sort_unstable();
+        deleted
+    }
+}

@@ -1385,6 +1385,7 @@ fn seed_of(id: &MessageId) -> u64 {
 
 #[cfg(test)]
 mod tests {
+    use crate::driver::tests::tombstones;
     use std::collections::VecDeque;
     use std::sync::Mutex;
 
@@ -2037,17 +2038,6 @@ mod tests {
         let dead = DeadLetter::from_envelope(&messages(&out)[0]).unwrap();
         assert_eq!(dead.origin, Some(RecordOrigin::new("svc", 0, 3)));
         assert!(dead.truncated_from.is_some());
-    }
-
-    /// The keys and partitions `out` deletes (its tombstones), sorted.
-    fn tombstones(out: &[Record]) -> Vec<(&str, Option<u32>)> {
-        let mut deleted: Vec<(&str, Option<u32>)> = out
-            .iter()
-            .filter(|r| r.value.is_none())
-            .map(|r| (r.key.as_str(), r.partition))
-            .collect();
-        deleted.sort_unstable();
-        deleted
     }
 
     #[derive(Default)]
