@@ -181,6 +181,10 @@ impl Processor for ParticipantProc {
         true
     }
 
+    fn reject_due(&mut self, why: &str, now: Timestamp, out: &mut Vec<Record>) -> Option<u32> {
+        self.driver.reject_due(why, now, out)
+    }
+
     fn take_request(&mut self) -> Option<Request> {
         None
     }

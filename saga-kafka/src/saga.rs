@@ -296,6 +296,10 @@ impl<D: SagaData> Processor for SagaProc<D> {
         self.driver.on_due(now, out)
     }
 
+    fn reject_due(&mut self, why: &str, now: Timestamp, out: &mut Vec<Record>) -> Option<u32> {
+        self.driver.reject_due(why, now, out)
+    }
+
     fn has_request(&mut self) -> bool {
         if self.next.is_none() {
             self.next = self.requests.try_recv().ok();

@@ -18,7 +18,8 @@ use saga_core::driver::{ledger_topic, partition_for, PARTICIPANT_STATE_KEY};
 use saga_core::testing::eventually;
 use saga_core::{
     DeadLetter, Envelope, MessageId, Participant, ParticipantContext, ParticipantPolicy,
-    ReplyOutcome, Runtime, SagaId, SagaStatus, StepError, Timestamp,
+    ReplyOutcome, RetryPolicy, Runtime, SagaDefinition, SagaId, SagaStatus, Step, StepError,
+    Timestamp,
 };
 use saga_kafka::{DeliveryMode, KafkaRuntime};
 use serde_json::json;
@@ -265,6 +266,186 @@ async fn a_refused_record(delivery: DeliveryMode) {
         "{}",
         dead.last_error
     );
+    rt.shutdown().await;
+}
+
+/// Fails the first attempt of saga `big`'s command (retryably) and answers
+/// its retry with a 200 KB payload; answers the others at once, small.
+struct WideOnRetry;
+
+#[async_trait]
+impl Participant for WideOnRetry {
+    type Command = serde_json::Value;
+    type Reply = String;
+    type Error = StepError;
+    async fn handle(
+        &self,
+        _: serde_json::Value,
+        ctx: &mut ParticipantContext,
+    ) -> Result<String, StepError> {
+        match (ctx.saga_id().as_str(), ctx.attempt()) {
+            ("big", 1) => Err(StepError::retryable("not yet")),
+            ("big", _) => Ok("x".repeat(200_000)),
+            _ => Ok("ok".into()),
+        }
+    }
+}
+
+/// Before, a local retry whose reply the broker refused was retried for
+/// ever: due work was never alone in a batch that failed, so it was never
+/// pinned on and dead-lettered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "needs Kafka: scripts/test.sh"]
+async fn a_local_retry_whose_reply_the_broker_refuses_is_answered_with_a_failure_once() {
+    let bed = TestBed::new().await;
+    let commands = bed.fx.topic("wide");
+    let replies = bed.fx.topic("wide.replies");
+    // The reply topic takes 100 KB (a record, or a batch of the small
+    // replies); the runtime's own limit is 1 MB.
+    create_topic_with(&bed.fx, &replies, 3, &[("max.message.bytes", "100000")]).await;
+    bed.fx.create_topics(&[&commands]).await;
+    let rt = bed.runtime("0");
+    let commands_of = |ids: &[String]| -> Vec<Envelope> {
+        ids.iter()
+            .map(|id| reserve_command(&commands, &replies, id))
+            .collect()
+    };
+    // A backlog: the retry, due at once, meets its commands in the next
+    // batches (which it fails), not only a batch of its own.
+    let mut ids = vec!["small-1".to_owned(), "big".to_owned()];
+    ids.extend((0..500).map(|i| format!("load-{i}")));
+    rt.publish(commands_of(&ids)).await.unwrap();
+    let name = bed.participant_name("wide");
+    let retry = RetryPolicy::fixed(Duration::from_millis(1)).with_max_attempts(5);
+    rt.participant(
+        &commands,
+        ParticipantPolicy::new(&name).retry(retry),
+        WideOnRetry,
+    )
+    .await
+    .unwrap();
+    let replied = |got: &[Envelope], id: &str| got.iter().any(|r| r.saga_id.as_str() == id);
+    let mut got = Vec::new();
+    eventually("a reply to each", Duration::from_secs(60), || {
+        got = bed.fx.read_committed(&replies);
+        let all = ids.iter().all(|id| replied(&got, id));
+        async move { all }
+    })
+    .await;
+    // The worker goes on after it.
+    rt.publish(commands_of(&["small-3".to_owned()]))
+        .await
+        .unwrap();
+    eventually(
+        "a reply to the next command",
+        Duration::from_secs(60),
+        || {
+            got = bed.fx.read_committed(&replies);
+            let next = replied(&got, "small-3");
+            async move { next }
+        },
+    )
+    .await;
+    assert_eq!(got.len(), ids.len() + 1, "one reply each: {got:#?}");
+    let big = got.iter().find(|r| r.saga_id.as_str() == "big").unwrap();
+    assert!(
+        matches!(&big.outcome, Some(ReplyOutcome::Failure { error, .. }) if error.contains("broker refuses")),
+        "{:?}",
+        big.outcome
+    );
+    let dead = dead_letters(&bed, &format!("{name}.dlq"));
+    assert_eq!(dead.len(), 1, "only the retry at fault, once: {dead:#?}");
+    let (dead, _) = &dead[0];
+    assert_eq!(dead.original.saga_id.as_str(), "big");
+    assert_eq!(dead.retry_count, 2, "its two attempts");
+    assert!(
+        dead.last_error.contains("broker refuses"),
+        "{}",
+        dead.last_error
+    );
+    rt.shutdown().await;
+}
+
+/// One local step, retried every 100 ms until the order's `ready_at`, which
+/// then emits an event on `events` as large as the order's SKU.
+fn emitting_saga(t: &Topics, events: &str) -> SagaDefinition<Order> {
+    let events = events.to_owned();
+    SagaDefinition::<Order>::builder(t.saga.clone())
+        .step(
+            Step::<Order>::local("wait", move |ctx| {
+                if ctx.now().as_millis() < ctx.data().ready_at {
+                    return Err(StepError::retryable("not ready yet"));
+                }
+                let pad = ctx.data().sku.clone();
+                ctx.emit(&events, &json!({"type": "READY", "pad": pad}));
+                Ok(())
+            })
+            .retry(RetryPolicy::fixed(Duration::from_millis(100)).with_max_attempts(1000)),
+        )
+        .build()
+        .expect("valid saga")
+}
+
+/// Before, a timer whose transition the broker refused was fired for ever
+/// (and each time failed a batch, with the other inputs in it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "needs Kafka: scripts/test.sh"]
+async fn a_timer_whose_records_the_broker_refuses_is_dead_lettered_once_and_sagas_go_on() {
+    let bed = TestBed::new().await;
+    let t = &bed.t;
+    let small = bed.fx.topic("small.events");
+    create_topic_with(&bed.fx, &small, 1, &[("max.message.bytes", "2048")]).await;
+    let rt = bed.runtime("0");
+    let orders = rt.saga(emitting_saga(t, &small)).await.unwrap();
+    // The worker owns its partitions: it starts sagas at once, and their
+    // first attempt fails (not ready yet), so a timer runs the next.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while rt.stats().owned_partitions < 3 {
+        assert!(std::time::Instant::now() < deadline, "{:?}", rt.stats());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let soon = || Timestamp::now().as_millis() + 1_000;
+    // Its step's retry, fired by a timer, emits 5 KB on `small`.
+    let mut big = Order::new(100);
+    big.sku = "S".repeat(5000);
+    big.ready_at = soon();
+    orders.start("big-1", big).await.unwrap();
+    let mut dead = Vec::new();
+    eventually("the timer dead-lettered", Duration::from_secs(60), || {
+        dead = dead_letters(&bed, &t.dlq());
+        let any = !dead.is_empty();
+        async move { any }
+    })
+    .await;
+    // Another saga's timer fires and completes it meanwhile.
+    let mut next = Order::new(100);
+    next.ready_at = soon();
+    let id = orders.start("next-1", next).await.unwrap();
+    let done = orders
+        .wait_settled(&id, Duration::from_secs(60))
+        .await
+        .unwrap();
+    assert_eq!(done.status, SagaStatus::Completed);
+    let dead = dead_letters(&bed, &t.dlq());
+    assert_eq!(dead.len(), 1, "once: {dead:#?}");
+    let (dead, _) = &dead[0];
+    assert_eq!(dead.original.saga_id.as_str(), "big-1");
+    assert!(
+        dead.original.id.as_str().contains("timer"),
+        "{}",
+        dead.original.id
+    );
+    assert!(
+        dead.last_error.contains("broker refuses"),
+        "{}",
+        dead.last_error
+    );
+    // The refused saga is left as it was, waiting.
+    let big = orders.get(&SagaId::new("big-1")).await.unwrap().unwrap();
+    assert_eq!(big.status, SagaStatus::Running, "{big:?}");
+    let events = bed.fx.read_committed_records(&small);
+    assert!(events.iter().all(|r| r.key != "big-1"), "nothing of big-1");
+    assert!(events.iter().any(|r| r.key == "next-1"));
     rt.shutdown().await;
 }
 

@@ -447,6 +447,9 @@ pub struct ParticipantDriver {
     /// known not to be fenced without building its fence key.
     fences: usize,
     retries: BTreeSet<(Timestamp, String)>,
+    /// The local retry the last `take_due` call returned, for
+    /// `reject_due`.
+    last_taken: Option<(Timestamp, String)>,
     /// The command waiting for a local retry, by business key (at most one
     /// per step: a newer attempt supersedes it).
     retrying: HashMap<String, String>,
@@ -502,6 +505,7 @@ impl ParticipantDriver {
             entries: HashMap::new(),
             fences: 0,
             retries: BTreeSet::new(),
+            last_taken: None,
             retrying: HashMap::new(),
             expiring: BTreeSet::new(),
             unstamped: Vec::new(),
@@ -761,11 +765,69 @@ impl ParticipantDriver {
             self.dead_letter(original, 0, "rejected".into(), reason, now, origin, out);
             return;
         };
+        self.give_up_rejected(rec.partition, command, 0, reason, now, origin, out);
+    }
+
+    /// Gives up the local retry the last [`take_due`](Self::take_due) call
+    /// returned, without running it again, with reason `why`: for a
+    /// runtime whose broker refused what running it produced (a reply over
+    /// the broker's size limit), so that it is not retried for ever. As
+    /// with [`reject`](Self::reject), the command is dead-lettered and a
+    /// saga waiting on it is answered with a permanent failure. A rollback
+    /// brings the retry back.
+    ///
+    /// Returns the command's partition; `None` if there is nothing to
+    /// reject: the last call returned no retry, or the retry is no longer
+    /// pending (a newer attempt superseded it, its partition was
+    /// released).
+    pub fn reject_due(&mut self, why: &str, now: Timestamp, out: &mut Vec<Record>) -> Option<u32> {
+        let (at, key) = self.last_taken.clone()?;
+        if !self.retries.contains(&(at, key.clone())) {
+            return None;
+        }
+        let Some(Kept {
+            partition,
+            entry: Entry::Retrying {
+                command, attempts, ..
+            },
+        }) = self.entries.get(&key).cloned()
+        else {
+            return None;
+        };
+        let reason = format!("running it produced a record the broker refuses: {why}");
+        // Its last attempt ran (and was undone with its batch).
+        let attempts = attempts + 1;
+        self.give_up_rejected(partition, *command, attempts, reason, now, None, out);
+        Some(partition)
+    }
+
+    /// Answers `command`, whose handling the broker refused (`reason`),
+    /// with a permanent failure if a saga waits on it, records that
+    /// answer in the ledger, and dead-letters the command.
+    #[allow(clippy::too_many_arguments)]
+    fn give_up_rejected(
+        &mut self,
+        partition: u32,
+        command: Envelope,
+        attempts: u32,
+        reason: String,
+        now: Timestamp,
+        origin: Option<RecordOrigin>,
+        out: &mut Vec<Record>,
+    ) {
         let failure = ReplyOutcome::failure(ErrorClass::Permanent, reason.clone());
         let reply = send_reply(command.reply(failure, Value::Null, now), out);
         let entry = Entry::Answered { reply, at: now };
-        self.write(rec.partition, command.id.to_string(), entry, out);
-        self.dead_letter(command, 0, "rejected".into(), reason, now, origin, out);
+        self.write(partition, command.id.to_string(), entry, out);
+        self.dead_letter(
+            command,
+            attempts,
+            "rejected".into(),
+            reason,
+            now,
+            origin,
+            out,
+        );
     }
 
     /// When the next local retry is due, or the next ledger entry past
@@ -788,6 +850,7 @@ impl ParticipantDriver {
     /// returns the earliest local retry due, if any: the [`Attempt`] to
     /// run.
     pub fn take_due(&mut self, now: Timestamp, out: &mut Vec<Record>) -> Option<Attempt> {
+        self.last_taken = None;
         self.stamp(now);
         self.expire(now, out);
         loop {
@@ -813,6 +876,7 @@ impl ParticipantDriver {
                 self.refuse_fenced(partition, &command, now, out);
                 continue;
             }
+            self.last_taken = Some((at, key));
             return Some(self.attempt(partition, *command, attempts + 1));
         }
     }
@@ -1016,6 +1080,7 @@ impl ParticipantDriver {
     /// The open batch committed.
     pub fn committed(&mut self) {
         self.fault = None;
+        self.last_taken = None;
         self.undo.clear();
         self.touched.clear();
         self.shards.extend(self.written.drain());
@@ -1627,6 +1692,58 @@ mod tests {
         assert_eq!(d.next_due(), Some(due), "the retry is armed again");
         let again = d.take_due(due, &mut out).expect("the retry, again");
         assert_eq!(again.number(), 2);
+    }
+
+    #[tokio::test]
+    async fn a_retry_whose_records_were_refused_is_answered_with_a_failure_not_run_again() {
+        let policy = ParticipantPolicy::new("svc")
+            .retry(RetryPolicy::fixed(Duration::from_secs(2)).with_max_attempts(5));
+        let (mut d, p) = setup(vec![Err(StepError::retryable("503")), Ok(1), Ok(2)], policy);
+        let cmd = command(Some(("call", Phase::Forward)), 1, Some("job.replies"));
+        let _ = deliver(&mut d, &cmd).await;
+        d.committed();
+        let due = T0.saturating_add(Duration::from_secs(2));
+        // Nothing taken yet: nothing to reject.
+        assert_eq!(d.reject_due("refused", due, &mut Vec::new()), None);
+        // The retry runs; the broker refuses its reply and the batch aborts.
+        let mut out = Vec::new();
+        let a = d.take_due(due, &mut out).expect("the retry");
+        let r = a.run_unbounded(due).await;
+        d.finish(a, r, Duration::ZERO, due, &mut out);
+        assert_eq!(messages(&out).len(), 2, "its event and reply");
+        d.rolled_back();
+        assert_eq!(d.next_due(), Some(due), "armed again by the rollback");
+        // Rejected instead: a permanent failure for the saga, the answer
+        // in the ledger, a dead letter; the handler does not run again.
+        let mut out = Vec::new();
+        assert_eq!(d.reject_due("too large", due, &mut out), Some(0));
+        assert_eq!(*p.runs.lock().unwrap(), 2);
+        let sent = messages(&out);
+        let reply = sent
+            .iter()
+            .find(|m| m.kind == MessageKind::Reply)
+            .expect("a reply");
+        assert!(
+            matches!(&reply.outcome, Some(ReplyOutcome::Failure { class: ErrorClass::Permanent, error, .. }) if error.contains("broker refuses: too large")),
+            "{:?}",
+            reply.outcome
+        );
+        let dead = sent
+            .iter()
+            .find(|m| m.channel == "svc.dlq")
+            .expect("a dead letter");
+        let dead = DeadLetter::from_envelope(dead).unwrap();
+        assert_eq!(dead.original.id, cmd.id);
+        assert_eq!(dead.retry_count, 2, "the attempts made");
+        assert!(out.iter().any(|r| r.kind == RecordKind::Ledger));
+        d.committed();
+        assert_eq!(d.pending_retries(), 0);
+        assert!(d.take_due(due, &mut Vec::new()).is_none(), "not run again");
+        // Redelivered, the command is answered from the ledger.
+        let again = messages(&deliver(&mut d, &cmd).await);
+        assert_eq!(*p.runs.lock().unwrap(), 2);
+        assert!(again.iter().any(|m| m.kind == MessageKind::Reply
+            && matches!(m.outcome, Some(ReplyOutcome::Failure { .. }))));
     }
 
     #[tokio::test]

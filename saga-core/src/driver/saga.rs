@@ -352,6 +352,8 @@ pub struct SagaDriver<D> {
     /// The value of each saga changed in the open batch before the batch.
     undo: HashMap<SagaId, Option<Owned<D>>>,
     index_undo: Vec<IndexUndo>,
+    /// The timer the last `on_due` call fired, for `reject_due`.
+    last_fired: Option<(Timestamp, SagaId, TimerId)>,
     /// Partitions being restored record by record: the keys whose latest
     /// record so far cannot be read, and why.
     restoring: HashMap<u32, BTreeMap<String, String>>,
@@ -388,6 +390,7 @@ impl<D: SagaData> SagaDriver<D> {
             settled_order: BTreeSet::new(),
             undo: HashMap::new(),
             index_undo: Vec::new(),
+            last_fired: None,
             restoring: HashMap::new(),
         }
     }
@@ -803,6 +806,7 @@ impl<D: SagaData> SagaDriver<D> {
     /// the state of settled sagas past their retention (a bounded number
     /// at a time). `false` if nothing was due.
     pub fn on_due(&mut self, now: Timestamp, out: &mut Vec<Record>) -> bool {
+        self.last_fired = None;
         if self.expire(now, out) {
             return true;
         }
@@ -812,13 +816,13 @@ impl<D: SagaData> SagaDriver<D> {
         if at > now {
             return false;
         }
-        self.timers.remove(&(at, id.clone(), timer.clone()));
+        let Some(partition) = self.take_timer(at, &id, &timer) else {
+            return true;
+        };
+        self.last_fired = Some((at, id.clone(), timer.clone()));
         let Some(owned) = self.sagas.get(&id) else {
             return true;
         };
-        let partition = owned.partition;
-        self.index_undo
-            .push(IndexUndo::Fired(at, id.clone(), timer.clone(), partition));
         let span = tracing::info_span!("saga.timer", saga_id = %id, saga = %self.def.name(), timer = %timer, trace_id = tracing::field::Empty, span_id = tracing::field::Empty, parent_span_id = tracing::field::Empty);
         let trace = owned
             .instance
@@ -848,6 +852,39 @@ impl<D: SagaData> SagaDriver<D> {
         true
     }
 
+    /// Dead-letters the timer the last [`on_due`](Self::on_due) call
+    /// fired, without firing it again, with reason `why`: for a runtime
+    /// whose broker refused what firing it produced (a record over the
+    /// broker's size limit), so that the timer is not fired for ever. The
+    /// saga is left as it was (the timer is dead-lettered, as a timer whose
+    /// transition fails is), and a rollback arms the timer again.
+    ///
+    /// Returns the timer's partition; `None` if there is nothing to
+    /// reject: the last call fired no timer, or the timer is no longer
+    /// armed (its saga moved on, its partition was released).
+    pub fn reject_due(&mut self, why: &str, now: Timestamp, out: &mut Vec<Record>) -> Option<u32> {
+        let (at, id, timer) = self.last_fired.clone()?;
+        if !self.timers.contains(&(at, id.clone(), timer.clone())) {
+            return None;
+        }
+        let partition = self.take_timer(at, &id, &timer)?;
+        let original = self.stand_in(&id, &format!("timer `{timer}`"), now);
+        let reason = format!("firing it produced a record the broker refuses: {why}");
+        self.dead_letter(original, "timer", reason, now, None, out);
+        Some(partition)
+    }
+
+    /// Takes timer `(at, id, timer)` out of the index for the open batch
+    /// (a rollback arms it again): the partition of its saga, `None` if
+    /// the saga is not kept (nothing to fire then).
+    fn take_timer(&mut self, at: Timestamp, id: &SagaId, timer: &TimerId) -> Option<u32> {
+        self.timers.remove(&(at, id.clone(), timer.clone()));
+        let partition = self.sagas.get(id)?.partition;
+        self.index_undo
+            .push(IndexUndo::Fired(at, id.clone(), timer.clone(), partition));
+        Some(partition)
+    }
+
     /// Deletes the state of up to 500 settled sagas past their retention.
     fn expire(&mut self, now: Timestamp, out: &mut Vec<Record>) -> bool {
         let mut done = 0;
@@ -874,6 +911,7 @@ impl<D: SagaData> SagaDriver<D> {
     /// before it leaves memory), shared rather than copied.
     pub fn committed(&mut self, mut seen: impl FnMut(&Arc<SagaInstance<D>>)) {
         self.index_undo.clear();
+        self.last_fired = None;
         let changed: Vec<SagaId> = self.undo.drain().map(|(id, _)| id).collect();
         for id in changed {
             let Some(owned) = self.sagas.get(&id) else {
@@ -1778,6 +1816,70 @@ mod tests {
         assert!(d.on_due(due, &mut out));
         d.committed(|_| {});
         assert_eq!(d.next_due(), None);
+    }
+
+    #[test]
+    fn a_timer_whose_records_were_refused_is_dead_lettered_not_fired_again() {
+        let mut d = driver();
+        let mut out = Vec::new();
+        d.start(0, SagaId::new("j-1"), Job::default(), T0, &mut out)
+            .unwrap();
+        d.committed(|_| {});
+        let due = d.next_due().expect("the step's timeout");
+        // Nothing fired yet: nothing to reject.
+        let mut out = Vec::new();
+        assert_eq!(d.reject_due("refused", due, &mut out), None);
+        assert!(out.is_empty());
+        // It fires (the step's retry is armed), the broker refuses a
+        // record of the batch, and the batch aborts.
+        assert!(d.on_due(due, &mut out));
+        assert!(!out.is_empty());
+        d.rolled_back();
+        assert_eq!(d.next_due(), Some(due), "armed again by the rollback");
+        // Rejected instead: a dead letter with the broker's reason, the
+        // saga left as it was.
+        let before = d.get(&SagaId::new("j-1")).unwrap().clone();
+        let mut out = Vec::new();
+        assert_eq!(d.reject_due("too large", due, &mut out), Some(0));
+        assert_eq!(out.len(), 1, "only the dead letter: {out:?}");
+        assert_eq!(out[0].topic, "job.dlq");
+        let dead = DeadLetter::from_envelope(
+            &Envelope::from_bytes(out[0].value.as_deref().unwrap()).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(dead.original.saga_id.as_str(), "j-1");
+        assert!(
+            dead.last_error.contains("broker refuses: too large"),
+            "{}",
+            dead.last_error
+        );
+        assert_eq!(d.get(&SagaId::new("j-1")).unwrap().version, before.version);
+        assert_eq!(d.next_due(), None, "taken while the batch is open");
+        // That batch aborts too (the broker away): the timer is back, and
+        // rejected again.
+        d.rolled_back();
+        assert_eq!(d.next_due(), Some(due));
+        let mut out = Vec::new();
+        assert_eq!(d.reject_due("too large", due, &mut out), Some(0));
+        d.committed(|_| {});
+        assert_eq!(d.next_due(), None, "not fired again");
+        assert_eq!(d.reject_due("too large", due, &mut Vec::new()), None);
+    }
+
+    #[test]
+    fn a_refused_timer_is_not_rejected_once_its_partition_is_released() {
+        let mut d = driver();
+        let mut out = Vec::new();
+        d.start(0, SagaId::new("j-1"), Job::default(), T0, &mut out)
+            .unwrap();
+        d.committed(|_| {});
+        let due = d.next_due().unwrap();
+        assert!(d.on_due(due, &mut Vec::new()));
+        d.rolled_back();
+        d.release(&[0]);
+        let mut out = Vec::new();
+        assert_eq!(d.reject_due("too large", due, &mut out), None);
+        assert!(out.is_empty());
     }
 
     #[test]

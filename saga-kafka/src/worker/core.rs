@@ -51,8 +51,14 @@ pub(crate) struct Core<P> {
     /// Per (topic, partition), the message whose records the broker
     /// refuses (offset, why): it is dead-lettered instead of handled.
     poison: BTreeMap<(String, i32), (i64, String)>,
-    /// The only message of the open batch, while it has only one.
-    single: Option<(String, i32, i64)>,
+    /// Why the broker refused the records of the due work (a timer, a
+    /// local retry) that a batch of its own made: it is dead-lettered, in
+    /// a batch of its own, instead of done again.
+    poison_due: Option<String>,
+    /// The only input of the open batch, while it has only one.
+    single: Option<Single>,
+    /// Whether due work joined the open batch.
+    due: bool,
     /// Batches failed in a row.
     failures: u32,
     /// The consumer group (for messages).
@@ -69,6 +75,18 @@ pub(crate) struct Core<P> {
     /// When each message of the open batch reached the worker, for
     /// `saga_kafka_message_seconds` (the buffer is reused).
     arrivals: Vec<Instant>,
+}
+
+/// The only input of a batch: the one at fault if the broker refuses a
+/// record of the batch.
+enum Single {
+    /// A message: its topic, partition and offset.
+    Message(String, i32, i64),
+    /// Due work (a timer, a local retry).
+    Due,
+    /// Due work whose records the broker refused, dead-lettered: its
+    /// partition.
+    Rejected(u32),
 }
 
 /// A copy of a consumed record, held until its partition is restored.
@@ -131,7 +149,9 @@ impl<P: Processor> Core<P> {
             stalled: BTreeSet::new(),
             isolate: 0,
             poison: BTreeMap::new(),
+            poison_due: None,
             single: None,
+            due: false,
             failures: 0,
             group: String::new(),
             denied_topic: None,
@@ -144,7 +164,7 @@ impl<P: Processor> Core<P> {
 
     /// Whether batches run one input each (after a record was refused).
     pub(crate) fn isolating(&self) -> bool {
-        self.isolate > 0
+        self.isolate > 0 || self.poison_due.is_some()
     }
 
     pub(crate) fn cfg(&self) -> &KafkaConfig {
@@ -183,7 +203,9 @@ impl<P: Processor> Core<P> {
         if self.count == 0 {
             self.txn.metrics.refresh();
         }
-        self.single = (self.count == 0).then(|| (topic.to_owned(), partition, offset));
+        if self.count == 0 {
+            self.single = Some(Single::Message(topic.to_owned(), partition, offset));
+        }
         self.arrivals.push(Instant::now());
         let now = Timestamp::now();
         let mut out = Vec::new();
@@ -206,6 +228,10 @@ impl<P: Processor> Core<P> {
         self.count += 1;
     }
 
+    /// Runs the due work (timers, local retries) in the open batch, or
+    /// opens one for it. While isolating a refused record, one input per
+    /// batch: due work only opens a batch. Due work the broker refused is
+    /// dead-lettered first.
     pub(crate) fn run_due(&mut self) {
         while self.txn.failed.is_none() {
             if self.isolating() && self.count > 0 {
@@ -213,6 +239,25 @@ impl<P: Processor> Core<P> {
                 return;
             }
             let now = Timestamp::now();
+            if let Some(why) = self.poison_due.clone() {
+                self.txn.begin();
+                if self.txn.failed.is_some() {
+                    return;
+                }
+                let mut out = Vec::new();
+                match self.proc.reject_due(&why, now, &mut out) {
+                    Some(partition) => {
+                        tracing::error!(partition, %why, "due work whose records the broker refuses: dead-lettered alone");
+                        self.single = Some(Single::Rejected(partition));
+                        self.txn.send(out);
+                        self.count += 1;
+                        self.due = true;
+                        return;
+                    }
+                    // Gone meanwhile (its partition was released).
+                    None => self.poison_due = None,
+                }
+            }
             match self.proc.next_due() {
                 Some(at) if at <= now => {}
                 _ => return,
@@ -225,8 +270,12 @@ impl<P: Processor> Core<P> {
             if !self.proc.on_due(now, &mut out) {
                 return;
             }
+            if self.count == 0 {
+                self.single = Some(Single::Due);
+            }
             self.txn.send(out);
             self.count += 1;
+            self.due = true;
         }
     }
 
@@ -244,6 +293,7 @@ impl<P: Processor> Core<P> {
         self.batch_start.clear();
         self.count = 0;
         self.single = None;
+        self.due = false;
         self.arrivals.clear();
     }
 
@@ -284,9 +334,13 @@ impl<P: Processor> Core<P> {
                 let took = started.elapsed().as_secs_f64();
                 self.txn.committed(self.count, took, &self.arrivals);
                 self.proc.committed();
-                // A batch of requests alone isolated no input.
-                if !self.batch_start.is_empty() {
+                // A batch of requests alone isolated no input (requests
+                // are not redone).
+                if !self.batch_start.is_empty() || self.due {
                     self.isolate = self.isolate.saturating_sub(1);
+                }
+                if matches!(self.single, Some(Single::Rejected(_))) {
+                    self.poison_due = None;
                 }
                 let offsets = &self.offsets;
                 self.poison
@@ -324,7 +378,7 @@ impl<P: Processor> Core<P> {
                 let refused = fault.is_some();
                 let mut stall = None;
                 match (fault, self.single.take()) {
-                    (Some((topic, why)), Some((t, p, o))) if self.count == 1 => {
+                    (Some((topic, why)), Some(Single::Message(t, p, o))) if self.count == 1 => {
                         if topic == self.proc.state_topic() {
                             // The input's own state is what the broker
                             // refuses: its partition cannot go on.
@@ -332,6 +386,18 @@ impl<P: Processor> Core<P> {
                         } else {
                             self.poison.insert((t, p), (o, why));
                         }
+                    }
+                    (Some((_, why)), Some(Single::Due)) if self.count == 1 => {
+                        // Done again it would fail again (and rejoin full
+                        // batches, failing them): dead-lettered instead.
+                        tracing::warn!(transactional_id = %self.txn.id, %why, "the broker refused the records of due work: dead-lettering it");
+                        self.poison_due = Some(why);
+                    }
+                    (Some((_, why)), Some(Single::Rejected(p))) if self.count == 1 => {
+                        // Even its dead letter is refused: the partition
+                        // cannot go on.
+                        self.poison_due = None;
+                        stall = Some((p, why));
                     }
                     (Some(_), _) => {
                         // Inputs after the one whose record the client
@@ -598,13 +664,14 @@ impl<P: Processor> Core<P> {
         tracing::info!(topic, records = ?sizes, took_ms = started.elapsed().as_millis() as u64, "partitions restored and resumed");
     }
 
-    /// `partition` cannot go on (its state cannot be written): it is given
-    /// up, paused and reported until the partition is assigned again.
+    /// `partition` cannot go on (its state, or the dead letter of an input
+    /// whose records are refused, cannot be written): it is given up,
+    /// paused and reported until the partition is assigned again.
     fn stall<C: ConsumerContext>(&mut self, consumer: &BaseConsumer<C>, partition: u32, why: &str) {
         tracing::error!(
             partition,
             why,
-            "partition stopped: its state cannot be written"
+            "partition stopped: a record it must write cannot be written"
         );
         self.give_up_partitions(&[partition]);
         let _ = consumer.pause(&self.tpl_of(&[partition]));

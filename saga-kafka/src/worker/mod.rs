@@ -75,6 +75,10 @@ pub(crate) trait Processor: Send + 'static {
     fn next_due(&self) -> Option<Timestamp>;
     /// Runs one due timer or retry; `false` if nothing was due.
     fn on_due(&mut self, now: Timestamp, out: &mut Vec<Record>) -> bool;
+    /// Dead-letters the timer or retry the last `on_due` ran, instead of
+    /// running it again: the records it made cannot be written (`why`).
+    /// Its partition; `None` if it is no longer due (nothing to do).
+    fn reject_due(&mut self, why: &str, now: Timestamp, out: &mut Vec<Record>) -> Option<u32>;
     /// A pending request, if any.
     fn take_request(&mut self) -> Option<Request>;
     /// Whether a request is pending (without taking it).
@@ -440,7 +444,12 @@ fn run<P: Processor>(
         // wait for the next batch (joining it, they would make it more
         // than one input again, and a refused record could never be
         // pinned on its input).
-        if !isolating {
+        if isolating {
+            // Due work first, alone: behind the redone messages, which
+            // are always there to open the batch, it would wait for the
+            // isolation to end and then join a full batch again.
+            lock(core).run_due();
+        } else {
             lock(core).serve_requests(false, consumer);
         }
         // The batch's clock starts with its first message, timer or request.
@@ -606,6 +615,9 @@ impl Processor for NoInput {
     }
     fn on_due(&mut self, _: Timestamp, _: &mut Vec<Record>) -> bool {
         false
+    }
+    fn reject_due(&mut self, _: &str, _: Timestamp, _: &mut Vec<Record>) -> Option<u32> {
+        None
     }
     fn take_request(&mut self) -> Option<Request> {
         None
