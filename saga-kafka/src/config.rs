@@ -24,6 +24,9 @@ pub enum DeliveryMode {
     AtLeastOnce,
 }
 
+/// The client's default `batch.size`: the most bytes of one record batch.
+const CLIENT_BATCH_SIZE: usize = 1_000_000;
+
 /// The environment variables [`KafkaConfig::from_env`] reads, and the
 /// property each one sets.
 const ENV_VARS: &[(&str, &str)] = &[
@@ -421,7 +424,10 @@ impl KafkaConfig {
     /// [`DEFAULT_MAX_RECORD_BYTES`](saga_core::driver::DEFAULT_MAX_RECORD_BYTES)):
     /// keep it at or below the broker's and topics' `max.message.bytes`.
     /// Bigger dead letters are truncated; a saga state or reply over it is
-    /// refused (the input that made it is dead-lettered).
+    /// refused (the input that made it is dead-lettered). Below 1 MB it
+    /// also bounds the producers' record batches (`batch.size`, unless set
+    /// with [`set`](Self::set)): a topic's `max.message.bytes` applies to
+    /// a whole batch.
     pub fn max_record_bytes(mut self, bytes: usize) -> Self {
         self.max_record_bytes = bytes;
         self
@@ -582,6 +588,14 @@ impl KafkaConfig {
         if !user_set(&["retry.backoff.ms"]) {
             c.set("retry.backoff.ms", "2");
         }
+        // A topic's `max.message.bytes` bounds a whole record batch, not a
+        // record, and the client does not split a batch the broker
+        // refuses: the batches stay within `max_record_bytes`, so a topic
+        // that takes the largest record takes every batch of small ones
+        // (above it, the client's own 1 MB default stays).
+        if !user_set(&["batch.size"]) && self.max_record_bytes < CLIENT_BATCH_SIZE {
+            c.set("batch.size", self.max_record_bytes.max(1).to_string());
+        }
         // Only failures need a delivery report: a commit waits for the
         // client's count of messages in flight, not for reports.
         if !user_set(&["delivery.report.only.error"]) {
@@ -698,6 +712,18 @@ mod tests {
         );
         assert_eq!(p.get("acks"), Some("all"), "the runtime's guarantee wins");
         assert_eq!(p.get("transactional.id"), Some("tx"));
+    }
+
+    #[test]
+    fn record_batches_stay_within_a_lower_max_record_bytes_unless_the_user_says() {
+        let c = KafkaConfig::new("b:9092");
+        assert_eq!(c.producer_config(None).get("batch.size"), None, "default");
+        let low = c.clone().max_record_bytes(64_000);
+        assert_eq!(low.producer_config(None).get("batch.size"), Some("64000"));
+        let high = c.clone().max_record_bytes(4_000_000);
+        assert_eq!(high.producer_config(None).get("batch.size"), None);
+        let set = low.set("batch.size", "16384");
+        assert_eq!(set.producer_config(None).get("batch.size"), Some("16384"));
     }
 
     #[test]

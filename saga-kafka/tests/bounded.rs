@@ -269,6 +269,42 @@ async fn a_refused_record(delivery: DeliveryMode) {
     rt.shutdown().await;
 }
 
+/// A topic's `max.message.bytes` bounds a record batch: before, the
+/// client's batches (up to 1 MB) of small replies were refused by a topic
+/// that takes `max_record_bytes`, and each such batch was redone one input
+/// at a time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "needs Kafka: scripts/test.sh"]
+async fn a_topic_that_takes_the_largest_record_takes_every_batch_of_small_ones() {
+    let bed = TestBed::new().await;
+    let commands = bed.fx.topic("wide");
+    let replies = bed.fx.topic("wide.replies");
+    // The topic and the runtime agree on 10 KB; a batch's replies are more.
+    create_topic_with(&bed.fx, &replies, 3, &[("max.message.bytes", "10000")]).await;
+    bed.fx.create_topics(&[&commands]).await;
+    let rt = KafkaRuntime::new(bed.config("0").max_record_bytes(10_000)).unwrap();
+    let ids: Vec<String> = (0..600).map(|i| format!("small-{i}")).collect();
+    let backlog = ids
+        .iter()
+        .map(|id| reserve_command(&commands, &replies, id))
+        .collect();
+    rt.publish(backlog).await.unwrap();
+    let name = bed.participant_name("wide");
+    rt.participant(&commands, ParticipantPolicy::new(&name), Wide)
+        .await
+        .unwrap();
+    let mut got = Vec::new();
+    eventually("a reply to each", Duration::from_secs(60), || {
+        got = bed.fx.read_committed(&replies);
+        let n = got.len();
+        async move { n >= 600 }
+    })
+    .await;
+    assert_eq!(rt.stats().aborts, 0, "{:?}", rt.stats());
+    assert!(bed.fx.read_committed(&format!("{name}.dlq")).is_empty());
+    rt.shutdown().await;
+}
+
 /// Fails the first attempt of saga `big`'s command (retryably) and answers
 /// its retry with a 200 KB payload; answers the others at once, small.
 struct WideOnRetry;
