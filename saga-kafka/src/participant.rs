@@ -185,6 +185,10 @@ impl Processor for ParticipantProc {
         self.driver.reject_due(why, now, out)
     }
 
+    fn due_partition(&self) -> Option<u32> {
+        self.driver.due_partition()
+    }
+
     fn take_request(&mut self) -> Option<Request> {
         None
     }

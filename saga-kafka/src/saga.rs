@@ -300,6 +300,14 @@ impl<D: SagaData> Processor for SagaProc<D> {
         self.driver.reject_due(why, now, out)
     }
 
+    fn due_partition(&self) -> Option<u32> {
+        self.driver.due_partition()
+    }
+
+    fn reread_refused_due(&self) -> bool {
+        true
+    }
+
     fn has_request(&mut self) -> bool {
         if self.next.is_none() {
             self.next = self.requests.try_recv().ok();

@@ -1,7 +1,10 @@
 //! Nothing stops a partition for good, and state does not grow with
 //! history: every kind of poison record is dead-lettered once (with its
 //! origin, truncated if it is large) while the partition goes on; a record
-//! the broker refuses gets its input dead-lettered alone; a partition whose
+//! the broker refuses gets its input (a message, a timer, a local retry)
+//! dead-lettered alone, or stops its partition if it is the input's own
+//! state, and batches of small records fit a topic sized for the largest
+//! record; a partition whose
 //! state cannot be restored is paused and reported, never consumed; starts
 //! are idempotent from any instance; settled sagas are deleted (tombstoned)
 //! after their retention.
@@ -441,11 +444,20 @@ async fn a_timer_whose_records_the_broker_refuses_is_dead_lettered_once_and_saga
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let soon = || Timestamp::now().as_millis() + 1_000;
-    // Its step's retry, fired by a timer, emits 5 KB on `small`.
+    // Its step's retry, fired by a timer, emits 5 KB on `small`; another
+    // saga's fires at about the same time (in the same batch, or not).
     let mut big = Order::new(100);
     big.sku = "S".repeat(5000);
     big.ready_at = soon();
+    let mut next = Order::new(100);
+    next.ready_at = big.ready_at;
     orders.start("big-1", big).await.unwrap();
+    let id = orders.start("next-1", next).await.unwrap();
+    let done = orders
+        .wait_settled(&id, Duration::from_secs(60))
+        .await
+        .unwrap();
+    assert_eq!(done.status, SagaStatus::Completed);
     let mut dead = Vec::new();
     eventually("the timer dead-lettered", Duration::from_secs(60), || {
         dead = dead_letters(&bed, &t.dlq());
@@ -453,15 +465,8 @@ async fn a_timer_whose_records_the_broker_refuses_is_dead_lettered_once_and_saga
         async move { any }
     })
     .await;
-    // Another saga's timer fires and completes it meanwhile.
-    let mut next = Order::new(100);
-    next.ready_at = soon();
-    let id = orders.start("next-1", next).await.unwrap();
-    let done = orders
-        .wait_settled(&id, Duration::from_secs(60))
-        .await
-        .unwrap();
-    assert_eq!(done.status, SagaStatus::Completed);
+    // Nothing fires it again.
+    tokio::time::sleep(Duration::from_millis(500)).await;
     let dead = dead_letters(&bed, &t.dlq());
     assert_eq!(dead.len(), 1, "once: {dead:#?}");
     let (dead, _) = &dead[0];
@@ -482,6 +487,84 @@ async fn a_timer_whose_records_the_broker_refuses_is_dead_lettered_once_and_saga
     let events = bed.fx.read_committed_records(&small);
     assert!(events.iter().all(|r| r.key != "big-1"), "nothing of big-1");
     assert!(events.iter().any(|r| r.key == "next-1"));
+    rt.shutdown().await;
+}
+
+/// One local step, retried every 100 ms until the order's `ready_at`, which
+/// then makes the data of an order of no items 20 KB.
+fn growing_saga(t: &Topics) -> SagaDefinition<Order> {
+    SagaDefinition::<Order>::builder(t.saga.clone())
+        .step(
+            Step::<Order>::local("grow", |ctx| {
+                if ctx.now().as_millis() < ctx.data().ready_at {
+                    return Err(StepError::retryable("not ready yet"));
+                }
+                if ctx.data().qty == 0 {
+                    ctx.data_mut().sku = "S".repeat(20_000);
+                }
+                Ok(())
+            })
+            .retry(RetryPolicy::fixed(Duration::from_millis(100)).with_max_attempts(1000)),
+        )
+        .build()
+        .expect("valid saga")
+}
+
+/// As for a message: due work whose own state the broker refuses stops
+/// its partition (reported), and is not dead-lettered at each restore.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "needs Kafka: scripts/test.sh"]
+async fn a_timer_whose_state_the_broker_refuses_stops_its_partition_only() {
+    let bed = TestBed::new().await;
+    let t = &bed.t;
+    let compact = ("cleanup.policy", "compact");
+    create_topic_with(
+        &bed.fx,
+        &t.state(),
+        3,
+        &[compact, ("max.message.bytes", "8000")],
+    )
+    .await;
+    let rt = bed.runtime("0");
+    let orders = rt.saga(growing_saga(t)).await.unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while rt.stats().owned_partitions < 3 {
+        assert!(std::time::Instant::now() < deadline, "{:?}", rt.stats());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let soon = || Timestamp::now().as_millis() + 1_000;
+    let mut big = Order::new(100);
+    big.ready_at = soon();
+    big.qty = 0;
+    orders.start("big-1", big).await.unwrap();
+    let stopped = partition_for("big-1", 3);
+    eventually("its partition reported", Duration::from_secs(60), || {
+        let health = rt.health();
+        async move {
+            health
+                .problems
+                .iter()
+                .any(|p| p.partition == Some(stopped) && p.component == t.saga)
+        }
+    })
+    .await;
+    // A saga on another partition goes on (its data stays small).
+    let other = (0..)
+        .map(|i| format!("next-{i}"))
+        .find(|id| partition_for(id, 3) != stopped)
+        .unwrap();
+    let mut next = Order::new(100);
+    next.ready_at = Timestamp::now().as_millis();
+    let id = orders.start(other.as_str(), next).await.unwrap();
+    let done = orders
+        .wait_settled(&id, Duration::from_secs(60))
+        .await
+        .unwrap();
+    assert_eq!(done.status, SagaStatus::Completed);
+    assert!(
+        dead_letters(&bed, &t.dlq()).is_empty(),
+        "nothing dead-lettered"
+    );
     rt.shutdown().await;
 }
 

@@ -801,6 +801,16 @@ impl ParticipantDriver {
         Some(partition)
     }
 
+    /// The partition of the command whose local retry the last
+    /// [`take_due`](Self::take_due) call returned, if it returned one: for
+    /// a runtime whose broker refused what the retry wrote, to stop that
+    /// partition when the refused record is in the ledger (see
+    /// [`reject_due`](Self::reject_due) for the others).
+    pub fn due_partition(&self) -> Option<u32> {
+        let (_, key) = self.last_taken.as_ref()?;
+        self.entries.get(key).map(|k| k.partition)
+    }
+
     /// Answers `command`, whose handling the broker refused (`reason`),
     /// with a permanent failure if a saga waits on it, records that
     /// answer in the ledger, and dead-letters the command.
@@ -1705,6 +1715,7 @@ mod tests {
         let due = T0.saturating_add(Duration::from_secs(2));
         // Nothing taken yet: nothing to reject.
         assert_eq!(d.reject_due("refused", due, &mut Vec::new()), None);
+        assert_eq!(d.due_partition(), None);
         // The retry runs; the broker refuses its reply and the batch aborts.
         let mut out = Vec::new();
         let a = d.take_due(due, &mut out).expect("the retry");
@@ -1713,6 +1724,7 @@ mod tests {
         assert_eq!(messages(&out).len(), 2, "its event and reply");
         d.rolled_back();
         assert_eq!(d.next_due(), Some(due), "armed again by the rollback");
+        assert_eq!(d.due_partition(), Some(0));
         // Rejected instead: a permanent failure for the saga, the answer
         // in the ledger, a dead letter; the handler does not run again.
         let mut out = Vec::new();

@@ -874,6 +874,16 @@ impl<D: SagaData> SagaDriver<D> {
         Some(partition)
     }
 
+    /// The partition of the saga whose timer the last
+    /// [`on_due`](Self::on_due) call fired, if it fired one and the saga is
+    /// still kept: for a runtime whose broker refused what firing it
+    /// wrote, to stop that partition when the refused record is the
+    /// saga's state (see [`reject_due`](Self::reject_due) for the others).
+    pub fn due_partition(&self) -> Option<u32> {
+        let (_, id, _) = self.last_fired.as_ref()?;
+        self.sagas.get(id).map(|o| o.partition)
+    }
+
     /// Takes timer `(at, id, timer)` out of the index for the open batch
     /// (a rollback arms it again): the partition of its saga, `None` if
     /// the saga is not kept (nothing to fire then).
@@ -1830,12 +1840,14 @@ mod tests {
         let mut out = Vec::new();
         assert_eq!(d.reject_due("refused", due, &mut out), None);
         assert!(out.is_empty());
+        assert_eq!(d.due_partition(), None);
         // It fires (the step's retry is armed), the broker refuses a
         // record of the batch, and the batch aborts.
         assert!(d.on_due(due, &mut out));
         assert!(!out.is_empty());
         d.rolled_back();
         assert_eq!(d.next_due(), Some(due), "armed again by the rollback");
+        assert_eq!(d.due_partition(), Some(0));
         // Rejected instead: a dead letter with the broker's reason, the
         // saga left as it was.
         let before = d.get(&SagaId::new("j-1")).unwrap().clone();

@@ -57,8 +57,11 @@ pub(crate) struct Core<P> {
     poison_due: Option<String>,
     /// The only input of the open batch, while it has only one.
     single: Option<Single>,
-    /// Whether due work joined the open batch.
-    due: bool,
+    /// How many inputs of the open batch are due work.
+    dues: usize,
+    /// Of the inputs still to run one per batch (`isolate`), how many are
+    /// due work: while some are, due work goes first.
+    isolate_due: usize,
     /// Batches failed in a row.
     failures: u32,
     /// The consumer group (for messages).
@@ -151,7 +154,8 @@ impl<P: Processor> Core<P> {
             poison: BTreeMap::new(),
             poison_due: None,
             single: None,
-            due: false,
+            dues: 0,
+            isolate_due: 0,
             failures: 0,
             group: String::new(),
             denied_topic: None,
@@ -165,6 +169,14 @@ impl<P: Processor> Core<P> {
     /// Whether batches run one input each (after a record was refused).
     pub(crate) fn isolating(&self) -> bool {
         self.isolate > 0 || self.poison_due.is_some()
+    }
+
+    /// Whether due work opens the next batch, alone: due work of a batch
+    /// being redone one input at a time (behind the redone messages, which
+    /// are always there to open a batch, it would only ever join a full
+    /// batch again), or due work the broker refused, to dead-letter.
+    pub(crate) fn due_first(&self) -> bool {
+        self.isolate_due > 0 || self.poison_due.is_some()
     }
 
     pub(crate) fn cfg(&self) -> &KafkaConfig {
@@ -251,7 +263,7 @@ impl<P: Processor> Core<P> {
                         self.single = Some(Single::Rejected(partition));
                         self.txn.send(out);
                         self.count += 1;
-                        self.due = true;
+                        self.dues += 1;
                         return;
                     }
                     // Gone meanwhile (its partition was released).
@@ -275,7 +287,7 @@ impl<P: Processor> Core<P> {
             }
             self.txn.send(out);
             self.count += 1;
-            self.due = true;
+            self.dues += 1;
         }
     }
 
@@ -293,7 +305,7 @@ impl<P: Processor> Core<P> {
         self.batch_start.clear();
         self.count = 0;
         self.single = None;
-        self.due = false;
+        self.dues = 0;
         self.arrivals.clear();
     }
 
@@ -334,11 +346,16 @@ impl<P: Processor> Core<P> {
                 let took = started.elapsed().as_secs_f64();
                 self.txn.committed(self.count, took, &self.arrivals);
                 self.proc.committed();
-                // A batch of requests alone isolated no input (requests
-                // are not redone).
-                if !self.batch_start.is_empty() || self.due {
+                // One input of those to isolate: a message, or due work
+                // while some of those are due work. (Requests are not
+                // redone; due work that came since is not among them.)
+                if !self.batch_start.is_empty() {
+                    self.isolate = self.isolate.saturating_sub(1);
+                } else if self.dues > 0 && self.isolate_due > 0 {
+                    self.isolate_due -= 1;
                     self.isolate = self.isolate.saturating_sub(1);
                 }
+                self.isolate_due = self.isolate_due.min(self.isolate);
                 if matches!(self.single, Some(Single::Rejected(_))) {
                     self.poison_due = None;
                 }
@@ -377,6 +394,7 @@ impl<P: Processor> Core<P> {
                 }
                 let refused = fault.is_some();
                 let mut stall = None;
+                let mut reread = None;
                 match (fault, self.single.take()) {
                     (Some((topic, why)), Some(Single::Message(t, p, o))) if self.count == 1 => {
                         if topic == self.proc.state_topic() {
@@ -387,11 +405,26 @@ impl<P: Processor> Core<P> {
                             self.poison.insert((t, p), (o, why));
                         }
                     }
-                    (Some((_, why)), Some(Single::Due)) if self.count == 1 => {
-                        // Done again it would fail again (and rejoin full
-                        // batches, failing them): dead-lettered instead.
-                        tracing::warn!(transactional_id = %self.txn.id, %why, "the broker refused the records of due work: dead-lettering it");
-                        self.poison_due = Some(why);
+                    (Some((topic, why)), Some(Single::Due)) if self.count == 1 => {
+                        let partition = self.proc.due_partition();
+                        match partition {
+                            // As for a message: its own state is what the
+                            // broker refuses, its partition cannot go on.
+                            Some(p) if topic == self.proc.state_topic() => stall = Some((p, why)),
+                            _ => {
+                                // Done again it would fail again (and
+                                // rejoin full batches, failing them):
+                                // dead-lettered instead.
+                                tracing::warn!(transactional_id = %self.txn.id, %why, "the broker refused the records of due work: dead-lettering it");
+                                self.poison_due = Some(why);
+                                // At least once, some of its records may
+                                // be written: a saga's partition is read
+                                // again, as a redone message's is.
+                                if !self.txn.eos() && self.proc.reread_refused_due() {
+                                    reread = partition;
+                                }
+                            }
+                        }
                     }
                     (Some((_, why)), Some(Single::Rejected(p))) if self.count == 1 => {
                         // Even its dead letter is refused: the partition
@@ -407,6 +440,7 @@ impl<P: Processor> Core<P> {
                             .refused_input()
                             .map_or(self.count, |n| n.min(self.count));
                         self.isolate = upto.max(1);
+                        self.isolate_due = self.dues.min(self.isolate);
                         tracing::warn!(transactional_id = %self.txn.id, inputs = self.isolate, "the broker refused a record: redoing the batch one input at a time");
                     }
                     (None, _) => {}
@@ -430,6 +464,10 @@ impl<P: Processor> Core<P> {
                 self.denied_topic = None;
                 if rewind {
                     self.redo(consumer);
+                    if let Some(p) = reread.filter(|p| self.owned.contains(p)) {
+                        self.give_up_partitions(&[p]);
+                        self.assigned(consumer, &[p]);
+                    }
                 }
                 self.clear_batch();
                 if let Some((p, why)) = stall {

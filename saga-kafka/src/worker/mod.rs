@@ -79,6 +79,16 @@ pub(crate) trait Processor: Send + 'static {
     /// running it again: the records it made cannot be written (`why`).
     /// Its partition; `None` if it is no longer due (nothing to do).
     fn reject_due(&mut self, why: &str, now: Timestamp, out: &mut Vec<Record>) -> Option<u32>;
+    /// The partition of the timer or retry the last `on_due` ran, if any.
+    fn due_partition(&self) -> Option<u32>;
+    /// Whether, at least once, the partition of due work whose records
+    /// were refused is read again (some of them may have been written):
+    /// yes for a saga, whose rejection writes no state; no for a
+    /// participant, whose rejection writes the command's ledger entry
+    /// again (and a reply nobody would resend after a read).
+    fn reread_refused_due(&self) -> bool {
+        false
+    }
     /// A pending request, if any.
     fn take_request(&mut self) -> Option<Request>;
     /// Whether a request is pending (without taking it).
@@ -445,10 +455,9 @@ fn run<P: Processor>(
         // than one input again, and a refused record could never be
         // pinned on its input).
         if isolating {
-            // Due work first, alone: behind the redone messages, which
-            // are always there to open the batch, it would wait for the
-            // isolation to end and then join a full batch again.
-            lock(core).run_due();
+            if lock(core).due_first() {
+                lock(core).run_due();
+            }
         } else {
             lock(core).serve_requests(false, consumer);
         }
@@ -617,6 +626,9 @@ impl Processor for NoInput {
         false
     }
     fn reject_due(&mut self, _: &str, _: Timestamp, _: &mut Vec<Record>) -> Option<u32> {
+        None
+    }
+    fn due_partition(&self) -> Option<u32> {
         None
     }
     fn take_request(&mut self) -> Option<Request> {
