@@ -57,8 +57,9 @@ pub(crate) struct Core<P> {
     poison_due: Option<String>,
     /// The only input of the open batch, while it has only one.
     single: Option<Single>,
-    /// How many inputs of the open batch are due work.
-    dues: usize,
+    /// The positions (1-based) of the open batch's inputs that are due
+    /// work.
+    due_at: Vec<usize>,
     /// Of the inputs still to run one per batch (`isolate`), how many are
     /// due work: while some are, due work goes first.
     isolate_due: usize,
@@ -154,7 +155,7 @@ impl<P: Processor> Core<P> {
             poison: BTreeMap::new(),
             poison_due: None,
             single: None,
-            dues: 0,
+            due_at: Vec::new(),
             isolate_due: 0,
             failures: 0,
             group: String::new(),
@@ -263,7 +264,7 @@ impl<P: Processor> Core<P> {
                         self.single = Some(Single::Rejected(partition));
                         self.txn.send(out);
                         self.count += 1;
-                        self.dues += 1;
+                        self.due_at.push(self.count);
                         return;
                     }
                     // Gone meanwhile (its partition was released).
@@ -287,7 +288,7 @@ impl<P: Processor> Core<P> {
             }
             self.txn.send(out);
             self.count += 1;
-            self.dues += 1;
+            self.due_at.push(self.count);
         }
     }
 
@@ -305,7 +306,7 @@ impl<P: Processor> Core<P> {
         self.batch_start.clear();
         self.count = 0;
         self.single = None;
-        self.dues = 0;
+        self.due_at.clear();
         self.arrivals.clear();
     }
 
@@ -345,13 +346,18 @@ impl<P: Processor> Core<P> {
             Ok(()) => {
                 let took = started.elapsed().as_secs_f64();
                 self.txn.committed(self.count, took, &self.arrivals);
+                // Due work that fired a timer or ran a retry (not only
+                // deleted expired state): what a failed batch's due input
+                // was, re-armed by its rollback.
+                let fired = !self.due_at.is_empty() && self.proc.due_partition().is_some();
                 self.proc.committed();
                 // One input of those to isolate: a message, or due work
                 // while some of those are due work. (Requests are not
-                // redone; due work that came since is not among them.)
+                // redone; deleting expired state that fell due since
+                // isolates nothing.)
                 if !self.batch_start.is_empty() {
                     self.isolate = self.isolate.saturating_sub(1);
-                } else if self.dues > 0 && self.isolate_due > 0 {
+                } else if fired && self.isolate_due > 0 {
                     self.isolate_due -= 1;
                     self.isolate = self.isolate.saturating_sub(1);
                 }
@@ -440,7 +446,10 @@ impl<P: Processor> Core<P> {
                             .refused_input()
                             .map_or(self.count, |n| n.min(self.count));
                         self.isolate = upto.max(1);
-                        self.isolate_due = self.dues.min(self.isolate);
+                        // The due inputs among them (those after the
+                        // one refused as it was made need no isolating).
+                        let upto = self.isolate;
+                        self.isolate_due = self.due_at.iter().filter(|&&i| i <= upto).count();
                         tracing::warn!(transactional_id = %self.txn.id, inputs = self.isolate, "the broker refused a record: redoing the batch one input at a time");
                     }
                     (None, _) => {}
