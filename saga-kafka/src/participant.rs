@@ -55,8 +55,8 @@ impl ParticipantProc {
     fn enqueue(&mut self, attempt: Attempt, out: &mut Vec<Record>) {
         let saga = self.saga_hash(attempt.command().saga_id.as_str().as_bytes());
         if self.pending_sagas.contains(&saga) {
-            // (Not for commands keyed by their saga id, as the runtime
-            // writes them: `on_message` ran the queue already.)
+            // (A safeguard: `on_message` and `on_due` run the saga's
+            // queued attempts before the driver decides.)
             self.run_pending(out);
         }
         self.pending_sagas.insert(saga);
@@ -145,17 +145,20 @@ impl Processor for ParticipantProc {
     }
 
     fn on_message(&mut self, msg: &Incoming<'_>, now: Timestamp, out: &mut Vec<Record>) {
+        let Some(command) = self.driver.read_command(msg, now, out) else {
+            return;
+        };
         // The driver decides from the ledger (a duplicate, a superseded or
         // remembered attempt, a fence), which a queued command of the same
-        // saga has not written yet: that one runs first.
-        let queued = match msg.key {
-            Some(key) => self.pending_sagas.contains(&self.saga_hash(key)),
-            None => !self.pending.is_empty(),
-        };
-        if queued {
+        // saga has not written yet: that one runs first. (By the command's
+        // saga id: its record's key may be another.)
+        if self
+            .pending_sagas
+            .contains(&self.saga_hash(command.saga_id.as_str().as_bytes()))
+        {
             self.run_pending(out);
         }
-        if let Some(attempt) = self.driver.on_record(msg, now, out) {
+        if let Some(attempt) = self.driver.handle_command(msg.partition, command, now, out) {
             self.enqueue(attempt, out);
         }
     }
@@ -298,12 +301,25 @@ mod tests {
         offset: u64,
         out: &mut Vec<Record>,
     ) {
+        deliver_keyed(p, saga, saga, step, tag, offset, out);
+    }
+
+    /// As `deliver`, the record keyed by `key`.
+    fn deliver_keyed(
+        p: &mut ParticipantProc,
+        saga: &str,
+        key: &str,
+        step: &str,
+        tag: &str,
+        offset: u64,
+        out: &mut Vec<Record>,
+    ) {
         let bytes = command(saga, step, tag);
         let msg = Incoming {
             topic: "svc",
             partition: 0,
             offset,
-            key: Some(saga.as_bytes()),
+            key: Some(key.as_bytes()),
             value: Some(&bytes),
             kind: None,
             traceparent: None,
@@ -320,6 +336,24 @@ mod tests {
                 env.payload["tag"].as_str().unwrap().to_owned()
             })
             .collect()
+    }
+
+    #[test]
+    fn a_command_redelivered_in_its_batch_under_another_key_than_its_saga_runs_once() {
+        let (_rt, slow, mut p) = setup(ParticipantPolicy::new("svc"));
+        let mut out = Vec::new();
+        // Published by someone else, keyed by order rather than by saga.
+        deliver_keyed(&mut p, "a", "order-1", "one", "a1", 1, &mut out);
+        deliver_keyed(&mut p, "a", "order-1", "one", "a1", 2, &mut out);
+        p.before_commit(&mut out).unwrap();
+        let log = slow.log.lock().unwrap().clone();
+        let runs = log
+            .iter()
+            .filter(|(t, w)| t == "a1" && *w == "start")
+            .count();
+        assert_eq!(runs, 1, "{log:?}");
+        // The redelivery is answered from the ledger.
+        assert_eq!(replies(&out), ["a1", "a1"]);
     }
 
     #[test]

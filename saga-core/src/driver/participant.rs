@@ -689,20 +689,36 @@ impl ParticipantDriver {
     /// Handles one record of the command channel: a redelivered command is
     /// answered again, a forward command of a compensated step is refused,
     /// anything not a command is dead-lettered; a new command returns the
-    /// [`Attempt`] to run.
+    /// [`Attempt`] to run. It is [`read_command`](Self::read_command) then
+    /// [`handle_command`](Self::handle_command).
     pub fn on_record(
         &mut self,
         rec: &Incoming<'_>,
         now: Timestamp,
         out: &mut Vec<Record>,
     ) -> Option<Attempt> {
+        let command = self.read_command(rec, now, out)?;
+        self.handle_command(rec.partition, command, now, out)
+    }
+
+    /// Reads the command `rec` holds, for a runtime that must know which
+    /// saga it is for before it is handled (to finish first what it
+    /// queued for that saga: a command's record need not be keyed by its
+    /// saga id). `None` if its partition is not owned (skipped) or it holds
+    /// no command (dead-lettered into `out`).
+    pub fn read_command(
+        &mut self,
+        rec: &Incoming<'_>,
+        now: Timestamp,
+        out: &mut Vec<Record>,
+    ) -> Option<Envelope> {
         if !self.owns(rec.partition) {
             tracing::error!(participant = %self.policy.name, partition = rec.partition, "record of a partition the driver does not own: skipped");
             return None;
         }
         self.stamp(now);
-        let command = match self.command_of(rec) {
-            Ok(c) => c,
+        match self.command_of(rec) {
+            Ok(c) => Some(c),
             Err(reason) => {
                 let original = rec.as_poison("", now);
                 let origin = Some(rec.origin());
@@ -715,9 +731,21 @@ impl ParticipantDriver {
                     origin,
                     out,
                 );
-                return None;
+                None
             }
-        };
+        }
+    }
+
+    /// Handles `command`, read by [`read_command`](Self::read_command) from
+    /// a record of `partition`, against the ledger as it is now: see
+    /// [`on_record`](Self::on_record).
+    pub fn handle_command(
+        &mut self,
+        partition: u32,
+        command: Envelope,
+        now: Timestamp,
+        out: &mut Vec<Record>,
+    ) -> Option<Attempt> {
         match self.entries.get(command.id.as_str()).map(|k| &k.entry) {
             Some(Entry::Answered { reply, .. }) => {
                 tracing::debug!(participant = %self.policy.name, message_id = %command.id, "duplicate command: answering again");
@@ -739,17 +767,17 @@ impl ParticipantDriver {
             Some(Entry::Retrying { .. }) => return None,
             Some(Entry::Fenced { .. } | Entry::Remembered { .. }) | None => {}
         }
-        self.supersede(rec.partition, &command, out, now);
+        self.supersede(partition, &command, out, now);
         if command.phase == Some(Phase::Compensation) {
-            self.fence(rec.partition, &command, out, now);
+            self.fence(partition, &command, out, now);
         } else if self.fenced(&command) {
-            self.refuse_fenced(rec.partition, &command, now, out);
+            self.refuse_fenced(partition, &command, now, out);
             return None;
         }
-        if self.answer_from_step(rec.partition, &command, now, out) {
+        if self.answer_from_step(partition, &command, now, out) {
             return None;
         }
-        Some(self.attempt(rec.partition, command, 1))
+        Some(self.attempt(partition, command, 1))
     }
 
     /// Dead-letters `rec` without running the handler, with reason `why`:
@@ -1207,6 +1235,19 @@ impl ParticipantDriver {
         let key = fence_key(&forward);
         if !self.entries.contains_key(&key) {
             self.write(partition, key, Entry::Fenced { at: now }, out);
+        }
+        // A forward command waiting for its local retry is refused now:
+        // the fence expires after the dedupe horizon, and the retry may
+        // fall due later than that.
+        let Some(waiting) = self.retrying.get(&forward).cloned() else {
+            return;
+        };
+        if let Some(Kept {
+            partition,
+            entry: Entry::Retrying { command, .. },
+        }) = self.entries.get(&waiting).cloned()
+        {
+            self.refuse_fenced(partition, &command, now, out);
         }
     }
 
@@ -1756,6 +1797,44 @@ mod tests {
         assert_eq!(*p.runs.lock().unwrap(), 2);
         assert!(again.iter().any(|m| m.kind == MessageKind::Reply
             && matches!(m.outcome, Some(ReplyOutcome::Failure { .. }))));
+    }
+
+    #[tokio::test]
+    async fn a_forward_retry_waiting_past_the_dedupe_horizon_never_runs_after_its_compensation() {
+        let policy = ParticipantPolicy::new("svc")
+            .dedupe_horizon(Duration::from_secs(60))
+            .retry(RetryPolicy::fixed(Duration::from_secs(600)).with_max_attempts(5));
+        let (mut d, p) = setup(
+            vec![Err(StepError::retryable("busy")), Ok(1), Ok(2)],
+            policy,
+        );
+        let forward = command(Some(("call", Phase::Forward)), 1, Some("job.replies"));
+        let _ = deliver(&mut d, &forward).await;
+        assert_eq!(d.pending_retries(), 1, "retried in 600 s");
+        // The compensation fences the step, and answers the waiting
+        // forward command with a failure at once.
+        let compensation = command(Some(("call", Phase::Compensation)), 1, Some("job.replies"));
+        let answered = messages(&deliver(&mut d, &compensation).await);
+        assert_eq!(
+            *p.runs.lock().unwrap(),
+            2,
+            "the forward once, the compensation"
+        );
+        assert_eq!(d.pending_retries(), 0);
+        assert!(
+            answered
+                .iter()
+                .any(|m| m.id.as_str().starts_with(forward.id.as_str())
+                    && matches!(m.outcome, Some(ReplyOutcome::Failure { .. }))),
+            "{answered:?}"
+        );
+        d.committed();
+        // Past the horizon (the fence expires) and the retry's time: the
+        // forward command does not run.
+        let later = T0.saturating_add(Duration::from_secs(601));
+        let mut out = Vec::new();
+        assert!(d.take_due(later, &mut out).is_none());
+        assert_eq!(*p.runs.lock().unwrap(), 2);
     }
 
     #[tokio::test]
