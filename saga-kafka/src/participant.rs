@@ -11,10 +11,10 @@
 
 use std::collections::HashSet;
 use std::hash::{BuildHasher, RandomState};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use saga_core::driver::{Attempt, Incoming, ParticipantDriver, Record};
+use saga_core::driver::{Attempt, AttemptResult, Incoming, ParticipantDriver, Record};
 use saga_core::Timestamp;
 use tracing::Instrument;
 
@@ -32,16 +32,28 @@ pub(crate) struct ParticipantProc {
     /// queue early, which is always correct.
     pending_sagas: HashSet<u64>,
     hasher: RandomState,
+    /// The longest an attempt may run: a batch open longer than the
+    /// transaction timeout cannot commit, so a handler that never returns
+    /// would stop the worker's every partition.
+    attempt_limit: Duration,
 }
 
 impl ParticipantProc {
-    pub(crate) fn new(driver: ParticipantDriver, rt: tokio::runtime::Handle) -> Self {
+    /// A worker's processor for `driver`, running handlers on `rt`, each
+    /// attempt cut off after `attempt_limit` at most (or sooner, by the
+    /// policy's timeout).
+    pub(crate) fn new(
+        driver: ParticipantDriver,
+        rt: tokio::runtime::Handle,
+        attempt_limit: Duration,
+    ) -> Self {
         Self {
             driver,
             rt,
             pending: Vec::new(),
             pending_sagas: HashSet::new(),
             hasher: RandomState::new(),
+            attempt_limit,
         }
     }
 
@@ -94,9 +106,15 @@ impl ParticipantProc {
             if let Some(parent) = attempt.command().traceparent {
                 saga_core::trace::link_span(&span, Some(&parent));
             }
+            let limit = attempt
+                .timeout()
+                .map_or(self.attempt_limit, |t| t.min(self.attempt_limit));
             async move {
                 let started = Instant::now();
-                let result = attempt.run(Timestamp::now()).await;
+                let run = attempt.run_unbounded(Timestamp::now());
+                let result = tokio::time::timeout(limit, run)
+                    .await
+                    .unwrap_or_else(|_| AttemptResult::timed_out(limit));
                 (result, started.elapsed())
             }
             .instrument(span)
@@ -222,7 +240,8 @@ mod tests {
 
     use saga_core::driver::RecordKind;
     use saga_core::{
-        Envelope, Participant, ParticipantContext, ParticipantPolicy, Phase, SagaId, StepError,
+        Envelope, Participant, ParticipantContext, ParticipantPolicy, Phase, ReplyOutcome, SagaId,
+        StepError,
     };
     use serde_json::{json, Value};
 
@@ -230,7 +249,8 @@ mod tests {
 
     const T0: Timestamp = Timestamp::from_millis(1_700_000_000_000);
 
-    /// Sleeps 50 ms per command and logs when each started and ended.
+    /// Sleeps 50 ms per command (for ever for tag `hang`) and logs when
+    /// each started and ended.
     #[derive(Default)]
     struct Slow {
         log: Mutex<Vec<(String, &'static str)>>,
@@ -254,6 +274,9 @@ mod tests {
                 r.1 = r.1.max(r.0);
             }
             self.log.lock().unwrap().push((tag.clone(), "start"));
+            if tag == "hang" {
+                std::future::pending::<()>().await;
+            }
             tokio::time::sleep(Duration::from_millis(50)).await;
             self.log.lock().unwrap().push((tag.clone(), "end"));
             self.running.lock().unwrap().0 -= 1;
@@ -281,6 +304,14 @@ mod tests {
     /// A participant proc over a fresh `Slow`, with the runtime its
     /// handlers run on (keep it alive).
     fn setup(policy: ParticipantPolicy) -> (tokio::runtime::Runtime, Arc<Slow>, ParticipantProc) {
+        setup_limited(policy, Duration::from_secs(30))
+    }
+
+    /// As `setup`, each attempt cut off after `limit`.
+    fn setup_limited(
+        policy: ParticipantPolicy,
+        limit: Duration,
+    ) -> (tokio::runtime::Runtime, Arc<Slow>, ParticipantProc) {
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
@@ -289,7 +320,7 @@ mod tests {
         let slow = Arc::new(Slow::default());
         let mut driver = ParticipantDriver::new("svc", policy, slow.clone());
         driver.restore(0, Vec::new()).unwrap();
-        let p = ParticipantProc::new(driver, rt.handle().clone());
+        let p = ParticipantProc::new(driver, rt.handle().clone(), limit);
         (rt, slow, p)
     }
 
@@ -336,6 +367,32 @@ mod tests {
                 env.payload["tag"].as_str().unwrap().to_owned()
             })
             .collect()
+    }
+
+    #[test]
+    fn a_handler_that_never_returns_is_cut_off_and_the_batch_goes_on() {
+        let limit = Duration::from_millis(200);
+        let (_rt, _slow, mut p) = setup_limited(ParticipantPolicy::new("svc"), limit);
+        let mut out = Vec::new();
+        deliver(&mut p, "a", "one", "hang", 1, &mut out);
+        deliver(&mut p, "b", "one", "b1", 2, &mut out);
+        let started = Instant::now();
+        p.before_commit(&mut out).unwrap();
+        assert!(started.elapsed() < Duration::from_secs(5), "cut off");
+        let answers: Vec<(String, Option<ReplyOutcome>)> = out
+            .iter()
+            .filter(|r| r.kind == RecordKind::Message && r.topic == "job.replies")
+            .map(|r| {
+                let env = Envelope::from_bytes(r.value.as_deref().unwrap()).unwrap();
+                (env.saga_id.to_string(), env.outcome)
+            })
+            .collect();
+        assert_eq!(answers.len(), 2, "{answers:?}");
+        assert!(
+            matches!(&answers[0], (a, Some(ReplyOutcome::Failure { error, .. })) if a == "a" && error.contains("timed out")),
+            "{answers:?}"
+        );
+        assert_eq!(answers[1], ("b".to_owned(), Some(ReplyOutcome::Success)));
     }
 
     #[test]

@@ -297,7 +297,9 @@ impl Runtime for KafkaRuntime {
         let copart = vec![channel.to_owned(), ledger_topic(&name)];
         let driver = ParticipantDriver::new(channel, policy, Arc::new(participant))
             .with_max_record_bytes(self.cfg.max_record_bytes);
-        let proc = ParticipantProc::new(driver, rt);
+        // Half the transaction's time: the batch must still commit.
+        let limit = self.cfg.transaction_timeout / 2;
+        let proc = ParticipantProc::new(driver, rt, limit);
         let w = self
             .blocking(move || {
                 connect(&cfg, &connected)?;
