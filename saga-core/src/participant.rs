@@ -282,12 +282,12 @@ pub struct ParticipantPolicy {
     /// Local retries of the handler's retryable errors and timeouts
     /// (default [`RetryPolicy::no_retry`]).
     pub retry: RetryPolicy,
-    /// The deadline of one attempt of the handler (default: none). The
-    /// Kafka runtime cuts an attempt off after half its transaction
-    /// timeout at most (30 s by default), with or without one: a batch held
-    /// open longer cannot commit, and a handler that never returned would
-    /// stop every partition of its worker. An attempt cut off is a
-    /// retryable failure.
+    /// The deadline of one attempt of the handler, after which it is a
+    /// retryable failure (default: none). Without one, the Kafka runtime
+    /// cuts an attempt off after half its transaction timeout (30 s by
+    /// default): a handler runs while its batch is open, and one that
+    /// never returned would stop every partition of its worker. On Kafka
+    /// it must be below the transaction timeout.
     pub timeout: Option<Duration>,
     /// Where fire-and-forget commands go when the runtime gives up, and
     /// records that are not commands (default `<name>.dlq`).
@@ -368,8 +368,7 @@ impl ParticipantPolicy {
     }
 
     /// Sets the per-attempt timeout of the handler (see
-    /// [`ParticipantPolicy::timeout`]: the Kafka runtime's own bound
-    /// applies when it is shorter).
+    /// [`ParticipantPolicy::timeout`]).
     pub fn timeout(mut self, timeout: Duration) -> Self {
         self.timeout = Some(timeout);
         self

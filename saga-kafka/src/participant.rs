@@ -32,16 +32,15 @@ pub(crate) struct ParticipantProc {
     /// queue early, which is always correct.
     pending_sagas: HashSet<u64>,
     hasher: RandomState,
-    /// The longest an attempt may run: a batch open longer than the
-    /// transaction timeout cannot commit, so a handler that never returns
-    /// would stop the worker's every partition.
+    /// The longest an attempt without a policy timeout may run: a handler
+    /// that never returned would stop the worker's every partition.
     attempt_limit: Duration,
 }
 
 impl ParticipantProc {
     /// A worker's processor for `driver`, running handlers on `rt`, each
-    /// attempt cut off after `attempt_limit` at most (or sooner, by the
-    /// policy's timeout).
+    /// attempt cut off after the policy's timeout, or `attempt_limit`
+    /// without one.
     pub(crate) fn new(
         driver: ParticipantDriver,
         rt: tokio::runtime::Handle,
@@ -106,9 +105,7 @@ impl ParticipantProc {
             if let Some(parent) = attempt.command().traceparent {
                 saga_core::trace::link_span(&span, Some(&parent));
             }
-            let limit = attempt
-                .timeout()
-                .map_or(self.attempt_limit, |t| t.min(self.attempt_limit));
+            let limit = attempt.timeout().unwrap_or(self.attempt_limit);
             async move {
                 let started = Instant::now();
                 let run = attempt.run_unbounded(Timestamp::now());

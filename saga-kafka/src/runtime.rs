@@ -278,8 +278,11 @@ impl Runtime for KafkaRuntime {
                 }),
             });
         }
+        // Without a timeout of its own, an attempt is cut off after half
+        // the transaction's time: the handler runs while its batch is open.
+        let limit = self.cfg.transaction_timeout / 2;
         if policy.timeout.is_none() {
-            tracing::warn!(participant = %policy.name, "no handler timeout: a handler slower than the transaction timeout aborts its batch");
+            tracing::info!(participant = %policy.name, limit = ?limit, "no handler timeout: attempts are cut off after the runtime's limit");
         }
         self.registry.add_participant(channel, &policy)?;
         let registered = policy.name.clone();
@@ -297,8 +300,6 @@ impl Runtime for KafkaRuntime {
         let copart = vec![channel.to_owned(), ledger_topic(&name)];
         let driver = ParticipantDriver::new(channel, policy, Arc::new(participant))
             .with_max_record_bytes(self.cfg.max_record_bytes);
-        // Half the transaction's time: the batch must still commit.
-        let limit = self.cfg.transaction_timeout / 2;
         let proc = ParticipantProc::new(driver, rt, limit);
         let w = self
             .blocking(move || {

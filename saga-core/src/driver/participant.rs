@@ -738,7 +738,10 @@ impl ParticipantDriver {
 
     /// Handles `command`, read by [`read_command`](Self::read_command) from
     /// a record of `partition`, against the ledger as it is now: see
-    /// [`on_record`](Self::on_record).
+    /// [`on_record`](Self::on_record). A runtime that runs attempts later
+    /// (queued, concurrently) must [`finish`](Self::finish) the attempts it
+    /// took of the same saga first: the ledger does not know their outcome
+    /// yet.
     pub fn handle_command(
         &mut self,
         partition: u32,
