@@ -29,6 +29,9 @@ shopt -s extglob
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 BROKER="scripts/kafka/broker.sh"
+# One run builds every target once: incremental compilation's caches would
+# only take disk (several GB). A developer's own setting wins.
+export CARGO_INCREMENTAL="${CARGO_INCREMENTAL:-0}"
 
 now_us() {
   if [[ -n "${EPOCHREALTIME:-}" ]]; then
@@ -110,6 +113,8 @@ cleanup() {
     echo "tests: $passed passed, $failed failed"
   fi
   rm -f "$TEST_LOG"
+  # Disk use, to tell a full disk (a linker killed by SIGBUS) from a real failure.
+  echo "disk: ${CARGO_TARGET_DIR:-target}/ $(du -sh "${CARGO_TARGET_DIR:-target}" 2>/dev/null | cut -f1), $(df -h --output=avail . 2>/dev/null | tail -n 1 | tr -d ' ') free"
   echo "total: $(since "$T_START")"
   if ((${#FAILED[@]})); then
     echo "scripts/test.sh: FAILED: ${FAILED[*]}"
@@ -140,6 +145,7 @@ version cargo --version
 version cargo fmt --version
 version cargo clippy --version
 version python3 --version
+echo "  disk: $(df -h --output=avail . 2>/dev/null | tail -n 1 | tr -d ' ') free (a full build and test run takes ~4 GB)"
 if [[ -z "${KAFKA_BOOTSTRAP_SERVERS:-}" ]]; then
   version java -version
   version mvn -B --version
