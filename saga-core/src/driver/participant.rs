@@ -816,19 +816,11 @@ impl ParticipantDriver {
         if !self.retries.contains(&(at, key.clone())) {
             return None;
         }
-        let Some(Kept {
-            partition,
-            entry: Entry::Retrying {
-                command, attempts, ..
-            },
-        }) = self.entries.get(&key).cloned()
-        else {
-            return None;
-        };
+        let (partition, command, attempts) = self.waiting(&key)?;
         let reason = format!("running it produced a record the broker refuses: {why}");
         // Its last attempt ran (and was undone with its batch).
         let attempts = attempts + 1;
-        self.give_up_rejected(partition, *command, attempts, reason, now, None, out);
+        self.give_up_rejected(partition, command, attempts, reason, now, None, out);
         Some(partition)
     }
 
@@ -904,13 +896,7 @@ impl ParticipantDriver {
             // back with the entry.
             self.keep_undo(&key);
             self.retries.remove(&(at, key.clone()));
-            let Some(Kept {
-                partition,
-                entry: Entry::Retrying {
-                    command, attempts, ..
-                },
-            }) = self.entries.get(&key).cloned()
-            else {
+            let Some((partition, command, attempts)) = self.waiting(&key) else {
                 continue;
             };
             if command.phase != Some(Phase::Compensation) && self.fenced(&command) {
@@ -918,7 +904,7 @@ impl ParticipantDriver {
                 continue;
             }
             self.last_taken = Some((at, key));
-            return Some(self.attempt(partition, *command, attempts + 1));
+            return Some(self.attempt(partition, command, attempts + 1));
         }
     }
 
@@ -1245,12 +1231,22 @@ impl ParticipantDriver {
         let Some(waiting) = self.retrying.get(&forward).cloned() else {
             return;
         };
-        if let Some(Kept {
-            partition,
-            entry: Entry::Retrying { command, .. },
-        }) = self.entries.get(&waiting).cloned()
-        {
+        if let Some((partition, command, _)) = self.waiting(&waiting) {
             self.refuse_fenced(partition, &command, now, out);
+        }
+    }
+
+    /// The command under ledger key `key` if it waits for a local retry:
+    /// its partition, the command, and the attempts it has run.
+    fn waiting(&self, key: &str) -> Option<(u32, Envelope, u32)> {
+        match self.entries.get(key)? {
+            Kept {
+                partition,
+                entry: Entry::Retrying {
+                    command, attempts, ..
+                },
+            } => Some((*partition, (**command).clone(), *attempts)),
+            _ => None,
         }
     }
 
