@@ -436,7 +436,11 @@ impl KafkaConfig {
     /// How long a settled saga's final state stays readable before a
     /// tombstone deletes it (default
     /// [`DEFAULT_SETTLED_RETENTION`](saga_core::driver::DEFAULT_SETTLED_RETENTION)).
-    /// A start of the same id within it returns the settled saga.
+    /// A start of the same id within it returns the settled saga; keep it
+    /// at least as long as the `dedupe_horizon` of every participant the
+    /// saga calls (a start after it is a new saga whose commands reuse
+    /// the old ids, which a participant still remembering them answers
+    /// from its ledger).
     pub fn settled_retention(mut self, d: Duration) -> Self {
         self.settled_retention = d;
         self
@@ -596,6 +600,15 @@ impl KafkaConfig {
         if !user_set(&["batch.size"]) && self.max_record_bytes < CLIENT_BATCH_SIZE {
             c.set("batch.size", self.max_record_bytes.max(1).to_string());
         }
+        // Record batches compressed with LZ4: a saga's records are JSON
+        // whose names and ids repeat, and the bytes a broker stores,
+        // replicates and serves cost it CPU, disk and network. In a burst
+        // of 40,000 sagas with the broker on the same 2-core box (six runs
+        // each, alternated): a third less broker CPU per saga, about a
+        // tenth more sagas per second, the same client CPU (medians).
+        if !user_set(&["compression.type", "compression.codec"]) {
+            c.set("compression.type", "lz4");
+        }
         // Only failures need a delivery report: a commit waits for the
         // client's count of messages in flight, not for reports.
         if !user_set(&["delivery.report.only.error"]) {
@@ -724,6 +737,26 @@ mod tests {
         assert_eq!(high.producer_config(None).get("batch.size"), None);
         let set = low.set("batch.size", "16384");
         assert_eq!(set.producer_config(None).get("batch.size"), Some("16384"));
+    }
+
+    #[test]
+    fn producers_compress_with_lz4_unless_the_user_says() {
+        let c = KafkaConfig::new("b:9092");
+        assert_eq!(c.producer_config(None).get("compression.type"), Some("lz4"));
+        assert_eq!(
+            c.producer_config(Some("t")).get("compression.type"),
+            Some("lz4")
+        );
+        for key in ["compression.type", "compression.codec"] {
+            let set = c.clone().set(key, "none");
+            let p = set.producer_config(None);
+            assert_eq!(p.get(key), Some("none"), "{key}");
+            if key != "compression.type" {
+                assert_eq!(p.get("compression.type"), None, "{key}");
+            }
+        }
+        // Consumers have nothing to compress.
+        assert_eq!(c.consumer_config("g").get("compression.type"), None);
     }
 
     #[test]

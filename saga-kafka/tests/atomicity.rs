@@ -19,7 +19,7 @@ fn event(channel: &str, saga_id: &str, n: usize, bytes: usize) -> Envelope {
         channel,
         SagaId::new(saga_id),
         "operator",
-        serde_json::json!({"type": "SMS_FALLBACK", "pad": "x".repeat(bytes)}),
+        serde_json::json!({"type": "SMS_FALLBACK", "pad": incompressible(bytes)}),
         Timestamp::now(),
     )
 }
@@ -99,7 +99,7 @@ async fn failed_start_leaves_nothing_and_the_next_start_works() {
 
     // Its RESERVE command (with the SKU) is too big for the command topic.
     let mut big = Order::new(100);
-    big.sku = "S".repeat(5000);
+    big.sku = incompressible(5000);
     let err = orders.start("big-1", big).await.unwrap_err();
     assert_transaction_refused(&err);
     assert!(err.to_string().contains("nothing was written"), "{err}");

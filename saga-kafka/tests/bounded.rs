@@ -185,7 +185,7 @@ impl Participant for Wide {
         ctx: &mut ParticipantContext,
     ) -> Result<String, StepError> {
         Ok(if ctx.saga_id().as_str() == "big" {
-            "x".repeat(50_000)
+            incompressible(50_000)
         } else {
             "ok".into()
         })
@@ -285,7 +285,10 @@ async fn a_topic_that_takes_the_largest_record_takes_every_batch_of_small_ones()
     // The topic and the runtime agree on 10 KB; a batch's replies are more.
     create_topic_with(&bed.fx, &replies, 3, &[("max.message.bytes", "10000")]).await;
     bed.fx.create_topics(&[&commands]).await;
-    let rt = KafkaRuntime::new(bed.config("0").max_record_bytes(10_000)).unwrap();
+    // Uncompressed: compression only makes a batch smaller than the
+    // bound, and the replies (alike) would shrink below it anyway.
+    let config = bed.config("0").max_record_bytes(10_000);
+    let rt = KafkaRuntime::new(config.set("compression.type", "none")).unwrap();
     let ids: Vec<String> = (0..600).map(|i| format!("small-{i}")).collect();
     let backlog = ids
         .iter()
@@ -324,7 +327,7 @@ impl Participant for WideOnRetry {
     ) -> Result<String, StepError> {
         match (ctx.saga_id().as_str(), ctx.attempt()) {
             ("big", 1) => Err(StepError::retryable("not yet")),
-            ("big", _) => Ok("x".repeat(200_000)),
+            ("big", _) => Ok(incompressible(200_000)),
             _ => Ok("ok".into()),
         }
     }
@@ -447,7 +450,7 @@ async fn a_timer_whose_records_the_broker_refuses_is_dead_lettered_once_and_saga
     // Its step's retry, fired by a timer, emits 5 KB on `small`; another
     // saga's fires at about the same time (in the same batch, or not).
     let mut big = Order::new(100);
-    big.sku = "S".repeat(5000);
+    big.sku = incompressible(5000);
     big.ready_at = soon();
     let mut next = Order::new(100);
     next.ready_at = big.ready_at;
@@ -500,7 +503,7 @@ fn growing_saga(t: &Topics) -> SagaDefinition<Order> {
                     return Err(StepError::retryable("not ready yet"));
                 }
                 if ctx.data().qty == 0 {
-                    ctx.data_mut().sku = "S".repeat(20_000);
+                    ctx.data_mut().sku = incompressible(20_000);
                 }
                 Ok(())
             })

@@ -552,3 +552,20 @@ pub async fn create_topic_with(
         x.unwrap();
     }
 }
+
+/// `n` characters that LZ4 does not shrink: the runtime compresses record
+/// batches, so a test that needs a record the broker refuses for its size
+/// cannot make it of one repeated character. A fixed pseudo-random
+/// sequence over 64 letters.
+pub fn incompressible(n: usize) -> String {
+    const LETTERS: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+    let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            char::from(LETTERS[(x >> 58) as usize])
+        })
+        .collect()
+}
