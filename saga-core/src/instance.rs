@@ -408,6 +408,27 @@ impl<D: Clone> SagaInstance<D> {
     /// and with room
     /// for the history lines a transition adds (a copy has none, and the
     /// first line would copy the history once more to grow it).
+    /// Records written before [`Awaiting::in_flight`] existed read it as
+    /// `false`, which would leave their command judged with nothing to
+    /// wake the saga. A saga running or compensating keeps a judged
+    /// command only while the back-off to its next attempt is armed (a
+    /// judged command without one has parked or compensated the saga):
+    /// without that back-off, the command is in flight.
+    pub(crate) fn infer_in_flight(&mut self) {
+        if !matches!(self.status, SagaStatus::Running | SagaStatus::Compensating) {
+            return;
+        }
+        let Some(a) = self.awaiting.as_mut().filter(|a| !a.in_flight) else {
+            return;
+        };
+        let backing_off = self.timers.iter().any(|t| {
+            matches!(t.kind, TimerKind::Backoff { step, phase } if step == a.step && phase == a.phase)
+        });
+        if !backing_off {
+            a.in_flight = true;
+        }
+    }
+
     pub(crate) fn clone_for_transition(&self, with_awaiting: bool) -> Self {
         // Every field named: a field added later must be copied here too.
         let SagaInstance {

@@ -23,11 +23,17 @@ use crate::trace::{link_span, TraceContext};
 pub const DEFAULT_MAX_RECORD_BYTES: usize = 1_000_000;
 
 /// How long a settled saga's state stays by default before it is deleted
-/// (15 minutes): long enough for clients to read the outcome and to retry
-/// a start safely (a start of a settled saga's id within it returns that
-/// saga), short enough that what a partition keeps, and reads back after
-/// a rebalance, is bounded by the traffic of those minutes.
-pub const DEFAULT_SETTLED_RETENTION: Duration = Duration::from_secs(15 * 60);
+/// (1 hour): long enough for clients to read the outcome and to retry a
+/// start safely (a start of a settled saga's id within it returns that
+/// saga), and as long as a participant's default dedupe horizon
+/// ([`ParticipantPolicy::dedupe_horizon`](crate::ParticipantPolicy::dedupe_horizon)).
+/// A start of the id after the retention is a new saga whose commands
+/// carry the ids its predecessor's did: a participant that still
+/// remembers those answers them from its ledger without running its
+/// handler. Keep the retention at least as long as the dedupe horizon of
+/// every participant the saga calls. What a partition keeps, and reads
+/// back after a rebalance, is bounded by the traffic of the retention.
+pub const DEFAULT_SETTLED_RETENTION: Duration = Duration::from_secs(60 * 60);
 
 /// Room kept for a record's headers and framing within the size limit.
 pub(crate) const RECORD_OVERHEAD: usize = 128;
@@ -74,10 +80,13 @@ pub fn encode_state<D: SagaData>(instance: &SagaInstance<D>) -> Result<Vec<u8>, 
 /// [`SagaError::CorruptState`] if the bytes are not an instance of this
 /// saga's data type.
 pub fn decode_state<D: SagaData>(key: &str, bytes: &[u8]) -> Result<SagaInstance<D>, SagaError> {
-    serde_json::from_slice(bytes).map_err(|source| SagaError::CorruptState {
-        saga_id: SagaId::new(key),
-        source,
-    })
+    let mut instance: SagaInstance<D> =
+        serde_json::from_slice(bytes).map_err(|source| SagaError::CorruptState {
+            saga_id: SagaId::new(key),
+            source,
+        })?;
+    instance.infer_in_flight();
+    Ok(instance)
 }
 
 /// When saga `key` reached its final status, if `bytes` is its state
@@ -357,6 +366,10 @@ pub struct SagaDriver<D> {
     /// Partitions being restored record by record: the keys whose latest
     /// record so far cannot be read, and why.
     restoring: HashMap<u32, BTreeMap<String, String>>,
+    /// Sagas of owned partitions whose latest state record cannot be
+    /// read: their partition and why. A start of one is refused, not
+    /// written over the record.
+    unreadable: HashMap<SagaId, (u32, String)>,
     metrics: metrics::SagaMetrics,
 }
 
@@ -392,6 +405,7 @@ impl<D: SagaData> SagaDriver<D> {
             index_undo: Vec::new(),
             last_fired: None,
             restoring: HashMap::new(),
+            unreadable: HashMap::new(),
         }
     }
 
@@ -500,6 +514,7 @@ impl<D: SagaData> SagaDriver<D> {
         let id = SagaId::new(key);
         self.put(&id, None);
         self.forget_settled(&id);
+        self.unreadable.remove(&id);
         let Some(bytes) = value else {
             return RestoredRecord::Deleted;
         };
@@ -560,6 +575,8 @@ impl<D: SagaData> SagaDriver<D> {
         self.owned.insert(partition);
         for (key, e) in &corrupt {
             tracing::error!(saga = %self.def.name(), partition, key, error = %e, "unreadable saga state: skipped");
+            self.unreadable
+                .insert(SagaId::new(key), (partition, e.clone()));
         }
         let report = Restored {
             sagas: self
@@ -584,8 +601,8 @@ impl<D: SagaData> SagaDriver<D> {
             return;
         }
         // One pass over each index, not a removal per saga: a partition
-        // remembers every saga settled within the retention (a quarter
-        // hour of its traffic by default), and a rebalance or shutdown
+        // remembers every saga settled within the retention (an hour of
+        // its traffic by default), and a rebalance or shutdown
         // waits for this.
         let undo = &mut self.undo;
         self.sagas.retain(|id, o| {
@@ -598,6 +615,7 @@ impl<D: SagaData> SagaDriver<D> {
         let sagas = &self.sagas;
         self.timers.retain(|(_, id, _)| sagas.contains_key(id));
         self.settled.retain(|_, (p, _)| !partitions.contains(p));
+        self.unreadable.retain(|_, (p, _)| !partitions.contains(p));
         self.settled_order
             .retain(|(_, _, p)| !partitions.contains(p));
         // Settled sagas the open batch deleted: a rollback after the
@@ -649,7 +667,9 @@ impl<D: SagaData> SagaDriver<D> {
     /// # Errors
     /// [`SagaError::Encode`] if its data cannot be serialized,
     /// [`SagaError::RecordTooLarge`] if its state or a message is over the
-    /// record size limit; nothing is written then.
+    /// record size limit, [`SagaError::CorruptState`] if the saga's state
+    /// record (read when its partition was restored) cannot be read: a
+    /// new saga would overwrite it. Nothing is written then.
     pub fn start(
         &mut self,
         partition: u32,
@@ -680,6 +700,13 @@ impl<D: SagaData> SagaDriver<D> {
         if self.sagas.contains_key(&id) || self.settled.contains_key(&id) {
             tracing::debug!(saga = %self.def.name(), saga_id = %id, "start of an existing saga: nothing to do");
             return Ok(false);
+        }
+        if let Some((_, why)) = self.unreadable.get(&id) {
+            // The saga exists: a new one would overwrite its record.
+            return Err(SagaError::CorruptState {
+                saga_id: id,
+                source: serde::de::Error::custom(why),
+            });
         }
         let span = tracing::info_span!("saga.start", saga_id = %id, saga = %self.def.name(), step = "", attempt = 0u32, trace_id = tracing::field::Empty, span_id = tracing::field::Empty, parent_span_id = tracing::field::Empty);
         let trace = link_span(&span, parent.as_ref());
@@ -1696,6 +1723,97 @@ mod tests {
         assert_eq!(report.sagas, 1);
         assert_eq!(report.corrupt.len(), 1);
         assert!(d.next_due().is_some());
+    }
+
+    #[test]
+    fn a_command_awaited_in_a_record_written_before_in_flight_existed_is_in_flight() {
+        let mut d = driver();
+        let mut out = Vec::new();
+        d.start(0, SagaId::new("j-1"), Job::default(), T0, &mut out)
+            .unwrap();
+        let state = String::from_utf8(state_record(&out, "j-1")).unwrap();
+        let old = state.replacen(r#""in_flight":true,"#, "", 1);
+        assert_ne!(old, state, "{state}");
+        let back = decode_state::<Job>("j-1", old.as_bytes()).unwrap();
+        assert!(back.awaiting.as_ref().unwrap().in_flight, "{back:?}");
+        // Its deadline then fails the attempt, which is retried.
+        let mut fresh = driver();
+        fresh.release(&[0]);
+        fresh.restore(0, vec![("j-1".to_owned(), old.into_bytes())]);
+        let mut out = Vec::new();
+        assert!(fresh.on_due(T0.saturating_add(Duration::from_secs(5)), &mut out));
+        let saga = fresh.get(&SagaId::new("j-1")).unwrap();
+        assert!(
+            saga.timers
+                .iter()
+                .any(|t| matches!(t.kind, crate::instance::TimerKind::Backoff { step: 0, .. })),
+            "{saga:?}"
+        );
+
+        // A judged attempt waiting for its back-off stays judged.
+        let mut d = driver();
+        let mut out = Vec::new();
+        d.start(0, SagaId::new("j-2"), Job::default(), T0, &mut out)
+            .unwrap();
+        let command = Envelope::from_bytes(
+            out.iter()
+                .find(|r| r.topic == "svc")
+                .unwrap()
+                .value
+                .as_deref()
+                .unwrap(),
+        )
+        .unwrap();
+        let failure = crate::message::ReplyOutcome::failure(crate::ErrorClass::Retryable, "busy");
+        let reply = command
+            .reply(failure, serde_json::Value::Null, T0)
+            .unwrap()
+            .to_bytes();
+        let mut incoming = incoming(&reply, None);
+        incoming.key = Some(b"j-2");
+        d.on_record(&incoming, T0, &mut out);
+        let judged = state_record(&out, "j-2");
+        let back = decode_state::<Job>("j-2", &judged).unwrap();
+        assert!(!back.awaiting.as_ref().unwrap().in_flight, "{back:?}");
+    }
+
+    #[test]
+    fn a_start_of_a_saga_whose_state_cannot_be_read_is_refused_not_written_over_it() {
+        let mut d = driver();
+        let mut out = Vec::new();
+        d.start(0, SagaId::new("j-1"), Job::default(), T0, &mut out)
+            .unwrap();
+        // Its record, as another build might have written it.
+        let state = String::from_utf8(state_record(&out, "j-1")).unwrap();
+        let unreadable = state.replacen(r#""poisoned":false"#, r#""poisoned":"yes""#, 1);
+        assert_ne!(unreadable, state);
+        let mut fresh = driver();
+        fresh.release(&[0]);
+        let report = fresh.restore(0, vec![("j-1".to_owned(), unreadable.into_bytes())]);
+        assert_eq!(report.corrupt.len(), 1, "{report:?}");
+
+        let mut out = Vec::new();
+        let err = fresh
+            .start(0, SagaId::new("j-1"), Job::default(), T0, &mut out)
+            .unwrap_err();
+        assert!(
+            matches!(&err, SagaError::CorruptState { saga_id, .. } if saga_id.as_str() == "j-1"),
+            "{err}"
+        );
+        assert!(out.is_empty(), "nothing written: {out:?}");
+        // Other sagas start as ever.
+        assert!(fresh
+            .start(0, SagaId::new("j-2"), Job::default(), T0, &mut out)
+            .unwrap());
+        // A partition given up and restored with a readable record (an
+        // operator's repair) holds the saga again.
+        fresh.release(&[0]);
+        assert!(fresh.unreadable.is_empty());
+        fresh.restore(0, vec![("j-1".to_owned(), state.into_bytes())]);
+        assert!(fresh.get(&SagaId::new("j-1")).is_some());
+        assert!(!fresh
+            .start(0, SagaId::new("j-1"), Job::default(), T0, &mut Vec::new())
+            .unwrap());
     }
 
     #[test]
