@@ -300,8 +300,10 @@ pub(crate) fn preflight(config: &KafkaConfig) -> Result<bool> {
     Ok(false)
 }
 
-/// Checks that the compacted topics among `topics` are compacted: a state
-/// topic or ledger whose old records are deleted by age loses sagas. A
+/// Checks that the compacted topics among `topics` are compacted, and not
+/// also cleaned by age or size (`compact,delete` with a retention other
+/// than `-1`): a state topic or ledger whose old records are deleted loses
+/// sagas. A
 /// refused DescribeConfigs is an error (the ACL plan grants it); a cluster
 /// that does not answer it in time only skips the check, with a warning.
 pub(crate) fn verify_compacted(config: &KafkaConfig, topics: &[TopicSpec]) -> Result<()> {
@@ -334,16 +336,16 @@ pub(crate) fn verify_compacted(config: &KafkaConfig, topics: &[TopicSpec]) -> Re
     for (spec, r) in compacted.iter().zip(results) {
         match r {
             Ok(resource) => {
-                let policy = resource
-                    .get("cleanup.policy")
-                    .and_then(|e| e.value.clone())
-                    .unwrap_or_default();
-                if !policy.split(',').any(|p| p.trim() == "compact") {
+                let value = |key: &str| resource.get(key).and_then(|e| e.value.clone());
+                let problem = not_kept(
+                    &value("cleanup.policy").unwrap_or_default(),
+                    value("retention.ms").as_deref(),
+                    value("retention.bytes").as_deref(),
+                );
+                if let Some(reason) = problem {
                     return Err(Error::Topic {
                         topic: spec.name.clone(),
-                        reason: format!(
-                            "has cleanup.policy={policy}: a state topic or ledger must be compacted (cleanup.policy=compact)"
-                        ),
+                        reason,
                     });
                 }
             }
@@ -362,4 +364,61 @@ pub(crate) fn verify_compacted(config: &KafkaConfig, topics: &[TopicSpec]) -> Re
         }
     }
     Ok(())
+}
+
+/// Why a compacted topic with these settings would not keep each key's
+/// latest record for as long as it is needed, if it would not: it is not
+/// compacted, or it also deletes by age or size (`compact,delete` with a
+/// `retention.ms` or `retention.bytes` other than `-1`), which loses the
+/// state of a saga parked longer than that.
+fn not_kept(
+    policy: &str,
+    retention_ms: Option<&str>,
+    retention_bytes: Option<&str>,
+) -> Option<String> {
+    let has = |p: &str| policy.split(',').any(|q| q.trim() == p);
+    if !has("compact") {
+        return Some(format!(
+            "has cleanup.policy={policy}: a state topic or ledger must be compacted (cleanup.policy=compact)"
+        ));
+    }
+    if !has("delete") {
+        return None;
+    }
+    let limited = |v: Option<&str>| v.is_some_and(|v| v.trim() != "-1");
+    let limit = if limited(retention_ms) {
+        format!("retention.ms={}", retention_ms.unwrap_or_default())
+    } else if limited(retention_bytes) {
+        format!("retention.bytes={}", retention_bytes.unwrap_or_default())
+    } else {
+        return None;
+    };
+    Some(format!(
+        "has cleanup.policy={policy} with {limit}: records past that limit are deleted, \
+         latest ones included (the state of a saga parked longer than that would be lost); \
+         a state topic or ledger must be compacted only (cleanup.policy=compact), \
+         or keep retention.ms and retention.bytes at -1"
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::not_kept;
+
+    #[test]
+    fn a_compacted_topic_that_also_deletes_by_age_or_size_is_refused() {
+        assert_eq!(not_kept("compact", Some("604800000"), Some("-1")), None);
+        assert_eq!(not_kept("compact,delete", Some("-1"), Some("-1")), None);
+        assert_eq!(not_kept("delete,compact", Some("-1"), None), None);
+        let by_age = not_kept("compact,delete", Some("604800000"), Some("-1")).unwrap();
+        assert!(by_age.contains("retention.ms=604800000"), "{by_age}");
+        let by_size = not_kept("compact, delete", Some("-1"), Some("1073741824")).unwrap();
+        assert!(by_size.contains("retention.bytes=1073741824"), "{by_size}");
+        let not_compacted = not_kept("delete", Some("-1"), Some("-1")).unwrap();
+        assert!(
+            not_compacted.contains("must be compacted"),
+            "{not_compacted}"
+        );
+        assert!(not_kept("", None, None).is_some());
+    }
 }
