@@ -352,12 +352,15 @@ impl DlqProcessor {
     /// Sends the original command again to its original channel under a
     /// new message id, with `corrected` as its payload if given. The
     /// retried command expects no reply (the saga that sent it has moved on).
+    /// The operator's `note` (may be empty) is added to the archive's.
     pub async fn retry(
         &self,
         id: &str,
         corrected: Option<Value>,
         by: &str,
+        note: &str,
     ) -> Result<ArchiveEntry, DlqError> {
+        let operator_note = note;
         self.act(id, Action::Retry, by, |dead, now| {
             let original = &dead.original;
             if original.kind != MessageKind::Command || original.channel.ends_with(".local") {
@@ -390,7 +393,7 @@ impl DlqProcessor {
                 }
             );
             Ok(Plan {
-                note,
+                note: with_note(note, operator_note),
                 new_message_id: Some(new_id),
                 publish: Some(env),
                 sms: None,
@@ -417,8 +420,9 @@ impl DlqProcessor {
     }
 
     /// Tells the customer by SMS what the failed email would have said,
-    /// and publishes `NOTIFICATION_SENT` (channel `sms`).
-    pub async fn sms(&self, id: &str, by: &str) -> Result<ArchiveEntry, DlqError> {
+    /// and publishes `NOTIFICATION_SENT` (channel `sms`). The operator's
+    /// `note` (may be empty) is added to the archive's.
+    pub async fn sms(&self, id: &str, by: &str, note: &str) -> Result<ArchiveEntry, DlqError> {
         let events = self.events.clone();
         self.act(id, Action::Sms, by, |dead, now| {
             let req: NotificationRequest = serde_json::from_value(dead.original.payload.clone())
@@ -447,7 +451,7 @@ impl DlqProcessor {
                 now,
             );
             Ok(Plan {
-                note: format!("SMS to {to}"),
+                note: with_note(format!("SMS to {to}"), note),
                 new_message_id: None,
                 publish: Some(env),
                 sms: Some(Sms {
@@ -473,6 +477,15 @@ impl Plan {
             publish: None,
             sms: None,
         }
+    }
+}
+
+/// What an action did, then the operator's note if there is one.
+fn with_note(done: String, note: &str) -> String {
+    if note.trim().is_empty() {
+        done
+    } else {
+        format!("{done}; {}", note.trim())
     }
 }
 

@@ -857,10 +857,10 @@ fn dlq_action(action: DlqAction) -> MethodRouter<Arc<System>> {
             let dlq = part(&s.dlq, "dlq")?;
             let note = b.note.as_deref().unwrap_or("");
             dlq_result(match action {
-                DlqAction::Retry => dlq.retry(&id, b.payload, &who).await,
+                DlqAction::Retry => dlq.retry(&id, b.payload, &who, note).await,
                 DlqAction::Discard => dlq.discard(&id, &who, note).await,
                 DlqAction::Alert => dlq.alert(&id, &who, note).await,
-                DlqAction::Sms => dlq.sms(&id, &who).await,
+                DlqAction::Sms => dlq.sms(&id, &who, note).await,
             })
         },
     )

@@ -308,10 +308,16 @@ async fn the_dlq_processor_retries_corrected_alerts_discards_and_archives() {
         &api,
         "POST",
         "/dlq/dlq-1/retry",
-        Some(json!({"payload": corrected})),
+        Some(json!({"payload": corrected, "note": "TICKET-1: address fixed"})),
     )
     .await;
     assert_eq!(status, StatusCode::OK, "{retried}");
+    // The archive says what was done, and the operator's note.
+    assert_eq!(
+        retried["note"],
+        "sent again to `notifications.requests` with a corrected payload; TICKET-1: address fixed",
+        "{retried}"
+    );
     assert!(retried["new_message_id"]
         .as_str()
         .unwrap()
@@ -373,9 +379,15 @@ async fn the_sms_fallback_tells_the_customer_and_counts_as_sent() {
     let (system, api) = start().await;
     system.email.script([FakeOutcome::Status(400)]);
     let id = place(&system, &api, seed_order()).await;
-    let (status, done) = call(&api, "POST", "/dlq/dlq-1/sms", None).await;
+    let note = json!({"note": "  TICKET-2  "});
+    let (status, done) = call(&api, "POST", "/dlq/dlq-1/sms", Some(note)).await;
     assert_eq!(status, StatusCode::OK, "{done}");
     assert_eq!(done["action"], "sms");
+    let archived = done["note"].as_str().unwrap();
+    assert!(
+        archived.starts_with("SMS to ") && archived.ends_with("; TICKET-2"),
+        "{done}"
+    );
     let sms = system.dlq().sms_gateway().sent();
     assert_eq!(sms.len(), 1);
     assert!(sms[0].text.contains(&id));
