@@ -171,8 +171,9 @@ fn in_memory_runtime(c: &mut Criterion) {
 }
 
 /// Records a driver keeps per partition in the `restore` and `release`
-/// benches: a quarter hour of a 100 sagas/s partition (a quarter of the
-/// default settled retention and of a ledger's default dedupe horizon).
+/// benches: a quarter hour of a 100 sagas/s partition (a fifth of the
+/// default settled retention, a quarter of a ledger's default dedupe
+/// horizon).
 const KEPT_PER_PARTITION: usize = 90_000;
 
 /// A driver that restored three partitions of `KEPT_PER_PARTITION` settled

@@ -403,17 +403,13 @@ pub struct SagaInstance<D> {
 }
 
 impl<D: Clone> SagaInstance<D> {
-    /// A copy for a transition to change: without the awaited command
-    /// unless `with_awaiting` (a transition on a reply usually drops it),
-    /// and with room
-    /// for the history lines a transition adds (a copy has none, and the
-    /// first line would copy the history once more to grow it).
     /// Records written before [`Awaiting::in_flight`] existed read it as
     /// `false`, which would leave their command judged with nothing to
     /// wake the saga. A saga running or compensating keeps a judged
-    /// command only while the back-off to its next attempt is armed (a
-    /// judged command without one has parked or compensated the saga):
-    /// without that back-off, the command is in flight.
+    /// command only while the back-off to its next attempt is armed
+    /// (otherwise the step gave up: the saga parked, or dropped the
+    /// command to compensate or move on): without that back-off, the
+    /// command is in flight.
     pub(crate) fn infer_in_flight(&mut self) {
         if !matches!(self.status, SagaStatus::Running | SagaStatus::Compensating) {
             return;
@@ -429,6 +425,11 @@ impl<D: Clone> SagaInstance<D> {
         }
     }
 
+    /// A copy for a transition to change: without the awaited command
+    /// unless `with_awaiting` (a transition on a reply usually drops it),
+    /// and with room
+    /// for the history lines a transition adds (a copy has none, and the
+    /// first line would copy the history once more to grow it).
     pub(crate) fn clone_for_transition(&self, with_awaiting: bool) -> Self {
         // Every field named: a field added later must be copied here too.
         let SagaInstance {

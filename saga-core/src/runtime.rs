@@ -206,8 +206,12 @@ impl<D: SagaData> SagaHandle<D> {
     /// in time (it may still be written: start again with the same id);
     /// [`SagaError::Encode`] if `data` cannot be serialized;
     /// [`SagaError::RecordTooLarge`] if its state or a first message would
-    /// be over the record size limit; [`SagaError::Shutdown`] after
-    /// shutdown.
+    /// be over the record size limit; [`SagaError::CorruptState`] if saga
+    /// `id` exists but its state record cannot be read (written by another
+    /// build: a new saga would overwrite it); [`SagaError::Shutdown`] after
+    /// shutdown. When another instance owns the partition, the owner
+    /// refuses such a start itself: it dead-letters the start request with
+    /// the reason.
     pub async fn start(&self, id: impl Into<SagaId>, data: D) -> Result<SagaId, SagaError> {
         self.service.start(id.into(), data).await
     }

@@ -310,10 +310,8 @@ impl<D: SagaData> SagaHarness<D> {
             what: "saga instance".into(),
             source,
         })?;
-        let back = serde_json::from_slice(&json).map_err(|source| SagaError::CorruptState {
-            saga_id: id,
-            source,
-        })?;
+        // Read back as a runtime's restore reads it.
+        let back = crate::driver::decode_state(id.as_str(), &json)?;
         self.instance = Some(back);
         Ok(())
     }

@@ -420,5 +420,7 @@ mod tests {
             "{not_compacted}"
         );
         assert!(not_kept("", None, None).is_some());
+        // Retentions the broker did not describe are not assumed limited.
+        assert_eq!(not_kept("compact,delete", None, None), None);
     }
 }

@@ -437,10 +437,10 @@ impl KafkaConfig {
     /// tombstone deletes it (default
     /// [`DEFAULT_SETTLED_RETENTION`](saga_core::driver::DEFAULT_SETTLED_RETENTION)).
     /// A start of the same id within it returns the settled saga; keep it
-    /// at least as long as the `dedupe_horizon` of every participant the
-    /// saga calls (a start after it is a new saga whose commands reuse
-    /// the old ids, which a participant still remembering them answers
-    /// from its ledger).
+    /// longer than the `dedupe_horizon` of every participant the saga
+    /// calls, plus how late they may handle its commands (a start after it
+    /// is a new saga whose commands reuse the old ids, which a participant
+    /// still remembering them answers from its ledger).
     pub fn settled_retention(mut self, d: Duration) -> Self {
         self.settled_retention = d;
         self

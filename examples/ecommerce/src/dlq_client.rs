@@ -45,6 +45,9 @@ pub enum DlqCommand {
     Sms {
         /// `dlq-1`, or the full dead-letter id.
         id: String,
+        /// A note for the audit archive.
+        #[arg(long, default_value = "")]
+        note: String,
     },
     /// Show every action taken, for audit.
     Archive,
@@ -85,7 +88,7 @@ pub async fn run(api: &str, token: &str, cmd: DlqCommand) -> Result<(), String> 
         }
         DlqCommand::Discard { id, note } => action(id, "discard", json!({"note": note})),
         DlqCommand::Alert { id, note } => action(id, "alert", json!({"note": note})),
-        DlqCommand::Sms { id } => action(id, "sms", json!({})),
+        DlqCommand::Sms { id, note } => action(id, "sms", json!({"note": note})),
     };
     let value = request(&client, api, token, method, &url, body).await?;
     match cmd {

@@ -23,17 +23,22 @@ use crate::trace::{link_span, TraceContext};
 pub const DEFAULT_MAX_RECORD_BYTES: usize = 1_000_000;
 
 /// How long a settled saga's state stays by default before it is deleted
-/// (1 hour): long enough for clients to read the outcome and to retry a
-/// start safely (a start of a settled saga's id within it returns that
-/// saga), and as long as a participant's default dedupe horizon
-/// ([`ParticipantPolicy::dedupe_horizon`](crate::ParticipantPolicy::dedupe_horizon)).
+/// (1 h 15 min): long enough for clients to read the outcome and to retry
+/// a start safely (a start of a settled saga's id within it returns that
+/// saga), and longer than a participant's default dedupe horizon
+/// ([`ParticipantPolicy::dedupe_horizon`](crate::ParticipantPolicy::dedupe_horizon),
+/// 1 h) by a quarter hour.
+///
 /// A start of the id after the retention is a new saga whose commands
 /// carry the ids its predecessor's did: a participant that still
 /// remembers those answers them from its ledger without running its
-/// handler. Keep the retention at least as long as the dedupe horizon of
-/// every participant the saga calls. What a partition keeps, and reads
-/// back after a rebalance, is bounded by the traffic of the retention.
-pub const DEFAULT_SETTLED_RETENTION: Duration = Duration::from_secs(60 * 60);
+/// handler. A participant's entry ages from when it handled the command,
+/// which can be after the saga settled (a command sent by the last
+/// transition, a participant behind on its input): keep the retention
+/// longer than the dedupe horizon of every participant the saga calls,
+/// plus how late they may run. What a partition keeps, and reads back
+/// after a rebalance, is bounded by the traffic of the retention.
+pub const DEFAULT_SETTLED_RETENTION: Duration = Duration::from_secs(75 * 60);
 
 /// Room kept for a record's headers and framing within the size limit.
 pub(crate) const RECORD_OVERHEAD: usize = 128;
@@ -492,6 +497,8 @@ impl<D: SagaData> SagaDriver<D> {
     /// is dropped with [`SagaDriver::release`].
     pub fn restore_begin(&mut self, partition: u32) {
         self.restoring.insert(partition, BTreeMap::new());
+        // What an earlier restore of it found unreadable is read again.
+        self.unreadable.retain(|_, (p, _)| *p != partition);
     }
 
     /// One record of a partition being restored (`value` `None`: a
@@ -601,8 +608,8 @@ impl<D: SagaData> SagaDriver<D> {
             return;
         }
         // One pass over each index, not a removal per saga: a partition
-        // remembers every saga settled within the retention (an hour of
-        // its traffic by default), and a rebalance or shutdown
+        // remembers every saga settled within the retention (75 minutes
+        // of its traffic by default), and a rebalance or shutdown
         // waits for this.
         let undo = &mut self.undo;
         self.sagas.retain(|id, o| {
@@ -1805,10 +1812,18 @@ mod tests {
         assert!(fresh
             .start(0, SagaId::new("j-2"), Job::default(), T0, &mut out)
             .unwrap());
+        // Another partition's unreadable saga stays refused when this one
+        // is given up.
+        let other = state.replace("j-1", "k-1");
+        let other = other.replacen(r#""poisoned":false"#, r#""poisoned":1"#, 1);
+        fresh.restore(1, vec![("k-1".to_owned(), other.into_bytes())]);
         // A partition given up and restored with a readable record (an
         // operator's repair) holds the saga again.
         fresh.release(&[0]);
-        assert!(fresh.unreadable.is_empty());
+        assert_eq!(fresh.unreadable.len(), 1);
+        assert!(fresh
+            .start(1, SagaId::new("k-1"), Job::default(), T0, &mut Vec::new())
+            .is_err());
         fresh.restore(0, vec![("j-1".to_owned(), state.into_bytes())]);
         assert!(fresh.get(&SagaId::new("j-1")).is_some());
         assert!(!fresh
