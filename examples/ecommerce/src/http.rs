@@ -319,9 +319,46 @@ pub fn router(system: Arc<System>, tokens: ApiTokens) -> Router {
         .route("/dlq/{id}/alert", dlq_action(DlqAction::Alert))
         .route("/dlq/{id}/sms", dlq_action(DlqAction::Sms))
         .fallback(|| async { ApiError::not_found("no such endpoint") })
+        .layer(axum::middleware::map_response(json_errors))
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .layer(Extension(Arc::new(tokens)))
         .with_state(system)
+}
+
+/// Errors the router answers itself (a path parameter it cannot decode,
+/// a method a route does not take) come as plain text or empty: they are
+/// made JSON as every other error, keeping their status and headers
+/// (`Allow` on a 405).
+async fn json_errors(res: Response) -> Response {
+    let status = res.status();
+    let is_json = res
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    if !(status.is_client_error() || status.is_server_error()) || is_json {
+        return res;
+    }
+    let (mut parts, body) = res.into_parts();
+    let text = axum::body::to_bytes(body, 4 * 1024)
+        .await
+        .map(|b| String::from_utf8_lossy(&b).trim().to_owned())
+        .unwrap_or_default();
+    let error = if text.is_empty() {
+        status
+            .canonical_reason()
+            .unwrap_or("error")
+            .to_ascii_lowercase()
+    } else {
+        text
+    };
+    parts.headers.remove(header::CONTENT_LENGTH);
+    parts.headers.insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("application/json"),
+    );
+    let body = json!({ "error": error }).to_string();
+    Response::from_parts(parts, axum::body::Body::from(body))
 }
 
 async fn health(State(s): State<Arc<System>>) -> Response {

@@ -685,6 +685,28 @@ async fn a_body_too_large_is_413() {
 }
 
 #[tokio::test]
+async fn errors_the_router_answers_itself_are_json_too() {
+    let (_system, api) = start().await;
+    let auth = format!("Bearer {OPERATOR_TOKEN}");
+    let headers = [("authorization", auth.as_str())];
+    // A path parameter that is not UTF-8, a method a route does not take.
+    for (method, path, want) in [
+        ("GET", "/orders/%FF", StatusCode::BAD_REQUEST),
+        ("GET", "/dlq/dlq-1/retry", StatusCode::METHOD_NOT_ALLOWED),
+        ("DELETE", "/orders", StatusCode::METHOD_NOT_ALLOWED),
+    ] {
+        let (status, h, body) = raw(&api, method, path, &headers, "").await;
+        assert_eq!(status, want, "{method} {path}: {body}");
+        assert_eq!(h["content-type"], "application/json", "{method} {path}");
+        let error = body["error"].as_str().unwrap_or_default();
+        assert!(!error.is_empty(), "{method} {path}: {body}");
+        if want == StatusCode::METHOD_NOT_ALLOWED {
+            assert!(h.contains_key("allow"), "{method} {path}: {h:?}");
+        }
+    }
+}
+
+#[tokio::test]
 async fn a_runtime_that_cannot_take_the_write_is_503_and_retryable() {
     let (system, api) = start().await;
     system.set_accepting(false);
