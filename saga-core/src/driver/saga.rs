@@ -521,7 +521,9 @@ impl<D: SagaData> SagaDriver<D> {
         let id = SagaId::new(key);
         self.put(&id, None);
         self.forget_settled(&id);
-        self.unreadable.remove(&id);
+        if !self.unreadable.is_empty() {
+            self.unreadable.remove(&id);
+        }
         let Some(bytes) = value else {
             return RestoredRecord::Deleted;
         };
@@ -708,7 +710,11 @@ impl<D: SagaData> SagaDriver<D> {
             tracing::debug!(saga = %self.def.name(), saga_id = %id, "start of an existing saga: nothing to do");
             return Ok(false);
         }
-        if let Some((_, why)) = self.unreadable.get(&id) {
+        // Nearly always empty: a start does not hash its id once more.
+        if let Some((_, why)) = (!self.unreadable.is_empty())
+            .then(|| self.unreadable.get(&id))
+            .flatten()
+        {
             // The saga exists: a new one would overwrite its record.
             return Err(SagaError::CorruptState {
                 saga_id: id,
