@@ -1,6 +1,7 @@
 //! The engine's own cost: pure-core transitions, sagas end to end on the
 //! in-memory runtime, and what a driver spends taking a partition (a
-//! start, a rebalance) and giving one up (a rebalance, a shutdown).
+//! start, a rebalance) and giving one up (a rebalance, a shutdown), and
+//! the encoding and decoding of the records a saga writes and reads.
 //! `cargo bench -p saga-core --bench engine`.
 
 use std::time::Duration;
@@ -121,6 +122,45 @@ fn pure_core(c: &mut Criterion) {
             let back: SagaInstance<Order> = serde_json::from_slice(&bytes).unwrap();
             back
         })
+    });
+    g.finish();
+}
+
+/// What the Kafka runtime spends per record on the JSON it writes and
+/// reads: a command and a reply (the participant decodes one, the saga
+/// driver the other), and a saga's state record in progress and settled.
+fn codec(c: &mut Criterion) {
+    let def = order_saga();
+    let now = Timestamp::from_millis(1_700_000_000_000);
+    let t = def.start(SagaId::new("o-1"), order(1), now).unwrap();
+    let (cmd, reply) = command_and_reply(&t, now);
+    let done = def
+        .handle(&t.instance, Input::Reply(reply.clone()), now)
+        .unwrap()
+        .instance;
+    let mut g = c.benchmark_group("codec");
+    g.throughput(Throughput::Elements(1));
+    g.bench_function("envelope_encode_command", |b| b.iter(|| cmd.to_bytes()));
+    g.bench_function("envelope_encode_command_kept", |b| {
+        b.iter(|| EncodedEnvelope::encode(&cmd))
+    });
+    let bytes = cmd.to_bytes();
+    g.bench_function("envelope_decode_command", |b| {
+        b.iter(|| Envelope::from_bytes(&bytes).unwrap())
+    });
+    let bytes = reply.to_bytes();
+    g.bench_function("envelope_decode_reply", |b| {
+        b.iter(|| Envelope::from_bytes(&bytes).unwrap())
+    });
+    g.bench_function("state_encode_in_progress", |b| {
+        b.iter(|| saga_core::driver::encode_state(&t.instance).unwrap())
+    });
+    g.bench_function("state_encode_completed", |b| {
+        b.iter(|| saga_core::driver::encode_state(&done).unwrap())
+    });
+    let state = saga_core::driver::encode_state(&t.instance).unwrap();
+    g.bench_function("state_decode_in_progress", |b| {
+        b.iter(|| saga_core::driver::decode_state::<Order>("o-1", &state).unwrap())
     });
     g.finish();
 }
@@ -333,5 +373,11 @@ fn restore_and_release(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, pure_core, in_memory_runtime, restore_and_release);
+criterion_group!(
+    benches,
+    pure_core,
+    codec,
+    in_memory_runtime,
+    restore_and_release
+);
 criterion_main!(benches);

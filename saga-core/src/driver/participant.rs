@@ -594,7 +594,7 @@ impl ParticipantDriver {
     pub fn restore_record(&mut self, partition: u32, key: &str, value: Option<&[u8]>) {
         if key == PARTICIPANT_STATE_KEY {
             let snapshot = value
-                .map(|bytes| serde_json::from_slice::<Value>(bytes).map_err(|e| e.to_string()));
+                .map(|bytes| crate::message::from_json::<Value>(bytes).map_err(|e| e.to_string()));
             self.restoring.insert(partition, snapshot);
             return;
         }
@@ -602,7 +602,7 @@ impl ParticipantDriver {
         let Some(bytes) = value else {
             return;
         };
-        match serde_json::from_slice::<Entry>(bytes) {
+        match crate::message::from_json::<Entry>(bytes) {
             Ok(entry) => self.put(key, Some(Kept { partition, entry })),
             Err(e) => {
                 tracing::error!(participant = %self.policy.name, partition, key, error = %e, "unreadable ledger entry: skipped")

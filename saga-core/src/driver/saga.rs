@@ -86,7 +86,7 @@ pub fn encode_state<D: SagaData>(instance: &SagaInstance<D>) -> Result<Vec<u8>, 
 /// saga's data type.
 pub fn decode_state<D: SagaData>(key: &str, bytes: &[u8]) -> Result<SagaInstance<D>, SagaError> {
     let mut instance: SagaInstance<D> =
-        serde_json::from_slice(bytes).map_err(|source| SagaError::CorruptState {
+        crate::message::from_json(bytes).map_err(|source| SagaError::CorruptState {
             saga_id: SagaId::new(key),
             source,
         })?;
@@ -132,7 +132,7 @@ pub fn final_at(key: &str, bytes: &[u8]) -> Option<Timestamp> {
     if !may_be_final(bytes) {
         return None;
     }
-    let head = serde_json::from_slice::<StateHead<'_>>(bytes).ok()?;
+    let head = crate::message::from_json::<StateHead<'_>>(bytes).ok()?;
     (head.status.is_final() && head.id == key).then_some(head.updated_at)
 }
 
@@ -803,7 +803,7 @@ impl<D: SagaData> SagaDriver<D> {
                 Ok(env) => self.on_reply(rec, env, now, out),
                 Err(e) => self.poison(rec, format!("not an envelope: {e}"), now, out),
             },
-            Ok(RecordKind::Start) => match serde_json::from_slice::<StartRequest<D>>(value) {
+            Ok(RecordKind::Start) => match crate::message::from_json::<StartRequest<D>>(value) {
                 Ok(req) => {
                     let parent = crate::trace::from_header(rec.traceparent).or(req.trace);
                     let started =
@@ -814,7 +814,7 @@ impl<D: SagaData> SagaDriver<D> {
                 }
                 Err(e) => self.poison(rec, format!("not a start request: {e}"), now, out),
             },
-            Ok(RecordKind::Operator) => match serde_json::from_slice::<OperatorRequest>(value) {
+            Ok(RecordKind::Operator) => match crate::message::from_json::<OperatorRequest>(value) {
                 Ok(req) => {
                     if let Err(e) = self.operate(&req.saga_id, req.operation, now, out) {
                         self.poison(rec, format!("operator request refused: {e}"), now, out);
