@@ -4,6 +4,14 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
+/// A hash map for the drivers' hot lookups (by saga id, command id,
+/// partition): foldhash instead of SipHash, a fraction of the cost per
+/// lookup, its seed still random per map.
+pub(crate) type FastMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
+
+/// The set counterpart of [`FastMap`].
+pub(crate) type FastSet<T> = std::collections::HashSet<T, foldhash::fast::RandomState>;
+
 use serde::{Deserialize, Serialize};
 
 /// Declares a string identifier newtype with the usual conversions. The
@@ -137,8 +145,8 @@ const INTERNED_MAX_LEN: usize = 128;
 /// tables themselves, kept for the thread's life.
 #[derive(Default)]
 struct Interned {
-    new: std::collections::HashSet<Arc<str>>,
-    old: std::collections::HashSet<Arc<str>>,
+    new: crate::ids::FastSet<Arc<str>>,
+    old: crate::ids::FastSet<Arc<str>>,
 }
 
 impl Interned {

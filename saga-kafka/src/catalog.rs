@@ -356,7 +356,7 @@ struct CatalogMap<D> {
     /// The state topic (for the logs).
     topic: String,
     /// Each saga's latest record, and whether it is settled.
-    sagas: HashMap<SagaId, (bool, Slot<D>)>,
+    sagas: HashMap<SagaId, (bool, Slot<D>), foldhash::fast::RandomState>,
     /// Settled sagas in `sagas` (flagged `true`), oldest first.
     settled: VecDeque<SagaId>,
     /// How many slots are [`Slot::Raw`].
@@ -369,7 +369,7 @@ impl<D: SagaData> CatalogMap<D> {
     fn new(topic: &str) -> Self {
         Self {
             topic: topic.to_owned(),
-            sagas: HashMap::new(),
+            sagas: HashMap::default(),
             settled: VecDeque::new(),
             raw: 0,
             puts: 0,

@@ -10,8 +10,10 @@
 //! partition is assigned, before any of its commands is handled.
 
 use std::collections::HashSet;
-use std::hash::{BuildHasher, RandomState};
+use std::hash::BuildHasher;
 use std::time::{Duration, Instant};
+
+use foldhash::fast::RandomState;
 
 use futures::StreamExt;
 use saga_core::driver::{Attempt, AttemptResult, Incoming, ParticipantDriver, Record};
@@ -30,7 +32,7 @@ pub(crate) struct ParticipantProc {
     /// The sagas of `pending`, by a hash of their ids (the keys of their
     /// commands): no copy of each id. Two ids with one hash only run the
     /// queue early, which is always correct.
-    pending_sagas: HashSet<u64>,
+    pending_sagas: HashSet<u64, RandomState>,
     hasher: RandomState,
     /// The longest an attempt without a policy timeout may run: a handler
     /// that never returned would stop the worker's every partition.
@@ -50,8 +52,8 @@ impl ParticipantProc {
             driver,
             rt,
             pending: Vec::new(),
-            pending_sagas: HashSet::new(),
-            hasher: RandomState::new(),
+            pending_sagas: HashSet::default(),
+            hasher: RandomState::default(),
             attempt_limit,
         }
     }

@@ -35,7 +35,7 @@ pub(crate) struct View<D> {
 
 struct ViewMap<D> {
     /// Shared with the driver: a commit adds a reference, not a copy.
-    sagas: HashMap<SagaId, Arc<SagaInstance<D>>>,
+    sagas: HashMap<SagaId, Arc<SagaInstance<D>>, foldhash::fast::RandomState>,
     /// Settled sagas in `sagas`, oldest first.
     settled: VecDeque<SagaId>,
 }
@@ -44,7 +44,7 @@ impl<D: Clone> View<D> {
     pub(crate) fn new() -> Self {
         Self {
             map: Mutex::new(ViewMap {
-                sagas: HashMap::new(),
+                sagas: HashMap::default(),
                 settled: VecDeque::new(),
             }),
             notify: Notify::new(),

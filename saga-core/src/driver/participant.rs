@@ -14,7 +14,7 @@ use crate::driver::metrics;
 use crate::driver::record::{Incoming, Record, RecordKind};
 use crate::driver::saga::RECORD_OVERHEAD;
 use crate::error::SagaError;
-use crate::ids::{MessageId, Timestamp};
+use crate::ids::{FastMap, MessageId, Timestamp};
 use crate::message::{
     json_len, DeadLetter, EncodedEnvelope, Envelope, MessageKind, Phase, RecordOrigin, ReplyOutcome,
 };
@@ -442,7 +442,7 @@ pub struct ParticipantDriver {
     channel: String,
     ledger_topic: String,
     owned: BTreeSet<u32>,
-    entries: HashMap<String, Kept>,
+    entries: FastMap<String, Kept>,
     /// How many of `entries` are fences: while none is, a command is
     /// known not to be fenced without building its fence key.
     fences: usize,
@@ -452,7 +452,7 @@ pub struct ParticipantDriver {
     last_taken: Option<(Timestamp, String)>,
     /// The command waiting for a local retry, by business key (at most one
     /// per step: a newer attempt supersedes it).
-    retrying: HashMap<String, String>,
+    retrying: FastMap<String, String>,
     /// Entries that expire, by when they were written, with their
     /// partition (a release goes by it without looking each entry up).
     expiring: BTreeSet<(Timestamp, String, u32)>,
@@ -460,7 +460,7 @@ pub struct ParticipantDriver {
     /// count from the first time the driver is given (not from 1970).
     unstamped: Vec<String>,
     max_record_bytes: usize,
-    undo: HashMap<String, Option<Kept>>,
+    undo: FastMap<String, Option<Kept>>,
     /// The last committed state snapshot of each owned partition.
     shards: HashMap<u32, Option<Value>>,
     /// Partitions whose participant state the open batch may have changed.
@@ -502,15 +502,15 @@ impl ParticipantDriver {
             policy,
             channel: channel.into(),
             owned: BTreeSet::new(),
-            entries: HashMap::new(),
+            entries: FastMap::default(),
             fences: 0,
             retries: BTreeSet::new(),
             last_taken: None,
-            retrying: HashMap::new(),
+            retrying: FastMap::default(),
             expiring: BTreeSet::new(),
             unstamped: Vec::new(),
             max_record_bytes: super::saga::DEFAULT_MAX_RECORD_BYTES,
-            undo: HashMap::new(),
+            undo: FastMap::default(),
             shards: HashMap::new(),
             touched: BTreeSet::new(),
             written: HashMap::new(),

@@ -13,7 +13,7 @@ use crate::driver::metrics;
 use crate::driver::record::{Incoming, Record, RecordKind};
 use crate::engine::{Effect, Handled, Input, Operation, Transition};
 use crate::error::SagaError;
-use crate::ids::{MessageId, SagaId, Timestamp};
+use crate::ids::{FastMap, MessageId, SagaId, Timestamp};
 use crate::instance::{SagaInstance, TimerId};
 use crate::message::{DeadLetter, Envelope, MessageKind, RecordOrigin};
 use crate::trace::{link_span, TraceContext};
@@ -356,15 +356,15 @@ pub struct SagaDriver<D> {
     max_record_bytes: usize,
     settled_retention: Duration,
     owned: BTreeSet<u32>,
-    sagas: HashMap<SagaId, Owned<D>>,
+    sagas: FastMap<SagaId, Owned<D>>,
     timers: BTreeSet<(Timestamp, SagaId, TimerId)>,
     /// Settled sagas: their partition and when they settled.
-    settled: HashMap<SagaId, (u32, Timestamp)>,
+    settled: FastMap<SagaId, (u32, Timestamp)>,
     /// The settled sagas by when they settled, with their partition (a
     /// release goes by it without looking each saga up).
     settled_order: BTreeSet<(Timestamp, SagaId, u32)>,
     /// The value of each saga changed in the open batch before the batch.
-    undo: HashMap<SagaId, Option<Owned<D>>>,
+    undo: FastMap<SagaId, Option<Owned<D>>>,
     index_undo: Vec<IndexUndo>,
     /// The timer the last `on_due` call fired, for `reject_due`.
     last_fired: Option<(Timestamp, SagaId, TimerId)>,
@@ -374,7 +374,7 @@ pub struct SagaDriver<D> {
     /// Sagas of owned partitions whose latest state record cannot be
     /// read: their partition and why. A start of one is refused, not
     /// written over the record.
-    unreadable: HashMap<SagaId, (u32, String)>,
+    unreadable: FastMap<SagaId, (u32, String)>,
     metrics: metrics::SagaMetrics,
 }
 
@@ -402,15 +402,15 @@ impl<D: SagaData> SagaDriver<D> {
             max_record_bytes: DEFAULT_MAX_RECORD_BYTES,
             settled_retention: DEFAULT_SETTLED_RETENTION,
             owned: BTreeSet::new(),
-            sagas: HashMap::new(),
+            sagas: FastMap::default(),
             timers: BTreeSet::new(),
-            settled: HashMap::new(),
+            settled: FastMap::default(),
             settled_order: BTreeSet::new(),
-            undo: HashMap::new(),
+            undo: FastMap::default(),
             index_undo: Vec::new(),
             last_fired: None,
             restoring: HashMap::new(),
-            unreadable: HashMap::new(),
+            unreadable: FastMap::default(),
         }
     }
 
