@@ -256,9 +256,15 @@ impl<D: SagaData> SagaHandle<D> {
     /// In memory it sees every instance; on Kafka, those of the partitions
     /// this process owns.
     ///
+    /// A state record that cannot be read (written by a build whose data
+    /// type no longer reads it) is left out of the pages and logged at
+    /// warn level, on every runtime: one such saga does not hide the
+    /// others. [`SagaHandle::get`] of its id returns
+    /// [`SagaError::CorruptState`].
+    ///
     /// # Errors
-    /// [`SagaError::CorruptState`], [`SagaError::Unavailable`] as for
-    /// [`SagaHandle::get`].
+    /// [`SagaError::Unavailable`] as for [`SagaHandle::get`];
+    /// [`SagaError::Shutdown`] on Kafka once the runtime has stopped.
     pub async fn list(&self, query: &SagaQuery) -> Result<Page<SagaInstance<D>>, SagaError> {
         self.service.list(query).await
     }

@@ -279,12 +279,42 @@ impl<D: SagaData> SagaService<D> for MemorySagas<D> {
     }
 
     async fn list(&self, query: &SagaQuery) -> Result<Page<SagaInstance<D>>, SagaError> {
-        let records = self.backend.lock().table_values(&self.state_topic);
-        let instances = records
-            .iter()
-            .map(|(k, v)| decode_state(k, v))
-            .collect::<Result<Vec<_>, _>>()?;
-        Ok(query.page(&instances, self.clock.now()))
+        let after = query.after.as_ref().map(SagaId::as_str);
+        let records = self.backend.lock().table_values(&self.state_topic, after);
+        let now = self.clock.now();
+        // In id order, decoded one at a time until the page is full: a
+        // page costs the records it goes through, not the whole table.
+        let mut items: Vec<SagaInstance<D>> = Vec::new();
+        for (key, bytes) in &records {
+            let instance = match decode_state::<D>(key, bytes) {
+                Ok(instance) if instance.id.as_str() == key => instance,
+                Ok(instance) => {
+                    tracing::warn!(saga = %self.def.name(), key, named = %instance.id, "the listing skips a state record that names another saga than its key");
+                    continue;
+                }
+                Err(e) => {
+                    tracing::warn!(saga = %self.def.name(), key, error = %e, "the listing skips an unreadable state record");
+                    continue;
+                }
+            };
+            if !query.matches(&instance, now) {
+                continue;
+            }
+            if items.len() == query.limit {
+                let next = items.last().map(|i| i.id.clone());
+                return Ok(Page {
+                    items,
+                    next,
+                    as_of: None,
+                });
+            }
+            items.push(instance);
+        }
+        Ok(Page {
+            items,
+            next: None,
+            as_of: None,
+        })
     }
 
     async fn operate(&self, id: &SagaId, operation: Operation) -> Result<(), SagaError> {
@@ -311,5 +341,108 @@ impl<D: SagaData> SagaService<D> for MemorySagas<D> {
             self.load(id)
         })
         .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::{json, Value};
+
+    use super::*;
+    use crate::definition::Step;
+    use crate::driver::{Record, RecordKind};
+    use crate::instance::SagaStatus;
+    use crate::runtime::StatusFilter;
+
+    fn one_local_step() -> SagaDefinition<Value> {
+        SagaDefinition::<Value>::builder("listed")
+            .step(Step::<Value>::local("mark", |ctx| {
+                ctx.data_mut()["marked"] = json!(true);
+                Ok(())
+            }))
+            .build()
+            .unwrap()
+    }
+
+    async fn listed(sagas: &SagaHandle<Value>, query: SagaQuery) -> Vec<Vec<String>> {
+        let mut pages = Vec::new();
+        let mut query = query;
+        loop {
+            let page = sagas.list(&query).await.unwrap();
+            pages.push(page.items.iter().map(|i| i.id.to_string()).collect());
+            match page.next {
+                Some(next) => query = query.after(next),
+                None => return pages,
+            }
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_listing_pages_in_id_order_and_skips_a_record_it_cannot_read() {
+        let rt = InMemoryRuntime::new(MemoryBackend::with_partitions(3));
+        let sagas = rt.saga(one_local_step()).await.unwrap();
+        for n in [5, 1, 4, 2, 3] {
+            let id = SagaId::new(format!("s-{n}"));
+            sagas.start(id.clone(), json!({})).await.unwrap();
+            sagas
+                .wait_settled(&id, Duration::from_secs(5))
+                .await
+                .unwrap();
+        }
+        // A record another build wrote, which this one cannot read, and
+        // one that names another saga than its key.
+        let topic = state_topic("listed");
+        let mut renamed = sagas.get(&SagaId::new("s-1")).await.unwrap().unwrap();
+        renamed.id = SagaId::new("s-1");
+        let partitions = rt.backend().partitions();
+        {
+            let mut st = rt.backend().lock();
+            st.write(
+                partitions,
+                Record::new(
+                    &topic,
+                    "s-25",
+                    Some(b"{\"not\": \"a saga\"}".to_vec()),
+                    RecordKind::SagaState,
+                ),
+            );
+            st.write(
+                partitions,
+                Record::new(
+                    &topic,
+                    "s-35",
+                    Some(crate::driver::encode_state(&renamed).unwrap()),
+                    RecordKind::SagaState,
+                ),
+            );
+        }
+
+        let pages = listed(&sagas, SagaQuery::all().limit(2)).await;
+        assert_eq!(pages, [vec!["s-1", "s-2"], vec!["s-3", "s-4"], vec!["s-5"]]);
+        assert!(matches!(
+            sagas.get(&SagaId::new("s-25")).await,
+            Err(SagaError::CorruptState { .. })
+        ));
+
+        // Filters apply before the page fills; a full last page ends it.
+        let completed = SagaQuery::all().status(StatusFilter::Completed).limit(5);
+        assert_eq!(
+            listed(&sagas, completed).await,
+            [vec!["s-1", "s-2", "s-3", "s-4", "s-5"]]
+        );
+        let page = sagas
+            .list(&SagaQuery::all().after(SagaId::new("s-3")).limit(1))
+            .await
+            .unwrap();
+        assert_eq!(page.items.len(), 1);
+        assert_eq!(page.items[0].id.as_str(), "s-4");
+        assert_eq!(page.items[0].status, SagaStatus::Completed);
+        assert_eq!(page.next, Some(SagaId::new("s-4")));
+        assert!(sagas
+            .list(&SagaQuery::all().status(StatusFilter::Parked))
+            .await
+            .unwrap()
+            .items
+            .is_empty());
     }
 }
