@@ -1269,3 +1269,47 @@ async fn an_order_continues_the_callers_traceparent_and_the_admin_view_shows_its
     let saga = get(&api, &format!("/sagas/{id}")).await;
     assert_eq!(saga["trace_id"], fresh.trace_id().to_string(), "{saga}");
 }
+
+#[test]
+fn only_requests_answered_with_an_order_count_as_placed() {
+    use metrics_util::debugging::{DebugValue, DebuggingRecorder};
+    let recorder = DebuggingRecorder::new();
+    let snapshotter = recorder.snapshotter();
+    let placed = move || {
+        snapshotter
+            .snapshot()
+            .into_vec()
+            .into_iter()
+            .find_map(|(key, _, _, value)| match value {
+                DebugValue::Counter(n) if key.key().name() == "ecommerce_orders_placed_total" => {
+                    Some(n)
+                }
+                _ => None,
+            })
+            .unwrap_or(0)
+    };
+    // A recorder of this thread's own, not the process's: the tests
+    // beside this one place orders too. Every task of the in-memory system
+    // runs on this thread.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .start_paused(true)
+        .build()
+        .unwrap();
+    metrics::with_local_recorder(&recorder, || {
+        rt.block_on(async {
+            let (system, api) = start().await;
+            let (status, _) = post_keyed(&api, "cart-1", &seed_order()).await;
+            assert_eq!(status, StatusCode::ACCEPTED);
+            assert!(system.wait_idle(Duration::from_secs(60)).await);
+            let mut changed = seed_order();
+            changed["items"][0]["quantity"] = json!(3);
+            let (status, _) = post_keyed(&api, "cart-1", &changed).await;
+            assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+            let (status, _) = call(&api, "POST", "/orders", Some(seed_order())).await;
+            assert_eq!(status, StatusCode::ACCEPTED);
+            system.shutdown().await;
+        })
+    });
+    assert_eq!(placed(), 2, "the refused request is not an order placed");
+}

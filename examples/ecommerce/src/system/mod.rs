@@ -592,8 +592,8 @@ impl System {
             tracing::warn!(error = %e, "order not started");
             return Err(unavailable(e.to_string()));
         }
-        metrics::counter!("ecommerce_orders_placed_total").increment(1);
         if idempotency_key.is_none() {
+            metrics::counter!("ecommerce_orders_placed_total").increment(1);
             return Ok(order);
         }
         // The saga may be the one an earlier request with this key started.
@@ -606,11 +606,15 @@ impl System {
                         first.order_id
                     )));
                 }
+                metrics::counter!("ecommerce_orders_placed_total").increment(1);
                 Ok(first)
             }
             // Started by another instance's worker, not applied yet (or
             // unreadable now): the order is the one just asked for.
-            Ok(None) | Err(_) => Ok(order),
+            Ok(None) | Err(_) => {
+                metrics::counter!("ecommerce_orders_placed_total").increment(1);
+                Ok(order)
+            }
         }
     }
 
