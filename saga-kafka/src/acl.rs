@@ -226,11 +226,10 @@ impl AclPlan {
         self.add(AclResource::Topic, AclPattern::Literal, name, op);
     }
 
-    /// A compacted topic the runtime checks when it creates no topics.
+    /// A compacted topic whose configuration the runtime checks (one
+    /// it creates too, when it exists already).
     fn checked(&mut self, topic: &str) {
-        if !self.create_topics {
-            self.topic(topic, AclOperation::DescribeConfigs);
-        }
+        self.topic(topic, AclOperation::DescribeConfigs);
     }
 
     /// Topics the runtime creates when the configuration says so.
@@ -273,8 +272,8 @@ impl AclPlan {
 
     /// What [`Runtime::saga`] needs for `def`: Read on its reply topics
     /// and group `saga.<name>`; Read and Write on its state topic
-    /// (restored with the reader group; DescribeConfigs too when topics are
-    /// not created: it is checked); Write on its reply topic (starts and
+    /// (restored with the reader group; DescribeConfigs too: it is
+    /// checked); Write on its reply topic (starts and
     /// operator actions), command topics and dead-letter topics; its
     /// transactional ids (exactly once); Create on them all if topics are
     /// created. Event topics its steps emit to are not known from the
@@ -320,7 +319,7 @@ impl AclPlan {
 
     /// What [`Runtime::participant`] needs on command topic `channel`:
     /// Read on it and on group `policy.name`; Read and Write on its ledger
-    /// (DescribeConfigs too when topics are not created); Write on its
+    /// (DescribeConfigs too: it is checked); Write on its
     /// dead-letter topic; its transactional ids (exactly once); Create on
     /// its topics if they are created. The
     /// topics it replies and emits to are named by the commands and the
@@ -698,8 +697,8 @@ mod tests {
         creating.saga(&saga());
         assert!(has(&creating, t, "order.state", AclOperation::Create));
         assert!(
-            !has(&creating, t, "order.state", AclOperation::DescribeConfigs),
-            "checked only when not created"
+            has(&creating, t, "order.state", AclOperation::DescribeConfigs),
+            "checked when it exists already"
         );
         let alo = KafkaConfig::new("b:1").delivery(crate::DeliveryMode::AtLeastOnce);
         let mut alo_plan = AclPlan::new(&alo);

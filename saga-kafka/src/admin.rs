@@ -93,15 +93,19 @@ pub async fn ensure_topics(config: &KafkaConfig, topics: &[TopicSpec]) -> Result
     let topics = topics.to_vec();
     tokio::task::spawn_blocking(move || {
         preflight(&config)?;
-        ensure_topics_blocking(&config, &topics)
+        ensure_topics_blocking(&config, &topics).map(drop)
     })
     .await
     .map_err(|_| Error::Shutdown)?
 }
 
-pub(crate) fn ensure_topics_blocking(config: &KafkaConfig, topics: &[TopicSpec]) -> Result<()> {
+/// Creates `topics`; returns the names of those that existed already.
+pub(crate) fn ensure_topics_blocking(
+    config: &KafkaConfig,
+    topics: &[TopicSpec],
+) -> Result<Vec<String>> {
     if topics.is_empty() {
-        return Ok(());
+        return Ok(Vec::new());
     }
     let admin: Aside<AdminClient<Quiet>> = config
         .admin_config()
@@ -127,10 +131,11 @@ pub(crate) fn ensure_topics_blocking(config: &KafkaConfig, topics: &[TopicSpec])
     let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
     let results = futures::executor::block_on(admin.create_topics(new.iter(), &opts))
         .map_err(|e| Error::client("creating topics", e))?;
+    let mut existing = Vec::new();
     for r in results {
         match r {
             Ok(name) => tracing::info!(topic = %name, "topic created"),
-            Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            Err((name, RDKafkaErrorCode::TopicAlreadyExists)) => existing.push(name),
             Err((topic, code)) if denied(code).is_some() => {
                 return Err(Error::Authorization {
                     principal: config.principal(),
@@ -149,7 +154,7 @@ pub(crate) fn ensure_topics_blocking(config: &KafkaConfig, topics: &[TopicSpec])
             }
         }
     }
-    Ok(())
+    Ok(existing)
 }
 
 /// The partition count of each topic, from the cluster's metadata.
@@ -303,10 +308,16 @@ pub(crate) fn preflight(config: &KafkaConfig) -> Result<bool> {
 /// Checks that the compacted topics among `topics` are compacted, and not
 /// also cleaned by age or size (`compact,delete` with a retention other
 /// than `-1`): a state topic or ledger whose old records are deleted loses
-/// sagas. A
-/// refused DescribeConfigs is an error (the ACL plan grants it); a cluster
-/// that does not answer it in time only skips the check, with a warning.
-pub(crate) fn verify_compacted(config: &KafkaConfig, topics: &[TopicSpec]) -> Result<()> {
+/// sagas. A refused DescribeConfigs is an error (the ACL plan grants it),
+/// unless `denied_skips`: then it skips the check with a warning, for a
+/// runtime that creates its topics and runs with the ACLs of an earlier
+/// plan, which granted it only to runtimes that do not. A cluster that
+/// does not answer in time only skips the check, with a warning.
+pub(crate) fn verify_compacted(
+    config: &KafkaConfig,
+    topics: &[TopicSpec],
+    denied_skips: bool,
+) -> Result<()> {
     let compacted: Vec<&TopicSpec> = topics
         .iter()
         .filter(|t| t.kind == TopicKind::Compacted)
@@ -348,6 +359,9 @@ pub(crate) fn verify_compacted(config: &KafkaConfig, topics: &[TopicSpec]) -> Re
                         reason,
                     });
                 }
+            }
+            Err(code) if denied(code).is_some() && denied_skips => {
+                tracing::warn!(topic = %spec.name, error = %code, "cannot read the topic's configuration (grant DescribeConfigs on it, as AclPlan does): its cleanup.policy is not checked");
             }
             Err(code) if denied(code).is_some() => {
                 return Err(Error::Authorization {

@@ -64,16 +64,22 @@ fn connect(cfg: &KafkaConfig, connected: &std::sync::atomic::AtomicBool) -> Resu
     Ok(())
 }
 
-/// Creates `specs` if the configuration says so; else checks that they
-/// all exist and that the compacted ones are compacted (co-partitioning
-/// is checked next).
+/// Creates `specs` if the configuration says so, else checks that they
+/// all exist; then checks that the compacted ones that were there already
+/// are compacted (co-partitioning is checked next).
 fn setup_topics(cfg: &KafkaConfig, specs: &[TopicSpec]) -> Result<()> {
     if cfg.create_topics {
-        ensure_topics_blocking(cfg, specs)
+        let existing = ensure_topics_blocking(cfg, specs)?;
+        let existing: Vec<TopicSpec> = specs
+            .iter()
+            .filter(|s| existing.contains(&s.name))
+            .cloned()
+            .collect();
+        verify_compacted(cfg, &existing, true)
     } else {
         let names: Vec<String> = specs.iter().map(|s| s.name.clone()).collect();
         partition_counts(cfg, &names)?;
-        verify_compacted(cfg, specs)
+        verify_compacted(cfg, specs, false)
     }
 }
 

@@ -36,6 +36,36 @@ async fn tls_against_a_plaintext_listener_fails_within_seconds_naming_the_handsh
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs Kafka: scripts/test.sh"]
+async fn a_runtime_that_creates_topics_refuses_an_existing_state_topic_that_deletes_by_age() {
+    let bed = TestBed::new().await;
+    let t = &bed.t;
+    let config = bed.config("0");
+    // The state topic made by hand before the first start, compacted but
+    // also deleting by age: the runtime finds it there and does not
+    // create it.
+    common::create_topic_with(
+        &bed.fx,
+        &t.state(),
+        3,
+        &[
+            ("cleanup.policy", "compact,delete"),
+            ("retention.ms", "604800000"),
+        ],
+    )
+    .await;
+    let rt = KafkaRuntime::new(config).unwrap();
+    let err = rt
+        .saga(order_saga(t, Duration::from_millis(100)))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, SagaError::Runtime { .. }), "{err:?}");
+    let text = format!("{err}: {:?}", std::error::Error::source(&err));
+    assert!(text.contains(&t.state()), "{text}");
+    assert!(text.contains("retention.ms=604800000"), "{text}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs Kafka: scripts/test.sh"]
 async fn without_topic_creation_a_state_topic_that_is_not_compacted_is_refused_by_name() {
     let bed = TestBed::new().await;
     let t = &bed.t;
