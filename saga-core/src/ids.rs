@@ -4,15 +4,19 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
+use serde::{Deserialize, Serialize};
+
 /// A hash map for the drivers' hot lookups (by saga id, command id,
 /// partition): foldhash instead of SipHash, a fraction of the cost per
-/// lookup, its seed still random per map.
+/// lookup. Its seeds differ per process and per map (from the address
+/// space's layout, the clock and a counter), so colliding keys cannot be
+/// written in advance; unlike SipHash's, they are not meant to resist an
+/// attacker who can measure lookups in the running process, which at
+/// worst makes lookups slower.
 pub(crate) type FastMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
 
 /// The set counterpart of [`FastMap`].
 pub(crate) type FastSet<T> = std::collections::HashSet<T, foldhash::fast::RandomState>;
-
-use serde::{Deserialize, Serialize};
 
 /// Declares a string identifier newtype with the usual conversions. The
 /// string is shared (`Arc<str>`): ids are copied into many indexes (timers,

@@ -309,15 +309,12 @@ pub(crate) fn preflight(config: &KafkaConfig) -> Result<bool> {
 /// also cleaned by age or size (`compact,delete` with a retention other
 /// than `-1`): a state topic or ledger whose old records are deleted loses
 /// sagas. A refused DescribeConfigs is an error (the ACL plan grants it),
-/// unless `denied_skips`: then it skips the check with a warning, for a
-/// runtime that creates its topics and runs with the ACLs of an earlier
-/// plan, which granted it only to runtimes that do not. A cluster that
-/// does not answer in time only skips the check, with a warning.
-pub(crate) fn verify_compacted(
-    config: &KafkaConfig,
-    topics: &[TopicSpec],
-    denied_skips: bool,
-) -> Result<()> {
+/// except for a runtime that creates its topics: it skips the check with a
+/// warning, as it may run with the ACLs of an earlier plan, which granted
+/// DescribeConfigs only to runtimes that do not. A cluster that does not
+/// answer in time only skips the check, with a warning.
+pub(crate) fn verify_compacted(config: &KafkaConfig, topics: &[TopicSpec]) -> Result<()> {
+    let denied_skips = config.create_topics;
     let compacted: Vec<&TopicSpec> = topics
         .iter()
         .filter(|t| t.kind == TopicKind::Compacted)

@@ -75,11 +75,11 @@ fn setup_topics(cfg: &KafkaConfig, specs: &[TopicSpec]) -> Result<()> {
             .filter(|s| existing.contains(&s.name))
             .cloned()
             .collect();
-        verify_compacted(cfg, &existing, true)
+        verify_compacted(cfg, &existing)
     } else {
         let names: Vec<String> = specs.iter().map(|s| s.name.clone()).collect();
         partition_counts(cfg, &names)?;
-        verify_compacted(cfg, specs, false)
+        verify_compacted(cfg, specs)
     }
 }
 

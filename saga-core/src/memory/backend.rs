@@ -170,25 +170,42 @@ impl State {
             .find_map(|t| t.get(key).cloned())
     }
 
-    /// The records of `topic`'s table whose keys come after `after` (all
-    /// of them without), in key order.
-    pub(crate) fn table_values(&self, topic: &str, after: Option<&str>) -> Vec<(String, Vec<u8>)> {
-        use std::ops::Bound;
-        let from = after.map_or(Bound::Unbounded, Bound::Excluded);
-        let mut records: Vec<(String, Vec<u8>)> = self
-            .tables
+    /// Every record of `topic`'s table.
+    pub(crate) fn table_values(&self, topic: &str) -> Vec<(String, Vec<u8>)> {
+        self.tables
             .get(topic)
             .map(|ps| {
                 ps.iter()
-                    .flat_map(|t| {
-                        t.range::<str, _>((from, Bound::Unbounded))
-                            .map(|(k, v)| (k.clone(), v.clone()))
-                    })
+                    .flat_map(|t| t.iter().map(|(k, v)| (k.clone(), v.clone())))
                     .collect()
             })
-            .unwrap_or_default();
-        records.sort_unstable_by(|a, b| a.0.cmp(&b.0));
-        records
+            .unwrap_or_default()
+    }
+
+    /// The first `n` records of `topic`'s table in key order whose keys
+    /// come after `after` (from the first without): a copy of at most `n`
+    /// records of each partition, not of the table.
+    pub(crate) fn table_after(
+        &self,
+        topic: &str,
+        after: Option<&str>,
+        n: usize,
+    ) -> Vec<(String, Vec<u8>)> {
+        use std::ops::Bound;
+        let from = after.map_or(Bound::Unbounded, Bound::Excluded);
+        let Some(partitions) = self.tables.get(topic) else {
+            return Vec::new();
+        };
+        let mut first: Vec<(&String, &Vec<u8>)> = partitions
+            .iter()
+            .flat_map(|t| t.range::<str, _>((from, Bound::Unbounded)).take(n))
+            .collect();
+        first.sort_unstable_by(|a, b| a.0.cmp(b.0));
+        first
+            .into_iter()
+            .take(n)
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect()
     }
 }
 
@@ -324,7 +341,7 @@ impl MemoryBackend {
     /// Commands of participant `name` waiting for a local retry.
     pub fn pending_retries(&self, name: &str) -> usize {
         let st = self.lock();
-        st.table_values(&crate::driver::ledger_topic(name), None)
+        st.table_values(&crate::driver::ledger_topic(name))
             .iter()
             .filter(|(k, _)| k != PARTICIPANT_STATE_KEY)
             .filter_map(|(_, v)| serde_json::from_slice::<Value>(v).ok())

@@ -279,42 +279,61 @@ impl<D: SagaData> SagaService<D> for MemorySagas<D> {
     }
 
     async fn list(&self, query: &SagaQuery) -> Result<Page<SagaInstance<D>>, SagaError> {
-        let after = query.after.as_ref().map(SagaId::as_str);
-        let records = self.backend.lock().table_values(&self.state_topic, after);
+        // Records are read in id order from the page's start, a few at a
+        // time, and decoded one by one until the page is full: a page
+        // costs the records it goes through, not the whole table.
+        const CHUNK: usize = 256;
         let now = self.clock.now();
-        // In id order, decoded one at a time until the page is full: a
-        // page costs the records it goes through, not the whole table.
         let mut items: Vec<SagaInstance<D>> = Vec::new();
-        for (key, bytes) in &records {
-            let instance = match decode_state::<D>(key, bytes) {
-                Ok(instance) if instance.id.as_str() == key => instance,
-                Ok(instance) => {
-                    tracing::warn!(saga = %self.def.name(), key, named = %instance.id, "the listing skips a state record that names another saga than its key");
-                    continue;
-                }
-                Err(e) => {
-                    tracing::warn!(saga = %self.def.name(), key, error = %e, "the listing skips an unreadable state record");
-                    continue;
-                }
-            };
-            if !query.matches(&instance, now) {
-                continue;
-            }
-            if items.len() == query.limit {
-                let next = items.last().map(|i| i.id.clone());
+        let mut from = query.after.as_ref().map(|a| a.as_str().to_owned());
+        loop {
+            let records =
+                self.backend
+                    .lock()
+                    .table_after(&self.state_topic, from.as_deref(), CHUNK);
+            let Some((last, _)) = records.last() else {
                 return Ok(Page {
                     items,
-                    next,
+                    next: None,
                     as_of: None,
                 });
+            };
+            from = Some(last.clone());
+            for (key, bytes) in &records {
+                // As the Kafka catalog: a record that does not read (or
+                // whose data type panics reading it) is left out.
+                let read = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    decode_state::<D>(key, bytes)
+                }));
+                let instance = match read {
+                    Ok(Ok(instance)) if instance.id.as_str() == key => instance,
+                    Ok(Ok(instance)) => {
+                        tracing::warn!(saga = %self.def.name(), key, named = %instance.id, "the listing skips a state record that names another saga than its key");
+                        continue;
+                    }
+                    Ok(Err(e)) => {
+                        tracing::warn!(saga = %self.def.name(), key, error = %e, "the listing skips an unreadable state record");
+                        continue;
+                    }
+                    Err(_) => {
+                        tracing::warn!(saga = %self.def.name(), key, "the listing skips a state record whose decoding panicked");
+                        continue;
+                    }
+                };
+                if !query.matches(&instance, now) {
+                    continue;
+                }
+                if items.len() == query.limit {
+                    let next = items.last().map(|i| i.id.clone());
+                    return Ok(Page {
+                        items,
+                        next,
+                        as_of: None,
+                    });
+                }
+                items.push(instance);
             }
-            items.push(instance);
         }
-        Ok(Page {
-            items,
-            next: None,
-            as_of: None,
-        })
     }
 
     async fn operate(&self, id: &SagaId, operation: Operation) -> Result<(), SagaError> {
@@ -392,8 +411,7 @@ mod tests {
         // A record another build wrote, which this one cannot read, and
         // one that names another saga than its key.
         let topic = state_topic("listed");
-        let mut renamed = sagas.get(&SagaId::new("s-1")).await.unwrap().unwrap();
-        renamed.id = SagaId::new("s-1");
+        let renamed = sagas.get(&SagaId::new("s-1")).await.unwrap().unwrap();
         let partitions = rt.backend().partitions();
         {
             let mut st = rt.backend().lock();
@@ -408,6 +426,7 @@ mod tests {
             );
             st.write(
                 partitions,
+                // s-1's state under another key.
                 Record::new(
                     &topic,
                     "s-35",
@@ -444,5 +463,54 @@ mod tests {
             .unwrap()
             .items
             .is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn pages_read_across_the_listings_chunks_miss_and_repeat_nothing() {
+        let rt = InMemoryRuntime::new(MemoryBackend::with_partitions(3));
+        let sagas = rt.saga(one_local_step()).await.unwrap();
+        let id = SagaId::new("model");
+        sagas.start(id.clone(), json!({})).await.unwrap();
+        let model = sagas
+            .wait_settled(&id, Duration::from_secs(5))
+            .await
+            .unwrap();
+        // 700 more records, every third one parked: more than two of the
+        // listing's reads of 256.
+        let topic = state_topic("listed");
+        let partitions = rt.backend().partitions();
+        let mut parked = Vec::new();
+        {
+            let mut st = rt.backend().lock();
+            for n in 0..700 {
+                let mut inst = model.clone();
+                inst.id = SagaId::new(format!("c-{n:03}"));
+                if n % 3 == 0 {
+                    inst.status = SagaStatus::Parked {
+                        reason: "a test".into(),
+                    };
+                    parked.push(inst.id.to_string());
+                }
+                let bytes = crate::driver::encode_state(&inst).unwrap();
+                st.write(
+                    partitions,
+                    Record::new(&topic, inst.id.as_str(), Some(bytes), RecordKind::SagaState),
+                );
+            }
+        }
+        let all: Vec<String> = listed(&sagas, SagaQuery::all().limit(99)).await.concat();
+        let mut expected: Vec<String> = (0..700).map(|n| format!("c-{n:03}")).collect();
+        expected.push("model".into());
+        assert_eq!(all, expected);
+        let pages = listed(
+            &sagas,
+            SagaQuery::all().status(StatusFilter::Parked).limit(100),
+        )
+        .await;
+        assert_eq!(
+            pages.iter().map(Vec::len).collect::<Vec<_>>(),
+            [100, 100, 34]
+        );
+        assert_eq!(pages.concat(), parked);
     }
 }
