@@ -53,15 +53,20 @@ async fn a_runtime_that_creates_topics_refuses_an_existing_state_topic_that_dele
         ],
     )
     .await;
-    let rt = KafkaRuntime::new(config).unwrap();
+    let text = order_saga_refusal(&KafkaRuntime::new(config).unwrap(), t).await;
+    assert!(text.contains(&t.state()), "{text}");
+    assert!(text.contains("retention.ms=604800000"), "{text}");
+}
+
+/// The error registering the order saga on `rt` fails with, as text with
+/// its source: a refusal at start (`SagaError::Runtime`).
+async fn order_saga_refusal(rt: &KafkaRuntime, t: &common::Topics) -> String {
     let err = rt
         .saga(order_saga(t, Duration::from_millis(100)))
         .await
         .unwrap_err();
     assert!(matches!(err, SagaError::Runtime { .. }), "{err:?}");
-    let text = format!("{err}: {:?}", std::error::Error::source(&err));
-    assert!(text.contains(&t.state()), "{text}");
-    assert!(text.contains("retention.ms=604800000"), "{text}");
+    format!("{err}: {:?}", std::error::Error::source(&err))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -83,12 +88,7 @@ async fn without_topic_creation_a_state_topic_that_is_not_compacted_is_refused_b
     specs.push(TopicSpec::messages(t.state()));
     ensure_topics(&config, &specs).await.unwrap();
     let rt = KafkaRuntime::new(config.create_topics(false)).unwrap();
-    let err = rt
-        .saga(order_saga(t, Duration::from_millis(100)))
-        .await
-        .unwrap_err();
-    assert!(matches!(err, SagaError::Runtime { .. }), "{err:?}");
-    let text = format!("{err}: {:?}", std::error::Error::source(&err));
+    let text = order_saga_refusal(&rt, t).await;
     assert!(text.contains(&t.state()), "{text}");
     assert!(text.contains("cleanup.policy=delete"), "{text}");
 }
